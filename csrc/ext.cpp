@@ -1,0 +1,51 @@
+// The gpavatar._C extension: operator schemas (TORCH_LIBRARY) and the shared
+// input checks.  Device implementations register themselves next to their
+// kernels (csrc/<op>/<op>_cpu.cpp, csrc/<op>/<op>_cuda.cpp).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+namespace gpavatar {
+
+void check_float_tensor(const at::Tensor& t, const char* name, int64_t dim, const char* shape) {
+  TORCH_CHECK_VALUE(t.dim() == dim, name, " must have shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got ",
+                   t.scalar_type());
+}
+
+void check_same_device(const at::Tensor& a, const char* name_a, const at::Tensor& b,
+                       const char* name_b) {
+  TORCH_CHECK_VALUE(a.device() == b.device(), name_a, " and ", name_b,
+                    " must be on the same device, got ", a.device(), " and ", b.device());
+}
+
+}  // namespace gpavatar
+
+TORCH_LIBRARY(gpavatar, m) {
+  m.def("knn(Tensor queries, Tensor points, int K) -> (Tensor dist2, Tensor idx)");
+  m.def(
+      "knn_blend_forward(Tensor queries, Tensor points, Tensor dist2, Tensor idx, "
+      "Tensor table, Tensor w1_dir, Tensor w2, Tensor b2, Tensor? weight_sum, float eps) "
+      "-> Tensor");
+  m.def(
+      "knn_blend_backward(Tensor grad_out, Tensor queries, Tensor points, Tensor dist2, "
+      "Tensor idx, Tensor table, Tensor w1_dir, Tensor w2, Tensor? weight_sum, float eps) "
+      "-> (Tensor grad_table, Tensor grad_w1_dir, Tensor grad_w2, Tensor grad_b2)");
+}
+
+// `import gpavatar._C` loads the library (registering the operators above);
+// the module itself exposes only build facts.
+static PyMethodDef kMethods[] = {{nullptr, nullptr, 0, nullptr}};
+static struct PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, kMethods};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&kModule);
+  if (module == nullptr) return nullptr;
+#if defined(WITH_CUDA)
+  PyModule_AddIntConstant(module, "WITH_CUDA", 1);
+#else
+  PyModule_AddIntConstant(module, "WITH_CUDA", 0);
+#endif
+  return module;
+}

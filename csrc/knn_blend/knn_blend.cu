@@ -1,0 +1,181 @@
+// knn_blend on CUDA: one thread per query.  The direction weights, W2 and b2
+// live in shared memory; per-thread accumulators stay in registers when the
+// sizes are compile-time (the paper's H = 64, C = 32), otherwise a generic
+// instantiation with runtime sizes up to (128, 64) is used.  All arithmetic
+// comes from knn_blend.h, shared with the CPU kernel.
+#include <cuda_runtime.h>
+
+#include "knn_blend/knn_blend.h"
+
+namespace gpavatar {
+namespace knn_blend {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kMaxHidden = 128;
+constexpr int kMaxOut = 64;
+
+// Loads w1_dir_t (27, H), w2 (C, H) and b2 (C) into shared memory.
+__device__ void load_weights(const BlendArgs& a, int H, int C, float* s_w1t, float* s_w2,
+                             float* s_b2) {
+  for (int t = threadIdx.x; t < kEmbedDim * H; t += blockDim.x) s_w1t[t] = a.w1_dir_t[t];
+  for (int t = threadIdx.x; t < C * H; t += blockDim.x) s_w2[t] = a.w2[t];
+  for (int t = threadIdx.x; t < C; t += blockDim.x) s_b2[t] = a.b2[t];
+  __syncthreads();
+}
+
+// Weights w_k of query (b, m); returns sum_k w_k.
+__device__ float neighbor_weights(const BlendArgs& a, int64_t b, int64_t qi, float* w) {
+  const float* d = a.dist2 + qi * a.K;
+  float total = 0.0f;
+  if (a.weight_sum != nullptr) {
+    for (int k = 0; k < a.K; ++k) {
+      w[k] = inverse_distance(d[k], a.eps) / a.weight_sum[b * a.K + k];
+      total += w[k];
+    }
+  } else {
+    float sum = 0.0f;
+    for (int k = 0; k < a.K; ++k) sum += (w[k] = inverse_distance(d[k], a.eps));
+    for (int k = 0; k < a.K; ++k) total += (w[k] /= sum);
+  }
+  return total;
+}
+
+// Embedding of neighbour k of query qi; returns its table row, or nullptr when
+// the index is out of range (then the neighbour contributes nothing).
+__device__ const float* neighbor_embedding(const BlendArgs& a, int64_t b, int64_t qi, int k,
+                                           float* gamma) {
+  const int64_t i = a.idx[qi * a.K + k];
+  if (i < 0 || i >= a.P) return nullptr;
+  const float* q = a.queries + qi * 3;
+  const float* p = a.points + (b * a.P + i) * 3;
+  float r[3];
+  direction(q[0], q[1], q[2], p[0], p[1], p[2], r);
+  harmonic_embedding(r, gamma);
+  return a.table + table_row(b, i, a.P, a.per_batch_table) * a.H;
+}
+
+template <int HT, int CT>
+__global__ void forward_kernel(BlendArgs a, float* __restrict__ out) {
+  constexpr int HCap = HT > 0 ? HT : kMaxHidden;
+  const int H = HT > 0 ? HT : a.H;
+  const int C = CT > 0 ? CT : a.C;
+  extern __shared__ float smem[];
+  float* s_w1t = smem;
+  float* s_w2 = s_w1t + kEmbedDim * H;
+  float* s_b2 = s_w2 + C * H;
+  load_weights(a, H, C, s_w1t, s_w2, s_b2);
+
+  const int64_t b = blockIdx.y;
+  const int64_t m = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (m >= a.M) return;
+  const int64_t qi = b * a.M + m;
+  float w[kMaxK];
+  float gamma[kEmbedDim];
+  float g[HCap];
+  const float total = neighbor_weights(a, b, qi, w);
+#pragma unroll
+  for (int j = 0; j < HCap; ++j) g[j] = 0.0f;
+  for (int k = 0; k < a.K; ++k) {
+    const float* row = neighbor_embedding(a, b, qi, k, gamma);
+    if (row == nullptr) continue;
+#pragma unroll
+    for (int j = 0; j < HCap; ++j) {
+      if (j < H) g[j] += w[k] * max_f(hidden_unit(row, s_w1t, gamma, H, j), 0.0f);
+    }
+  }
+  project_output(s_w2, s_b2, g, total, H, C, out + qi * C);
+}
+
+template <int HT, int CT>
+__global__ void backward_kernel(BlendArgs a, const float* __restrict__ grad_out, int64_t m_begin,
+                                int64_t n, float* __restrict__ hidden,
+                                float* __restrict__ weight_total, float* __restrict__ delta,
+                                float* __restrict__ gamma_out) {
+  constexpr int HCap = HT > 0 ? HT : kMaxHidden;
+  const int H = HT > 0 ? HT : a.H;
+  const int C = CT > 0 ? CT : a.C;
+  extern __shared__ float smem[];
+  float* s_w1t = smem;
+  float* s_w2 = s_w1t + kEmbedDim * H;
+  float* s_b2 = s_w2 + C * H;
+  load_weights(a, H, C, s_w1t, s_w2, s_b2);
+
+  const int64_t b = blockIdx.y;
+  const int64_t local = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (local >= n) return;
+  const int64_t qi = b * a.M + m_begin + local;
+  const int64_t ci = b * n + local;  // row in the chunk buffers
+  float w[kMaxK];
+  float gamma[kEmbedDim];
+  float v[HCap];
+  float g[HCap];
+  weight_total[ci] = neighbor_weights(a, b, qi, w);
+  hidden_gradient(s_w2, grad_out + qi * C, H, C, v);
+#pragma unroll
+  for (int j = 0; j < HCap; ++j) g[j] = 0.0f;
+  for (int k = 0; k < a.K; ++k) {
+    const float* row = neighbor_embedding(a, b, qi, k, gamma);
+    float* d = delta + (ci * a.K + k) * H;
+    float* ge = gamma_out + (ci * a.K + k) * kEmbedDim;
+    if (row == nullptr) {
+      for (int j = 0; j < H; ++j) d[j] = 0.0f;
+      for (int c = 0; c < kEmbedDim; ++c) ge[c] = 0.0f;
+      continue;
+    }
+    for (int c = 0; c < kEmbedDim; ++c) ge[c] = gamma[c];
+#pragma unroll
+    for (int j = 0; j < HCap; ++j) {
+      if (j < H) {
+        const float h = hidden_unit(row, s_w1t, gamma, H, j);
+        g[j] += w[k] * max_f(h, 0.0f);
+        d[j] = h > 0.0f ? w[k] * v[j] : 0.0f;
+      }
+    }
+  }
+  for (int j = 0; j < H; ++j) hidden[ci * H + j] = g[j];
+}
+
+size_t shared_bytes(int H, int C) {
+  return sizeof(float) * (static_cast<size_t>(kEmbedDim) * H + static_cast<size_t>(C) * H + C);
+}
+
+}  // namespace
+
+int launch_knn_blend_forward_cuda(const BlendArgs& a, float* out, void* stream) {
+  if (a.B == 0 || a.M == 0) return 0;
+  if (a.H > kMaxHidden || a.C > kMaxOut) return static_cast<int>(cudaErrorInvalidValue);
+  const dim3 grid(static_cast<unsigned>((a.M + kThreads - 1) / kThreads),
+                  static_cast<unsigned>(a.B));
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const size_t smem = shared_bytes(a.H, a.C);
+  if (a.H == 64 && a.C == 32) {
+    forward_kernel<64, 32><<<grid, kThreads, smem, s>>>(a, out);
+  } else {
+    forward_kernel<0, 0><<<grid, kThreads, smem, s>>>(a, out);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+int launch_knn_blend_backward_cuda(const BlendArgs& a, const float* grad_out, int64_t m_begin,
+                                   int64_t m_end, float* hidden, float* weight_total,
+                                   float* delta, float* gamma, void* stream) {
+  const int64_t n = m_end - m_begin;
+  if (a.B == 0 || n <= 0) return 0;
+  if (a.H > kMaxHidden || a.C > kMaxOut) return static_cast<int>(cudaErrorInvalidValue);
+  const dim3 grid(static_cast<unsigned>((n + kThreads - 1) / kThreads),
+                  static_cast<unsigned>(a.B));
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const size_t smem = shared_bytes(a.H, a.C);
+  if (a.H == 64 && a.C == 32) {
+    backward_kernel<64, 32><<<grid, kThreads, smem, s>>>(a, grad_out, m_begin, n, hidden,
+                                                         weight_total, delta, gamma);
+  } else {
+    backward_kernel<0, 0><<<grid, kThreads, smem, s>>>(a, grad_out, m_begin, n, hidden,
+                                                       weight_total, delta, gamma);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace knn_blend
+}  // namespace gpavatar

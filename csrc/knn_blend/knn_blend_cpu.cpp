@@ -1,0 +1,264 @@
+// knn_blend on the CPU: one query at a time, parallel over queries, using the
+// arithmetic of knn_blend.h.  The backward keeps one set of gradient buffers
+// per thread and sums them at the end (deterministic for a fixed thread count).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "knn_blend/knn_blend.h"
+#include "ops.h"
+
+namespace gpavatar {
+namespace knn_blend {
+
+void check_inputs(const at::Tensor& queries, const at::Tensor& points, const at::Tensor& dist2,
+                  const at::Tensor& idx, const at::Tensor& table, const at::Tensor& w1_dir,
+                  const at::Tensor& w2, const at::Tensor& b2,
+                  const std::optional<at::Tensor>& weight_sum, double eps) {
+  check_float_tensor(queries, "queries", 3, "(B, M, 3)");
+  check_float_tensor(points, "points", 3, "(B, P, 3)");
+  check_float_tensor(dist2, "dist2", 3, "(B, M, K)");
+  check_float_tensor(table, "table", 2, "(P or B*P, H)");
+  check_float_tensor(w1_dir, "w1_dir", 2, "(H, 27)");
+  check_float_tensor(w2, "w2", 2, "(C, H)");
+  check_float_tensor(b2, "b2", 1, "(C,)");
+  TORCH_CHECK_VALUE(idx.dim() == 3, "idx must have shape (B, M, K), got ", idx.sizes());
+  TORCH_CHECK_TYPE(idx.scalar_type() == at::kLong, "idx must be int64, got ", idx.scalar_type());
+  const int64_t B = queries.size(0), M = queries.size(1), P = points.size(1);
+  const int64_t K = dist2.size(2), H = table.size(1), C = w2.size(0);
+  TORCH_CHECK_VALUE(queries.size(2) == 3, "queries must have shape (B, M, 3), got ",
+                    queries.sizes());
+  TORCH_CHECK_VALUE(points.size(0) == B && points.size(2) == 3, "points must have shape (", B,
+                    ", P, 3), got ", points.sizes());
+  TORCH_CHECK_VALUE(dist2.size(0) == B && dist2.size(1) == M, "dist2 must have shape (", B, ", ",
+                    M, ", K), got ", dist2.sizes());
+  TORCH_CHECK_VALUE(idx.sizes() == dist2.sizes(), "idx must have the shape of dist2 ",
+                    dist2.sizes(), ", got ", idx.sizes());
+  TORCH_CHECK_VALUE(K >= 1 && K <= kMaxK && K <= P, "K must be in [1, min(P, ", kMaxK,
+                    ")], got ", K);
+  TORCH_CHECK_VALUE(table.size(0) == P || table.size(0) == B * P, "table must have shape (",
+                    P, " or ", B * P, ", H), got ", table.sizes());
+  TORCH_CHECK_VALUE(w1_dir.size(0) == H && w1_dir.size(1) == kEmbedDim,
+                    "w1_dir must have shape (", H, ", ", kEmbedDim, "), got ", w1_dir.sizes());
+  TORCH_CHECK_VALUE(w2.size(1) == H, "w2 must have shape (C, ", H, "), got ", w2.sizes());
+  TORCH_CHECK_VALUE(b2.size(0) == C, "b2 must have shape (", C, ",), got ", b2.sizes());
+  if (weight_sum.has_value()) {
+    check_float_tensor(*weight_sum, "weight_sum", 2, "(B, K)");
+    TORCH_CHECK_VALUE(weight_sum->size(0) == B && weight_sum->size(1) == K,
+                      "weight_sum must have shape (", B, ", ", K, "), got ",
+                      weight_sum->sizes());
+    check_same_device(queries, "queries", *weight_sum, "weight_sum");
+  }
+  TORCH_CHECK_VALUE(eps > 0.0, "eps must be > 0, got ", eps);
+  const at::Tensor* others[] = {&points, &dist2, &idx, &table, &w1_dir, &w2, &b2};
+  const char* names[] = {"points", "dist2", "idx", "table", "w1_dir", "w2", "b2"};
+  for (int t = 0; t < 7; ++t) check_same_device(queries, "queries", *others[t], names[t]);
+}
+
+namespace {
+
+struct CpuArgs {
+  const float* queries;
+  const float* points;
+  const float* dist2;
+  const int64_t* idx;
+  const float* table;
+  const float* w1_dir_t;  // (27, H)
+  const float* w2;
+  const float* b2;
+  const float* weight_sum;  // (B, K) or nullptr
+  int64_t B, M, P;
+  int K, H, C;
+  bool per_batch;
+  float eps;
+};
+
+CpuArgs make_args(const at::Tensor& queries, const at::Tensor& points, const at::Tensor& dist2,
+                  const at::Tensor& idx, const at::Tensor& table, const at::Tensor& w1_dir_t,
+                  const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& weight_sum,
+                  double eps) {
+  CpuArgs a;
+  a.queries = queries.data_ptr<float>();
+  a.points = points.data_ptr<float>();
+  a.dist2 = dist2.data_ptr<float>();
+  a.idx = idx.data_ptr<int64_t>();
+  a.table = table.data_ptr<float>();
+  a.w1_dir_t = w1_dir_t.data_ptr<float>();
+  a.w2 = w2.data_ptr<float>();
+  a.b2 = b2.data_ptr<float>();
+  a.weight_sum = weight_sum.defined() ? weight_sum.data_ptr<float>() : nullptr;
+  a.B = queries.size(0);
+  a.M = queries.size(1);
+  a.P = points.size(1);
+  a.K = static_cast<int>(dist2.size(2));
+  a.H = static_cast<int>(table.size(1));
+  a.C = static_cast<int>(w2.size(0));
+  a.per_batch = table.size(0) != a.P;
+  a.eps = static_cast<float>(eps);
+  return a;
+}
+
+// Weights w_k of query qi (flattened b * M + m); returns sum_k w_k.
+float neighbor_weights(const CpuArgs& a, int64_t qi, float* w) {
+  const int64_t b = qi / a.M;
+  const float* d = a.dist2 + qi * a.K;
+  float total = 0.0f;
+  if (a.weight_sum != nullptr) {
+    for (int k = 0; k < a.K; ++k) {
+      w[k] = inverse_distance(d[k], a.eps) / a.weight_sum[b * a.K + k];
+      total += w[k];
+    }
+  } else {
+    float sum = 0.0f;
+    for (int k = 0; k < a.K; ++k) sum += (w[k] = inverse_distance(d[k], a.eps));
+    for (int k = 0; k < a.K; ++k) total += (w[k] /= sum);
+  }
+  return total;
+}
+
+// gamma and table row of neighbour k of query qi.
+const float* neighbor_embedding(const CpuArgs& a, int64_t qi, int k, float* gamma) {
+  const int64_t b = qi / a.M;
+  const int64_t i = a.idx[qi * a.K + k];
+  const float* q = a.queries + qi * 3;
+  const float* p = a.points + (b * a.P + i) * 3;
+  float r[3];
+  direction(q[0], q[1], q[2], p[0], p[1], p[2], r);
+  harmonic_embedding(r, gamma);
+  return a.table + table_row(b, i, a.P, a.per_batch) * a.H;
+}
+
+void check_indices(const at::Tensor& idx, int64_t P) {
+  if (idx.numel() == 0) return;
+  const auto [lo, hi] = at::aminmax(idx);
+  TORCH_CHECK_VALUE(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < P,
+                    "idx must hold indices in [0, P = ", P, ")");
+}
+
+at::Tensor forward_cpu(const at::Tensor& queries, const at::Tensor& points,
+                       const at::Tensor& dist2, const at::Tensor& idx, const at::Tensor& table,
+                       const at::Tensor& w1_dir, const at::Tensor& w2, const at::Tensor& b2,
+                       const std::optional<at::Tensor>& weight_sum, double eps) {
+  check_inputs(queries, points, dist2, idx, table, w1_dir, w2, b2, weight_sum, eps);
+  check_indices(idx, points.size(1));
+  const at::Tensor q = queries.contiguous(), p = points.contiguous(), d = dist2.contiguous(),
+                   i = idx.contiguous(), t = table.contiguous(), w1t = w1_dir.t().contiguous(),
+                   w = w2.contiguous(), b = b2.contiguous(),
+                   ws = weight_sum.has_value() ? weight_sum->contiguous() : at::Tensor();
+  const CpuArgs a = make_args(q, p, d, i, t, w1t, w, b, ws, eps);
+  at::Tensor out = at::empty({a.B, a.M, a.C}, queries.options());
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, a.B * a.M, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(2 * a.H + kMaxK + kEmbedDim);
+    float* h = scratch.data();
+    float* g = h + a.H;
+    float* w_k = g + a.H;
+    float* gamma = w_k + kMaxK;
+    for (int64_t qi = begin; qi < end; ++qi) {
+      const float total = neighbor_weights(a, qi, w_k);
+      for (int j = 0; j < a.H; ++j) g[j] = 0.0f;
+      for (int k = 0; k < a.K; ++k) {
+        const float* row = neighbor_embedding(a, qi, k, gamma);
+        hidden_preactivation(row, a.w1_dir_t, gamma, a.H, h);
+        accumulate_relu(h, w_k[k], a.H, g);
+      }
+      project_output(a.w2, a.b2, g, total, a.H, a.C, o + qi * a.C);
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& queries, const at::Tensor& points,
+    const at::Tensor& dist2, const at::Tensor& idx, const at::Tensor& table,
+    const at::Tensor& w1_dir, const at::Tensor& w2, const std::optional<at::Tensor>& weight_sum,
+    double eps) {
+  const at::Tensor b2_shape = at::empty({w2.size(0)}, w2.options());
+  check_inputs(queries, points, dist2, idx, table, w1_dir, w2, b2_shape, weight_sum, eps);
+  check_float_tensor(grad_out, "grad_out", 3, "(B, M, C)");
+  TORCH_CHECK_VALUE(grad_out.size(0) == queries.size(0) && grad_out.size(1) == queries.size(1) &&
+                        grad_out.size(2) == w2.size(0),
+                    "grad_out must have shape (B, M, C), got ", grad_out.sizes());
+  check_indices(idx, points.size(1));
+  const at::Tensor q = queries.contiguous(), p = points.contiguous(), d = dist2.contiguous(),
+                   i = idx.contiguous(), t = table.contiguous(), w1t = w1_dir.t().contiguous(),
+                   w = w2.contiguous(), go = grad_out.contiguous(),
+                   ws = weight_sum.has_value() ? weight_sum->contiguous() : at::Tensor();
+  const CpuArgs a = make_args(q, p, d, i, t, w1t, w, b2_shape, ws, eps);
+  const int64_t rows = table.size(0);
+  const int64_t table_size = rows * a.H, w1_size = kEmbedDim * a.H, w2_size = a.C * a.H;
+  const int64_t per_thread = table_size + w1_size + w2_size + a.C;
+  const int threads = at::get_num_threads();
+  std::vector<float> buffers(static_cast<size_t>(threads) * per_thread, 0.0f);
+  const int64_t n = a.B * a.M;
+  const int64_t grain = std::max<int64_t>(16, (n + threads - 1) / threads);
+
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    float* buf = buffers.data() + static_cast<size_t>(at::get_thread_num()) * per_thread;
+    float* g_table = buf;
+    float* g_w1t = g_table + table_size;
+    float* g_w2 = g_w1t + w1_size;
+    float* g_b2 = g_w2 + w2_size;
+    std::vector<float> scratch(4 * a.H + kMaxK + kEmbedDim);
+    float* h = scratch.data();
+    float* g = h + a.H;
+    float* v = g + a.H;
+    float* delta = v + a.H;
+    float* w_k = delta + a.H;
+    float* gamma = w_k + kMaxK;
+    for (int64_t qi = begin; qi < end; ++qi) {
+      const float* gout = go.data_ptr<float>() + qi * a.C;
+      const float total = neighbor_weights(a, qi, w_k);
+      hidden_gradient(a.w2, gout, a.H, a.C, v);
+      for (int j = 0; j < a.H; ++j) g[j] = 0.0f;
+      for (int k = 0; k < a.K; ++k) {
+        const float* row = neighbor_embedding(a, qi, k, gamma);
+        hidden_preactivation(row, a.w1_dir_t, gamma, a.H, h);
+        accumulate_relu(h, w_k[k], a.H, g);
+        preactivation_gradient(h, v, w_k[k], a.H, delta);
+        float* gt = g_table + (row - a.table);
+        for (int j = 0; j < a.H; ++j) gt[j] += delta[j];
+        for (int c = 0; c < kEmbedDim; ++c) {
+          float* gw = g_w1t + c * a.H;
+          for (int j = 0; j < a.H; ++j) gw[j] += delta[j] * gamma[c];
+        }
+      }
+      for (int o = 0; o < a.C; ++o) {
+        float* gw = g_w2 + o * a.H;
+        for (int j = 0; j < a.H; ++j) gw[j] += gout[o] * g[j];
+        g_b2[o] += gout[o] * total;
+      }
+    }
+  });
+
+  // Sum the per-thread buffers (in thread order: deterministic).
+  std::vector<float> sum(per_thread, 0.0f);
+  for (int th = 0; th < threads; ++th) {
+    const float* buf = buffers.data() + static_cast<size_t>(th) * per_thread;
+    at::parallel_for(0, per_thread, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end; ++e) sum[e] += buf[e];
+    });
+  }
+  auto opts = queries.options();
+  at::Tensor grad_table = at::empty({rows, a.H}, opts);
+  at::Tensor grad_w1t = at::empty({kEmbedDim, a.H}, opts);
+  at::Tensor grad_w2 = at::empty({a.C, a.H}, opts);
+  at::Tensor grad_b2 = at::empty({a.C}, opts);
+  std::copy(sum.begin(), sum.begin() + table_size, grad_table.data_ptr<float>());
+  std::copy(sum.begin() + table_size, sum.begin() + table_size + w1_size,
+            grad_w1t.data_ptr<float>());
+  std::copy(sum.begin() + table_size + w1_size, sum.begin() + table_size + w1_size + w2_size,
+            grad_w2.data_ptr<float>());
+  std::copy(sum.begin() + table_size + w1_size + w2_size, sum.end(), grad_b2.data_ptr<float>());
+  return {grad_table, grad_w1t.t().contiguous(), grad_w2, grad_b2};
+}
+
+}  // namespace
+}  // namespace knn_blend
+}  // namespace gpavatar
+
+TORCH_LIBRARY_IMPL(gpavatar, CPU, m) {
+  m.impl("knn_blend_forward", &gpavatar::knn_blend::forward_cpu);
+  m.impl("knn_blend_backward", &gpavatar::knn_blend::backward_cpu);
+}

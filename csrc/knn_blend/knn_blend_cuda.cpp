@@ -1,0 +1,149 @@
+// knn_blend on CUDA tensors: checks, allocation, launches on the current
+// stream.  The backward runs the per-query kernel over chunks of queries and
+// reduces its per-neighbour outputs with index_add_ and matrix products, so
+// the extra memory is bounded by the chunk size, not by M.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "knn_blend/knn_blend.h"
+#include "ops.h"
+
+namespace gpavatar {
+namespace knn_blend {
+namespace {
+
+constexpr int64_t kMaxHidden = 128;
+constexpr int64_t kMaxOut = 64;
+constexpr int64_t kChunkFloats = int64_t(1) << 26;  // 256 MiB of per-neighbour buffers
+
+struct Prepared {
+  at::Tensor queries, points, dist2, idx, table, w1_dir_t, w2, b2, weight_sum;
+  BlendArgs args;
+};
+
+Prepared prepare(const at::Tensor& queries, const at::Tensor& points, const at::Tensor& dist2,
+                 const at::Tensor& idx, const at::Tensor& table, const at::Tensor& w1_dir,
+                 const at::Tensor& w2, const at::Tensor& b2,
+                 const std::optional<at::Tensor>& weight_sum, double eps) {
+  check_inputs(queries, points, dist2, idx, table, w1_dir, w2, b2, weight_sum, eps);
+  TORCH_CHECK_VALUE(table.size(1) <= kMaxHidden && w2.size(0) <= kMaxOut,
+                    "the CUDA knn_blend supports hidden size H <= ", kMaxHidden,
+                    " and output size C <= ", kMaxOut, ", got H = ", table.size(1), ", C = ",
+                    w2.size(0), " (use backend='torch')");
+  TORCH_CHECK_VALUE(queries.size(0) <= 65535, "queries: batch size B must be <= 65535, got ",
+                    queries.size(0));
+  Prepared p;
+  p.queries = queries.contiguous();
+  p.points = points.contiguous();
+  p.dist2 = dist2.contiguous();
+  p.idx = idx.contiguous();
+  p.table = table.contiguous();
+  p.w1_dir_t = w1_dir.t().contiguous();
+  p.w2 = w2.contiguous();
+  p.b2 = b2.contiguous();
+  if (weight_sum.has_value()) p.weight_sum = weight_sum->contiguous();
+  BlendArgs& a = p.args;
+  a.queries = p.queries.data_ptr<float>();
+  a.points = p.points.data_ptr<float>();
+  a.dist2 = p.dist2.data_ptr<float>();
+  a.idx = p.idx.data_ptr<int64_t>();
+  a.table = p.table.data_ptr<float>();
+  a.w1_dir_t = p.w1_dir_t.data_ptr<float>();
+  a.w2 = p.w2.data_ptr<float>();
+  a.b2 = p.b2.data_ptr<float>();
+  a.weight_sum = p.weight_sum.defined() ? p.weight_sum.data_ptr<float>() : nullptr;
+  a.B = queries.size(0);
+  a.M = queries.size(1);
+  a.P = points.size(1);
+  a.K = static_cast<int>(dist2.size(2));
+  a.H = static_cast<int>(table.size(1));
+  a.C = static_cast<int>(w2.size(0));
+  a.per_batch_table = table.size(0) != a.P;
+  a.eps = static_cast<float>(eps);
+  return p;
+}
+
+void check_launch(int err, const char* what) {
+  TORCH_CHECK(err == 0, what, " CUDA kernel launch failed: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+}
+
+at::Tensor forward_cuda(const at::Tensor& queries, const at::Tensor& points,
+                        const at::Tensor& dist2, const at::Tensor& idx, const at::Tensor& table,
+                        const at::Tensor& w1_dir, const at::Tensor& w2, const at::Tensor& b2,
+                        const std::optional<at::Tensor>& weight_sum, double eps) {
+  const c10::cuda::CUDAGuard guard(queries.device());
+  Prepared p = prepare(queries, points, dist2, idx, table, w1_dir, w2, b2, weight_sum, eps);
+  at::Tensor out = at::empty({p.args.B, p.args.M, p.args.C}, queries.options());
+  check_launch(launch_knn_blend_forward_cuda(p.args, out.data_ptr<float>(),
+                                             at::cuda::getCurrentCUDAStream().stream()),
+               "knn_blend forward");
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& queries, const at::Tensor& points,
+    const at::Tensor& dist2, const at::Tensor& idx, const at::Tensor& table,
+    const at::Tensor& w1_dir, const at::Tensor& w2, const std::optional<at::Tensor>& weight_sum,
+    double eps) {
+  const c10::cuda::CUDAGuard guard(queries.device());
+  const at::Tensor b2_shape = at::zeros({w2.size(0)}, w2.options());
+  Prepared p = prepare(queries, points, dist2, idx, table, w1_dir, w2, b2_shape, weight_sum, eps);
+  check_float_tensor(grad_out, "grad_out", 3, "(B, M, C)");
+  TORCH_CHECK_VALUE(grad_out.size(0) == p.args.B && grad_out.size(1) == p.args.M &&
+                        grad_out.size(2) == p.args.C,
+                    "grad_out must have shape (B, M, C), got ", grad_out.sizes());
+  check_same_device(queries, "queries", grad_out, "grad_out");
+  const BlendArgs& a = p.args;
+  const at::Tensor go = grad_out.contiguous();
+  auto opts = queries.options();
+  at::Tensor grad_table = at::zeros({table.size(0), a.H}, opts);
+  at::Tensor grad_w1t = at::zeros({kEmbedDim, a.H}, opts);
+  at::Tensor grad_w2 = at::zeros({a.C, a.H}, opts);
+  at::Tensor grad_b2 = at::zeros({a.C}, opts);
+  if (a.B == 0 || a.M == 0)
+    return {grad_table, grad_w1t.t().contiguous(), grad_w2, grad_b2};
+
+  const int64_t per_query = a.B * (a.K * (a.H + kEmbedDim) + a.H + 1);
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(a.M, kChunkFloats / per_query));
+  at::Tensor hidden = at::empty({a.B, chunk, a.H}, opts);
+  at::Tensor total = at::empty({a.B, chunk}, opts);
+  at::Tensor delta = at::empty({a.B, chunk, a.K, a.H}, opts);
+  at::Tensor gamma = at::empty({a.B, chunk, a.K, kEmbedDim}, opts);
+  const at::Tensor batch_offset =
+      a.per_batch_table ? at::arange(a.B, p.idx.options()).mul_(a.P).view({a.B, 1, 1})
+                        : at::Tensor();
+  auto stream = at::cuda::getCurrentCUDAStream().stream();
+  for (int64_t m0 = 0; m0 < a.M; m0 += chunk) {
+    const int64_t m1 = std::min(a.M, m0 + chunk), n = m1 - m0;
+    check_launch(launch_knn_blend_backward_cuda(
+                     a, go.data_ptr<float>(), m0, m1, hidden.data_ptr<float>(),
+                     total.data_ptr<float>(), delta.data_ptr<float>(), gamma.data_ptr<float>(),
+                     stream),
+                 "knn_blend backward");
+    const at::Tensor h = hidden.narrow(1, 0, n).reshape({-1, a.H});
+    const at::Tensor t = total.narrow(1, 0, n).reshape({-1});
+    const at::Tensor d = delta.narrow(1, 0, n).reshape({-1, a.H});
+    const at::Tensor ge = gamma.narrow(1, 0, n).reshape({-1, kEmbedDim});
+    const at::Tensor g = go.narrow(1, m0, n).reshape({-1, a.C});
+    at::Tensor rows = p.idx.narrow(1, m0, n);
+    if (a.per_batch_table) rows = rows + batch_offset;
+    // Out-of-range indices contributed zero rows; clamp them so index_add_ stays in bounds.
+    rows = rows.clamp(0, table.size(0) - 1).reshape({-1});
+    grad_table.index_add_(0, rows, d);
+    grad_w1t.addmm_(ge.t(), d);
+    grad_w2.addmm_(g.t(), h);
+    grad_b2.add_((g * t.unsqueeze(1)).sum(0));
+  }
+  return {grad_table, grad_w1t.t().contiguous(), grad_w2, grad_b2};
+}
+
+}  // namespace
+}  // namespace knn_blend
+}  // namespace gpavatar
+
+TORCH_LIBRARY_IMPL(gpavatar, CUDA, m) {
+  m.impl("knn_blend_forward", &gpavatar::knn_blend::forward_cuda);
+  m.impl("knn_blend_backward", &gpavatar::knn_blend::backward_cuda);
+}

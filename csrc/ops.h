@@ -1,0 +1,30 @@
+// Torch-side declarations shared by the per-op translation units: input checks
+// (one per op, used by every device) and the CPU implementations.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace gpavatar {
+
+// Tensor checks with messages that name the argument and the expected shape.
+void check_float_tensor(const at::Tensor& t, const char* name, int64_t dim, const char* shape);
+void check_same_device(const at::Tensor& a, const char* name_a, const at::Tensor& b,
+                       const char* name_b);
+
+namespace knn {
+void check_inputs(const at::Tensor& queries, const at::Tensor& points, int64_t K);
+std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries, const at::Tensor& points,
+                                           int64_t K);
+}  // namespace knn
+
+namespace knn_blend {
+void check_inputs(const at::Tensor& queries, const at::Tensor& points, const at::Tensor& dist2,
+                  const at::Tensor& idx, const at::Tensor& table, const at::Tensor& w1_dir,
+                  const at::Tensor& w2, const at::Tensor& b2,
+                  const std::optional<at::Tensor>& weight_sum, double eps);
+}  // namespace knn_blend
+
+}  // namespace gpavatar
