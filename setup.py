@@ -25,13 +25,20 @@ def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
-def _find_nvcc():
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    candidates = [os.path.join(home, "bin", "nvcc")] if home else []
-    candidates += [shutil.which("nvcc") or "", "/usr/local/cuda/bin/nvcc"]
-    for nvcc in candidates:
-        if nvcc and os.path.exists(nvcc):
-            return nvcc
+def _find_cuda_home():
+    """The first CUDA toolkit with nvcc and its headers (a bare nvcc wrapper on
+    PATH does not count: cpp_extension needs <home>/include)."""
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        homes.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for home in homes:
+        if (
+            home
+            and os.path.exists(os.path.join(home, "bin", "nvcc"))
+            and os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))
+        ):
+            return home
     return None
 
 
@@ -56,18 +63,19 @@ def _pip_cuda_dirs():
 def _extensions():
     if _flag("GPAVATAR_NO_EXT"):
         return [], {}
-    from torch.utils import cpp_extension
-
-    nvcc = None if _flag("BUILD_NO_CUDA") else _find_nvcc()
-    if nvcc is None and _flag("FORCE_CUDA"):
-        raise RuntimeError("FORCE_CUDA=1 but nvcc was not found (set CUDA_HOME)")
-    with_cuda = nvcc is not None
+    cuda_home = None if _flag("BUILD_NO_CUDA") else _find_cuda_home()
+    if cuda_home is None and _flag("FORCE_CUDA"):
+        raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME)")
+    with_cuda = cuda_home is not None
     if with_cuda:
-        os.environ.setdefault("CUDA_HOME", os.path.dirname(os.path.dirname(nvcc)))
+        # Before importing cpp_extension, which reads CUDA_HOME at import time.
+        os.environ["CUDA_HOME"] = cuda_home
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
+    from torch.utils import cpp_extension
+
     sources = sorted(glob.glob("csrc/ext.cpp") + glob.glob("csrc/*/*_cpu.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]  # torch picks the C++ standard
     define_macros = [("TORCH_EXTENSION_NAME", "_C")]
     extra_link = ["-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -76,13 +84,16 @@ def _extensions():
         sources += sorted(glob.glob("csrc/*/*.cu") + glob.glob("csrc/*/*_cuda.cpp"))
         define_macros.append(("WITH_CUDA", None))
         incs, libs = _pip_cuda_dirs()
-        include_dirs += incs
+        # -idirafter: the toolkit's own headers win; the wheels only fill gaps.
+        gap_fill = [f for inc in incs for f in ("-idirafter", inc)]
+        cxx += gap_fill
         library_dirs += libs
         if any(os.path.exists(os.path.join(d, "libcudart.so.13")) for d in libs):
             extra_link.append("-l:libcudart.so.13")
         extra = {
             "cxx": cxx,
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math=false", "-lineinfo"],
+            # The .cu files include no torch headers: the toolkit's own are enough.
+            "nvcc": ["-O3", "-lineinfo"],
         }
         ext_cls = cpp_extension.CUDAExtension
     else:

@@ -74,12 +74,11 @@ __global__ void forward_kernel(BlendArgs a, float* __restrict__ out) {
   float gamma[kEmbedDim];
   float g[HCap];
   const float total = neighbor_weights(a, b, qi, w);
-#pragma unroll
   for (int j = 0; j < HCap; ++j) g[j] = 0.0f;
   for (int k = 0; k < a.K; ++k) {
     const float* row = neighbor_embedding(a, b, qi, k, gamma);
     if (row == nullptr) continue;
-#pragma unroll
+#pragma unroll(HT > 0 ? HCap : 1)
     for (int j = 0; j < HCap; ++j) {
       if (j < H) g[j] += w[k] * max_f(hidden_unit(row, s_w1t, gamma, H, j), 0.0f);
     }
@@ -112,7 +111,6 @@ __global__ void backward_kernel(BlendArgs a, const float* __restrict__ grad_out,
   float g[HCap];
   weight_total[ci] = neighbor_weights(a, b, qi, w);
   hidden_gradient(s_w2, grad_out + qi * C, H, C, v);
-#pragma unroll
   for (int j = 0; j < HCap; ++j) g[j] = 0.0f;
   for (int k = 0; k < a.K; ++k) {
     const float* row = neighbor_embedding(a, b, qi, k, gamma);
@@ -124,7 +122,7 @@ __global__ void backward_kernel(BlendArgs a, const float* __restrict__ grad_out,
       continue;
     }
     for (int c = 0; c < kEmbedDim; ++c) ge[c] = gamma[c];
-#pragma unroll
+#pragma unroll(HT > 0 ? HCap : 1)
     for (int j = 0; j < HCap; ++j) {
       if (j < H) {
         const float h = hidden_unit(row, s_w1t, gamma, H, j);

@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# GPU report: build the extension in place, run the tests, memcheck the CUDA
+# kernels and run every benchmark script, then write OUTDIR/report.{md,json}.
+#
+#   bash benchmarks/gpu_report.sh OUTDIR
+#
+# Meant for a machine with one GPU, torch preinstalled and no network.  The
+# whole run is kept under REPORT_BUDGET_S seconds (default 560): every step is
+# wrapped in `timeout` with the smaller of its own cap and the time left.  A
+# failing step is recorded (OUTDIR/steps.tsv) and the script goes on.
+#
+# Environment: PYTHON (default python), TORCH_CUDA_ARCH_LIST (default: the local
+# GPU's compute capability), MAX_JOBS (default nproc), FORCE_CUDA (default 1),
+# BENCH_ARGS (extra arguments for every benchmark script), REPORT_BUDGET_S.
+set -euo pipefail
+
+if [[ $# -ne 1 ]]; then
+    echo "usage: $0 OUTDIR" >&2
+    exit 2
+fi
+mkdir -p "$1"
+OUTDIR="$(cd "$1" && pwd)"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+
+PY="${PYTHON:-python}"
+BUDGET="${REPORT_BUDGET_S:-560}"
+RESERVE=30  # seconds kept for writing the report
+START=$SECONDS
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+# Benchmark scripts run by step (d); each takes --device/--json/--markdown.
+BENCHES=(
+    benchmarks/bench_knn_blend.py
+)
+
+STEPS="$OUTDIR/steps.tsv"
+printf 'step\trc\tseconds\tlog\n' > "$STEPS"
+
+remaining() { echo $(( BUDGET - (SECONDS - START) )); }
+
+# run_step NAME CAP_SECONDS LOGFILE CMD... : run CMD under timeout, log, record rc.
+run_step() {
+    local name="$1" cap="$2" log="$3"
+    shift 3
+    local left=$(( $(remaining) - RESERVE ))
+    local t=$(( cap < left ? cap : left ))
+    if (( t < 10 )); then
+        echo "[gpu_report] $name: skipped (out of time)"
+        printf '%s\tskipped\t0\t%s\n' "$name" "$(basename "$log")" >> "$STEPS"
+        return 0
+    fi
+    echo "[gpu_report] $name (timeout ${t}s) -> $(basename "$log")"
+    local t0=$SECONDS rc=0
+    timeout --kill-after=15 "$t" "$@" > "$log" 2>&1 || rc=$?
+    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( SECONDS - t0 ))" "$(basename "$log")" >> "$STEPS"
+    echo "[gpu_report] $name: rc=$rc ($(( SECONDS - t0 )) s)"
+    return 0
+}
+
+skip_step() {  # skip_step NAME REASON
+    echo "[gpu_report] $1: skipped ($2)"
+    printf '%s\tskipped\t0\t%s\n' "$1" "$2" >> "$STEPS"
+}
+
+# --- machine facts ----------------------------------------------------------
+if command -v nvidia-smi > /dev/null 2>&1; then
+    timeout 30 nvidia-smi > "$OUTDIR/nvidia-smi.txt" 2>&1 || true
+fi
+ARCH="$(timeout 60 "$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null || true)"
+echo "[gpu_report] python=$(command -v "$PY") gpu_arch=${ARCH:-unknown} budget=${BUDGET}s"
+
+# --- (a) build the extension in place ---------------------------------------
+if [[ -n "$ARCH" ]]; then
+    export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$ARCH}"
+fi
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+export FORCE_CUDA="${FORCE_CUDA:-1}"
+run_step build 300 "$OUTDIR/build.log" "$PY" setup.py build_ext --inplace
+
+# --- (b) tests: CUDA-marked first, the whole suite at the end if time allows --
+run_step tests_cuda 120 "$OUTDIR/tests_cuda.log" "$PY" -m pytest tests -x -q -m cuda
+
+# --- (c) compute-sanitizer memcheck -------------------------------------------
+SANITIZER="$(command -v compute-sanitizer 2>/dev/null || true)"
+for d in "${CUDA_HOME:-}" "${CUDA_PATH:-}" /usr/local/cuda; do
+    if [[ -z "$SANITIZER" && -n "$d" && -x "$d/bin/compute-sanitizer" ]]; then
+        SANITIZER="$d/bin/compute-sanitizer"
+    fi
+done
+if [[ -n "$SANITIZER" ]]; then
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step memcheck 120 "$OUTDIR/memcheck.log" \
+        "$SANITIZER" --tool memcheck --error-exitcode 99 \
+        "$PY" benchmarks/sanitize_knn_blend.py --backend cuda
+else
+    skip_step memcheck "compute-sanitizer not found"
+fi
+
+# --- (d) benchmarks -----------------------------------------------------------
+read -r -a EXTRA_ARGS <<< "${BENCH_ARGS:-}"
+for bench in "${BENCHES[@]}"; do
+    name="$(basename "$bench" .py)"
+    run_step "$name" 240 "$OUTDIR/$name.log" "$PY" "$bench" --device cuda \
+        --json "$OUTDIR/$name.json" --markdown "$OUTDIR/$name.md" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}
+done
+
+# --- (b, continued) the whole test suite --------------------------------------
+if (( $(remaining) - RESERVE > 60 )); then
+    run_step tests_all 240 "$OUTDIR/tests_all.log" "$PY" -m pytest tests -q
+else
+    skip_step tests_all "out of time"
+fi
+{
+    for part in tests_cuda tests_all; do
+        if [[ -f "$OUTDIR/$part.log" ]]; then
+            echo "===== $part ====="
+            cat "$OUTDIR/$part.log"
+        fi
+    done
+} > "$OUTDIR/tests.log"
+
+# --- (e) report -----------------------------------------------------------------
+rc=0
+timeout 120 "$PY" benchmarks/make_report.py "$OUTDIR" || rc=$?
+if (( rc != 0 )); then
+    echo "[gpu_report] make_report.py failed (rc=$rc)" >&2
+    { echo "# GPU report (make_report.py failed, rc=$rc)"; echo; cat "$STEPS"; } > "$OUTDIR/report.md"
+fi
+echo "[gpu_report] done in $(( SECONDS - START )) s: $OUTDIR/report.md"

@@ -1,0 +1,93 @@
+"""Small CUDA workload for ``compute-sanitizer --tool memcheck``.
+
+Runs ``knn`` and ``knn_blend`` forward+backward (both normalizations, shared
+``(P, Cf)`` and per-batch ``(B, P, Cf)`` point features) with one backend
+(default ``cuda``) on B=2, M=1000, P=500, K=8, and compares with the reference
+so a kernel that silently reads garbage is also caught.  The PyTorch caching
+allocator is disabled (``PYTORCH_NO_CUDA_MEMORY_CACHING=1``) so that every
+tensor is its own allocation and out-of-bounds accesses are visible to memcheck.
+
+    compute-sanitizer --tool memcheck --error-exitcode 99 \
+        python benchmarks/sanitize_knn_blend.py [--backend cuda]
+
+Exit status: 0 when everything ran and matched, 1 on a mismatch or exception.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_knn_blend import PARAMS, make_inputs  # noqa: E402
+
+TOL = 1e-3
+
+
+def _maxerr(a, b):
+    return (a.detach().double() - b.detach().double()).abs().max().item()
+
+
+def run(backend: str, B=2, M=1000, P=500, K=8) -> list[str]:
+    import gpavatar.ops as ops
+    from gpavatar.ops.reference import knn_blend_reference, knn_reference
+
+    failures = []
+    inp = make_inputs(B, M, P, K, device="cuda", seed=1)
+    q, p = inp["queries"], inp["points"]
+
+    d, i = ops.knn(q, p, K, backend=backend)
+    rd, _ = knn_reference(q, p, K)
+    torch.cuda.synchronize()
+    e = _maxerr(d, rd)
+    print(f"knn                      max_abs_err(dist2)={e:.2e}")
+    if e > TOL:
+        failures.append(f"knn dist2 error {e:.2e}")
+
+    for normalize in ("neighbors", "queries"):
+        for per_batch in (False, True):
+            params = {k: inp[k].detach().clone() for k in PARAMS}
+            if per_batch:
+                params["point_features"] = params["point_features"].expand(B, -1, -1) \
+                    .contiguous() + 0.01 * torch.randn(B, P, 1, device="cuda")
+            results = []
+            for b in (backend, "reference"):
+                ps = [params[k].detach().clone().requires_grad_(True) for k in PARAMS]
+                if b == "reference":
+                    out = knn_blend_reference(q, p, *ps, K, normalize=normalize)
+                else:
+                    out = ops.knn_blend(q, p, *ps, K, normalize=normalize, backend=b)
+                grads = torch.autograd.grad(out.feature, ps, inp["grad_out"])
+                torch.cuda.synchronize()
+                results.append([out.feature, *grads])
+            errs = [_maxerr(a, r) / (1.0 + r.abs().max().item())
+                    for a, r in zip(*results)]
+            tag = f"knn_blend {normalize:9s} {'(B,P,Cf)' if per_batch else '(P,Cf)  '}"
+            print(f"{tag} max_rel_err(feature, grads)={max(errs):.2e}")
+            if max(errs) > TOL:
+                failures.append(f"{tag} error {max(errs):.2e}")
+    return failures
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="memcheck workload for knn / knn_blend")
+    ap.add_argument("--backend", default="cuda")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 1
+    failures = run(args.backend)
+    torch.cuda.synchronize()
+    for f in failures:
+        print("MISMATCH:", f)
+    print("sanitize_knn_blend:", "FAILED" if failures else "OK")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
