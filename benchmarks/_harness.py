@@ -71,16 +71,18 @@ def time_fn(
     warmup: int = 2,
     max_seconds: float | None = None,
     min_repeats: int = 3,
+    est_seconds: float | None = None,
 ) -> dict:
     """Time ``fn()``; returns ``{"median_ms", "p20_ms", "p80_ms", "repeats"}``.
 
     ``max_seconds`` caps the time spent in the timed loop: the number of repeats
-    is reduced (down to ``min_repeats``) when the warm-up calls show that
-    ``repeats`` calls would take longer.
+    is reduced (down to ``min_repeats``) when the warm-up calls (or
+    ``est_seconds``, the duration of an earlier call, when ``warmup`` is 0) show
+    that ``repeats`` calls would take longer.
     """
     device = torch.device(device)
-    warm_times = []
-    for _ in range(max(1, warmup)):
+    warm_times = [] if est_seconds is None else [est_seconds]
+    for _ in range(warmup if warm_times else max(1, warmup)):
         _sync(device)
         t0 = time.perf_counter()
         fn()
@@ -261,7 +263,9 @@ def fmt_ms(x: float | None) -> str:
 
 
 def fmt_ratio(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}x"
+    if x is None:
+        return "-"
+    return f"{x:.2f}x" if x >= 0.1 else f"{x:.2g}x"
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:

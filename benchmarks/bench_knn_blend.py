@@ -27,6 +27,7 @@ import argparse
 import math
 import os
 import sys
+import time
 import traceback
 
 import torch
@@ -116,8 +117,8 @@ def make_case_fn(case: str, backend: str, inp: dict, normalize: str = "neighbors
 
         def fn():
             out = ops.knn_blend(q, p, *params, K, normalize=normalize, backend=backend)
-            grads = torch.autograd.grad(out.feature, params, inp["grad_out"])
-            return out.feature, grads
+            grads = torch.autograd.grad(out[0], params, inp["grad_out"])  # out[0]: feature
+            return out[0], grads
         return fn
     raise ValueError(f"unknown case {case!r}")
 
@@ -146,13 +147,13 @@ def check_case(case: str, backend: str, inp: dict, normalize: str = "neighbors")
         pairs = [(got[0], ref_d)]
     elif case == "knn_blend":
         ref = knn_blend_reference(q, p, *[sub[k] for k in PARAMS], K, normalize=normalize)
-        pairs = [(got.feature, ref.feature), (got.dist2, ref.dist2)]
+        pairs = [(got[0], ref[0]), (got[1], ref[1])]  # (feature, dist2)
     else:
         g = _with_grad(sub)
         params = [g[k] for k in PARAMS]
         ref = knn_blend_reference(q, p, *params, K, normalize=normalize)
-        ref_grads = torch.autograd.grad(ref.feature, params, sub["grad_out"])
-        pairs = [(got[0], ref.feature)] + list(zip(got[1], ref_grads))
+        ref_grads = torch.autograd.grad(ref[0], params, sub["grad_out"])
+        pairs = [(got[0], ref[0])] + list(zip(got[1], ref_grads))
     errs = [_err(a, b) for a, b in pairs]
     return max(e for e, _ in errs), max(s for _, s in errs) <= 1.0
 
@@ -165,14 +166,20 @@ def pytorch3d_available() -> bool:
     return True
 
 
-def run_row(case, backend, inp, device, *, repeats, warmup, max_seconds, normalize):
+def run_row(case, backend, inp, device, *, repeats, warmup, max_seconds, normalize,
+            min_repeats=3):
     row = dict(case=case, backend=backend, median_ms=None, p20_ms=None, p80_ms=None,
                repeats=0, peak_mem_bytes=None, max_abs_err=None, correct=None, error=None)
     try:
         row["max_abs_err"], row["correct"] = check_case(case, backend, inp, normalize)
         fn = make_case_fn(case, backend, inp, normalize)
-        row["peak_mem_bytes"] = H.peak_memory(fn, device)
-        row.update(H.time_fn(fn, device, repeats=repeats, warmup=warmup, max_seconds=max_seconds))
+        if device.type == "cuda":  # JIT / autotuning (and its scratch buffers) before memory
+            fn()
+        t0 = time.perf_counter()
+        row["peak_mem_bytes"] = H.peak_memory(fn, device)  # also serves as a warm-up call
+        est = time.perf_counter() - t0
+        row.update(H.time_fn(fn, device, repeats=repeats, warmup=warmup, max_seconds=max_seconds,
+                             min_repeats=min_repeats, est_seconds=est))
     except Exception as exc:  # keep going: the report records the failure
         row["error"] = f"{type(exc).__name__}: {exc}"[:500]
         traceback.print_exc(limit=3)
@@ -231,6 +238,7 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--max-seconds", type=float, default=15.0,
                     help="cap on timed seconds per row (repeats are reduced, min 3)")
+    ap.add_argument("--min-repeats", type=int, default=3)
     ap.add_argument("--normalize", choices=["neighbors", "queries"], default="neighbors")
     ap.add_argument("--backends", default=None, help="comma list to restrict backends")
     ap.add_argument("--seed", type=int, default=0)
@@ -250,9 +258,10 @@ def main(argv=None) -> int:
         return 2
     size = args.size or ("paper" if device.type == "cuda" else "cpu")
     repeats = args.repeats or {"paper": 20, "cpu": 5, "small": 10}[size]
-    warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 1)
+    warmup = args.warmup if args.warmup is not None else (3 if device.type == "cuda" else 0)
     cfg = dict(size=size, device=str(device), dtype="float32", normalize=args.normalize,
-               repeats=repeats, warmup=warmup, seed=args.seed, **SIZES[size], **DIMS)
+               repeats=repeats, warmup=warmup, max_seconds=args.max_seconds, seed=args.seed,
+               **SIZES[size], **DIMS)
     payload = dict(benchmark="knn_blend", env=H.env_info(device), config=cfg, rows=[],
                    partial=False, error=None)
 
@@ -278,7 +287,8 @@ def main(argv=None) -> int:
             print(f"[bench_knn_blend] {case} / {b} ...", file=sys.stderr, flush=True)
             payload["rows"].append(run_row(case, b, inp, device, repeats=repeats,
                                            warmup=warmup, max_seconds=args.max_seconds,
-                                           normalize=args.normalize))
+                                           normalize=args.normalize,
+                                           min_repeats=args.min_repeats))
             if args.json:  # partial results survive a timeout
                 add_ratios(payload["rows"])
                 H.write_json(args.json, dict(payload, partial=True))

@@ -33,17 +33,22 @@ def _maxerr(a, b):
     return (a.detach().double() - b.detach().double()).abs().max().item()
 
 
-def run(backend: str, B=2, M=1000, P=500, K=8) -> list[str]:
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(backend: str, device: torch.device, B=2, M=1000, P=500, K=8) -> list[str]:
     import gpavatar.ops as ops
     from gpavatar.ops.reference import knn_blend_reference, knn_reference
 
     failures = []
-    inp = make_inputs(B, M, P, K, device="cuda", seed=1)
+    inp = make_inputs(B, M, P, K, device=device, seed=1)
     q, p = inp["queries"], inp["points"]
 
     d, i = ops.knn(q, p, K, backend=backend)
     rd, _ = knn_reference(q, p, K)
-    torch.cuda.synchronize()
+    _sync(device)
     e = _maxerr(d, rd)
     print(f"knn                      max_abs_err(dist2)={e:.2e}")
     if e > TOL:
@@ -54,7 +59,7 @@ def run(backend: str, B=2, M=1000, P=500, K=8) -> list[str]:
             params = {k: inp[k].detach().clone() for k in PARAMS}
             if per_batch:
                 params["point_features"] = params["point_features"].expand(B, -1, -1) \
-                    .contiguous() + 0.01 * torch.randn(B, P, 1, device="cuda")
+                    .contiguous() + 0.01 * torch.randn(B, P, 1, device=device)
             results = []
             for b in (backend, "reference"):
                 ps = [params[k].detach().clone().requires_grad_(True) for k in PARAMS]
@@ -62,9 +67,9 @@ def run(backend: str, B=2, M=1000, P=500, K=8) -> list[str]:
                     out = knn_blend_reference(q, p, *ps, K, normalize=normalize)
                 else:
                     out = ops.knn_blend(q, p, *ps, K, normalize=normalize, backend=b)
-                grads = torch.autograd.grad(out.feature, ps, inp["grad_out"])
-                torch.cuda.synchronize()
-                results.append([out.feature, *grads])
+                grads = torch.autograd.grad(out[0], ps, inp["grad_out"])  # out[0]: feature
+                _sync(device)
+                results.append([out[0], *grads])
             errs = [_maxerr(a, r) / (1.0 + r.abs().max().item())
                     for a, r in zip(*results)]
             tag = f"knn_blend {normalize:9s} {'(B,P,Cf)' if per_batch else '(P,Cf)  '}"
@@ -77,12 +82,14 @@ def run(backend: str, B=2, M=1000, P=500, K=8) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="memcheck workload for knn / knn_blend")
     ap.add_argument("--backend", default="cuda")
+    ap.add_argument("--device", default="cuda", help="cpu only for a dry run of this script")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 1
-    failures = run(args.backend)
-    torch.cuda.synchronize()
+    failures = run(args.backend, device)
+    _sync(device)
     for f in failures:
         print("MISMATCH:", f)
     print("sanitize_knn_blend:", "FAILED" if failures else "OK")

@@ -51,7 +51,7 @@ def test_cpu(benchmark, cpu_inputs, case, backend):
         pytest.skip(f"backend {backend!r} not available on cpu")
     benchmark.group = f"cpu {case} M={SMALL['M']} P={SMALL['P']} K={SMALL['K']}"
     fn = make_case_fn(case, backend, cpu_inputs)
-    benchmark.pedantic(fn, rounds=10, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(fn, rounds=5, iterations=1, warmup_rounds=1)
 
 
 @pytest.mark.cuda

@@ -1,0 +1,10 @@
+"""Public autograd ops.  Each validates its inputs and dispatches by device and
+backend (``backend=`` or ``$GPAVATAR_BACKEND``: auto | cuda | triton | cpu | torch).
+The pure-torch oracles are in :mod:`gpavatar.ops.reference`."""
+
+from gpavatar.ops._backend import BACKENDS, available_backends
+from gpavatar.ops.knn import KnnResult, knn
+from gpavatar.ops.knn_blend import KnnBlendResult, knn_blend, knn_blend_weight_sum
+
+__all__ = ["BACKENDS", "available_backends", "knn", "KnnResult", "knn_blend", "KnnBlendResult",
+           "knn_blend_weight_sum"]

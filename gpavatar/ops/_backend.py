@@ -1,0 +1,71 @@
+"""Backend selection shared by every op.
+
+A backend is chosen per call from the ``backend=`` argument, else the
+``GPAVATAR_BACKEND`` environment variable, else ``"auto"``:
+
+=========  ===========================================================
+``auto``   CUDA tensors: ``cuda`` > ``triton`` > ``torch``;
+           CPU tensors: ``cpu`` > ``torch``
+``cuda``   the C++ extension's CUDA kernels (CUDA tensors)
+``triton`` the Triton kernels (CUDA tensors; CPU tensors only under
+           ``TRITON_INTERPRET=1``)
+``cpu``    the C++ extension's CPU kernels (CPU tensors)
+``torch``  the pure-torch reference (any device, differentiable everywhere)
+=========  ===========================================================
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+from gpavatar import _extension
+
+BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """Backends usable for tensors on ``device`` (always includes ``"torch"``)."""
+    device = torch.device(device)
+    names = []
+    if device.type == "cuda" and _extension.has_cuda():
+        names.append("cuda")
+    if device.type == "cpu" and _extension.available():
+        names.append("cpu")
+    if triton_available() and (device.type == "cuda" or (device.type == "cpu" and triton_interpreted())):
+        names.append("triton")
+    names.append("torch")
+    return names
+
+
+def resolve(backend: str | None, device: torch.device, op: str) -> str:
+    """The concrete backend for a call of ``op`` on tensors of ``device``."""
+    name = backend if backend is not None else os.environ.get("GPAVATAR_BACKEND", "auto")
+    if not isinstance(name, str) or name not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {name!r}")
+    usable = available_backends(device)
+    if name == "auto":
+        if device.type == "cuda":
+            return next(b for b in ("cuda", "triton", "torch") if b in usable)
+        return "cpu" if "cpu" in usable else "torch"
+    if name not in usable:
+        why = {
+            "cuda": "needs CUDA tensors and the extension built with CUDA",
+            "cpu": "needs CPU tensors and the compiled extension",
+            "triton": "needs triton and CUDA tensors (CPU tensors only with TRITON_INTERPRET=1)",
+        }[name]
+        extra = "" if _extension.available() else f"; extension: {_extension.load_error()}"
+        raise ValueError(f"{op}: backend {name!r} {why}; tensors are on {device}{extra}")
+    return name

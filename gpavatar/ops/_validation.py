@@ -1,0 +1,65 @@
+"""Input checks shared by the public ops: every message names the argument,
+the expected shape / dtype / device and what was given."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Coordinates are bounded so squared distances, their inverses and sums of
+# millions of them stay finite in float32.
+MAX_ABS_COORD = 1e6
+
+
+def check_tensor(t, name: str, shape: str, ndim: int | None = None, last: int | None = None,
+                 dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {shape}, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if last is not None and t.shape[-1] != last:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def check_same_device(tensors: dict[str, torch.Tensor]) -> torch.device:
+    items = list(tensors.items())
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} must be on the same device as {first_name} ({first.device}), got {t.device}")
+    return first.device
+
+
+def check_coordinates(t: torch.Tensor, name: str) -> None:
+    """Finite and within +-MAX_ABS_COORD (one reduction, one host sync)."""
+    if t.numel() == 0:
+        return
+    worst = t.detach().abs().amax()
+    if not bool(worst <= MAX_ABS_COORD):  # NaN compares False
+        raise ValueError(f"{name} must hold finite coordinates with |x| <= {MAX_ABS_COORD:g}; "
+                         f"got max |x| = {worst.item():g}")
+
+
+def check_int(value, name: str, low: int, high: int | None = None, high_name: str = "") -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        bound = f"[{low}, {high_name or high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be in {bound}, got {value}")
+    return value
+
+
+def check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    eps = float(eps)
+    if not (math.isfinite(eps) and 1e-30 <= eps <= 1e30):
+        raise ValueError(f"eps must be a finite float in [1e-30, 1e30], got {eps}")
+    return eps

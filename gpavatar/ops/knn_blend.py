@@ -1,0 +1,225 @@
+"""``knn_blend``: the fused point expression field (SPEC section 5).
+
+For every query x: its K nearest FLAME points p_k (``knn``), a per-neighbour
+feature ``h_k = W2 relu(W1 [e_{i_k}, gamma(normalize(x - p_k))] + b1) + b2``
+and the inverse-distance blend ``f(x) = sum_k w_k h_k`` with
+``u_k = 1 / (|x - p_k|^2 + eps)`` and
+
+* ``normalize="neighbors"`` (the paper): ``w_k = u_k / sum_k' u_k'``;
+* ``normalize="queries"`` (the official code and its checkpoint):
+  ``w_{m,k} = u_{m,k} / sum_{m'} u_{m',k}`` over all M queries of the batch
+  element in this call.  To process one pass in chunks, compute the sums once
+  with :func:`knn_blend_weight_sum` and pass them as ``weight_sum``.
+
+The fused backends never build an (M, P) distance matrix nor per-neighbour
+MLP activations: ``knn`` keeps a running top-K, the per-point half of the
+first layer is computed once per call (``table = e W1_feat^T + b1``, (P, H))
+and the second layer is applied after the blend (it commutes with the
+weighted sum), so memory is O(M K + P H).
+
+    >>> import torch, gpavatar.ops as ops
+    >>> B, M, P, Cf, H, C = 1, 256, 64, 32, 64, 32
+    >>> q, p = torch.rand(B, M, 3) * 2 - 1, torch.rand(B, P, 3) * 2 - 1
+    >>> e = torch.randn(P, Cf)
+    >>> w1, b1 = torch.randn(H, Cf + 27) * 0.1, torch.zeros(H)
+    >>> w2, b2 = torch.randn(C, H) * 0.1, torch.zeros(C)
+    >>> out = ops.knn_blend(q, p, e, w1, b1, w2, b2, K=8)
+    >>> out.feature.shape
+    torch.Size([1, 256, 32])
+
+Gradients: to ``point_features``, ``w1``, ``b1``, ``w2``, ``b2`` on every
+backend; to ``queries`` and ``points`` only on the ``torch`` backend (fused
+backends raise ``NotImplementedError`` if those require grad).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from gpavatar import _extension
+from gpavatar.ops import _validation as v
+from gpavatar.ops.knn import check_knn_inputs, choose_backend
+from gpavatar.ops.reference import EMBED_DIM, knn_blend_reference
+
+NORMALIZATIONS = ("neighbors", "queries")
+MAX_CUDA_HIDDEN, MAX_CUDA_OUT = 128, 64
+
+
+class KnnBlendResult(NamedTuple):
+    feature: torch.Tensor  # (B, M, C) float32 (float64 for float64 inputs on the torch backend)
+    dist2: torch.Tensor  # (B, M, K)
+    idx: torch.Tensor  # (B, M, K) int64
+
+
+def knn_blend_weight_sum(dist2: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """sum over queries of 1 / (dist2 + eps): (B, M, K) -> (B, K).
+
+    Sum it over all chunks of a pass (these sums add) and pass the total as
+    ``weight_sum`` to get the ``"queries"`` normalization of the whole pass.
+    """
+    return (1.0 / (dist2 + eps)).sum(dim=1)
+
+
+def check_knn_blend_inputs(queries, points, point_features, w1, b1, w2, b2, K, normalize, eps,
+                           weight_sum) -> None:
+    check_knn_inputs(queries, points, K, op="knn_blend")
+    B, P = points.shape[0], points.shape[1]
+    v.check_tensor(point_features, "point_features", "(P, Cf) or (B, P, Cf)")
+    if point_features.dim() == 2:
+        ok = point_features.shape[0] == P
+    else:
+        ok = point_features.dim() == 3 and point_features.shape[:2] == (B, P)
+    if not ok:
+        raise ValueError(f"point_features must have shape ({P}, Cf) or ({B}, {P}, Cf), got {tuple(point_features.shape)}")
+    cf = point_features.shape[-1]
+    v.check_tensor(w1, "w1", f"(H, {cf + EMBED_DIM})", ndim=2, last=cf + EMBED_DIM)
+    H = w1.shape[0]
+    v.check_tensor(b1, "b1", f"({H},)", ndim=1, last=H)
+    v.check_tensor(w2, "w2", f"(C, {H})", ndim=2, last=H)
+    v.check_tensor(b2, "b2", f"({w2.shape[0]},)", ndim=1, last=w2.shape[0])
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    v.check_eps(eps)
+    tensors = {"queries": queries, "points": points, "point_features": point_features, "w1": w1, "b1": b1,
+               "w2": w2, "b2": b2}
+    if weight_sum is not None:
+        if normalize != "queries":
+            raise ValueError("weight_sum is only used with normalize='queries'")
+        v.check_tensor(weight_sum, "weight_sum", f"({B}, {K})", ndim=2)
+        if tuple(weight_sum.shape) != (B, K):
+            raise ValueError(f"weight_sum must have shape ({B}, {K}), got {tuple(weight_sum.shape)}")
+        tensors["weight_sum"] = weight_sum
+        if weight_sum.numel() and not bool(((weight_sum > 0) & weight_sum.isfinite()).all()):
+            raise ValueError("weight_sum must hold finite values > 0")
+    v.check_same_device(tensors)
+
+
+def knn_blend(queries: torch.Tensor, points: torch.Tensor, point_features: torch.Tensor, w1: torch.Tensor,
+              b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, K: int = 8, *, normalize: str = "neighbors",
+              eps: float = 1e-8, weight_sum: Optional[torch.Tensor] = None, backend: Optional[str] = None,
+              validate: bool = True) -> KnnBlendResult:
+    """Fused KNN + per-neighbour MLP + inverse-distance blend.
+
+    Args:
+        queries: (B, M, 3) sample positions
+        points: (B, P, 3) FLAME points
+        point_features: (P, Cf) learned per-point features (shared) or (B, P, Cf)
+        w1: (H, Cf + 27), b1: (H,)  first Linear (input: [feature, gamma(direction)])
+        w2: (C, H), b2: (C,)        second Linear
+        K: neighbours, 1 <= K <= P (<= 32 on fused backends)
+        normalize: "neighbors" | "queries" (see module docstring)
+        eps: added to squared distances before inverting (> 0; a query on a point stays finite)
+        weight_sum: (B, K) precomputed "queries" normalizer (see knn_blend_weight_sum)
+        backend: "auto" | "cuda" | "triton" | "cpu" | "torch"
+        validate: check shapes and values (one host sync)
+    Returns:
+        KnnBlendResult(feature (B, M, C), dist2 (B, M, K), idx (B, M, K) int64).
+        Fused backends compute in float32 and return float32.
+    """
+    if validate:
+        check_knn_blend_inputs(queries, points, point_features, w1, b1, w2, b2, K, normalize, eps, weight_sum)
+    H, C = w1.shape[0], w2.shape[0]
+    name = choose_backend(backend, queries.device, K, "knn_blend")
+    if name == "cuda" and (H > MAX_CUDA_HIDDEN or C > MAX_CUDA_OUT):
+        if backend in (None, "auto"):
+            name = "torch"
+        else:
+            raise ValueError(f"knn_blend: backend 'cuda' supports H <= {MAX_CUDA_HIDDEN} and C <= {MAX_CUDA_OUT}, "
+                             f"got H = {H}, C = {C} (use backend='triton' or 'torch')")
+    if name == "torch" or queries.shape[0] == 0 or queries.shape[1] == 0:
+        dtype = torch.float64 if queries.dtype == torch.float64 and name == "torch" else torch.float32
+        cast = [t.to(dtype) for t in (queries, points, point_features, w1, b1, w2, b2)]
+        return KnnBlendResult(*knn_blend_reference(*cast, K=K, normalize=normalize, eps=eps, weight_sum=weight_sum))
+
+    if torch.is_grad_enabled() and (queries.requires_grad or points.requires_grad):
+        raise NotImplementedError(
+            f"knn_blend: backend {name!r} does not compute gradients with respect to queries or points; "
+            "detach them or use backend='torch'")
+    f32 = torch.float32
+    q = queries.detach().to(f32).contiguous()
+    p = points.detach().to(f32).contiguous()
+    knn_op = torch.ops.gpavatar.knn if name in ("cpu", "cuda") else torch.ops.gpavatar.knn_triton
+    with torch.no_grad():
+        dist2, idx = knn_op(q, p, K)
+        if normalize == "queries" and weight_sum is None:
+            weight_sum = knn_blend_weight_sum(dist2, eps)
+    if weight_sum is not None:
+        weight_sum = weight_sum.detach().to(f32).contiguous()
+    cf = point_features.shape[-1]
+    w1 = w1.to(f32)
+    # The per-point half of the first layer, once per call: (P or B*P, H).
+    table = F.linear(point_features.to(f32), w1[:, :cf], b1.to(f32)).reshape(-1, H)
+    blend_op = (torch.ops.gpavatar.knn_blend_forward if name in ("cpu", "cuda")
+                else torch.ops.gpavatar.knn_blend_forward_triton)
+    feature = blend_op(q, p, dist2, idx, table, w1[:, cf:], w2.to(f32), b2.to(f32), weight_sum, float(eps))
+    return KnnBlendResult(feature, dist2, idx)
+
+
+# --- torch.library registration ------------------------------------------------------------
+
+
+def _forward_fake(queries, points, dist2, idx, table, w1_dir, w2, b2, weight_sum, eps):
+    return queries.new_empty((queries.shape[0], queries.shape[1], w2.shape[0]))
+
+
+def _backward_fake(grad_out, queries, points, dist2, idx, table, w1_dir, w2, weight_sum, eps):
+    return (table.new_empty(table.shape), w1_dir.new_empty(w1_dir.shape), w2.new_empty(w2.shape),
+            w2.new_empty((w2.shape[0],)))
+
+
+def _setup_context(ctx, inputs, output):
+    queries, points, dist2, idx, table, w1_dir, w2, b2, weight_sum, eps = inputs
+    ctx.save_for_backward(queries, points, dist2, idx, table, w1_dir, w2, weight_sum)
+    ctx.eps = eps
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_out):
+        if any(ctx.needs_input_grad[i] for i in (0, 1, 2, 8)):
+            raise NotImplementedError("knn_blend: fused backends do not differentiate with respect to queries, "
+                                      "points, dist2 or weight_sum (use backend='torch')")
+        queries, points, dist2, idx, table, w1_dir, w2, weight_sum = ctx.saved_tensors
+        grads = backward_op(grad_out.contiguous(), queries, points, dist2, idx, table, w1_dir, w2, weight_sum,
+                            ctx.eps)
+        keep = ctx.needs_input_grad[4:8]
+        return (None, None, None, None) + tuple(g if k else None for g, k in zip(grads, keep)) + (None, None)
+
+    return backward
+
+
+@torch.library.custom_op("gpavatar::knn_blend_forward_triton", mutates_args=())
+def _forward_triton(queries: torch.Tensor, points: torch.Tensor, dist2: torch.Tensor, idx: torch.Tensor,
+                    table: torch.Tensor, w1_dir: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                    weight_sum: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    from gpavatar.kernels.knn_blend import knn_blend_forward
+
+    return knn_blend_forward(queries, points, dist2, idx, table.contiguous(), w1_dir.contiguous(), w2.contiguous(),
+                             b2.contiguous(), weight_sum, eps)
+
+
+@torch.library.custom_op("gpavatar::knn_blend_backward_triton", mutates_args=())
+def _backward_triton(grad_out: torch.Tensor, queries: torch.Tensor, points: torch.Tensor, dist2: torch.Tensor,
+                     idx: torch.Tensor, table: torch.Tensor, w1_dir: torch.Tensor, w2: torch.Tensor,
+                     weight_sum: Optional[torch.Tensor], eps: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from gpavatar.kernels.knn_blend import knn_blend_backward
+
+    return knn_blend_backward(grad_out.contiguous(), queries, points, dist2, idx, table.contiguous(),
+                              w1_dir.contiguous(), w2.contiguous(), weight_sum, eps)
+
+
+def _register() -> None:
+    pairs = [("gpavatar::knn_blend_forward_triton", "gpavatar::knn_blend_backward_triton")]
+    if _extension.available():
+        pairs.append(("gpavatar::knn_blend_forward", "gpavatar::knn_blend_backward"))
+    for forward_name, backward_name in pairs:
+        torch.library.register_fake(forward_name)(_forward_fake)
+        torch.library.register_fake(backward_name)(_backward_fake)
+        backward_op = getattr(torch.ops.gpavatar, backward_name.split("::")[1])
+        torch.library.register_autograd(forward_name, _make_backward(backward_op), setup_context=_setup_context)
+
+
+_register()

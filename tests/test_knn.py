@@ -1,0 +1,171 @@
+"""knn: every backend against the brute-force reference, gradients, opcheck, bad inputs."""
+
+import pytest
+import torch
+from conftest import BACKEND_CASES
+from hypothesis import given
+from hypothesis import strategies as st
+
+import gpavatar.ops as ops
+from _data import make_points, make_queries
+from gpavatar.ops.reference import knn_reference
+
+
+def naive_knn(queries, points, K):
+    """Independent oracle: python sort by (distance, index) in float32 arithmetic."""
+    B, M, _ = queries.shape
+    dist = torch.empty(B, M, K)
+    idx = torch.empty(B, M, K, dtype=torch.int64)
+    for b in range(B):
+        d = ((queries[b, :, None, 0] - points[b, None, :, 0]) ** 2 + (queries[b, :, None, 1] - points[b, None, :, 1]) ** 2) + (
+            queries[b, :, None, 2] - points[b, None, :, 2]) ** 2
+        for m in range(M):
+            order = sorted(range(points.shape[1]), key=lambda i: (d[m, i].item(), i))[:K]
+            idx[b, m] = torch.tensor(order)
+            dist[b, m] = d[m, order]
+    return dist, idx
+
+
+def test_reference_matches_naive_oracle():
+    pts = make_points(2, 40, duplicates=10)
+    q = make_queries(2, 30, pts, on_points=5)
+    d, i = knn_reference(q, pts, 7)
+    nd, ni = naive_knn(q, pts, 7)
+    assert torch.equal(i, ni)
+    assert torch.equal(d, nd)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@given(B=st.integers(1, 3), M=st.integers(1, 70), P=st.integers(1, 90), K=st.integers(1, 32),
+       dup=st.integers(0, 20), on=st.integers(0, 5), far=st.integers(0, 3), seed=st.integers(0, 2**16))
+def test_knn_matches_reference(device, backend, B, M, P, K, dup, on, far, seed):
+    K = min(K, P)
+    pts = make_points(B, P, seed=seed, duplicates=dup, device=device)
+    q = make_queries(B, M, pts, seed=seed + 1, on_points=on, far=far, device=device)
+    dist, idx = ops.knn(q, pts, K, backend=backend)
+    ref_dist, ref_idx = knn_reference(q, pts, K)
+    # Same arithmetic, same tie rule: bit-exact.
+    assert torch.equal(idx, ref_idx)
+    assert torch.equal(dist, ref_dist)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@pytest.mark.parametrize("B,M,P,K", [(1, 1, 1, 1), (1, 1, 5023, 8), (2, 33, 17, 17), (3, 5, 1030, 32), (1, 300, 8, 8)])
+def test_knn_edge_shapes(device, backend, B, M, P, K):
+    pts = make_points(B, P, seed=P, duplicates=P // 4, device=device)
+    q = make_queries(B, M, pts, seed=M, on_points=M // 3, device=device)
+    dist, idx = ops.knn(q, pts, K, backend=backend)
+    ref_dist, ref_idx = knn_reference(q, pts, K)
+    assert torch.equal(idx, ref_idx) and torch.equal(dist, ref_dist)
+    assert bool((dist[..., 1:] >= dist[..., :-1]).all())
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_knn_ties_keep_lower_index(device, backend):
+    # All points identical: every distance ties, the answer is 0..K-1.
+    pts = torch.full((1, 50, 3), 0.25, device=device)
+    q = make_queries(1, 9, device=device)
+    _, idx = ops.knn(q, pts, 6, backend=backend)
+    assert torch.equal(idx.cpu(), torch.arange(6).expand(1, 9, 6))
+    # Query on a point that appears 3 times: those three come first, in index order.
+    pts = make_points(1, 30, seed=3)
+    pts[0, [4, 11, 27]] = pts[0, 20].clone()
+    d, idx = ops.knn(pts[:, 20:21].to(device), pts.to(device), 4, backend=backend)
+    assert idx[0, 0, :4].tolist()[:4] == [4, 11, 20, 27]
+    assert d[0, 0, :4].tolist() == [0.0] * 4
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_knn_empty(device, backend):
+    pts = make_points(2, 10, device=device)
+    dist, idx = ops.knn(torch.zeros(2, 0, 3, device=device), pts, 3, backend=backend)
+    assert dist.shape == (2, 0, 3) and idx.shape == (2, 0, 3) and idx.dtype == torch.int64
+    dist, idx = ops.knn(torch.zeros(0, 4, 3, device=device), torch.zeros(0, 10, 3, device=device), 3, backend=backend)
+    assert dist.shape == (0, 4, 3)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES + [pytest.param("cpu", "torch", id="cpu-torch")])
+def test_knn_backward_matches_reference(device, backend):
+    pts = make_points(2, 40, seed=5, device=device)
+    q = make_queries(2, 25, pts, seed=6, device=device)
+    grad = torch.randn(2, 25, 6, generator=torch.Generator().manual_seed(0)).to(device)
+    q1, p1 = q.clone().requires_grad_(), pts.clone().requires_grad_()
+    dist, _ = ops.knn(q1, p1, 6, backend=backend)
+    gq, gp = torch.autograd.grad(dist, (q1, p1), grad)
+    q2, p2 = q.clone().requires_grad_(), pts.clone().requires_grad_()
+    ref, _ = knn_reference(q2, p2, 6)
+    rq, rp = torch.autograd.grad(ref, (q2, p2), grad)
+    # Same formula 2 (q - p) g; only the summation order of repeated neighbours differs.
+    torch.testing.assert_close(gq, rq, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gp, rp, rtol=1e-5, atol=1e-6)
+
+
+def test_knn_reference_gradcheck_float64():
+    pts = make_points(2, 12, seed=7, dtype=torch.float64).requires_grad_()
+    q = make_queries(2, 6, seed=8, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: ops.knn(a, b, 4, backend="torch").dist2, (q, pts))
+
+
+def test_knn_float64_stays_float64_on_torch_backend_and_float32_on_fused():
+    pts = make_points(1, 20, dtype=torch.float64)
+    q = make_queries(1, 5, dtype=torch.float64)
+    assert ops.knn(q, pts, 3, backend="torch").dist2.dtype == torch.float64
+    for name in ops.available_backends("cpu"):
+        if name != "torch":
+            assert ops.knn(q, pts, 3, backend=name).dist2.dtype == torch.float32
+
+
+def test_knn_half_inputs_are_computed_in_float32():
+    pts = make_points(1, 50, seed=9).half()
+    q = make_queries(1, 20, seed=10).half()
+    dist, idx = ops.knn(q, pts, 5)
+    ref_dist, ref_idx = knn_reference(q.float(), pts.float(), 5)
+    assert torch.equal(idx, ref_idx) and torch.equal(dist, ref_dist)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_knn_opcheck(device, backend):
+    op = torch.ops.gpavatar.knn if backend in ("cpu", "cuda") else torch.ops.gpavatar.knn_triton
+    pts = make_points(2, 30, device=device)
+    q = make_queries(2, 20, device=device)
+    torch.library.opcheck(op, (q, pts, 5))
+    torch.library.opcheck(op, (q.clone().requires_grad_(), pts.clone().requires_grad_(), 5))
+
+
+BAD_INPUTS = [
+    # (queries, points, K, exception, words in the message)
+    (torch.zeros(4, 3), torch.zeros(1, 5, 3), 2, ValueError, ["queries", "(B, M, 3)"]),
+    (torch.zeros(1, 4, 2), torch.zeros(1, 5, 3), 2, ValueError, ["queries", "(B, M, 3)"]),
+    (torch.zeros(1, 4, 3), torch.zeros(5, 3), 2, ValueError, ["points", "(B, P, 3)"]),
+    (torch.zeros(2, 4, 3), torch.zeros(1, 5, 3), 2, ValueError, ["batch"]),
+    (torch.zeros(1, 4, 3, dtype=torch.int32), torch.zeros(1, 5, 3), 2, TypeError, ["queries", "dtype"]),
+    (torch.zeros(1, 4, 3), torch.zeros(1, 5, 3), 6, ValueError, ["K", "P = 5"]),
+    (torch.zeros(1, 4, 3), torch.zeros(1, 5, 3), 0, ValueError, ["K"]),
+    (torch.zeros(1, 4, 3), torch.zeros(1, 5, 3), 2.0, TypeError, ["K", "int"]),
+    (torch.zeros(1, 4, 3), torch.zeros(1, 0, 3), 1, ValueError, ["K", "P = 0"]),
+    (torch.tensor([[[0.0, float("nan"), 0.0]]]), torch.zeros(1, 5, 3), 2, ValueError, ["queries", "finite"]),
+    (torch.zeros(1, 4, 3), torch.full((1, 5, 3), float("inf")), 2, ValueError, ["points", "finite"]),
+    ([[0.0, 0.0, 0.0]], torch.zeros(1, 5, 3), 2, TypeError, ["queries", "Tensor"]),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch"] + [b for b in ops.available_backends("cpu") if b != "torch"])
+@pytest.mark.parametrize("queries,points,K,exc,words", BAD_INPUTS)
+def test_knn_bad_inputs(backend, queries, points, K, exc, words):
+    with pytest.raises(exc) as info:
+        ops.knn(queries, points, K, backend=backend)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_knn_bad_backend_and_fused_k_limit():
+    pts, q = make_points(1, 40), make_queries(1, 4)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.knn(q, pts, 3, backend="gpu")
+    with pytest.raises(ValueError, match="backend 'cuda' needs CUDA tensors"):
+        ops.knn(q, pts, 3, backend="cuda")  # CPU tensors
+    # auto falls back to the reference beyond the fused K limit; an explicit fused backend says why it can't.
+    assert ops.knn(q, pts, 33).idx.shape == (1, 4, 33)
+    if "cpu" in ops.available_backends("cpu"):
+        with pytest.raises(ValueError, match="K must be <= 32"):
+            ops.knn(q, pts, 33, backend="cpu")

@@ -1,0 +1,318 @@
+"""knn_blend: every backend against the reference (forward, backward), gradcheck,
+finite differences of the CPU kernel, opcheck, numerics at the edges, bad inputs."""
+
+import pytest
+import torch
+from conftest import BACKEND_CASES
+from hypothesis import given
+from hypothesis import strategies as st
+
+import gpavatar.ops as ops
+from _data import make_pef_params, make_points, make_queries
+from gpavatar.ops.reference import knn_blend_reference
+
+# Tolerances: the fused kernels compute the same float32 math as the reference
+# in another order (first layer split into a per-point table plus the direction
+# part, second layer after the blend), so results differ by float32 rounding
+# accumulated over ~60-term dot products: ~1e-6 relative.  rtol=1e-4 / atol=1e-5
+# leaves margin for sin/cos differences and still catches any wrong term (a
+# dropped neighbour or bias moves outputs by ~1e-2).
+FWD = dict(rtol=1e-4, atol=1e-5)
+# Gradients sum over M*K contributions: allow 10x.
+BWD = dict(rtol=1e-3, atol=1e-4)
+
+
+def run(backend, q, pts, params, K, normalize="neighbors", grad_out=None, **kw):
+    """Forward (and backward with grad_out) on `backend`; returns (feature, dist2, idx, grads)."""
+    params = [p.detach().clone().requires_grad_(grad_out is not None) for p in params]
+    if backend == "reference":
+        out = knn_blend_reference(q, pts, *params, K=K, normalize=normalize, **kw)
+    else:
+        out = ops.knn_blend(q, pts, *params, K=K, normalize=normalize, backend=backend, **kw)
+    grads = torch.autograd.grad(out[0], params, grad_out) if grad_out is not None else None
+    return out[0], out[1], out[2], grads
+
+
+def check_against_reference(device, backend, B, M, P, K, Cf=32, H=64, C=32, normalize="neighbors",
+                            per_batch=False, seed=0, dup=0, on=0, far=0, backward=True):
+    pts = make_points(B, P, seed=seed, duplicates=dup, device=device)
+    q = make_queries(B, M, pts, seed=seed + 1, on_points=on, far=far, device=device)
+    params = make_pef_params(P, Cf, H, C, B=B if per_batch else None, seed=seed + 2, device=device)
+    grad_out = torch.randn(B, M, C, generator=torch.Generator().manual_seed(seed)).to(device) if backward else None
+    f, d, i, g = run(backend, q, pts, params, K, normalize, grad_out)
+    rf, rd, ri, rg = run("reference", q, pts, params, K, normalize, grad_out)
+    assert torch.equal(i, ri) and torch.equal(d, rd)
+    assert f.dtype == torch.float32 and bool(f.isfinite().all())
+    torch.testing.assert_close(f, rf, **FWD)
+    if backward:
+        for name, a, b in zip(["point_features", "w1", "b1", "w2", "b2"], g, rg):
+            torch.testing.assert_close(a, b, **BWD, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@pytest.mark.parametrize("normalize", ["neighbors", "queries"])
+@given(B=st.integers(1, 3), M=st.integers(1, 40), P=st.integers(1, 60), K=st.integers(1, 32),
+       per_batch=st.booleans(), dup=st.integers(0, 10), on=st.integers(0, 3), seed=st.integers(0, 2**16))
+def test_knn_blend_matches_reference(device, backend, normalize, B, M, P, K, per_batch, dup, on, seed):
+    check_against_reference(device, backend, B, M, P, min(K, P), normalize=normalize, per_batch=per_batch, seed=seed,
+                            dup=dup, on=on)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@pytest.mark.parametrize("B,M,P,K,Cf,H,C", [
+    (1, 1, 1, 1, 32, 64, 32),      # M = 1, K = P = 1
+    (2, 17, 9, 9, 32, 64, 32),     # K = P, B > 1
+    (1, 50, 300, 8, 32, 64, 32),   # paper K, P not a tile multiple
+    (1, 20, 40, 32, 32, 64, 32),   # K at the fused limit
+    (2, 23, 31, 5, 7, 24, 5),      # odd feature / hidden / output sizes
+    (1, 9, 12, 3, 1, 128, 64),     # largest CUDA sizes, one feature channel
+])
+@pytest.mark.parametrize("normalize", ["neighbors", "queries"])
+def test_knn_blend_shapes(device, backend, B, M, P, K, Cf, H, C, normalize):
+    check_against_reference(device, backend, B, M, P, K, Cf, H, C, normalize=normalize, dup=P // 5, on=M // 4,
+                            far=1)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_query_on_a_point_is_finite_and_dominated_by_it(device, backend):
+    pts = make_points(1, 30, seed=4, device=device)
+    q = pts[:, [3, 7, 7]].clone()  # exactly on points (twice the same one)
+    params = make_pef_params(30, device=device)
+    for normalize in ["neighbors", "queries"]:
+        f, d, i, _ = run(backend, q, pts, params, 8, normalize)
+        assert bool(f.isfinite().all()) and d[0, :, 0].abs().max().item() == 0.0
+    # "neighbors": w_0 = 1/(1 + eps * sum_k>0 1/d_k) ~ 1, so f is the MLP of that point with direction 0.
+    f, _, _, _ = run(backend, q, pts, params, 8)
+    e, w1, b1, w2, b2 = params
+    x = torch.cat([e[[3, 7, 7]], torch.zeros(3, 27, device=device)], dim=1)
+    x[:, 32 + 12:32 + 24] = 1.0  # gamma(0): sin 0, cos 1, r 0
+    expected = torch.relu(x @ w1.T + b1) @ w2.T + b2
+    torch.testing.assert_close(f[0], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_far_queries_and_coincident_points(device, backend):
+    check_against_reference(device, backend, 2, 20, 25, 8, dup=12, far=10, on=3)
+    # every point identical: all K neighbours tie, directions equal, weights equal
+    pts = torch.full((1, 10, 3), 0.1, device=device)
+    q = make_queries(1, 5, device=device)
+    params = make_pef_params(10, device=device)
+    f, _, i, _ = run(backend, q, pts, params, 4)
+    rf, _, ri, _ = run("reference", q, pts, params, 4)
+    assert torch.equal(i, ri)
+    torch.testing.assert_close(f, rf, **FWD)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_queries_normalization_chunked_equals_whole(device, backend):
+    pts = make_points(2, 40, seed=11, device=device)
+    q = make_queries(2, 64, seed=12, device=device)
+    params = make_pef_params(40, device=device)
+    whole = ops.knn_blend(q, pts, *params, K=8, normalize="queries", backend=backend)
+    total = ops.knn_blend_weight_sum(whole.dist2)
+    chunks = [ops.knn_blend(c, pts, *params, K=8, normalize="queries", weight_sum=total, backend=backend).feature
+              for c in q.split(24, dim=1)]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), whole.feature, rtol=1e-6, atol=1e-7)
+    # Without the global sum, chunks normalize differently: the option matters.
+    alone = ops.knn_blend(q[:, :24], pts, *params, K=8, normalize="queries", backend=backend).feature
+    assert (alone - whole.feature[:, :24]).abs().max() > 1e-3
+
+
+def test_normalizations_differ_and_neighbors_weights_sum_to_one():
+    pts, q = make_points(1, 30), make_queries(1, 20)
+    e, w1, b1, w2, b2 = make_pef_params(30)
+    a = ops.knn_blend(q, pts, e, w1, b1, w2, b2, K=4, normalize="neighbors", backend="torch").feature
+    b = ops.knn_blend(q, pts, e, w1, b1, w2, b2, K=4, normalize="queries", backend="torch").feature
+    assert (a - b).abs().max() > 1e-2
+    # With w2 = 0 the output is b2 * sum_k w_k: exactly b2 for "neighbors".
+    zero = torch.zeros_like(w2)
+    for backend in ops.available_backends("cpu"):
+        out = ops.knn_blend(q, pts, e, w1, b1, zero, b2, K=4, backend=backend).feature
+        torch.testing.assert_close(out, b2.expand_as(out), rtol=1e-6, atol=1e-6)
+
+
+def test_reference_gradcheck_float64():
+    """All inputs, queries and points included, both normalizations."""
+    pts = make_points(2, 10, seed=13, dtype=torch.float64).requires_grad_()
+    q = make_queries(2, 5, seed=14, dtype=torch.float64).requires_grad_()
+    params = [p.requires_grad_() for p in make_pef_params(10, Cf=3, H=6, C=4, dtype=torch.float64)]
+    for normalize in ["neighbors", "queries"]:
+        def f(q, pts, *params):
+            return ops.knn_blend(q, pts, *params, K=3, normalize=normalize, backend="torch").feature
+        assert torch.autograd.gradcheck(f, (q, pts, *params))
+
+
+@pytest.mark.parametrize("normalize", ["neighbors", "queries"])
+def test_cpu_kernel_backward_finite_differences(normalize):
+    """Directional derivatives of the CPU kernel's own forward vs its backward (float32)."""
+    if "cpu" not in ops.available_backends("cpu"):
+        pytest.skip("extension not built")
+    pts = make_points(1, 20, seed=15)
+    q = make_queries(1, 12, seed=16)
+    e, w1, b1, w2, b2 = make_pef_params(20, Cf=4, H=16, C=8, seed=17)
+    # Pre-activations are ~N(0, 1); biases of +-6 put every hidden unit firmly on one side of
+    # its ReLU kink (half always active, half never), so central differences see a smooth
+    # function and both sides of the mask are exercised.
+    b1 = torch.where(torch.arange(16) % 2 == 0, 6.0, -6.0)
+    params = [e, w1, b1, w2, b2]
+    g = torch.Generator().manual_seed(18)
+    grad_out = torch.randn(1, 12, 8, generator=g)
+
+    def loss(ps):
+        feature = ops.knn_blend(q, pts, *ps, K=5, normalize=normalize, backend="cpu").feature
+        return (feature.double() * grad_out.double()).sum()  # accumulate in float64: less rounding noise
+
+    ps = [p.clone().requires_grad_() for p in params]
+    grads = torch.autograd.grad(loss(ps), ps)
+    h = 1e-2  # float32 rounding noise ~1e-7 * |loss| / h ~ 1e-4 relative
+    for k, (p, grad) in enumerate(zip(params, grads)):
+        direction = torch.randn(p.shape, generator=g)
+        plus = [x + h * direction if j == k else x for j, x in enumerate(params)]
+        minus = [x - h * direction if j == k else x for j, x in enumerate(params)]
+        with torch.no_grad():
+            numeric = (loss(plus) - loss(minus)) / (2 * h)
+        analytic = (grad * direction).sum()
+        assert abs(numeric - analytic) <= 1e-3 * max(1.0, abs(analytic)), (k, numeric.item(), analytic.item())
+    assert float(grads[2][1::2].abs().max()) == 0.0  # units that never fire get no gradient
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_fused_backends_refuse_query_and_point_gradients(device, backend):
+    pts = make_points(1, 10, device=device)
+    q = make_queries(1, 4, device=device).requires_grad_()
+    with pytest.raises(NotImplementedError, match="queries or points"):
+        ops.knn_blend(q, pts, *make_pef_params(10, device=device), K=3, backend=backend)
+    with torch.no_grad():  # fine without autograd
+        ops.knn_blend(q, pts, *make_pef_params(10, device=device), K=3, backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_empty_queries(device, backend):
+    pts = make_points(2, 10, device=device)
+    params = [p.requires_grad_() for p in make_pef_params(10, device=device)]
+    out = ops.knn_blend(torch.zeros(2, 0, 3, device=device), pts, *params, K=3, backend=backend)
+    assert out.feature.shape == (2, 0, 32) and out.idx.shape == (2, 0, 3)
+    out.feature.sum().backward()
+    assert params[0].grad is not None and float(params[0].grad.abs().sum()) == 0.0
+
+
+def test_half_and_bf16_inputs_compute_in_float32():
+    pts, q = make_points(1, 40, seed=19), make_queries(1, 16, seed=20)
+    params = make_pef_params(40, seed=21)
+    for dtype in (torch.float16, torch.bfloat16):
+        lo = [t.to(dtype) for t in (q, pts, *params)]
+        out = ops.knn_blend(*lo, K=6)
+        ref, _, _ = knn_blend_reference(*[t.float() for t in lo], K=6)
+        assert out.feature.dtype == torch.float32
+        torch.testing.assert_close(out.feature, ref, **FWD)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_opcheck(device, backend):
+    fwd = torch.ops.gpavatar.knn_blend_forward if backend in ("cpu", "cuda") else torch.ops.gpavatar.knn_blend_forward_triton
+    bwd = torch.ops.gpavatar.knn_blend_backward if backend in ("cpu", "cuda") else torch.ops.gpavatar.knn_blend_backward_triton
+    B, M, P, K, Cf, H, C = 2, 12, 15, 4, 5, 16, 8
+    pts = make_points(B, P, device=device)
+    q = make_queries(B, M, device=device)
+    dist2, idx = ops.knn(q, pts, K, backend=backend)
+    e, w1, b1, w2, b2 = make_pef_params(P, Cf, H, C, device=device)
+    table = (e @ w1[:, :Cf].T + b1).requires_grad_()
+    w1_dir = w1[:, Cf:].contiguous().requires_grad_()
+    w2, b2 = w2.requires_grad_(), b2.requires_grad_()
+    for weight_sum in (None, ops.knn_blend_weight_sum(dist2)):
+        torch.library.opcheck(fwd, (q, pts, dist2, idx, table, w1_dir, w2, b2, weight_sum, 1e-8))
+        grad_out = torch.randn(B, M, C, device=device)
+        torch.library.opcheck(bwd, (grad_out, q, pts, dist2, idx, table.detach(), w1_dir.detach(), w2.detach(),
+                                    weight_sum, 1e-8))
+
+
+def test_torch_compile_traces_the_ops():
+    backend = "cpu" if "cpu" in ops.available_backends("cpu") else "torch"
+    pts, q = make_points(1, 30), make_queries(1, 20)
+    params = [p.requires_grad_() for p in make_pef_params(30)]
+
+    def f(q, pts, *params):
+        return ops.knn_blend(q, pts, *params, K=4, normalize="queries", backend=backend, validate=False).feature
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    out = compiled(q, pts, *params)
+    torch.testing.assert_close(out, f(q, pts, *params))
+    out.sum().backward()
+    assert all(p.grad is not None for p in params)
+
+
+def _params(P=10, **kw):
+    return make_pef_params(P, Cf=4, H=8, C=3, **kw)
+
+
+def _bad(**changes):
+    pts, q = make_points(1, 10), make_queries(1, 5)
+    e, w1, b1, w2, b2 = _params()
+    args = dict(queries=q, points=pts, point_features=e, w1=w1, b1=b1, w2=w2, b2=b2, K=3)
+    args.update(changes)
+    return args
+
+
+BAD = [
+    (_bad(point_features=torch.zeros(9, 4)), ValueError, ["point_features", "(10, Cf)"]),
+    (_bad(point_features=torch.zeros(2, 10, 4)), ValueError, ["point_features"]),
+    (_bad(w1=torch.zeros(8, 30)), ValueError, ["w1", "(H, 31)"]),
+    (_bad(b1=torch.zeros(7)), ValueError, ["b1", "(8,)"]),
+    (_bad(w2=torch.zeros(3, 9)), ValueError, ["w2", "(C, 8)"]),
+    (_bad(b2=torch.zeros(4)), ValueError, ["b2", "(3,)"]),
+    (_bad(w2=torch.zeros(3, 8, dtype=torch.int64)), TypeError, ["w2", "dtype"]),
+    (_bad(K=11), ValueError, ["K", "P = 10"]),
+    (_bad(K=0), ValueError, ["K"]),
+    (_bad(queries=torch.zeros(2, 5, 3)), ValueError, ["batch"]),
+    (_bad(queries=torch.zeros(5, 3)), ValueError, ["queries", "(B, M, 3)"]),
+    (_bad(points=torch.full((1, 10, 3), float("nan"))), ValueError, ["points", "finite"]),
+    (_bad(queries=torch.full((1, 5, 3), 1e7)), ValueError, ["queries", "1e+06"]),
+    (_bad(normalize="global"), ValueError, ["normalize"]),
+    (_bad(eps=0.0), ValueError, ["eps"]),
+    (_bad(eps=float("nan")), ValueError, ["eps"]),
+    (_bad(normalize="queries", weight_sum=torch.ones(1, 4)), ValueError, ["weight_sum", "(1, 3)"]),
+    (_bad(normalize="queries", weight_sum=torch.zeros(1, 3)), ValueError, ["weight_sum", "> 0"]),
+    (_bad(weight_sum=torch.ones(1, 3)), ValueError, ["weight_sum", "queries"]),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch"] + [b for b in ops.available_backends("cpu") if b != "torch"])
+@pytest.mark.parametrize("args,exc,words", BAD)
+def test_bad_inputs(backend, args, exc, words):
+    with pytest.raises(exc) as info:
+        ops.knn_blend(**args, backend=backend)
+    for word in words:
+        assert word in str(info.value), str(info.value)
+
+
+def test_bad_device_mix():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU to mix devices")
+    args = _bad()
+    args["w2"] = args["w2"].cuda()
+    with pytest.raises(ValueError, match="w2 must be on the same device"):
+        ops.knn_blend(**args)
+
+
+def test_low_level_op_checks_its_inputs():
+    """The C++ op validates too (ValueError / TypeError, never a crash)."""
+    if "cpu" not in ops.available_backends("cpu"):
+        pytest.skip("extension not built")
+    pts, q = make_points(1, 10), make_queries(1, 5)
+    dist2, idx = ops.knn(q, pts, 3)
+    e, w1, b1, w2, b2 = _params()
+    table = e @ w1[:, :4].T + b1
+    w1_dir = w1[:, 4:]
+    op = torch.ops.gpavatar.knn_blend_forward
+    with pytest.raises(ValueError, match="idx must hold indices"):
+        op(q, pts, dist2, idx + 100, table, w1_dir, w2, b2, None, 1e-8)
+    with pytest.raises(ValueError, match="w1_dir must have shape"):
+        op(q, pts, dist2, idx, table, w1_dir[:, :5], w2, b2, None, 1e-8)
+    with pytest.raises(TypeError, match="idx must be int64"):
+        op(q, pts, dist2, idx.int(), table, w1_dir, w2, b2, None, 1e-8)
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        op(q, pts, dist2, idx, table, w1_dir, w2, b2, None, 0.0)
+    with pytest.raises(ValueError, match="K must be <= the number of points"):
+        torch.ops.gpavatar.knn(q, pts, 11)
+    with pytest.raises(ValueError, match="K must be in"):
+        torch.ops.gpavatar.knn(q, pts, 0)
