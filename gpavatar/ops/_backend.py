@@ -16,7 +16,6 @@ A backend is chosen per call from the ``backend=`` argument, else the
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -27,9 +26,11 @@ from gpavatar import _extension
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 
 
-@functools.lru_cache(maxsize=None)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _HAS_TRITON
 
 
 def triton_interpreted() -> bool:
