@@ -26,7 +26,7 @@ setup: $(VENV)/.built
 build: setup
 
 demo: setup
-	$(PY) benchmarks/bench_knn_blend.py
+	$(PY) benchmarks/bench_knn_blend.py --json bench-out/bench_knn_blend.json --markdown bench-out/bench_knn_blend.md
 
 # pytest exit 5 (nothing collected) is reported as a failure, not a pass.
 test: setup

@@ -50,6 +50,8 @@ def summarize_step(outdir: str, step: dict) -> str:
     rc = step["rc"]
     if rc == "skipped":
         return step["log"]  # the reason
+    if rc in ("124", "137"):
+        return f"killed after {step['seconds']} s (timeout)"
     text = _tail(os.path.join(outdir, step["log"]))
     if step["step"].startswith("tests"):
         for line in reversed(text.splitlines()):

@@ -23,14 +23,22 @@ def _squared_distance(diff: torch.Tensor) -> torch.Tensor:
     return (dx * dx + dy * dy) + dz * dz
 
 
+def _distance_matrix(queries: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """(B, M, 3), (B, P, 3) -> (B, M, P), evaluated like _squared_distance."""
+    dx, dy, dz = (queries[..., c, None] - points[:, None, :, c] for c in range(3))
+    return (dx * dx + dy * dy) + dz * dz
+
+
 def _smallest_k(d: torch.Tensor, K: int) -> torch.Tensor:
     """Indices of the K smallest entries of each row, by (value, index)."""
-    if d.dtype == torch.float32:
-        # Non-negative float32 values order like their bit patterns, so one
-        # int64 key (bits << 32 | index) gives the exact lexicographic order.
-        index = torch.arange(d.shape[-1], device=d.device, dtype=torch.int64)
-        key = (d.view(torch.int32).to(torch.int64) << 32) | index
-        return key.topk(K, dim=-1, largest=False, sorted=True).values & 0xFFFFFFFF
+    P = d.shape[-1]
+    if d.dtype == torch.float32 and P <= 1 << 17:
+        # An order-preserving float64 key: d (1 + i 2^-45) + i 2^-200.  Distinct float32
+        # values differ by a factor >= 1 + 2^-24 > 1 + P 2^-45, so they keep their order;
+        # equal values (zero included, via the additive term) order by index i.
+        i = torch.arange(P, dtype=torch.float64, device=d.device)
+        key = d.double().mul_(1 + i * 2.0**-45).add_(i * 2.0**-200)
+        return key.topk(K, dim=-1, largest=False, sorted=True).indices
     return torch.sort(d, dim=-1, stable=True).indices[..., :K]
 
 
@@ -50,7 +58,7 @@ def knn_reference(queries: torch.Tensor, points: torch.Tensor, K: int) -> tuple[
     chunk = max(1, _CHUNK_ELEMENTS // max(1, B * P))
     with torch.no_grad():
         parts = [
-            _smallest_k(_squared_distance(q[:, :, None, :] - points[:, None, :, :]), K)
+            _smallest_k(_distance_matrix(q, points), K)
             for q in queries.split(chunk, dim=1)
         ] if M > 0 else []
         idx = torch.cat(parts, dim=1) if parts else queries.new_empty((B, 0, K), dtype=torch.int64)
