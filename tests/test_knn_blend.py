@@ -285,12 +285,13 @@ def test_bad_inputs(backend, args, exc, words):
         assert word in str(info.value), str(info.value)
 
 
-def test_bad_device_mix():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a GPU to mix devices")
+@pytest.mark.parametrize("name", ["points", "point_features", "w1", "b1", "w2", "b2"])
+def test_bad_device_mix(name):
+    # A second device without a GPU: "meta" tensors (no data) are enough to test the check.
+    other = "cuda" if torch.cuda.is_available() else "meta"
     args = _bad()
-    args["w2"] = args["w2"].cuda()
-    with pytest.raises(ValueError, match="w2 must be on the same device"):
+    args[name] = args[name].to(other)
+    with pytest.raises(ValueError, match=f"{name} must be on the same device as queries"):
         ops.knn_blend(**args)
 
 
@@ -316,3 +317,14 @@ def test_low_level_op_checks_its_inputs():
         torch.ops.gpavatar.knn(q, pts, 11)
     with pytest.raises(ValueError, match="K must be in"):
         torch.ops.gpavatar.knn(q, pts, 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_backward_chunk_loop(monkeypatch):
+    """The CUDA backward reduces over chunks of queries; force many small, uneven chunks."""
+    if "cuda" not in ops.available_backends("cuda"):
+        pytest.skip("extension built without CUDA")
+    monkeypatch.setenv("GPAVATAR_BLEND_CHUNK_FLOATS", "20000")  # a few dozen queries per chunk
+    for per_batch in (False, True):
+        check_against_reference("cuda", "cuda", 3, 301, 50, 8, per_batch=per_batch, normalize="queries")

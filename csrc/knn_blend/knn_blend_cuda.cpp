@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+
 #include "knn_blend/knn_blend.h"
 #include "ops.h"
 
@@ -16,6 +18,14 @@ namespace {
 constexpr int64_t kMaxHidden = 128;
 constexpr int64_t kMaxOut = 64;
 constexpr int64_t kChunkFloats = int64_t(1) << 26;  // 256 MiB of per-neighbour buffers
+
+// Floats of backward buffers per chunk; GPAVATAR_BLEND_CHUNK_FLOATS overrides it
+// (tests use a tiny value to exercise the chunk loop).
+int64_t chunk_floats() {
+  const char* env = std::getenv("GPAVATAR_BLEND_CHUNK_FLOATS");
+  const int64_t value = env != nullptr ? std::atoll(env) : 0;
+  return value > 0 ? value : kChunkFloats;
+}
 
 struct Prepared {
   at::Tensor queries, points, dist2, idx, table, w1_dir_t, w2, b2, weight_sum;
@@ -106,27 +116,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     return {grad_table, grad_w1t.t().contiguous(), grad_w2, grad_b2};
 
   const int64_t per_query = a.B * (a.K * (a.H + kEmbedDim) + a.H + 1);
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(a.M, kChunkFloats / per_query));
-  at::Tensor hidden = at::empty({a.B, chunk, a.H}, opts);
-  at::Tensor total = at::empty({a.B, chunk}, opts);
-  at::Tensor delta = at::empty({a.B, chunk, a.K, a.H}, opts);
-  at::Tensor gamma = at::empty({a.B, chunk, a.K, kEmbedDim}, opts);
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(a.M, chunk_floats() / per_query));
+  // Flat buffers: the kernel packs a chunk of n queries as (B, n, ...), so each
+  // chunk views the first B * n rows.
+  at::Tensor hidden = at::empty({a.B * chunk * a.H}, opts);
+  at::Tensor total = at::empty({a.B * chunk}, opts);
+  at::Tensor delta = at::empty({a.B * chunk * a.K * a.H}, opts);
+  at::Tensor gamma = at::empty({a.B * chunk * a.K * kEmbedDim}, opts);
   const at::Tensor batch_offset =
       a.per_batch_table ? at::arange(a.B, p.idx.options()).mul_(a.P).view({a.B, 1, 1})
                         : at::Tensor();
   auto stream = at::cuda::getCurrentCUDAStream().stream();
   for (int64_t m0 = 0; m0 < a.M; m0 += chunk) {
-    const int64_t m1 = std::min(a.M, m0 + chunk), n = m1 - m0;
+    const int64_t m1 = std::min(a.M, m0 + chunk), n = m1 - m0, rows_in_chunk = a.B * n;
     check_launch(launch_knn_blend_backward_cuda(
                      a, go.data_ptr<float>(), m0, m1, hidden.data_ptr<float>(),
                      total.data_ptr<float>(), delta.data_ptr<float>(), gamma.data_ptr<float>(),
                      stream),
                  "knn_blend backward");
-    const at::Tensor h = hidden.narrow(1, 0, n).reshape({-1, a.H});
-    const at::Tensor t = total.narrow(1, 0, n).reshape({-1});
-    const at::Tensor d = delta.narrow(1, 0, n).reshape({-1, a.H});
-    const at::Tensor ge = gamma.narrow(1, 0, n).reshape({-1, kEmbedDim});
-    const at::Tensor g = go.narrow(1, m0, n).reshape({-1, a.C});
+    const at::Tensor h = hidden.narrow(0, 0, rows_in_chunk * a.H).view({rows_in_chunk, a.H});
+    const at::Tensor t = total.narrow(0, 0, rows_in_chunk);
+    const at::Tensor d =
+        delta.narrow(0, 0, rows_in_chunk * a.K * a.H).view({rows_in_chunk * a.K, a.H});
+    const at::Tensor ge = gamma.narrow(0, 0, rows_in_chunk * a.K * kEmbedDim)
+                              .view({rows_in_chunk * a.K, kEmbedDim});
+    const at::Tensor g = go.narrow(1, m0, n).reshape({rows_in_chunk, a.C});
     at::Tensor rows = p.idx.narrow(1, m0, n);
     if (a.per_batch_table) rows = rows + batch_offset;
     // Out-of-range indices contributed zero rows; clamp them so index_add_ stays in bounds.
