@@ -7,6 +7,8 @@
 #include <optional>
 #include <tuple>
 
+#include "knn_blend/knn_blend.h"
+
 namespace gpavatar {
 
 // Tensor checks with messages that name the argument and the expected shape.
@@ -21,6 +23,17 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries, const at::
 }  // namespace knn
 
 namespace knn_blend {
+// Contiguous copies of one call's inputs (w1_dir transposed to (27, H)) and the
+// raw BlendArgs view of them; `b2` may be undefined (the backward needs none).
+struct Prepared {
+  at::Tensor queries, points, dist2, idx, table, w1_dir_t, w2, b2, weight_sum;
+  BlendArgs args;
+};
+Prepared prepare(const at::Tensor& queries, const at::Tensor& points, const at::Tensor& dist2,
+                 const at::Tensor& idx, const at::Tensor& table, const at::Tensor& w1_dir,
+                 const at::Tensor& w2, const at::Tensor& b2,
+                 const std::optional<at::Tensor>& weight_sum, double eps);
+void check_grad_out(const at::Tensor& grad_out, const Prepared& p);
 void check_inputs(const at::Tensor& queries, const at::Tensor& points, const at::Tensor& dist2,
                   const at::Tensor& idx, const at::Tensor& table, const at::Tensor& w1_dir,
                   const at::Tensor& w2, const at::Tensor& b2,

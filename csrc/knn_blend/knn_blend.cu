@@ -15,44 +15,22 @@ constexpr int kThreads = 128;
 constexpr int kMaxHidden = 128;
 constexpr int kMaxOut = 64;
 
-// Loads w1_dir_t (27, H), w2 (C, H) and b2 (C) into shared memory.
-__device__ void load_weights(const BlendArgs& a, int H, int C, float* s_w1t, float* s_w2,
-                             float* s_b2) {
-  for (int t = threadIdx.x; t < kEmbedDim * H; t += blockDim.x) s_w1t[t] = a.w1_dir_t[t];
-  for (int t = threadIdx.x; t < C * H; t += blockDim.x) s_w2[t] = a.w2[t];
-  for (int t = threadIdx.x; t < C; t += blockDim.x) s_b2[t] = a.b2[t];
+// The weights every thread of a block reads, staged in shared memory.
+struct SharedWeights {
+  const float* w1_dir_t;  // (27, H)
+  const float* w2;        // (C, H)
+  const float* b2;        // (C)
+};
+
+__device__ SharedWeights stage_weights(const BlendArgs& a, int H, int C, float* smem) {
+  float* w1t = smem;
+  float* w2 = w1t + kEmbedDim * H;
+  float* b2 = w2 + C * H;
+  for (int t = threadIdx.x; t < kEmbedDim * H; t += blockDim.x) w1t[t] = a.w1_dir_t[t];
+  for (int t = threadIdx.x; t < C * H; t += blockDim.x) w2[t] = a.w2[t];
+  for (int t = threadIdx.x; t < C; t += blockDim.x) b2[t] = a.b2[t];
   __syncthreads();
-}
-
-// Weights w_k of query (b, m); returns sum_k w_k.
-__device__ float neighbor_weights(const BlendArgs& a, int64_t b, int64_t qi, float* w) {
-  const float* d = a.dist2 + qi * a.K;
-  float total = 0.0f;
-  if (a.weight_sum != nullptr) {
-    for (int k = 0; k < a.K; ++k) {
-      w[k] = inverse_distance(d[k], a.eps) / a.weight_sum[b * a.K + k];
-      total += w[k];
-    }
-  } else {
-    float sum = 0.0f;
-    for (int k = 0; k < a.K; ++k) sum += (w[k] = inverse_distance(d[k], a.eps));
-    for (int k = 0; k < a.K; ++k) total += (w[k] /= sum);
-  }
-  return total;
-}
-
-// Embedding of neighbour k of query qi; returns its table row, or nullptr when
-// the index is out of range (then the neighbour contributes nothing).
-__device__ const float* neighbor_embedding(const BlendArgs& a, int64_t b, int64_t qi, int k,
-                                           float* gamma) {
-  const int64_t i = a.idx[qi * a.K + k];
-  if (i < 0 || i >= a.P) return nullptr;
-  const float* q = a.queries + qi * 3;
-  const float* p = a.points + (b * a.P + i) * 3;
-  float r[3];
-  direction(q[0], q[1], q[2], p[0], p[1], p[2], r);
-  harmonic_embedding(r, gamma);
-  return a.table + table_row(b, i, a.P, a.per_batch_table) * a.H;
+  return {w1t, w2, b2};
 }
 
 template <int HT, int CT>
@@ -61,10 +39,7 @@ __global__ void forward_kernel(BlendArgs a, float* __restrict__ out) {
   const int H = HT > 0 ? HT : a.H;
   const int C = CT > 0 ? CT : a.C;
   extern __shared__ float smem[];
-  float* s_w1t = smem;
-  float* s_w2 = s_w1t + kEmbedDim * H;
-  float* s_b2 = s_w2 + C * H;
-  load_weights(a, H, C, s_w1t, s_w2, s_b2);
+  const SharedWeights s = stage_weights(a, H, C, smem);
 
   const int64_t b = blockIdx.y;
   const int64_t m = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -73,17 +48,17 @@ __global__ void forward_kernel(BlendArgs a, float* __restrict__ out) {
   float w[kMaxK];
   float gamma[kEmbedDim];
   float g[HCap];
-  const float total = neighbor_weights(a, b, qi, w);
+  const float total = neighbor_weights(a, qi, w);
   for (int j = 0; j < HCap; ++j) g[j] = 0.0f;
   for (int k = 0; k < a.K; ++k) {
-    const float* row = neighbor_embedding(a, b, qi, k, gamma);
+    const float* row = neighbor_embedding(a, qi, k, gamma);
     if (row == nullptr) continue;
 #pragma unroll(HT > 0 ? HCap : 1)
     for (int j = 0; j < HCap; ++j) {
-      if (j < H) g[j] += w[k] * max_f(hidden_unit(row, s_w1t, gamma, H, j), 0.0f);
+      if (j < H) g[j] += w[k] * max_f(hidden_unit(row, s.w1_dir_t, gamma, H, j), 0.0f);
     }
   }
-  project_output(s_w2, s_b2, g, total, H, C, out + qi * C);
+  project_output(s.w2, s.b2, g, total, H, C, out + qi * C);
 }
 
 template <int HT, int CT>
@@ -95,10 +70,7 @@ __global__ void backward_kernel(BlendArgs a, const float* __restrict__ grad_out,
   const int H = HT > 0 ? HT : a.H;
   const int C = CT > 0 ? CT : a.C;
   extern __shared__ float smem[];
-  float* s_w1t = smem;
-  float* s_w2 = s_w1t + kEmbedDim * H;
-  float* s_b2 = s_w2 + C * H;
-  load_weights(a, H, C, s_w1t, s_w2, s_b2);
+  const SharedWeights s = stage_weights(a, H, C, smem);
 
   const int64_t b = blockIdx.y;
   const int64_t local = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -109,11 +81,11 @@ __global__ void backward_kernel(BlendArgs a, const float* __restrict__ grad_out,
   float gamma[kEmbedDim];
   float v[HCap];
   float g[HCap];
-  weight_total[ci] = neighbor_weights(a, b, qi, w);
-  hidden_gradient(s_w2, grad_out + qi * C, H, C, v);
+  weight_total[ci] = neighbor_weights(a, qi, w);
+  hidden_gradient(s.w2, grad_out + qi * C, H, C, v);
   for (int j = 0; j < HCap; ++j) g[j] = 0.0f;
   for (int k = 0; k < a.K; ++k) {
-    const float* row = neighbor_embedding(a, b, qi, k, gamma);
+    const float* row = neighbor_embedding(a, qi, k, gamma);
     float* d = delta + (ci * a.K + k) * H;
     float* ge = gamma_out + (ci * a.K + k) * kEmbedDim;
     if (row == nullptr) {
@@ -125,7 +97,7 @@ __global__ void backward_kernel(BlendArgs a, const float* __restrict__ grad_out,
 #pragma unroll(HT > 0 ? HCap : 1)
     for (int j = 0; j < HCap; ++j) {
       if (j < H) {
-        const float h = hidden_unit(row, s_w1t, gamma, H, j);
+        const float h = hidden_unit(row, s.w1_dir_t, gamma, H, j);
         g[j] += w[k] * max_f(h, 0.0f);
         d[j] = h > 0.0f ? w[k] * v[j] : 0.0f;
       }

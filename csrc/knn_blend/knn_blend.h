@@ -128,7 +128,7 @@ GPA_HD int64_t table_row(int64_t b, int64_t i, int64_t P, bool per_batch) {
   return per_batch ? b * P + i : i;
 }
 
-#if defined(WITH_CUDA)
+// Raw views of one call's inputs (all contiguous float32 / int64).
 struct BlendArgs {
   const float* queries;     // (B, M, 3)
   const float* points;      // (B, P, 3)
@@ -145,6 +145,39 @@ struct BlendArgs {
   float eps;
 };
 
+// Blend weights w[0..K) of query qi = b * M + m; returns sum_k w_k.
+GPA_HD float neighbor_weights(const BlendArgs& a, int64_t qi, float* w) {
+  const int64_t b = qi / a.M;
+  const float* d = a.dist2 + qi * a.K;
+  float total = 0.0f;
+  if (a.weight_sum != nullptr) {
+    for (int k = 0; k < a.K; ++k) {
+      w[k] = inverse_distance(d[k], a.eps) / a.weight_sum[b * a.K + k];
+      total += w[k];
+    }
+  } else {
+    float sum = 0.0f;
+    for (int k = 0; k < a.K; ++k) sum += (w[k] = inverse_distance(d[k], a.eps));
+    for (int k = 0; k < a.K; ++k) total += (w[k] /= sum);
+  }
+  return total;
+}
+
+// gamma of neighbour k of query qi; returns its table row, or nullptr when the
+// index is out of range (then the neighbour contributes nothing; never read).
+GPA_HD const float* neighbor_embedding(const BlendArgs& a, int64_t qi, int k, float* gamma) {
+  const int64_t b = qi / a.M;
+  const int64_t i = a.idx[qi * a.K + k];
+  if (i < 0 || i >= a.P) return nullptr;
+  const float* q = a.queries + qi * 3;
+  const float* p = a.points + (b * a.P + i) * 3;
+  float r[3];
+  direction(q[0], q[1], q[2], p[0], p[1], p[2], r);
+  harmonic_embedding(r, gamma);
+  return a.table + table_row(b, i, a.P, a.per_batch_table) * a.H;
+}
+
+#if defined(WITH_CUDA)
 // out: (B, M, C).  Returns a CUDA error code (0 on success).
 int launch_knn_blend_forward_cuda(const BlendArgs& args, float* out, void* stream);
 

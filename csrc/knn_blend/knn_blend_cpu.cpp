@@ -56,78 +56,53 @@ void check_inputs(const at::Tensor& queries, const at::Tensor& points, const at:
   for (int t = 0; t < 7; ++t) check_same_device(queries, "queries", *others[t], names[t]);
 }
 
-namespace {
-
-struct CpuArgs {
-  const float* queries;
-  const float* points;
-  const float* dist2;
-  const int64_t* idx;
-  const float* table;
-  const float* w1_dir_t;  // (27, H)
-  const float* w2;
-  const float* b2;
-  const float* weight_sum;  // (B, K) or nullptr
-  int64_t B, M, P;
-  int K, H, C;
-  bool per_batch;
-  float eps;
-};
-
-CpuArgs make_args(const at::Tensor& queries, const at::Tensor& points, const at::Tensor& dist2,
-                  const at::Tensor& idx, const at::Tensor& table, const at::Tensor& w1_dir_t,
-                  const at::Tensor& w2, const at::Tensor& b2, const at::Tensor& weight_sum,
-                  double eps) {
-  CpuArgs a;
-  a.queries = queries.data_ptr<float>();
-  a.points = points.data_ptr<float>();
-  a.dist2 = dist2.data_ptr<float>();
-  a.idx = idx.data_ptr<int64_t>();
-  a.table = table.data_ptr<float>();
-  a.w1_dir_t = w1_dir_t.data_ptr<float>();
-  a.w2 = w2.data_ptr<float>();
-  a.b2 = b2.data_ptr<float>();
-  a.weight_sum = weight_sum.defined() ? weight_sum.data_ptr<float>() : nullptr;
+Prepared prepare(const at::Tensor& queries, const at::Tensor& points, const at::Tensor& dist2,
+                 const at::Tensor& idx, const at::Tensor& table, const at::Tensor& w1_dir,
+                 const at::Tensor& w2, const at::Tensor& b2,
+                 const std::optional<at::Tensor>& weight_sum, double eps) {
+  const at::Tensor b2_or_zeros = b2.defined() ? b2 : at::zeros({w2.size(0)}, w2.options());
+  check_inputs(queries, points, dist2, idx, table, w1_dir, w2, b2_or_zeros, weight_sum, eps);
+  Prepared p;
+  p.queries = queries.contiguous();
+  p.points = points.contiguous();
+  p.dist2 = dist2.contiguous();
+  p.idx = idx.contiguous();
+  p.table = table.contiguous();
+  p.w1_dir_t = w1_dir.t().contiguous();
+  p.w2 = w2.contiguous();
+  p.b2 = b2_or_zeros.contiguous();
+  if (weight_sum.has_value()) p.weight_sum = weight_sum->contiguous();
+  BlendArgs& a = p.args;
+  a.queries = p.queries.data_ptr<float>();
+  a.points = p.points.data_ptr<float>();
+  a.dist2 = p.dist2.data_ptr<float>();
+  a.idx = p.idx.data_ptr<int64_t>();
+  a.table = p.table.data_ptr<float>();
+  a.w1_dir_t = p.w1_dir_t.data_ptr<float>();
+  a.w2 = p.w2.data_ptr<float>();
+  a.b2 = p.b2.data_ptr<float>();
+  a.weight_sum = p.weight_sum.defined() ? p.weight_sum.data_ptr<float>() : nullptr;
   a.B = queries.size(0);
   a.M = queries.size(1);
   a.P = points.size(1);
   a.K = static_cast<int>(dist2.size(2));
   a.H = static_cast<int>(table.size(1));
   a.C = static_cast<int>(w2.size(0));
-  a.per_batch = table.size(0) != a.P;
+  a.per_batch_table = table.size(0) != a.P;
   a.eps = static_cast<float>(eps);
-  return a;
+  return p;
 }
 
-// Weights w_k of query qi (flattened b * M + m); returns sum_k w_k.
-float neighbor_weights(const CpuArgs& a, int64_t qi, float* w) {
-  const int64_t b = qi / a.M;
-  const float* d = a.dist2 + qi * a.K;
-  float total = 0.0f;
-  if (a.weight_sum != nullptr) {
-    for (int k = 0; k < a.K; ++k) {
-      w[k] = inverse_distance(d[k], a.eps) / a.weight_sum[b * a.K + k];
-      total += w[k];
-    }
-  } else {
-    float sum = 0.0f;
-    for (int k = 0; k < a.K; ++k) sum += (w[k] = inverse_distance(d[k], a.eps));
-    for (int k = 0; k < a.K; ++k) total += (w[k] /= sum);
-  }
-  return total;
+void check_grad_out(const at::Tensor& grad_out, const Prepared& p) {
+  check_float_tensor(grad_out, "grad_out", 3, "(B, M, C)");
+  TORCH_CHECK_VALUE(grad_out.size(0) == p.args.B && grad_out.size(1) == p.args.M &&
+                        grad_out.size(2) == p.args.C,
+                    "grad_out must have shape (", p.args.B, ", ", p.args.M, ", ", p.args.C,
+                    "), got ", grad_out.sizes());
+  check_same_device(p.queries, "queries", grad_out, "grad_out");
 }
 
-// gamma and table row of neighbour k of query qi.
-const float* neighbor_embedding(const CpuArgs& a, int64_t qi, int k, float* gamma) {
-  const int64_t b = qi / a.M;
-  const int64_t i = a.idx[qi * a.K + k];
-  const float* q = a.queries + qi * 3;
-  const float* p = a.points + (b * a.P + i) * 3;
-  float r[3];
-  direction(q[0], q[1], q[2], p[0], p[1], p[2], r);
-  harmonic_embedding(r, gamma);
-  return a.table + table_row(b, i, a.P, a.per_batch) * a.H;
-}
+namespace {
 
 void check_indices(const at::Tensor& idx, int64_t P) {
   if (idx.numel() == 0) return;
@@ -140,13 +115,9 @@ at::Tensor forward_cpu(const at::Tensor& queries, const at::Tensor& points,
                        const at::Tensor& dist2, const at::Tensor& idx, const at::Tensor& table,
                        const at::Tensor& w1_dir, const at::Tensor& w2, const at::Tensor& b2,
                        const std::optional<at::Tensor>& weight_sum, double eps) {
-  check_inputs(queries, points, dist2, idx, table, w1_dir, w2, b2, weight_sum, eps);
-  check_indices(idx, points.size(1));
-  const at::Tensor q = queries.contiguous(), p = points.contiguous(), d = dist2.contiguous(),
-                   i = idx.contiguous(), t = table.contiguous(), w1t = w1_dir.t().contiguous(),
-                   w = w2.contiguous(), b = b2.contiguous(),
-                   ws = weight_sum.has_value() ? weight_sum->contiguous() : at::Tensor();
-  const CpuArgs a = make_args(q, p, d, i, t, w1t, w, b, ws, eps);
+  const Prepared p = prepare(queries, points, dist2, idx, table, w1_dir, w2, b2, weight_sum, eps);
+  check_indices(p.idx, p.args.P);
+  const BlendArgs& a = p.args;
   at::Tensor out = at::empty({a.B, a.M, a.C}, queries.options());
   float* o = out.data_ptr<float>();
   at::parallel_for(0, a.B * a.M, 16, [&](int64_t begin, int64_t end) {
@@ -174,18 +145,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& dist2, const at::Tensor& idx, const at::Tensor& table,
     const at::Tensor& w1_dir, const at::Tensor& w2, const std::optional<at::Tensor>& weight_sum,
     double eps) {
-  const at::Tensor b2_shape = at::empty({w2.size(0)}, w2.options());
-  check_inputs(queries, points, dist2, idx, table, w1_dir, w2, b2_shape, weight_sum, eps);
-  check_float_tensor(grad_out, "grad_out", 3, "(B, M, C)");
-  TORCH_CHECK_VALUE(grad_out.size(0) == queries.size(0) && grad_out.size(1) == queries.size(1) &&
-                        grad_out.size(2) == w2.size(0),
-                    "grad_out must have shape (B, M, C), got ", grad_out.sizes());
-  check_indices(idx, points.size(1));
-  const at::Tensor q = queries.contiguous(), p = points.contiguous(), d = dist2.contiguous(),
-                   i = idx.contiguous(), t = table.contiguous(), w1t = w1_dir.t().contiguous(),
-                   w = w2.contiguous(), go = grad_out.contiguous(),
-                   ws = weight_sum.has_value() ? weight_sum->contiguous() : at::Tensor();
-  const CpuArgs a = make_args(q, p, d, i, t, w1t, w, b2_shape, ws, eps);
+  const Prepared p =
+      prepare(queries, points, dist2, idx, table, w1_dir, w2, at::Tensor(), weight_sum, eps);
+  check_grad_out(grad_out, p);
+  check_indices(p.idx, p.args.P);
+  const at::Tensor go = grad_out.contiguous();
+  const BlendArgs& a = p.args;
   const int64_t rows = table.size(0);
   const int64_t table_size = rows * a.H, w1_size = kEmbedDim * a.H, w2_size = a.C * a.H;
   const int64_t per_thread = table_size + w1_size + w2_size + a.C;

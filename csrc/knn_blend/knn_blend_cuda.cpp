@@ -27,50 +27,17 @@ int64_t chunk_floats() {
   return value > 0 ? value : kChunkFloats;
 }
 
-struct Prepared {
-  at::Tensor queries, points, dist2, idx, table, w1_dir_t, w2, b2, weight_sum;
-  BlendArgs args;
-};
-
-Prepared prepare(const at::Tensor& queries, const at::Tensor& points, const at::Tensor& dist2,
-                 const at::Tensor& idx, const at::Tensor& table, const at::Tensor& w1_dir,
-                 const at::Tensor& w2, const at::Tensor& b2,
-                 const std::optional<at::Tensor>& weight_sum, double eps) {
-  check_inputs(queries, points, dist2, idx, table, w1_dir, w2, b2, weight_sum, eps);
-  TORCH_CHECK_VALUE(table.size(1) <= kMaxHidden && w2.size(0) <= kMaxOut,
+// The shared checks and views, plus the limits of the CUDA kernels.
+Prepared prepare_cuda(const at::Tensor& queries, const at::Tensor& points, const at::Tensor& dist2,
+                      const at::Tensor& idx, const at::Tensor& table, const at::Tensor& w1_dir,
+                      const at::Tensor& w2, const at::Tensor& b2,
+                      const std::optional<at::Tensor>& weight_sum, double eps) {
+  Prepared p = prepare(queries, points, dist2, idx, table, w1_dir, w2, b2, weight_sum, eps);
+  TORCH_CHECK_VALUE(p.args.H <= kMaxHidden && p.args.C <= kMaxOut,
                     "the CUDA knn_blend supports hidden size H <= ", kMaxHidden,
-                    " and output size C <= ", kMaxOut, ", got H = ", table.size(1), ", C = ",
-                    w2.size(0), " (use backend='torch')");
-  TORCH_CHECK_VALUE(queries.size(0) <= 65535, "queries: batch size B must be <= 65535, got ",
-                    queries.size(0));
-  Prepared p;
-  p.queries = queries.contiguous();
-  p.points = points.contiguous();
-  p.dist2 = dist2.contiguous();
-  p.idx = idx.contiguous();
-  p.table = table.contiguous();
-  p.w1_dir_t = w1_dir.t().contiguous();
-  p.w2 = w2.contiguous();
-  p.b2 = b2.contiguous();
-  if (weight_sum.has_value()) p.weight_sum = weight_sum->contiguous();
-  BlendArgs& a = p.args;
-  a.queries = p.queries.data_ptr<float>();
-  a.points = p.points.data_ptr<float>();
-  a.dist2 = p.dist2.data_ptr<float>();
-  a.idx = p.idx.data_ptr<int64_t>();
-  a.table = p.table.data_ptr<float>();
-  a.w1_dir_t = p.w1_dir_t.data_ptr<float>();
-  a.w2 = p.w2.data_ptr<float>();
-  a.b2 = p.b2.data_ptr<float>();
-  a.weight_sum = p.weight_sum.defined() ? p.weight_sum.data_ptr<float>() : nullptr;
-  a.B = queries.size(0);
-  a.M = queries.size(1);
-  a.P = points.size(1);
-  a.K = static_cast<int>(dist2.size(2));
-  a.H = static_cast<int>(table.size(1));
-  a.C = static_cast<int>(w2.size(0));
-  a.per_batch_table = table.size(0) != a.P;
-  a.eps = static_cast<float>(eps);
+                    " and output size C <= ", kMaxOut, ", got H = ", p.args.H, ", C = ", p.args.C,
+                    " (use backend='triton' or 'torch')");
+  TORCH_CHECK_VALUE(p.args.B <= 65535, "queries: batch size B must be <= 65535, got ", p.args.B);
   return p;
 }
 
@@ -84,7 +51,8 @@ at::Tensor forward_cuda(const at::Tensor& queries, const at::Tensor& points,
                         const at::Tensor& w1_dir, const at::Tensor& w2, const at::Tensor& b2,
                         const std::optional<at::Tensor>& weight_sum, double eps) {
   const c10::cuda::CUDAGuard guard(queries.device());
-  Prepared p = prepare(queries, points, dist2, idx, table, w1_dir, w2, b2, weight_sum, eps);
+  const Prepared p =
+      prepare_cuda(queries, points, dist2, idx, table, w1_dir, w2, b2, weight_sum, eps);
   at::Tensor out = at::empty({p.args.B, p.args.M, p.args.C}, queries.options());
   check_launch(launch_knn_blend_forward_cuda(p.args, out.data_ptr<float>(),
                                              at::cuda::getCurrentCUDAStream().stream()),
@@ -98,13 +66,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& w1_dir, const at::Tensor& w2, const std::optional<at::Tensor>& weight_sum,
     double eps) {
   const c10::cuda::CUDAGuard guard(queries.device());
-  const at::Tensor b2_shape = at::zeros({w2.size(0)}, w2.options());
-  Prepared p = prepare(queries, points, dist2, idx, table, w1_dir, w2, b2_shape, weight_sum, eps);
-  check_float_tensor(grad_out, "grad_out", 3, "(B, M, C)");
-  TORCH_CHECK_VALUE(grad_out.size(0) == p.args.B && grad_out.size(1) == p.args.M &&
-                        grad_out.size(2) == p.args.C,
-                    "grad_out must have shape (B, M, C), got ", grad_out.sizes());
-  check_same_device(queries, "queries", grad_out, "grad_out");
+  const Prepared p =
+      prepare_cuda(queries, points, dist2, idx, table, w1_dir, w2, at::Tensor(), weight_sum, eps);
+  check_grad_out(grad_out, p);
   const BlendArgs& a = p.args;
   const at::Tensor go = grad_out.contiguous();
   auto opts = queries.options();
