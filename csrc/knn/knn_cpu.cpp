@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "knn/knn.h"
@@ -58,8 +59,13 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
       TopK<int64_t, kMaxK> best(k);
       for (int64_t start = 0; start < P; start += kBlock) {
         const int64_t n = std::min(kBlock, P - start);
-        for (int64_t t = 0; t < n; ++t)
+        float block_min = __builtin_huge_valf();
+        for (int64_t t = 0; t < n; ++t) {
           block[t] = squared_distance(qx, qy, qz, px[start + t], py[start + t], pz[start + t]);
+          block_min = std::min(block_min, block[t]);
+        }
+        // Once the list is full most blocks hold no candidate: skip their scan.
+        if (!best.accepts(block_min)) continue;
         for (int64_t t = 0; t < n; ++t) best.offer(block[t], start + t);
       }
       for (int j = 0; j < k; ++j) {
