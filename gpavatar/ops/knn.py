@@ -69,7 +69,7 @@ def knn(queries: torch.Tensor, points: torch.Tensor, K: int, *, backend: str | N
         points: (B, P, 3) float, same device
         K: 1 <= K <= P (<= 32 on fused backends)
         backend: "auto" | "cuda" | "triton" | "cpu" | "torch" (default: $GPAVATAR_BACKEND or auto)
-        validate: check shapes and values (one host sync for the finiteness check)
+        validate: check shapes and values (values need one host sync and are skipped under torch.compile)
     Returns:
         KnnResult(dist2 (B, M, K), idx (B, M, K) int64)
     """

@@ -92,7 +92,7 @@ def check_knn_blend_inputs(queries, points, point_features, w1, b1, w2, b2, K, n
         if tuple(weight_sum.shape) != (B, K):
             raise ValueError(f"weight_sum must have shape ({B}, {K}), got {tuple(weight_sum.shape)}")
         tensors["weight_sum"] = weight_sum
-        if weight_sum.numel() and not bool(((weight_sum > 0) & weight_sum.isfinite()).all()):
+        if weight_sum.numel() and v.checking_values() and not bool(((weight_sum > 0) & weight_sum.isfinite()).all()):
             raise ValueError("weight_sum must hold finite values > 0")
     v.check_same_device(tensors)
 
@@ -114,7 +114,7 @@ def knn_blend(queries: torch.Tensor, points: torch.Tensor, point_features: torch
         eps: added to squared distances before inverting (> 0; a query on a point stays finite)
         weight_sum: (B, K) precomputed "queries" normalizer (see knn_blend_weight_sum)
         backend: "auto" | "cuda" | "triton" | "cpu" | "torch"
-        validate: check shapes and values (one host sync)
+        validate: check shapes and values (values need one host sync and are skipped under torch.compile)
     Returns:
         KnnBlendResult(feature (B, M, C), dist2 (B, M, K), idx (B, M, K) int64).
         Fused backends compute in float32 and return float32.
