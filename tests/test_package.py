@@ -83,3 +83,13 @@ def test_auto_backend_on_cpu_prefers_the_extension():
 
     expected = "cpu" if _extension.available() else "torch"
     assert ops.available_backends("cpu")[0] == expected
+
+
+@pytest.mark.skipif(os.environ.get("FORCE_CUDA") != "1", reason="only when the build was asked to include CUDA")
+def test_forced_cuda_build_has_the_cuda_kernels():
+    """CI builds with FORCE_CUDA=1 on a machine without a GPU: the CUDA kernels are in the extension."""
+    from gpavatar import _extension
+
+    assert _extension.has_cuda()
+    for op in ("knn", "knn_blend_forward", "knn_blend_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"gpavatar::{op}", "CUDA"), op
