@@ -75,7 +75,8 @@ def _extensions():
     from torch.utils import cpp_extension
 
     sources = sorted(glob.glob("csrc/ext.cpp") + glob.glob("csrc/*/*_cpu.cpp"))
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]  # torch picks the C++ standard
+    # torch picks the C++ standard; -g0 drops the debug info Python's flags ask for (2-3x faster builds)
+    cxx = ["-O3", "-g0", "-fopenmp", "-ffp-contract=off"]
     define_macros = [("TORCH_EXTENSION_NAME", "_C")]
     extra_link = ["-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
