@@ -169,3 +169,46 @@ def test_knn_bad_backend_and_fused_k_limit():
     if "cpu" in ops.available_backends("cpu"):
         with pytest.raises(ValueError, match="K must be <= 32"):
             ops.knn(q, pts, 33, backend="cpu")
+
+
+def _cloud(kind, B, P, g):
+    """Point clouds that stress a spatial grid: surfaces, flat axes, clusters, offsets."""
+    if kind == "uniform":
+        return torch.rand(B, P, 3, generator=g) * 1.6 - 0.8
+    if kind == "sphere":  # FLAME-like: a surface, most cells empty
+        v = torch.randn(B, P, 3, generator=g)
+        return 0.7 * v / v.norm(dim=-1, keepdim=True)
+    if kind == "plane":  # one flat axis
+        pts = torch.rand(B, P, 3, generator=g) - 0.5
+        pts[..., 1] = 0.25
+        return pts
+    if kind == "line":  # two flat axes
+        pts = torch.zeros(B, P, 3)
+        pts[..., 2] = torch.rand(B, P, generator=g)
+        return pts
+    if kind == "clusters":  # dense duplicates in a few spots
+        centers = torch.rand(B, 4, 3, generator=g)
+        return centers[:, torch.randint(0, 4, (P,), generator=g)] + 1e-3 * torch.randint(0, 3, (B, P, 3), generator=g)
+    if kind == "identical":
+        return torch.full((B, P, 3), -0.3)
+    if kind == "offset":  # far from the origin, small extent
+        return 1e5 + torch.rand(B, P, 3, generator=g)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("device,backend", [c for c in BACKEND_CASES if c.values[1] != "triton"])
+@given(kind=st.sampled_from(["uniform", "sphere", "plane", "line", "clusters", "identical", "offset"]),
+       B=st.integers(1, 2), P=st.integers(256, 3000), K=st.integers(1, 32), seed=st.integers(0, 2**16))
+def test_knn_large_point_sets(device, backend, kind, B, P, K, seed):
+    """Large P: the CPU kernel switches to a grid search; the answer must stay bit-exact."""
+    g = torch.Generator().manual_seed(seed)
+    pts = _cloud(kind, B, P, g)
+    lo, hi = pts.amin(dim=(0, 1)), pts.amax(dim=(0, 1))
+    span = (hi - lo).clamp_min(1.0)
+    q = lo + (torch.rand(B, 400, 3, generator=g) * 1.4 - 0.2) * span  # around and inside the cloud
+    q[:, :10] = pts[:, torch.randint(0, P, (10,), generator=g)]  # on points
+    q[:, 10:15] = lo + 50.0 * span * torch.randn(B, 5, 3, generator=g)  # far away
+    q[:, 15:20] = (lo + hi) / 2  # the centre (may be empty space)
+    dist, idx = ops.knn(q.to(device), pts.to(device), K, backend=backend)
+    ref_dist, ref_idx = knn_reference(q, pts, K)
+    assert torch.equal(idx.cpu(), ref_idx) and torch.equal(dist.cpu(), ref_dist)

@@ -55,6 +55,21 @@ struct TopK {
   GPA_HD void offer(float d, Index i) {
     if (accepts(d)) push(d, i);
   }
+
+  // Candidates in any index order (a spatial search): (d, i) pairs compare
+  // lexicographically, which gives the same list as the ordered scan.
+  GPA_HD void offer_unordered(float d, Index i) {
+    if (!(count < k || d < worst || (d == worst && i < idx[k - 1]))) return;
+    int j = count < k ? count++ : k - 1;
+    while (j > 0 && (dist[j - 1] > d || (dist[j - 1] == d && idx[j - 1] > i))) {
+      dist[j] = dist[j - 1];
+      idx[j] = idx[j - 1];
+      --j;
+    }
+    dist[j] = d;
+    idx[j] = i;
+    if (count == k) worst = dist[k - 1];
+  }
 };
 
 #if defined(WITH_CUDA)
