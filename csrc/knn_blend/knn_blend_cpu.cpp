@@ -111,6 +111,74 @@ void check_indices(const at::Tensor& idx, int64_t P) {
                     "idx must hold indices in [0, P = ", P, ")");
 }
 
+// The per-query loops, compiled twice (AVX2 and baseline x86-64, chosen at load
+// time) so the H-wide loops of knn_blend.h vectorize 8 floats at a time where
+// the CPU allows.  -ffp-contract=off keeps mul and add separate in both.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define GPA_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define GPA_CPU_CLONES
+#endif
+
+// out[qi] for queries [begin, end).
+GPA_CPU_CLONES void forward_range(const BlendArgs& a, int64_t begin, int64_t end, float* o) {
+  std::vector<float> scratch(2 * a.H + kMaxK + kEmbedDim);
+  float* h = scratch.data();
+  float* g = h + a.H;
+  float* w_k = g + a.H;
+  float* gamma = w_k + kMaxK;
+  for (int64_t qi = begin; qi < end; ++qi) {
+    const float total = neighbor_weights(a, qi, w_k);
+    for (int j = 0; j < a.H; ++j) g[j] = 0.0f;
+    for (int k = 0; k < a.K; ++k) {
+      const float* row = neighbor_embedding(a, qi, k, gamma);
+      hidden_preactivation(row, a.w1_dir_t, gamma, a.H, h);
+      accumulate_relu(h, w_k[k], a.H, g);
+    }
+    project_output(a.w2, a.b2, g, total, a.H, a.C, o + qi * a.C);
+  }
+}
+
+// Adds the gradients of queries [begin, end) into one thread's buffer:
+// (table rows, H) | (27, H) | (C, H) | (C).
+GPA_CPU_CLONES void backward_range(const BlendArgs& a, const float* grad_out, int64_t begin,
+                                   int64_t end, int64_t table_size, float* buf) {
+  float* g_table = buf;
+  float* g_w1t = g_table + table_size;
+  float* g_w2 = g_w1t + kEmbedDim * a.H;
+  float* g_b2 = g_w2 + a.C * a.H;
+  std::vector<float> scratch(4 * a.H + kMaxK + kEmbedDim);
+  float* h = scratch.data();
+  float* g = h + a.H;
+  float* v = g + a.H;
+  float* delta = v + a.H;
+  float* w_k = delta + a.H;
+  float* gamma = w_k + kMaxK;
+  for (int64_t qi = begin; qi < end; ++qi) {
+    const float* gout = grad_out + qi * a.C;
+    const float total = neighbor_weights(a, qi, w_k);
+    hidden_gradient(a.w2, gout, a.H, a.C, v);
+    for (int j = 0; j < a.H; ++j) g[j] = 0.0f;
+    for (int k = 0; k < a.K; ++k) {
+      const float* row = neighbor_embedding(a, qi, k, gamma);
+      hidden_preactivation(row, a.w1_dir_t, gamma, a.H, h);
+      accumulate_relu(h, w_k[k], a.H, g);
+      preactivation_gradient(h, v, w_k[k], a.H, delta);
+      float* gt = g_table + (row - a.table);
+      for (int j = 0; j < a.H; ++j) gt[j] += delta[j];
+      for (int c = 0; c < kEmbedDim; ++c) {
+        float* gw = g_w1t + c * a.H;
+        for (int j = 0; j < a.H; ++j) gw[j] += delta[j] * gamma[c];
+      }
+    }
+    for (int o = 0; o < a.C; ++o) {
+      float* gw = g_w2 + o * a.H;
+      for (int j = 0; j < a.H; ++j) gw[j] += gout[o] * g[j];
+      g_b2[o] += gout[o] * total;
+    }
+  }
+}
+
 at::Tensor forward_cpu(const at::Tensor& queries, const at::Tensor& points,
                        const at::Tensor& dist2, const at::Tensor& idx, const at::Tensor& table,
                        const at::Tensor& w1_dir, const at::Tensor& w2, const at::Tensor& b2,
@@ -120,23 +188,8 @@ at::Tensor forward_cpu(const at::Tensor& queries, const at::Tensor& points,
   const BlendArgs& a = p.args;
   at::Tensor out = at::empty({a.B, a.M, a.C}, queries.options());
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, a.B * a.M, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(2 * a.H + kMaxK + kEmbedDim);
-    float* h = scratch.data();
-    float* g = h + a.H;
-    float* w_k = g + a.H;
-    float* gamma = w_k + kMaxK;
-    for (int64_t qi = begin; qi < end; ++qi) {
-      const float total = neighbor_weights(a, qi, w_k);
-      for (int j = 0; j < a.H; ++j) g[j] = 0.0f;
-      for (int k = 0; k < a.K; ++k) {
-        const float* row = neighbor_embedding(a, qi, k, gamma);
-        hidden_preactivation(row, a.w1_dir_t, gamma, a.H, h);
-        accumulate_relu(h, w_k[k], a.H, g);
-      }
-      project_output(a.w2, a.b2, g, total, a.H, a.C, o + qi * a.C);
-    }
-  });
+  at::parallel_for(0, a.B * a.M, 16,
+                   [&](int64_t begin, int64_t end) { forward_range(a, begin, end, o); });
   return out;
 }
 
@@ -161,40 +214,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
 
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     float* buf = buffers.data() + static_cast<size_t>(at::get_thread_num()) * per_thread;
-    float* g_table = buf;
-    float* g_w1t = g_table + table_size;
-    float* g_w2 = g_w1t + w1_size;
-    float* g_b2 = g_w2 + w2_size;
-    std::vector<float> scratch(4 * a.H + kMaxK + kEmbedDim);
-    float* h = scratch.data();
-    float* g = h + a.H;
-    float* v = g + a.H;
-    float* delta = v + a.H;
-    float* w_k = delta + a.H;
-    float* gamma = w_k + kMaxK;
-    for (int64_t qi = begin; qi < end; ++qi) {
-      const float* gout = go.data_ptr<float>() + qi * a.C;
-      const float total = neighbor_weights(a, qi, w_k);
-      hidden_gradient(a.w2, gout, a.H, a.C, v);
-      for (int j = 0; j < a.H; ++j) g[j] = 0.0f;
-      for (int k = 0; k < a.K; ++k) {
-        const float* row = neighbor_embedding(a, qi, k, gamma);
-        hidden_preactivation(row, a.w1_dir_t, gamma, a.H, h);
-        accumulate_relu(h, w_k[k], a.H, g);
-        preactivation_gradient(h, v, w_k[k], a.H, delta);
-        float* gt = g_table + (row - a.table);
-        for (int j = 0; j < a.H; ++j) gt[j] += delta[j];
-        for (int c = 0; c < kEmbedDim; ++c) {
-          float* gw = g_w1t + c * a.H;
-          for (int j = 0; j < a.H; ++j) gw[j] += delta[j] * gamma[c];
-        }
-      }
-      for (int o = 0; o < a.C; ++o) {
-        float* gw = g_w2 + o * a.H;
-        for (int j = 0; j < a.H; ++j) gw[j] += gout[o] * g[j];
-        g_b2[o] += gout[o] * total;
-      }
-    }
+    backward_range(a, go.data_ptr<float>(), begin, end, table_size, buf);
   });
 
   // Sum the per-thread buffers (in thread order: deterministic).
