@@ -25,9 +25,8 @@ GPA_HD float squared_distance(float qx, float qy, float qz, float px, float py, 
   return sum_of_products3(dx, dx, dy, dy, dz, dz);
 }
 
-// A sorted list of the K best (smallest) distances seen so far.  Candidates
-// must be offered in increasing index order: an equal distance never displaces
-// an entry already held, so ties keep the lower index first.
+// A list of the K best (distance, index) pairs seen so far, sorted
+// lexicographically, so ties keep the lower index first.
 template <typename Index, int Capacity>
 struct TopK {
   float dist[Capacity];
@@ -38,28 +37,12 @@ struct TopK {
 
   GPA_HD explicit TopK(int k_) : count(0), k(k_), worst(__builtin_huge_valf()) {}
 
+  // Whether a candidate at distance d can enter when candidates come in
+  // increasing index order (an equal distance never displaces a held entry).
   GPA_HD bool accepts(float d) const { return count < k || d < worst; }
 
+  // Inserts (d, i); the caller has checked that it enters.
   GPA_HD void push(float d, Index i) {
-    int j = count < k ? count++ : k - 1;
-    while (j > 0 && dist[j - 1] > d) {
-      dist[j] = dist[j - 1];
-      idx[j] = idx[j - 1];
-      --j;
-    }
-    dist[j] = d;
-    idx[j] = i;
-    if (count == k) worst = dist[k - 1];
-  }
-
-  GPA_HD void offer(float d, Index i) {
-    if (accepts(d)) push(d, i);
-  }
-
-  // Candidates in any index order (a spatial search): (d, i) pairs compare
-  // lexicographically, which gives the same list as the ordered scan.
-  GPA_HD void offer_unordered(float d, Index i) {
-    if (!(count < k || d < worst || (d == worst && i < idx[k - 1]))) return;
     int j = count < k ? count++ : k - 1;
     while (j > 0 && (dist[j - 1] > d || (dist[j - 1] == d && idx[j - 1] > i))) {
       dist[j] = dist[j - 1];
@@ -69,6 +52,16 @@ struct TopK {
     dist[j] = d;
     idx[j] = i;
     if (count == k) worst = dist[k - 1];
+  }
+
+  // Candidates in increasing index order (a linear scan).
+  GPA_HD void offer(float d, Index i) {
+    if (accepts(d)) push(d, i);
+  }
+
+  // Candidates in any index order (a spatial search).
+  GPA_HD void offer_unordered(float d, Index i) {
+    if (accepts(d) || (d == worst && i < idx[k - 1])) push(d, i);
   }
 };
 
