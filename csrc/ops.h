@@ -7,6 +7,7 @@
 #include <optional>
 #include <tuple>
 
+#include "knn/knn_grid.h"
 #include "knn_blend/knn_blend.h"
 
 namespace gpavatar {
@@ -18,6 +19,16 @@ void check_same_device(const at::Tensor& a, const char* name_a, const at::Tensor
 
 namespace knn {
 void check_inputs(const at::Tensor& queries, const at::Tensor& points, int64_t K);
+
+// The spatial grid of knn_grid.h, built with tensor ops on the points' device.
+constexpr int64_t kGridMinPoints = 256;  // below this brute force is cheaper
+constexpr double kGridPointsPerCell = 2.0;
+bool use_grid(int64_t P);  // also honours GPAVATAR_KNN_GRID=0
+struct GridTensors {
+  at::Tensor lo, cell, inv_cell, dims, cell_offset, start, x, y, z, index;
+  GridView view;
+};
+GridTensors build_grid(const at::Tensor& points);  // points: (B, P, 3) float32 contiguous
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries, const at::Tensor& points,
                                            int64_t K);
 }  // namespace knn

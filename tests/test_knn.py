@@ -212,3 +212,17 @@ def test_knn_large_point_sets(device, backend, kind, B, P, K, seed):
     dist, idx = ops.knn(q.to(device), pts.to(device), K, backend=backend)
     ref_dist, ref_idx = knn_reference(q, pts, K)
     assert torch.equal(idx.cpu(), ref_idx) and torch.equal(dist.cpu(), ref_dist)
+
+
+@pytest.mark.parametrize("device,backend", [c for c in BACKEND_CASES if c.values[1] != "triton"])
+def test_knn_grid_and_brute_force_agree(device, backend, monkeypatch):
+    """GPAVATAR_KNN_GRID=0 forces the brute-force kernel; both match the reference exactly."""
+    g = torch.Generator().manual_seed(7)
+    pts = _cloud("sphere", 2, 1500, g).to(device)
+    q = (torch.rand(2, 300, 3, generator=g) * 2 - 1).to(device)
+    ref = knn_reference(q.cpu(), pts.cpu(), 8)
+    grid = ops.knn(q, pts, 8, backend=backend)
+    monkeypatch.setenv("GPAVATAR_KNN_GRID", "0")
+    brute = ops.knn(q, pts, 8, backend=backend)
+    for out in (grid, brute):
+        assert torch.equal(out.idx.cpu(), ref[1]) and torch.equal(out.dist2.cpu(), ref[0])

@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include "knn/knn.h"
+#include "knn/knn_grid.h"
 
 namespace gpavatar {
 namespace knn {
@@ -52,7 +53,42 @@ __global__ void knn_kernel(const float* __restrict__ queries,  // [B, M, 3]
   }
 }
 
+// One thread per query: the shell search of knn_grid.h.
+template <int Capacity>
+__global__ void knn_grid_kernel(GridView grid,
+                                const float* __restrict__ queries,  // [B, M, 3]
+                                float* __restrict__ dist2,          // [B, M, K]
+                                int64_t* __restrict__ idx,          // [B, M, K]
+                                int64_t M, int K) {
+  const int64_t b = blockIdx.y;
+  const int64_t m = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (m >= M) return;
+  const int64_t qi = b * M + m;
+  TopK<int64_t, Capacity> best(K);
+  grid_search(grid, b, queries[qi * 3], queries[qi * 3 + 1], queries[qi * 3 + 2], best);
+  for (int j = 0; j < K; ++j) {
+    dist2[qi * K + j] = best.dist[j];
+    idx[qi * K + j] = best.idx[j];
+  }
+}
+
 }  // namespace
+
+int launch_knn_grid_cuda(const GridView& grid, const float* queries, float* dist2, int64_t* idx,
+                         int64_t B, int64_t M, int K, void* stream) {
+  if (B == 0 || M == 0) return 0;
+  const dim3 grid_dim(static_cast<unsigned>((M + kThreads - 1) / kThreads),
+                      static_cast<unsigned>(B));
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (K <= 8) {
+    knn_grid_kernel<8><<<grid_dim, kThreads, 0, s>>>(grid, queries, dist2, idx, M, K);
+  } else if (K <= 16) {
+    knn_grid_kernel<16><<<grid_dim, kThreads, 0, s>>>(grid, queries, dist2, idx, M, K);
+  } else {
+    knn_grid_kernel<kMaxK><<<grid_dim, kThreads, 0, s>>>(grid, queries, dist2, idx, M, K);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
 
 int launch_knn_cuda(const float* queries, const float* points, float* dist2, int64_t* idx,
                     int64_t B, int64_t M, int64_t P, int K, void* stream) {

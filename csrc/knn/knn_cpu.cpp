@@ -1,6 +1,7 @@
 // knn on the CPU, parallel over queries.  From kGridMinPoints points on, a
-// uniform grid per batch element and an exact shell-by-shell search; below,
-// brute force over a structure-of-arrays copy (the distance block vectorizes).
+// uniform grid per batch element and the exact shell search of knn_grid.h
+// (shared with the CUDA kernel); below, brute force over a structure-of-arrays
+// copy (the distance block vectorizes).
 // Both offer distances computed by knn.h to a top-K list ordered by
 // (distance, index), so the result equals the brute-force reference bit for bit.
 #include <ATen/Parallel.h>
@@ -8,13 +9,20 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <vector>
 
 #include "knn/knn.h"
+#include "knn/knn_grid.h"
 #include "ops.h"
 
 namespace gpavatar {
 namespace knn {
+
+bool use_grid(int64_t P) {
+  const char* env = std::getenv("GPAVATAR_KNN_GRID");  // "0": always brute force (debugging)
+  return P >= kGridMinPoints && !(env != nullptr && env[0] == '0');
+}
 
 void check_inputs(const at::Tensor& queries, const at::Tensor& points, int64_t K) {
   check_float_tensor(queries, "queries", 3, "(B, M, 3)");
@@ -32,131 +40,47 @@ void check_inputs(const at::Tensor& queries, const at::Tensor& points, int64_t K
                     points.size(1), ", got K = ", K);
 }
 
-namespace {
+GridTensors build_grid(const at::Tensor& points) {
+  const int64_t B = points.size(0), P = points.size(1);
+  GridTensors g;
+  g.lo = points.amin(1).contiguous();  // (B, 3)
+  const at::Tensor extent = points.amax(1).to(at::kDouble) - g.lo.to(at::kDouble);
+  // About kGridPointsPerCell points per cell, at most 256 cells per axis.
+  const double side = std::min(256.0, std::max(1.0, std::cbrt(P / kGridPointsPerCell)));
+  const at::Tensor flat = extent <= 0.0;
+  const at::Tensor dims = at::where(flat, 1.0, std::floor(side)).to(extent.options());
+  g.dims = dims.to(at::kInt).contiguous();
+  g.cell = at::where(flat, 0.0, extent / dims).to(at::kFloat).contiguous();
+  g.inv_cell = at::where(flat, 0.0, dims / extent.clamp_min(1e-300)).to(at::kFloat).contiguous();
 
-// A uniform grid over the points of one batch element: cell (x, y, z) holds
-// points sorted[start[c] .. start[c + 1]) (structure of arrays, with their
-// original indices).  About kPointsPerCell points per cell on average.
-struct Grid {
-  static constexpr double kPointsPerCell = 2.0;
-  float lo[3];
-  float cell[3];      // cell size per axis (0 for a flat axis: one cell)
-  float inv_cell[3];  // 1 / cell, or 0
-  int n[3];           // cells per axis
-  std::vector<int64_t> start;
-  std::vector<float> x, y, z;
-  std::vector<int64_t> index;
-
-  int cell_of(float v, int axis) const {
-    const float t = (v - lo[axis]) * inv_cell[axis];
-    if (!(t > 0.0f)) return 0;
-    return std::min(n[axis] - 1, static_cast<int>(t));
-  }
-
-  int64_t linear(int cx, int cy, int cz) const {
-    return (static_cast<int64_t>(cz) * n[1] + cy) * n[0] + cx;
-  }
-
-  Grid(const float* pts, int64_t P) {
-    float hi[3];
-    for (int a = 0; a < 3; ++a) lo[a] = hi[a] = pts[a];
-    for (int64_t i = 0; i < P; ++i) {
-      for (int a = 0; a < 3; ++a) {
-        lo[a] = std::min(lo[a], pts[i * 3 + a]);
-        hi[a] = std::max(hi[a], pts[i * 3 + a]);
-      }
-    }
-    const double side = std::max(1.0, std::cbrt(static_cast<double>(P) / kPointsPerCell));
-    for (int a = 0; a < 3; ++a) {
-      const double extent = static_cast<double>(hi[a]) - lo[a];
-      n[a] = extent > 0.0 ? static_cast<int>(std::min(side, 256.0)) : 1;
-      cell[a] = n[a] > 1 ? static_cast<float>(extent / n[a]) : 0.0f;
-      inv_cell[a] = n[a] > 1 ? static_cast<float>(n[a] / extent) : 0.0f;
-    }
-    const int64_t cells = static_cast<int64_t>(n[0]) * n[1] * n[2];
-    std::vector<int64_t> cell_id(P);
-    start.assign(cells + 1, 0);
-    for (int64_t i = 0; i < P; ++i) {
-      cell_id[i] = linear(cell_of(pts[i * 3], 0), cell_of(pts[i * 3 + 1], 1),
-                          cell_of(pts[i * 3 + 2], 2));
-      ++start[cell_id[i] + 1];
-    }
-    for (int64_t c = 0; c < cells; ++c) start[c + 1] += start[c];
-    x.resize(P);
-    y.resize(P);
-    z.resize(P);
-    index.resize(P);
-    std::vector<int64_t> fill(start.begin(), start.end() - 1);
-    for (int64_t i = 0; i < P; ++i) {
-      const int64_t slot = fill[cell_id[i]]++;
-      x[slot] = pts[i * 3];
-      y[slot] = pts[i * 3 + 1];
-      z[slot] = pts[i * 3 + 2];
-      index[slot] = i;
-    }
-  }
-
-  // Offers the points of one cell.
-  template <typename List>
-  void scan_cell(int64_t c, float qx, float qy, float qz, List& best) const {
-    for (int64_t s = start[c]; s < start[c + 1]; ++s)
-      best.offer_unordered(squared_distance(qx, qy, qz, x[s], y[s], z[s]), index[s]);
-  }
-
-  // Exact K nearest: scan shells of cells (Chebyshev radius r around the
-  // query's cell) until every unvisited point is provably farther than the
-  // K-th best found.
-  template <typename List>
-  void search(float qx, float qy, float qz, List& best) const {
-    const float q[3] = {qx, qy, qz};
-    int c[3];
-    for (int a = 0; a < 3; ++a) c[a] = cell_of(q[a], a);
-    for (int r = 0;; ++r) {
-      int lo_c[3], hi_c[3];
-      for (int a = 0; a < 3; ++a) {
-        lo_c[a] = std::max(0, c[a] - r);
-        hi_c[a] = std::min(n[a] - 1, c[a] + r);
-      }
-      for (int cz = lo_c[2]; cz <= hi_c[2]; ++cz) {
-        for (int cy = lo_c[1]; cy <= hi_c[1]; ++cy) {
-          const bool face = std::abs(cz - c[2]) == r || std::abs(cy - c[1]) == r;
-          if (face) {
-            for (int cx = lo_c[0]; cx <= hi_c[0]; ++cx) scan_cell(linear(cx, cy, cz), qx, qy, qz, best);
-          } else {  // interior row of the shell: only its two ends are new
-            if (c[0] - r >= 0) scan_cell(linear(c[0] - r, cy, cz), qx, qy, qz, best);
-            if (r > 0 && c[0] + r < n[0]) scan_cell(linear(c[0] + r, cy, cz), qx, qy, qz, best);
-          }
-        }
-      }
-      // Distance from q to the nearest open face of the visited box (a face on
-      // the grid's border hides no point), shrunk by a sliver of a cell: binning
-      // rounds (v - lo) * inv_cell, so a point may sit a hair across its face.
-      double gap = __builtin_huge_val();
-      bool open = false;
-      for (int a = 0; a < 3; ++a) {
-        const double sliver = 1e-3 * cell[a];
-        if (lo_c[a] > 0) {
-          open = true;
-          gap = std::min(gap, static_cast<double>(q[a]) - (lo[a] + static_cast<double>(lo_c[a]) * cell[a]) - sliver);
-        }
-        if (hi_c[a] < n[a] - 1) {
-          open = true;
-          gap = std::min(gap, (lo[a] + static_cast<double>(hi_c[a] + 1) * cell[a]) - q[a] - sliver);
-        }
-      }
-      if (!open) return;  // the whole grid is visited
-      // The float distances of those points carry a relative rounding error of a
-      // few 1e-7: compare with a 1e-5 relative margin.
-      if (best.count == best.k && gap > 0.0 && static_cast<double>(best.worst) < gap * gap * (1.0 - 1e-5))
-        return;
-    }
-  }
-};
-
-// Brute force is cheaper than building a grid for few points.
-constexpr int64_t kGridMinPoints = 256;
-
-}  // namespace
+  // Cell of every point, as grid_cell_of computes it.
+  const at::Tensor t = (points - g.lo.unsqueeze(1)) * g.inv_cell.unsqueeze(1);  // (B, P, 3)
+  const at::Tensor top = (g.dims - 1).to(at::kLong).unsqueeze(1);
+  const at::Tensor c = at::minimum(t.floor().clamp_min(0.0).to(at::kLong), top);
+  const at::Tensor n = g.dims.to(at::kLong);
+  const at::Tensor cells = n.prod(1);                 // (B)
+  g.cell_offset = (cells.cumsum(0) - cells).contiguous();  // exclusive
+  const at::Tensor key = ((c.select(2, 2) * n.select(1, 1).unsqueeze(1) + c.select(2, 1)) *
+                              n.select(1, 0).unsqueeze(1) +
+                          c.select(2, 0) + g.cell_offset.unsqueeze(1))
+                             .reshape({-1});
+  const at::Tensor order = std::get<1>(key.sort(/*stable=*/true, /*dim=*/0, /*descending=*/false));
+  const int64_t total_cells = cells.sum().item<int64_t>();
+  g.start = at::cat({at::zeros({1}, key.options()), at::bincount(key, {}, total_cells).cumsum(0)})
+                .contiguous();
+  const at::Tensor sorted = points.reshape({-1, 3}).index_select(0, order);
+  g.x = sorted.select(1, 0).contiguous();
+  g.y = sorted.select(1, 1).contiguous();
+  g.z = sorted.select(1, 2).contiguous();
+  g.index = order.remainder(P).contiguous();
+  (void)B;
+  g.view = GridView{g.lo.data_ptr<float>(),       g.cell.data_ptr<float>(),
+                    g.inv_cell.data_ptr<float>(), g.dims.data_ptr<int>(),
+                    g.cell_offset.data_ptr<int64_t>(), g.start.data_ptr<int64_t>(),
+                    g.x.data_ptr<float>(),        g.y.data_ptr<float>(),
+                    g.z.data_ptr<float>(),        g.index.data_ptr<int64_t>()};
+  return g;
+}
 
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
                                            const at::Tensor& points_in, int64_t K) {
@@ -173,19 +97,16 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
   int64_t* out_i = idx.data_ptr<int64_t>();
   const int k = static_cast<int>(K);
 
-  if (P >= kGridMinPoints) {
-    const float* pts = points.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b) {
-      const Grid grid(pts + b * P * 3, P);
-      at::parallel_for(b * M, (b + 1) * M, 64, [&](int64_t begin, int64_t end) {
-        for (int64_t qi = begin; qi < end; ++qi) {
-          TopK<int64_t, kMaxK> best(k);
-          grid.search(q[qi * 3], q[qi * 3 + 1], q[qi * 3 + 2], best);
-          std::copy(best.dist, best.dist + k, out_d + qi * k);
-          std::copy(best.idx, best.idx + k, out_i + qi * k);
-        }
-      });
-    }
+  if (use_grid(P)) {
+    const GridTensors grid = build_grid(points);
+    at::parallel_for(0, B * M, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t qi = begin; qi < end; ++qi) {
+        TopK<int64_t, kMaxK> best(k);
+        grid_search(grid.view, qi / M, q[qi * 3], q[qi * 3 + 1], q[qi * 3 + 2], best);
+        std::copy(best.dist, best.dist + k, out_d + qi * k);
+        std::copy(best.idx, best.idx + k, out_i + qi * k);
+      }
+    });
     return {dist2, idx};
   }
 

@@ -22,11 +22,17 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries_in,
   const int64_t B = queries.size(0), M = queries.size(1), P = points.size(1);
   at::Tensor dist2 = at::empty({B, M, K}, queries.options());
   at::Tensor idx = at::empty({B, M, K}, queries.options().dtype(at::kLong));
-  const int err = launch_knn_cuda(queries.data_ptr<float>(), points.data_ptr<float>(),
-                                  dist2.data_ptr<float>(), idx.data_ptr<int64_t>(), B, M, P,
-                                  static_cast<int>(K), at::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == 0, "knn CUDA kernel launch failed: ",
-              cudaGetErrorString(static_cast<cudaError_t>(err)));
+  const auto stream = at::cuda::getCurrentCUDAStream().stream();
+  int err;
+  if (use_grid(P)) {
+    const GridTensors grid = build_grid(points);  // tensor ops on this stream
+    err = launch_knn_grid_cuda(grid.view, queries.data_ptr<float>(), dist2.data_ptr<float>(),
+                               idx.data_ptr<int64_t>(), B, M, static_cast<int>(K), stream);
+  } else {
+    err = launch_knn_cuda(queries.data_ptr<float>(), points.data_ptr<float>(),
+                          dist2.data_ptr<float>(), idx.data_ptr<int64_t>(), B, M, P,
+                          static_cast<int>(K), stream);
+  }
   return {dist2, idx};
 }
 
