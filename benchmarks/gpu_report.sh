@@ -9,7 +9,7 @@
 # wrapped in `timeout` with the smaller of its own cap and the time left.  A
 # failing step is recorded (OUTDIR/steps.tsv) and the script goes on.
 #
-# Environment: PYTHON (default python), TORCH_CUDA_ARCH_LIST (default: the local
+# Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: the local
 # GPU's compute capability), MAX_JOBS (default nproc), FORCE_CUDA (default 1),
 # BENCH_ARGS (extra arguments for every benchmark script), REPORT_BUDGET_S.
 set -euo pipefail
@@ -23,7 +23,7 @@ OUTDIR="$(cd "$1" && pwd)"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 
-PY="${PYTHON:-python}"
+PY="${PYTHON:-python3}"
 BUDGET="${REPORT_BUDGET_S:-560}"
 RESERVE=30  # seconds kept for writing the report
 START=$SECONDS
