@@ -1,5 +1,6 @@
 """Model pieces of GPAvatar built on gpavatar.ops."""
 
+from gpavatar.model.mta import MultiTriplaneAttention
 from gpavatar.model.pef import PointExpressionField
 
-__all__ = ["PointExpressionField"]
+__all__ = ["MultiTriplaneAttention", "PointExpressionField"]
