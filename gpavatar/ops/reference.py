@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["knn_reference", "harmonic_embedding", "knn_blend_reference", "inverse_distance_weights"]
+__all__ = ["knn_reference", "harmonic_embedding", "knn_blend_reference", "inverse_distance_weights",
+           "triplane_sample_reference"]
 
 _CHUNK_ELEMENTS = 1 << 24  # distance-matrix entries per chunk
 EMBED_DIM = 27  # harmonic embedding of a direction: 4 frequencies x (sin, cos) x 3 + 3
@@ -119,3 +120,28 @@ def knn_blend_reference(queries, points, point_features, w1, b1, w2, b2, K: int 
     weights = inverse_distance_weights(dist2, normalize, eps, weight_sum)
     feature = (per_neighbor * weights[..., None]).sum(dim=2)
     return feature, dist2, idx
+
+
+def triplane_sample_reference(planes: torch.Tensor, coords: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+    """Tri-plane features at points (SPEC section 4), the official way (three grid_sample calls).
+
+    Point (x, y, z) reads plane 0 at (x, y), plane 1 at (x, z), plane 2 at (z, y); the first
+    coordinate indexes width, the second height; bilinear, zero padding, align_corners=False.
+
+    Args:
+        planes: (B, 3, C, H, W)
+        coords: (B, M, 3) in [-1, 1]^3 (outside points read zeros beyond the border texels)
+        reduce: "mean" -> (B, M, C); "concat" -> (B, M, 3C) in plane order
+    """
+    x, y, z = coords.unbind(-1)
+    grids = (torch.stack([x, y], -1), torch.stack([x, z], -1), torch.stack([z, y], -1))
+    feats = [
+        F.grid_sample(planes[:, t], grid[:, :, None, :].to(planes.dtype), mode="bilinear",
+                      padding_mode="zeros", align_corners=False)[..., 0].transpose(1, 2)  # (B, M, C)
+        for t, grid in enumerate(grids)
+    ]
+    if reduce == "mean":
+        return (feats[0] + feats[1] + feats[2]) / 3
+    if reduce == "concat":
+        return torch.cat(feats, dim=-1)
+    raise ValueError(f"reduce must be 'mean' or 'concat', got {reduce!r}")
