@@ -56,6 +56,11 @@ def choose_backend(backend, device, K: int, op: str) -> str:
     return name
 
 
+def reference_dtype(queries: torch.Tensor, backend: str) -> torch.dtype:
+    """float64 stays float64 on the torch reference (gradcheck); everything else computes in float32."""
+    return torch.float64 if queries.dtype == torch.float64 and backend == "torch" else torch.float32
+
+
 def _env_backend():
     return os.environ.get("GPAVATAR_BACKEND")
 
@@ -77,7 +82,7 @@ def knn(queries: torch.Tensor, points: torch.Tensor, K: int, *, backend: str | N
         check_knn_inputs(queries, points, K)
     name = choose_backend(backend, queries.device, K, "knn")
     if name == "torch" or queries.shape[0] == 0 or queries.shape[1] == 0:
-        dtype = torch.float64 if queries.dtype == torch.float64 and name == "torch" else torch.float32
+        dtype = reference_dtype(queries, name)
         return KnnResult(*knn_reference(queries.to(dtype), points.to(dtype), K))
     q = queries.to(torch.float32).contiguous()
     p = points.to(torch.float32).contiguous()

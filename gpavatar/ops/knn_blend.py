@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from gpavatar import _extension
 from gpavatar.ops import _validation as v
-from gpavatar.ops.knn import check_knn_inputs, choose_backend
+from gpavatar.ops.knn import check_knn_inputs, choose_backend, reference_dtype
 from gpavatar.ops.reference import EMBED_DIM, knn_blend_reference
 
 NORMALIZATIONS = ("neighbors", "queries")
@@ -130,7 +130,7 @@ def knn_blend(queries: torch.Tensor, points: torch.Tensor, point_features: torch
             raise ValueError(f"knn_blend: backend 'cuda' supports H <= {MAX_CUDA_HIDDEN} and C <= {MAX_CUDA_OUT}, "
                              f"got H = {H}, C = {C} (use backend='triton' or 'torch')")
     if name == "torch" or queries.shape[0] == 0 or queries.shape[1] == 0:
-        dtype = torch.float64 if queries.dtype == torch.float64 and name == "torch" else torch.float32
+        dtype = reference_dtype(queries, name)
         cast = [t.to(dtype) for t in (queries, points, point_features, w1, b1, w2, b2)]
         return KnnBlendResult(*knn_blend_reference(*cast, K=K, normalize=normalize, eps=eps, weight_sum=weight_sum))
 
