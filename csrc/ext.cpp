@@ -32,6 +32,13 @@ TORCH_LIBRARY(gpavatar, m) {
       "knn_blend_backward(Tensor grad_out, Tensor queries, Tensor points, Tensor dist2, "
       "Tensor idx, Tensor table, Tensor w1_dir, Tensor w2, Tensor? weight_sum, float eps) "
       "-> (Tensor grad_table, Tensor grad_w1_dir, Tensor grad_w2, Tensor grad_b2)");
+  m.def(
+      "triplane_sample_forward(Tensor planes, Tensor coords, bool concat, bool deterministic) "
+      "-> Tensor");
+  m.def(
+      "triplane_sample_backward(Tensor grad_out, Tensor planes, Tensor coords, bool concat, "
+      "bool deterministic, bool planes_grad, bool coords_grad) "
+      "-> (Tensor grad_planes, Tensor grad_coords)");
 }
 
 // `import gpavatar._C` loads the library (registering the operators above);

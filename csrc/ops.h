@@ -9,6 +9,7 @@
 
 #include "knn/knn_grid.h"
 #include "knn_blend/knn_blend.h"
+#include "triplane/triplane.h"
 
 namespace gpavatar {
 
@@ -50,5 +51,11 @@ void check_inputs(const at::Tensor& queries, const at::Tensor& points, const at:
                   const at::Tensor& w2, const at::Tensor& b2,
                   const std::optional<at::Tensor>& weight_sum, double eps);
 }  // namespace knn_blend
+
+namespace triplane {
+// Checks planes (B, 3, H, W, C) / coords (B, M, 3) and returns the raw view of them.
+Args check_inputs(const at::Tensor& planes, const at::Tensor& coords, bool concat);
+void check_grad_out(const Args& a, const at::Tensor& grad_out, const at::Tensor& planes);
+}  // namespace triplane
 
 }  // namespace gpavatar
