@@ -16,6 +16,8 @@ scripts run on a bare GPU machine (no network, no ``rich``/``pandas``).
   CPU allocator (including inside C++ extensions that use ``at::empty``) but not
   raw ``malloc``/``new``/stack memory or allocator fragmentation, so treat it as
   "tensor memory".  If the profiler is unusable the function returns ``None``.
+* :func:`measure` -- :func:`peak_memory` of one call (also a warm-up), then
+  :func:`time_fn`; the usual sequence for one benchmark row.
 * :func:`env_info` -- a dict describing the machine and the software.
 * :func:`write_json`, :func:`markdown_table` -- output.
 """
@@ -171,6 +173,34 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> int | None:
         except Exception:  # profiler internals differ between torch versions
             return None
     return None
+
+
+def measure(
+    fn: Callable[[], Any],
+    device: torch.device,
+    *,
+    repeats: int = 10,
+    warmup: int = 2,
+    max_seconds: float | None = None,
+    min_repeats: int = 3,
+) -> dict:
+    """Peak memory of one ``fn()`` call, then :func:`time_fn`.
+
+    On CUDA ``fn`` is called once first so that JIT compilation / autotuning (and
+    their scratch buffers) are not counted in the peak.  The memory call also
+    serves as a warm-up: its duration is passed to :func:`time_fn` as
+    ``est_seconds``.  Returns ``{"peak_mem_bytes", "median_ms", "p20_ms",
+    "p80_ms", "repeats"}``.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        fn()
+    t0 = time.perf_counter()
+    out = {"peak_mem_bytes": peak_memory(fn, device)}
+    est = time.perf_counter() - t0
+    out.update(time_fn(fn, device, repeats=repeats, warmup=warmup, max_seconds=max_seconds,
+                       min_repeats=min_repeats, est_seconds=est))
+    return out
 
 
 def _cpu_model() -> str:

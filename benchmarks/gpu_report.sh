@@ -33,6 +33,7 @@ export PYTHONUNBUFFERED=1
 # Benchmark scripts run by step (d); each takes --device/--json/--markdown.
 BENCHES=(
     benchmarks/bench_knn_blend.py
+    benchmarks/bench_triplane.py
 )
 
 STEPS="$OUTDIR/steps.tsv"

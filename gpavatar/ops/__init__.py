@@ -5,6 +5,7 @@ The pure-torch oracles are in :mod:`gpavatar.ops.reference`."""
 from gpavatar.ops._backend import BACKENDS, available_backends
 from gpavatar.ops.knn import KnnResult, knn
 from gpavatar.ops.knn_blend import KnnBlendResult, knn_blend, knn_blend_weight_sum
+from gpavatar.ops.triplane import triplane_sample
 
 __all__ = ["BACKENDS", "available_backends", "knn", "KnnResult", "knn_blend", "KnnBlendResult",
-           "knn_blend_weight_sum"]
+           "knn_blend_weight_sum", "triplane_sample"]

@@ -189,7 +189,8 @@ def _backward_triton(grad_out: torch.Tensor, planes: torch.Tensor, coords: torch
 
 def _register() -> None:
     pairs = [("gpavatar::triplane_sample_forward_triton", "gpavatar::triplane_sample_backward_triton")]
-    if _extension.available():
+    # hasattr: an extension built before this op existed (a stale in-place build) lacks it.
+    if _extension.available() and hasattr(torch.ops.gpavatar, "triplane_sample_forward"):
         pairs.append(("gpavatar::triplane_sample_forward", "gpavatar::triplane_sample_backward"))
     for forward_name, backward_name in pairs:
         torch.library.register_fake(forward_name)(_forward_fake)
