@@ -93,7 +93,7 @@ done
 if [[ -n "$SANITIZER" ]]; then
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step memcheck 120 "$OUTDIR/memcheck.log" \
         "$SANITIZER" --tool memcheck --error-exitcode 99 \
-        "$PY" benchmarks/sanitize_knn_blend.py --backend cuda
+        "$PY" benchmarks/sanitize_ops.py --backend cuda
 else
     skip_step memcheck "compute-sanitizer not found"
 fi

@@ -122,6 +122,20 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Args a, int lanes,
   }
 }
 
+// dst[i] += w * g[i] with float atomics; one 16-byte vector atomic on sm_90+.
+template <int V>
+__device__ __forceinline__ void add_atomic(float* dst, float w, const float g[V]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && CUDART_VERSION >= 12040
+  if constexpr (V == 4) {
+    atomicAdd(reinterpret_cast<float4*>(dst), make_float4(w * g[0], w * g[1], w * g[2], w * g[3]));
+  } else
+#endif
+  {
+#pragma unroll
+    for (int i = 0; i < V; ++i) atomicAdd(dst + i, w * g[i]);
+  }
+}
+
 // Sum over the `lanes` lanes of a group (xor butterfly: every lane gets the same sum).
 __device__ __forceinline__ float group_sum(float v, int lanes) {
   for (int offset = lanes / 2; offset > 0; offset /= 2)
@@ -169,11 +183,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Args a, int lanes,
 #pragma unroll
             for (int i = 0; i < V; ++i) d[k] += g[i] * value[i];
           }
-          if (gplane != nullptr) {
-            const float w = corner_weight(cell, k);
-#pragma unroll
-            for (int i = 0; i < V; ++i) atomicAdd(gplane + offset + i, w * g[i]);
-          }
+          if (gplane != nullptr) add_atomic<V>(gplane + offset, corner_weight(cell, k), g);
         }
       }
     }

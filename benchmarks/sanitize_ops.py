@@ -1,14 +1,16 @@
 """Small CUDA workload for ``compute-sanitizer --tool memcheck``.
 
 Runs ``knn`` and ``knn_blend`` forward+backward (both normalizations, shared
-``(P, Cf)`` and per-batch ``(B, P, Cf)`` point features) with one backend
-(default ``cuda``) on B=2, M=1000, P=500, K=8, and compares with the reference
-so a kernel that silently reads garbage is also caught.  The PyTorch caching
+``(P, Cf)`` and per-batch ``(B, P, Cf)`` point features) on B=2, M=1000, P=500,
+K=8, and ``triplane_sample`` forward+backward (both reductions, both plane
+gradient modes, float32 / bfloat16 planes, C = 32 and 33, points inside, on
+the border and far outside) with one backend (default ``cuda``), and compares
+with the reference so a kernel that silently reads garbage is also caught.  The PyTorch caching
 allocator is disabled (``PYTORCH_NO_CUDA_MEMORY_CACHING=1``) so that every
 tensor is its own allocation and out-of-bounds accesses are visible to memcheck.
 
     compute-sanitizer --tool memcheck --error-exitcode 99 \
-        python benchmarks/sanitize_knn_blend.py [--backend cuda]
+        python benchmarks/sanitize_ops.py [--backend cuda]
 
 Exit status: 0 when everything ran and matched, 1 on a mismatch or exception.
 """
@@ -76,11 +78,48 @@ def run(backend: str, device: torch.device, B=2, M=1000, P=500, K=8) -> list[str
             print(f"{tag} max_rel_err(feature, grads)={max(errs):.2e}")
             if max(errs) > TOL:
                 failures.append(f"{tag} error {max(errs):.2e}")
+    failures += run_triplane(backend, device)
+    return failures
+
+
+def run_triplane(backend: str, device: torch.device, B=2, M=700) -> list[str]:
+    import gpavatar.ops as ops
+    from gpavatar.ops.reference import triplane_sample_reference
+
+    failures = []
+    g = torch.Generator().manual_seed(3)
+    coords = torch.rand(B, M, 3, generator=g) * 2.6 - 1.3
+    coords[:, :4] = torch.tensor([[1.0, -1.0, 1.0], [5.0, 5.0, 5.0], [1e5, -1e6, 3.0], [-1.0, 0.0, 1.0]])
+    coords = coords.to(device)
+    for C, H, W in ((32, 20, 24), (33, 7, 5)):
+        planes = torch.randn(B, 3, C, H, W, generator=g).to(device)
+        for reduce in ("mean", "concat"):
+            grad_out = torch.randn(B, M, 3 * C if reduce == "concat" else C, generator=g).to(device)
+            for dtype in (torch.float32, torch.bfloat16):
+                for deterministic in (False, True):
+                    results = []
+                    for b in (backend, "reference"):
+                        p = planes.to(dtype).float() if b == "reference" else planes.to(dtype)
+                        p = p.detach().clone().requires_grad_(True)
+                        c = coords.detach().clone().requires_grad_(True)
+                        if b == "reference":
+                            out = triplane_sample_reference(p, c, reduce)
+                        else:
+                            out = ops.triplane_sample(p, c, reduce, deterministic=deterministic, backend=b)
+                        grads = torch.autograd.grad(out, (p, c), grad_out)
+                        _sync(device)
+                        results.append([out, grads[0].float(), grads[1]])
+                    errs = [_maxerr(a, r) / (1.0 + r.abs().max().item()) for a, r in zip(*results)]
+                    tol = TOL if dtype == torch.float32 else 1e-2
+                    tag = f"triplane C={C} {reduce:6s} {str(dtype)[6:]:8s} det={int(deterministic)}"
+                    print(f"{tag} max_rel_err(out, grads)={max(errs):.2e}")
+                    if max(errs) > tol:
+                        failures.append(f"{tag} error {max(errs):.2e}")
     return failures
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="memcheck workload for knn / knn_blend")
+    ap = argparse.ArgumentParser(description="memcheck workload for knn / knn_blend / triplane_sample")
     ap.add_argument("--backend", default="cuda")
     ap.add_argument("--device", default="cuda", help="cpu only for a dry run of this script")
     args = ap.parse_args(argv)
@@ -92,7 +131,7 @@ def main(argv=None) -> int:
     _sync(device)
     for f in failures:
         print("MISMATCH:", f)
-    print("sanitize_knn_blend:", "FAILED" if failures else "OK")
+    print("sanitize_ops:", "FAILED" if failures else "OK")
     return 1 if failures else 0
 
 
