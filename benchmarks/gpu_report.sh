@@ -34,6 +34,7 @@ export PYTHONUNBUFFERED=1
 BENCHES=(
     benchmarks/bench_knn_blend.py
     benchmarks/bench_triplane.py
+    benchmarks/bench_render.py
 )
 
 STEPS="$OUTDIR/steps.tsv"

@@ -14,6 +14,12 @@ void check_float_tensor(const at::Tensor& t, const char* name, int64_t dim, cons
                    t.scalar_type());
 }
 
+void check_contiguous_float(const at::Tensor& t, const char* name, int64_t dim,
+                            const char* shape) {
+  check_float_tensor(t, name, dim, shape);
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
+}
+
 void check_same_device(const at::Tensor& a, const char* name_a, const at::Tensor& b,
                        const char* name_b) {
   TORCH_CHECK_VALUE(a.device() == b.device(), name_a, " and ", name_b,
@@ -39,6 +45,19 @@ TORCH_LIBRARY(gpavatar, m) {
       "triplane_sample_backward(Tensor grad_out, Tensor planes, Tensor coords, bool concat, "
       "bool deterministic, bool planes_grad, bool coords_grad) "
       "-> (Tensor grad_planes, Tensor grad_coords)");
+  m.def(
+      "ray_box(Tensor origins, Tensor dirs, float box_min, float box_max) "
+      "-> (Tensor t0, Tensor t1, Tensor hit)");
+  m.def("stratified_depths(Tensor t0, Tensor t1, int S, Tensor? jitter) -> Tensor");
+  m.def("importance_depths(Tensor depths, Tensor weights, int n, Tensor? offset) -> Tensor");
+  m.def("merge_samples(Tensor depths_a, Tensor depths_b) -> (Tensor depths, Tensor order)");
+  m.def(
+      "composite_forward(Tensor alphas, Tensor values, Tensor? depths) "
+      "-> (Tensor color, Tensor opacity, Tensor weights, Tensor depth)");
+  m.def(
+      "composite_backward(Tensor grad_color, Tensor grad_opacity, Tensor grad_weights, "
+      "Tensor grad_depth, Tensor alphas, Tensor values, Tensor? depths) "
+      "-> (Tensor grad_alphas, Tensor grad_values)");
 }
 
 // `import gpavatar._C` loads the library (registering the operators above);

@@ -10,6 +10,7 @@
 #include "knn/knn_grid.h"
 #include "knn_blend/knn_blend.h"
 #include "triplane/triplane.h"
+#include "rays/rays.h"
 
 namespace gpavatar {
 
@@ -17,6 +18,8 @@ namespace gpavatar {
 void check_float_tensor(const at::Tensor& t, const char* name, int64_t dim, const char* shape);
 void check_same_device(const at::Tensor& a, const char* name_a, const at::Tensor& b,
                        const char* name_b);
+// check_float_tensor + contiguous (for kernels that read the raw data pointer).
+void check_contiguous_float(const at::Tensor& t, const char* name, int64_t dim, const char* shape);
 
 namespace knn {
 void check_inputs(const at::Tensor& queries, const at::Tensor& points, int64_t K);
@@ -57,5 +60,23 @@ namespace triplane {
 Args check_inputs(const at::Tensor& planes, const at::Tensor& coords, bool concat);
 void check_grad_out(const Args& a, const at::Tensor& grad_out, const at::Tensor& planes);
 }  // namespace triplane
+
+namespace rays {
+void check_ray_box(const at::Tensor& origins, const at::Tensor& dirs, double lo, double hi);
+void check_stratified(const at::Tensor& t0, const at::Tensor& t1, int64_t S,
+                      const std::optional<at::Tensor>& u);
+void check_importance(const at::Tensor& t, const at::Tensor& w, int64_t n,
+                      const std::optional<at::Tensor>& offset);
+void check_merge(const at::Tensor& a, const at::Tensor& b);
+}  // namespace rays
+
+namespace composite {
+// alphas (R, S), values (R, S, C), depths (R, S) or none; all float32 contiguous.
+void check_inputs(const at::Tensor& alphas, const at::Tensor& values,
+                  const std::optional<at::Tensor>& depths);
+void check_grads(const at::Tensor& alphas, const at::Tensor& values, const at::Tensor& grad_color,
+                 const at::Tensor& grad_opacity, const at::Tensor& grad_weights,
+                 const at::Tensor& grad_depth);
+}  // namespace composite
 
 }  // namespace gpavatar

@@ -12,13 +12,14 @@
 
 #include <type_traits>
 
+#include "cuda_common.cuh"
 #include "triplane/triplane.h"
 
 namespace gpavatar {
 namespace triplane {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = kThreadsPerBlock;
 
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Vec {
@@ -136,13 +137,6 @@ __device__ __forceinline__ void add_atomic(float* dst, float w, const float g[V]
   }
 }
 
-// Sum over the `lanes` lanes of a group (xor butterfly: every lane gets the same sum).
-__device__ __forceinline__ float group_sum(float v, int lanes) {
-  for (int offset = lanes / 2; offset > 0; offset /= 2)
-    v += __shfl_xor_sync(0xffffffffu, v, offset, lanes);
-  return v;
-}
-
 // Fast backward: coordinate gradient (shuffles) and, when grad_planes is given,
 // the plane gradient with float atomics.  Every thread of the grid stays alive to
 // the end so the shuffles see full warps.
@@ -249,23 +243,9 @@ __global__ void __launch_bounds__(kThreads) gather_kernel(Args a, int lanes,
   }
 }
 
-// Lanes per point: enough vectors to cover C, a power of two, at most a warp.
-int lanes_for(int64_t C, int V) {
-  const int64_t vectors = (C + V - 1) / V;
-  int lanes = 1;
-  while (lanes < 32 && lanes < vectors) lanes *= 2;
-  return lanes;
-}
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 int vector_width(const Args& a, const float* grad_out) {
   return a.C % 4 == 0 && aligned16(a.planes) && (grad_out == nullptr || aligned16(grad_out)) ? 4
                                                                                               : 1;
-}
-
-unsigned blocks_for(int64_t threads) {
-  return static_cast<unsigned>((threads + kThreads - 1) / kThreads);
 }
 
 template <typename Fn>

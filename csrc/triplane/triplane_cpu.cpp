@@ -167,7 +167,7 @@ Args check_inputs(const at::Tensor& planes, const at::Tensor& coords, bool conca
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
                    "planes must be float32, float16 or bfloat16, got ", st);
   TORCH_CHECK_VALUE(planes.is_contiguous(), "planes must be contiguous (B, 3, H, W, C)");
-  check_float_tensor(coords, "coords", 3, "(B, M, 3)");
+  check_contiguous_float(coords, "coords", 3, "(B, M, 3)");
   TORCH_CHECK_VALUE(coords.size(2) == 3, "coords must have shape (B, M, 3), got ", coords.sizes());
   TORCH_CHECK_VALUE(coords.size(0) == planes.size(0), "coords must have shape (", planes.size(0),
                     ", M, 3) (the batch size of planes), got ", coords.sizes());
@@ -188,7 +188,7 @@ Args check_inputs(const at::Tensor& planes, const at::Tensor& coords, bool conca
 }
 
 void check_grad_out(const Args& a, const at::Tensor& grad_out, const at::Tensor& planes) {
-  check_float_tensor(grad_out, "grad_out", 3, a.concat ? "(B, M, 3C)" : "(B, M, C)");
+  check_contiguous_float(grad_out, "grad_out", 3, a.concat ? "(B, M, 3C)" : "(B, M, C)");
   const int64_t row = a.concat ? 3 * a.C : a.C;
   TORCH_CHECK_VALUE(grad_out.size(0) == a.B && grad_out.size(1) == a.M && grad_out.size(2) == row,
                     "grad_out must have shape (", a.B, ", ", a.M, ", ", row, "), got ",

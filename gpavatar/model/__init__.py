@@ -2,5 +2,6 @@
 
 from gpavatar.model.mta import MultiTriplaneAttention
 from gpavatar.model.pef import PointExpressionField
+from gpavatar.model.renderer import VolumeRenderer
 
-__all__ = ["MultiTriplaneAttention", "PointExpressionField"]
+__all__ = ["MultiTriplaneAttention", "PointExpressionField", "VolumeRenderer"]

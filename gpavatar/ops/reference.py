@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["knn_reference", "harmonic_embedding", "knn_blend_reference", "inverse_distance_weights",
-           "triplane_sample_reference"]
+           "triplane_sample_reference", "ray_box_reference", "stratified_depths_reference",
+           "importance_depths_reference", "composite_reference", "merge_samples_reference"]
 
 _CHUNK_ELEMENTS = 1 << 24  # distance-matrix entries per chunk
 EMBED_DIM = 27  # harmonic embedding of a direction: 4 frequencies x (sin, cos) x 3 + 3
@@ -145,3 +146,124 @@ def triplane_sample_reference(planes: torch.Tensor, coords: torch.Tensor, reduce
     if reduce == "concat":
         return torch.cat(feats, dim=-1)
     raise ValueError(f"reduce must be 'mean' or 'concat', got {reduce!r}")
+
+
+# --- rays (SPEC sections 7 and 8) ---------------------------------------------------------
+
+MISS_DEPTH = -1.0  # t0 = t1 of a ray that misses the box
+
+
+def ray_box_reference(origins: torch.Tensor, dirs: torch.Tensor, box_min: float = -1.0, box_max: float = 1.0):
+    """Slab test of rays against the box [box_min, box_max]^3 (near plane at -inf).
+
+    inv = 1 / d picks the entry plane by its sign bit (d = -0 counts as negative); NaN slab
+    distances (an origin on a slab plane with d = 0) impose no constraint; a ray hits when
+    entry <= exit (touching counts) and exit > 0.  A miss gives t0 = t1 = -1.
+
+    Args:
+        origins, dirs: (R, 3)
+    Returns:
+        t0 (R,), t1 (R,), hit (R,) bool
+    """
+    inv = 1.0 / dirs
+    t_lo = (box_min - origins) * inv
+    t_hi = (box_max - origins) * inv
+    negative = torch.signbit(inv)
+    enter = torch.where(negative, t_hi, t_lo)
+    leave = torch.where(negative, t_lo, t_hi)
+    near = torch.full_like(inv[:, 0], -float("inf"))
+    far = torch.full_like(inv[:, 0], float("inf"))
+    for axis in range(3):  # fmax / fmin skip NaN
+        near = torch.fmax(near, enter[:, axis])
+        far = torch.fmin(far, leave[:, axis])
+    hit = (near <= far) & (far > 0)
+    miss = torch.full_like(near, MISS_DEPTH)
+    return torch.where(hit, near, miss), torch.where(hit, far, miss), hit
+
+
+def stratified_edges(t0: torch.Tensor, t1: torch.Tensor, S: int) -> torch.Tensor:
+    """(R,), (R,) -> (R, S + 1) equally spaced edges t0 + (t1 - t0) * (k / S)."""
+    k = torch.arange(S + 1, dtype=t0.dtype, device=t0.device) / S
+    return t0[:, None] + (t1 - t0)[:, None] * k
+
+
+def stratified_depths_reference(t0: torch.Tensor, t1: torch.Tensor, S: int, jitter: torch.Tensor | None = None):
+    """Coarse depths (SPEC section 7): midpoints of S + 1 edges between t0 and t1.
+
+    Args:
+        t0, t1: (R,)
+        jitter: None (evaluation), or (R, S + 1) uniforms in [0, 1): edge k moves to
+            lo_k + (hi_k - lo_k) * u_k, where lo / hi are the midpoints to its neighbours
+            (the first edge only moves inward: lo_0 = e_0; the last: hi_S = e_S)
+    Returns:
+        depths (R, S)
+    """
+    edges = stratified_edges(t0, t1, S)
+    if jitter is not None:
+        mids = (edges[:, 1:] + edges[:, :-1]) * 0.5
+        lo = torch.cat([edges[:, :1], mids], dim=1)
+        hi = torch.cat([mids, edges[:, -1:]], dim=1)
+        edges = lo + (hi - lo) * jitter.to(edges.dtype)
+    return (edges[:, 1:] + edges[:, :-1]) * 0.5
+
+
+def importance_depths_reference(depths: torch.Tensor, weights: torch.Tensor, n: int,
+                                offset: torch.Tensor | float = 0.5) -> torch.Tensor:
+    """Fine depths (SPEC section 8), GPAvatar's camera code with nerfacc 0.5.3's inversion.
+
+    Args:
+        depths: (R, S) sorted coarse depths t (the knots), S >= 2
+        weights: (R, S) their compositing weights w
+        n: fine samples per ray, >= 2
+        offset: b in u_i = c_0 + (i + b) * step: 0.5 (evaluation) or (R,) uniforms (training)
+    Returns:
+        (R, n) fine depths: midpoints of the edges around the inverted samples
+    """
+    R, S = depths.shape
+    pdf = weights + 1e-5
+    pdf = pdf / pdf.sum(dim=-1, keepdim=True)
+    cdf = torch.cumsum(pdf, dim=-1)
+    step = (cdf[:, -1] - cdf[:, 0]) / n
+    b = offset if isinstance(offset, float) else offset.to(depths.dtype)[:, None]
+    i = torch.arange(n, dtype=depths.dtype, device=depths.device)
+    u = cdf[:, :1] + (i + b) * step[:, None]
+    # p: the first j in [0, S - 2] with cdf_j > u, else S - 1 (never 0: u >= cdf_0).
+    p = torch.searchsorted(cdf[:, :-1].contiguous(), u.contiguous(), right=True).clamp(1, S - 1)
+    c_lo, c_hi = cdf.gather(1, p - 1), cdf.gather(1, p)
+    t_lo, t_hi = depths.gather(1, p - 1), depths.gather(1, p)
+    denom = c_hi - c_lo
+    safe = torch.where(denom < 1e-10, torch.ones_like(denom), denom)
+    samples = torch.where(denom < 1e-10, (t_lo + t_hi) * 0.5, t_lo + (u - c_lo) * (t_hi - t_lo) / safe)
+    first = torch.maximum(samples[:, :1] - (samples[:, 1:2] - samples[:, :1]) * 0.5, depths[:, :1])
+    last = torch.minimum(samples[:, -1:] + (samples[:, -1:] - samples[:, -2:-1]) * 0.5, depths[:, -1:])
+    edges = torch.cat([first, (samples[:, 1:] + samples[:, :-1]) * 0.5, last], dim=1)
+    return (edges[:, 1:] + edges[:, :-1]) * 0.5
+
+
+def composite_reference(alphas: torch.Tensor, values: torch.Tensor, depths: torch.Tensor | None = None):
+    """Front-to-back alpha compositing (SPEC section 8) of S samples sorted by depth.
+
+    T_i = prod_{j < i} (1 - alpha_j), w_i = alpha_i T_i.
+
+    Args:
+        alphas: (R, S); values: (R, S, C); depths: optional (R, S)
+    Returns:
+        color (R, C) = sum_i w_i v_i, opacity (R,) = clamp(sum_i w_i, 0, 1) (the clamp only removes
+        rounding: its gradient is the identity), weights (R, S),
+        depth (R,) = sum_i w_i t_i (None without depths)
+    """
+    transmittance = torch.cumprod(torch.cat([torch.ones_like(alphas[:, :1]), 1 - alphas[:, :-1]], dim=1), dim=1)
+    weights = alphas * transmittance
+    color = (weights[..., None] * values).sum(dim=1)
+    total = weights.sum(dim=1)  # = 1 - T_S in [0, 1] up to rounding
+    opacity = total + (total.clamp(0, 1) - total).detach()  # clamp the value, keep d(total)
+    depth = (weights * depths).sum(dim=1) if depths is not None else None
+    return color, opacity, weights, depth
+
+
+def merge_samples_reference(depths_a: torch.Tensor, depths_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two per-ray sorted depth sets: (R, Sa), (R, Sb) -> depths (R, Sa + Sb) sorted,
+    order (R, Sa + Sb) int64 indices into cat([a, b], dim=1) (ties: a before b, stable)."""
+    both = torch.cat([depths_a, depths_b], dim=1)
+    merged, order = torch.sort(both, dim=1, stable=True)
+    return merged, order
