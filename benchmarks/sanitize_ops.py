@@ -4,7 +4,8 @@ Runs ``knn`` and ``knn_blend`` forward+backward (both normalizations, shared
 ``(P, Cf)`` and per-batch ``(B, P, Cf)`` point features) on B=2, M=1000, P=500,
 K=8, and ``triplane_sample`` forward+backward (both reductions, both plane
 gradient modes, float32 / bfloat16 planes, C = 32 and 33, points inside, on
-the border and far outside) with one backend (default ``cuda``), and compares
+the border and far outside), and the ray ops + composite chain (forward and
+backward) with one backend (default ``cuda``), and compares
 with the reference so a kernel that silently reads garbage is also caught.  The PyTorch caching
 allocator is disabled (``PYTORCH_NO_CUDA_MEMORY_CACHING=1``) so that every
 tensor is its own allocation and out-of-bounds accesses are visible to memcheck.
@@ -79,6 +80,7 @@ def run(backend: str, device: torch.device, B=2, M=1000, P=500, K=8) -> list[str
             if max(errs) > TOL:
                 failures.append(f"{tag} error {max(errs):.2e}")
     failures += run_triplane(backend, device)
+    failures += run_rays_and_composite(backend, device)
     return failures
 
 
@@ -118,8 +120,39 @@ def run_triplane(backend: str, device: torch.device, B=2, M=700) -> list[str]:
     return failures
 
 
+def run_rays_and_composite(backend: str, device: torch.device, R=3000, C=33) -> list[str]:
+    import gpavatar.ops as ops
+
+    failures = []
+    g = torch.Generator().manual_seed(4)
+    origins = (torch.randn(R, 3, generator=g) * 3).to(device)
+    dirs = torch.randn(R, 3, generator=g).to(device)
+    dirs[:100, 0] = 0.0
+    results = {}
+    for b in (backend, "torch"):
+        gen = torch.Generator(device=device).manual_seed(5)
+        t0, t1, hit = ops.ray_box(origins, dirs, backend=b)
+        coarse = ops.stratified_depths(t0, t1, 32, True, gen, backend=b)
+        alphas = torch.sigmoid(coarse - coarse.mean(dim=1, keepdim=True))
+        values = torch.linspace(-1, 1, 32 * C, device=device).reshape(1, 32, C).expand(R, -1, -1).contiguous()
+        out = ops.composite(alphas, values, coarse, backend=b)
+        fine = ops.importance_depths(coarse, out.weights.detach(), 32, True, gen, backend=b)
+        merged, order = ops.merge_samples(coarse, fine, backend=b)
+        a = torch.sigmoid(merged).requires_grad_(True)
+        v = values.repeat(1, 2, 1)[:, :64].contiguous().requires_grad_(True)
+        out2 = ops.composite(a, v, merged, backend=b)
+        grads = torch.autograd.grad(out2.color.sum() + out2.opacity.sum() + out2.depth.sum(), (a, v))
+        _sync(device)
+        results[b] = [t0, t1, coarse, out.color, fine, merged, out2.color, *grads]
+    errs = [_maxerr(x, y) / (1.0 + y.abs().max().item()) for x, y in zip(results[backend], results["torch"])]
+    print(f"rays + composite         max_rel_err={max(errs):.2e}")
+    if max(errs) > TOL:
+        failures.append(f"rays + composite error {max(errs):.2e}")
+    return failures
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="memcheck workload for knn / knn_blend / triplane_sample")
+    ap = argparse.ArgumentParser(description="memcheck workload for the CUDA ops")
     ap.add_argument("--backend", default="cuda")
     ap.add_argument("--device", default="cuda", help="cpu only for a dry run of this script")
     args = ap.parse_args(argv)
