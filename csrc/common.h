@@ -25,4 +25,13 @@ GPA_HD float sum_of_products3(float a, float b, float c, float d, float e, float
 
 GPA_HD float max_f(float a, float b) { return a > b ? a : b; }
 
+// a * b rounded on its own (never contracted into an FMA with a following add).
+GPA_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 }  // namespace gpavatar

@@ -35,4 +35,29 @@ __device__ __forceinline__ float group_sum(float v, int lanes) {
   return v;
 }
 
+// V consecutive floats (V = 4: one 16-byte access; the address must be 16-byte aligned).
+template <int V>
+__device__ __forceinline__ void load_floats(const float* src, float out[V]) {
+  if constexpr (V == 4) {
+    const float4 x = __ldg(reinterpret_cast<const float4*>(src));
+    out[0] = x.x;
+    out[1] = x.y;
+    out[2] = x.z;
+    out[3] = x.w;
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) out[i] = __ldg(src + i);
+  }
+}
+
+template <int V>
+__device__ __forceinline__ void store_floats(float* dst, const float v[V]) {
+  if constexpr (V == 4) {
+    *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) dst[i] = v[i];
+  }
+}
+
 }  // namespace gpavatar

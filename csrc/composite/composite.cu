@@ -14,30 +14,6 @@ namespace composite {
 namespace {
 
 template <int V>
-__device__ __forceinline__ void load(const float* src, float out[V]) {
-  if constexpr (V == 4) {
-    const float4 x = __ldg(reinterpret_cast<const float4*>(src));
-    out[0] = x.x;
-    out[1] = x.y;
-    out[2] = x.z;
-    out[3] = x.w;
-  } else {
-#pragma unroll
-    for (int i = 0; i < V; ++i) out[i] = __ldg(src + i);
-  }
-}
-
-template <int V>
-__device__ __forceinline__ void store(float* dst, const float v[V]) {
-  if constexpr (V == 4) {
-    *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < V; ++i) dst[i] = v[i];
-  }
-}
-
-template <int V>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     forward_kernel(Args a, int lanes, float* __restrict__ color, float* __restrict__ opacity,
                    float* __restrict__ weights, float* __restrict__ depth) {
@@ -56,7 +32,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       const float al = __ldg(alpha + s);
       const float w = al * T;
       float v[V];
-      load<V>(a.values + (r * a.S + s) * a.C + c, v);
+      load_floats<V>(a.values + (r * a.S + s) * a.C + c, v);
 #pragma unroll
       for (int i = 0; i < V; ++i) acc[i] += w * v[i];
       if (lane == 0 && first_chunk) {
@@ -66,7 +42,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       }
       T = next_transmittance(T, al);
     }
-    store<V>(color + r * a.C + c, acc);
+    store_floats<V>(color + r * a.C + c, acc);
     if (lane == 0 && first_chunk) {
       opacity[r] = clamp_opacity(weight_sum);
       depth[r] = d;
@@ -94,14 +70,14 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     for (int64_t c = static_cast<int64_t>(lane) * V; c < a.C;
          c += static_cast<int64_t>(lanes) * V) {
       float v[V], gc[V], gv[V];
-      load<V>(a.values + (r * a.S + s) * a.C + c, v);
-      load<V>(g.color + r * a.C + c, gc);
+      load_floats<V>(a.values + (r * a.S + s) * a.C + c, v);
+      load_floats<V>(g.color + r * a.C + c, gc);
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         dot += gc[i] * v[i];
         gv[i] = w * gc[i];
       }
-      if (active) store<V>(grad_values + (r * a.S + s) * a.C + c, gv);
+      if (active) store_floats<V>(grad_values + (r * a.S + s) * a.C + c, gv);
     }
     dot = group_sum(dot, lanes);
     if (active && lane == 0) {

@@ -4,16 +4,12 @@
 #include <torch/library.h>
 
 #include "composite/composite.h"
+#include "cuda_check.h"
 #include "ops.h"
 
 namespace gpavatar {
 namespace composite {
 namespace {
-
-void check_launch(int err, const char* what) {
-  TORCH_CHECK(err == 0, what, " CUDA kernel launch failed: ",
-              cudaGetErrorString(static_cast<cudaError_t>(err)));
-}
 
 Args make_args(const at::Tensor& alphas, const at::Tensor& values,
                const std::optional<at::Tensor>& depths) {

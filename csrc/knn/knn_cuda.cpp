@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "knn/knn.h"
+#include "cuda_check.h"
 #include "ops.h"
 
 namespace gpavatar {
@@ -33,6 +34,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries_in,
                           dist2.data_ptr<float>(), idx.data_ptr<int64_t>(), B, M, P,
                           static_cast<int>(K), stream);
   }
+  check_launch(err, "knn");
   return {dist2, idx};
 }
 

@@ -9,6 +9,7 @@
 #include <cstdlib>
 
 #include "knn_blend/knn_blend.h"
+#include "cuda_check.h"
 #include "ops.h"
 
 namespace gpavatar {
@@ -39,11 +40,6 @@ Prepared prepare_cuda(const at::Tensor& queries, const at::Tensor& points, const
                     " (use backend='triton' or 'torch')");
   TORCH_CHECK_VALUE(p.args.B <= 65535, "queries: batch size B must be <= 65535, got ", p.args.B);
   return p;
-}
-
-void check_launch(int err, const char* what) {
-  TORCH_CHECK(err == 0, what, " CUDA kernel launch failed: ",
-              cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
 
 at::Tensor forward_cuda(const at::Tensor& queries, const at::Tensor& points,

@@ -21,14 +21,6 @@ constexpr float kMissDepth = -1.f;
 constexpr float kPdfPadding = 1e-5f;
 constexpr float kMinCdfStep = 1e-10f;
 
-GPA_HD float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-
 // Slab test.  inv = 1/d picks the entry plane by its sign bit (-0 is negative); NaN
 // slab distances (origin on a slab plane, d = 0) impose nothing (fmax / fmin skip NaN);
 // entry <= exit hits (touching counts) unless the exit is at t <= 0.

@@ -3,17 +3,13 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda_check.h"
 #include "ops.h"
 #include "rays/rays.h"
 
 namespace gpavatar {
 namespace rays {
 namespace {
-
-void check_launch(int err, const char* what) {
-  TORCH_CHECK(err == 0, what, " CUDA kernel launch failed: ",
-              cudaGetErrorString(static_cast<cudaError_t>(err)));
-}
 
 void* stream() { return at::cuda::getCurrentCUDAStream().stream(); }
 

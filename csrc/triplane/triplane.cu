@@ -26,44 +26,16 @@ struct alignas(sizeof(T) * V) Vec {
   T v[V];
 };
 
+// V consecutive plane elements widened to float; the caller guarantees alignment to
+// V * sizeof(T) when V > 1.
 template <typename T, int V>
 __device__ __forceinline__ void load_vec(const T* src, float out[V]) {
-  // V consecutive elements; the caller guarantees alignment to V * sizeof(T) when V > 1.
-  const Vec<T, V> packed = *reinterpret_cast<const Vec<T, V>*>(src);
-#pragma unroll
-  for (int i = 0; i < V; ++i) out[i] = to_float(packed.v[i]);
-}
-
-template <>
-__device__ __forceinline__ void load_vec<float, 4>(const float* src, float out[4]) {
-  const float4 packed = __ldg(reinterpret_cast<const float4*>(src));
-  out[0] = packed.x;
-  out[1] = packed.y;
-  out[2] = packed.z;
-  out[3] = packed.w;
-}
-
-template <int V>
-__device__ __forceinline__ void store_vec(float* dst, const float v[V]) {
-  if constexpr (V == 4) {
-    *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
+  if constexpr (std::is_same_v<T, float>) {
+    load_floats<V>(src, out);
   } else {
+    const Vec<T, V> packed = *reinterpret_cast<const Vec<T, V>*>(src);
 #pragma unroll
-    for (int i = 0; i < V; ++i) dst[i] = v[i];
-  }
-}
-
-template <int V>
-__device__ __forceinline__ void load_grad(const float* src, float out[V]) {
-  if constexpr (V == 4) {
-    const float4 packed = __ldg(reinterpret_cast<const float4*>(src));
-    out[0] = packed.x;
-    out[1] = packed.y;
-    out[2] = packed.z;
-    out[3] = packed.w;
-  } else {
-#pragma unroll
-    for (int i = 0; i < V; ++i) out[i] = src[i];
+    for (int i = 0; i < V; ++i) out[i] = to_float(packed.v[i]);
   }
 }
 
@@ -71,7 +43,7 @@ __device__ __forceinline__ void load_grad(const float* src, float out[V]) {
 template <int V>
 __device__ __forceinline__ void upstream(const Args& a, const float* g_row, int t, int64_t c,
                                          float g[V]) {
-  load_grad<V>(g_row + (a.concat ? t * a.C : 0) + c, g);
+  load_floats<V>(g_row + (a.concat ? t * a.C : 0) + c, g);
   if (!a.concat) {
 #pragma unroll
     for (int i = 0; i < V; ++i) g[i] = g[i] / 3.f;
@@ -109,7 +81,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Args a, int lanes,
         for (int i = 0; i < V; ++i) acc[i] += w * value[i];
       }
       if (a.concat) {
-        store_vec<V>(o + t * C + c, acc);
+        store_floats<V>(o + t * C + c, acc);
       } else {
 #pragma unroll
         for (int i = 0; i < V; ++i) total[i] = t == 0 ? acc[i] : total[i] + acc[i];
@@ -118,7 +90,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Args a, int lanes,
     if (!a.concat) {
 #pragma unroll
       for (int i = 0; i < V; ++i) total[i] = total[i] / 3.f;
-      store_vec<V>(o + c, total);
+      store_floats<V>(o + c, total);
     }
   }
 }
@@ -239,7 +211,7 @@ __global__ void __launch_bounds__(kThreads) gather_kernel(Args a, int lanes,
         }
       }
     }
-    store_vec<V>(grad_planes + texel * C + c, acc);
+    store_floats<V>(grad_planes + texel * C + c, acc);
   }
 }
 

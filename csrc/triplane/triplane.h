@@ -73,14 +73,6 @@ GPA_HD float to_float(Half v) {
 GPA_HD int u_axis(int t) { return t == 2 ? 2 : 0; }
 GPA_HD int v_axis(int t) { return t == 1 ? 2 : 1; }
 
-GPA_HD float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-
 // grid_sample's unnormalization for align_corners=False: ((c + 1) * size - 1) / 2.
 GPA_HD float unnormalize(float c, int64_t size) {
   return mul_rn(mul_rn(c + 1.f, static_cast<float>(size)) - 1.f, 0.5f);

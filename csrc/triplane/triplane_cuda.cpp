@@ -5,17 +5,13 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "cuda_check.h"
 #include "ops.h"
 #include "triplane/triplane.h"
 
 namespace gpavatar {
 namespace triplane {
 namespace {
-
-void check_launch(int err, const char* what) {
-  TORCH_CHECK(err == 0, what, " CUDA kernel launch failed: ",
-              cudaGetErrorString(static_cast<cudaError_t>(err)));
-}
 
 at::Tensor forward_cuda(const at::Tensor& planes, const at::Tensor& coords, bool concat,
                         bool /*deterministic*/) {

@@ -24,9 +24,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from gpavatar import _extension
 from gpavatar.ops import _backend
 from gpavatar.ops import _validation as v
+from gpavatar.ops._library import register_forward_backward
 from gpavatar.ops.reference import composite_reference
 
 __all__ = ["composite", "CompositeResult"]
@@ -152,15 +152,4 @@ def _backward_triton(grad_color: torch.Tensor, grad_opacity: torch.Tensor, grad_
                               None if depths is None else depths.contiguous())
 
 
-def _register() -> None:
-    pairs = [("gpavatar::composite_forward_triton", "gpavatar::composite_backward_triton")]
-    if _extension.available() and hasattr(torch.ops.gpavatar, "composite_forward"):
-        pairs.append(("gpavatar::composite_forward", "gpavatar::composite_backward"))
-    for forward_name, backward_name in pairs:
-        torch.library.register_fake(forward_name)(_forward_fake)
-        torch.library.register_fake(backward_name)(_backward_fake)
-        backward_op = getattr(torch.ops.gpavatar, backward_name.split("::")[1])
-        torch.library.register_autograd(forward_name, _make_backward(backward_op), setup_context=_setup_context)
-
-
-_register()
+register_forward_backward("composite", _forward_fake, _backward_fake, _make_backward, _setup_context)

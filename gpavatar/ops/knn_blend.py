@@ -39,8 +39,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from gpavatar import _extension
 from gpavatar.ops import _validation as v
+from gpavatar.ops._library import register_forward_backward
 from gpavatar.ops.knn import check_knn_inputs, choose_backend, reference_dtype
 from gpavatar.ops.reference import EMBED_DIM, knn_blend_reference
 
@@ -211,15 +211,4 @@ def _backward_triton(grad_out: torch.Tensor, queries: torch.Tensor, points: torc
                               w1_dir.contiguous(), w2.contiguous(), weight_sum, eps)
 
 
-def _register() -> None:
-    pairs = [("gpavatar::knn_blend_forward_triton", "gpavatar::knn_blend_backward_triton")]
-    if _extension.available():
-        pairs.append(("gpavatar::knn_blend_forward", "gpavatar::knn_blend_backward"))
-    for forward_name, backward_name in pairs:
-        torch.library.register_fake(forward_name)(_forward_fake)
-        torch.library.register_fake(backward_name)(_backward_fake)
-        backward_op = getattr(torch.ops.gpavatar, backward_name.split("::")[1])
-        torch.library.register_autograd(forward_name, _make_backward(backward_op), setup_context=_setup_context)
-
-
-_register()
+register_forward_backward("knn_blend", _forward_fake, _backward_fake, _make_backward, _setup_context)

@@ -50,9 +50,9 @@ from typing import Optional
 
 import torch
 
-from gpavatar import _extension
 from gpavatar.ops import _backend
 from gpavatar.ops import _validation as v
+from gpavatar.ops._library import register_forward_backward
 from gpavatar.ops.reference import triplane_sample_reference
 
 REDUCTIONS = ("mean", "concat")
@@ -187,16 +187,4 @@ def _backward_triton(grad_out: torch.Tensor, planes: torch.Tensor, coords: torch
                              deterministic, planes_grad, coords_grad)
 
 
-def _register() -> None:
-    pairs = [("gpavatar::triplane_sample_forward_triton", "gpavatar::triplane_sample_backward_triton")]
-    # hasattr: an extension built before this op existed (a stale in-place build) lacks it.
-    if _extension.available() and hasattr(torch.ops.gpavatar, "triplane_sample_forward"):
-        pairs.append(("gpavatar::triplane_sample_forward", "gpavatar::triplane_sample_backward"))
-    for forward_name, backward_name in pairs:
-        torch.library.register_fake(forward_name)(_forward_fake)
-        torch.library.register_fake(backward_name)(_backward_fake)
-        backward_op = getattr(torch.ops.gpavatar, backward_name.split("::")[1])
-        torch.library.register_autograd(forward_name, _make_backward(backward_op), setup_context=_setup_context)
-
-
-_register()
+register_forward_backward("triplane_sample", _forward_fake, _backward_fake, _make_backward, _setup_context)
