@@ -9,21 +9,30 @@
 namespace gpavatar {
 
 void check_float_tensor(const at::Tensor& t, const char* name, int64_t dim, const char* shape) {
-  TORCH_CHECK_VALUE(t.dim() == dim, name, " must have shape ", shape, ", got ", t.sizes());
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got ",
-                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == dim, msg(name, " must have shape ", shape, ", got ", shape_of(t)));
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, msg(name, " must be float32, got ",
+                   t.scalar_type()));
+}
+
+std::string shape_of(const at::Tensor& t) {
+  std::string out = "(";
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (d > 0) out += ", ";
+    out += std::to_string(t.size(d));
+  }
+  return out + (t.dim() == 1 ? ",)" : ")");
 }
 
 void check_contiguous_float(const at::Tensor& t, const char* name, int64_t dim,
                             const char* shape) {
   check_float_tensor(t, name, dim, shape);
-  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK_VALUE(t.is_contiguous(), msg(name, " must be contiguous"));
 }
 
 void check_same_device(const at::Tensor& a, const char* name_a, const at::Tensor& b,
                        const char* name_b) {
-  TORCH_CHECK_VALUE(a.device() == b.device(), name_a, " and ", name_b,
-                    " must be on the same device, got ", a.device(), " and ", b.device());
+  TORCH_CHECK_VALUE(a.device() == b.device(), msg(name_a, " and ", name_b,
+                    " must be on the same device, got ", a.device(), " and ", b.device()));
 }
 
 }  // namespace gpavatar

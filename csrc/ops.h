@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
+#include <type_traits>
 #include <tuple>
 
 #include "knn/knn_grid.h"
@@ -18,6 +20,29 @@ namespace gpavatar {
 void check_float_tensor(const at::Tensor& t, const char* name, int64_t dim, const char* shape);
 void check_same_device(const at::Tensor& a, const char* name_a, const at::Tensor& b,
                        const char* name_b);
+// Error messages are built here, numbers with std::to_string, and handed to the
+// TORCH_CHECK macros as one std::string: an extension built against some torch
+// wheels crashed when c10::str formatted integers itself.
+namespace detail {
+inline void append(std::string& s, const char* x) { s += x; }
+inline void append(std::string& s, const std::string& x) { s += x; }
+inline void append(std::string& s, char x) { s += x; }
+inline void append(std::string& s, bool x) { s += x ? "true" : "false"; }
+template <typename T, std::enable_if_t<std::is_arithmetic_v<T>, int> = 0>
+inline void append(std::string& s, T x) { s += std::to_string(x); }
+inline void append(std::string& s, c10::ScalarType x) { s += c10::toString(x); }
+inline void append(std::string& s, const c10::Device& x) { s += x.str(); }
+}  // namespace detail
+
+template <typename... Args>
+std::string msg(const Args&... args) {
+  std::string s;
+  (detail::append(s, args), ...);
+  return s;
+}
+
+// "(2, 3, 4)": a tensor's shape for error messages.
+std::string shape_of(const at::Tensor& t);
 // check_float_tensor + contiguous (for kernels that read the raw data pointer).
 void check_contiguous_float(const at::Tensor& t, const char* name, int64_t dim, const char* shape);
 

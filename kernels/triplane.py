@@ -60,6 +60,7 @@ import triton.language as tl
 
 __all__ = ["triplane_forward", "triplane_backward"]
 
+_TRITON_AT_LEAST_3_8 = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 8)
 MAX_BLOCK_C = 128  # channels per tile; a larger C is walked in chunks
 NUM_WARPS = 4
 
@@ -331,8 +332,11 @@ def triplane_backward(grad_out: torch.Tensor, planes: torch.Tensor, coords: torc
         grad_planes = (torch.empty if deterministic else torch.zeros)(planes.shape, dtype=torch.float32, device=dev)
     grad_coords = torch.empty_like(coords) if coords_grad else coords.new_empty((0,))
     if atomic_planes or coords_grad:
+        # triton 3.6 fails to compile this kernel for 16-bit planes (a layout error in
+        # make_ttgir); below 3.8 it reads a float32 copy (exact: widening is lossless).
+        values = planes if planes.dtype == torch.float32 or _TRITON_AT_LEAST_3_8 else planes.float()
         _bwd_points_kernel[grid_points](
-            grad_out, planes, coords,
+            grad_out, values, coords,
             grad_planes if atomic_planes else coords,  # any float32 tensor when unused
             grad_coords if coords_grad else coords,
             M, H, W, C,

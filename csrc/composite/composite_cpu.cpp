@@ -16,15 +16,14 @@ void check_inputs(const at::Tensor& alphas, const at::Tensor& values,
                   const std::optional<at::Tensor>& depths) {
   check_contiguous_float(alphas, "alphas", 2, "(R, S)");
   check_contiguous_float(values, "values", 3, "(R, S, C)");
-  TORCH_CHECK_VALUE(values.size(0) == alphas.size(0) && values.size(1) == alphas.size(1),
-                    "values must have shape (", alphas.size(0), ", ", alphas.size(1), ", C), got ",
-                    values.sizes());
-  TORCH_CHECK_VALUE(values.size(2) >= 1, "values must have C >= 1 channels, got ", values.sizes());
+  TORCH_CHECK_VALUE(values.size(0) == alphas.size(0) && values.size(1) == alphas.size(1), msg("values must have shape (", alphas.size(0), ", ", alphas.size(1), ", C), got ",
+                    shape_of(values)));
+  TORCH_CHECK_VALUE(values.size(2) >= 1, msg("values must have C >= 1 channels, got ", shape_of(values)));
   check_same_device(alphas, "alphas", values, "values");
   if (depths.has_value()) {
     check_contiguous_float(*depths, "depths", 2, "(R, S)");
-    TORCH_CHECK_VALUE(depths->sizes() == alphas.sizes(), "depths must have shape ", alphas.sizes(),
-                      ", got ", depths->sizes());
+    TORCH_CHECK_VALUE(depths->sizes() == alphas.sizes(), msg("depths must have shape ", shape_of(alphas),
+                      ", got ", shape_of(*depths)));
     check_same_device(alphas, "alphas", *depths, "depths");
   }
 }
@@ -37,14 +36,13 @@ void check_grads(const at::Tensor& alphas, const at::Tensor& values, const at::T
   check_contiguous_float(grad_opacity, "grad_opacity", 1, "(R,)");
   check_contiguous_float(grad_weights, "grad_weights", 2, "(R, S)");
   check_contiguous_float(grad_depth, "grad_depth", 1, "(R,)");
-  TORCH_CHECK_VALUE(grad_color.size(0) == R && grad_color.size(1) == C,
-                    "grad_color must have shape (", R, ", ", C, "), got ", grad_color.sizes());
-  TORCH_CHECK_VALUE(grad_opacity.size(0) == R, "grad_opacity must have shape (", R, ",), got ",
-                    grad_opacity.sizes());
-  TORCH_CHECK_VALUE(grad_weights.sizes() == alphas.sizes(), "grad_weights must have shape ",
-                    alphas.sizes(), ", got ", grad_weights.sizes());
-  TORCH_CHECK_VALUE(grad_depth.size(0) == R, "grad_depth must have shape (", R, ",), got ",
-                    grad_depth.sizes());
+  TORCH_CHECK_VALUE(grad_color.size(0) == R && grad_color.size(1) == C, msg("grad_color must have shape (", R, ", ", C, "), got ", shape_of(grad_color)));
+  TORCH_CHECK_VALUE(grad_opacity.size(0) == R, msg("grad_opacity must have shape (", R, ",), got ",
+                    shape_of(grad_opacity)));
+  TORCH_CHECK_VALUE(grad_weights.sizes() == alphas.sizes(), msg("grad_weights must have shape ",
+                    shape_of(alphas), ", got ", shape_of(grad_weights)));
+  TORCH_CHECK_VALUE(grad_depth.size(0) == R, msg("grad_depth must have shape (", R, ",), got ",
+                    shape_of(grad_depth)));
   const at::Tensor* grads[] = {&grad_color, &grad_opacity, &grad_weights, &grad_depth};
   const char* names[] = {"grad_color", "grad_opacity", "grad_weights", "grad_depth"};
   for (int i = 0; i < 4; ++i) check_same_device(alphas, "alphas", *grads[i], names[i]);

@@ -28,16 +28,15 @@ void check_inputs(const at::Tensor& queries, const at::Tensor& points, int64_t K
   check_float_tensor(queries, "queries", 3, "(B, M, 3)");
   check_float_tensor(points, "points", 3, "(B, P, 3)");
   check_same_device(queries, "queries", points, "points");
-  TORCH_CHECK_VALUE(queries.size(2) == 3, "queries must have shape (B, M, 3), got ",
-                    queries.sizes());
-  TORCH_CHECK_VALUE(points.size(2) == 3, "points must have shape (B, P, 3), got ",
-                    points.sizes());
-  TORCH_CHECK_VALUE(queries.size(0) == points.size(0),
-                    "queries and points must have the same batch size B, got ",
-                    queries.size(0), " and ", points.size(0));
-  TORCH_CHECK_VALUE(K >= 1 && K <= kMaxK, "K must be in [1, ", kMaxK, "], got ", K);
-  TORCH_CHECK_VALUE(K <= points.size(1), "K must be <= the number of points P = ",
-                    points.size(1), ", got K = ", K);
+  TORCH_CHECK_VALUE(queries.size(2) == 3, msg("queries must have shape (B, M, 3), got ",
+                    shape_of(queries)));
+  TORCH_CHECK_VALUE(points.size(2) == 3, msg("points must have shape (B, P, 3), got ",
+                    shape_of(points)));
+  TORCH_CHECK_VALUE(queries.size(0) == points.size(0), msg("queries and points must have the same batch size B, got ",
+                    queries.size(0), " and ", points.size(0)));
+  TORCH_CHECK_VALUE(K >= 1 && K <= kMaxK, msg("K must be in [1, ", kMaxK, "], got ", K));
+  TORCH_CHECK_VALUE(K <= points.size(1), msg("K must be <= the number of points P = ",
+                    points.size(1), ", got K = ", K));
 }
 
 GridTensors build_grid(const at::Tensor& points) {

@@ -15,8 +15,8 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries_in,
                                             const at::Tensor& points_in, int64_t K) {
   check_inputs(queries_in, points_in, K);
-  TORCH_CHECK_VALUE(queries_in.size(0) <= 65535, "queries: batch size B must be <= 65535, got ",
-                    queries_in.size(0));
+  TORCH_CHECK_VALUE(queries_in.size(0) <= 65535, msg("queries: batch size B must be <= 65535, got ",
+                    queries_in.size(0)));
   const c10::cuda::CUDAGuard guard(queries_in.device());
   const at::Tensor queries = queries_in.contiguous();
   const at::Tensor points = points_in.contiguous();

@@ -23,34 +23,32 @@ void check_inputs(const at::Tensor& queries, const at::Tensor& points, const at:
   check_float_tensor(w1_dir, "w1_dir", 2, "(H, 27)");
   check_float_tensor(w2, "w2", 2, "(C, H)");
   check_float_tensor(b2, "b2", 1, "(C,)");
-  TORCH_CHECK_VALUE(idx.dim() == 3, "idx must have shape (B, M, K), got ", idx.sizes());
-  TORCH_CHECK_TYPE(idx.scalar_type() == at::kLong, "idx must be int64, got ", idx.scalar_type());
+  TORCH_CHECK_VALUE(idx.dim() == 3, msg("idx must have shape (B, M, K), got ", shape_of(idx)));
+  TORCH_CHECK_TYPE(idx.scalar_type() == at::kLong, msg("idx must be int64, got ", idx.scalar_type()));
   const int64_t B = queries.size(0), M = queries.size(1), P = points.size(1);
   const int64_t K = dist2.size(2), H = table.size(1), C = w2.size(0);
-  TORCH_CHECK_VALUE(queries.size(2) == 3, "queries must have shape (B, M, 3), got ",
-                    queries.sizes());
-  TORCH_CHECK_VALUE(points.size(0) == B && points.size(2) == 3, "points must have shape (", B,
-                    ", P, 3), got ", points.sizes());
-  TORCH_CHECK_VALUE(dist2.size(0) == B && dist2.size(1) == M, "dist2 must have shape (", B, ", ",
-                    M, ", K), got ", dist2.sizes());
-  TORCH_CHECK_VALUE(idx.sizes() == dist2.sizes(), "idx must have the shape of dist2 ",
-                    dist2.sizes(), ", got ", idx.sizes());
-  TORCH_CHECK_VALUE(K >= 1 && K <= kMaxK && K <= P, "K must be in [1, min(P, ", kMaxK,
-                    ")], got ", K);
-  TORCH_CHECK_VALUE(table.size(0) == P || table.size(0) == B * P, "table must have shape (",
-                    P, " or ", B * P, ", H), got ", table.sizes());
-  TORCH_CHECK_VALUE(w1_dir.size(0) == H && w1_dir.size(1) == kEmbedDim,
-                    "w1_dir must have shape (", H, ", ", kEmbedDim, "), got ", w1_dir.sizes());
-  TORCH_CHECK_VALUE(w2.size(1) == H, "w2 must have shape (C, ", H, "), got ", w2.sizes());
-  TORCH_CHECK_VALUE(b2.size(0) == C, "b2 must have shape (", C, ",), got ", b2.sizes());
+  TORCH_CHECK_VALUE(queries.size(2) == 3, msg("queries must have shape (B, M, 3), got ",
+                    shape_of(queries)));
+  TORCH_CHECK_VALUE(points.size(0) == B && points.size(2) == 3, msg("points must have shape (", B,
+                    ", P, 3), got ", shape_of(points)));
+  TORCH_CHECK_VALUE(dist2.size(0) == B && dist2.size(1) == M, msg("dist2 must have shape (", B, ", ",
+                    M, ", K), got ", shape_of(dist2)));
+  TORCH_CHECK_VALUE(idx.sizes() == dist2.sizes(), msg("idx must have the shape of dist2 ",
+                    shape_of(dist2), ", got ", shape_of(idx)));
+  TORCH_CHECK_VALUE(K >= 1 && K <= kMaxK && K <= P, msg("K must be in [1, min(P, ", kMaxK,
+                    ")], got ", K));
+  TORCH_CHECK_VALUE(table.size(0) == P || table.size(0) == B * P, msg("table must have shape (",
+                    P, " or ", B * P, ", H), got ", shape_of(table)));
+  TORCH_CHECK_VALUE(w1_dir.size(0) == H && w1_dir.size(1) == kEmbedDim, msg("w1_dir must have shape (", H, ", ", kEmbedDim, "), got ", shape_of(w1_dir)));
+  TORCH_CHECK_VALUE(w2.size(1) == H, msg("w2 must have shape (C, ", H, "), got ", shape_of(w2)));
+  TORCH_CHECK_VALUE(b2.size(0) == C, msg("b2 must have shape (", C, ",), got ", shape_of(b2)));
   if (weight_sum.has_value()) {
     check_float_tensor(*weight_sum, "weight_sum", 2, "(B, K)");
-    TORCH_CHECK_VALUE(weight_sum->size(0) == B && weight_sum->size(1) == K,
-                      "weight_sum must have shape (", B, ", ", K, "), got ",
-                      weight_sum->sizes());
+    TORCH_CHECK_VALUE(weight_sum->size(0) == B && weight_sum->size(1) == K, msg("weight_sum must have shape (", B, ", ", K, "), got ",
+                      shape_of(*weight_sum)));
     check_same_device(queries, "queries", *weight_sum, "weight_sum");
   }
-  TORCH_CHECK_VALUE(eps > 0.0, "eps must be > 0, got ", eps);
+  TORCH_CHECK_VALUE(eps > 0.0, msg("eps must be > 0, got ", eps));
   const at::Tensor* others[] = {&points, &dist2, &idx, &table, &w1_dir, &w2, &b2};
   const char* names[] = {"points", "dist2", "idx", "table", "w1_dir", "w2", "b2"};
   for (int t = 0; t < 7; ++t) check_same_device(queries, "queries", *others[t], names[t]);
@@ -96,9 +94,8 @@ Prepared prepare(const at::Tensor& queries, const at::Tensor& points, const at::
 void check_grad_out(const at::Tensor& grad_out, const Prepared& p) {
   check_float_tensor(grad_out, "grad_out", 3, "(B, M, C)");
   TORCH_CHECK_VALUE(grad_out.size(0) == p.args.B && grad_out.size(1) == p.args.M &&
-                        grad_out.size(2) == p.args.C,
-                    "grad_out must have shape (", p.args.B, ", ", p.args.M, ", ", p.args.C,
-                    "), got ", grad_out.sizes());
+                        grad_out.size(2) == p.args.C, msg("grad_out must have shape (", p.args.B, ", ", p.args.M, ", ", p.args.C,
+                    "), got ", shape_of(grad_out)));
   check_same_device(p.queries, "queries", grad_out, "grad_out");
 }
 
@@ -107,8 +104,7 @@ namespace {
 void check_indices(const at::Tensor& idx, int64_t P) {
   if (idx.numel() == 0) return;
   const auto [lo, hi] = at::aminmax(idx);
-  TORCH_CHECK_VALUE(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < P,
-                    "idx must hold indices in [0, P = ", P, ")");
+  TORCH_CHECK_VALUE(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < P, msg("idx must hold indices in [0, P = ", P, ")"));
 }
 
 // The per-query loops, compiled twice (AVX2 and baseline x86-64, chosen at load

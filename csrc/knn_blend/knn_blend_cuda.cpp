@@ -34,11 +34,10 @@ Prepared prepare_cuda(const at::Tensor& queries, const at::Tensor& points, const
                       const at::Tensor& w2, const at::Tensor& b2,
                       const std::optional<at::Tensor>& weight_sum, double eps) {
   Prepared p = prepare(queries, points, dist2, idx, table, w1_dir, w2, b2, weight_sum, eps);
-  TORCH_CHECK_VALUE(p.args.H <= kMaxHidden && p.args.C <= kMaxOut,
-                    "the CUDA knn_blend supports hidden size H <= ", kMaxHidden,
+  TORCH_CHECK_VALUE(p.args.H <= kMaxHidden && p.args.C <= kMaxOut, msg("the CUDA knn_blend supports hidden size H <= ", kMaxHidden,
                     " and output size C <= ", kMaxOut, ", got H = ", p.args.H, ", C = ", p.args.C,
-                    " (use backend='triton' or 'torch')");
-  TORCH_CHECK_VALUE(p.args.B <= 65535, "queries: batch size B must be <= 65535, got ", p.args.B);
+                    " (use backend='triton' or 'torch')"));
+  TORCH_CHECK_VALUE(p.args.B <= 65535, msg("queries: batch size B must be <= 65535, got ", p.args.B));
   return p;
 }
 

@@ -14,10 +14,10 @@ namespace rays {
 void check_ray_box(const at::Tensor& origins, const at::Tensor& dirs, double lo, double hi) {
   check_contiguous_float(origins, "origins", 2, "(R, 3)");
   check_contiguous_float(dirs, "dirs", 2, "(R, 3)");
-  TORCH_CHECK_VALUE(origins.size(1) == 3, "origins must have shape (R, 3), got ", origins.sizes());
-  TORCH_CHECK_VALUE(dirs.sizes() == origins.sizes(), "dirs must have shape ", origins.sizes(),
-                    " like origins, got ", dirs.sizes());
-  TORCH_CHECK_VALUE(lo < hi, "box_min must be < box_max, got ", lo, " and ", hi);
+  TORCH_CHECK_VALUE(origins.size(1) == 3, msg("origins must have shape (R, 3), got ", shape_of(origins)));
+  TORCH_CHECK_VALUE(dirs.sizes() == origins.sizes(), msg("dirs must have shape ", shape_of(origins),
+                    " like origins, got ", shape_of(dirs)));
+  TORCH_CHECK_VALUE(lo < hi, msg("box_min must be < box_max, got ", lo, " and ", hi));
   check_same_device(origins, "origins", dirs, "dirs");
 }
 
@@ -25,14 +25,14 @@ void check_stratified(const at::Tensor& t0, const at::Tensor& t1, int64_t S,
                       const std::optional<at::Tensor>& u) {
   check_contiguous_float(t0, "t0", 1, "(R,)");
   check_contiguous_float(t1, "t1", 1, "(R,)");
-  TORCH_CHECK_VALUE(t1.size(0) == t0.size(0), "t1 must have shape (", t0.size(0), ",), got ",
-                    t1.sizes());
-  TORCH_CHECK_VALUE(S >= 1, "S must be >= 1, got ", S);
+  TORCH_CHECK_VALUE(t1.size(0) == t0.size(0), msg("t1 must have shape (", t0.size(0), ",), got ",
+                    shape_of(t1)));
+  TORCH_CHECK_VALUE(S >= 1, msg("S must be >= 1, got ", S));
   check_same_device(t0, "t0", t1, "t1");
   if (u.has_value()) {
     check_contiguous_float(*u, "jitter", 2, "(R, S + 1)");
-    TORCH_CHECK_VALUE(u->size(0) == t0.size(0) && u->size(1) == S + 1, "jitter must have shape (",
-                      t0.size(0), ", ", S + 1, "), got ", u->sizes());
+    TORCH_CHECK_VALUE(u->size(0) == t0.size(0) && u->size(1) == S + 1, msg("jitter must have shape (",
+                      t0.size(0), ", ", S + 1, "), got ", shape_of(*u)));
     check_same_device(t0, "t0", *u, "jitter");
   }
 }
@@ -41,15 +41,15 @@ void check_importance(const at::Tensor& t, const at::Tensor& w, int64_t n,
                       const std::optional<at::Tensor>& offset) {
   check_contiguous_float(t, "depths", 2, "(R, S)");
   check_contiguous_float(w, "weights", 2, "(R, S)");
-  TORCH_CHECK_VALUE(w.sizes() == t.sizes(), "weights must have the shape of depths ", t.sizes(),
-                    ", got ", w.sizes());
-  TORCH_CHECK_VALUE(t.size(1) >= 2, "depths must have shape (R, S) with S >= 2, got ", t.sizes());
-  TORCH_CHECK_VALUE(n >= 2, "n must be >= 2, got ", n);
+  TORCH_CHECK_VALUE(w.sizes() == t.sizes(), msg("weights must have the shape of depths ", shape_of(t),
+                    ", got ", shape_of(w)));
+  TORCH_CHECK_VALUE(t.size(1) >= 2, msg("depths must have shape (R, S) with S >= 2, got ", shape_of(t)));
+  TORCH_CHECK_VALUE(n >= 2, msg("n must be >= 2, got ", n));
   check_same_device(t, "depths", w, "weights");
   if (offset.has_value()) {
     check_contiguous_float(*offset, "offset", 1, "(R,)");
-    TORCH_CHECK_VALUE(offset->size(0) == t.size(0), "offset must have shape (", t.size(0),
-                      ",), got ", offset->sizes());
+    TORCH_CHECK_VALUE(offset->size(0) == t.size(0), msg("offset must have shape (", t.size(0),
+                      ",), got ", shape_of(*offset)));
     check_same_device(t, "depths", *offset, "offset");
   }
 }
@@ -57,8 +57,8 @@ void check_importance(const at::Tensor& t, const at::Tensor& w, int64_t n,
 void check_merge(const at::Tensor& a, const at::Tensor& b) {
   check_contiguous_float(a, "depths_a", 2, "(R, Sa)");
   check_contiguous_float(b, "depths_b", 2, "(R, Sb)");
-  TORCH_CHECK_VALUE(b.size(0) == a.size(0), "depths_b must have shape (", a.size(0),
-                    ", Sb), got ", b.sizes());
+  TORCH_CHECK_VALUE(b.size(0) == a.size(0), msg("depths_b must have shape (", a.size(0),
+                    ", Sb), got ", shape_of(b)));
   check_same_device(a, "depths_a", b, "depths_b");
 }
 

@@ -161,18 +161,15 @@ void dispatch_dtype(int dtype, T&& fn) {
 }  // namespace
 
 Args check_inputs(const at::Tensor& planes, const at::Tensor& coords, bool concat) {
-  TORCH_CHECK_VALUE(planes.dim() == 5 && planes.size(1) == 3,
-                    "planes must have shape (B, 3, H, W, C) (channels-last), got ", planes.sizes());
+  TORCH_CHECK_VALUE(planes.dim() == 5 && planes.size(1) == 3, msg("planes must have shape (B, 3, H, W, C) (channels-last), got ", shape_of(planes)));
   const auto st = planes.scalar_type();
-  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
-                   "planes must be float32, float16 or bfloat16, got ", st);
-  TORCH_CHECK_VALUE(planes.is_contiguous(), "planes must be contiguous (B, 3, H, W, C)");
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, msg("planes must be float32, float16 or bfloat16, got ", st));
+  TORCH_CHECK_VALUE(planes.is_contiguous(), msg("planes must be contiguous (B, 3, H, W, C)"));
   check_contiguous_float(coords, "coords", 3, "(B, M, 3)");
-  TORCH_CHECK_VALUE(coords.size(2) == 3, "coords must have shape (B, M, 3), got ", coords.sizes());
-  TORCH_CHECK_VALUE(coords.size(0) == planes.size(0), "coords must have shape (", planes.size(0),
-                    ", M, 3) (the batch size of planes), got ", coords.sizes());
-  TORCH_CHECK_VALUE(planes.size(2) >= 1 && planes.size(3) >= 1,
-                    "planes must have H >= 1 and W >= 1, got ", planes.sizes());
+  TORCH_CHECK_VALUE(coords.size(2) == 3, msg("coords must have shape (B, M, 3), got ", shape_of(coords)));
+  TORCH_CHECK_VALUE(coords.size(0) == planes.size(0), msg("coords must have shape (", planes.size(0),
+                    ", M, 3) (the batch size of planes), got ", shape_of(coords)));
+  TORCH_CHECK_VALUE(planes.size(2) >= 1 && planes.size(3) >= 1, msg("planes must have H >= 1 and W >= 1, got ", shape_of(planes)));
   check_same_device(planes, "planes", coords, "coords");
   Args a;
   a.planes = planes.data_ptr();
@@ -190,9 +187,8 @@ Args check_inputs(const at::Tensor& planes, const at::Tensor& coords, bool conca
 void check_grad_out(const Args& a, const at::Tensor& grad_out, const at::Tensor& planes) {
   check_contiguous_float(grad_out, "grad_out", 3, a.concat ? "(B, M, 3C)" : "(B, M, C)");
   const int64_t row = a.concat ? 3 * a.C : a.C;
-  TORCH_CHECK_VALUE(grad_out.size(0) == a.B && grad_out.size(1) == a.M && grad_out.size(2) == row,
-                    "grad_out must have shape (", a.B, ", ", a.M, ", ", row, "), got ",
-                    grad_out.sizes());
+  TORCH_CHECK_VALUE(grad_out.size(0) == a.B && grad_out.size(1) == a.M && grad_out.size(2) == row, msg("grad_out must have shape (", a.B, ", ", a.M, ", ", row, "), got ",
+                    shape_of(grad_out)));
   check_same_device(planes, "planes", grad_out, "grad_out");
 }
 
