@@ -17,7 +17,7 @@ $(VENV)/.deps: pyproject.toml
 	touch $@
 
 # Rebuilt when a kernel source changes; builds CUDA kernels whenever nvcc exists.
-$(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu)
+$(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cuh csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu)
 	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 

@@ -180,18 +180,22 @@ class VolumeRenderer(nn.Module):
         o, d = origins.reshape(B * HW, 3), dirs.reshape(B * HW, 3)
         lo, hi = self.box
         kw = dict(backend=self.backend)
+        # The ops below only see tensors made by the ops before them: their value checks
+        # (host syncs) are skipped; ray_box checks the rays once.
+        internal = dict(backend=self.backend, validate=False)
 
         t0, t1, _ = ops.ray_box(o, d, lo, hi, **kw)
-        coarse_t = ops.stratified_depths(t0, t1, self.n_coarse, jitter=stratified, generator=generator, **kw)
+        coarse_t = ops.stratified_depths(t0, t1, self.n_coarse, jitter=stratified, generator=generator,
+                                         **internal)
         # Sample positions are computed in float32 like the depths (the ops' contract).
         o32, d32 = o.detach().float(), d.detach().float()
         alpha_c, value_c, extras_c = self._query(field, o32, d32, coarse_t, B, "coarse")
         coarse = ops.composite(alpha_c, value_c, **kw)
 
         fine_t = ops.importance_depths(coarse_t, coarse.weights.detach(), self.n_fine, stratified=stratified,
-                                       generator=generator, **kw)
+                                       generator=generator, **internal)
         alpha_f, value_f, extras_f = self._query(field, o32, d32, fine_t, B, "fine")
-        depths, order = ops.merge_samples(coarse_t, fine_t, **kw)
+        depths, order = ops.merge_samples(coarse_t, fine_t, **internal)
         alphas = ops.gather_samples(torch.cat([alpha_c, alpha_f.to(alpha_c.dtype)], dim=1), order)
         values = ops.gather_samples(torch.cat([value_c, value_f.to(value_c.dtype)], dim=1), order)
         fine = ops.composite(alphas, values, depths, **kw)
