@@ -17,7 +17,17 @@ are measured on R = B * image^2 rays (paper: 128x128 rays, 32 coarse + 32 fine s
   field (alpha = sigmoid of a linear function of the coordinates, zeroed outside the box;
   value = a linear map of the coordinates), under ``torch.no_grad()``;
 * ``render fwd+bwd``     -- the same, then gradients of the fine and coarse images
-  w.r.t. the field's parameters.
+  w.r.t. the field's parameters;
+* ``chain fwd``          -- the whole ``VolumeRenderer`` (camera rays, box, both sampling
+  passes, merge, gathers, both composites, depth) driven by a field of ~zero cost: it
+  returns alpha (B, N) / value (B, N, C) tensors precomputed once for each pass (N =
+  image^2 * n_coarse for the coarse call, image^2 * n_fine for the fine one), so the row
+  isolates the sampling + compositing chain (issue 5 target: <= 0.5 ms per frame at
+  128^2 rays x 64 samples on an H100), under ``torch.no_grad()``;
+* ``chain fwd+bwd``      -- the same with the precomputed tensors as leaves requiring grad,
+  then gradients of the fine and coarse images w.r.t. them.
+
+Every row also gets ``ms_per_frame`` = median / B (the ``ms/frame`` column).
 
 The ray ops have no Triton kernels (``backend="triton"`` dispatches them to the CUDA op),
 so the four ray-op cases get no ``triton`` row.  A ``nerfacc`` row is added for
@@ -28,13 +38,13 @@ The camera: R a small per-batch rotation, T = (0, 0, 14): the box [-1, 1]^3 cove
 the view and some corner rays miss it (the share of hits is in the config).
 
 Before timing, each backend is compared with the torch reference (``gpavatar.ops.reference``
-for the ops on N_CHECK rays spread over the image; a ``backend="torch"`` renderer at image 16 for the
-render cases, outputs and parameter gradients); the largest absolute error is stored as
-``max_abs_err`` and a row whose error exceeds the tolerance is flagged ``MISMATCH`` (the
-run goes on).  Speed-up and memory ratios are relative to the ``torch`` row of the same
-case and B in the same run.  A backend that raises (or whose C++ / Triton op is not
-registered yet: the public ops would silently fall back to torch) gets its error string
-in the row; the script still exits 0.
+for the ops on N_CHECK rays spread over the image; a ``backend="torch"`` renderer at image 16
+for the render and chain cases, outputs and gradients w.r.t. the field's parameters / the
+precomputed tensors); the largest absolute error is stored as ``max_abs_err`` and a row
+whose error exceeds the tolerance is flagged ``MISMATCH`` (the run goes on).  Speed-up and
+memory ratios are relative to the ``torch`` row of the same case and B in the same run.  A
+backend that raises (or whose C++ / Triton op is not registered yet: the public ops would
+silently fall back to torch) gets its error string in the row; the script still exits 0.
 
 Usage::
 
@@ -64,11 +74,13 @@ SIZES = {
     "small": dict(Bs=(1,), image=16, n_coarse=8, n_fine=8, C=8),  # smoke run
 }
 FOCAL, CAMERA_DISTANCE = 12.0, 14.0
-CHECK_IMAGE = 16  # render cases are checked at this image size
+CHECK_IMAGE = 16  # render and chain cases are checked at this image size
+CHAIN_TARGET_MS = 0.5  # issue 5: sampling + compositing chain per frame at 128^2 x 64 on an H100
 N_CHECK = 1024  # rays used for the op checks
 ATOL, RTOL = 1e-4, 1e-4  # flagged when |a-b| > ATOL + RTOL * max|ref|
 RAY_CASES = ("ray_box", "stratified", "importance", "merge")
-CASES = RAY_CASES + ("composite fwd", "composite fwd+bwd", "render fwd", "render fwd+bwd")
+RENDERER_CASES = ("render fwd", "render fwd+bwd", "chain fwd", "chain fwd+bwd")  # whole VolumeRenderer
+CASES = RAY_CASES + ("composite fwd", "composite fwd+bwd") + RENDERER_CASES
 NERFACC_CASES = ("ray_box", "composite fwd", "composite fwd+bwd")
 
 
@@ -112,15 +124,15 @@ def backend_unavailable(case: str, backend: str) -> str | None:
     if backend == "nerfacc":
         return None if nerfacc_available() else "nerfacc cannot be imported"
     ray_ops = ("ray_box", "stratified_depths", "importance_depths", "merge_samples")
-    needs_rays = case in RAY_CASES or case.startswith("render")
-    needs_comp = case.startswith(("composite", "render"))
+    needs_rays = case in RAY_CASES or case in RENDERER_CASES
+    needs_comp = case.startswith("composite") or case in RENDERER_CASES
     if backend in ("cpu", "cuda"):
         names = (ray_ops if needs_rays else ()) + (("composite_forward",) if needs_comp else ())
         return _cpp_missing(names)
     if backend == "triton":
         if case in RAY_CASES:
             return "no Triton kernel for the ray ops (backend='triton' dispatches them to the CUDA op)"
-        if case.startswith("render"):  # the ray ops of the render run on the CUDA op
+        if case in RENDERER_CASES:  # the ray ops of the renderer run on the CUDA op
             why = _cpp_missing(ray_ops)
             if why:
                 return why
@@ -185,6 +197,10 @@ def make_inputs(B, image, n_coarse, n_fine, C, *, device="cpu", seed=0) -> dict:
         grad_fine=torch.randn(B, C, image, image, generator=g),
         grad_coarse=torch.randn(B, C, image, image, generator=g),
     )
+    # The chain cases' precomputed field outputs (drawn last: the tensors above do not change).
+    for which, n in (("coarse", n_coarse), ("fine", n_fine)):
+        out[f"chain_alpha_{which}"] = torch.rand(B, image * image * n, generator=g) * 0.3
+        out[f"chain_value_{which}"] = torch.randn(B, image * image * n, C, generator=g)
     out = {k: t.to(device).contiguous() for k, t in out.items()}
     out.update(B=B, image=image, n_coarse=n_coarse, n_fine=n_fine, C=C, hit_frac=float(hit.double().mean()))
     return out
@@ -208,6 +224,33 @@ def trivial_field(params):
         return alpha, coords @ w + c, None
 
     return field
+
+
+CHAIN_KEYS = ("chain_alpha_coarse", "chain_value_coarse", "chain_alpha_fine", "chain_value_fine")
+
+
+def chain_field(tensors):
+    """A field of ~zero cost for one render: it returns the precomputed (alpha, value) of
+    each pass, ``tensors`` = (alpha_coarse (B, N_c), value_coarse (B, N_c, C), alpha_fine
+    (B, N_f), value_fine (B, N_f, C)).  The pass is told by N; when n_coarse == n_fine (the
+    paper's 32 + 32) both match, and the call order decides (the renderer calls the field
+    exactly twice per forward, coarse first).  Make a fresh one per render."""
+    alpha_c, value_c, alpha_f, value_f = tensors
+    pending = [(alpha_c, value_c), (alpha_f, value_f)]
+
+    def field(coords, dirs):
+        N = coords.shape[1]
+        i = 0 if pending[0][0].shape[1] == N or len(pending) == 1 else 1
+        alpha, value = pending.pop(i)
+        if alpha.shape[1] != N:
+            raise ValueError(f"chain field: no precomputed pass with N = {N}")
+        return alpha, value, None
+
+    return field
+
+
+def _chain_tensors(inp, requires_grad):
+    return tuple(inp[k].detach().clone().requires_grad_(requires_grad) for k in CHAIN_KEYS)
 
 
 def _field_params(inp, requires_grad):
@@ -284,21 +327,30 @@ def make_case_fn(case: str, backend: str, inp: dict):
                                         (inp["grad_color"], inp["grad_opacity"]))
             return tuple(out), grads
         return fn
-    if case.startswith("render"):
-        backward = case == "render fwd+bwd"
+    if case in RENDERER_CASES:
+        backward = case.endswith("fwd+bwd")
         renderer = VolumeRenderer(image_size=inp["image"], focal=FOCAL, n_coarse=inp["n_coarse"],
                                   n_fine=inp["n_fine"], backend=backend).to(inp["transform"].device)
-        params = _field_params(inp, backward)
-        field = trivial_field(params)
+        if case.startswith("chain"):  # precomputed once; a fresh (free) closure per render
+            params = _chain_tensors(inp, backward)
+
+            def new_field():
+                return chain_field(params)
+        else:
+            params = _field_params(inp, backward)
+            field = trivial_field(params)
+
+            def new_field():
+                return field
         transform = inp["transform"]
         if not backward:
             def fn():
                 with torch.no_grad():
-                    return renderer(field, transform)
+                    return renderer(new_field(), transform)
             return fn
 
         def fn():
-            out = renderer(field, transform)
+            out = renderer(new_field(), transform)
             grads = torch.autograd.grad((out["fine"], out["coarse"]), params,
                                         (inp["grad_fine"], inp["grad_coarse"]))
             return out, grads
@@ -360,7 +412,7 @@ def _flatten(case: str, backend: str, got, inp: dict):
 
 
 def check_case(case: str, backend: str, inp: dict, device) -> tuple[float, bool]:
-    if case.startswith("render"):
+    if case in RENDERER_CASES:
         return _check_render(case, backend, inp, device)
     sub = subset(inp, N_CHECK)
     got = _flatten(case, backend, make_case_fn(case, backend, sub)(), sub)
@@ -376,7 +428,7 @@ def _check_render(case: str, backend: str, inp: dict, device) -> tuple[float, bo
     small = make_inputs(inp["B"], min(CHECK_IMAGE, inp["image"]), inp["n_coarse"], inp["n_fine"], inp["C"],
                         device=device, seed=1)
     got, want = make_case_fn(case, backend, small)(), make_case_fn(case, "torch", small)()
-    if case == "render fwd":
+    if not case.endswith("fwd+bwd"):
         got, want = (got, ()), (want, ())
     keys = ("coarse", "fine", "opacity", "depth_raw", "coarse_alphas")
     errs = [_err(got[0][k], want[0][k]) for k in keys]
@@ -389,7 +441,8 @@ def _check_render(case: str, backend: str, inp: dict, device) -> tuple[float, bo
 def run_row(case, backend, inp, device, *, repeats, warmup, max_seconds, min_repeats=3):
     row = dict(case=case, backend=backend, B=inp["B"], rays=inp["origins"].shape[0],
                samples=inp["n_coarse"] + inp["n_fine"], median_ms=None, p20_ms=None, p80_ms=None,
-               repeats=0, peak_mem_bytes=None, max_abs_err=None, correct=None, error=None)
+               repeats=0, ms_per_frame=None, peak_mem_bytes=None, max_abs_err=None, correct=None,
+               error=None)
     try:
         why = backend_unavailable(case, backend)
         if why:
@@ -397,6 +450,8 @@ def run_row(case, backend, inp, device, *, repeats, warmup, max_seconds, min_rep
         row["max_abs_err"], row["correct"] = check_case(case, backend, inp, device)
         row.update(H.measure(make_case_fn(case, backend, inp), device, repeats=repeats,
                              warmup=warmup, max_seconds=max_seconds, min_repeats=min_repeats))
+        if row["median_ms"] is not None:
+            row["ms_per_frame"] = row["median_ms"] / row["B"]
     except Exception as exc:  # keep going: the report records the failure
         row["error"] = f"{type(exc).__name__}: {exc}"[:500]
         if not isinstance(exc, RuntimeError) or not str(exc).startswith(
@@ -432,22 +487,28 @@ def render_markdown(payload: dict) -> str:
         dev=H.device_label(env), Bs=list(cfg["Bs"]), focal=FOCAL, dist=CAMERA_DISTANCE,
         hit="-" if cfg["hit_frac"] is None else f"{cfg['hit_frac']:.0%}",
         **{k: cfg[k] for k in ("size", "image", "n_coarse", "n_fine", "C")})
-    headers = ["case", "B", "backend", "median ms", "p20-p80 ms", "speed-up vs torch",
+    headers = ["case", "B", "backend", "median ms", "p20-p80 ms", "ms/frame", "speed-up vs torch",
                "peak mem", "mem vs torch", "max abs err", "status"]
     body = []
     for r in payload["rows"]:
         spread = f"{H.fmt_ms(r['p20_ms'])}-{H.fmt_ms(r['p80_ms'])}" if r["p20_ms"] is not None else "-"
         err = "-" if r["max_abs_err"] is None else f"{r['max_abs_err']:.2e}"
         body.append([r["case"], r["B"], r["backend"], H.fmt_ms(r["median_ms"]), spread,
+                     H.fmt_ms(r.get("ms_per_frame")),
                      H.fmt_ratio(r.get("speedup_vs_torch")), H.fmt_bytes(r["peak_mem_bytes"]),
                      H.fmt_ratio(r.get("mem_vs_torch")), err, status(r)])
-    note = ("Times: median over repeats (p20-p80 spread). Peak mem: " +
+    note = ("Times: median over repeats (p20-p80 spread); ms/frame = median / B. Peak mem: " +
             ("CUDA max_memory_allocated above the pre-call level (inputs excluded)."
              if cfg["device"].startswith("cuda") else
              "CPU tensor memory from torch.profiler allocation events (no malloc/stack).") +
             f" Ops checked against gpavatar.ops.reference on {cfg['n_check']} rays spread over the image; render "
-            f"cases against a backend='torch' renderer at {CHECK_IMAGE}x{CHECK_IMAGE} (outputs and field "
-            "gradients). Render rows include the trivial field (identical for every backend). The ray "
+            f"and chain cases against a backend='torch' renderer at {CHECK_IMAGE}x{CHECK_IMAGE} (outputs and "
+            "gradients w.r.t. the field's parameters / precomputed tensors). Render rows include the "
+            "trivial field (identical for every backend). Chain rows are the same renderer with a field "
+            "of ~zero cost (it returns alpha / value tensors precomputed per pass; fwd+bwd: gradients "
+            "w.r.t. them): the sampling + compositing chain alone. "
+            f"Issue 5 target: chain <= {CHAIN_TARGET_MS:g} ms/frame at 128x128 rays x 64 samples "
+            "(size `paper`) on an H100; rows of another size or card do not measure it. The ray "
             "ops have no Triton kernels (no triton rows).")
     parts = [title, H.env_markdown(env), H.markdown_table(headers, body), note]
     return "\n\n".join(parts) + "\n"

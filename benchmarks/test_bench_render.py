@@ -6,9 +6,14 @@ parametrized over the CPU backends (``torch``, ``cpu``); CUDA cases over the CUD
 backends (``torch``, ``cuda``, ``triton``) and are skipped without a GPU or when a backend
 is not available (including a C++ extension that does not register the ray / composite
 ops yet, or a missing Triton composite kernel; the ray ops have no Triton kernels).
+The cases are the script's ``CASES``: the ray ops, the composite, the renderer with a
+trivial field (``render ...``) and with a field of ~zero cost returning precomputed
+tensors (``chain ...``: the sampling + compositing chain alone, issue 5's 0.5 ms/frame
+target at 128^2 x 64 on an H100).
 These are timings, not tests of correctness -- the package's own suite lives in
 ``tests/``; ``test_script_smoke`` only checks that the benchmark script runs and its
-torch rows agree with the reference.
+torch rows agree with the reference, ``test_chain_field`` that the chain cases render the
+precomputed tensors and differentiate w.r.t. them.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_render import CASES, RAY_CASES, backend_unavailable, main, make_case_fn, make_inputs  # noqa: E402
+from bench_render import (  # noqa: E402
+    CASES, CHAIN_KEYS, RAY_CASES, backend_unavailable, main, make_case_fn, make_inputs,
+)
 
 ops = pytest.importorskip("gpavatar.ops")
 
@@ -102,6 +109,25 @@ def test_script_smoke(tmp_path):
     for r in rows:
         assert r["error"] is None and r["correct"], r
         assert r["median_ms"] > 0 and r["speedup_vs_torch"] == 1.0 and r["B"] == 1
+        assert r["ms_per_frame"] == r["median_ms"] / r["B"]
+
+
+@pytest.mark.parametrize("n_fine", [4, 8])  # 8 == n_coarse: the passes are told by call order
+def test_chain_field(n_fine):
+    """The chain cases render the precomputed tensors of each pass and, fwd+bwd, return
+    gradients w.r.t. exactly those tensors."""
+    from gpavatar.ops import reference as ref
+
+    inp = make_inputs(B=2, image=8, n_coarse=8, n_fine=n_fine, C=4, device="cpu", seed=3)
+    out = make_case_fn("chain fwd", "torch", inp)()
+    alpha_c, value_c = inp["chain_alpha_coarse"], inp["chain_value_coarse"]
+    color = ref.composite_reference(alpha_c.reshape(-1, 8), value_c.reshape(-1, 8, 4))[0]
+    torch.testing.assert_close(out["coarse"], color.reshape(2, 8, 8, 4).permute(0, 3, 1, 2))
+    torch.testing.assert_close(out["coarse_alphas"], alpha_c.reshape(2, 64, 8))
+    got, grads = make_case_fn("chain fwd+bwd", "torch", inp)()
+    torch.testing.assert_close(got["fine"], out["fine"])
+    assert [g.shape for g in grads] == [inp[k].shape for k in CHAIN_KEYS]
+    assert all(bool(g.abs().sum() > 0) for g in grads)
 
 
 def test_unavailable_backends_are_rows_not_crashes(tmp_path):

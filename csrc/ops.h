@@ -13,6 +13,7 @@
 #include "knn_blend/knn_blend.h"
 #include "triplane/triplane.h"
 #include "rays/rays.h"
+#include "composite/composite.h"
 
 namespace gpavatar {
 
@@ -99,6 +100,9 @@ namespace composite {
 // alphas (R, S), values (R, S, C), depths (R, S) or none; all float32 contiguous.
 void check_inputs(const at::Tensor& alphas, const at::Tensor& values,
                   const std::optional<at::Tensor>& depths);
+// The raw view of checked inputs.
+Args make_args(const at::Tensor& alphas, const at::Tensor& values,
+               const std::optional<at::Tensor>& depths);
 void check_grads(const at::Tensor& alphas, const at::Tensor& values, const at::Tensor& grad_color,
                  const at::Tensor& grad_opacity, const at::Tensor& grad_weights,
                  const at::Tensor& grad_depth);

@@ -48,14 +48,14 @@ void check_grads(const at::Tensor& alphas, const at::Tensor& values, const at::T
   for (int i = 0; i < 4; ++i) check_same_device(alphas, "alphas", *grads[i], names[i]);
 }
 
-namespace {
-
 Args make_args(const at::Tensor& alphas, const at::Tensor& values,
                const std::optional<at::Tensor>& depths) {
   return {alphas.data_ptr<float>(), values.data_ptr<float>(),
           depths.has_value() ? depths->data_ptr<float>() : nullptr, alphas.size(0), alphas.size(1),
           values.size(2)};
 }
+
+namespace {
 
 int64_t grain(const Args& a) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, a.S * a.C)); }
 

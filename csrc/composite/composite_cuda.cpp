@@ -11,13 +11,6 @@ namespace gpavatar {
 namespace composite {
 namespace {
 
-Args make_args(const at::Tensor& alphas, const at::Tensor& values,
-               const std::optional<at::Tensor>& depths) {
-  return {alphas.data_ptr<float>(), values.data_ptr<float>(),
-          depths.has_value() ? depths->data_ptr<float>() : nullptr, alphas.size(0), alphas.size(1),
-          values.size(2)};
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
     const at::Tensor& alphas, const at::Tensor& values, const std::optional<at::Tensor>& depths) {
   const c10::cuda::CUDAGuard guard(alphas.device());
