@@ -180,11 +180,11 @@ class VolumeRenderer(nn.Module):
         o, d = origins.reshape(B * HW, 3), dirs.reshape(B * HW, 3)
         lo, hi = self.box
         kw = dict(backend=self.backend)
-        # The ops below only see tensors made by the ops before them: their value checks
-        # (host syncs) are skipped; ray_box checks the rays once.
+        # The ops below only see rays from a checked (finite) transform and tensors made by
+        # the ops before them: their value checks (host syncs) are skipped.
         internal = dict(backend=self.backend, validate=False)
 
-        t0, t1, _ = ops.ray_box(o, d, lo, hi, **kw)
+        t0, t1, _ = ops.ray_box(o, d, lo, hi, **internal)
         coarse_t = ops.stratified_depths(t0, t1, self.n_coarse, jitter=stratified, generator=generator,
                                          **internal)
         # Sample positions are computed in float32 like the depths (the ops' contract).
