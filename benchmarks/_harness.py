@@ -19,7 +19,8 @@ scripts run on a bare GPU machine (no network, no ``rich``/``pandas``).
 * :func:`measure` -- :func:`peak_memory` of one call (also a warm-up), then
   :func:`time_fn`; the usual sequence for one benchmark row.
 * :func:`env_info` -- a dict describing the machine and the software.
-* :func:`write_json`, :func:`markdown_table` -- output.
+* :func:`write_json`, :func:`markdown_table` -- output; :func:`emit_report` -- the end of
+  every script's ``main`` (print the table, write the JSON and markdown, exit status).
 """
 
 from __future__ import annotations
@@ -319,3 +320,30 @@ def env_markdown(info: dict) -> str:
     keys = ["gpu", "cpu", "torch_threads", "torch", "torch_cuda", "triton", "python",
             "git_commit", "date"]
     return "\n".join(f"- {k}: {info.get(k)}" for k in keys if info.get(k) is not None)
+
+
+def emit_report(payload: dict, markdown: str, json_path: str | None, markdown_path: str | None) -> int:
+    """Print ``markdown`` (plus ``payload["error"]`` in bold), write the JSON / markdown files
+    asked for, and return the script's exit status: 1 when ``payload["error"]`` is set."""
+    if payload.get("error"):
+        markdown += f"\n**{payload['error']}**\n"
+    print(markdown)
+    if json_path:
+        write_json(json_path, payload)
+    if markdown_path:
+        os.makedirs(os.path.dirname(os.path.abspath(markdown_path)), exist_ok=True)
+        with open(markdown_path, "w") as fh:
+            fh.write(markdown)
+    return 1 if payload.get("error") else 0
+
+
+def resolve_device(name: str) -> torch.device | None:
+    """``--device`` (cpu | cuda | auto) -> a device; None (after an error on stderr) when CUDA
+    is asked for and absent."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return None
+    return device

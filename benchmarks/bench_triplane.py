@@ -315,12 +315,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+    device = H.resolve_device(args.device)
+    if device is None:
         return 2
     size = args.size or ("paper" if device.type == "cuda" else "cpu")
     repeats = args.repeats or {"paper": 20, "cpu": 10, "small": 10}[size]
@@ -370,17 +366,7 @@ def main(argv=None) -> int:
                 H.write_json(args.json, dict(payload, partial=True))
     add_ratios(payload["rows"])
 
-    md = render_markdown(payload)
-    if payload["error"]:
-        md += f"\n**{payload['error']}**\n"
-    print(md)
-    if args.json:
-        H.write_json(args.json, payload)
-    if args.markdown:
-        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
-        with open(args.markdown, "w") as fh:
-            fh.write(md)
-    return 1 if payload["error"] else 0
+    return H.emit_report(payload, render_markdown(payload), args.json, args.markdown)
 
 
 if __name__ == "__main__":
