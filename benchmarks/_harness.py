@@ -347,3 +347,15 @@ def resolve_device(name: str) -> torch.device | None:
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return None
     return device
+
+
+def add_ratios(rows: list[dict], key: Callable[[dict], Any] = lambda r: r["case"],
+               baseline_of: Callable[[dict], Any] | None = None) -> None:
+    """Set ``speedup_vs_torch`` and ``mem_vs_torch`` of every row against the error-free
+    ``torch`` row with the same ``key`` (or the key ``baseline_of(row)`` names)."""
+    ref = {key(r): r for r in rows if r["backend"] == "torch" and r["error"] is None}
+    for r in rows:
+        t = ref.get(baseline_of(r) if baseline_of else key(r))
+        r["speedup_vs_torch"] = t["median_ms"] / r["median_ms"] if t and r["median_ms"] else None
+        r["mem_vs_torch"] = (r["peak_mem_bytes"] / t["peak_mem_bytes"]
+                             if t and r["peak_mem_bytes"] is not None and t["peak_mem_bytes"] else None)

@@ -27,7 +27,6 @@ import argparse
 import math
 import os
 import sys
-import time
 import traceback
 
 import torch
@@ -172,14 +171,8 @@ def run_row(case, backend, inp, device, *, repeats, warmup, max_seconds, normali
                repeats=0, peak_mem_bytes=None, max_abs_err=None, correct=None, error=None)
     try:
         row["max_abs_err"], row["correct"] = check_case(case, backend, inp, normalize)
-        fn = make_case_fn(case, backend, inp, normalize)
-        if device.type == "cuda":  # JIT / autotuning (and its scratch buffers) before memory
-            fn()
-        t0 = time.perf_counter()
-        row["peak_mem_bytes"] = H.peak_memory(fn, device)  # also serves as a warm-up call
-        est = time.perf_counter() - t0
-        row.update(H.time_fn(fn, device, repeats=repeats, warmup=warmup, max_seconds=max_seconds,
-                             min_repeats=min_repeats, est_seconds=est))
+        row.update(H.measure(make_case_fn(case, backend, inp, normalize), device, repeats=repeats,
+                             warmup=warmup, max_seconds=max_seconds, min_repeats=min_repeats))
     except Exception as exc:  # keep going: the report records the failure
         row["error"] = f"{type(exc).__name__}: {exc}"[:500]
         traceback.print_exc(limit=3)
@@ -188,17 +181,6 @@ def run_row(case, backend, inp, device, *, repeats, warmup, max_seconds, normali
             torch.cuda.synchronize(device)
             torch.cuda.empty_cache()
     return row
-
-
-def add_ratios(rows: list[dict]) -> None:
-    ref = {r["case"]: r for r in rows if r["backend"] == "torch" and r["error"] is None}
-    for r in rows:
-        t = ref.get(r["case"])
-        r["speedup_vs_torch"] = (t["median_ms"] / r["median_ms"]
-                                 if t and r["median_ms"] else None)
-        r["mem_vs_torch"] = (r["peak_mem_bytes"] / t["peak_mem_bytes"]
-                             if t and r["peak_mem_bytes"] is not None and t["peak_mem_bytes"]
-                             else None)
 
 
 def status(r: dict) -> str:
@@ -286,9 +268,9 @@ def main(argv=None) -> int:
                                            normalize=args.normalize,
                                            min_repeats=args.min_repeats))
             if args.json:  # partial results survive a timeout
-                add_ratios(payload["rows"])
+                H.add_ratios(payload["rows"])
                 H.write_json(args.json, dict(payload, partial=True))
-    add_ratios(payload["rows"])
+    H.add_ratios(payload["rows"])
 
     return H.emit_report(payload, render_markdown(payload), args.json, args.markdown)
 

@@ -464,15 +464,6 @@ def run_row(case, backend, inp, device, *, repeats, warmup, max_seconds, min_rep
     return row
 
 
-def add_ratios(rows: list[dict]) -> None:
-    ref = {(r["case"], r["B"]): r for r in rows if r["backend"] == "torch" and r["error"] is None}
-    for r in rows:
-        t = ref.get((r["case"], r["B"]))
-        r["speedup_vs_torch"] = (t["median_ms"] / r["median_ms"] if t and r["median_ms"] else None)
-        r["mem_vs_torch"] = (r["peak_mem_bytes"] / t["peak_mem_bytes"]
-                             if t and r["peak_mem_bytes"] is not None and t["peak_mem_bytes"] else None)
-
-
 def status(r: dict) -> str:
     if r["error"]:
         return "ERROR: " + r["error"].splitlines()[0][:80]
@@ -584,10 +575,10 @@ def main(argv=None) -> int:
                 payload["rows"].append(run_row(case, b, inp, device, repeats=repeats, warmup=warmup,
                                                max_seconds=args.max_seconds, min_repeats=args.min_repeats))
                 if args.json:  # partial results survive a timeout
-                    add_ratios(payload["rows"])
+                    H.add_ratios(payload["rows"], key=lambda r: (r["case"], r["B"]))
                     H.write_json(args.json, dict(payload, partial=True))
         del inp
-    add_ratios(payload["rows"])
+    H.add_ratios(payload["rows"], key=lambda r: (r["case"], r["B"]))
 
     return H.emit_report(payload, render_markdown(payload), args.json, args.markdown)
 

@@ -225,6 +225,11 @@ def check_case(case: str, backend: str, inp: dict):
 
 # --- rows --------------------------------------------------------------------------------------
 
+def baseline_case(row: dict) -> str:
+    """The torch case a row is compared with (fused-only cases use their plain twin)."""
+    return BASELINE_CASE.get(row["case"], row["case"])
+
+
 def run_row(case, backend, inp, device, *, repeats, warmup, max_seconds, min_repeats=3):
     row = dict(case=case, backend=backend, median_ms=None, p20_ms=None, p80_ms=None,
                repeats=0, peak_mem_bytes=None, max_abs_err=None, correct=None, error=None)
@@ -245,17 +250,6 @@ def run_row(case, backend, inp, device, *, repeats, warmup, max_seconds, min_rep
             torch.cuda.synchronize(device)
             torch.cuda.empty_cache()
     return row
-
-
-def add_ratios(rows: list[dict]) -> None:
-    ref = {r["case"]: r for r in rows if r["backend"] == "torch" and r["error"] is None}
-    for r in rows:
-        t = ref.get(BASELINE_CASE.get(r["case"], r["case"]))
-        r["speedup_vs_torch"] = (t["median_ms"] / r["median_ms"]
-                                 if t and r["median_ms"] else None)
-        r["mem_vs_torch"] = (r["peak_mem_bytes"] / t["peak_mem_bytes"]
-                             if t and r["peak_mem_bytes"] is not None and t["peak_mem_bytes"]
-                             else None)
 
 
 def status(r: dict) -> str:
@@ -362,9 +356,9 @@ def main(argv=None) -> int:
                                            max_seconds=args.max_seconds,
                                            min_repeats=args.min_repeats))
             if args.json:  # partial results survive a timeout
-                add_ratios(payload["rows"])
+                H.add_ratios(payload["rows"], baseline_of=baseline_case)
                 H.write_json(args.json, dict(payload, partial=True))
-    add_ratios(payload["rows"])
+    H.add_ratios(payload["rows"], baseline_of=baseline_case)
 
     return H.emit_report(payload, render_markdown(payload), args.json, args.markdown)
 
