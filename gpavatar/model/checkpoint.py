@@ -1,0 +1,190 @@
+"""Checkpoint I/O of :class:`gpavatar.model.GPAvatar`.
+
+* ``GPAvatar.from_official_checkpoint(path)`` reads the official Lightning-style
+  ``one_model.ckpt`` (a plain ``torch.save`` dict: ``state_dict``, ``config_dict``,
+  ``data_meta_info``, ``step``, ``metric``) with ``torch.load(weights_only=True)``: no code
+  from the file runs.  Config objects of foreign classes (e.g. an ``EasyDict``) are read as
+  inert dicts.  ``percep_loss.*`` (the frozen AlexNet of the training loss) is dropped; every
+  other key must match the paper model key for key and shape for shape, else a
+  :class:`CheckpointError` lists what is missing, unexpected or mis-shaped.  The model gets the
+  official PEF normalization (``"queries"``) and the focal length of ``data_meta_info``.
+* ``save_pretrained(dir)`` / ``from_pretrained(dir)``: ``model.safetensors`` + ``config.json``,
+  each written to a temporary file and renamed into place (a crash never leaves a torn file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+
+from gpavatar.model.config import GPAvatarConfig
+
+WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
+OFFICIAL_PREFIXES = ("style_tplane.", "nerf_mlp.", "up_renderer.", "query_style_tplane", "attn_module.")
+DROPPED_SUBSTRINGS = ("percep_loss",)
+_MAX_LISTED = 12
+
+
+class CheckpointError(ValueError):
+    """A checkpoint whose keys or shapes do not match the model (or that cannot be read)."""
+
+
+def compare_state_dict(expected: Mapping[str, torch.Size], given: Mapping[str, Any]):
+    """(missing, unexpected, mismatched) between expected shapes and a state dict.
+
+    ``mismatched`` holds (key, expected shape, given shape)."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    mismatched = [(k, tuple(expected[k]), tuple(given[k].shape)) for k in expected
+                  if k in given and tuple(given[k].shape) != tuple(expected[k])]
+    return missing, unexpected, mismatched
+
+
+def describe_mismatch(missing, unexpected, mismatched, source: str) -> str:
+    def listed(items, fmt):
+        shown = [fmt(i) for i in items[:_MAX_LISTED]]
+        more = f" ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+        return ", ".join(shown) + more
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): {listed(missing, str)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {listed(unexpected, str)}")
+    if mismatched:
+        parts.append(f"{len(mismatched)} shape mismatch(es): "
+                     + listed(mismatched, lambda m: f"{m[0]} expected {list(m[1])}, got {list(m[2])}"))
+    return f"{source} does not match the model: " + "; ".join(parts)
+
+
+class _InertObject(dict):
+    """Stands in for any non-tensor class found in a checkpoint (config containers): it
+    accepts any constructor arguments and keeps pickled state as plain dict data."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+        if len(args) == 1 and isinstance(args[0], Mapping):
+            self.update(args[0])
+        self.update(kwargs)
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, Mapping):
+            self.update(state)
+        else:
+            self["__state__"] = state
+
+
+_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+_NEVER_STUBBED = {"torch", "numpy", "builtins", "collections", "os", "posix", "nt", "sys", "subprocess", "shutil",
+                  "importlib", "pickle", "runpy", "code", "functools", "operator", "types", "io"}
+
+
+def _stubbable(name: str) -> bool:
+    """A foreign *class* (CamelCase, outside the standard library's dangerous corners) may be
+    read as an inert dict; functions (os.system, eval, ...) are refused."""
+    module, _, attr = name.rpartition(".")
+    return bool(module) and attr[:1].isupper() and module.split(".")[0] not in _NEVER_STUBBED
+
+
+def read_official_checkpoint(path: Union[str, os.PathLike], map_location: Any = "cpu") -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` of an official checkpoint; foreign classes (up to
+    16 distinct) are replaced by inert dicts. Returns the loaded top-level dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    stubs: list[tuple[type, str]] = []
+    for _ in range(17):
+        try:
+            with torch.serialization.safe_globals(stubs):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as err:  # pickle.UnpicklingError in recent torch, RuntimeError in older
+            found = _GLOBAL_RE.search(str(err))
+            name = found.group(1) if found else None
+            if name is None or not _stubbable(name) or any(s[1] == name for s in stubs):
+                raise CheckpointError(f"cannot read {path} as a weights-only torch checkpoint: {err}") from err
+            stub = type(name.rsplit(".", 1)[-1], (_InertObject,), {})
+            stubs.append((stub, name))
+    raise CheckpointError(f"{path}: too many unknown classes in the checkpoint")
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class CheckpointMixin:
+    """Loading and saving for GPAvatar (mixed into the nn.Module)."""
+
+    def load_checked_state_dict(self, state_dict: Mapping[str, torch.Tensor], source: str = "state_dict") -> None:
+        """Strict load with a readable error: every key present, none extra, every shape equal."""
+        expected = {k: v.shape for k, v in self.state_dict().items()}
+        missing, unexpected, mismatched = compare_state_dict(expected, state_dict)
+        if missing or unexpected or mismatched:
+            raise CheckpointError(describe_mismatch(missing, unexpected, mismatched, source))
+        self.load_state_dict(state_dict, strict=True)
+
+    @classmethod
+    def from_official_checkpoint(cls, path: Union[str, os.PathLike], *, map_location: Any = "cpu",
+                                 **overrides: Any):
+        """Build the paper model and load the official ``one_model.ckpt`` strictly.
+
+        ``overrides`` change run-time fields of the config (backend, noise, query_chunk);
+        the PEF normalization is the official ``"queries"`` unless overridden."""
+        ckpt = read_official_checkpoint(path, map_location)
+        state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else None
+        if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{path}: expected a dict with a 'state_dict' of tensors (the official format)")
+        state = {k: v for k, v in state.items() if not any(s in k for s in DROPPED_SUBSTRINGS)}
+        settings: dict[str, Any] = {"pef_normalize": "queries"}
+        meta = ckpt.get("data_meta_info") if isinstance(ckpt, Mapping) else None
+        if isinstance(meta, Mapping) and isinstance(meta.get("focal_length"), (int, float)):
+            settings["focal"] = float(meta["focal_length"])
+        model = cls(GPAvatarConfig.preset("paper", **{**settings, **overrides}))
+        model.load_checked_state_dict(state, source=f"official checkpoint {path}")
+        return model
+
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> Path:
+        """Write ``model.safetensors`` and ``config.json`` into ``directory`` (created)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        import gpavatar
+
+        _atomic_write(directory / WEIGHTS_NAME,
+                      lambda tmp: save_file(state, tmp, metadata={"format": "pt", "gpavatar": gpavatar.__version__}))
+        text = json.dumps({"gpavatar_version": gpavatar.__version__, **self.config.to_dict()}, indent=1) + "\n"
+        _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike], *, map_location: Optional[str] = "cpu",
+                        **overrides: Any):
+        """Load what :meth:`save_pretrained` wrote; ``overrides`` replace config fields."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name} not found (save_pretrained writes {CONFIG_NAME} and "
+                                        f"{WEIGHTS_NAME})")
+        data = json.loads((directory / CONFIG_NAME).read_text())
+        data.pop("gpavatar_version", None)
+        model = cls(GPAvatarConfig.from_dict({**data, **overrides}))
+        state = load_file(str(directory / WEIGHTS_NAME), device=str(map_location or "cpu"))
+        model.load_checked_state_dict(state, source=str(directory / WEIGHTS_NAME))
+        return model

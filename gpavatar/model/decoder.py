@@ -1,0 +1,134 @@
+"""The field decoder (SPEC section 6): tri-plane features + point expression field -> alpha, value.
+
+For a sample at ``x`` seen along the unit direction ``d``::
+
+    g     = [triplane_mean(planes, x) (C), PEF(x, points) (Cp)]
+    feat  = L3(relu(L2(relu(L1(g)))))                         feature_layers.{0,2,4}
+    sigma = softplus_beta=10(density(feat)) · [x strictly inside (-1, 1)^3]
+    alpha = 1 - exp(-sigma)                                   (no interval length)
+    value = R2(relu(R1([feat, gamma(normalize(d))])))         rgb_layers.{0,2}
+    value[..., :3] = sigmoid(value[..., :3]) · 1.002 - 0.001  (channels 3.. stay raw)
+
+Parameter names follow the official checkpoint under ``nerf_mlp.``:
+``points_querier.*`` (the PEF), ``feature_layers.{0,2,4}``, ``density_layers.0``,
+``rgb_layers.{0,2}``.
+
+    >>> import torch
+    >>> from gpavatar.model.decoder import PointsDecoder
+    >>> dec = PointsDecoder(plane_channels=4, num_points=50, point_feature_dim=4, pef_dim=4, hidden=8,
+    ...                     value_hidden=8, value_dim=5, normalize="neighbors")
+    >>> planes = torch.randn(1, 3, 16, 16, 4)            # channels-last tri-planes (B, 3, H, W, C)
+    >>> coords, dirs = torch.rand(1, 100, 3) * 2 - 1, torch.randn(1, 100, 3)
+    >>> alpha, value = dec(coords, dirs, planes, torch.rand(1, 50, 3) - 0.5)
+    >>> alpha.shape, value.shape
+    (torch.Size([1, 100]), torch.Size([1, 100, 5]))
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gpavatar import ops
+from gpavatar.model.pef import PointExpressionField
+from gpavatar.model.renderer import inside_box
+from gpavatar.ops.reference import EMBED_DIM, harmonic_embedding
+
+
+class PointsDecoder(nn.Module):
+    """Per-sample decoder of SPEC section 6 (official module name ``nerf_mlp``).
+
+    Args:
+        plane_channels: C of the tri-planes (32)
+        num_points, point_feature_dim, pef_dim, K, normalize, eps: the PEF's sizes (see
+            :class:`PointExpressionField`)
+        hidden: width of ``feature_layers`` (128)
+        value_hidden: hidden width of ``rgb_layers`` (64)
+        value_dim: rendered value channels (32; the first 3 are RGB)
+        backend: kernel backend of ``triplane_sample`` and ``knn_blend``
+    """
+
+    def __init__(self, plane_channels: int = 32, num_points: int = 5023, point_feature_dim: int = 32,
+                 pef_dim: int = 32, K: int = 8, normalize: str = "queries", eps: float = 1e-8,
+                 hidden: int = 128, value_hidden: int = 64, value_dim: int = 32, backend: Optional[str] = None):
+        super().__init__()
+        if value_dim < 3:
+            raise ValueError(f"value_dim must be >= 3 (RGB first), got {value_dim}")
+        self.plane_channels, self.value_dim = plane_channels, value_dim
+        self.points_querier = PointExpressionField(num_points, point_feature_dim, pef_dim, K, normalize, eps,
+                                                   backend)
+        self.feature_layers = nn.Sequential(
+            nn.Linear(plane_channels + pef_dim, hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden),
+        )
+        self.density_layers = nn.Sequential(nn.Linear(hidden, 1))
+        self.rgb_layers = nn.Sequential(nn.Linear(hidden + EMBED_DIM, value_hidden), nn.ReLU(),
+                                        nn.Linear(value_hidden, value_dim))
+
+    @property
+    def backend(self) -> Optional[str]:
+        return self.points_querier.backend
+
+    @backend.setter
+    def backend(self, name: Optional[str]) -> None:
+        self.points_querier.backend = name
+
+    def _check(self, coords, dirs, planes, points) -> None:
+        C = self.plane_channels
+        if not isinstance(planes, torch.Tensor) or planes.dim() != 5 or planes.shape[1] != 3 \
+                or planes.shape[4] != C:
+            raise ValueError(f"planes must be channels-last tri-planes of shape (B, 3, H, W, {C}), "
+                             f"got {tuple(getattr(planes, 'shape', ()))}")
+        if not isinstance(coords, torch.Tensor) or coords.dim() != 3 or coords.shape[-1] != 3:
+            raise ValueError(f"coords must have shape (B, N, 3), got {tuple(getattr(coords, 'shape', ()))}")
+        if not isinstance(dirs, torch.Tensor) or dirs.shape != coords.shape:
+            raise ValueError(f"dirs must have the shape of coords {tuple(coords.shape)}, "
+                             f"got {tuple(getattr(dirs, 'shape', ()))}")
+        B = coords.shape[0]
+        if planes.shape[0] != B or not isinstance(points, torch.Tensor) or points.dim() != 3 \
+                or points.shape[0] != B:
+            raise ValueError(f"planes and points must have batch {B} like coords, got planes "
+                             f"{tuple(planes.shape)} and points {tuple(getattr(points, 'shape', ()))}")
+
+    def forward(self, coords: torch.Tensor, dirs: torch.Tensor, planes: torch.Tensor, points: torch.Tensor,
+                chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Alpha (B, N) and value (B, N, value_dim), both float32.
+
+        Args:
+            coords: (B, N, 3) sample positions; dirs: (B, N, 3) ray directions
+            planes: (B, 3, H, W, C) channels-last tri-planes
+            points: (B, P, 3) FLAME points (x5)
+            chunk: queries per chunk (0: all at once). With ``normalize="queries"`` the PEF's
+                normalizer is summed over the whole pass first, so the result does not depend
+                on the chunking (up to float summation order).
+        """
+        self._check(coords, dirs, planes, points)
+        B, N, _ = coords.shape
+        if chunk <= 0 or chunk >= N:
+            return self._query(coords, dirs, planes, points, None)
+        weight_sum = None
+        pef = self.points_querier
+        if pef.normalize == "queries":
+            with torch.no_grad():
+                weight_sum = sum(ops.knn_blend_weight_sum(ops.knn(c, points, pef.K, backend=pef.backend).dist2,
+                                                          pef.eps)
+                                 for c in coords.split(chunk, dim=1))
+        parts = [self._query(c, d, planes, points, weight_sum)
+                 for c, d in zip(coords.split(chunk, dim=1), dirs.split(chunk, dim=1))]
+        return torch.cat([a for a, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1)
+
+    def _query(self, coords, dirs, planes, points, weight_sum):
+        tri = ops.triplane_sample(planes, coords, "mean", channels_last=True, backend=self.backend, validate=False)
+        expr = self.points_querier(coords, points, weight_sum)
+        feat = self.feature_layers(torch.cat([tri, expr.to(tri.dtype)], dim=-1))
+        sigma = F.softplus(self.density_layers(feat)[..., 0].float(), beta=10)
+        sigma = sigma * inside_box(coords).to(sigma.dtype)
+        alpha = -torch.expm1(-sigma)
+        gamma = harmonic_embedding(F.normalize(dirs.to(feat.dtype), dim=-1))
+        raw = self.rgb_layers(torch.cat([feat, gamma], dim=-1)).float()
+        value = torch.cat([torch.sigmoid(raw[..., :3]) * 1.002 - 0.001, raw[..., 3:]], dim=-1)
+        return alpha, value
