@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
+import pickle
+import types
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -64,8 +65,8 @@ def describe_mismatch(missing, unexpected, mismatched, source: str) -> str:
 
 
 class _InertObject(dict):
-    """Stands in for any non-tensor class found in a checkpoint (config containers): it
-    accepts any constructor arguments and keeps pickled state as plain dict data."""
+    """Stands in for any foreign config class found in a checkpoint (an ``EasyDict``, ...):
+    it accepts any constructor arguments and keeps pickled state as plain dict data."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__()
@@ -80,37 +81,62 @@ class _InertObject(dict):
             self["__state__"] = state
 
 
-_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 _NEVER_STUBBED = {"torch", "numpy", "builtins", "collections", "os", "posix", "nt", "sys", "subprocess", "shutil",
                   "importlib", "pickle", "runpy", "code", "functools", "operator", "types", "io"}
+# What a torch.save of tensors, containers and numpy scalars needs: nothing that can run code.
+_ALLOWED_GLOBALS = {
+    ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+    ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"), ("torch", "Size"), ("torch", "device"),
+    ("numpy", "dtype"), ("numpy", "ndarray"), ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+}
 
 
-def _stubbable(name: str) -> bool:
+def _stubbable(module: str, name: str) -> bool:
     """A foreign *class* (CamelCase, outside the standard library's dangerous corners) may be
     read as an inert dict; functions (os.system, eval, ...) are refused."""
-    module, _, attr = name.rpartition(".")
-    return bool(module) and attr[:1].isupper() and module.split(".")[0] not in _NEVER_STUBBED
+    return bool(module) and name[:1].isupper() and module.split(".")[0] not in _NEVER_STUBBED
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Tensors, containers and numpy scalars; foreign classes become inert dicts; anything
+    else is refused before it is looked up."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ALLOWED_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                    torch.dtype)):
+            return super().find_class(module, name)
+        if _stubbable(module, name):
+            return type(name, (_InertObject,), {"__module__": "gpavatar.model.checkpoint.stub"})
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name} from a checkpoint")
+
+
+_restricted_pickle = types.ModuleType("gpavatar_restricted_pickle")
+_restricted_pickle.Unpickler = _RestrictedUnpickler
+_restricted_pickle.Pickler = pickle.Pickler
+_restricted_pickle.load = lambda f, **kw: _RestrictedUnpickler(f, **kw).load()
+_restricted_pickle.__name__ = "gpavatar_restricted_pickle"
 
 
 def read_official_checkpoint(path: Union[str, os.PathLike], map_location: Any = "cpu") -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` of an official checkpoint; foreign classes (up to
-    16 distinct) are replaced by inert dicts. Returns the loaded top-level dict."""
+    """Load an official checkpoint without running code from it.
+
+    ``torch.load(weights_only=True)`` first; if the file holds config objects of foreign
+    classes (which that loader refuses), a restricted unpickler reads them as inert dicts and
+    refuses every function or class outside a short allow-list of tensor-rebuilding helpers."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    stubs: list[tuple[type, str]] = []
-    for _ in range(17):
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as first:  # pickle.UnpicklingError in recent torch, RuntimeError in older
         try:
-            with torch.serialization.safe_globals(stubs):
-                return torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as err:  # pickle.UnpicklingError in recent torch, RuntimeError in older
-            found = _GLOBAL_RE.search(str(err))
-            name = found.group(1) if found else None
-            if name is None or not _stubbable(name) or any(s[1] == name for s in stubs):
-                raise CheckpointError(f"cannot read {path} as a weights-only torch checkpoint: {err}") from err
-            stub = type(name.rsplit(".", 1)[-1], (_InertObject,), {})
-            stubs.append((stub, name))
-    raise CheckpointError(f"{path}: too many unknown classes in the checkpoint")
+            return torch.load(path, map_location=map_location, weights_only=False,
+                              pickle_module=_restricted_pickle)
+        except Exception as err:
+            raise CheckpointError(f"cannot read {path} safely (weights-only load: {first}; restricted load: "
+                                  f"{err})") from err
 
 
 def _atomic_write(path: Path, write) -> None:
