@@ -13,7 +13,7 @@ MAX_JOBS ?= $(shell nproc)
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
-	$(PY) -m pip install -q "$(TORCH_PIN)" numpy lmdb pillow safetensors pyyaml "pytest>=8" "hypothesis>=6.100" "pytest-benchmark>=4" expecttest
+	$(PY) -m pip install -q "$(TORCH_PIN)" numpy lmdb pillow safetensors pyyaml av "pytest>=8" "hypothesis>=6.100" "pytest-benchmark>=4" expecttest
 	touch $@
 
 # Rebuilt when a kernel source changes; builds CUDA kernels whenever nvcc exists.
@@ -26,7 +26,7 @@ setup: $(VENV)/.built
 build: setup
 
 demo: setup
-	$(PY) benchmarks/bench_knn_blend.py --json bench-out/bench_knn_blend.json --markdown bench-out/bench_knn_blend.md
+	$(PY) -m gpavatar.cli demo --out demo-out/demo.mp4
 
 # pytest exit 5 (nothing collected) is reported as a failure, not a pass.
 test: setup

@@ -3,10 +3,12 @@
     gpavatar data synth OUT [--identities 8] [--frames 16] [--size 256] [--seed 0] [--format png] [--overwrite]
     gpavatar data check DIR [--sources 2] [--limit N]
     gpavatar data preview DIR OUT.png [--rows 8] [--cols 6] [--tile 128] [--annotate] [--colors 0]
+    gpavatar demo [--out demo.mp4] [--frames 50] [--preset paper|tiny] [--checkpoint CKPT] [--fast] ...
 
 ``synth`` writes a synthetic dataset in the official layout and prints its timing; ``check``
 validates a dataset (every LMDB value decodes, records complete, splits consistent), prints a
 summary table and exits 1 on problems; ``preview`` saves a grid of frames (rows: videos).
+``demo`` reenacts the embedded procedural head and prints the render FPS (:mod:`gpavatar.demo`).
 """
 
 from __future__ import annotations
@@ -127,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--annotate", action="store_true", help="draw bbox and kps")
     preview.add_argument("--colors", type=int, default=0, help="palette size for a smaller file (0: full colour)")
     preview.set_defaults(run=_preview)
+    from gpavatar.demo import add_parser as add_demo
+
+    add_demo(commands)
     return parser
 
 

@@ -57,8 +57,8 @@ import torch
 
 from gpavatar.data.raster import look_at_front, project, render_mesh
 
-__all__ = ["CAMERA", "SyntheticFrame", "make_synthetic_dataset", "synthetic_frames", "encode_image", "frame_key",
-           "split_videos", "write_lmdb"]
+__all__ = ["CAMERA", "head_camera", "SyntheticFrame", "make_synthetic_dataset", "synthetic_frames", "encode_image",
+           "frame_key", "split_videos", "write_lmdb"]
 
 CAMERA = {"flame_scale": 5.0, "focal_length": 12.0, "principal_point": [0.0, 0.0]}
 N_SHAPE, N_EXP = 100, 50  # official record sizes (SPEC pipeline.md 2.3)
@@ -119,6 +119,14 @@ def _euler(yaw: float, pitch: float, roll: float) -> np.ndarray:
     rx = np.array([[1, 0, 0], [0, cp, -sp], [0, sp, cp]])
     rz = np.array([[cr, -sr, 0], [sr, cr, 0], [0, 0, 1]])
     return ry @ rx @ rz
+
+
+def head_camera(yaw: float = 0.0, pitch: float = 0.0, roll: float = 0.0, distance: float = 9.5) -> np.ndarray:
+    """(3, 4) world-to-camera [R|T] (row form, as the tracker) looking at the procedural head's centre
+    from ``distance`` world units, the head turned by ``yaw`` / ``pitch`` / ``roll`` radians."""
+    R = _euler(yaw, pitch, roll).T @ look_at_front()[:, :3]
+    T = np.array([0.0, 0.0, distance]) - HEAD_CENTRE @ R
+    return np.concatenate([R, T[:, None]], axis=1).astype(np.float32)
 
 
 def _hair_weight(v_template: np.ndarray) -> np.ndarray:

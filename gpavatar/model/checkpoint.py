@@ -139,11 +139,16 @@ def read_official_checkpoint(path: Union[str, os.PathLike], map_location: Any = 
                                   f"{err})") from err
 
 
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp_path)`` into a temporary file beside ``path``, then rename it over ``path``
+    (readers never see a torn file; on error nothing is left behind). Mode 0o666 & ~umask."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -191,10 +196,10 @@ class CheckpointMixin:
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         import gpavatar
 
-        _atomic_write(directory / WEIGHTS_NAME,
+        atomic_write(directory / WEIGHTS_NAME,
                       lambda tmp: save_file(state, tmp, metadata={"format": "pt", "gpavatar": gpavatar.__version__}))
         text = json.dumps({"gpavatar_version": gpavatar.__version__, **self.config.to_dict()}, indent=1) + "\n"
-        _atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+        atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
         return directory
 
     @classmethod
