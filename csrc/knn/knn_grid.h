@@ -72,29 +72,44 @@ GPA_HD void grid_search(const GridView& g, int64_t b, float qx, float qy, float 
         }
       }
     }
-    // Distance from q to the nearest open face of the visited box (a face on
-    // the grid's border hides no point), shrunk by a sliver of a cell: binning
-    // rounds (v - lo) * inv_cell, so a point may sit a hair across its face.
-    double gap = 1e300;
-    bool open = false;
+    // Lower bound on the distance from q to any unvisited point.  Unvisited points
+    // lie beyond an open face of the visited box (a face on the grid's border hides
+    // no point) and inside the points' bounding box, so for an open face on axis a
+    //   dist^2 >= gap_a^2 + sum over the other axes b of out_b^2,
+    // gap_a: distance from q to the face along a, out_b: distance from q_b to the
+    // box's extent along b (0 inside).  The out_b terms end the search early for
+    // queries outside the point cloud (most samples along a ray).  Every term is
+    // shrunk by a sliver of a cell: binning rounds (v - lo) * inv_cell, so a point
+    // may sit a hair across its face, and lo + n * cell rounds.
+    double out2[3];
     for (int a = 0; a < 3; ++a) {
       const double sliver = 1e-3 * cell[a];
-      if (lo_c[a] > 0) {
+      const double hi = lo[a] + static_cast<double>(n[a]) * cell[a];
+      const double below = lo[a] - sliver - q[a], above = q[a] - hi - sliver;
+      const double out = below > 0.0 ? below : (above > 0.0 ? above : 0.0);
+      out2[a] = out * out;
+    }
+    double bound = 1e300;
+    bool open = false, blocked = false;
+    for (int a = 0; a < 3; ++a) {
+      const double sliver = 1e-3 * cell[a];
+      const double side = out2[(a + 1) % 3] + out2[(a + 2) % 3];
+      for (int dir = 0; dir < 2; ++dir) {
+        const bool is_open = dir == 0 ? lo_c[a] > 0 : hi_c[a] < n[a] - 1;
+        if (!is_open) continue;
         open = true;
-        const double face = lo[a] + static_cast<double>(lo_c[a]) * cell[a];
-        gap = gap < q[a] - face - sliver ? gap : q[a] - face - sliver;
-      }
-      if (hi_c[a] < n[a] - 1) {
-        open = true;
-        const double face = lo[a] + static_cast<double>(hi_c[a] + 1) * cell[a];
-        gap = gap < face - q[a] - sliver ? gap : face - q[a] - sliver;
+        const double face = lo[a] + static_cast<double>(dir == 0 ? lo_c[a] : hi_c[a] + 1) * cell[a];
+        const double gap = (dir == 0 ? q[a] - face : face - q[a]) - sliver;
+        if (!(gap > 0.0)) blocked = true;  // q within a sliver of an open face: keep searching
+        const double b2 = gap * gap + side;
+        bound = bound < b2 ? bound : b2;
       }
     }
     if (!open) return;  // the whole grid is visited
     // Float distances carry a relative rounding error of a few 1e-7: keep a
     // 1e-5 relative margin.
-    if (best.count == best.k && gap > 0.0 &&
-        static_cast<double>(best.worst) < gap * gap * (1.0 - 1e-5))
+    if (best.count == best.k && !blocked &&
+        static_cast<double>(best.worst) < bound * (1.0 - 1e-5))
       return;
   }
 }
