@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import gpavatar
-from gpavatar import ops
 from gpavatar.model import Avatar, GPAvatar, GPAvatarConfig
+
+from conftest import BACKEND_CASES
 
 CAMERA = [[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 9.0]]
 
@@ -183,15 +184,16 @@ def _render_and_grads(model, backend, args):
     model.zero_grad(set_to_none=True)
     out = model.render(*args)
     g = torch.Generator().manual_seed(11)
-    upstream = {k: torch.randn(out[k].shape, generator=g) for k in ("image", "coarse", "fine")}
+    upstream = {k: torch.randn(out[k].shape, generator=g).to(out[k].device) for k in ("image", "coarse", "fine")}
     sum((out[k] * upstream[k]).sum() for k in upstream).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return {k: out[k].detach() for k in ("image", "coarse", "fine", "depth")}, grads
 
 
-@pytest.mark.parametrize("backend", [b for b in ops.available_backends("cpu") if b != "torch"])
-def test_backends_agree_with_the_torch_path(backend):
-    """Render and every parameter gradient of the tiny model, fused backend vs the torch path.
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_backends_agree_with_the_torch_path(device, backend):
+    """Render and every parameter gradient of the tiny model, fused backend vs the torch path
+    on the same device.
 
     Tolerances: all backends find the same neighbours and samples (KNN and sampling are
     bit-identical by design), so differences are float32 summation order in the blends,
@@ -200,10 +202,10 @@ def test_backends_agree_with_the_torch_path(backend):
     """
     torch.manual_seed(0)
     # Fewer points and rays than the tiny preset: the Triton interpreter runs on CPU here.
-    model = GPAvatar("tiny", num_points=400, render_size=8).eval()
-    avatar = model.build_avatar(sources())
-    points = head_points()[:, :400]
-    args = (Avatar(avatar.planes.detach().requires_grad_(), None, 1), points, camera(1, 0.1))
+    model = GPAvatar("tiny", num_points=400, render_size=8).to(device).eval()
+    avatar = model.build_avatar(sources().to(device))
+    points = head_points()[:, :400].to(device)
+    args = (Avatar(avatar.planes.detach().requires_grad_(), None, 1), points, camera(1, 0.1).to(device))
     ref_out, ref_grads = _render_and_grads(model, "torch", args)
     out, grads = _render_and_grads(model, backend, args)
     for k in ref_out:
@@ -267,3 +269,15 @@ def test_config_presets_and_validation(tmp_path):
         GPAvatarConfig(K=9, num_points=8)
     with pytest.raises(TypeError, match="config must be a GPAvatarConfig"):
         GPAvatar(3)
+
+
+def test_bf16_autocast_runs_and_stays_close_to_fp32(tiny):
+    """The fast mode (bf16 autocast): kernels keep their float32 contract, the image stays close."""
+    args = (sources(), head_points(), camera())
+    with torch.no_grad():
+        ref = tiny(*args)["image"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast = tiny(*args)["image"]
+    assert fast.shape == ref.shape and torch.isfinite(fast).all()
+    psnr = -10 * torch.log10(((fast.float() - ref) ** 2).mean())
+    assert psnr > 30, f"bf16 image PSNR {psnr:.1f} dB against fp32"

@@ -150,8 +150,10 @@ def knn_blend(queries: torch.Tensor, points: torch.Tensor, point_features: torch
         weight_sum = weight_sum.detach().to(f32).contiguous()
     cf = point_features.shape[-1]
     w1 = w1.to(f32)
-    # The per-point half of the first layer, once per call: (P or B*P, H).
-    table = F.linear(point_features.to(f32), w1[:, :cf], b1.to(f32)).reshape(-1, H)
+    # The per-point half of the first layer, once per call: (P or B*P, H); float32 also
+    # under autocast (the kernels' contract).
+    with torch.autocast(queries.device.type, enabled=False):
+        table = F.linear(point_features.to(f32), w1[:, :cf], b1.to(f32)).reshape(-1, H)
     blend_op = (torch.ops.gpavatar.knn_blend_forward if name in ("cpu", "cuda")
                 else torch.ops.gpavatar.knn_blend_forward_triton)
     feature = blend_op(q, p, dist2, idx, table, w1[:, cf:], w2.to(f32), b2.to(f32), weight_sum, float(eps))
