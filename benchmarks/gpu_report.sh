@@ -31,10 +31,12 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
 # Benchmark scripts run by step (d); each takes --device/--json/--markdown.
+# bench_e2e on cuda defaults to the paper preset, B = 1 and 4, every backend, fp32 + fast.
 BENCHES=(
     benchmarks/bench_knn_blend.py
     benchmarks/bench_triplane.py
     benchmarks/bench_render.py
+    benchmarks/bench_e2e.py
 )
 
 STEPS="$OUTDIR/steps.tsv"

@@ -1,0 +1,479 @@
+"""End-to-end frames per second of ``GPAvatar.render`` (random weights) across backends.
+
+The model (``gpavatar.model.GPAvatar``, preset ``paper`` on CUDA and ``tiny`` on CPU by
+default) is built once with seeded random weights, eval mode, StyleGAN noise ``off``, and
+every call runs under ``torch.no_grad()`` (inference).  For every batch size B (default 1:
+latency, and 4: throughput) the avatar is built once from ``torch.rand(B, V=1, 3, S, S)``
+sources, outside the timing.  Inputs: the FLAME points are the procedural head of
+``gpavatar.flame.procedural`` (its template x5, the FLAME scale; ``--points random``: a
+seeded head-sized cloud ``randn * 0.35`` clamped to +-0.9), the same for every batch element,
+and the camera is ``[[1,0,0,0],[0,1,0,0],[0,0,1,9]]`` (row-vector [R|T]: at z = -9 looking at
+the origin), so the box [-1, 1]^3 fills the view.
+
+Backends: every fused backend usable on the device (``gpavatar.ops.available_backends``;
+Triton on the CPU only when named in ``--backends``, and then only under
+``TRITON_INTERPRET=1``) plus ``torch``, the pure-torch reference ops (grid_sample
+tri-planes, brute-force KNN, unfused per-neighbour MLP: the official-style path), switched
+with ``model.set_backend``.  A fused backend whose extension lacks some of the model's ops
+runs those on the torch fallback; the row's ``fallback`` lists them.
+
+Cases (``--cases``):
+
+* ``render``           -- ``model.render(avatar, points, camera)``: rays, both field passes,
+  compositing and super-resolution; for every B and mode.  FPS = B / median time.
+* ``rays+sampling``    -- ``model.renderer`` driven by a field of ~zero cost that returns the
+  alpha / value tensors of a real render, precomputed per pass (``bench_render.chain_field``):
+  ray_box, stratified, importance, merge, gathers and both composites without the decoder;
+* ``field queries``    -- ``model.nerf_mlp`` on the sample positions of one real render
+  (B x R^2 x n_coarse, then B x R^2 x n_fine points: the sum of the two calls);
+* ``compositing``      -- ``gpavatar.ops.composite`` of the merged (B R^2, n_coarse + n_fine,
+  Cv) alphas / values / depths of that render;
+* ``super-resolution`` -- ``model.up_renderer(fine, noise="off")`` on its fine image.
+
+The four breakdown cases run in fp32 at the smallest B only; their inputs come from one
+render with the first fused backend of the run (torch when there is none).
+
+Modes (``--modes``): ``fp32`` (TF32 off for matmul and cuDNN) and ``fast``
+(``torch.autocast(device_type, dtype=torch.bfloat16)`` plus TF32 matmul / cuDNN on; on the
+CPU the TF32 flags change nothing).  ``PSNR vs fp32`` is the PSNR (dB, images in [0, 1],
+``10 log10(1 / MSE)``) of a fast row's image against the fp32 image of the same backend and
+inputs; ``PSNR vs torch`` that of the row's image against the fp32 ``torch`` image of the same
+B (a correctness check of the fused backends).  Speed-up and memory ratios are relative to the
+``torch`` row of the same case, B and mode in the same run.  A backend that raises gets its
+error string in the row; the script still exits 0.
+
+Usage::
+
+    python benchmarks/bench_e2e.py [--device cpu|cuda|auto] [--preset paper|tiny]
+        [--batch 1,4] [--backends cuda,triton,torch] [--modes fp32,fast]
+        [--cases render,...] [--repeats N] [--json PATH] [--markdown PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as H  # noqa: E402
+
+if H.REPO_ROOT not in sys.path:  # an installed gpavatar still takes precedence
+    sys.path.append(H.REPO_ROOT)
+
+PRESETS = ("paper", "tiny")
+SIZE_ALIASES = {"paper": "paper", "cpu": "tiny", "small": "tiny"}  # the other scripts' --size
+CASES = ("render", "rays+sampling", "field queries", "compositing", "super-resolution")
+BREAKDOWN = CASES[1:]
+MODES = ("fp32", "fast")
+CAMERA = ((1.0, 0.0, 0.0, 0.0), (0.0, 1.0, 0.0, 0.0), (0.0, 0.0, 1.0, 9.0))
+NUM_SOURCES = 1
+POINT_SOURCES = ("procedural", "random")
+# C++ ops the model calls per backend (their absence means a silent torch fallback).
+CPP_OPS = ("knn", "knn_blend_forward", "triplane_sample_forward", "ray_box", "stratified_depths",
+           "importance_depths", "merge_samples", "composite_forward")
+TRITON_OPS = ("knn_triton", "knn_blend_forward_triton", "triplane_sample_forward_triton",
+              "composite_forward_triton")
+RAY_OPS = ("ray_box", "stratified_depths", "importance_depths", "merge_samples")  # triton -> CUDA op
+
+
+# --- availability ------------------------------------------------------------------------------
+
+_IMPORT: list = []
+
+
+def api_error() -> str | None:
+    """Why gpavatar.model / gpavatar.ops cannot be imported (None when they can)."""
+    if not _IMPORT:
+        try:
+            import gpavatar.model  # noqa: F401
+            import gpavatar.ops  # noqa: F401
+
+            _IMPORT.append(None)
+        except Exception as exc:
+            _IMPORT.append(f"{type(exc).__name__}: {exc}"[:300])
+    return _IMPORT[0]
+
+
+def default_backends(device: torch.device) -> list[str]:
+    """torch first (the baseline), then every fused backend usable on ``device`` (no Triton on the CPU)."""
+    import gpavatar.ops as ops
+
+    fused = [b for b in ops.available_backends(device)
+             if b != "torch" and not (b == "triton" and device.type != "cuda")]
+    return ["torch"] + fused
+
+
+def backend_unavailable(backend: str, device: torch.device) -> str | None:
+    import gpavatar.ops as ops
+
+    if backend not in ops.available_backends(device):
+        hint = " (the CPU runs Triton only under TRITON_INTERPRET=1)" if backend == "triton" else ""
+        return f"backend {backend!r} is not available on {device.type}{hint}"
+    return None
+
+
+def fallback_ops(backend: str) -> list[str]:
+    """The model's ops that ``backend`` has no kernel for in this build (they run on torch)."""
+    if backend in ("torch", "auto"):
+        return []
+    names = CPP_OPS if backend in ("cpu", "cuda") else TRITON_OPS + RAY_OPS
+    missing = [n for n in names if not hasattr(torch.ops.gpavatar, n)]
+    return [n.replace("_forward", "").replace("_triton", "") for n in missing]
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+def head_points(num_points: int, source: str = "procedural", seed: int = 0) -> tuple[torch.Tensor, str]:
+    """(num_points, 3) FLAME-scale points: the procedural head's template x5, or a seeded
+    head-sized random cloud (``source="random"``, or when the procedural head is unusable)."""
+    if source == "procedural":
+        try:
+            from gpavatar.flame.procedural import make_procedural_head
+
+            v = torch.from_numpy(make_procedural_head(seed=0)["v_template"]).float() * 5.0
+            if v.shape == (num_points, 3):
+                return v, "procedural"
+        except Exception as exc:  # keep going with the random cloud
+            print(f"[bench_e2e] procedural head unavailable ({type(exc).__name__}: {exc}); "
+                  "using a random cloud", file=sys.stderr)
+    g = torch.Generator().manual_seed(seed + 1)
+    return (torch.randn(num_points, 3, generator=g) * 0.35).clamp(-0.9, 0.9), "random"
+
+
+def make_model(preset: str, device: torch.device, *, seed: int = 0, query_chunk: int = 0):
+    from gpavatar.model import GPAvatar
+
+    torch.manual_seed(seed)
+    model = GPAvatar(preset, query_chunk=query_chunk).to(device).eval()
+    model.set_noise("off")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def make_inputs(model, B: int, device: torch.device, *, seed: int = 0, points: str = "procedural") -> dict:
+    """Seeded sources (B, V, 3, S, S), the avatar (built once, fp32), points (B, P, 3), camera (B, 3, 4)."""
+    c = model.config
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(B, NUM_SOURCES, 3, c.image_size, c.image_size, generator=g).to(device)
+    pts, kind = head_points(c.num_points, points, seed)
+    with torch.no_grad():
+        avatar = model.build_avatar(images)
+    return dict(B=B, avatar=avatar, points=pts.to(device).expand(B, -1, -1).contiguous(),
+                transform=torch.tensor(CAMERA, device=device).expand(B, 3, 4).contiguous(), points_kind=kind)
+
+
+def capture(model, inp: dict, backend: str) -> dict:
+    """Run one fp32 render with ``backend`` and keep the inputs of every stage: the field's
+    coords / dirs / alpha / value of both passes, the merged (alphas, values, depths) of the
+    fine composite and the fine image."""
+    import gpavatar.ops as ops
+
+    model.set_backend(backend)
+    avatar, points, transform = inp["avatar"], inp["points"], inp["transform"]
+    base, passes = model.field(avatar, points), []
+
+    def field(coords, dirs):
+        alpha, value, extras = base(coords, dirs)
+        passes.append((coords, dirs, alpha, value))
+        return alpha, value, extras
+
+    with torch.no_grad(), precision("fp32", transform.device):
+        out = model.renderer(field, transform)
+        (cc, dc, ac, vc), (cf, df, af, vf) = passes
+        o, d = model.renderer.rays(transform)
+        B, HW = o.shape[:2]
+
+        def depths(coords):  # (B, HW*S, 3) -> (B*HW, S): distance along each sample's ray
+            x = coords.reshape(B, HW, -1, 3) - o[:, :, None]
+            return (x * d[:, :, None]).sum(-1).reshape(B * HW, -1).contiguous()
+
+        merged, order = ops.merge_samples(depths(cc), depths(cf), backend="torch")
+        R = B * HW
+        alphas = ops.gather_samples(torch.cat([ac.reshape(R, -1), af.reshape(R, -1)], 1), order).contiguous()
+        values = ops.gather_samples(torch.cat([vc.reshape(R, -1, vc.shape[-1]), vf.reshape(R, -1, vf.shape[-1])], 1),
+                                    order).contiguous()
+    return dict(coarse=(cc, dc), fine=(cf, df), chain=(ac, vc, af, vf), alphas=alphas, values=values,
+                depths=merged, fine_image=out["fine"].to(model.query_style_tplane.dtype).contiguous())
+
+
+@contextlib.contextmanager
+def precision(mode: str, device: torch.device):
+    """``fp32``: TF32 off for matmul and cuDNN; ``fast``: TF32 on plus bf16 autocast.  The
+    flags are restored on exit."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    fast = mode == "fast"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = fast
+    try:
+        if fast:
+            with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+# --- cases -------------------------------------------------------------------------------------
+
+def make_case_fn(case: str, backend: str, mode: str, model, inp: dict, cap: dict | None = None):
+    """A zero-argument callable running ``case`` with ``backend`` in ``mode`` (no_grad).
+    ``cap`` (from :func:`capture`) feeds the breakdown cases."""
+    import gpavatar.ops as ops
+
+    if case not in CASES:
+        raise ValueError(f"unknown case {case!r}; choose from {CASES}")
+    device = inp["transform"].device
+    avatar, points, transform = inp["avatar"], inp["points"], inp["transform"]
+    chunk = model.config.query_chunk
+
+    def run(body):
+        def fn():
+            model.set_backend(backend)
+            with torch.no_grad(), precision(mode, device):
+                return body()
+        return fn
+
+    if case == "render":
+        return run(lambda: model.render(avatar, points, transform))
+    if cap is None:
+        raise ValueError(f"case {case!r} needs the captured render (capture())")
+    if case == "rays+sampling":
+        from bench_render import chain_field
+
+        return run(lambda: model.renderer(chain_field(cap["chain"]), transform))
+    if case == "field queries":
+        (cc, dc), (cf, df) = cap["coarse"], cap["fine"]
+        return run(lambda: (model.nerf_mlp(cc, dc, avatar.planes, points, chunk=chunk),
+                            model.nerf_mlp(cf, df, avatar.planes, points, chunk=chunk)))
+    if case == "compositing":
+        return run(lambda: tuple(ops.composite(cap["alphas"], cap["values"], cap["depths"], backend=backend)))
+    return run(lambda: model.up_renderer(cap["fine_image"], noise="off"))
+
+
+def psnr(img: torch.Tensor, ref: torch.Tensor) -> float:
+    """PSNR (dB) of two images in [0, 1] (clamped): 10 log10(1 / MSE); inf when identical."""
+    mse = (img.detach().double().clamp(0, 1) - ref.detach().double().clamp(0, 1)).pow(2).mean().item()
+    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+# --- rows --------------------------------------------------------------------------------------
+
+def run_row(case, backend, mode, model, inp, device, *, cap=None, images=None, repeats, warmup,
+            max_seconds, min_repeats=3):
+    """Measure one row; ``images`` ({(B, backend, mode): image}) collects render images for the
+    PSNR columns."""
+    B = inp["B"]
+    row = dict(case=case, backend=backend, mode=mode, B=B, median_ms=None, p20_ms=None, p80_ms=None,
+               repeats=0, fps=None, peak_mem_bytes=None, psnr_vs_fp32=None, psnr_vs_torch=None,
+               fallback=None, error=None)
+    try:
+        why = backend_unavailable(backend, device)
+        if why:
+            raise RuntimeError(why)
+        row["fallback"] = fallback_ops(backend) or None
+        fn = make_case_fn(case, backend, mode, model, inp, cap)
+        if case == "render" and images is not None:
+            image = fn()["image"].float()
+            images[(B, backend, mode)] = image
+            if mode == "fast":
+                ref = images.get((B, backend, "fp32"))
+                if ref is None:
+                    ref = make_case_fn(case, backend, "fp32", model, inp)()["image"].float()
+                row["psnr_vs_fp32"] = psnr(image, ref)
+            torch_ref = images.get((B, "torch", "fp32"))
+            if backend != "torch" and torch_ref is not None:
+                row["psnr_vs_torch"] = psnr(image, torch_ref)
+            del image
+        row.update(H.measure(fn, device, repeats=repeats, warmup=warmup, max_seconds=max_seconds,
+                             min_repeats=min_repeats))
+        if row["median_ms"]:
+            row["fps"] = B * 1e3 / row["median_ms"]
+    except Exception as exc:  # keep going: the report records the failure
+        row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        if not (isinstance(exc, RuntimeError) and str(exc).startswith("backend ")):
+            traceback.print_exc(limit=3)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+    return row
+
+
+def status(r: dict) -> str:
+    if r["error"]:
+        return "ERROR: " + r["error"].splitlines()[0][:80]
+    return "ok" + (f" (torch fallback: {', '.join(r['fallback'])})" if r.get("fallback") else "")
+
+
+def _fmt_db(x) -> str:
+    if x is None:
+        return "-"
+    return "inf" if math.isinf(x) else f"{x:.1f}"
+
+
+def _fmt_mib(n) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def render_markdown(payload: dict) -> str:
+    cfg, env = payload["config"], payload["env"]
+    title = ("## end-to-end render (GPAvatar, random weights) on {dev}\n\npreset `{preset}`: sources "
+             "{V}x3x{S}x{S}, planes 3x{C}x{P}x{P}, {R}x{R} rays, {nc} + {nf} samples per ray, Cv={Cv}, output "
+             "{O}x{O}; B in {Bs}; modes {modes}; points: {pts}; query_chunk {qc}").format(
+        dev=H.device_label(env), preset=cfg["preset"], V=NUM_SOURCES, S=cfg["image_size"], C=cfg["plane_channels"],
+        P=cfg["plane_size"], R=cfg["render_size"], nc=cfg["n_coarse"], nf=cfg["n_fine"], Cv=cfg["render_channels"],
+        O=cfg["output_size"], Bs=list(cfg["Bs"]), modes=",".join(cfg["modes"]), pts=cfg["points"] or "-",
+        qc=cfg["query_chunk"])
+    headers = ["case", "B", "backend", "mode", "median ms", "p20-p80 ms", "FPS", "speed-up vs torch",
+               "peak MiB", "mem vs torch", "PSNR vs fp32 dB", "PSNR vs torch dB", "status"]
+    body = []
+    for r in payload["rows"]:
+        spread = f"{H.fmt_ms(r['p20_ms'])}-{H.fmt_ms(r['p80_ms'])}" if r["p20_ms"] is not None else "-"
+        body.append([r["case"], r["B"], r["backend"], r["mode"], H.fmt_ms(r["median_ms"]), spread,
+                     "-" if r["fps"] is None else f"{r['fps']:.1f}", H.fmt_ratio(r.get("speedup_vs_torch")),
+                     _fmt_mib(r["peak_mem_bytes"]), H.fmt_ratio(r.get("mem_vs_torch")),
+                     _fmt_db(r["psnr_vs_fp32"]), _fmt_db(r["psnr_vs_torch"]), status(r)])
+    note = ("Times: median over repeats (p20-p80 spread); FPS = B / median (for a breakdown row: the frame "
+            "rate if that stage were the only cost). Peak MiB: " +
+            ("CUDA max_memory_allocated above the pre-call level (model, avatar and inputs excluded)."
+             if cfg["device"].startswith("cuda") else
+             "CPU tensor memory from torch.profiler allocation events (no malloc/stack).") +
+            " fp32: TF32 off; fast: torch.autocast bf16 + TF32 matmul/cuDNN. PSNR vs fp32: the fast image "
+            "against the fp32 image of the same backend; PSNR vs torch: against the fp32 torch image of the "
+            "same B (images in [0, 1]). Breakdown rows (fp32, smallest B): rays+sampling = the renderer with a "
+            "field of ~zero cost (precomputed alpha/value of a real render); field queries = nerf_mlp on both "
+            "passes' sample positions; compositing = ops.composite of the merged samples; super-resolution = "
+            "up_renderer on the fine image (no custom ops: the same work on every backend). torch = the "
+            "pure-torch reference ops (official-style path). \"torch fallback\" lists ops this build has no "
+            "kernel for on that backend.")
+    parts = [title, H.env_markdown(env), H.markdown_table(headers, body), note]
+    return "\n\n".join(parts) + "\n"
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
+    ap.add_argument("--preset", choices=PRESETS, default=None, help="default: paper on cuda, tiny on cpu")
+    ap.add_argument("--size", choices=sorted(SIZE_ALIASES), default=None,
+                    help="alias of --preset for gpu_report.sh's BENCH_ARGS (paper -> paper, cpu/small -> tiny)")
+    ap.add_argument("--batch", default="1,4", help="comma list of batch sizes (default 1,4)")
+    ap.add_argument("--backends", default=None,
+                    help="comma list (default: torch + every fused backend of the device; triton on cpu "
+                         "only when named, under TRITON_INTERPRET=1)")
+    ap.add_argument("--modes", default="fp32,fast", help="comma list of " + ",".join(MODES))
+    ap.add_argument("--cases", default=None, help="comma list of cases (default: all): " + ",".join(CASES))
+    ap.add_argument("--points", choices=POINT_SOURCES, default="procedural",
+                    help="FLAME points: procedural head template x5 (default) or a random head-sized cloud")
+    ap.add_argument("--query-chunk", type=int, default=0, help="config query_chunk (0 = whole pass)")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="cap on timed seconds per row (repeats are reduced, min 3); default 3 on cpu, 10 on cuda")
+    ap.add_argument("--min-repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--markdown", default=None)
+    return ap.parse_args(argv)
+
+
+def _split(text: str, allowed, what: str) -> list[str]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in items if s not in allowed]
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; choose from {tuple(allowed)}")
+    return items
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = H.resolve_device(args.device)
+    if device is None:
+        return 2
+    preset = args.preset or (SIZE_ALIASES[args.size] if args.size else None) or \
+        ("paper" if device.type == "cuda" else "tiny")
+    Bs = tuple(int(b) for b in args.batch.split(","))
+    modes = _split(args.modes, MODES, "mode(s)")
+    cases = _split(args.cases, CASES, "case(s)") if args.cases else list(CASES)
+    repeats = args.repeats or (20 if device.type == "cuda" else 5)
+    warmup = args.warmup if args.warmup is not None else (2 if device.type == "cuda" else 0)
+    max_seconds = args.max_seconds if args.max_seconds is not None else (10.0 if device.type == "cuda" else 3.0)
+
+    cfg = dict(preset=preset, device=str(device), Bs=Bs, modes=modes, cases=cases, repeats=repeats, warmup=warmup,
+               max_seconds=max_seconds, seed=args.seed, points=None, query_chunk=args.query_chunk,
+               camera=[list(r) for r in CAMERA], num_sources=NUM_SOURCES, capture_backend=None)
+    payload = dict(benchmark="e2e", env=H.env_info(device), config=cfg, rows=[], api_error=None,
+                   partial=False, error=None)
+    payload["api_error"] = api_error()
+    backends: list[str] = []
+    model = None
+    if payload["api_error"]:
+        payload["error"] = f"cannot import gpavatar: {payload['api_error']}"
+    else:
+        from gpavatar.model.config import GPAvatarConfig
+
+        cfg.update({k: v for k, v in GPAvatarConfig.preset(preset).to_dict().items()
+                    if k in ("image_size", "plane_size", "plane_channels", "render_size", "n_coarse", "n_fine",
+                             "render_channels", "output_size", "num_points", "K")})
+        backends = args.backends.split(",") if args.backends else default_backends(device)
+        if "torch" in backends:  # the baseline first
+            backends = ["torch"] + [b for b in backends if b != "torch"]
+        try:
+            model = make_model(preset, device, seed=args.seed, query_chunk=args.query_chunk)
+        except Exception as exc:
+            payload["error"] = f"cannot build the model: {type(exc).__name__}: {exc}"[:500]
+            backends = []
+    cfg["backends"] = backends
+
+    images: dict = {}
+    for B in Bs:
+        if not backends:
+            break
+        print(f"[bench_e2e] B={B}: building the avatar ...", file=sys.stderr, flush=True)
+        inp = make_inputs(model, B, device, seed=args.seed, points=args.points)
+        cfg["points"] = inp["points_kind"]
+        cap = None
+        breakdown = [c for c in cases if c in BREAKDOWN] if B == min(Bs) and "fp32" in modes else []
+        if breakdown:
+            usable = [b for b in backends if backend_unavailable(b, device) is None]
+            fused = [b for b in usable if b != "torch"]
+            cap_backend = (fused or usable or [None])[0]
+            if cap_backend is not None:
+                try:
+                    cap = capture(model, inp, cap_backend)
+                    cfg["capture_backend"] = cap_backend
+                except Exception as exc:
+                    traceback.print_exc(limit=3)
+                    payload["error"] = f"capture render failed: {type(exc).__name__}: {exc}"[:500]
+                    breakdown = []
+        for case in cases:
+            if case != "render" and case not in breakdown:
+                continue
+            for mode in (modes if case == "render" else ["fp32"]):
+                for b in backends:
+                    print(f"[bench_e2e] B={B} {case} / {b} / {mode} ...", file=sys.stderr, flush=True)
+                    payload["rows"].append(run_row(case, b, mode, model, inp, device, cap=cap, images=images,
+                                                   repeats=repeats, warmup=warmup, max_seconds=max_seconds,
+                                                   min_repeats=args.min_repeats))
+                    if args.json:  # partial results survive a timeout
+                        H.add_ratios(payload["rows"], key=lambda r: (r["case"], r["B"], r["mode"]))
+                        H.write_json(args.json, dict(payload, partial=True))
+        del inp, cap
+        images.clear()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    H.add_ratios(payload["rows"], key=lambda r: (r["case"], r["B"], r["mode"]))
+
+    return H.emit_report(payload, render_markdown(payload), args.json, args.markdown)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
