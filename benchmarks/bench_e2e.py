@@ -196,9 +196,8 @@ def capture(model, inp: dict, backend: str) -> dict:
 
         merged, order = ops.merge_samples(depths(cc), depths(cf), backend="torch")
         R = B * HW
-        alphas = ops.gather_samples(torch.cat([ac.reshape(R, -1), af.reshape(R, -1)], 1), order).contiguous()
-        values = ops.gather_samples(torch.cat([vc.reshape(R, -1, vc.shape[-1]), vf.reshape(R, -1, vf.shape[-1])], 1),
-                                    order).contiguous()
+        alphas = ops.merge_values(ac.reshape(R, -1), af.reshape(R, -1), order)
+        values = ops.merge_values(vc.reshape(R, -1, vc.shape[-1]), vf.reshape(R, -1, vf.shape[-1]), order)
     return dict(coarse=(cc, dc), fine=(cf, df), chain=(ac, vc, af, vf), alphas=alphas, values=values,
                 depths=merged, fine_image=out["fine"].to(model.query_style_tplane.dtype).contiguous())
 

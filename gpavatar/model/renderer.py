@@ -1,7 +1,7 @@
 """Volume renderer (SPEC sections 7 and 8): camera rays, coarse + importance samples, compositing.
 
 A pure composition of the public ops ``ray_box``, ``stratified_depths``,
-``importance_depths``, ``merge_samples``, ``gather_samples`` and ``composite``
+``importance_depths``, ``merge_samples``, ``merge_values`` and ``composite``
 (each dispatched with the renderer's ``backend``); the field (tri-planes + PEF +
 decoder, or anything else) is a callable supplied per call.
 
@@ -196,8 +196,8 @@ class VolumeRenderer(nn.Module):
                                        generator=generator, **internal)
         alpha_f, value_f, extras_f = self._query(field, o32, d32, fine_t, B, "fine")
         depths, order = ops.merge_samples(coarse_t, fine_t, **internal)
-        alphas = ops.gather_samples(torch.cat([alpha_c, alpha_f.to(alpha_c.dtype)], dim=1), order)
-        values = ops.gather_samples(torch.cat([value_c, value_f.to(value_c.dtype)], dim=1), order)
+        alphas = ops.merge_values(alpha_c, alpha_f.to(alpha_c.dtype), order)
+        values = ops.merge_values(value_c, value_f.to(value_c.dtype), order)
         fine = ops.composite(alphas, values, depths, **kw)
 
         opacity = fine.opacity

@@ -6,9 +6,10 @@ from gpavatar.ops._backend import BACKENDS, available_backends
 from gpavatar.ops.knn import KnnResult, knn
 from gpavatar.ops.knn_blend import KnnBlendResult, knn_blend, knn_blend_weight_sum
 from gpavatar.ops.composite import CompositeResult, composite
-from gpavatar.ops.rays import gather_samples, importance_depths, merge_samples, ray_box, stratified_depths
+from gpavatar.ops.rays import (gather_samples, importance_depths, merge_samples, merge_values, ray_box,
+                              stratified_depths)
 from gpavatar.ops.triplane import triplane_sample
 
 __all__ = ["BACKENDS", "available_backends", "knn", "KnnResult", "knn_blend", "KnnBlendResult",
            "knn_blend_weight_sum", "triplane_sample", "composite", "CompositeResult", "ray_box",
-           "stratified_depths", "importance_depths", "merge_samples", "gather_samples"]
+           "stratified_depths", "importance_depths", "merge_samples", "merge_values", "gather_samples"]

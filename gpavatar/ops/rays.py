@@ -194,6 +194,64 @@ def gather_samples(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return x.gather(1, order[..., None].expand(-1, -1, x.shape[-1]))
 
 
+class _MergeValues(torch.autograd.Function):
+    """Place both sample sets straight into merged order: each element is written once (no
+    concatenation, no gather). The order is a permutation per ray, so the backward is a
+    plain gather of the gradient (deterministic, no atomics)."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, b: torch.Tensor, order: torch.Tensor):
+        R, Sa, Sb = a.shape[0], a.shape[1], b.shape[1]
+        S = Sa + Sb
+        inverse = torch.empty_like(order)
+        inverse.scatter_(1, order, torch.arange(S, device=order.device).expand(R, S))
+        rows = (inverse + torch.arange(R, device=order.device)[:, None] * S)
+        rows_a, rows_b = rows[:, :Sa].reshape(-1), rows[:, Sa:].reshape(-1)
+        tail = a.shape[2:]
+        out = a.new_empty((R * S, *tail))
+        out.index_copy_(0, rows_a, a.reshape(R * Sa, *tail))
+        out.index_copy_(0, rows_b, b.reshape(R * Sb, *tail))
+        ctx.save_for_backward(rows_a, rows_b)
+        ctx.shapes = (a.shape, b.shape)
+        return out.reshape(R, S, *tail)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows_a, rows_b = ctx.saved_tensors
+        shape_a, shape_b = ctx.shapes
+        flat = grad.reshape(-1, *grad.shape[2:])
+        grad_a = flat.index_select(0, rows_a).reshape(shape_a) if ctx.needs_input_grad[0] else None
+        grad_b = flat.index_select(0, rows_b).reshape(shape_b) if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b, None
+
+
+def merge_values(a: torch.Tensor, b: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Per-sample values of two sample sets in the merged order of :func:`merge_samples`.
+
+    Same result as ``gather_samples(torch.cat([a, b], dim=1), order)`` with half the memory
+    traffic; differentiable w.r.t. ``a`` and ``b``.
+
+    Args:
+        a: (R, Sa) or (R, Sa, C); b: (R, Sb) or (R, Sb, C), same dtype, device and C
+        order: (R, Sa + Sb) int64 from ``merge_samples(depths_a, depths_b)``, a permutation
+            of 0 .. Sa + Sb - 1 per ray (index < Sa: from a, else b)
+    Returns:
+        (R, Sa + Sb) or (R, Sa + Sb, C)
+    """
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.dim() not in (2, 3) \
+            or b.dim() != a.dim() or a.shape[0] != b.shape[0] or a.shape[2:] != b.shape[2:]:
+        raise ValueError(f"a and b must have shapes (R, Sa[, C]) and (R, Sb[, C]), got "
+                         f"{tuple(getattr(a, 'shape', ()))} and {tuple(getattr(b, 'shape', ()))}")
+    if a.dtype != b.dtype or a.device != b.device:
+        raise TypeError(f"a and b must share dtype and device, got {a.dtype}/{a.device} and {b.dtype}/{b.device}")
+    R, S = a.shape[0], a.shape[1] + b.shape[1]
+    if not isinstance(order, torch.Tensor) or order.dtype != torch.int64 or tuple(order.shape) != (R, S) \
+            or order.device != a.device:
+        raise ValueError(f"order must be an int64 tensor of shape ({R}, {S}) on {a.device} (from merge_samples), "
+                         f"got {getattr(order, 'dtype', type(order).__name__)} {tuple(getattr(order, 'shape', ()))}")
+    return _MergeValues.apply(a, b, order)
+
+
 # --- torch.library registration ------------------------------------------------------------
 
 
