@@ -13,7 +13,7 @@ MAX_JOBS ?= $(shell nproc)
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
-	$(PY) -m pip install -q "$(TORCH_PIN)" numpy lmdb pillow safetensors pyyaml av "pytest>=8" "hypothesis>=6.100" "pytest-benchmark>=4" expecttest
+	$(PY) -m pip install -q "$(TORCH_PIN)" numpy lmdb pillow safetensors pyyaml av tqdm "pytest>=8" "hypothesis>=6.100" "pytest-benchmark>=4" expecttest
 	touch $@
 
 # Rebuilt when a kernel source changes; builds CUDA kernels whenever nvcc exists.
