@@ -189,7 +189,7 @@ class Trainer:
         total = terms["total"]
         if not bool(torch.isfinite(total)):
             raise FloatingPointError(f"non-finite loss at step {self.step}: "
-                                     + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items()))
+                                     + ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items()))
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         self.optimizer.step()
