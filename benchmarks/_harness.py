@@ -359,3 +359,28 @@ def add_ratios(rows: list[dict], key: Callable[[dict], Any] = lambda r: r["case"
         r["speedup_vs_torch"] = t["median_ms"] / r["median_ms"] if t and r["median_ms"] else None
         r["mem_vs_torch"] = (r["peak_mem_bytes"] / t["peak_mem_bytes"]
                              if t and r["peak_mem_bytes"] is not None and t["peak_mem_bytes"] else None)
+
+
+_IMPORT_ERRORS: dict[tuple[str, ...], str | None] = {}
+
+
+def import_error(*modules: str) -> str | None:
+    """Why ``modules`` cannot be imported (None when they can); cached per tuple of names."""
+    if modules not in _IMPORT_ERRORS:
+        import importlib
+
+        try:
+            for name in modules:
+                importlib.import_module(name)
+            _IMPORT_ERRORS[modules] = None
+        except Exception as exc:
+            _IMPORT_ERRORS[modules] = f"{type(exc).__name__}: {exc}"[:300]
+    return _IMPORT_ERRORS[modules]
+
+
+def release(device: torch.device) -> None:
+    """After a benchmark row: wait for the GPU and return its cached blocks (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+

@@ -84,20 +84,9 @@ RAY_OPS = ("ray_box", "stratified_depths", "importance_depths", "merge_samples")
 
 # --- availability ------------------------------------------------------------------------------
 
-_IMPORT: list = []
-
-
 def api_error() -> str | None:
     """Why gpavatar.model / gpavatar.ops cannot be imported (None when they can)."""
-    if not _IMPORT:
-        try:
-            import gpavatar.model  # noqa: F401
-            import gpavatar.ops  # noqa: F401
-
-            _IMPORT.append(None)
-        except Exception as exc:
-            _IMPORT.append(f"{type(exc).__name__}: {exc}"[:300])
-    return _IMPORT[0]
+    return H.import_error("gpavatar.model", "gpavatar.ops")
 
 
 def default_backends(device: torch.device) -> list[str]:
@@ -301,9 +290,7 @@ def run_row(case, backend, mode, model, inp, device, *, cap=None, images=None, r
         if not (isinstance(exc, RuntimeError) and str(exc).startswith("backend ")):
             traceback.print_exc(limit=3)
     finally:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.empty_cache()
+        H.release(device)
     return row
 
 

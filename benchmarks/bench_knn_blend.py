@@ -177,9 +177,7 @@ def run_row(case, backend, inp, device, *, repeats, warmup, max_seconds, normali
         row["error"] = f"{type(exc).__name__}: {exc}"[:500]
         traceback.print_exc(limit=3)
     finally:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.empty_cache()
+        H.release(device)
     return row
 
 

@@ -86,20 +86,9 @@ NERFACC_CASES = ("ray_box", "composite fwd", "composite fwd+bwd")
 
 # --- availability ------------------------------------------------------------------------------
 
-_IMPORT: list = []
-
-
 def api_error() -> str | None:
     """Why gpavatar.ops / gpavatar.model.renderer cannot be imported (None when they can)."""
-    if not _IMPORT:
-        try:
-            import gpavatar.model.renderer  # noqa: F401
-            import gpavatar.ops  # noqa: F401
-
-            _IMPORT.append(None)
-        except Exception as exc:
-            _IMPORT.append(f"{type(exc).__name__}: {exc}"[:300])
-    return _IMPORT[0]
+    return H.import_error("gpavatar.model.renderer", "gpavatar.ops")
 
 
 def _cpp_missing(names) -> str | None:
@@ -458,9 +447,7 @@ def run_row(case, backend, inp, device, *, repeats, warmup, max_seconds, min_rep
                 ("gpavatar cannot", "C++ ", "no Triton", "gpavatar.kernels", "nerfacc cannot")):
             traceback.print_exc(limit=3)
     finally:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.empty_cache()
+        H.release(device)
     return row
 
 

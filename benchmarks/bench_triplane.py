@@ -246,9 +246,7 @@ def run_row(case, backend, inp, device, *, repeats, warmup, max_seconds, min_rep
                 ("gpavatar.ops.triplane cannot", "C++ op", "gpavatar.kernels.triplane")):
             traceback.print_exc(limit=3)
     finally:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.empty_cache()
+        H.release(device)
     return row
 
 

@@ -4,6 +4,7 @@
     gpavatar data check DIR [--sources 2] [--limit N]
     gpavatar data preview DIR OUT.png [--rows 8] [--cols 6] [--tile 128] [--annotate] [--colors 0]
     gpavatar train DATA OUT [--preset tiny|paper] [--steps N] [--amp bf16] ...   (gpavatar.train.command)
+    gpavatar eval DATA --pretrained DIR | --checkpoint CKPT [--split val] [--limit N]   (gpavatar.eval.evaluate)
     gpavatar demo [--out demo.mp4] [--frames 50] [--preset paper|tiny] [--checkpoint CKPT] [--fast] ...
 
 ``synth`` writes a synthetic dataset in the official layout and prints its timing; ``check``
@@ -131,10 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--colors", type=int, default=0, help="palette size for a smaller file (0: full colour)")
     preview.set_defaults(run=_preview)
     from gpavatar.demo import add_parser as add_demo
+    from gpavatar.eval.evaluate import add_parser as add_eval
     from gpavatar.train.command import add_parser as add_train
 
     add_demo(commands)
     add_train(commands)
+    add_eval(commands)
     return parser
 
 

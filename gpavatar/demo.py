@@ -5,8 +5,9 @@ Everything is embedded (no download): the source is the procedural FLAME head
 official inputs (pipeline.md section 2.9); the driver is a 2-second loop of expressions
 (lips part, smile, blink, brow raise), jaw opening and a head turn.  Weights come from
 ``--checkpoint`` (the official ``one_model.ckpt``), ``--pretrained`` (a ``save_pretrained``
-folder) or, without either, are random: the video then shows the pipeline and its speed,
-not a likeness.
+folder) or, without either, from the bundled tiny model (``gpavatar/assets/tiny``, trained
+with ``gpavatar train`` on synthetic procedural heads) for the ``tiny`` preset, and random
+weights for ``paper`` (the video then shows the pipeline and its speed, not a likeness).
 
 The FPS printed is that of :meth:`GPAvatar.render` per frame (FLAME points and camera in,
 super-resolved image out) after warm-up; the avatar is built once, before the timing.
@@ -30,6 +31,9 @@ from gpavatar.model import GPAvatar
 from gpavatar.model.checkpoint import atomic_write
 
 TILE = 256  # side of each panel in the video
+# The tiny preset trained on the synthetic procedural-head dataset (`gpavatar train`, see
+# gpavatar/assets/tiny/README.md): the demo's default weights on CPU.
+TINY_WEIGHTS = Path(__file__).parent / "assets" / "tiny"
 FPS_VIDEO = 25
 
 
@@ -122,6 +126,8 @@ def load_model(preset: str, checkpoint: Optional[str], pretrained: Optional[str]
         model, weights = GPAvatar.from_official_checkpoint(checkpoint), f"official checkpoint {checkpoint}"
     elif pretrained:
         model, weights = GPAvatar.from_pretrained(pretrained), f"pretrained {pretrained}"
+    elif preset == "tiny" and (TINY_WEIGHTS / "model.safetensors").is_file():
+        model, weights = GPAvatar.from_pretrained(TINY_WEIGHTS), "the bundled tiny model (trained on synthetic heads)"
     else:
         torch.manual_seed(0)
         model, weights = GPAvatar(preset), "random weights (no checkpoint given)"
