@@ -11,7 +11,8 @@
 #
 # Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: the local
 # GPU's compute capability), MAX_JOBS (default nproc), FORCE_CUDA (default 1),
-# BENCH_ARGS (extra arguments for every benchmark script), REPORT_BUDGET_S.
+# BENCH_ARGS (extra arguments for every benchmark script), BENCHES_ONLY (the benchmark
+# scripts to run, space-separated), SKIP_MEMCHECK (any value), REPORT_BUDGET_S.
 set -euo pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -30,14 +31,18 @@ START=$SECONDS
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
-# Benchmark scripts run by step (d); each takes --device/--json/--markdown.
+# Benchmark scripts run by step (d), most wanted first (the budget may cut the tail);
+# each takes --device/--json/--markdown.  BENCHES_ONLY="a.py b.py" replaces the list.
 # bench_e2e on cuda defaults to the paper preset, B = 1 and 4, every backend, fp32 + fast.
 BENCHES=(
+    benchmarks/bench_e2e.py
+    benchmarks/bench_render.py
     benchmarks/bench_knn_blend.py
     benchmarks/bench_triplane.py
-    benchmarks/bench_render.py
-    benchmarks/bench_e2e.py
 )
+if [[ -n "${BENCHES_ONLY:-}" ]]; then
+    read -r -a BENCHES <<< "$BENCHES_ONLY"
+fi
 
 STEPS="$OUTDIR/steps.tsv"
 printf 'step\trc\tseconds\tlog\n' > "$STEPS"
@@ -93,7 +98,9 @@ for d in "${CUDA_HOME:-}" "${CUDA_PATH:-}" /usr/local/cuda; do
         SANITIZER="$d/bin/compute-sanitizer"
     fi
 done
-if [[ -n "$SANITIZER" ]]; then
+if [[ -n "${SKIP_MEMCHECK:-}" ]]; then
+    skip_step memcheck "SKIP_MEMCHECK set"
+elif [[ -n "$SANITIZER" ]]; then
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step memcheck 120 "$OUTDIR/memcheck.log" \
         "$SANITIZER" --tool memcheck --error-exitcode 99 \
         "$PY" benchmarks/sanitize_ops.py --backend cuda

@@ -209,6 +209,6 @@ def _main(args) -> int:
     print(f"  device {r['device']} ({where}), backend {r['backend']}, batch {r['batch']}"
           f"{', bf16/TF32' if r['fast'] else ', fp32'}")
     print(f"  avatar (encoder + MTA, once): {r['avatar_ms']:.1f} ms")
-    print(f"  render: {r['ms_per_frame']:.2f} ms/frame = {r['fps']:.1f} FPS")
+    print(f"  render: {r['ms_per_frame']:.2f} ms/frame = {r['fps']:.3g} FPS")
     print(f"  wrote {r['video']} (source | driver | GPAvatar)")
     return 0
