@@ -83,6 +83,14 @@ def test_official_checkpoint_loads_strictly(tmp_path):
     assert raw["config_dict"]["MODEL"]["NAME"] == "OneModel"  # the foreign class came back as a dict
 
 
+def test_official_checkpoint_saved_through_a_wrapper(tmp_path):
+    """Keys prefixed by a DDP ("module.") wrapper load too."""
+    state = {f"module.{k}": torch.zeros(shape) for k, shape in MANIFEST["keys"].items()}
+    torch.save({"state_dict": state}, tmp_path / "wrapped.ckpt")
+    model = GPAvatar.from_official_checkpoint(tmp_path / "wrapped.ckpt")
+    assert not model.nerf_mlp.rgb_layers[2].weight.detach().any()
+
+
 def test_official_checkpoint_never_runs_code(tmp_path):
     marker = tmp_path / "pwned"
 

@@ -179,6 +179,9 @@ class CheckpointMixin:
         if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CheckpointError(f"{path}: expected a dict with a 'state_dict' of tensors (the official format)")
         state = {k: v for k, v in state.items() if not any(s in k for s in DROPPED_SUBSTRINGS)}
+        for wrapper in ("module.", "model."):  # saved from a DDP / Lightning wrapper
+            if state and all(k.startswith(wrapper) for k in state):
+                state = {k[len(wrapper):]: v for k, v in state.items()}
         settings: dict[str, Any] = {"pef_normalize": "queries"}
         meta = ckpt.get("data_meta_info") if isinstance(ckpt, Mapping) else None
         if isinstance(meta, Mapping) and isinstance(meta.get("focal_length"), (int, float)):
