@@ -384,3 +384,19 @@ def release(device: torch.device) -> None:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
 
+
+def record_error(row: dict, exc: BaseException, quiet: tuple[str, ...] = ()) -> None:
+    """Store a failed row's error (the report shows it and the run goes on); print the
+    traceback unless it is an expected "not available here" RuntimeError starting with one of
+    ``quiet``. Call from the ``except`` block."""
+    import traceback
+
+    row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    if not (quiet and isinstance(exc, RuntimeError) and str(exc).startswith(quiet)):
+        traceback.print_exc(limit=3)
+
+
+def error_status(row: dict) -> str | None:
+    """The status cell of a failed row, None for a row without error."""
+    return "ERROR: " + row["error"].splitlines()[0][:80] if row["error"] else None
+

@@ -286,18 +286,14 @@ def run_row(case, backend, mode, model, inp, device, *, cap=None, images=None, r
         if row["median_ms"]:
             row["fps"] = B * 1e3 / row["median_ms"]
     except Exception as exc:  # keep going: the report records the failure
-        row["error"] = f"{type(exc).__name__}: {exc}"[:500]
-        if not (isinstance(exc, RuntimeError) and str(exc).startswith("backend ")):
-            traceback.print_exc(limit=3)
+        H.record_error(row, exc, quiet=("backend ",))
     finally:
         H.release(device)
     return row
 
 
 def status(r: dict) -> str:
-    if r["error"]:
-        return "ERROR: " + r["error"].splitlines()[0][:80]
-    return "ok" + (f" (torch fallback: {', '.join(r['fallback'])})" if r.get("fallback") else "")
+    return H.error_status(r) or "ok" + (f" (torch fallback: {', '.join(r['fallback'])})" if r.get("fallback") else "")
 
 
 def _fmt_db(x) -> str:

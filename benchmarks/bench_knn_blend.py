@@ -27,7 +27,6 @@ import argparse
 import math
 import os
 import sys
-import traceback
 
 import torch
 
@@ -174,17 +173,14 @@ def run_row(case, backend, inp, device, *, repeats, warmup, max_seconds, normali
         row.update(H.measure(make_case_fn(case, backend, inp, normalize), device, repeats=repeats,
                              warmup=warmup, max_seconds=max_seconds, min_repeats=min_repeats))
     except Exception as exc:  # keep going: the report records the failure
-        row["error"] = f"{type(exc).__name__}: {exc}"[:500]
-        traceback.print_exc(limit=3)
+        H.record_error(row, exc)
     finally:
         H.release(device)
     return row
 
 
 def status(r: dict) -> str:
-    if r["error"]:
-        return "ERROR: " + r["error"].splitlines()[0][:80]
-    return "ok" if r["correct"] else "MISMATCH"
+    return H.error_status(r) or ("ok" if r["correct"] else "MISMATCH")
 
 
 def render_markdown(payload: dict) -> str:

@@ -58,7 +58,6 @@ import argparse
 import math
 import os
 import sys
-import traceback
 
 import torch
 
@@ -442,19 +441,14 @@ def run_row(case, backend, inp, device, *, repeats, warmup, max_seconds, min_rep
         if row["median_ms"] is not None:
             row["ms_per_frame"] = row["median_ms"] / row["B"]
     except Exception as exc:  # keep going: the report records the failure
-        row["error"] = f"{type(exc).__name__}: {exc}"[:500]
-        if not isinstance(exc, RuntimeError) or not str(exc).startswith(
-                ("gpavatar cannot", "C++ ", "no Triton", "gpavatar.kernels", "nerfacc cannot")):
-            traceback.print_exc(limit=3)
+        H.record_error(row, exc, quiet=("gpavatar cannot", "C++ ", "no Triton", "gpavatar.kernels", "nerfacc cannot"))
     finally:
         H.release(device)
     return row
 
 
 def status(r: dict) -> str:
-    if r["error"]:
-        return "ERROR: " + r["error"].splitlines()[0][:80]
-    return "ok" if r["correct"] else "MISMATCH"
+    return H.error_status(r) or ("ok" if r["correct"] else "MISMATCH")
 
 
 def render_markdown(payload: dict) -> str:

@@ -219,8 +219,8 @@ class Trainer:
             if self.step % self.config.log_every == 0 or self.step == target:
                 seconds = (time.perf_counter() - start) / max(1, self.step - start_step)
                 rates = {f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
-                self._log({"step": self.step, **last, "lr": rates.get("lr_normal", self.optimizer.param_groups[0]["lr"]),
-                           **rates, "s_per_step": seconds})
+                base = rates.get("lr_normal", self.optimizer.param_groups[0]["lr"])
+                self._log({"step": self.step, **last, "lr": base, **rates, "s_per_step": seconds})
             if self.step % self.config.save_every == 0 or self.step == target:
                 self.save()
         if bar is not None:
