@@ -400,3 +400,21 @@ def error_status(row: dict) -> str | None:
     """The status cell of a failed row, None for a row without error."""
     return "ERROR: " + row["error"].splitlines()[0][:80] if row["error"] else None
 
+
+def benchmark_parser(description: str, max_seconds: float | None,
+                     max_seconds_help: str = "cap on timed seconds per row (repeats are reduced, min 3)"):
+    """argparse parser with the options every benchmark script shares: --device, --repeats,
+    --warmup, --max-seconds, --min-repeats, --seed, --json, --markdown (scripts add their own)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--max-seconds", type=float, default=max_seconds, help=max_seconds_help)
+    ap.add_argument("--min-repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--markdown", default=None)
+    return ap
+

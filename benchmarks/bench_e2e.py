@@ -51,7 +51,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import os
@@ -342,8 +341,8 @@ def render_markdown(payload: dict) -> str:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
+    ap = H.benchmark_parser(__doc__.split("\n\n")[0], None, max_seconds_help="cap on timed seconds per row "
+                            "(repeats are reduced, min 3); default 3 on cpu, 10 on cuda")
     ap.add_argument("--preset", choices=PRESETS, default=None, help="default: paper on cuda, tiny on cpu")
     ap.add_argument("--size", choices=sorted(SIZE_ALIASES), default=None,
                     help="alias of --preset for gpu_report.sh's BENCH_ARGS (paper -> paper, cpu/small -> tiny)")
@@ -356,14 +355,6 @@ def parse_args(argv=None):
     ap.add_argument("--points", choices=POINT_SOURCES, default="procedural",
                     help="FLAME points: procedural head template x5 (default) or a random head-sized cloud")
     ap.add_argument("--query-chunk", type=int, default=0, help="config query_chunk (0 = whole pass)")
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--max-seconds", type=float, default=None,
-                    help="cap on timed seconds per row (repeats are reduced, min 3); default 3 on cpu, 10 on cuda")
-    ap.add_argument("--min-repeats", type=int, default=3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--markdown", default=None)
     return ap.parse_args(argv)
 
 

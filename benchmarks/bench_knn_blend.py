@@ -23,7 +23,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -206,20 +205,11 @@ def render_markdown(payload: dict) -> str:
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
+    ap = H.benchmark_parser(__doc__.split("\n\n")[0], 15.0)
     ap.add_argument("--size", choices=sorted(SIZES), default=None,
                     help="default: paper on cuda, cpu on cpu")
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--max-seconds", type=float, default=15.0,
-                    help="cap on timed seconds per row (repeats are reduced, min 3)")
-    ap.add_argument("--min-repeats", type=int, default=3)
     ap.add_argument("--normalize", choices=["neighbors", "queries"], default="neighbors")
     ap.add_argument("--backends", default=None, help="comma list to restrict backends")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--markdown", default=None)
     return ap.parse_args(argv)
 
 
