@@ -59,9 +59,7 @@ def _procedural_flame():
     from gpavatar.flame.procedural import procedural_head_path
 
     fields = load_flame_model(procedural_head_path())
-    n_total, N = int(fields["n_shape_total"]), fields["shapedirs"].shape[2]
-    flame = FLAME(fields, n_shape=min(100, n_total), n_exp=min(50, N - n_total), scale=5.0)
-    return flame, fields["vc"].astype(np.float64)
+    return FLAME.clamped(fields, scale=5.0), fields["vc"].astype(np.float64)
 
 
 def embedded_inputs(n_frames: int, image_size: int):

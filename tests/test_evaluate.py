@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from gpavatar import cli
-from gpavatar.data.official import OfficialDataset
+from gpavatar.data.official import OfficialDataset, dataset_flame
 from gpavatar.data.synthetic import make_synthetic_dataset
 from gpavatar.eval.evaluate import evaluate
 from gpavatar.model import GPAvatar
-from gpavatar.train.command import _flame_for
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +22,7 @@ def data_dir(tmp_path_factory):
 def test_evaluate_is_deterministic_and_restores_the_model(data_dir):
     torch.manual_seed(0)
     model = GPAvatar("tiny", render_size=8).train()
-    dataset = OfficialDataset(data_dir, "val", n_sources=2, resize=64, flame=_flame_for(str(data_dir), 5.0))
+    dataset = OfficialDataset(data_dir, "val", n_sources=2, resize=64, flame=dataset_flame(str(data_dir), 5.0))
     a = evaluate(model, dataset)
     b = evaluate(model, dataset, limit=2)
     assert a["samples"] == len(dataset) == 3 and b["samples"] == 2

@@ -13,10 +13,9 @@ import pytest
 import torch
 
 from gpavatar import cli
-from gpavatar.data.official import OfficialDataset
+from gpavatar.data.official import OfficialDataset, dataset_flame
 from gpavatar.data.synthetic import make_synthetic_dataset
 from gpavatar.model import GPAvatar
-from gpavatar.train.command import _flame_for
 from gpavatar.train.trainer import Trainer, TrainConfig, epoch_batches
 
 SMALL = dict(render_size=8, n_coarse=6, n_fine=6)
@@ -30,7 +29,7 @@ def data_dir(tmp_path_factory):
 
 
 def dataset(root, seed=0):
-    return OfficialDataset(root, "train", n_sources=2, resize=64, flame=_flame_for(str(root), 5.0), seed=seed)
+    return OfficialDataset(root, "train", n_sources=2, resize=64, flame=dataset_flame(str(root), 5.0), seed=seed)
 
 
 def trainer(root, out, steps=4, **kw):

@@ -360,6 +360,18 @@ def _fit(vector: torch.Tensor, n: int) -> torch.Tensor:
     return F.pad(vector, (0, n - vector.shape[-1]))
 
 
+def dataset_flame(root: Union[str, os.PathLike], scale: float = 5.0) -> torch.nn.Module:
+    """The FLAME layer (:class:`gpavatar.flame.FLAME`, at most 100 / 50 components) for a dataset's
+    records: ``root/generic_model.pkl`` or ``root/flame.npz`` if present, else the procedural head
+    (what ``gpavatar data synth`` renders)."""
+    from gpavatar.flame import FLAME
+    from gpavatar.flame.procedural import procedural_head_path
+
+    candidates = [Path(root) / "generic_model.pkl", Path(root) / "flame.npz"]
+    path = next((p for p in candidates if p.is_file()), None) or procedural_head_path()
+    return FLAME.clamped(path, scale=scale)
+
+
 def flame_points(flame: torch.nn.Module, shape: torch.Tensor, expression: torch.Tensor,
                  pose: torch.Tensor) -> torch.Tensor:
     """FLAME(shape, expression, pose) (the layer's scale, 5 for GPAvatar) for one frame -> (V, 3).

@@ -201,9 +201,7 @@ def _flame(flame_model, landmark_embedding):
     if flame_model is None:  # the procedural .npz holds its own landmark embedding
         flame_model = landmark_embedding = procedural_head_path()
     fields = load_flame_model(flame_model)
-    n_total, N = int(fields["n_shape_total"]), fields["shapedirs"].shape[2]
-    flame = FLAME(fields, n_shape=min(N_SHAPE, n_total), n_exp=min(N_EXP, N - n_total), scale=CAMERA["flame_scale"],
-                  landmark_embedding=landmark_embedding)
+    flame = FLAME.clamped(fields, N_SHAPE, N_EXP, scale=CAMERA["flame_scale"], landmark_embedding=landmark_embedding)
     vc = fields.get("vc")
     if vc is None:  # a FLAME file without colours: uniform skin, no hair
         return flame, np.tile(BASE_SKIN, (flame.num_vertices, 1)), np.zeros(flame.num_vertices)

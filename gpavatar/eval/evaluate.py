@@ -66,17 +66,16 @@ def add_parser(commands) -> None:
 
 
 def _main(args) -> int:
-    from gpavatar.data.official import OfficialDataset
+    from gpavatar.data.official import OfficialDataset, dataset_flame
     from gpavatar.data.synthetic import CAMERA
     from gpavatar.model import GPAvatar
-    from gpavatar.train.command import _flame_for
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = (GPAvatar.from_pretrained(args.pretrained) if args.pretrained
              else GPAvatar.from_official_checkpoint(args.checkpoint)).to(device)
     stage = "val" if args.split == "train" else args.split
     dataset = OfficialDataset(args.data, args.split, n_sources=args.sources, stage=stage,
-                              resize=model.config.image_size, flame=_flame_for(args.data, CAMERA["flame_scale"]),
+                              resize=model.config.image_size, flame=dataset_flame(args.data, CAMERA["flame_scale"]),
                               pixel_scale=256.0)
     result = evaluate(model, dataset, device, args.limit, args.noise)
     print(f"{args.split}: {result['samples']} samples  PSNR {result['psnr']:.2f} dB  SSIM {result['ssim']:.4f}  "

@@ -207,6 +207,14 @@ class FLAME(nn.Module):
             dtype = torch.int64 if key.endswith("faces_idx") else self.v_template.dtype
             self.register_buffer(key, torch.as_tensor(value).to(dtype), persistent=False)
 
+    @classmethod
+    def clamped(cls, model: Union[PathLike, Mapping], n_shape: int = 100, n_exp: int = 50, **kwargs) -> "FLAME":
+        """A layer with up to ``n_shape`` / ``n_exp`` components, fewer when the model has fewer
+        columns (e.g. the procedural head); ``kwargs`` go to the constructor."""
+        fields = normalize_flame_model(model) if isinstance(model, Mapping) else load_flame_model(model)
+        n_shape_total, N = int(fields["n_shape_total"]), fields["shapedirs"].shape[2]
+        return cls(fields, n_shape=min(n_shape, n_shape_total), n_exp=min(n_exp, N - n_shape_total), **kwargs)
+
     @property
     def num_vertices(self) -> int:
         return self.v_template.shape[0]

@@ -35,7 +35,7 @@ def add_parser(commands) -> None:
 
 
 def run(args) -> int:
-    from gpavatar.data.official import OfficialDataset
+    from gpavatar.data.official import OfficialDataset, dataset_flame
     from gpavatar.data.synthetic import CAMERA
     from gpavatar.model import GPAvatar, GPAvatarConfig
     from gpavatar.train.trainer import Trainer, TrainConfig
@@ -47,7 +47,7 @@ def run(args) -> int:
     train_config = TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, milestones=milestones,
                                amp=args.amp, workers=args.workers, seed=args.seed, log_every=args.log_every,
                                save_every=args.save_every)
-    flame = _flame_for(args.data, CAMERA["flame_scale"])
+    flame = dataset_flame(args.data, CAMERA["flame_scale"])
     dataset = OfficialDataset(args.data, "train", n_sources=2, resize=config.image_size, flame=flame,
                               seed=args.seed)
     out = Path(args.out)
@@ -64,16 +64,3 @@ def run(args) -> int:
         print(f"done at step {trainer.step}: {terms}; wrote {out / 'last.pt'} and {out / 'pretrained'}")
     return 0
 
-
-def _flame_for(data: str, scale: float):
-    """The FLAME layer for the dataset's records: the procedural head (what ``gpavatar data synth``
-    renders) unless the folder holds a ``generic_model.pkl`` / ``flame.npz``."""
-    from gpavatar.flame import FLAME, load_flame_model
-    from gpavatar.flame.procedural import procedural_head_path
-
-    root = Path(data)
-    candidates = [root / "generic_model.pkl", root / "flame.npz"]
-    path = next((p for p in candidates if p.is_file()), None) or procedural_head_path()
-    fields = load_flame_model(path)
-    n_total, N = int(fields["n_shape_total"]), fields["shapedirs"].shape[2]
-    return FLAME(fields, n_shape=min(100, n_total), n_exp=min(50, N - n_total), scale=scale)
