@@ -158,8 +158,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(c.milestones), gamma=c.gamma)
         self.generator = torch.Generator(self.device).manual_seed(c.seed + self.context.rank)
         self.step = 0
-        self.batches_per_epoch = len(epoch_batches(len(dataset), c.batch_size, 0, c.seed, self.context.rank,
-                                                   self.context.world_size))
+        self.batches_per_epoch = len(dataset) // self.context.world_size // c.batch_size  # as epoch_batches splits
         if self.batches_per_epoch == 0:
             raise ValueError(f"the dataset has {len(dataset)} items: fewer than one batch of {c.batch_size} per "
                              f"process ({self.context.world_size} processes)")
