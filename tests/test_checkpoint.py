@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import gpavatar.ops as ops
 from gpavatar.model import CheckpointError, GPAvatar
 from gpavatar.model.checkpoint import read_official_checkpoint
 
@@ -76,6 +77,7 @@ def test_official_checkpoint_loads_strictly(tmp_path):
     state = _official_checkpoint(path)
     model = GPAvatar.from_official_checkpoint(path)
     assert model.config.pef_normalize == "queries" and model.config.focal == 12.0
+    assert model.config.pef_eps == ops.OFFICIAL_EPS == 1e-30  # the official 1 / d² (no constant)
     loaded = model.state_dict()
     for key in MANIFEST["keys"]:
         assert torch.equal(loaded[key], state[key]), key

@@ -187,7 +187,7 @@ def _render_and_grads(model, backend, args):
     upstream = {k: torch.randn(out[k].shape, generator=g).to(out[k].device) for k in ("image", "coarse", "fine")}
     sum((out[k] * upstream[k]).sum() for k in upstream).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return {k: out[k].detach() for k in ("image", "coarse", "fine", "depth")}, grads
+    return {k: out[k].detach() for k in ("image", "coarse", "fine", "depth", "depth_expected", "opacity")}, grads
 
 
 @pytest.mark.parametrize("device,backend", BACKEND_CASES)
@@ -209,7 +209,10 @@ def test_backends_agree_with_the_torch_path(device, backend):
     ref_out, ref_grads = _render_and_grads(model, "torch", args)
     out, grads = _render_and_grads(model, backend, args)
     for k in ref_out:
-        torch.testing.assert_close(out[k], ref_out[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+        # The batch min-max normalization of ``depth`` divides rounding by the span of the raw
+        # map (~0.1 world units here): 10x the tolerance; its inputs are compared as they are.
+        tol = dict(rtol=1e-3, atol=1e-4) if k == "depth" else dict(rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out[k], ref_out[k], **tol, msg=lambda m: f"{k}: {m}")
     assert set(grads) == set(ref_grads)
     for name, ref in ref_grads.items():
         scale = ref.abs().max().clamp_min(1e-12)
@@ -247,6 +250,10 @@ def test_config_presets_and_validation(tmp_path):
     assert (paper.image_size, paper.plane_size, paper.plane_channels, paper.render_size, paper.output_size) \
         == (512, 256, 32, 128, 512)
     assert paper.queries_per_frame == 128 * 128 * 64 and paper.pef_normalize == "queries"
+    assert paper.pef_eps == 1e-30  # the official 1 / d²: changes no float32 weight of d² >= 3e-23
+    for bad in (0.0, 1e-31, float("inf"), 1e31):
+        with pytest.raises(ValueError, match="pef_eps"):
+            GPAvatarConfig(pef_eps=bad)
     tiny = GPAvatarConfig.preset("tiny", focal=10.0)
     for suffix in (".yaml", ".json"):
         tiny.dump(tmp_path / f"c{suffix}")

@@ -1,6 +1,8 @@
 """knn_blend: every backend against the reference (forward, backward), gradcheck,
 finite differences of the CPU kernel, opcheck, numerics at the edges, bad inputs."""
 
+import math
+
 import pytest
 import torch
 from conftest import BACKEND_CASES
@@ -329,3 +331,104 @@ def test_cuda_backward_chunk_loop(monkeypatch):
     monkeypatch.setenv("GPAVATAR_BLEND_CHUNK_FLOATS", "20000")  # a few dozen queries per chunk
     for per_batch in (False, True):
         check_against_reference("cuda", "cuda", 3, 301, 50, 8, per_batch=per_batch, normalize="queries")
+
+
+# --- the official 1 / d² (issue 12) -----------------------------------------------------------
+
+
+def blend_float64(q, pts, params, dist2, idx, weights):
+    """Σ_k w_k h_k in float64 from given neighbours (idx) and blend weights (B, M, K)."""
+    from gpavatar.ops.reference import gather_points, harmonic_embedding
+
+    e, w1, b1, w2, b2 = [t.detach().double().cpu() for t in params]
+    q, pts, idx = q.double().cpu(), pts.double().cpu(), idx.cpu()
+    r = torch.nn.functional.normalize(q[:, :, None] - gather_points(pts, idx), dim=-1)
+    h = torch.relu(torch.cat([e[idx], harmonic_embedding(r)], dim=-1) @ w1.T + b1) @ w2.T + b2
+    return (h * weights.double().cpu()[..., None]).sum(dim=2)
+
+
+def official_weights(dist2):
+    """The official 'queries' weights: (1 / d²) / Σ_m (1 / d²), float64, no epsilon."""
+    u = 1.0 / dist2.double()
+    return u / u.sum(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES + [pytest.param("cpu", "torch", id="cpu-torch")])
+def test_official_eps_keeps_the_weight_of_a_tiny_distance(device, backend):
+    # A render pass holds samples within d² ~ 1e-7 of a FLAME point.  With the official eps
+    # their weight is exactly 1 / d² normalized (within float32 rounding); eps = 1e-8 would
+    # change that sample's weight by ~9 % and, through the sum over all queries, every sample.
+    pts = make_points(1, 50, seed=21, device=device)
+    q = make_queries(1, 40, seed=22, device=device)
+    offset = torch.tensor([2.2e-4, -1.9e-4, 1.3e-4], device=device)  # |offset|² ~ 1e-7
+    q[0, :3] = pts[0, [4, 9, 9]] + offset * torch.tensor([[1.0], [1.0], [-0.5]], device=device)
+    params = make_pef_params(50, device=device)
+    out = ops.knn_blend(q, pts, *params, K=8, normalize="queries", eps=ops.OFFICIAL_EPS, backend=backend)
+    d0 = out.dist2[0, :3, 0].double()
+    assert bool(((d0 > 2e-8) & (d0 < 2e-7)).all()), d0
+    expected = blend_float64(q, pts, params, out.dist2, out.idx, official_weights(out.dist2))
+
+    def relative_error(feature):  # per query, relative to the query's largest channel
+        scale = expected.abs().amax(dim=-1, keepdim=True)
+        return ((feature.double().cpu() - expected).abs() / scale).amax(dim=-1)[0]
+
+    # Weights of "queries" span 1e-7 (far samples) to ~0.5 (the near ones): compare each
+    # query at its own scale.
+    assert relative_error(out.feature).max() < 1e-4
+    # The test can fail: eps = 1e-8 moves the near samples by ~7 % (and, in a full render pass
+    # where they are a small part of the rank-0 sum, every other sample by ~1e-2).
+    err = relative_error(ops.knn_blend(q, pts, *params, K=8, normalize="queries", eps=1e-8, backend=backend).feature)
+    assert err[:3].min() > 1e-2, err
+
+
+def test_official_eps_changes_no_float32_weight():
+    # Adding 1e-30 rounds away for every d² >= 3e-23 in float32.
+    d2 = torch.logspace(math.log10(3e-23), 2, 20000, dtype=torch.float64).float()
+    assert torch.equal(1.0 / (d2 + ops.OFFICIAL_EPS), 1.0 / d2)
+    assert not torch.equal(1.0 / (d2 + 1e-8), 1.0 / d2)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES + [pytest.param("cpu", "torch", id="cpu-torch")])
+@pytest.mark.parametrize("normalize", ["neighbors", "queries"])
+def test_official_eps_queries_on_points_stay_finite(device, backend, normalize):
+    # A paper-size pass (524,288 queries) whose every query sits exactly on a point: each weight
+    # is 1 / eps = 1e30 and the per-rank sums 5.2e35 must stay finite in float32, and so must the
+    # features and the gradients to every parameter.  The sums are taken over the whole pass,
+    # then each backend evaluates a chunk of it (mixed with ordinary queries) against them.
+    M, P, K = 524288, 16, 8
+    pts = make_points(1, P, seed=31, device=device)
+    g = torch.Generator().manual_seed(32)
+    q_all = pts[:, torch.randint(0, P, (M,), generator=g).to(device)]
+    eps = ops.OFFICIAL_EPS
+    weight_sum = None
+    if normalize == "queries":
+        dist2 = ops.knn(q_all, pts, K, backend="cpu" if device == "cpu" else "cuda").dist2
+        weight_sum = ops.knn_blend_weight_sum(dist2, eps)
+        assert bool(weight_sum.isfinite().all()) and float(weight_sum[0, 0]) == pytest.approx(M / eps, rel=1e-3)
+    q = torch.cat([q_all[:, :48], make_queries(1, 16, seed=33, device=device)], dim=1)
+    params = [t.requires_grad_() for t in make_pef_params(P, Cf=8, H=16, C=8, device=device)]
+    out = ops.knn_blend(q, pts, *params, K=K, normalize=normalize, eps=eps, weight_sum=weight_sum,
+                        backend=backend)
+    assert bool(out.feature.isfinite().all())
+    grads = torch.autograd.grad(out.feature.square().sum(), params)
+    for name, grad in zip(["point_features", "w1", "b1", "w2", "b2"], grads):
+        assert bool(grad.isfinite().all()), name
+    if normalize == "neighbors":
+        # a query on a point takes that point's MLP output alone (weight 1 - O(1e-28))
+        ref = knn_blend_reference(q.double(), pts.double(), *[t.detach().double() for t in params], K=K,
+                                  normalize="neighbors", eps=eps)[0]
+        torch.testing.assert_close(out.feature.double(), ref, **FWD)
+
+
+def test_full_pass_of_coincident_queries_on_the_cpu_kernel():
+    # The whole 524,288-query pass in one call of the fused CPU kernel (no precomputed sums).
+    if "cpu" not in ops.available_backends("cpu"):
+        pytest.skip("the C++ extension is not built")
+    M, P = 524288, 16
+    pts = make_points(1, P, seed=41)
+    q = pts[:, torch.randint(0, P, (M,), generator=torch.Generator().manual_seed(42))]
+    params = [t.requires_grad_() for t in make_pef_params(P, Cf=4, H=8, C=4)]
+    out = ops.knn_blend(q, pts, *params, K=8, normalize="queries", eps=ops.OFFICIAL_EPS, backend="cpu")
+    assert bool(out.feature.isfinite().all())
+    grads = torch.autograd.grad(out.feature.sum(), params)
+    assert all(bool(g.isfinite().all()) for g in grads)

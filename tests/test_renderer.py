@@ -152,17 +152,20 @@ def test_sphere_matches_the_closed_form():
     assert bool((out["fine"].permute(0, 2, 3, 1).reshape(81, 3)[missing] == 0).all())
     assert bool((out["coarse"].permute(0, 2, 3, 1).reshape(81, 3)[missing] == 0).all())
 
-    # depth: sum w t + (1 - opacity) max t, then min-max normalized over the batch
+    # depth: sum w t + (1 - opacity) t_max with t_max ONE scalar (the batch's farthest sample),
+    # then min-max normalized over the batch
     alpha = sphere_alpha(o[:, None] + merged[..., None] * d[:, None])
     w = ops.composite(alpha, torch.ones(*alpha.shape, 1), backend="torch").weights
-    raw = (w * merged).sum(1) + (1 - w.sum(1).clamp(0, 1)) * merged.max(1).values
+    raw = (w * merged).sum(1) + (1 - w.sum(1).clamp(0, 1)) * merged.max()
+    assert not torch.allclose(raw, (w * merged).sum(1) + (1 - w.sum(1).clamp(0, 1)) * merged.max(1).values)
+    torch.testing.assert_close(out["depth_expected"].reshape(81), (w * merged).sum(1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["depth_raw"].reshape(81), raw, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["depth"].reshape(81), (raw - raw.min()) / (raw.max() - raw.min()),
                                rtol=1e-5, atol=1e-5)
     assert float(out["depth"].min()) == 0.0 and abs(float(out["depth"].max()) - 1.0) < 1e-6
 
 
-def test_rays_missing_the_box_sit_at_depth_minus_one():
+def test_rays_missing_the_box_sit_at_depth_minus_one_and_show_as_the_far_end():
     # camera shifted to x = 1.1: columns looking along or to +x (x_cam >= 0) never enter the box
     r = VolumeRenderer(image_size=5, n_coarse=4, n_fine=4, backend="torch")
     transform = camera(T=(-1.1, 0.0, 9.0))
@@ -182,7 +185,15 @@ def test_rays_missing_the_box_sit_at_depth_minus_one():
     torch.testing.assert_close(miss_pts, (o - d).reshape(5, 5, 1, 3).expand(5, 5, 4, 3)[~hit])
     assert not bool(inside_box(miss_pts).any())
     assert bool((out["fine"][0].permute(1, 2, 0)[~hit] == 0).all())
-    assert bool((out["depth_raw"][0, 0][~hit] == -1).all())
+    # A miss is filled with the batch's farthest sample depth: the far end (1 after the
+    # normalization), as in the official renderer; it has no expected depth and no opacity.
+    t_max = float(recompute_samples(r, transform)[-1].max())
+    assert t_max > 9.0  # behind the box's centre plane: the far end
+    assert bool((out["depth_raw"][0, 0][~hit] == t_max).all())
+    assert bool((out["depth"][0, 0][~hit] == 1.0).all()) and float(out["depth"].min()) == 0.0
+    seen_surface = out["opacity"] > 0.01
+    assert bool(seen_surface.any()) and bool((out["depth"][seen_surface] < 1.0).all())
+    assert bool((out["depth_expected"][0, 0][~hit] == 0).all()) and bool((out["opacity"][0, 0][~hit] == 0).all())
 
 
 # --- backends --------------------------------------------------------------------------------

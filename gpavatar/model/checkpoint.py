@@ -25,6 +25,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 
 from gpavatar.model.config import GPAvatarConfig
+from gpavatar.ops.knn_blend import OFFICIAL_EPS
 
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 OFFICIAL_PREFIXES = ("style_tplane.", "nerf_mlp.", "up_renderer.", "query_style_tplane", "attn_module.")
@@ -173,7 +174,8 @@ class CheckpointMixin:
         """Build the paper model and load the official ``one_model.ckpt`` strictly.
 
         ``overrides`` change run-time fields of the config (backend, noise, query_chunk);
-        the PEF normalization is the official ``"queries"`` unless overridden."""
+        the PEF is the official one (``"queries"`` normalization, ``pef_eps`` = 1e-30, i.e.
+        the official 1 / d²) unless overridden."""
         ckpt = read_official_checkpoint(path, map_location)
         state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, Mapping) else None
         if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -182,7 +184,9 @@ class CheckpointMixin:
         for wrapper in ("module.", "model."):  # saved from a DDP / Lightning wrapper
             if state and all(k.startswith(wrapper) for k in state):
                 state = {k[len(wrapper):]: v for k, v in state.items()}
-        settings: dict[str, Any] = {"pef_normalize": "queries"}
+        # The official PEF: "queries" normalization and 1 / d² (the smallest epsilon, which
+        # changes no float32 weight of any d² >= 3e-23; see OFFICIAL_EPS).
+        settings: dict[str, Any] = {"pef_normalize": "queries", "pef_eps": OFFICIAL_EPS}
         meta = ckpt.get("data_meta_info") if isinstance(ckpt, Mapping) else None
         if isinstance(meta, Mapping) and isinstance(meta.get("focal_length"), (int, float)):
             settings["focal"] = float(meta["focal_length"])

@@ -41,7 +41,9 @@ class GPAvatarConfig:
         num_points: FLAME vertices (5023); point_feature_dim: learned feature per point (32);
         pef_dim: PEF output (32, hidden 2·pef_dim); K: neighbours (8); pef_normalize:
         "queries" (the official code, needed for its checkpoint) or "neighbors" (the paper's
-        formula); pef_eps: added to squared distances; decoder_hidden: width of
+        formula); pef_eps: added to squared distances before inverting (1e-30: the official
+        code has none; this one changes no float32 weight of d² >= 3e-23 and keeps a query on
+        a point finite; see ``gpavatar.ops.knn_blend.OFFICIAL_EPS``); decoder_hidden: width of
         ``feature_layers`` (128); value_hidden: hidden width of ``rgb_layers`` (64);
         render_channels: value channels rendered (32: RGB + 29 features).
     Renderer: render_size (128 rays per side), focal (12.0), n_coarse / n_fine (32 + 32).
@@ -65,7 +67,7 @@ class GPAvatarConfig:
     pef_dim: int = 32
     K: int = 8
     pef_normalize: str = "queries"
-    pef_eps: float = 1e-8
+    pef_eps: float = 1e-30
     decoder_hidden: int = 128
     value_hidden: int = 64
     render_channels: int = 32
@@ -104,8 +106,11 @@ class GPAvatarConfig:
         if self.render_size > self.output_size:
             raise ValueError(f"render_size must be <= output_size (the super-resolution input is resized "
                              f"up to output_size), got {self.render_size} > {self.output_size}")
-        for name in ("encoder_narrow", "sr_narrow", "focal", "pef_eps"):
+        for name in ("encoder_narrow", "sr_narrow", "focal"):
             _check_positive(getattr(self, name), name)
+        _check_positive(self.pef_eps, "pef_eps")
+        if not 1e-30 <= self.pef_eps <= 1e30:
+            raise ValueError(f"pef_eps must be in [1e-30, 1e30] (the knn_blend op's range), got {self.pef_eps!r}")
         if self.pef_normalize not in NORMALIZATIONS:
             raise ValueError(f"pef_normalize must be one of {NORMALIZATIONS}, got {self.pef_normalize!r}")
         if self.noise not in NOISE_SETTINGS:

@@ -35,6 +35,7 @@ from torch import nn
 from gpavatar import ops
 from gpavatar.model.pef import PointExpressionField
 from gpavatar.model.renderer import inside_box
+from gpavatar.ops.knn_blend import OFFICIAL_EPS
 from gpavatar.ops.reference import EMBED_DIM, harmonic_embedding
 
 
@@ -52,7 +53,7 @@ class PointsDecoder(nn.Module):
     """
 
     def __init__(self, plane_channels: int = 32, num_points: int = 5023, point_feature_dim: int = 32,
-                 pef_dim: int = 32, K: int = 8, normalize: str = "queries", eps: float = 1e-8,
+                 pef_dim: int = 32, K: int = 8, normalize: str = "queries", eps: float = OFFICIAL_EPS,
                  hidden: int = 128, value_hidden: int = 64, value_dim: int = 32, backend: Optional[str] = None):
         super().__init__()
         if value_dim < 3:

@@ -176,8 +176,11 @@ class GPAvatar(CheckpointMixin, nn.Module):
         Returns:
             dict: ``image`` (B, 3, output_size²) super-resolved RGB in (-0.001, 1.001);
             ``coarse`` / ``fine`` (B, render_channels, render_size²) feature images (RGB first);
-            ``depth`` (B, 1, render_size²) min-max normalized over the batch; ``opacity``;
-            ``coarse_alphas`` (B, render_size², n_coarse) for the density loss.
+            ``depth`` (B, 1, render_size²): the official map (transparency filled with the
+            batch's farthest sample depth, min-max normalized over the batch: batch-relative);
+            ``depth_expected`` (B, 1, render_size²) Σ w t in world units (comparable between
+            frames; ``depth_expected / opacity`` is the surface depth where opacity > 0);
+            ``opacity``; ``coarse_alphas`` (B, render_size², n_coarse) for the density loss.
         """
         c = self.config
         check_transform(transform)
@@ -198,7 +201,8 @@ class GPAvatar(CheckpointMixin, nn.Module):
         image = self.up_renderer(out["fine"].to(self.query_style_tplane.dtype), noise=self.noise_mode(),
                                  generator=generator)
         return {"image": image, "coarse": out["coarse"], "fine": out["fine"], "depth": out["depth"],
-                "opacity": out["opacity"], "coarse_alphas": out["coarse_alphas"]}
+                "depth_expected": out["depth_expected"], "opacity": out["opacity"],
+                "coarse_alphas": out["coarse_alphas"]}
 
     def forward(self, images: torch.Tensor, points: torch.Tensor, transform: torch.Tensor,
                 **render_kwargs: Any) -> dict[str, torch.Tensor]:

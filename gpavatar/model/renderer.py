@@ -39,8 +39,16 @@ Missed rays.  A ray that misses the box gets ``t0 = t1 = -1``, so all its sample
 depth -1, i.e. at ``origin - dir``, outside the box.  The renderer does not zero their
 density: the field decides.  The official decoder sets the density to 0 for every point
 not strictly inside (-1, 1)^3 (SPEC section 6); :func:`inside_box` gives that mask for a
-field to apply.  Their depth is ``0 + (1 - 0)·max t = -1``, so after the batch min-max
-normalization they show as the nearest value (the formula, as in the official code).
+field to apply.
+
+Depth.  ``depth`` is the official map: ``Σ w t + (1 − opacity)·t_max`` where ``t_max`` is ONE
+scalar, the largest sample depth over all samples of all rays of the batch (so the
+transparent part of every ray, and the whole of a ray that misses the box, is filled with
+the far end), then min–max normalized over the whole batch.  It is batch-relative: the same
+frame rendered in another batch, or next to another camera, gets another map.  For a
+comparable, metric depth use ``depth_expected`` = ``Σ w t`` (per ray, no fill, not
+normalized) with ``opacity``: ``depth_expected / opacity`` is the expected depth of the
+visible surface along the ray where ``opacity > 0`` (0 and 0 for a miss).
 
 Gradients flow from every image to the field's alphas and values of both passes (the
 coarse samples are merged into the fine image); sample positions are sampling decisions:
@@ -168,9 +176,12 @@ class VolumeRenderer(nn.Module):
         Returns:
             dict with ``coarse`` (B, C, H, W) coarse-pass image, ``fine`` (B, C, H, W) image of the
             merged coarse + fine samples, ``opacity`` (B, 1, H, W) of the merged pass, ``depth``
-            (B, 1, H, W) = Σ w t + (1 - opacity)·max t, min-max normalized over the batch,
-            ``depth_raw`` the same before normalization, ``coarse_alphas`` (B, H·W, n_coarse) and
-            ``extras`` = {"coarse": ..., "fine": ...} as returned by the field.
+            (B, 1, H, W) = Σ w t + (1 - opacity)·t_max with t_max the largest sample depth of the
+            whole batch (one scalar), min-max normalized over the batch (the official map),
+            ``depth_raw`` the same before normalization, ``depth_expected`` (B, 1, H, W) = Σ w t in
+            world units (per ray, comparable between frames; divide by ``opacity`` for the
+            surface depth), ``coarse_alphas`` (B, H·W, n_coarse) and ``extras`` =
+            {"coarse": ..., "fine": ...} as returned by the field.
         """
         if not isinstance(stratified, bool):
             raise TypeError(f"stratified must be a bool, got {type(stratified).__name__}")
@@ -201,8 +212,11 @@ class VolumeRenderer(nn.Module):
         fine = ops.composite(alphas, values, depths, **kw)
 
         opacity = fine.opacity
-        depth_raw = fine.depth + (1 - opacity) * depths.max(dim=1).values.to(opacity.dtype)
+        # The official fill: one scalar for the whole batch (not each ray's own maximum).
+        t_max = depths.max().to(opacity.dtype)
+        depth_raw = fine.depth + (1 - opacity) * t_max
         d_lo, d_hi = depth_raw.min(), depth_raw.max()
+        # Official: no guard (a constant map gives 0/0 = NaN); here a constant map gives 0.
         depth = (depth_raw - d_lo) / (d_hi - d_lo).clamp_min(1e-12)
 
         def image(x: torch.Tensor) -> torch.Tensor:  # (B·H·W, C) -> (B, C, H, W)
@@ -213,6 +227,7 @@ class VolumeRenderer(nn.Module):
             "fine": image(fine.color),
             "depth": image(depth[:, None]),
             "depth_raw": image(depth_raw[:, None]),
+            "depth_expected": image(fine.depth[:, None]),
             "opacity": image(opacity[:, None]),
             "coarse_alphas": alpha_c.reshape(B, HW, self.n_coarse),
             "extras": {"coarse": extras_c, "fine": extras_f},

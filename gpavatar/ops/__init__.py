@@ -4,12 +4,12 @@ The pure-torch oracles are in :mod:`gpavatar.ops.reference`."""
 
 from gpavatar.ops._backend import BACKENDS, available_backends
 from gpavatar.ops.knn import KnnResult, knn
-from gpavatar.ops.knn_blend import KnnBlendResult, knn_blend, knn_blend_weight_sum
+from gpavatar.ops.knn_blend import OFFICIAL_EPS, KnnBlendResult, knn_blend, knn_blend_weight_sum
 from gpavatar.ops.composite import CompositeResult, composite
 from gpavatar.ops.rays import (gather_samples, importance_depths, merge_samples, merge_values, ray_box,
                               stratified_depths)
 from gpavatar.ops.triplane import triplane_sample
 
-__all__ = ["BACKENDS", "available_backends", "knn", "KnnResult", "knn_blend", "KnnBlendResult",
+__all__ = ["BACKENDS", "available_backends", "knn", "KnnResult", "knn_blend", "KnnBlendResult", "OFFICIAL_EPS",
            "knn_blend_weight_sum", "triplane_sample", "composite", "CompositeResult", "ray_box",
            "stratified_depths", "importance_depths", "merge_samples", "merge_values", "gather_samples"]

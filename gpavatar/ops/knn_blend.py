@@ -45,6 +45,14 @@ from gpavatar.ops.knn import check_knn_inputs, choose_backend, reference_dtype
 from gpavatar.ops.reference import EMBED_DIM, knn_blend_reference
 
 NORMALIZATIONS = ("neighbors", "queries")
+# The official code weighs neighbours by 1 / d² with no constant.  This epsilon is the
+# smallest the ops accept: in float32 it changes no weight of any d² >= 3e-23 (adding it
+# rounds away), while a query exactly on a point still gets a finite weight 1e30 (the sum of
+# 3e8 such weights stays finite).  Render passes contain samples with d² ~ 1e-7, where 1e-8
+# would change the weight by ~9 % and, through the global "queries" sum, the PEF at every
+# sample of the pass.  The op's own default stays 1e-8: with 1e-30, gradients to
+# *positions* on the torch backend overflow float32 (d u / d d² = -u²) within 1e-19 of a point.
+OFFICIAL_EPS = 1e-30
 MAX_CUDA_HIDDEN, MAX_CUDA_OUT = 128, 64
 
 
@@ -111,7 +119,9 @@ def knn_blend(queries: torch.Tensor, points: torch.Tensor, point_features: torch
         w2: (C, H), b2: (C,)        second Linear
         K: neighbours, 1 <= K <= P (<= 32 on fused backends)
         normalize: "neighbors" | "queries" (see module docstring)
-        eps: added to squared distances before inverting (> 0; a query on a point stays finite)
+        eps: added to squared distances before inverting (in [1e-30, 1e30]; a query on a point
+            stays finite); ``OFFICIAL_EPS`` (1e-30) reproduces the official 1 / d² for every
+            d² >= 3e-23 and is what the model uses
         weight_sum: (B, K) precomputed "queries" normalizer (see knn_blend_weight_sum)
         backend: "auto" | "cuda" | "triton" | "cpu" | "torch"
         validate: check shapes and values (values need one host sync and are skipped under torch.compile)
