@@ -25,8 +25,9 @@ setup: $(VENV)/.built
 
 build: setup
 
+# Writes demo-out/demo.mp4 (the CLI's default --out).
 demo: setup
-	$(PY) -m gpavatar.cli demo --out demo-out/demo.mp4
+	$(PY) -m gpavatar.cli demo
 
 # pytest exit 5 (nothing collected) is reported as a failure, not a pass.
 test: setup

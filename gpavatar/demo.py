@@ -12,8 +12,12 @@ weights for ``paper`` (the video then shows the pipeline and its speed, not a li
 The FPS printed is that of :meth:`GPAvatar.render` per frame (FLAME points and camera in,
 super-resolved image out) after warm-up; the avatar is built once, before the timing.
 
-    gpavatar demo [--out demo.mp4] [--frames 50] [--preset paper|tiny] [--checkpoint PATH]
-                  [--pretrained DIR] [--device cuda|cpu] [--backend NAME] [--batch 1] [--fast]
+    gpavatar demo [--out demo-out/demo.mp4] [--frames 50] [--preset paper|tiny] [--checkpoint PATH]
+                  [--pretrained DIR] [--device cuda|cpu] [--backend NAME] [--batch 1] [--fast] [--no-progress]
+
+The container follows the suffix of ``--out``: ``.mp4`` (H.264, PyAV) or ``.gif`` (Pillow).  With
+``--checkpoint`` or ``--pretrained`` the weights set the model sizes: ``--preset`` may only repeat
+them (a contradiction is an error); what runs (preset, sizes, weights) is printed.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ TILE = 256  # side of each panel in the video
 # gpavatar/assets/tiny/README.md): the demo's default weights on CPU.
 TINY_WEIGHTS = Path(__file__).parent / "assets" / "tiny"
 FPS_VIDEO = 25
+DEFAULT_OUT = "demo-out/demo.mp4"  # `gpavatar demo` and `make demo`
+VIDEO_SUFFIXES = (".mp4", ".gif")
 
 
 def driving_sequence(n_frames: int):
@@ -93,12 +99,17 @@ def _tile(image: torch.Tensor) -> np.ndarray:
 
 
 def write_video(path: Path, frames: list[np.ndarray], fps: int = FPS_VIDEO) -> None:
-    """H.264 (MPEG-4 part 2 if libx264 is missing) mp4, written to a temporary file and renamed."""
-    import av
-
+    """Frames (H, W, 3) uint8 -> ``path`` by its suffix: ``.mp4`` H.264 (MPEG-4 part 2 if libx264 is
+    missing, PyAV) or ``.gif`` (Pillow, looping); written to a temporary file and renamed."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in VIDEO_SUFFIXES:
+        raise ValueError(f"video path {path} must end in {' or '.join(VIDEO_SUFFIXES)}")
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    def encode(tmp: str) -> None:
+    def encode_mp4(tmp: str) -> None:
+        import av
+
         with av.open(tmp, mode="w", format="mp4") as container:
             codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
             stream = container.add_stream(codec, rate=fps)
@@ -110,7 +121,23 @@ def write_video(path: Path, frames: list[np.ndarray], fps: int = FPS_VIDEO) -> N
             for packet in stream.encode():
                 container.mux(packet)
 
-    atomic_write(path, encode)
+    def encode_gif(tmp: str) -> None:
+        from PIL import Image
+
+        images = [Image.fromarray(frame) for frame in frames]
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps),
+                       loop=0)
+
+    atomic_write(path, encode_gif if suffix == ".gif" else encode_mp4)
+
+
+def describe_model(model: GPAvatar) -> str:
+    """"preset tiny (64² sources, 16² rays x 16 samples, 64² output)" for ``model``'s config."""
+    c = model.config
+    name = c.preset_name()
+    sizes = (f"{c.image_size}² sources, {c.render_size}² rays x {c.n_coarse + c.n_fine} samples, "
+             f"{c.output_size}² output")
+    return f"preset {name} ({sizes})" if name else f"custom sizes ({sizes})"
 
 
 def _sync(device: torch.device) -> None:
@@ -118,29 +145,64 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def load_model(preset: str, checkpoint: Optional[str], pretrained: Optional[str], device: torch.device,
+def load_model(preset: Optional[str], checkpoint: Optional[str], pretrained: Optional[str], device: torch.device,
                backend: Optional[str]) -> tuple[GPAvatar, str]:
+    """The demo's model and a description of its weights.  ``checkpoint`` (official, paper sizes) or
+    ``pretrained`` set the sizes; ``preset`` may only repeat them (ValueError otherwise).  Without
+    either: the bundled tiny model for ``tiny``, random weights for ``paper``."""
+    if checkpoint and pretrained:
+        raise ValueError("give --checkpoint or --pretrained, not both")
+    if checkpoint and preset not in (None, "paper"):
+        raise ValueError(f"--preset {preset} contradicts --checkpoint: the official checkpoint is the paper model; "
+                         f"drop --preset")
     if checkpoint:
         model, weights = GPAvatar.from_official_checkpoint(checkpoint), f"official checkpoint {checkpoint}"
     elif pretrained:
         model, weights = GPAvatar.from_pretrained(pretrained), f"pretrained {pretrained}"
+        actual = model.config.preset_name()
+        if preset is not None and actual != preset:
+            raise ValueError(f"--preset {preset} contradicts --pretrained {pretrained}, which holds a "
+                             f"{describe_model(model)} model; drop --preset (the weights set the sizes)")
     elif preset == "tiny" and (TINY_WEIGHTS / "model.safetensors").is_file():
         model, weights = GPAvatar.from_pretrained(TINY_WEIGHTS), "the bundled tiny model (trained on synthetic heads)"
     else:
         torch.manual_seed(0)
-        model, weights = GPAvatar(preset), "random weights (no checkpoint given)"
+        model, weights = GPAvatar(preset or "paper"), "random weights (no checkpoint given)"
     model.set_noise("stored")
     if backend is not None:
         model.set_backend(backend)
     return model.to(device).eval(), weights
 
 
-def run_demo(out: str = "demo.mp4", frames: int = 50, preset: Optional[str] = None,
+def _bar(iterable, progress: bool, **kwargs):
+    if not progress:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, leave=False, **kwargs)
+
+
+def run_demo(out: str = DEFAULT_OUT, frames: int = 50, preset: Optional[str] = None,
              checkpoint: Optional[str] = None, pretrained: Optional[str] = None, device: Optional[str] = None,
-             backend: Optional[str] = None, batch: int = 1, fast: bool = False, warmup: int = 2) -> dict:
-    """Render the embedded driver with the model, write the video, return the timings."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    preset = preset or ("paper" if dev.type == "cuda" else "tiny")
+             backend: Optional[str] = None, batch: int = 1, fast: bool = False, warmup: int = 2,
+             progress: bool = False) -> dict:
+    """Render the embedded driver with the model, write the video (``.mp4`` or ``.gif`` by the suffix of
+    ``out``), return the timings and what ran (``preset``, ``model``, ``weights``).
+
+    ``preset`` (None: paper on CUDA, tiny on CPU) picks the model without weights; with ``checkpoint``
+    / ``pretrained`` the weights decide and ``preset`` may only repeat them.  Every argument and the
+    output path are checked before the model is loaded."""
+    from gpavatar.cli import check_device, check_output_file
+
+    path = check_output_file(out, "--out", VIDEO_SUFFIXES)
+    for name, value in (("frames", frames), ("batch", batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if preset not in (None, "paper", "tiny"):
+        raise ValueError(f"preset must be 'paper' or 'tiny', got {preset!r}")
+    dev = check_device(device)
+    if not (checkpoint or pretrained):
+        preset = preset or ("paper" if dev.type == "cuda" else "tiny")
     model, weights = load_model(preset, checkpoint, pretrained, dev, backend)
     c = model.config
     source, points, cameras, meshes, faces, colors = embedded_inputs(frames, c.image_size)
@@ -160,7 +222,7 @@ def run_demo(out: str = "demo.mp4", frames: int = 50, preset: Optional[str] = No
         images = []
         _sync(dev)
         start = time.perf_counter()
-        for i in range(0, frames, batch):
+        for i in _bar(range(0, frames, batch), progress, desc="render", unit="call"):
             j = min(frames, i + batch)
             images.append(model.render(avatar, points[i:j], cameras[i:j])["image"].float())
         _sync(dev)
@@ -171,39 +233,45 @@ def run_demo(out: str = "demo.mp4", frames: int = 50, preset: Optional[str] = No
 
     source_tile = _tile(source[0, 0].cpu())
     video = []
-    for i in range(frames):
+    for i in _bar(range(frames), progress, desc="video", unit="frame"):
         driver, _ = render_mesh(meshes[i], faces, colors, cameras[i].cpu().numpy(), 12.0, TILE)
         video.append(np.concatenate([source_tile, driver, _tile(images[i])], axis=1))
-    path = Path(out)
     write_video(path, video)
     return {"frames": frames, "seconds": seconds, "fps": frames / seconds, "ms_per_frame": 1000 * seconds / frames,
             "avatar_ms": build_ms, "device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda"
-            else None, "preset": preset, "backend": c.backend or "auto", "batch": batch, "fast": fast,
-            "weights": weights, "video": str(path)}
+            else None, "preset": c.preset_name() or "custom", "model": describe_model(model),
+            "backend": c.backend or "auto", "batch": batch, "fast": fast, "weights": weights, "video": str(path)}
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="reenact the embedded procedural head, write a video, print FPS")
-    p.add_argument("--out", default="demo.mp4", help="video path (default demo.mp4)")
-    p.add_argument("--frames", type=int, default=50)
+    from gpavatar.cli import NO_PROGRESS_HELP, positive_int
+
+    p = sub.add_parser("demo", help="reenact the embedded procedural head, write a video, print FPS",
+                       description="Reenact the embedded procedural head with GPAvatar, write a video "
+                       "(source | driver | result) and print the render FPS.")
+    p.add_argument("--out", default=DEFAULT_OUT, help="video path, .mp4 (H.264) or .gif")
+    p.add_argument("--frames", type=positive_int, default=50, help="frames of the driver (25 per second)")
     p.add_argument("--preset", choices=("paper", "tiny"), default=None,
-                   help="model sizes (default: paper on CUDA, tiny on CPU)")
+                   help="model sizes without weights (default: paper on CUDA, tiny on CPU); with --checkpoint / "
+                   "--pretrained the weights set the sizes")
     p.add_argument("--checkpoint", help="official one_model.ckpt (paper preset)")
-    p.add_argument("--pretrained", help="folder written by GPAvatar.save_pretrained")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--backend", default=None, choices=("auto", "cuda", "triton", "cpu", "torch"))
-    p.add_argument("--batch", type=int, default=1, help="frames rendered per call (throughput)")
+    p.add_argument("--pretrained", help="folder written by GPAvatar.save_pretrained (or gpavatar train)")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available, else cpu)")
+    p.add_argument("--backend", default=None, choices=("auto", "cuda", "triton", "cpu", "torch"),
+                   help="kernel backend (default: $GPAVATAR_BACKEND, else auto)")
+    p.add_argument("--batch", type=positive_int, default=1, help="frames rendered per call (throughput)")
     p.add_argument("--fast", action="store_true", help="bf16 autocast + TF32")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.set_defaults(run=_main)
 
 
 def _main(args) -> int:
-    if args.frames < 1 or args.batch < 1:
-        raise SystemExit("--frames and --batch must be >= 1")
+    from gpavatar.cli import progress_enabled
+
     r = run_demo(args.out, args.frames, args.preset, args.checkpoint, args.pretrained, args.device, args.backend,
-                 args.batch, args.fast)
+                 args.batch, args.fast, progress=progress_enabled(args.no_progress))
     where = r["gpu"] or "CPU"
-    print(f"gpavatar demo: {r['frames']} frames, preset {r['preset']}, {r['weights']}")
+    print(f"gpavatar demo: {r['frames']} frames, {r['model']}, weights: {r['weights']}")
     print(f"  device {r['device']} ({where}), backend {r['backend']}, batch {r['batch']}"
           f"{', bf16/TF32' if r['fast'] else ', fp32'}")
     print(f"  avatar (encoder + MTA, once): {r['avatar_ms']:.1f} ms")

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -167,3 +168,20 @@ def test_save_pretrained_is_atomic(tmp_path, monkeypatch):
 def test_from_pretrained_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         GPAvatar.from_pretrained(tmp_path)
+
+
+def test_non_finite_weights_warn_with_their_names(tmp_path):
+    from gpavatar.model.checkpoint import NonFiniteWeightsWarning
+
+    model = GPAvatar("tiny")
+    name = next(k for k in model.state_dict() if k.startswith("up_renderer.") and k.endswith("weight"))
+    with torch.no_grad():
+        model.query_style_tplane[0, 0, 0, 0, 0, 0] = float("nan")
+        model.state_dict()[name].view(-1)[0] = float("inf")
+    model.save_pretrained(tmp_path / "m")
+    with pytest.warns(NonFiniteWeightsWarning, match=r"2 tensor\(s\) hold NaN or inf") as record:
+        GPAvatar.from_pretrained(tmp_path / "m")
+    assert "query_style_tplane" in str(record[0].message) and name in str(record[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GPAvatar("tiny").load_checked_state_dict(GPAvatar("tiny").state_dict())  # finite: silent

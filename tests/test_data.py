@@ -338,3 +338,27 @@ def test_cli_synth_and_check(tmp_path, capsys):
 def test_encode_rejects_unknown_format():
     with pytest.raises(ValueError, match="image_format"):
         encode_image(np.zeros((2, 2, 3), np.uint8), "gif")
+
+
+# --- dataset pickles never run code (issue 13; the CLI side is in tests/test_cli.py) -----------------
+
+
+def test_records_pickle_reads_data_and_refuses_code():
+    from collections import Counter, OrderedDict
+
+    from gpavatar.data.safe_pickle import safe_load
+
+    data = {"records": OrderedDict(img_a_0={"bbox": np.arange(4, dtype=np.float32), "n": np.int64(3),
+                                            "s": np.float32(0.5), "t": (1, 2.0, "x"), "l": [None, True]}),
+            "meta_info": {"train": ["img_a_0"], "val": [], "test": []}}
+    for protocol in (0, 2, 4, 5):
+        back = safe_load(io.BytesIO(pickle.dumps(data, protocol=protocol)))
+        record = back["records"]["img_a_0"]
+        np.testing.assert_array_equal(record["bbox"], data["records"]["img_a_0"]["bbox"])
+        assert record["n"] == 3 and record["s"] == np.float32(0.5) and record["t"] == (1, 2.0, "x")
+    for hostile, name in ((Counter(a=1), "collections.Counter"), (np.ma.masked_array([1.0]), "numpy.ma"),
+                          (torch.zeros(2), "torch"), (print, "builtins.print")):
+        with pytest.raises(pickle.UnpicklingError, match=f"refusing.*{name}"):
+            safe_load(io.BytesIO(pickle.dumps({"records": {"k": hostile}})))
+    with pytest.raises(pickle.UnpicklingError, match="not a readable pickle"):
+        safe_load(io.BytesIO(pickle.dumps(data)[:40]))

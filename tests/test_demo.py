@@ -67,3 +67,48 @@ def test_bundled_tiny_model_renders_the_driver_head():
         scores[name] = sum(psnrs) / len(psnrs)
     assert scores["trained"] > scores["random"] + 5, scores
     assert scores["trained"] > 18, scores
+
+
+def test_demo_reports_what_runs_and_refuses_a_contradicting_preset(tmp_path, capsys):
+    """--pretrained sets the sizes: the printed preset is the loaded model's, and a --preset that
+    contradicts it is an error (it used to print "preset paper" and run tiny)."""
+    with pytest.raises(ValueError, match="--preset paper contradicts --pretrained"):
+        run_demo(str(tmp_path / "a.mp4"), frames=1, preset="paper", pretrained=str(TINY_WEIGHTS), device="cpu")
+    assert cli.main(["demo", "--preset", "paper", "--pretrained", str(TINY_WEIGHTS), "--device", "cpu",
+                     "--frames", "1", "--out", str(tmp_path / "b.mp4")]) == 2
+    assert capsys.readouterr().err.startswith("gpavatar demo: error: --preset paper contradicts")
+    with pytest.raises(ValueError, match="--preset tiny contradicts --checkpoint"):
+        run_demo(str(tmp_path / "c.mp4"), frames=1, preset="tiny", checkpoint="one_model.ckpt", device="cpu")
+    assert cli.main(["demo", "--pretrained", str(TINY_WEIGHTS), "--device", "cpu", "--frames", "1",
+                     "--out", str(tmp_path / "d.mp4")]) == 0
+    out = capsys.readouterr().out
+    assert "preset tiny (64² sources, 16² rays x 16 samples, 64² output)" in out and f"pretrained {TINY_WEIGHTS}" in out
+    assert not (tmp_path / "a.mp4").exists() and not (tmp_path / "b.mp4").exists()
+
+
+def test_demo_container_follows_the_suffix(tmp_path):
+    from PIL import Image
+
+    result = run_demo(str(tmp_path / "clip.gif"), frames=3, preset="tiny", device="cpu")
+    data = (tmp_path / "clip.gif").read_bytes()
+    assert data[:6] == b"GIF89a" and result["video"] == str(tmp_path / "clip.gif")
+    with Image.open(tmp_path / "clip.gif") as gif:
+        assert gif.n_frames == 3 and gif.size == (3 * TILE, TILE)
+    with pytest.raises(ValueError, match=r"\.mp4 or \.gif"):
+        run_demo(str(tmp_path / "clip.avi"), frames=1, preset="tiny", device="cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.gif"]
+
+
+def test_demo_default_output_is_where_make_demo_writes():
+    from gpavatar.demo import DEFAULT_OUT
+
+    assert DEFAULT_OUT == "demo-out/demo.mp4"
+    assert cli.build_parser().parse_args(["demo"]).out == DEFAULT_OUT
+    import inspect
+
+    assert inspect.signature(run_demo).parameters["out"].default == DEFAULT_OUT
+    import pathlib
+
+    makefile = (pathlib.Path(__file__).parents[1] / "Makefile").read_text()
+    demo_recipe = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    assert "gpavatar.cli demo" in demo_recipe and ("--out" not in demo_recipe or DEFAULT_OUT in demo_recipe)

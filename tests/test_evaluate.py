@@ -36,3 +36,32 @@ def test_eval_command_line(data_dir, tmp_path, capsys):
     assert cli.main(["eval", str(data_dir), "--pretrained", str(tmp_path / "m"), "--limit", "1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("val: 1 samples") and "PSNR" in out and "SSIM" in out
+
+
+def test_eval_writes_per_sample_metrics_and_a_grid(data_dir, tmp_path, capsys):
+    import csv
+    import json
+
+    from PIL import Image
+
+    GPAvatar("tiny", render_size=8).save_pretrained(tmp_path / "m")
+    base = ["eval", str(data_dir), "--pretrained", str(tmp_path / "m"), "--limit", "2", "--no-progress"]
+    assert cli.main(base + ["--per-sample", str(tmp_path / "m.csv"), "--grid", str(tmp_path / "g.png")]) == 0
+    out = capsys.readouterr().out
+    assert "wrote" in out and "m.csv" in out and "g.png" in out
+    with open(tmp_path / "m.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["key"] for r in rows] == ["img_000001_0", "img_000001_1"]
+    assert rows[0]["sources"] == "img_000001_0;img_000001_2"  # first and last frame (official validation)
+    assert all(0 < float(r["psnr"]) < 60 and -1 <= float(r["ssim"]) <= 1 for r in rows)
+    with Image.open(tmp_path / "g.png") as grid:
+        assert grid.size == (4 * 128, 2 * 128)  # 2 sources | target | prediction, one row per sample
+    assert cli.main(base + ["--per-sample", str(tmp_path / "m.json")]) == 0
+    data = json.loads((tmp_path / "m.json").read_text())
+    assert data["split"] == "val" and data["summary"]["samples"] == 2 and len(data["samples"]) == 2
+    assert abs(data["summary"]["psnr"] - sum(float(r["psnr"]) for r in rows) / 2) < 1e-3
+    capsys.readouterr()
+    assert cli.main(base + ["--per-sample", str(tmp_path / "m.txt")]) == 2  # refused before evaluating
+    assert ".csv or .json" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="limit"):
+        evaluate(GPAvatar("tiny", render_size=8), [], limit=0)

@@ -288,3 +288,51 @@ def test_bf16_autocast_runs_and_stays_close_to_fp32(tiny):
     assert fast.shape == ref.shape and torch.isfinite(fast).all()
     psnr = -10 * torch.log10(((fast.float() - ref) ** 2).mean())
     assert psnr > 30, f"bf16 image PSNR {psnr:.1f} dB against fp32"
+
+
+# --- hostile values (issue 13) ------------------------------------------------------------------------
+
+def test_non_finite_and_degenerate_inputs_name_the_argument(tiny):
+    bad = sources()
+    bad[0, 1, 2, 5, 7] = float("nan")
+    with pytest.raises(ValueError, match="images must be finite"):
+        tiny.build_avatar(bad)
+    avatar = tiny.build_avatar(sources())
+    for value in (float("nan"), float("inf")):
+        points = head_points()
+        points[0, 17, 1] = value
+        with pytest.raises(ValueError, match="points must be finite"):
+            tiny.render(avatar, points, camera())
+    zero = camera()
+    zero[:, :, :3] = 0
+    with pytest.raises(ValueError, match=r"transform.*rotation"):
+        tiny.render(avatar, head_points(), zero)
+    scaled = camera()
+    scaled[:, :, :3] *= 2
+    with pytest.raises(ValueError, match="transform"):
+        tiny.render(avatar, head_points(), scaled)
+    nan_camera = camera()
+    nan_camera[0, 1, 3] = float("nan")
+    with pytest.raises(ValueError, match="transform"):
+        tiny.render(avatar, head_points(), nan_camera)
+    tiny.render(avatar, head_points(), camera(angle=0.7))  # a real rotation passes
+
+
+def test_config_accepts_numpy_integers_and_refuses_bools(tmp_path):
+    import numpy as np
+
+    c = GPAvatarConfig.preset("tiny", K=np.int64(4), render_size=np.int32(8), focal=np.float32(10.0))
+    assert (c.K, c.render_size, c.focal) == (4, 8, 10.0) and type(c.K) is int and type(c.focal) is float
+    assert GPAvatarConfig.from_dict(c.to_dict()) == c
+    (tmp_path / "c.json").write_text(__import__("json").dumps(c.to_dict()))  # plain ints: JSON-serializable
+    for bad in (True, np.bool_(True)):
+        with pytest.raises(TypeError, match="K must be an int"):
+            GPAvatarConfig.preset("tiny", K=bad)
+    (tmp_path / "bad.yaml").write_text("preset: tiny\nrender_size: [8\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml is not valid YAML"):
+        GPAvatarConfig.load(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match="list.yaml must hold a mapping"):
+        GPAvatarConfig.load(tmp_path / "list.yaml")
+    assert GPAvatarConfig.preset("tiny").preset_name() == "tiny" and GPAvatarConfig().preset_name() == "paper"
+    assert GPAvatarConfig.preset("tiny", render_size=8).preset_name() is None

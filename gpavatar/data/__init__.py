@@ -4,6 +4,8 @@
 * :mod:`gpavatar.data.synthetic`: FLAME-head videos written as ``img_lmdb/`` + ``dataset.pkl`` + ``camera.json``.
 * :mod:`gpavatar.data.official`: :class:`OfficialDataset` (official sampling rules, source warp) and
   :func:`check_dataset`.
+* :mod:`gpavatar.data.lmdb_store`: :class:`ImageLMDB`, read-only frames (a truncated file is an error).
+* :mod:`gpavatar.data.safe_pickle`: ``dataset.pkl`` / tracker pickles read as data, never as code.
 
 Needs ``lmdb`` and ``Pillow`` (imported on use).
 """

@@ -17,6 +17,10 @@ official training loader (values in [0, 255/256]); 255 is what official inferenc
 source images.  Sources are then perspective-warped with their own ``transform_matrix``
 (:func:`perspective_warp`, SPEC 2.9; the model flips them vertically itself).  No augmentation.
 
+Hostile and broken files fail cleanly: ``dataset.pkl`` is read with a restricted unpickler
+(:mod:`gpavatar.data.safe_pickle`: data only, never code) and the LMDB is checked for truncation
+before it is mapped (:mod:`gpavatar.data.lmdb_store`).
+
     >>> ds = OfficialDataset("data/synth", split="train", n_sources=2)  # doctest: +SKIP
     >>> sample = ds[0]; sample["f_images"].shape, sample["d_images"].shape  # doctest: +SKIP
     (torch.Size([2, 3, 256, 256]), torch.Size([3, 256, 256]))
@@ -24,7 +28,6 @@ source images.  Sources are then perspective-warped with their own ``transform_m
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
@@ -37,9 +40,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gpavatar.data.lmdb_store import ImageLMDB, close_lmdb, decode_image, open_lmdb_checked  # noqa: F401
+from gpavatar.data.safe_pickle import safe_load_path
+
 __all__ = ["FIELD_SHAPES", "SPLITS", "DatasetReport", "ImageLMDB", "OfficialDataset", "check_dataset", "check_record",
-           "close_lmdb", "decode_image", "flame_points", "load_camera", "load_dataset_pkl", "parse_key",
-           "perspective_warp", "source_positions"]
+           "close_lmdb", "decode_image", "flame_points", "load_camera", "load_dataset_pkl", "open_lmdb_checked",
+           "parse_key", "perspective_warp", "source_positions"]
 
 FIELD_SHAPES = {"bbox": (4,), "kps": (5, 2), "mica_shape": (100,), "emoca_expression": (50,), "emoca_pose": (6,),
                 "transform_matrix": (3, 4)}
@@ -71,10 +77,11 @@ def load_camera(root: Union[str, os.PathLike]) -> dict:
 def load_dataset_pkl(root: Union[str, os.PathLike]) -> tuple[dict, dict]:
     """``dataset.pkl`` -> (records, meta_info); ValueError when the top level is malformed.
 
-    The file is a pickle: only open datasets you trust."""
+    Read with :func:`gpavatar.data.safe_pickle.safe_load_path`: only dicts, lists, strings, numbers and
+    numpy arrays; any other global (``os.system``, a class) raises ``pickle.UnpicklingError`` naming it
+    before anything runs, as does a truncated or malformed file."""
     path = Path(root) / "dataset.pkl"
-    with open(path, "rb") as handle:
-        data = pickle.load(handle)
+    data = safe_load_path(path)
     if not isinstance(data, dict) or not isinstance(data.get("records"), dict) \
             or not isinstance(data.get("meta_info"), dict):
         raise ValueError(f"{path} must hold a dict with a 'records' dict and a 'meta_info' dict")
@@ -99,82 +106,6 @@ def check_record(key: str, record) -> dict[str, np.ndarray]:
             raise ValueError(f"record {key!r} field {field!r} has non-finite values")
         out[field] = value
     return out
-
-
-def decode_image(key: str, value: bytes) -> tuple[np.ndarray, str]:
-    """LMDB value -> (uint8 (3, H, W) RGB, format name).  PNG / JPEG via Pillow; else, as the official
-    reader, a ``torch.save``d tensor (loaded with ``weights_only``).  ValueError naming ``key`` otherwise."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(value)) as image:
-            fmt = image.format or "image"
-            array = np.asarray(image.convert("RGB"))
-        return np.ascontiguousarray(array.transpose(2, 0, 1)), fmt
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
-        image_error = error
-    try:
-        tensor = torch.load(io.BytesIO(value), map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - any failure means: not a tensor either
-        tensor = None
-    if isinstance(tensor, torch.Tensor) and tensor.dim() == 3 and tensor.shape[0] == 3:
-        if tensor.dtype.is_floating_point:  # a float tensor is taken as [0, 1]
-            tensor = (tensor.clamp(0, 1) * 255).round()
-        return tensor.to(torch.uint8).contiguous().numpy(), "tensor"
-    raise ValueError(f"LMDB value of {key!r} is not a decodable image ({image_error}) "
-                     f"nor a serialized (3, H, W) tensor")
-
-
-_ENVIRONMENTS: dict = {}  # (real path, pid) -> open read-only lmdb.Environment (lmdb allows one per process)
-
-
-def close_lmdb(path: Union[str, os.PathLike]) -> None:
-    """Close this process's cached read-only environment of ``path`` (before rewriting that LMDB)."""
-    env = _ENVIRONMENTS.pop((os.path.realpath(path), os.getpid()), None)
-    if env is not None:
-        env.close()
-
-
-class ImageLMDB:
-    """Read-only LMDB of encoded frames, opened lazily in each process (safe with DataLoader workers).
-
-    Opened as the official reader: read-only, no locking, no read-ahead; readers of the same path in
-    one process share the environment (py-lmdb refuses to open it twice)."""
-
-    def __init__(self, path: Union[str, os.PathLike]):
-        self.path = Path(path)
-        if not (self.path / "data.mdb").exists():
-            raise FileNotFoundError(f"no LMDB at {self.path} (expected {self.path / 'data.mdb'})")
-
-    def _open(self):
-        path, pid = os.path.realpath(self.path), os.getpid()
-        if (path, pid) not in _ENVIRONMENTS:
-            import lmdb
-
-            for inherited in [k for k in _ENVIRONMENTS if k[0] == path]:  # a fork's copy of the parent's
-                _ENVIRONMENTS.pop(inherited).close()  # unmaps this process's copy only; lmdb then allows a reopen
-            _ENVIRONMENTS[(path, pid)] = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False,
-                                                   meminit=False)
-        return _ENVIRONMENTS[(path, pid)]
-
-    def get(self, key: str) -> bytes:
-        """Raw value; KeyError naming the key when absent."""
-        with self._open().begin(buffers=False) as txn:
-            value = txn.get(key.encode("utf-8"))
-        if value is None:
-            raise KeyError(f"LMDB {self.path} has no key {key!r}")
-        return value
-
-    def image(self, key: str) -> np.ndarray:
-        """uint8 (3, H, W) RGB; KeyError (missing) / ValueError (undecodable) naming the key."""
-        return decode_image(key, self.get(key))[0]
-
-    def keys(self) -> list[str]:
-        with self._open().begin() as txn:
-            return [k.decode("utf-8", "replace") for k in txn.cursor().iternext(keys=True, values=False)]
-
-    def __len__(self) -> int:
-        return self._open().stat()["entries"]
 
 
 def source_positions(n: int, n_sources: int, rng=random) -> list[int]:

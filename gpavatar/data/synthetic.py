@@ -13,8 +13,13 @@ back; the official loader would resize the frames to 512):
                        ``mica_shape`` (100,), ``emoca_expression`` (50,), ``emoca_pose`` (6,),
                        ``transform_matrix`` (3, 4)
 ``camera.json``        ``{"flame_scale": 5.0, "focal_length": 12.0, "principal_point": [0.0, 0.0]}``
-``synthetic.json``     generation arguments and conventions (not read by the official code)
+``synthetic.json``     generation arguments and conventions (not read by the official code); written
+                       last: it marks a complete dataset
 =====================  ==========================================================================
+
+The files are written into ``OUT/.synth-partial/`` and moved into place at the end: an interrupted
+run leaves only that folder (the next run removes it).  Running again with the same arguments finds
+the complete dataset and keeps it (``"reused": True``); other arguments need ``overwrite=True``.
 
 One video per identity, ``video = "%06d" % identity``, frames ``0 .. frames_per_identity - 1``.
 
@@ -50,7 +55,7 @@ import pickle
 import shutil
 import time
 from pathlib import Path
-from typing import Iterator, NamedTuple, Union
+from typing import Iterator, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -219,10 +224,7 @@ def synthetic_frames(n_identities: int = 8, frames_per_identity: int = 16, size:
             come from the vertices of the front half (z > 0) instead of the 68 landmarks
         samples: anti-aliasing samples per pixel side (:func:`render_mesh`)
     """
-    for name, value, low in (("n_identities", n_identities, 1), ("frames_per_identity", frames_per_identity, 1),
-                             ("size", size, 8), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    _check_arguments(n_identities, frames_per_identity, size, seed, samples)
     flame, vc, hair_weight = _flame(flame_model, landmark_embedding)
     faces = flame.faces.numpy()
     for identity in range(n_identities):
@@ -268,52 +270,120 @@ def write_lmdb(path: Union[str, os.PathLike], items, map_size: int = 1 << 40) ->
     return count
 
 
+def _check_arguments(n_identities, frames_per_identity, size, seed, samples) -> None:
+    for name, value, low in (("n_identities", n_identities, 1), ("frames_per_identity", frames_per_identity, 1),
+                             ("size", size, 8), ("seed", seed, 0), ("samples", samples, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _complete_info(out: Path) -> Optional[dict]:
+    """``synthetic.json`` of a complete dataset in ``out`` (every artefact there, the LMDB whole and
+    holding the frames it lists), else None."""
+    from gpavatar.data.official import open_lmdb_checked
+
+    try:
+        info = json.loads((out / "synthetic.json").read_text())
+        if not (isinstance(info, dict) and (out / "dataset.pkl").is_file() and (out / "camera.json").is_file()):
+            return None
+        env = open_lmdb_checked(out / "img_lmdb")
+        try:
+            entries = env.stat()["entries"]
+        finally:
+            env.close()
+        return info if entries == info.get("frames") else None
+    except (OSError, ValueError):
+        return None
+
+
 def make_synthetic_dataset(out_dir: Union[str, os.PathLike], n_identities: int = 8, frames_per_identity: int = 16,
                            size: int = 256, seed: int = 0, image_format: str = "png", flame_model=None,
                            landmark_embedding=None, samples: int = 2, overwrite: bool = False,
-                           map_size: int = 1 << 40) -> dict:
+                           map_size: int = 1 << 40, progress: bool = False) -> dict:
     """Render and write a synthetic dataset in the official layout (module docstring).
 
+    Every argument is checked before anything is written.  The files are written into
+    ``out_dir/.synth-partial/`` and moved into place at the end (``synthetic.json`` last), so an
+    interrupted run leaves only that folder, which the next run removes.  A complete dataset with the
+    same arguments already in ``out_dir`` is kept as it is: its ``synthetic.json`` content is returned
+    with ``"reused": True``.
+
     Args:
-        out_dir: created if needed; must not already hold a dataset unless ``overwrite``
-        n_identities: videos (one identity each); frames_per_identity: frames per video
+        out_dir: created if needed; must not already hold another dataset unless ``overwrite``
+        n_identities: videos (one identity each); frames_per_identity: frames per video (training
+            draws 2 sources besides the target: 3 or more frames per video are needed to train)
         size: image side in pixels (the official data is 512); seed: everything derives from it
         image_format: ``"png"`` (lossless, default) or ``"jpeg"`` (quality 95, the official default)
         flame_model, landmark_embedding: FLAME file and its landmarks (None: the procedural head);
         samples: anti-aliasing samples per pixel side (:func:`render_mesh`)
+        overwrite: replace whatever dataset ``out_dir`` holds
+        progress: show a progress bar (tqdm, stderr)
     Returns:
         the ``synthetic.json`` content: arguments, frame count, splits sizes and ``seconds`` taken
     """
+    from gpavatar.data.official import close_lmdb
+
     start = time.perf_counter()
+    _check_arguments(n_identities, frames_per_identity, size, seed, samples)
+    encode_image(np.zeros((1, 1, 3), np.uint8), image_format)  # validate the format before rendering
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} is a file, not a folder")
+    settings = {"n_identities": int(n_identities), "frames_per_identity": int(frames_per_identity), "size": int(size),
+                "seed": int(seed), "image_format": image_format, "samples": int(samples),
+                "flame_model": "procedural" if flame_model is None else os.fspath(flame_model)}
     artefacts = [out / "img_lmdb", out / "dataset.pkl", out / "camera.json", out / "synthetic.json"]
     if any(p.exists() for p in artefacts):
         if not overwrite:
-            raise FileExistsError(f"{out} already holds a dataset (pass overwrite=True to replace it)")
+            existing = _complete_info(out)
+            if existing is not None and all(existing.get(k) == v for k, v in settings.items()):
+                return {**existing, "reused": True}
+            what = ("one not written (or not finished) by gpavatar data synth" if existing is None else
+                    "other settings: " + ", ".join(f"{k} {existing.get(k)!r} (asked {v!r})"
+                                                   for k, v in settings.items() if existing.get(k) != v))
+            raise FileExistsError(f"{out} already holds a dataset ({what}); pass --overwrite (overwrite=True) to "
+                                  f"replace it, or choose another folder")
+        close_lmdb(artefacts[0])
         shutil.rmtree(artefacts[0], ignore_errors=True)
         for p in artefacts[1:]:
             p.unlink(missing_ok=True)
-    encode_image(np.zeros((1, 1, 3), np.uint8), image_format)  # validate the format before rendering
-    out.mkdir(parents=True, exist_ok=True)
+    partial = out / ".synth-partial"
+    shutil.rmtree(partial, ignore_errors=True)  # what an interrupted run left
+    partial.mkdir(parents=True)
+    try:
+        info = _write(partial, settings, flame_model, landmark_embedding, map_size, progress)
+        info["seconds"] = round(time.perf_counter() - start, 3)
+        (partial / "synthetic.json").write_text(json.dumps(info, indent=2) + "\n")
+        for name in ("img_lmdb", "camera.json", "dataset.pkl", "synthetic.json"):  # the marker of completion last
+            os.replace(partial / name, out / name)
+    finally:
+        close_lmdb(partial / "img_lmdb")
+        shutil.rmtree(partial, ignore_errors=True)
+    return info
+
+
+def _write(folder: Path, settings: dict, flame_model, landmark_embedding, map_size: int, progress: bool) -> dict:
+    """img_lmdb/, dataset.pkl and camera.json into ``folder``; returns the synthetic.json content."""
     records: dict[str, dict] = {}
+    total = settings["n_identities"] * settings["frames_per_identity"]
 
     def items():
-        for frame in synthetic_frames(n_identities, frames_per_identity, size, seed, flame_model,
-                                      landmark_embedding, samples):
-            records[frame.key] = frame.record
-            yield frame.key, encode_image(frame.image, image_format)
+        frames = synthetic_frames(settings["n_identities"], settings["frames_per_identity"], settings["size"],
+                                  settings["seed"], flame_model, landmark_embedding, settings["samples"])
+        if progress:
+            from tqdm import tqdm
 
-    count = write_lmdb(out / "img_lmdb", items(), map_size)
+            frames = tqdm(frames, total=total, desc="synth", unit="frame", leave=False)
+        for frame in frames:
+            records[frame.key] = frame.record
+            yield frame.key, encode_image(frame.image, settings["image_format"])
+
+    count = write_lmdb(folder / "img_lmdb", items(), map_size)
     videos = split_videos(sorted({key.split("_")[1] for key in records}))
     meta_info = {split: [k for k in records if k.split("_")[1] in vids] for split, vids in videos.items()}
-    with open(out / "dataset.pkl", "wb") as handle:
+    with open(folder / "dataset.pkl", "wb") as handle:
         pickle.dump({"records": records, "meta_info": meta_info}, handle, protocol=4)
-    (out / "camera.json").write_text(json.dumps(CAMERA, indent=2) + "\n")
-    info = {"generator": "gpavatar.data.synthetic", "n_identities": n_identities,
-            "frames_per_identity": frames_per_identity, "size": size, "seed": seed, "image_format": image_format,
-            "samples": samples, "flame_model": "procedural" if flame_model is None else os.fspath(flame_model),
-            "frames": count, "splits": {k: len(v) for k, v in meta_info.items()},
-            "pixel_grid": "model: column j at x = 1 - 2j/(W-1), row i at y = 1 - 2i/(H-1)",
-            "seconds": round(time.perf_counter() - start, 3)}
-    (out / "synthetic.json").write_text(json.dumps(info, indent=2) + "\n")
-    return info
+    (folder / "camera.json").write_text(json.dumps(CAMERA, indent=2) + "\n")
+    return {"generator": "gpavatar.data.synthetic", **settings, "frames": count,
+            "splits": {k: len(v) for k, v in meta_info.items()},
+            "pixel_grid": "model: column j at x = 1 - 2j/(W-1), row i at y = 1 - 2i/(H-1)"}

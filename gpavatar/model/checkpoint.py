@@ -10,6 +10,8 @@
   official PEF normalization (``"queries"``) and the focal length of ``data_meta_info``.
 * ``save_pretrained(dir)`` / ``from_pretrained(dir)``: ``model.safetensors`` + ``config.json``,
   each written to a temporary file and renamed into place (a crash never leaves a torn file).
+* Every load (official, pretrained, :meth:`CheckpointMixin.load_checked_state_dict`) warns with a
+  :class:`NonFiniteWeightsWarning` naming the tensors that hold NaN or inf.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import types
 import tempfile
+import types
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -35,6 +38,23 @@ _MAX_LISTED = 12
 
 class CheckpointError(ValueError):
     """A checkpoint whose keys or shapes do not match the model (or that cannot be read)."""
+
+
+class NonFiniteWeightsWarning(UserWarning):
+    """Loaded weights hold NaN or inf values (a diverged training run, a corrupt file)."""
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor.detach())  # NaN propagates; no tensor-sized temporary (10x isfinite)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
+def non_finite_tensors(state_dict: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of ``state_dict`` that hold NaN or inf."""
+    return [k for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+            and not _finite(v)]
 
 
 def compare_state_dict(expected: Mapping[str, torch.Size], given: Mapping[str, Any]):
@@ -161,12 +181,19 @@ class CheckpointMixin:
     """Loading and saving for GPAvatar (mixed into the nn.Module)."""
 
     def load_checked_state_dict(self, state_dict: Mapping[str, torch.Tensor], source: str = "state_dict") -> None:
-        """Strict load with a readable error: every key present, none extra, every shape equal."""
+        """Strict load with a readable error: every key present, none extra, every shape equal.
+        Tensors holding NaN / inf are loaded but named in a :class:`NonFiniteWeightsWarning`."""
         expected = {k: v.shape for k, v in self.state_dict().items()}
         missing, unexpected, mismatched = compare_state_dict(expected, state_dict)
         if missing or unexpected or mismatched:
             raise CheckpointError(describe_mismatch(missing, unexpected, mismatched, source))
         self.load_state_dict(state_dict, strict=True)
+        bad = non_finite_tensors(state_dict)
+        if bad:
+            shown = ", ".join(bad[:_MAX_LISTED]) + (f" ... and {len(bad) - _MAX_LISTED} more"
+                                                     if len(bad) > _MAX_LISTED else "")
+            warnings.warn(f"{source}: {len(bad)} tensor(s) hold NaN or inf values, the model will render "
+                          f"garbage: {shown}", NonFiniteWeightsWarning, stacklevel=2)
 
     @classmethod
     def from_official_checkpoint(cls, path: Union[str, os.PathLike], *, map_location: Any = "cpu",

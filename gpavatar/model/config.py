@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -85,6 +86,12 @@ class GPAvatarConfig:
     single_source_prob: float = 0.3
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # numpy / other integral and real numbers become plain int / float
+            value = getattr(self, f.name)
+            if f.type == "int" and isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, int(value))
+            elif f.type == "float" and isinstance(value, numbers.Real) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))
         for name in ("image_size", "plane_size", "output_size"):
             size = getattr(self, name)
             _check_int(size, name, 4)
@@ -118,7 +125,7 @@ class GPAvatarConfig:
         if self.backend is not None and self.backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be None or one of {BACKEND_NAMES}, got {self.backend!r}")
         p = self.single_source_prob
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
             raise ValueError(f"single_source_prob must be a float in [0, 1], got {p!r}")
 
     # -- presets and (de)serialization ---------------------------------------------------
@@ -152,16 +159,43 @@ class GPAvatarConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "GPAvatarConfig":
-        """Read a ``.yaml`` / ``.yml`` (needs PyYAML) or ``.json`` file."""
+        """Read a ``.yaml`` / ``.yml`` (needs PyYAML) or ``.json`` file; ValueError naming the file when it
+        does not parse or holds no valid config."""
         path = Path(path)
         text = path.read_text()
-        if path.suffix in (".yaml", ".yml"):
+        if path.suffix.lower() in (".yaml", ".yml"):
             import yaml
 
-            data = yaml.safe_load(text) or {}
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as error:
+                raise ValueError(f"{path} is not valid YAML: {' '.join(str(error).split())}") from None
         else:
-            data = json.loads(text)
-        return cls.from_dict(data)
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path} is not valid JSON ({error}); YAML files must end in .yaml or .yml") \
+                    from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a mapping of config fields (e.g. 'preset: tiny'), got "
+                             f"{type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: {error}") from None
+
+    def preset_name(self) -> Optional[str]:
+        """The preset whose architecture this config has ("paper", "tiny"), or None (custom sizes).
+        Run-time switches and the PEF / camera constants are not compared."""
+        ignored = {"noise", "query_chunk", "backend", "single_source_prob", "pef_normalize", "pef_eps", "focal"}
+        mine = {k: v for k, v in self.to_dict().items() if k not in ignored}
+        for name in PRESETS:
+            base = {k: v for k, v in GPAvatarConfig.preset(name).to_dict().items() if k not in ignored}
+            if base == mine:
+                return name
+        return None
 
     def dump(self, path: str | Path) -> None:
         """Write JSON (``.json``) or YAML (``.yaml`` / ``.yml``)."""
@@ -188,12 +222,13 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _check_int(value: Any, name: str, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An integral number (int, numpy integer; never a bool) >= low."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
 def _check_positive(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")

@@ -39,6 +39,7 @@ from gpavatar.model.decoder import PointsDecoder
 from gpavatar.model.mta import MultiTriplaneAttention
 from gpavatar.model.renderer import VolumeRenderer, check_transform
 from gpavatar.model.style_unet import StyleUNet
+from gpavatar.ops._validation import checking_values
 
 
 @dataclass
@@ -122,6 +123,24 @@ class GPAvatar(CheckpointMixin, nn.Module):
         if images.shape[0] == 0 or images.shape[1] == 0:
             raise ValueError(f"images must hold at least one batch element and one source, got "
                              f"{tuple(images.shape)}")
+        if checking_values() and not bool(torch.isfinite(images.detach()).all()):
+            raise ValueError("images must be finite (source images in [0, 1]); they hold NaN or inf values")
+
+    def _check_frame_values(self, points: torch.Tensor, transform: torch.Tensor) -> None:
+        """One host sync: ``points`` finite, the rotation part R of ``transform`` a rotation (R Rᵀ = I
+        within 1e-2, loose enough for bf16; a zero or scaled R would give degenerate rays)."""
+        if not checking_values():
+            return
+        R = transform.detach()[:, :, :3].float()
+        eye = torch.eye(3, device=R.device)
+        deviation = (R @ R.transpose(1, 2) - eye).abs().amax()
+        points_finite, deviation = torch.stack([torch.isfinite(points.detach()).all().float(),
+                                                deviation]).tolist()
+        if not points_finite:
+            raise ValueError("points must be finite (FLAME vertices x flame_scale); they hold NaN or inf values")
+        if not deviation <= 1e-2:  # NaN compares False
+            raise ValueError(f"transform must be [R|T] with R a rotation (R Rᵀ = I), got max |R Rᵀ - I| = "
+                             f"{deviation:.3g}: a degenerate camera (e.g. an all-zero rotation)")
 
     def build_avatar(self, images: torch.Tensor, *, single_source: bool = False, return_attention: bool = False,
                      generator: Optional[torch.Generator] = None) -> Avatar:
@@ -189,6 +208,7 @@ class GPAvatar(CheckpointMixin, nn.Module):
                 or points.shape[0] != B:
             raise ValueError(f"points must have shape ({B}, {c.num_points}, 3) (FLAME vertices x5, batch of "
                              f"transform), got {tuple(getattr(points, 'shape', ()))}")
+        self._check_frame_values(points, transform)
         if not isinstance(avatar, Avatar):
             raise TypeError(f"avatar must come from build_avatar, got {type(avatar).__name__}")
         if avatar.batch_size not in (1, B):

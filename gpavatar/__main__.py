@@ -1,0 +1,7 @@
+"""``python -m gpavatar ...``: the ``gpavatar`` command (:mod:`gpavatar.cli`)."""
+
+import sys
+
+from gpavatar.cli import main
+
+sys.exit(main())
