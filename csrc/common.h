@@ -25,6 +25,15 @@ GPA_HD float sum_of_products3(float a, float b, float c, float d, float e, float
 
 GPA_HD float max_f(float a, float b) { return a > b ? a : b; }
 
+// Where data may hold NaN, follow torch so every backend puts NaN where the reference
+// does (fmaxf / fminf drop a NaN, and so does max_f(NaN, b)):
+// clamp_min_f(x, floor) is torch.clamp_min (NaN x -> NaN), relu_f is torch.relu
+// (NaN -> NaN), relu_passes is the mask of torch's relu backward (threshold_backward:
+// the gradient passes unless x <= 0, so it passes at NaN).
+GPA_HD float clamp_min_f(float x, float floor) { return x < floor ? floor : x; }
+GPA_HD float relu_f(float x) { return x < 0.0f ? 0.0f : x; }
+GPA_HD bool relu_passes(float x) { return !(x <= 0.0f); }
+
 // a * b rounded on its own (never contracted into an FMA with a following add).
 GPA_HD float mul_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)

@@ -53,7 +53,17 @@ void check_inputs(const at::Tensor& queries, const at::Tensor& points, int64_t K
 // The spatial grid of knn_grid.h, built with tensor ops on the points' device.
 constexpr int64_t kGridMinPoints = 256;  // below this brute force is cheaper
 constexpr double kGridPointsPerCell = 2.0;
+// From this many queries per batch element on, the cell lists of knn_cells.h
+// (their build costs about as much as scanning a few thousand queries).
+constexpr int64_t kCellsMinQueries = 8192;
+// Axes whose extent is below this (or not finite) are not subdivided (see build_grid).
+constexpr double kMinGridExtent = 1e-15;
 bool use_grid(int64_t P);  // also honours GPAVATAR_KNN_GRID=0
+// The search method (knn_cpu.cpp): GPAVATAR_KNN = auto | brute | grid | cells.
+enum class Method { kBrute, kGrid, kCells };
+Method choose_method(int64_t M, int64_t P);
+// An integer environment variable in [lo, hi] (fallback when unset); a ValueError otherwise.
+int64_t env_int(const char* name, int64_t fallback, int64_t lo, int64_t hi);
 struct GridTensors {
   at::Tensor lo, cell, inv_cell, dims, cell_offset, start, x, y, z, index;
   GridView view;

@@ -111,7 +111,8 @@ def _fwd_kernel(
             color += tl.sum(w[:, :, None] * v, 1)
             trans = _last(t_chunk * (1.0 - a), BLOCK_S)
         tl.store(color_ptr + r2 * C + c0 + c2, color, mask=row_ok[:, None] & (c0 + c2 < C))
-        tl.store(opacity_ptr + rows, tl.minimum(tl.maximum(wsum, 0.0), 1.0), mask=row_ok)
+        # clamp(wsum, 0, 1) with torch's NaN rule (NaN stays NaN; tl.minimum / tl.maximum may drop it)
+        tl.store(opacity_ptr + rows, tl.where(wsum < 0.0, 0.0, tl.where(wsum > 1.0, 1.0, wsum)), mask=row_ok)
         tl.store(depth_ptr + rows, depth, mask=row_ok)
 
 

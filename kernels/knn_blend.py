@@ -15,7 +15,8 @@ A neighbour whose index is outside [0, P) contributes nothing to g (its
 weight still counts in sum_k w_k).
 
 Backward of L = sum(out * grad_out), with v = w2^T grad_out[b, m] (H,) and
-delta_k = w_k v [h_k > 0]:
+delta_k = w_k v [h_k > 0] (torch's relu rules: relu(NaN) = NaN and the
+gradient mask is "not h <= 0", so NaN propagates exactly as in the reference):
     grad_table[row_k] += delta_k          grad_w1_dir += delta_k gam_k^T
     grad_w2 += grad_out[b, m] g^T         grad_b2 += grad_out[b, m] sum_k w_k
 
@@ -42,6 +43,18 @@ EMBED = 27  # embedding width
 EP = 32  # embedding width padded to a power of two
 BLOCK_M = 16  # queries per program (the minimum tl.dot accepts)
 NUM_WARPS = 8  # with BLOCK_M = 16 keeps H = 64, C = 32 free of register spills on sm_90
+
+
+@triton.jit
+def _relu(x):
+    """torch.relu: NaN stays NaN (tl.maximum's default may drop it)."""
+    return tl.where(x < 0.0, 0.0, x)
+
+
+@triton.jit
+def _clamp_min(x, floor):
+    """torch.clamp_min: NaN stays NaN."""
+    return tl.where(x < floor, floor, x)
 
 
 @triton.jit
@@ -86,7 +99,7 @@ def _neighbour(
     dx = tl.load(q_ptr + q_off, mask=row_ok, other=0.0) - tl.load(p_ptr + p_off, mask=valid, other=0.0)
     dy = tl.load(q_ptr + q_off + 1, mask=row_ok, other=0.0) - tl.load(p_ptr + p_off + 1, mask=valid, other=0.0)
     dz = tl.load(q_ptr + q_off + 2, mask=row_ok, other=0.0) - tl.load(p_ptr + p_off + 2, mask=valid, other=0.0)
-    den = tl.maximum(tl.sqrt_rn((dx * dx + dy * dy) + dz * dz), 1e-12)
+    den = _clamp_min(tl.sqrt_rn((dx * dx + dy * dy) + dz * dz), 1e-12)
     rx = tl.div_rn(dx, den)[:, None]  # [BLOCK_M, 1]
     ry = tl.div_rn(dy, den)[:, None]
     rz = tl.div_rn(dz, den)[:, None]
@@ -154,7 +167,7 @@ def _blend_fwd_kernel(
         valid, trow, gamma, h = _neighbour(
             q_ptr, p_ptr, idx_ptr, tab_ptr, w1t, b, q_row, row_ok, k, K, P, H,
             PER_BATCH, EP, HP)
-        g += tl.where(valid[:, None], wk[:, None] * tl.maximum(h, 0.0), 0.0)
+        g += tl.where(valid[:, None], wk[:, None] * _relu(h), 0.0)
 
     w2t = tl.load(w2_ptr + ccol[None, :] * H + hcol[:, None],
                   mask=(hcol[:, None] < H) & (ccol[None, :] < C), other=0.0)  # [HP, CP]
@@ -211,8 +224,9 @@ def _blend_bwd_kernel(
             valid, trow, gamma, h = _neighbour(
                 q_ptr, p_ptr, idx_ptr, tab_ptr, w1t, b, q_row, row_ok, k, K, P, H,
                 PER_BATCH, EP, HP)
-            g += tl.where(valid[:, None], wk * tl.maximum(h, 0.0), 0.0)
-            delta = tl.where(valid[:, None] & (h > 0.0), wk * v, 0.0)  # [BLOCK_M, HP]
+            g += tl.where(valid[:, None], wk * _relu(h), 0.0)
+            # torch's relu backward: the gradient passes unless h <= 0 (so also at NaN)
+            delta = tl.where(valid[:, None], tl.where(h <= 0.0, 0.0, wk * v), 0.0)  # [BLOCK_M, HP]
             tmask = valid[:, None] & (hcol[None, :] < H)
             tl.atomic_add(gtab_ptr + trow[:, None] * H + hcol[None, :], delta, mask=tmask)
             acc_w1 += tl.dot(tl.trans(delta), gamma, input_precision="ieee")  # [HP, EP]

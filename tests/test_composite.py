@@ -249,3 +249,26 @@ def test_low_level_op_checks_its_inputs():
         fwd(a, torch.rand(3, 4, 0), None)
     with pytest.raises(ValueError, match="grad_weights must have shape"):
         bwd(torch.rand(3, 2), torch.rand(3), torch.rand(3, 5), torch.rand(3), a, v, None)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES + [pytest.param("cpu", "torch", id="cpu-torch")])
+@pytest.mark.parametrize("bad,words", [(5.0, ["min 0", "max 5"]), (-0.25, ["min -0.25"]), (1.0000001, ["max 1"]),
+                                       (float("inf"), ["max inf"]), (float("nan"), ["1 NaN"])])
+def test_alphas_outside_unit_interval_are_refused(device, backend, bad, words):
+    """Issue 13: alphas of 5 gave a color of -255 and weights of +-320 without a word.  Alphas
+    are opacities: outside [0, 1] (or NaN) is a ValueError naming alphas and the range, the
+    same on every backend; 0 and 1 themselves are fine.  validate=False skips the check (its
+    host sync) and computes the formula as given, like the reference."""
+    alphas, values, depths = make_inputs(4, 6, 3, device=device)
+    alphas[0, 0], alphas[3, 5] = 0.0, 1.0
+    ops.composite(alphas, values, depths, backend=backend)  # the bounds themselves are valid
+    alphas[2, 3] = bad
+    with pytest.raises(ValueError) as info:
+        ops.composite(alphas, values, depths, backend=backend)
+    for word in ["alphas", "[0, 1]"] + words:
+        assert word in str(info.value), str(info.value)
+    if bad == 5.0:
+        out = ops.composite(alphas, values, depths, backend=backend, validate=False)
+        ref = composite_reference(alphas.cpu().double(), values.cpu().double(), depths.cpu().double())
+        for o, r in zip(out, ref):
+            torch.testing.assert_close(o.cpu().double(), r, **FWD)

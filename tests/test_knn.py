@@ -193,11 +193,41 @@ def _cloud(kind, B, P, g):
         return torch.full((B, P, 3), -0.3)
     if kind == "offset":  # far from the origin, small extent
         return 1e5 + torch.rand(B, P, 3, generator=g)
+    return _degenerate_cloud(kind, B, P, g)
+
+
+DEGENERATE = ["tiny", "denormal", "one_off", "thin", "equal", "huge", "huge_offset"]
+
+
+def _degenerate_cloud(kind, B, P, g):
+    """Clouds whose extent breaks naive cell arithmetic: spreads from 1e-44 to 1e-8 (cell
+    sizes and their inverses over/underflow, squared distances round to 0), denormals, every
+    point equal, and coordinates at the validated limit |x| = 1e6."""
+    if kind == "tiny":  # a cube of extent 10^-44 .. 10^-8 at 0, 1 or -3e5 (there it collapses to one value)
+        spread = 10.0 ** float(torch.empty(()).uniform_(-44, -8, generator=g))
+        offset = [0.0, 1.0, -3e5][int(torch.randint(0, 3, (), generator=g))]
+        return offset + torch.rand(B, P, 3, generator=g, dtype=torch.float64).mul(spread).float()
+    if kind == "denormal":  # multiples of the smallest denormals, many exact ties
+        return torch.randint(-3, 4, (B, P, 3), generator=g).float() * 1e-45
+    if kind == "one_off":  # all at 0 but the last point, 1e-40 away (issue 13)
+        pts = torch.zeros(B, P, 3)
+        pts[:, -1, 0] = 1e-40
+        return pts
+    if kind == "thin":  # a unit square 1e-30 thick: one axis below the grid's resolution
+        pts = torch.rand(B, P, 3, generator=g)
+        pts[..., 1] = torch.rand(B, P, generator=g) * 1e-30
+        return pts
+    if kind == "equal":
+        return torch.full((B, P, 3), 0.5)
+    if kind == "huge":  # the whole valid range
+        return (torch.rand(B, P, 3, generator=g, dtype=torch.float64) * 2e6 - 1e6).float()
+    if kind == "huge_offset":  # at the edge of the valid range, a few ulps apart
+        return 1e6 - 0.0625 * torch.randint(0, 8, (B, P, 3), generator=g).float()
     raise ValueError(kind)
 
 
 @pytest.mark.parametrize("device,backend", [c for c in BACKEND_CASES if c.values[1] != "triton"])
-@given(kind=st.sampled_from(["uniform", "sphere", "plane", "line", "clusters", "identical", "offset"]),
+@given(kind=st.sampled_from(["uniform", "sphere", "plane", "line", "clusters", "identical", "offset"] + DEGENERATE),
        B=st.integers(1, 2), P=st.integers(256, 3000), K=st.integers(1, 32), seed=st.integers(0, 2**16))
 def test_knn_large_point_sets(device, backend, kind, B, P, K, seed):
     """Large P: the CPU kernel switches to a grid search; the answer must stay bit-exact."""
@@ -209,6 +239,7 @@ def test_knn_large_point_sets(device, backend, kind, B, P, K, seed):
     q[:, :10] = pts[:, torch.randint(0, P, (10,), generator=g)]  # on points
     q[:, 10:15] = lo + 50.0 * span * torch.randn(B, 5, 3, generator=g)  # far away
     q[:, 15:20] = (lo + hi) / 2  # the centre (may be empty space)
+    q = q.clamp(-1e6, 1e6)  # the valid range (clouds at its edge)
     dist, idx = ops.knn(q.to(device), pts.to(device), K, backend=backend)
     ref_dist, ref_idx = knn_reference(q, pts, K)
     assert torch.equal(idx.cpu(), ref_idx) and torch.equal(dist.cpu(), ref_dist)
@@ -226,3 +257,63 @@ def test_knn_grid_and_brute_force_agree(device, backend, monkeypatch):
     brute = ops.knn(q, pts, 8, backend=backend)
     for out in (grid, brute):
         assert torch.equal(out.idx.cpu(), ref[1]) and torch.equal(out.dist2.cpu(), ref[0])
+
+
+def _queries_at_scale(pts, M, g):
+    """Queries at the cloud's own scale (its extent may be 0 or 1e-44): inside and around it,
+    on points, between two points, and a few at unit distance."""
+    B, P, _ = pts.shape
+    lo, hi = pts.amin(dim=(0, 1)), pts.amax(dim=(0, 1))
+    span = hi - lo
+    q = lo + (torch.rand(B, M, 3, generator=g) * 1.4 - 0.2) * span
+    n = M // 4
+    q[:, :n] = pts[:, torch.randint(0, P, (n,), generator=g)]
+    pick = torch.randint(0, P, (2, n), generator=g)
+    q[:, n:2 * n] = pts[:, pick[0]] + (pts[:, pick[1]] - pts[:, pick[0]]) * 0.5
+    q[:, 2 * n:2 * n + 3] = lo + torch.randn(B, 3, 3, generator=g)
+    return q.clamp(-1e6, 1e6)  # the valid range (clouds at its edge)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@given(kind=st.sampled_from(DEGENERATE), B=st.integers(1, 2), P=st.integers(256, 600), K=st.integers(1, 32),
+       seed=st.integers(0, 2**16))
+def test_knn_degenerate_clouds(device, backend, kind, B, P, K, seed):
+    """Issue 13: clouds with tiny (even denormal) extents made the grid's cell size and its
+    inverse overflow (a RuntimeError from bincount at 1e-40, wrong indices at 1e-30: the
+    squared distances round to 0 and the search stopped before the lower-index ties).  Every
+    backend must stay bit-exact with the reference, ties lower index first."""
+    g = torch.Generator().manual_seed(seed)
+    pts = _degenerate_cloud(kind, B, P, g)
+    q = _queries_at_scale(pts, 40, g)
+    dist, idx = ops.knn(q.to(device), pts.to(device), K, backend=backend)
+    ref_dist, ref_idx = knn_reference(q, pts, K)
+    assert torch.equal(idx.cpu(), ref_idx) and torch.equal(dist.cpu(), ref_dist)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@pytest.mark.parametrize("spread", [1e-45, 1e-40, 1e-36, 1e-30, 1e-20, 1e-16])
+def test_knn_tiny_extent_regression(device, backend, spread):
+    """The cases of the issue: 5022 points at 0 and one at `spread`; and a random cube of that
+    extent (squared distances all round to 0 or to denormals)."""
+    pts = torch.zeros(1, 5023, 3)
+    pts[0, -1, 0] = spread
+    g = torch.Generator().manual_seed(0)
+    cube = (torch.rand(1, 2000, 3, generator=g, dtype=torch.float64) * spread).float()
+    for cloud in (pts, cube):
+        q = _queries_at_scale(cloud, 24, g)
+        dist, idx = ops.knn(q.to(device), cloud.to(device), 8, backend=backend)
+        ref_dist, ref_idx = knn_reference(q, cloud, 8)
+        assert torch.equal(idx.cpu(), ref_idx) and torch.equal(dist.cpu(), ref_dist)
+
+
+@pytest.mark.parametrize("device,backend", [c for c in BACKEND_CASES if c.values[1] != "triton"])
+@pytest.mark.parametrize("kind", DEGENERATE)
+def test_knn_degenerate_clouds_many_queries(device, backend, kind):
+    """The same clouds with a render-sized query set (16384 queries: the C++ kernels may pick
+    another search structure for large M; every one must stay exact)."""
+    g = torch.Generator().manual_seed(len(kind))
+    pts = _degenerate_cloud(kind, 1, 700, g)
+    q = _queries_at_scale(pts, 16384, g)
+    dist, idx = ops.knn(q.to(device), pts.to(device), 8, backend=backend)
+    ref_dist, ref_idx = knn_reference(q, pts, 8)
+    assert torch.equal(idx.cpu(), ref_idx) and torch.equal(dist.cpu(), ref_dist)

@@ -93,6 +93,64 @@ def test_ray_box_edge_cases(backend):
     assert hit.tolist() == [c[4] for c in cases]
 
 
+RAY_BOX_BACKENDS = ["torch"] + (["cpu"] if hasattr(torch.ops.gpavatar, "ray_box") else [])
+
+
+@pytest.mark.parametrize("backend", RAY_BOX_BACKENDS)
+def test_ray_box_degenerate_directions_miss(backend):
+    """Issue 13: a zero direction (or 1e-45, where 1 / d overflows) gave t0 / t1 = +-inf and
+    hit = True.  A ray without a finite entry and exit misses (t0 = t1 = -1), whatever the
+    origin; a tiny but invertible direction still hits with finite (huge) depths."""
+    tiny = 1e-45
+    cases = [
+        # origin, dir, hit
+        ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0), False),     # inside, zero direction
+        ((0.5, -0.2, 0.9), (-0.0, 0.0, -0.0), False),  # inside, signed zeros
+        ((1.0, 1.0, 1.0), (0.0, 0.0, 0.0), False),     # on a corner (NaN slab distances)
+        ((3.0, 0.0, 0.0), (0.0, 0.0, 0.0), False),     # outside
+        ((0.0, 0.0, 0.0), (tiny, 0.0, 0.0), False),    # 1 / 1e-45 = inf
+        ((0.0, 0.0, 0.0), (tiny, -tiny, tiny), False),
+        ((0.0, 0.0, -5.0), (0.0, 0.0, tiny), False),   # outside, heading at the box
+        ((0.0, 0.0, 0.0), (1e-30, 0.0, 0.0), True),    # 1 / 1e-30 is finite: t = -1e30 .. 1e30
+    ]
+    o = torch.tensor([c[0] for c in cases])
+    d = torch.tensor([c[1] for c in cases])
+    t0, t1, hit = ops.ray_box(o, d, backend=backend)
+    assert hit.tolist() == [c[2] for c in cases]
+    assert bool(t0.isfinite().all() and t1.isfinite().all())
+    assert bool((t0[~hit] == -1).all() and (t1[~hit] == -1).all())
+    assert t0[-1].item() == pytest.approx(-1e30) and t1[-1].item() == pytest.approx(1e30)
+    # the same answers with the checks off and from the reference
+    for got, ref in zip(ops.ray_box(o, d, backend=backend, validate=False), ops.ray_box(o, d, backend="torch")):
+        assert torch.equal(got, ref)
+    # the depths built on the misses stay finite; the 1e30 depths of the tiny direction are
+    # beyond what the sampling ops accept: a clear error, not a silent overflow
+    assert bool(ops.stratified_depths(t0[:-1], t1[:-1], 4, backend=backend).isfinite().all())
+    with pytest.raises(ValueError, match="t0 must hold finite coordinates with"):
+        ops.stratified_depths(t0, t1, 4, backend=backend)
+
+
+@pytest.mark.parametrize("backend", RAY_BOX_BACKENDS)
+@pytest.mark.parametrize("box_min,box_max,name", [(-math.inf, 1.0, "box_min"), (-1.0, math.inf, "box_max"),
+                                                  (math.nan, 1.0, "box_min"), (-1.0, 1e39, "box_max"),
+                                                  (-2e6, 1.0, "box_min")])
+def test_ray_box_refuses_infinite_boxes(backend, box_min, box_max, name):
+    """An infinite box has no finite entry / exit: a ValueError naming the bound (every backend);
+    bounds are coordinates, so |bound| <= 1e6 like them.  The C++ op refuses non-finite float32
+    bounds itself (validate=False); the reference then still returns finite depths only (a ray
+    with an infinite entry or exit misses)."""
+    o, d = random_rays(10)
+    with pytest.raises(ValueError, match=f"{name} must be finite"):
+        ops.ray_box(o, d, box_min, box_max, backend=backend)
+    if backend != "torch" and not math.isfinite(float(torch.tensor([box_min, box_max]).abs().max())):
+        with pytest.raises(ValueError, match="box_min and box_max must be finite"):
+            ops.ray_box(o, d, box_min, box_max, backend=backend, validate=False)
+    if backend == "torch" and (math.isinf(box_min) or math.isinf(box_max)):
+        t0, t1, hit = ops.ray_box(o, d, box_min, box_max, backend="torch", validate=False)
+        assert bool(t0.isfinite().all() and t1.isfinite().all())
+        assert bool((t0[~hit] == -1).all() and (t1[~hit] == -1).all())
+
+
 # --- stratified ------------------------------------------------------------------------------
 
 

@@ -1,19 +1,23 @@
-// knn on the CPU, parallel over queries.  From kGridMinPoints points on, a
-// uniform grid per batch element and the exact shell search of knn_grid.h
-// (shared with the CUDA kernel); below, brute force over a structure-of-arrays
-// copy (the distance block vectorizes).
-// Both offer distances computed by knn.h to a top-K list ordered by
-// (distance, index), so the result equals the brute-force reference bit for bit.
+// knn on the CPU, parallel over queries.  Three exact methods (choose_method):
+// the per-cell candidate lists of knn_cells.h (knn_cells_cpu.h) for large query
+// sets, the shell search on a uniform grid of knn_grid.h for small ones (and for
+// the queries the lists leave: outside their grid or in an overflowing cell),
+// and brute force over a structure-of-arrays copy for few points.  All offer
+// distances computed by knn.h to a top-K list ordered by (distance, index), so
+// the result equals the brute-force reference bit for bit.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <climits>
 #include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "knn/knn.h"
 #include "knn/knn_grid.h"
+#include "knn/knn_cells_cpu.h"
 #include "ops.h"
 
 namespace gpavatar {
@@ -46,16 +50,25 @@ GridTensors build_grid(const at::Tensor& points) {
   const at::Tensor extent = points.amax(1).to(at::kDouble) - g.lo.to(at::kDouble);
   // About kGridPointsPerCell points per cell, at most 256 cells per axis.
   const double side = std::min(256.0, std::max(1.0, std::cbrt(P / kGridPointsPerCell)));
-  const at::Tensor flat = extent <= 0.0;
+  // An axis is gridded only when its extent is finite and >= kMinGridExtent.  Below it the
+  // cell size and its inverse stop being safe float32 numbers (a 1e-40 extent gives
+  // inv_cell = inf and NaN bins) and the squared distances underflow anyway; such an axis
+  // is flat: one cell, inv_cell = 0, and cell = its extent, so lo + cell still bounds the
+  // points for the search's stopping bound.  All three axes flat = brute force (one cell
+  // scanned in index order).  NaN / inf extents (only with unvalidated input) are flat too.
+  const at::Tensor flat = (extent >= kMinGridExtent).logical_and(extent.isfinite()).logical_not();
   const at::Tensor dims = at::where(flat, 1.0, std::floor(side)).to(extent.options());
   g.dims = dims.to(at::kInt).contiguous();
-  g.cell = at::where(flat, 0.0, extent / dims).to(at::kFloat).contiguous();
-  g.inv_cell = at::where(flat, 0.0, dims / extent.clamp_min(1e-300)).to(at::kFloat).contiguous();
+  g.cell = at::where(flat, at::where(extent.isfinite(), extent, 0.0), extent / dims)
+               .to(at::kFloat).contiguous();
+  g.inv_cell = at::where(flat, 0.0, dims / extent).to(at::kFloat).contiguous();
 
-  // Cell of every point, as grid_cell_of computes it.
+  // Cell of every point, as grid_cell_of computes it: NaN and t <= 0 -> 0, t >= dims - 1 ->
+  // dims - 1 (clamped in float before the integer conversion, so no input can give an
+  // out-of-range cell).
   const at::Tensor t = (points - g.lo.unsqueeze(1)) * g.inv_cell.unsqueeze(1);  // (B, P, 3)
-  const at::Tensor top = (g.dims - 1).to(at::kLong).unsqueeze(1);
-  const at::Tensor c = at::minimum(t.floor().clamp_min(0.0).to(at::kLong), top);
+  const at::Tensor top = (g.dims - 1).to(at::kFloat).unsqueeze(1);
+  const at::Tensor c = at::minimum(at::where(t > 0.0, t, 0.0), top).floor().to(at::kLong);
   const at::Tensor n = g.dims.to(at::kLong);
   const at::Tensor cells = n.prod(1);                 // (B)
   g.cell_offset = (cells.cumsum(0) - cells).contiguous();  // exclusive
@@ -81,6 +94,60 @@ GridTensors build_grid(const at::Tensor& points) {
   return g;
 }
 
+// GPAVATAR_KNN = brute | grid | cells | auto (default); GPAVATAR_KNN_GRID=0 is the
+// older spelling of brute.  auto: brute force below kGridMinPoints points, the
+// cell lists for large query sets, the shell-search grid in between.
+Method choose_method(int64_t M, int64_t P) {
+  const char* grid_env = std::getenv("GPAVATAR_KNN_GRID");
+  if (grid_env != nullptr && grid_env[0] == '0') return Method::kBrute;
+  const char* env = std::getenv("GPAVATAR_KNN");
+  const std::string name = env == nullptr ? "auto" : env;
+  if (name == "brute") return Method::kBrute;
+  if (name == "grid") return Method::kGrid;
+  if (name == "cells") return Method::kCells;
+  TORCH_CHECK_VALUE(name == "auto" || name.empty(),
+                    msg("GPAVATAR_KNN must be one of auto, brute, grid, cells; got '", name, "'"));
+  if (P < kGridMinPoints) return Method::kBrute;
+  return M >= kCellsMinQueries ? Method::kCells : Method::kGrid;
+}
+
+int64_t env_int(const char* name, int64_t fallback, int64_t lo, int64_t hi) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || env[0] == '\0') return fallback;
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  TORCH_CHECK_VALUE(end != env && *end == '\0' && v >= lo && v <= hi,
+                    msg(name, " must be an integer in [", lo, ", ", hi, "], got '", env, "'"));
+  return v;
+}
+
+namespace {
+
+// Cells per axis of the CPU lists: the build grows as G^3, the scan shrinks with G.
+int cells_per_axis(int64_t M) {
+  return static_cast<int>(env_int("GPAVATAR_KNN_CELLS", M >= (int64_t{1} << 18) ? 12 : 8, 1, 64));
+}
+
+// Brute force over a structure-of-arrays copy of one batch element's points.
+void brute_force(const float* px, const float* py, const float* pz, int64_t P, float qx, float qy, float qz,
+                 TopK<int64_t, kMaxK>& best) {
+  constexpr int64_t kBlock = 256;
+  float block[kBlock];
+  for (int64_t start = 0; start < P; start += kBlock) {
+    const int64_t n = std::min(kBlock, P - start);
+    float block_min = __builtin_huge_valf();
+    for (int64_t t = 0; t < n; ++t) {
+      block[t] = squared_distance(qx, qy, qz, px[start + t], py[start + t], pz[start + t]);
+      block_min = std::min(block_min, block[t]);
+    }
+    // Once the list is full most blocks hold no candidate: skip their scan.
+    if (!best.accepts(block_min)) continue;
+    for (int64_t t = 0; t < n; ++t) best.offer(block[t], start + t);
+  }
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
                                            const at::Tensor& points_in, int64_t K) {
   check_inputs(queries_in, points_in, K);
@@ -95,46 +162,63 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
   float* out_d = dist2.data_ptr<float>();
   int64_t* out_i = idx.data_ptr<int64_t>();
   const int k = static_cast<int>(K);
+  const Method method = choose_method(M, P);
+  const at::Tensor soa = points.transpose(1, 2).contiguous();  // (B, 3, P)
+  const float* s = soa.data_ptr<float>();
+  auto write = [&](int64_t qi, const TopK<int64_t, kMaxK>& best) {
+    std::copy(best.dist, best.dist + k, out_d + qi * k);
+    std::copy(best.idx, best.idx + k, out_i + qi * k);
+  };
 
-  if (use_grid(P)) {
+  // Queries the cell lists leave to the grid or brute force (outside the grid,
+  // overflowing lists); all of them for the other methods.
+  std::vector<int64_t> rest;
+  if (method == Method::kCells) {
+    const int G = cells_per_axis(M);
+    const int64_t cap = env_int("GPAVATAR_KNN_CELL_CAP", INT64_MAX, 0, INT64_MAX);
+    std::vector<char> left(B * M, 0);
+    for (int64_t b = 0; b < B; ++b) {
+      const float* px = s + b * 3 * P;
+      cells_cpu::Lists lists;
+      cells_cpu::build(lists, px, px + P, px + 2 * P, P, q + b * M * 3, M, k, G, cap);
+      at::parallel_for(0, M, 256, [&](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end; ++m) {
+          const int64_t qi = b * M + m;
+          TopK<int64_t, kMaxK> best(k);
+          if (cells_cpu::search(lists, k, q[qi * 3], q[qi * 3 + 1], q[qi * 3 + 2], best)) {
+            write(qi, best);
+          } else {
+            left[qi] = 1;
+          }
+        }
+      });
+    }
+    for (int64_t qi = 0; qi < B * M; ++qi)
+      if (left[qi]) rest.push_back(qi);
+  }
+  const int64_t n_rest = method == Method::kCells ? static_cast<int64_t>(rest.size()) : B * M;
+  if (n_rest == 0) return {dist2, idx};
+  auto query_of = [&](int64_t r) { return method == Method::kCells ? rest[r] : r; };
+
+  if (method == Method::kGrid || (method == Method::kCells && n_rest >= kGridMinPoints && P >= kGridMinPoints)) {
     const GridTensors grid = build_grid(points);
-    at::parallel_for(0, B * M, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t qi = begin; qi < end; ++qi) {
+    at::parallel_for(0, n_rest, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t qi = query_of(r);
         TopK<int64_t, kMaxK> best(k);
         grid_search(grid.view, qi / M, q[qi * 3], q[qi * 3 + 1], q[qi * 3 + 2], best);
-        std::copy(best.dist, best.dist + k, out_d + qi * k);
-        std::copy(best.idx, best.idx + k, out_i + qi * k);
+        write(qi, best);
       }
     });
     return {dist2, idx};
   }
-
-  // Few points: brute force over a structure-of-arrays copy (B, 3, P).
-  const at::Tensor soa = points.transpose(1, 2).contiguous();
-  const float* s = soa.data_ptr<float>();
-  constexpr int64_t kBlock = 256;
-  at::parallel_for(0, B * M, 64, [&](int64_t begin, int64_t end) {
-    float block[kBlock];
-    for (int64_t qi = begin; qi < end; ++qi) {
-      const int64_t b = qi / M;
-      const float qx = q[qi * 3], qy = q[qi * 3 + 1], qz = q[qi * 3 + 2];
-      const float* px = s + b * 3 * P;
-      const float* py = px + P;
-      const float* pz = py + P;
+  at::parallel_for(0, n_rest, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t qi = query_of(r);
+      const float* px = s + (qi / M) * 3 * P;
       TopK<int64_t, kMaxK> best(k);
-      for (int64_t start = 0; start < P; start += kBlock) {
-        const int64_t n = std::min(kBlock, P - start);
-        float block_min = __builtin_huge_valf();
-        for (int64_t t = 0; t < n; ++t) {
-          block[t] = squared_distance(qx, qy, qz, px[start + t], py[start + t], pz[start + t]);
-          block_min = std::min(block_min, block[t]);
-        }
-        // Once the list is full most blocks hold no candidate: skip their scan.
-        if (!best.accepts(block_min)) continue;
-        for (int64_t t = 0; t < n; ++t) best.offer(block[t], start + t);
-      }
-      std::copy(best.dist, best.dist + k, out_d + qi * k);
-      std::copy(best.idx, best.idx + k, out_i + qi * k);
+      brute_force(px, px + P, px + 2 * P, P, q[qi * 3], q[qi * 3 + 1], q[qi * 3 + 2], best);
+      write(qi, best);
     }
   });
   return {dist2, idx};

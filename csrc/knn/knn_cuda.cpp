@@ -5,12 +5,67 @@
 #include <torch/library.h>
 
 #include "knn/knn.h"
+#include "knn/knn_cells.h"
 #include "cuda_check.h"
 #include "ops.h"
 
 namespace gpavatar {
 namespace knn {
 namespace {
+
+// The cell lists of knn_cells.h: every step on the current stream, no host sync
+// (the sizes below depend on B, M, P and K only).
+void cell_search(const at::Tensor& queries, const at::Tensor& points, int64_t K, at::Tensor& dist2,
+                 at::Tensor& idx, cudaStream_t stream) {
+  const int64_t B = queries.size(0), M = queries.size(1), P = points.size(1);
+  TORCH_CHECK_VALUE(B * M < (int64_t{1} << 31), msg("knn: B * M must be < 2^31 on CUDA, got ", B * M));
+  const int G = static_cast<int>(env_int("GPAVATAR_KNN_CELLS", kCudaCells, 1, 32));
+  const int64_t cells = static_cast<int64_t>(G) * G * G;
+  const int64_t per_cell = env_int("GPAVATAR_KNN_CELL_BUDGET", kCudaBudgetPerCell, 0, int64_t{1} << 20);
+  const auto f32 = queries.options();
+  const auto i32 = f32.dtype(at::kInt);
+  const auto i64 = f32.dtype(at::kLong);
+  const at::Tensor bounds =
+      at::cat({points.amin(1), points.amax(1), queries.amin(1), queries.amax(1)}, 1).contiguous();
+  at::Tensor geom = at::empty({B, kCellGeomStride}, f32);
+  at::Tensor count = at::empty({B * cells}, i32);
+  at::Tensor offset = at::zeros({B * cells + 1}, i64);
+  at::Tensor cand = at::empty({std::max<int64_t>(B * cells * per_cell, 1)}, i32);
+  at::Tensor bucket_of = at::empty({B * M}, i32);
+  at::Tensor bucket_count = at::zeros({B * (cells + 1)}, i32);
+  at::Tensor bucket_start = at::zeros({B * (cells + 1)}, i64);
+  at::Tensor bucket_fill = at::zeros({B * (cells + 1)}, i32);
+  at::Tensor order = at::empty({B * M}, i32);
+  CellKnnCuda a{};
+  a.queries = queries.data_ptr<float>();
+  a.points = points.data_ptr<float>();
+  a.dist2 = dist2.data_ptr<float>();
+  a.idx = idx.data_ptr<int64_t>();
+  a.bounds = bounds.data_ptr<float>();
+  a.geom = geom.data_ptr<float>();
+  a.count = count.data_ptr<int>();
+  a.offset = offset.data_ptr<int64_t>();
+  a.cand = cand.data_ptr<int>();
+  a.budget = B * cells * per_cell;
+  a.query_cell = bucket_of.data_ptr<int>();
+  a.bucket_count = bucket_count.data_ptr<int>();
+  a.bucket_start = bucket_start.data_ptr<int64_t>();
+  a.bucket_fill = bucket_fill.data_ptr<int>();
+  a.order = order.data_ptr<int>();
+  a.B = B;
+  a.M = M;
+  a.P = P;
+  a.K = static_cast<int>(K);
+  a.G = G;
+  check_launch(launch_cell_lists_cuda(a, /*fill=*/false, stream), "knn (cell lists)");
+  offset.narrow(0, 1, B * cells).copy_(count.to(at::kLong).cumsum(0));
+  check_launch(launch_cell_lists_cuda(a, /*fill=*/true, stream), "knn (cell lists)");
+  check_launch(launch_cell_bucket_cuda(a, /*scatter=*/false, stream), "knn (buckets)");
+  const at::Tensor sizes = bucket_count.to(at::kLong);
+  bucket_start.copy_(sizes.cumsum(0) - sizes);
+  check_launch(launch_cell_bucket_cuda(a, /*scatter=*/true, stream), "knn (buckets)");
+  check_launch(launch_cell_search_cuda(a, stream), "knn (cell search)");
+}
 
 std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries_in,
                                             const at::Tensor& points_in, int64_t K) {
@@ -24,8 +79,14 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries_in,
   at::Tensor dist2 = at::empty({B, M, K}, queries.options());
   at::Tensor idx = at::empty({B, M, K}, queries.options().dtype(at::kLong));
   const auto stream = at::cuda::getCurrentCUDAStream().stream();
+  if (B == 0 || M == 0) return {dist2, idx};
+  const Method method = choose_method(M, P);
+  if (method == Method::kCells) {
+    cell_search(queries, points, K, dist2, idx, stream);
+    return {dist2, idx};
+  }
   int err;
-  if (use_grid(P)) {
+  if (method == Method::kGrid) {
     const GridTensors grid = build_grid(points);  // tensor ops on this stream
     err = launch_knn_grid_cuda(grid.view, queries.data_ptr<float>(), dist2.data_ptr<float>(),
                                idx.data_ptr<int64_t>(), B, M, static_cast<int>(K), stream);

@@ -1,7 +1,9 @@
 // Exact K-nearest search on a uniform grid, shared by the CPU loop and the CUDA
 // kernel (no torch types).  The grid is built by build_grid (knn_cpu.cpp, with
 // tensor ops that run on either device):
-//   lo, cell, inv_cell (B, 3) float   grid origin, cell size, 1 / cell size (0 on a flat axis)
+//   lo, cell, inv_cell (B, 3) float   grid origin, cell size, 1 / cell size; on a flat axis
+//                                      (extent < kMinGridExtent = 1e-15, ops.h) cell is the
+//                                      extent and inv_cell 0
 //   dims (B, 3) int32                  cells per axis (1 on a flat axis)
 //   cell_offset (B) int64              first cell of batch element b in `start`
 //   start (total_cells + 1) int64      points of cell c: sorted[start[c] .. start[c + 1])
@@ -17,6 +19,9 @@
 namespace gpavatar {
 namespace knn {
 
+// See the stopping rule in grid_search.
+constexpr double kUnderflowMargin = 1e-30;
+
 struct GridView {
   const float* lo;
   const float* cell;
@@ -30,7 +35,7 @@ struct GridView {
   const int64_t* index;
 };
 
-// Cell of coordinate v along one axis (clamped into the grid).
+// Cell of coordinate v along one axis (clamped into the grid; NaN -> 0).
 GPA_HD int grid_cell_of(float v, float lo, float inv_cell, int dim) {
   const float t = (v - lo) * inv_cell;
   if (!(t > 0.0f)) return 0;
@@ -80,7 +85,8 @@ GPA_HD void grid_search(const GridView& g, int64_t b, float qx, float qy, float 
     // box's extent along b (0 inside).  The out_b terms end the search early for
     // queries outside the point cloud (most samples along a ray).  Every term is
     // shrunk by a sliver of a cell: binning rounds (v - lo) * inv_cell, so a point
-    // may sit a hair across its face, and lo + n * cell rounds.
+    // may sit a hair across its face, and lo + n * cell rounds.  (A flat axis has
+    // one cell of size = its extent, so [lo, lo + cell] still holds its points.)
     double out2[3];
     for (int a = 0; a < 3; ++a) {
       const double sliver = 1e-3 * cell[a];
@@ -107,9 +113,16 @@ GPA_HD void grid_search(const GridView& g, int64_t b, float qx, float qy, float 
     }
     if (!open) return;  // the whole grid is visited
     // Float distances carry a relative rounding error of a few 1e-7: keep a
-    // 1e-5 relative margin.
+    // 1e-5 relative margin.  Tiny distances also underflow: a product below
+    // 2^-126 loses its relative precision (and flushes to 0 under FTZ), so a
+    // float distance can sit up to a few 1e-38 below its exact value whatever
+    // its size.  The absolute margin kUnderflowMargin covers that: without it
+    // K neighbours at float distance 0 (a cloud of extent 1e-25, say) would stop
+    // the search while unvisited points also round to 0 and win the tie by a
+    // lower index.  (Beyond these two margins the bound is exact: fl(d) of an
+    // unvisited point >= bound (1 - 4 2^-24) - 4e-38 > worst.)
     if (best.count == best.k && !blocked &&
-        static_cast<double>(best.worst) < bound * (1.0 - 1e-5))
+        static_cast<double>(best.worst) < bound * (1.0 - 1e-5) - kUnderflowMargin)
       return;
   }
 }

@@ -55,7 +55,7 @@ __global__ void forward_kernel(BlendArgs a, float* __restrict__ out) {
     if (row == nullptr) continue;
 #pragma unroll(HT > 0 ? HCap : 1)
     for (int j = 0; j < HCap; ++j) {
-      if (j < H) g[j] += w[k] * max_f(hidden_unit(row, s.w1_dir_t, gamma, H, j), 0.0f);
+      if (j < H) g[j] += w[k] * relu_f(hidden_unit(row, s.w1_dir_t, gamma, H, j));
     }
   }
   project_output(s.w2, s.b2, g, total, H, C, out + qi * C);
@@ -98,8 +98,8 @@ __global__ void backward_kernel(BlendArgs a, const float* __restrict__ grad_out,
     for (int j = 0; j < HCap; ++j) {
       if (j < H) {
         const float h = hidden_unit(row, s.w1_dir_t, gamma, H, j);
-        g[j] += w[k] * max_f(h, 0.0f);
-        d[j] = h > 0.0f ? w[k] * v[j] : 0.0f;
+        g[j] += w[k] * relu_f(h);
+        d[j] = relu_passes(h) ? w[k] * v[j] : 0.0f;
       }
     }
   }

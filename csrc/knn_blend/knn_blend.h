@@ -38,7 +38,7 @@ constexpr int kMaxK = 32;
 GPA_HD void direction(float qx, float qy, float qz, float px, float py, float pz, float r[3]) {
   const float dx = qx - px, dy = qy - py, dz = qz - pz;
   const float norm = sqrtf(sum_of_products3(dx, dx, dy, dy, dz, dz));
-  const float denom = max_f(norm, 1e-12f);
+  const float denom = clamp_min_f(norm, 1e-12f);
   r[0] = dx / denom;
   r[1] = dy / denom;
   r[2] = dz / denom;
@@ -96,9 +96,9 @@ GPA_HD void hidden_preactivation(const float* table_row, const float* w1_dir_t,
   }
 }
 
-// g[j] += weight * relu(h[j])
+// g[j] += weight * relu(h[j])   (relu_f: NaN stays NaN, like torch.relu)
 GPA_HD void accumulate_relu(const float* h, float weight, int H, float* g) {
-  for (int j = 0; j < H; ++j) g[j] += weight * max_f(h[j], 0.0f);
+  for (int j = 0; j < H; ++j) g[j] += weight * relu_f(h[j]);
 }
 
 // out[o] = b2[o] * weight_total + sum_j w2[o * H + j] * g[j]
@@ -122,10 +122,11 @@ GPA_HD void hidden_gradient(const float* w2, const float* grad_out, int H, int C
   }
 }
 
-// delta[j] = weight * v[j] * [h[j] > 0]   (the gradient reaching h_k)
+// delta[j] = weight * v[j] * [h[j] > 0]   (the gradient reaching h_k; like torch's
+// relu backward it also passes where h[j] is NaN)
 GPA_HD void preactivation_gradient(const float* h, const float* v, float weight, int H,
                                    float* delta) {
-  for (int j = 0; j < H; ++j) delta[j] = h[j] > 0.0f ? weight * v[j] : 0.0f;
+  for (int j = 0; j < H; ++j) delta[j] = relu_passes(h[j]) ? weight * v[j] : 0.0f;
 }
 
 // Row of `table` that neighbour i of batch element b reads.

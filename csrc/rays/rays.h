@@ -23,7 +23,9 @@ constexpr float kMinCdfStep = 1e-10f;
 
 // Slab test.  inv = 1/d picks the entry plane by its sign bit (-0 is negative); NaN
 // slab distances (origin on a slab plane, d = 0) impose nothing (fmax / fmin skip NaN);
-// entry <= exit hits (touching counts) unless the exit is at t <= 0.
+// entry <= exit hits (touching counts) unless the exit is at t <= 0, or the entry or
+// the exit is not finite: a zero direction (or one so small that 1/d overflows on every
+// axis) or an infinite box has no finite entry / exit and counts as a miss.
 GPA_HD bool ray_box(const float* o, const float* d, float lo, float hi, float* t0, float* t1) {
   float near = -INFINITY, far = INFINITY;
   for (int axis = 0; axis < 3; ++axis) {
@@ -33,7 +35,7 @@ GPA_HD bool ray_box(const float* o, const float* d, float lo, float hi, float* t
     near = fmaxf(near, negative ? t_hi : t_lo);
     far = fminf(far, negative ? t_lo : t_hi);
   }
-  const bool hit = near <= far && far > 0.f;
+  const bool hit = near <= far && far > 0.f && near > -INFINITY && far < INFINITY;
   *t0 = hit ? near : kMissDepth;
   *t1 = hit ? far : kMissDepth;
   return hit;
@@ -63,6 +65,11 @@ GPA_HD void stratified(float t0, float t1, int64_t S, const float* u, float* out
   }
 }
 
+// torch.maximum / torch.minimum: NaN if either argument is NaN (fmaxf / fminf would
+// drop it; the reference's edges use torch's).
+GPA_HD float maximum(float a, float b) { return a != a || b != b ? a + b : (a > b ? a : b); }
+GPA_HD float minimum(float a, float b) { return a != a || b != b ? a + b : (a < b ? a : b); }
+
 // One ray's n importance depths.  t, w: the ray's S coarse depths and weights; cdf:
 // scratch of S floats; b: the target offset (0.5, or the ray's uniform in training).
 GPA_HD void importance(const float* t, const float* w, int64_t S, int64_t n, float b, float* cdf,
@@ -89,20 +96,25 @@ GPA_HD void importance(const float* t, const float* w, int64_t S, int64_t n, flo
   float s_prev = out[0];
   for (int64_t i = 0; i < n; ++i) {
     const float s = out[i];
-    const float left = i == 0 ? fmaxf(s - mul_rn(out[1] - s, 0.5f), t[0]) : (s + s_prev) * 0.5f;
-    const float right = i == n - 1 ? fminf(s + mul_rn(s - s_prev, 0.5f), t[S - 1])
+    const float left = i == 0 ? maximum(s - mul_rn(out[1] - s, 0.5f), t[0]) : (s + s_prev) * 0.5f;
+    const float right = i == n - 1 ? minimum(s + mul_rn(s - s_prev, 0.5f), t[S - 1])
                                    : (out[i + 1] + s) * 0.5f;
     out[i] = (right + left) * 0.5f;
     s_prev = s;
   }
 }
 
-// Merge of two ascending arrays; order indexes cat(a, b); ties take a first.
+// Whether x sorts strictly before y in torch.sort's order (NaN after every number,
+// NaNs equal to each other).
+GPA_HD bool sorts_before(float x, float y) { return x < y || (y != y && x == x); }
+
+// Merge of two ascending arrays (in torch.sort's order: NaNs last); order indexes
+// cat(a, b); ties take a first.
 GPA_HD void merge(const float* a, int64_t Sa, const float* b, int64_t Sb, float* out,
                   int64_t* order) {
   int64_t i = 0, j = 0;
   for (int64_t k = 0; k < Sa + Sb; ++k) {
-    const bool take_a = j >= Sb || (i < Sa && !(b[j] < a[i]));
+    const bool take_a = j >= Sb || (i < Sa && !sorts_before(b[j], a[i]));
     out[k] = take_a ? a[i] : b[j];
     order[k] = take_a ? i : Sa + j;
     if (take_a) ++i; else ++j;

@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <vector>
 
 #include "ops.h"
@@ -17,6 +18,10 @@ void check_ray_box(const at::Tensor& origins, const at::Tensor& dirs, double lo,
   TORCH_CHECK_VALUE(origins.size(1) == 3, msg("origins must have shape (R, 3), got ", shape_of(origins)));
   TORCH_CHECK_VALUE(dirs.sizes() == origins.sizes(), msg("dirs must have shape ", shape_of(origins),
                     " like origins, got ", shape_of(dirs)));
+  // The kernels compute in float32: the bounds must be finite there (an infinite box
+  // gives no finite entry / exit; every ray would miss).
+  TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(lo)) && std::isfinite(static_cast<float>(hi)),
+                    msg("box_min and box_max must be finite float32 numbers, got ", lo, " and ", hi));
   TORCH_CHECK_VALUE(lo < hi, msg("box_min must be < box_max, got ", lo, " and ", hi));
   check_same_device(origins, "origins", dirs, "dirs");
 }

@@ -4,8 +4,10 @@ the expected shape / dtype / device and what was given."""
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -52,9 +54,16 @@ def check_coordinates(t: torch.Tensor, name: str) -> None:
                          f"got max |x| = {worst.item():g}")
 
 
-def check_int(value, name: str, low: int, high: int | None = None, high_name: str = "") -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+def as_int(value, name: str) -> int:
+    """``value`` as a Python int: any integral number (int, numpy integer), never a bool."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def check_int(value, name: str, low: int, high: int | None = None, high_name: str = "") -> int:
+    """``value`` as a Python int (numpy integers accepted, bools refused), within [low, high]."""
+    value = as_int(value, name)
     if value < low or (high is not None and value > high):
         bound = f"[{low}, {high_name or high}]" if high is not None else f">= {low}"
         raise ValueError(f"{name} must be in {bound}, got {value}")

@@ -52,6 +52,24 @@ def check_composite_inputs(alphas, values, depths) -> None:
             raise ValueError(f"depths must have shape ({R}, {S}), got {tuple(depths.shape)}")
         tensors["depths"] = depths
     v.check_same_device(tensors)
+    check_alphas_range(alphas)
+
+
+def check_alphas_range(alphas) -> None:
+    """alphas in [0, 1], NaN refused (one reduction, one host sync; skipped under torch.compile)."""
+    if alphas.numel() == 0 or not v.checking_values():
+        return
+    a = alphas.detach()
+    lo, hi = torch.aminmax(a)  # NaN if any alpha is NaN (then both comparisons are False)
+    if not bool((lo >= 0) & (hi <= 1)):
+        nan = a.isnan()
+        rest = a[~nan]
+        got = []
+        if rest.numel() and not bool(((rest >= 0) & (rest <= 1)).all()):
+            got.append(f"min {rest.min().item():g}, max {rest.max().item():g}")
+        if bool(nan.any()):
+            got.append(f"{int(nan.sum())} NaN")
+        raise ValueError(f"alphas must lie in [0, 1] (opacities; NaN is not allowed), got {' and '.join(got)}")
 
 
 def composite(alphas: torch.Tensor, values: torch.Tensor, depths: Optional[torch.Tensor] = None, *,
@@ -59,10 +77,17 @@ def composite(alphas: torch.Tensor, values: torch.Tensor, depths: Optional[torch
     """Alpha compositing along rays.
 
     Args:
-        alphas: (R, S) opacities in [0, 1] of samples sorted front to back
-        values: (R, S, C) per-sample features (colors)
+        alphas: (R, S) opacities in [0, 1] of samples sorted front to back.  With ``validate``
+            (the default) alphas outside [0, 1] or NaN raise ``ValueError`` (one host sync);
+            with ``validate=False`` they are the caller's promise, and a NaN alpha gives NaN
+            weights from its sample on and a NaN color, opacity and depth on every backend
+            (like the reference).
+        values: (R, S, C) per-sample features (colors); not checked: a NaN value makes the
+            color channels it touches NaN on every backend, even behind an opaque sample
+            (0 * NaN = NaN, as in the reference)
         depths: optional (R, S) sample depths for the expected depth
         backend: "auto" | "cuda" | "triton" | "cpu" | "torch"
+        validate: check shapes and the alphas' range
     Returns:
         CompositeResult(color (R, C), opacity (R,), weights (R, S), depth (R,) or None);
         float32 on fused backends (float64 stays float64 on ``torch``).

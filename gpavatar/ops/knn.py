@@ -9,12 +9,15 @@
 Backends (see :mod:`gpavatar.ops._backend`): the C++ extension (``cpu``,
 ``cuda``), ``triton`` and the reference (``torch``).  Every backend returns the
 same indices: distances are evaluated as ``(dx*dx + dy*dy) + dz*dz`` in
-float32 without FMA contraction and ties keep the lower index first.
+float32 without FMA contraction and ties keep the lower index first, also for
+degenerate clouds (every point equal, extents down to denormals whose squared
+distances all round to 0, coordinates at the validated limit ``|x| = 1e6``).
 Gradients of ``dist2`` flow to queries and points on every backend.
 """
 
 from __future__ import annotations
 
+import operator
 import os
 from typing import NamedTuple
 
@@ -72,7 +75,7 @@ def knn(queries: torch.Tensor, points: torch.Tensor, K: int, *, backend: str | N
     Args:
         queries: (B, M, 3) float (half / bf16 / float64 computed in float32 on fused backends)
         points: (B, P, 3) float, same device
-        K: 1 <= K <= P (<= 32 on fused backends)
+        K: 1 <= K <= P (<= 32 on fused backends); an int or a numpy integer
         backend: "auto" | "cuda" | "triton" | "cpu" | "torch" (default: $GPAVATAR_BACKEND or auto)
         validate: check shapes and values (values need one host sync and are skipped under torch.compile)
     Returns:
@@ -80,6 +83,7 @@ def knn(queries: torch.Tensor, points: torch.Tensor, K: int, *, backend: str | N
     """
     if validate:
         check_knn_inputs(queries, points, K)
+    K = operator.index(K)  # numpy integers too (validation refused bools and non-integers)
     name = choose_backend(backend, queries.device, K, "knn")
     if name == "torch" or queries.shape[0] == 0 or queries.shape[1] == 0:
         dtype = reference_dtype(queries, name)

@@ -30,10 +30,19 @@ weighted sum), so memory is O(M K + P H).
 Gradients: to ``point_features``, ``w1``, ``b1``, ``w2``, ``b2`` on every
 backend; to ``queries`` and ``points`` only on the ``torch`` backend (fused
 backends raise ``NotImplementedError`` if those require grad).
+
+NaN: ``queries``, ``points`` (finite, ``|x| <= 1e6``) and ``weight_sum`` (finite,
+> 0) are checked when ``validate``; features and weights are not, and a NaN in
+them reaches exactly the outputs it reaches in the reference on every backend
+(``relu(NaN) = NaN``; the ReLU's backward passes the gradient at NaN, as torch's
+does).  One difference in the gradients: the fused backends apply the feature
+half of ``w1`` to every point, so with a NaN there the gradient rows of points
+no query used are NaN, where the reference leaves them 0.
 """
 
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple, Optional
 
 import torch
@@ -117,7 +126,7 @@ def knn_blend(queries: torch.Tensor, points: torch.Tensor, point_features: torch
         point_features: (P, Cf) learned per-point features (shared) or (B, P, Cf)
         w1: (H, Cf + 27), b1: (H,)  first Linear (input: [feature, gamma(direction)])
         w2: (C, H), b2: (C,)        second Linear
-        K: neighbours, 1 <= K <= P (<= 32 on fused backends)
+        K: neighbours, 1 <= K <= P (<= 32 on fused backends); an int or a numpy integer
         normalize: "neighbors" | "queries" (see module docstring)
         eps: added to squared distances before inverting (in [1e-30, 1e30]; a query on a point
             stays finite); ``OFFICIAL_EPS`` (1e-30) reproduces the official 1 / d² for every
@@ -132,6 +141,7 @@ def knn_blend(queries: torch.Tensor, points: torch.Tensor, point_features: torch
     if validate:
         check_knn_blend_inputs(queries, points, point_features, w1, b1, w2, b2, K, normalize, eps, weight_sum)
     H, C = w1.shape[0], w2.shape[0]
+    K = operator.index(K)  # numpy integers too (validation refused bools and non-integers)
     name = choose_backend(backend, queries.device, K, "knn_blend")
     if name == "cuda" and (H > MAX_CUDA_HIDDEN or C > MAX_CUDA_OUT):
         if backend in (None, "auto"):

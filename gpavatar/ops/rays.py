@@ -18,6 +18,7 @@ sampling decisions); they return tensors that do not require grad.
 
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -56,6 +57,13 @@ def _check_depth_range(t0, t1):
     v.check_same_device({"t0": t0, "t1": t1})
 
 
+def _check_ascending(t, name):
+    """Finite, |t| <= 1e6 and ascending along the last axis (two host syncs)."""
+    v.check_coordinates(t, name)
+    if t.shape[1] > 1 and t.numel() and v.checking_values() and not bool((t[:, 1:] >= t[:, :-1]).all()):
+        raise ValueError(f"{name} must be ascending along the last axis (sorted depths)")
+
+
 def _check_generator(generator, device):
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
@@ -72,12 +80,15 @@ def ray_box(origins: torch.Tensor, dirs: torch.Tensor, box_min: float = -1.0, bo
     """Entry / exit depths of rays through the box [box_min, box_max]^3 (slab test, SPEC section 7).
 
     Args:
-        origins, dirs: (R, 3) (dirs need not be normalized; depths are in units of |dir|)
-        box_min, box_max: the cube's bounds, box_min < box_max
+        origins, dirs: (R, 3) (dirs need not be normalized; depths are in units of |dir|);
+            finite, |x| <= 1e6
+        box_min, box_max: the cube's bounds, finite, |x| <= 1e6, box_min < box_max
     Returns:
         t0 (R,), t1 (R,) float32 and hit (R,) bool.  No near plane: t0 < 0 when the origin is
-        inside.  Rays touching the box hit; a ray whose exit is at t <= 0 misses; misses get
-        t0 = t1 = -1.
+        inside.  Rays touching the box hit; a ray whose exit is at t <= 0 misses; a ray
+        without a finite entry and exit in float32 misses too: a zero direction, or one so
+        small that 1 / d overflows on every axis it moves along (e.g. 1e-45), never reaches
+        a face.  Misses get t0 = t1 = -1.
     """
     if validate:
         _check_rays(origins, "origins")
@@ -88,6 +99,9 @@ def ray_box(origins: torch.Tensor, dirs: torch.Tensor, box_min: float = -1.0, bo
         for name, value in (("box_min", box_min), ("box_max", box_max)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+            if not abs(value) <= v.MAX_ABS_COORD:  # NaN and inf compare False
+                raise ValueError(f"{name} must be finite with |{name}| <= {v.MAX_ABS_COORD:g} (like coordinates), "
+                                 f"got {value}")
         if not float(box_min) < float(box_max):
             raise ValueError(f"box_min must be < box_max, got {box_min} and {box_max}")
         v.check_coordinates(origins, "origins")
@@ -120,6 +134,7 @@ def stratified_depths(t0: torch.Tensor, t1: torch.Tensor, S: int, jitter: bool =
         _check_generator(generator, t0.device)
         v.check_coordinates(t0, "t0")
         v.check_coordinates(t1, "t1")
+    S = operator.index(S)  # numpy integers too
     name = _resolve(backend, t0.device, "stratified_depths")
     a, b = _f32(t0), _f32(t1)
     u = torch.rand(a.shape[0], S + 1, generator=generator, device=a.device) if jitter else None
@@ -155,6 +170,7 @@ def importance_depths(depths: torch.Tensor, weights: torch.Tensor, n: int, strat
         v.check_coordinates(depths, "depths")
         if weights.numel() and v.checking_values() and not bool(((weights >= 0) & weights.isfinite()).all()):
             raise ValueError("weights must be finite and >= 0")
+    n = operator.index(n)  # numpy integers too
     name = _resolve(backend, depths.device, "importance_depths")
     t, w = _f32(depths), _f32(weights)
     offset = torch.rand(t.shape[0], generator=generator, device=t.device) if stratified else None
@@ -168,7 +184,8 @@ def merge_samples(depths_a: torch.Tensor, depths_b: torch.Tensor, *, backend: Op
     """Merge two per-ray ascending depth sets into one.
 
     Args:
-        depths_a: (R, Sa), depths_b: (R, Sb), each ascending along the last axis
+        depths_a: (R, Sa), depths_b: (R, Sb), each ascending along the last axis, finite, |t| <= 1e6
+            (checked when ``validate``; unchecked NaNs sort last on every backend, like ``torch.sort``)
     Returns:
         depths (R, Sa + Sb) ascending and order (R, Sa + Sb) int64: indices into
         ``cat([a, b], dim=1)`` (equal depths: a's first).  Gather alphas / values with it
@@ -180,6 +197,8 @@ def merge_samples(depths_a: torch.Tensor, depths_b: torch.Tensor, *, backend: Op
         if depths_b.shape[0] != depths_a.shape[0]:
             raise ValueError(f"depths_b must have shape ({depths_a.shape[0]}, Sb), got {tuple(depths_b.shape)}")
         v.check_same_device({"depths_a": depths_a, "depths_b": depths_b})
+        _check_ascending(depths_a, "depths_a")
+        _check_ascending(depths_b, "depths_b")
     name = _resolve(backend, depths_a.device, "merge_samples")
     a, b = _f32(depths_a), _f32(depths_b)
     if name == "torch" or a.shape[0] == 0:

@@ -158,7 +158,8 @@ def ray_box_reference(origins: torch.Tensor, dirs: torch.Tensor, box_min: float 
 
     inv = 1 / d picks the entry plane by its sign bit (d = -0 counts as negative); NaN slab
     distances (an origin on a slab plane with d = 0) impose no constraint; a ray hits when
-    entry <= exit (touching counts) and exit > 0.  A miss gives t0 = t1 = -1.
+    entry <= exit (touching counts), exit > 0 and both are finite (a zero direction or an
+    infinite box has none).  A miss gives t0 = t1 = -1.
 
     Args:
         origins, dirs: (R, 3)
@@ -176,7 +177,7 @@ def ray_box_reference(origins: torch.Tensor, dirs: torch.Tensor, box_min: float 
     for axis in range(3):  # fmax / fmin skip NaN
         near = torch.fmax(near, enter[:, axis])
         far = torch.fmin(far, leave[:, axis])
-    hit = (near <= far) & (far > 0)
+    hit = (near <= far) & (far > 0) & near.isfinite() & far.isfinite()
     miss = torch.full_like(near, MISS_DEPTH)
     return torch.where(hit, near, miss), torch.where(hit, far, miss), hit
 

@@ -42,6 +42,11 @@ modes:
 
 The CPU kernel is always deterministic (each thread owns a slice of the plane
 gradient and walks the points in order), whatever the thread count.
+
+NaN: ``coords`` are checked (finite, ``|x| <= 1e6``) when ``validate``; the planes
+are not, and a NaN texel reaches every point that reads it as an in-bounds
+corner, even at bilinear weight 0 (``0 * NaN``), exactly like ``grid_sample``,
+on every backend.
 """
 
 from __future__ import annotations

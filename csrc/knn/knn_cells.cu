@@ -1,0 +1,240 @@
+// The cell-list KNN of knn_cells.h on CUDA.  No torch headers: the host code
+// (knn_cuda.cpp) allocates, computes the two bounding boxes and the prefix sums
+// with torch ops on the same stream, and calls the launchers below.  Nothing
+// here synchronises with the host.
+//
+//   build:  geometry (one thread per batch element)
+//           lists (one warp per cell): U_C by a warp-wide K-th smallest of
+//           maxdist^2 over all points, then the points with mindist^2 <= bound
+//           counted (pass "count") or written at the cell's offset in index
+//           order (pass "fill"); the offsets are an exclusive prefix sum of the
+//           counts over the whole batch, and a list that does not fit in the
+//           budget is marked as overflowing.
+//   search: the queries' cells (outside the grid or overflowing: the brute-force
+//           bucket), bucketed by cell with a counting sort, then one thread per
+//           query in bucket order: the threads of a warp share a cell and read
+//           the same candidates (broadcast loads from L1).
+#include <cuda_runtime.h>
+
+#include "knn/knn.h"
+#include "knn/knn_cells.h"
+
+namespace gpavatar {
+namespace knn {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarpsPerBlock = 4;
+constexpr unsigned kFull = 0xffffffffu;
+
+__global__ void geometry_kernel(const float* __restrict__ bounds,  // [B, 12]
+                                float* __restrict__ geom,          // [B, kCellGeomStride]
+                                int64_t B, int G) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= B) return;
+  const float* r = bounds + 12 * b;
+  cell_grid_geometry(r, r + 3, r + 6, r + 9, G, geom + kCellGeomStride * b);
+}
+
+// The K-th smallest of the values the 32 lanes hold in their sorted lists
+// (each lane: `own` ascending values, `n` of them).
+template <int Capacity>
+__device__ float warp_kth_smallest(const float (&own)[Capacity], int n, int K) {
+  const int lane = threadIdx.x & 31;
+  int head = 0;
+  float kth = __int_as_float(0x7f800000);
+  for (int r = 0; r < K; ++r) {
+    float v = head < n ? own[head] : __int_as_float(0x7f800000);
+    int who = lane;
+    for (int off = 16; off > 0; off >>= 1) {
+      const float ov = __shfl_xor_sync(kFull, v, off);
+      const int ow = __shfl_xor_sync(kFull, who, off);
+      if (ov < v || (ov == v && ow < who)) {
+        v = ov;
+        who = ow;
+      }
+    }
+    kth = v;
+    if (who == lane) ++head;
+  }
+  return kth;
+}
+
+// One warp per (cell, batch element).  fill == false: count[cell] = |L_C|;
+// fill == true: write L_C at offset[cell] (when it fits in `budget`).
+template <int Capacity>
+__global__ void lists_kernel(const float* __restrict__ points,  // [B, P, 3]
+                             const float* __restrict__ geom,    // [B, kCellGeomStride]
+                             int* __restrict__ count,           // [B, G^3]
+                             const int64_t* __restrict__ offset,  // [B * G^3 + 1] (fill)
+                             int* __restrict__ cand,            // [budget] (fill)
+                             int64_t budget, int64_t P, int G, int K, bool fill) {
+  const int64_t cells = static_cast<int64_t>(G) * G * G;
+  const int64_t b = blockIdx.y;
+  const int64_t cell = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (cell >= cells) return;  // whole warps leave together
+  const float* g = geom + kCellGeomStride * b;
+  const float* pts = points + b * P * 3;
+  float lo[3], hi[3];
+  cell_box(g, G, static_cast<int>(cell), lo, hi);
+  // U_C: lane-local K smallest maxdist^2 (ascending), then the warp-wide K-th.
+  float own[Capacity];
+  int n = 0;
+  for (int64_t p = lane; p < P; p += 32) {
+    const float d = box_max_dist2(lo, hi, pts[3 * p], pts[3 * p + 1], pts[3 * p + 2]);
+    if (n < K || d < own[n - 1]) {
+      int j = n < K ? n++ : K - 1;
+      while (j > 0 && own[j - 1] > d) {
+        own[j] = own[j - 1];
+        --j;
+      }
+      own[j] = d;
+    }
+  }
+  const float bound = candidate_bound(warp_kth_smallest<Capacity>(own, n, K));
+  const int64_t slot = b * cells + cell;
+  int64_t start = 0, room = 0;
+  if (fill) {
+    start = offset[slot];
+    room = offset[slot + 1] <= budget ? offset[slot + 1] - start : 0;
+  }
+  int64_t written = 0;
+  for (int64_t base = 0; base < P; base += 32) {
+    const int64_t p = base + lane;
+    const bool keep =
+        p < P && box_min_dist2(lo, hi, pts[3 * p], pts[3 * p + 1], pts[3 * p + 2]) <= bound;
+    const unsigned mask = __ballot_sync(kFull, keep);
+    if (fill && keep) {
+      const int64_t at = written + __popc(mask & ((1u << lane) - 1u));
+      if (at < room) cand[start + at] = static_cast<int>(p);
+    }
+    written += __popc(mask);
+  }
+  if (!fill && lane == 0) count[slot] = static_cast<int>(written < 0x7fffffff ? written : 0x7fffffff);
+}
+
+// The bucket of every query (its cell, or G^3 for brute force) and the bucket sizes.
+__global__ void bucket_count_kernel(const float* __restrict__ queries,  // [B, M, 3]
+                                    const float* __restrict__ geom,
+                                    const int64_t* __restrict__ offset,  // [B * G^3 + 1]
+                                    int* __restrict__ bucket_of,          // [B, M]
+                                    int* __restrict__ bucket_count,       // [B, G^3 + 1]
+                                    int64_t budget, int64_t B, int64_t M, int G) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= B * M) return;
+  const int64_t b = i / M;
+  const int64_t cells = static_cast<int64_t>(G) * G * G;
+  int c = query_cell(geom + kCellGeomStride * b, G, queries[3 * i], queries[3 * i + 1],
+                     queries[3 * i + 2]);
+  if (c >= 0 && offset[b * cells + c + 1] > budget) c = -1;  // the list overflowed
+  const int bucket = c < 0 ? static_cast<int>(cells) : c;
+  bucket_of[i] = bucket;
+  atomicAdd(bucket_count + b * (cells + 1) + bucket, 1);
+}
+
+__global__ void bucket_scatter_kernel(const int* __restrict__ bucket_of,
+                                      const int64_t* __restrict__ bucket_start,  // [B * (G^3 + 1)]
+                                      int* __restrict__ bucket_fill, int* __restrict__ order,
+                                      int64_t B, int64_t M, int G) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= B * M) return;
+  const int64_t cells = static_cast<int64_t>(G) * G * G;
+  const int64_t slot = (i / M) * (cells + 1) + bucket_of[i];
+  order[bucket_start[slot] + atomicAdd(bucket_fill + slot, 1)] = static_cast<int>(i);
+}
+
+template <int Capacity>
+__global__ void search_kernel(const float* __restrict__ queries, const float* __restrict__ points,
+                              const int* __restrict__ order, const int* __restrict__ bucket_of,
+                              const int64_t* __restrict__ offset, const int* __restrict__ cand,
+                              float* __restrict__ dist2, int64_t* __restrict__ idx, int64_t B,
+                              int64_t M, int64_t P, int G, int K) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= B * M) return;
+  const int64_t qi = order[t];
+  const int64_t b = qi / M;
+  const int64_t cells = static_cast<int64_t>(G) * G * G;
+  const float qx = queries[3 * qi], qy = queries[3 * qi + 1], qz = queries[3 * qi + 2];
+  const float* pts = points + b * P * 3;
+  TopK<int, Capacity> best(K);
+  const int bucket = bucket_of[qi];
+  if (bucket == cells) {
+    scan_all(pts, P, qx, qy, qz, best);
+  } else {
+    const int64_t slot = b * cells + bucket;
+    for (int64_t s = offset[slot]; s < offset[slot + 1]; ++s) {
+      const int p = __ldg(cand + s);
+      const float d = squared_distance(qx, qy, qz, __ldg(pts + 3 * p), __ldg(pts + 3 * p + 1),
+                                       __ldg(pts + 3 * p + 2));
+      if (best.accepts(d)) best.push(d, p);
+    }
+  }
+  for (int j = 0; j < K; ++j) {
+    dist2[qi * K + j] = best.dist[j];
+    idx[qi * K + j] = best.idx[j];
+  }
+}
+
+inline unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
+
+}  // namespace
+
+int launch_cell_lists_cuda(const CellKnnCuda& a, bool fill, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (a.B == 0) return 0;
+  if (!fill) {
+    geometry_kernel<<<blocks_for(a.B), kThreads, 0, s>>>(a.bounds, a.geom, a.B, a.G);
+  }
+  const int64_t cells = static_cast<int64_t>(a.G) * a.G * a.G;
+  const dim3 grid(static_cast<unsigned>((cells + kWarpsPerBlock - 1) / kWarpsPerBlock),
+                  static_cast<unsigned>(a.B));
+  const int threads = 32 * kWarpsPerBlock;
+  if (a.K <= 8) {
+    lists_kernel<8><<<grid, threads, 0, s>>>(a.points, a.geom, a.count, a.offset, a.cand, a.budget,
+                                             a.P, a.G, a.K, fill);
+  } else if (a.K <= 16) {
+    lists_kernel<16><<<grid, threads, 0, s>>>(a.points, a.geom, a.count, a.offset, a.cand, a.budget,
+                                              a.P, a.G, a.K, fill);
+  } else {
+    lists_kernel<kMaxK><<<grid, threads, 0, s>>>(a.points, a.geom, a.count, a.offset, a.cand,
+                                                 a.budget, a.P, a.G, a.K, fill);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+int launch_cell_bucket_cuda(const CellKnnCuda& a, bool scatter, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (a.B == 0 || a.M == 0) return 0;
+  const unsigned blocks = blocks_for(a.B * a.M);
+  if (!scatter) {
+    bucket_count_kernel<<<blocks, kThreads, 0, s>>>(a.queries, a.geom, a.offset, a.query_cell,
+                                                    a.bucket_count, a.budget, a.B, a.M, a.G);
+  } else {
+    bucket_scatter_kernel<<<blocks, kThreads, 0, s>>>(a.query_cell, a.bucket_start, a.bucket_fill,
+                                                      a.order, a.B, a.M, a.G);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+int launch_cell_search_cuda(const CellKnnCuda& a, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (a.B == 0 || a.M == 0) return 0;
+  const unsigned blocks = blocks_for(a.B * a.M);
+  if (a.K <= 8) {
+    search_kernel<8><<<blocks, kThreads, 0, s>>>(a.queries, a.points, a.order, a.query_cell, a.offset,
+                                                 a.cand, a.dist2, a.idx, a.B, a.M, a.P, a.G, a.K);
+  } else if (a.K <= 16) {
+    search_kernel<16><<<blocks, kThreads, 0, s>>>(a.queries, a.points, a.order, a.query_cell,
+                                                  a.offset, a.cand, a.dist2, a.idx, a.B, a.M, a.P,
+                                                  a.G, a.K);
+  } else {
+    search_kernel<kMaxK><<<blocks, kThreads, 0, s>>>(a.queries, a.points, a.order, a.query_cell,
+                                                     a.offset, a.cand, a.dist2, a.idx, a.B, a.M,
+                                                     a.P, a.G, a.K);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+}  // namespace knn
+}  // namespace gpavatar

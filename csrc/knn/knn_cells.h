@@ -1,0 +1,174 @@
+// Exact K-nearest search with per-cell candidate lists, for the regime of the
+// PEF: P ~ 1e3-1e4 points, M ~ 1e5-1e6 queries in a bounded box, K <= 32.
+// Shared by the CPU loop (knn_cpu.cpp) and the CUDA kernels (knn.cu); no torch
+// types.
+//
+// Per batch element, a uniform grid of G^3 cells covers the points' bounding
+// box joined with the queries' bounding box (the latter clipped to one
+// point-cloud extent around the points, so a few far queries do not stretch
+// the cells).  For every cell C (its box expanded by a sliver, see below):
+//
+//   U_C = the K-th smallest, over all points p, of maxdist^2(p, C)
+//   L_C = { p : mindist^2(p, C) <= U_C }            (in increasing index order)
+//
+// Why L_C holds the K nearest points of every query x inside C: the K points
+// that define U_C are each within maxdist(p, C) <= sqrt(U_C) of x, so the K-th
+// nearest distance d_K(x) <= sqrt(U_C); a point among the K nearest of x (ties
+// included) has |x - p| <= d_K(x), and mindist(p, C) <= |x - p|, so it passes
+// the test.  Scanning L_C with the distance arithmetic and the tie rule of
+// knn.h therefore returns exactly what the brute-force scan returns.
+//
+// Rounding.  Distances are float: each of mindist^2, maxdist^2 and the query
+// distance carries a relative error below 1e-6, so the test uses
+// U_C * (1 + 1e-5) + 1e-36 (the absolute term covers underflow to denormals).
+// A query is binned by rounding (v - lo) * inv_cell; its cell's box is
+// expanded by a sliver (1e-3 of a cell plus 1e-6 of the coordinates'
+// magnitude) that exceeds any binning or corner rounding, so the query lies
+// inside the box the list was built for.  Queries outside the grid (beyond the
+// sliver), and queries of a cell whose list overflows the storage, take the
+// brute-force scan: still exact, just slower.
+#pragma once
+
+#include "knn/knn.h"
+
+namespace gpavatar {
+namespace knn {
+
+// Per batch element: lo[3], cell size[3], 1 / cell size[3], sliver[3]
+// (cell size, inverse and sliver are 0 on a degenerate axis).
+constexpr int kCellGeomStride = 12;
+
+GPA_HD float min_f(float a, float b) { return a < b ? a : b; }
+
+// The grid of one batch element from the points' box (plo, phi) and the
+// queries' box (qlo, qhi); writes kCellGeomStride floats to geom.
+GPA_HD void cell_grid_geometry(const float plo[3], const float phi[3], const float qlo[3],
+                               const float qhi[3], int G, float* geom) {
+  double reach = 0.0;
+  for (int a = 0; a < 3; ++a) {
+    const double e = static_cast<double>(phi[a]) - static_cast<double>(plo[a]);
+    if (e > reach) reach = e;
+  }
+  for (int a = 0; a < 3; ++a) {
+    double lo = plo[a], hi = phi[a];
+    // Queries within one extent of the points' box share the grid.
+    const double ql = qlo[a] > lo - reach ? static_cast<double>(qlo[a]) : lo - reach;
+    const double qh = qhi[a] < hi + reach ? static_cast<double>(qhi[a]) : hi + reach;
+    if (ql < lo) lo = ql;
+    if (qh > hi) hi = qh;
+    const double extent = hi - lo;
+    const double cell = extent / G;
+    // A degenerate axis (no extent, denormal cells, or non-finite input):
+    // one flat layer; only queries exactly at lo are inside.
+    const bool flat = !(cell >= 1e-30) || !(extent <= 1e30);
+    const float lo_f = flat ? (plo[a] == plo[a] ? plo[a] : 0.0f) : static_cast<float>(lo);
+    const double lo_abs = lo < 0 ? -lo : lo, hi_abs = hi < 0 ? -hi : hi;
+    geom[a] = lo_f;
+    geom[3 + a] = flat ? 0.0f : static_cast<float>(cell);
+    geom[6 + a] = flat ? 0.0f : static_cast<float>(G / extent);
+    geom[9 + a] = flat ? 0.0f : static_cast<float>(1e-3 * cell + 1e-6 * (lo_abs + hi_abs));
+  }
+}
+
+// Cell (0 .. G^3 - 1) of a query, or -1 when it lies outside the grid.
+GPA_HD int query_cell(const float* geom, int G, float x, float y, float z) {
+  const float v[3] = {x, y, z};
+  int c[3];
+  for (int a = 0; a < 3; ++a) {
+    const float lo = geom[a], cell = geom[3 + a], inv = geom[6 + a], sliver = geom[9 + a];
+    const float hi = lo + static_cast<float>(G) * cell;
+    if (!(v[a] >= lo - sliver && v[a] <= hi + sliver)) return -1;  // NaN: outside
+    const float t = (v[a] - lo) * inv;
+    const int top = G - 1;
+    c[a] = t > 0.0f ? (t < static_cast<float>(top) ? static_cast<int>(t) : top) : 0;
+  }
+  return (c[2] * G + c[1]) * G + c[0];
+}
+
+// The box of a cell, expanded by the sliver.
+GPA_HD void cell_box(const float* geom, int G, int cell, float lo[3], float hi[3]) {
+  const int c[3] = {cell % G, (cell / G) % G, cell / (G * G)};
+  for (int a = 0; a < 3; ++a) {
+    const double base = geom[a], size = geom[3 + a], sliver = geom[9 + a];
+    lo[a] = static_cast<float>(base + c[a] * size - sliver);
+    hi[a] = static_cast<float>(base + (c[a] + 1) * size + sliver);
+  }
+}
+
+// Squared distance from p to the nearest / farthest location of a box.
+GPA_HD float box_min_dist2(const float lo[3], const float hi[3], float x, float y, float z) {
+  const float dx = max_f(max_f(lo[0] - x, x - hi[0]), 0.0f);
+  const float dy = max_f(max_f(lo[1] - y, y - hi[1]), 0.0f);
+  const float dz = max_f(max_f(lo[2] - z, z - hi[2]), 0.0f);
+  return sum_of_products3(dx, dx, dy, dy, dz, dz);
+}
+
+GPA_HD float box_max_dist2(const float lo[3], const float hi[3], float x, float y, float z) {
+  const float dx = max_f(x - lo[0], hi[0] - x);
+  const float dy = max_f(y - lo[1], hi[1] - y);
+  const float dz = max_f(z - lo[2], hi[2] - z);
+  return sum_of_products3(dx, dx, dy, dy, dz, dz);
+}
+
+// The admission bound of a cell's list from U_C (see the header comment).
+GPA_HD float candidate_bound(float kth_max_dist2) { return kth_max_dist2 * (1.0f + 1e-5f) + 1e-36f; }
+
+// Offers a list of candidates, in increasing index order, to `best`.
+template <typename List>
+GPA_HD void scan_candidates(const float* x, const float* y, const float* z, const int* index,
+                            int64_t n, float qx, float qy, float qz, List& best) {
+  for (int64_t s = 0; s < n; ++s) {
+    const float d = squared_distance(qx, qy, qz, x[s], y[s], z[s]);
+    if (best.accepts(d)) best.push(d, index[s]);
+  }
+}
+
+// Brute force over points (P, 3) in index order (queries outside the grid, overflow).
+template <typename List>
+GPA_HD void scan_all(const float* points, int64_t P, float qx, float qy, float qz, List& best) {
+  for (int64_t p = 0; p < P; ++p) {
+    const float d = squared_distance(qx, qy, qz, points[3 * p], points[3 * p + 1], points[3 * p + 2]);
+    if (best.accepts(d)) best.push(d, p);
+  }
+}
+
+#if defined(WITH_CUDA)
+// Cells per axis of the CUDA path, and its list budget in entries per cell
+// (lists are stored back to back; one that ends past B * G^3 * budget overflows
+// and its queries take the brute-force scan).
+constexpr int kCudaCells = 16;
+constexpr int64_t kCudaBudgetPerCell = 768;
+
+// Device pointers of one call; B batch elements, M queries and P points each.
+struct CellKnnCuda {
+  const float* queries;    // [B, M, 3]
+  const float* points;     // [B, P, 3]
+  float* dist2;            // [B, M, K]
+  int64_t* idx;            // [B, M, K]
+  const float* bounds;     // [B, 12]: points min xyz, max xyz, queries min xyz, max xyz
+  float* geom;             // [B, kCellGeomStride]
+  int* count;              // [B * G^3] list lengths
+  const int64_t* offset;   // [B * G^3 + 1] exclusive prefix sums of count
+  int* cand;               // [budget] candidate indices, cell after cell, index order within
+  int64_t budget;
+  int* query_cell;         // [B * M] cell of each query, G^3 for the brute-force bucket
+  int* bucket_count;       // [B * (G^3 + 1)] zeroed by the caller
+  const int64_t* bucket_start;  // [B * (G^3 + 1)] exclusive prefix sums of bucket_count
+  int* bucket_fill;        // [B * (G^3 + 1)] zeroed by the caller
+  int* order;              // [B * M] query indices b * M + m grouped by bucket
+  int64_t B, M, P;
+  int K, G;
+};
+
+// The launch sequence, all on `stream` with no host synchronisation (the
+// caller computes bounds and the prefix sums with device tensor ops between):
+//   lists(fill = false) -> offset -> lists(fill = true) -> bucket(scatter = false)
+//   -> bucket_start -> bucket(scatter = true) -> search.
+// Each returns a CUDA error code (0 on success).
+int launch_cell_lists_cuda(const CellKnnCuda& a, bool fill, void* stream);
+int launch_cell_bucket_cuda(const CellKnnCuda& a, bool scatter, void* stream);
+int launch_cell_search_cuda(const CellKnnCuda& a, void* stream);
+#endif
+
+}  // namespace knn
+}  // namespace gpavatar

@@ -1,0 +1,271 @@
+// The cell-list KNN of knn_cells.h on the CPU (host only; included by
+// knn_cpu.cpp).  Same lists and arithmetic as the CUDA kernels, plus two
+// CPU-only shortcuts that change no result:
+//
+// * Hierarchical build.  A cell's list is a subset of its parent cell's list
+//   (a child's U is <= its parent's, its mindist^2 >= the parent's), so level
+//   g = G, G/2, ... builds each cell from its parent's list instead of all P
+//   points; the coarsest level starts from every point.
+// * Banded lists and a seed bound.  Each finest list is split into kBands bands
+//   by the distance key = |c - p| from the cell centre c (index order kept
+//   within a band, so candidates are offered out of index order and the tie
+//   rule is applied explicitly: offer_unordered), and the K points nearest to c are kept as seeds.  A query x
+//   first computes limit = max over the seeds of |x - seed|^2 (K points lie
+//   that close, so d_K(x)^2 <= limit), admits only candidates with d <= limit,
+//   and stops before band j once (lo_j - |x - c|)^2 exceeds the current bound:
+//   every later candidate p has |x - p| >= |c - p| - |x - c| >= lo_j - |x - c|.
+//   Both margins (1e-5 relative, 1e-36 absolute) are those of the lists.
+//
+// Lists are exact-size (the host knows every count).  `cap` (tests) makes a
+// longer list overflow: its queries, and queries outside the grid, are returned
+// to the caller for the fallback search.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "knn/knn.h"
+#include "knn/knn_cells.h"
+
+namespace gpavatar {
+namespace knn {
+namespace cells_cpu {
+
+constexpr int kBlock = 32;
+constexpr int kBands = 16;
+
+// From a parent list (indices into the point arrays), the child's list for the
+// box [lo, hi], in the parent's order.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+inline void refine(const float* px, const float* py, const float* pz, const int* parent, int64_t n, int K,
+                   const float lo[3], const float hi[3], std::vector<int>& out) {
+  float block[kBlock];
+  TopK<int, kMaxK> best(K);
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int nb = static_cast<int>(std::min<int64_t>(kBlock, n - start));
+    const float worst = best.count < best.k ? __builtin_huge_valf() : best.worst;
+    int any = 0;
+    for (int t = 0; t < nb; ++t) {
+      const int i = parent[start + t];
+      block[t] = box_max_dist2(lo, hi, px[i], py[i], pz[i]);
+      any |= block[t] < worst;
+    }
+    if (!any) continue;
+    for (int t = 0; t < nb; ++t) best.offer(block[t], parent[start + t]);
+  }
+  const float bound = candidate_bound(best.dist[K - 1]);
+  for (int64_t start = 0; start < n; start += kBlock) {
+    const int nb = static_cast<int>(std::min<int64_t>(kBlock, n - start));
+    int any = 0;
+    for (int t = 0; t < nb; ++t) {
+      const int i = parent[start + t];
+      block[t] = box_min_dist2(lo, hi, px[i], py[i], pz[i]);
+      any |= block[t] <= bound;
+    }
+    if (!any) continue;
+    for (int t = 0; t < nb; ++t)
+      if (block[t] <= bound) out.push_back(parent[start + t]);
+  }
+}
+
+// Offers the candidates with d <= limit (in list order) to best.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+inline void scan_band(const float* x, const float* y, const float* z, const int* id, int64_t len, float qx,
+                      float qy, float qz, float limit, TopK<int64_t, kMaxK>& best) {
+  float block[kBlock];
+  for (int64_t start = 0; start < len; start += kBlock) {
+    const int nb = static_cast<int>(std::min<int64_t>(kBlock, len - start));
+    const float worst = best.count < best.k ? limit : (best.worst < limit ? best.worst : limit);
+    int any = 0;
+    for (int t = 0; t < nb; ++t) {
+      block[t] = squared_distance(qx, qy, qz, x[start + t], y[start + t], z[start + t]);
+      any |= block[t] <= worst;
+    }
+    if (!any) continue;
+    // Bands break the index order: an equal distance with a lower index must still
+    // displace the held K-th entry (offer_unordered).
+    for (int t = 0; t < nb; ++t)
+      if (block[t] <= limit) best.offer_unordered(block[t], id[start + t]);
+  }
+}
+
+// Lists of one batch element.
+struct Lists {
+  float geom[kCellGeomStride];
+  int G = 0;
+  std::vector<int64_t> band_start;  // [cells * (kBands + 1)]
+  std::vector<float> band_lo;       // [cells * kBands] lower bound of |c - p| in the band
+  std::vector<float> centre;        // [cells * 3]
+  std::vector<float> seeds;         // [cells * K * 3]
+  std::vector<float> x, y, z;       // candidates, cell after cell, band after band
+  std::vector<int> index;
+  std::vector<char> overflow;       // [cells]
+};
+
+// px, py, pz: the points (P each); queries (M, 3) only set the grid's box.
+inline void build(Lists& L, const float* px, const float* py, const float* pz, int64_t P,
+                  const float* queries, int64_t M, int K, int G, int64_t cap) {
+  float plo[3], phi[3], qlo[3], qhi[3];
+  const float* axes[3] = {px, py, pz};
+  for (int a = 0; a < 3; ++a) {
+    plo[a] = *std::min_element(axes[a], axes[a] + P);
+    phi[a] = *std::max_element(axes[a], axes[a] + P);
+    qlo[a] = __builtin_huge_valf();
+    qhi[a] = -__builtin_huge_valf();
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    for (int a = 0; a < 3; ++a) {
+      const float v = queries[3 * m + a];
+      qlo[a] = v < qlo[a] ? v : qlo[a];  // NaN queries change nothing
+      qhi[a] = v > qhi[a] ? v : qhi[a];
+    }
+  }
+  cell_grid_geometry(plo, phi, qlo, qhi, G, L.geom);
+  L.G = G;
+
+  // Levels coarse to fine: G, G/2, ... while even and > 4; the coarsest from all points.
+  std::vector<int> levels;
+  for (int g = G;; g /= 2) {
+    levels.insert(levels.begin(), g);
+    if (g % 2 || g <= 4) break;
+  }
+  std::vector<std::vector<int>> lists(1, std::vector<int>(P));
+  for (int64_t i = 0; i < P; ++i) lists[0][i] = static_cast<int>(i);
+  int prev = 1;
+  for (const int g : levels) {
+    const int64_t cells = static_cast<int64_t>(g) * g * g;
+    std::vector<std::vector<int>> next(cells);
+    const int f = G / g, r = g / prev;
+    at::parallel_for(0, cells, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        const int ci = static_cast<int>(c % g), cj = static_cast<int>((c / g) % g), ck = static_cast<int>(c / (g * g));
+        const int parent = prev == 1 ? 0 : ((ck / r) * prev + cj / r) * prev + ci / r;
+        // The union of the fine cells this cell covers.
+        float lo[3], hi[3], lo2[3], hi2[3];
+        cell_box(L.geom, G, ((ck * f) * G + cj * f) * G + ci * f, lo, hi);
+        cell_box(L.geom, G, (((ck + 1) * f - 1) * G + (cj + 1) * f - 1) * G + (ci + 1) * f - 1, lo2, hi2);
+        const float box_hi[3] = {hi2[0], hi2[1], hi2[2]};
+        const std::vector<int>& from = lists[parent];
+        refine(px, py, pz, from.data(), static_cast<int64_t>(from.size()), K, lo, box_hi, next[c]);
+      }
+    });
+    lists.swap(next);
+    prev = g;
+  }
+
+  const int64_t cells = static_cast<int64_t>(G) * G * G;
+  std::vector<int64_t> offset(cells + 1, 0);
+  L.overflow.assign(cells, 0);
+  for (int64_t c = 0; c < cells; ++c) {
+    const int64_t n = static_cast<int64_t>(lists[c].size());
+    L.overflow[c] = n > cap;
+    offset[c + 1] = offset[c] + (n > cap ? 0 : n);
+  }
+  const int64_t total = offset[cells];
+  L.x.resize(total);
+  L.y.resize(total);
+  L.z.resize(total);
+  L.index.resize(total);
+  L.band_start.resize(cells * (kBands + 1));
+  L.band_lo.resize(cells * kBands);
+  L.centre.resize(cells * 3);
+  L.seeds.resize(cells * K * 3);
+  at::parallel_for(0, cells, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> key;
+    std::vector<int> band;
+    for (int64_t c = begin; c < end; ++c) {
+      float lo[3], hi[3];
+      cell_box(L.geom, G, static_cast<int>(c), lo, hi);
+      float* centre = L.centre.data() + 3 * c;
+      for (int a = 0; a < 3; ++a) centre[a] = 0.5f * (lo[a] + hi[a]);
+      const std::vector<int>& list = lists[c];
+      const int64_t n = L.overflow[c] ? 0 : static_cast<int64_t>(list.size());
+      key.resize(n);
+      band.resize(n);
+      float kmin = __builtin_huge_valf(), kmax = 0.0f;
+      TopK<int, kMaxK> nearest(K);
+      for (int64_t t = 0; t < n; ++t) {
+        const int i = list[t];
+        const float d2 = squared_distance(centre[0], centre[1], centre[2], px[i], py[i], pz[i]);
+        nearest.offer(d2, i);
+        key[t] = std::sqrt(d2);
+        kmin = key[t] < kmin ? key[t] : kmin;
+        kmax = key[t] > kmax ? key[t] : kmax;
+      }
+      if (n == 0) kmin = 0.0f;
+      // Seeds: the K points nearest to the centre (a list holds at least K points).
+      float* seeds = L.seeds.data() + c * K * 3;
+      for (int j = 0; j < K; ++j) {
+        const int i = j < nearest.count ? nearest.idx[j] : 0;
+        seeds[3 * j] = px[i];
+        seeds[3 * j + 1] = py[i];
+        seeds[3 * j + 2] = pz[i];
+      }
+      const float width = (kmax - kmin) / kBands;
+      int64_t counts[kBands] = {0};
+      for (int64_t t = 0; t < n; ++t) {
+        int j = width > 0.0f ? static_cast<int>((key[t] - kmin) / width) : 0;
+        j = j < 0 ? 0 : (j >= kBands ? kBands - 1 : j);
+        band[t] = j;
+        ++counts[j];
+      }
+      int64_t* starts = L.band_start.data() + c * (kBands + 1);
+      float* lows = L.band_lo.data() + c * kBands;
+      starts[0] = offset[c];
+      for (int j = 0; j < kBands; ++j) {
+        starts[j + 1] = starts[j] + counts[j];
+        // Keys are float square roots (relative error < 1e-6): a 1e-5 lower margin.
+        lows[j] = (kmin + static_cast<float>(j) * width) * (1.0f - 1e-5f);
+      }
+      int64_t cursor[kBands];
+      for (int j = 0; j < kBands; ++j) cursor[j] = starts[j];
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t at = cursor[band[t]]++;
+        const int i = list[t];
+        L.x[at] = px[i];
+        L.y[at] = py[i];
+        L.z[at] = pz[i];
+        L.index[at] = i;
+      }
+    }
+  });
+}
+
+// The K nearest points of query (qx, qy, qz) from its cell's list; false when
+// the query is outside the grid or its list overflowed (the caller falls back).
+inline bool search(const Lists& L, int K, float qx, float qy, float qz, TopK<int64_t, kMaxK>& best) {
+  const int cell = query_cell(L.geom, L.G, qx, qy, qz);
+  if (cell < 0 || L.overflow[cell]) return false;
+  const float* centre = L.centre.data() + 3 * cell;
+  const float* seeds = L.seeds.data() + static_cast<int64_t>(cell) * K * 3;
+  float limit = 0.0f;
+  for (int j = 0; j < K; ++j) {
+    const float d = squared_distance(qx, qy, qz, seeds[3 * j], seeds[3 * j + 1], seeds[3 * j + 2]);
+    limit = d > limit ? d : limit;
+  }
+  const float reach = std::sqrt(squared_distance(qx, qy, qz, centre[0], centre[1], centre[2])) * (1.0f + 1e-5f);
+  const int64_t* starts = L.band_start.data() + static_cast<int64_t>(cell) * (kBands + 1);
+  const float* lows = L.band_lo.data() + static_cast<int64_t>(cell) * kBands;
+  for (int j = 0; j < kBands; ++j) {
+    const float bound = best.count == best.k && best.worst < limit ? best.worst : limit;
+    const float gap = lows[j] - reach;
+    if (gap > 0.0f && gap * gap > candidate_bound(bound)) break;
+    const int64_t at = starts[j], n = starts[j + 1] - at;
+    if (n > 0)
+      scan_band(L.x.data() + at, L.y.data() + at, L.z.data() + at, L.index.data() + at, n, qx, qy, qz, limit,
+                best);
+  }
+  return true;
+}
+
+}  // namespace cells_cpu
+}  // namespace knn
+}  // namespace gpavatar
