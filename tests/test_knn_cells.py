@@ -1,0 +1,158 @@
+"""knn's per-cell candidate lists (csrc/knn/knn_cells.h): bit-exact against the reference on
+every cloud the other methods are tested on, at every grid size, with overflowing lists,
+queries outside the grid and exact distance ties between points at different places.
+
+``GPAVATAR_KNN=cells`` forces the lists (auto uses them from 8192 queries per batch element),
+``GPAVATAR_KNN_CELLS`` sets the cells per axis, ``GPAVATAR_KNN_CELL_CAP`` (CPU) and
+``GPAVATAR_KNN_CELL_BUDGET`` (CUDA) make lists overflow so their queries take the fallback.
+"""
+
+import os
+from contextlib import contextmanager
+
+import pytest
+import torch
+from conftest import BACKEND_CASES
+from hypothesis import given
+from hypothesis import strategies as st
+
+import gpavatar.ops as ops
+from gpavatar.ops.reference import knn_reference
+
+# The C++ backends (the Triton kernel is a brute-force scan without cells).
+CASES = [c for c in BACKEND_CASES if c.values[1] in ("cpu", "cuda")]
+if not CASES:
+    pytest.skip("the C++ extension is not built", allow_module_level=True)
+
+
+@contextmanager
+def environment(**values):
+    """Set environment variables for the block (hypothesis examples share one test call)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: str(v) for k, v in values.items()})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def lattice(B, P, g, step=0.125):
+    """Points on a lattice: many points at exactly equal distances from lattice queries."""
+    return (torch.randint(-6, 7, (B, P, 3), generator=g) * step).float()
+
+
+def cloud(kind, B, P, g):
+    if kind == "lattice":
+        return lattice(B, P, g)
+    if kind == "sphere":
+        v = torch.randn(B, P, 3, generator=g)
+        return 0.7 * v / v.norm(dim=-1, keepdim=True)
+    if kind == "uniform":
+        return torch.rand(B, P, 3, generator=g) * 1.6 - 0.8
+    if kind == "plane":
+        pts = torch.rand(B, P, 3, generator=g) - 0.5
+        pts[..., 1] = 0.25
+        return pts
+    if kind == "identical":
+        return torch.full((B, P, 3), -0.3)
+    if kind == "tiny":
+        return torch.rand(B, P, 3, generator=g) * 1e-30
+    if kind == "offset":
+        return 1e5 + torch.rand(B, P, 3, generator=g)
+    raise ValueError(kind)
+
+
+def queries_for(pts, M, g, far=4):
+    """Queries around and inside the cloud, on points, on lattice sites, and a few far away."""
+    B, P, _ = pts.shape
+    lo, hi = pts.amin(dim=(0, 1)), pts.amax(dim=(0, 1))
+    span = (hi - lo).clamp_min(1e-30)
+    q = lo + (torch.rand(B, M, 3, generator=g) * 1.6 - 0.3) * span
+    n = M // 4
+    q[:, :n] = pts[:, torch.randint(0, P, (n,), generator=g)]
+    q[:, n:2 * n] = (torch.randint(-8, 9, (B, n, 3), generator=g) * 0.0625).float()  # lattice/half sites
+    q[:, 2 * n:2 * n + far] = lo + 30.0 * span * torch.randn(B, far, 3, generator=g)
+    return q.clamp(-1e6, 1e6)
+
+
+def check(device, backend, pts, q, K):
+    dist, idx = ops.knn(q.to(device), pts.to(device), K, backend=backend)
+    ref_dist, ref_idx = knn_reference(q, pts, K)
+    assert torch.equal(idx.cpu(), ref_idx)
+    assert torch.equal(dist.cpu(), ref_dist)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@given(kind=st.sampled_from(["lattice", "sphere", "uniform", "plane", "identical", "tiny", "offset"]),
+       B=st.integers(1, 2), P=st.integers(1, 700), K=st.integers(1, 32), G=st.sampled_from([1, 2, 3, 5, 8, 16]),
+       seed=st.integers(0, 2**16))
+def test_cells_match_the_reference(device, backend, kind, B, P, K, G, seed):
+    g = torch.Generator().manual_seed(seed)
+    pts = cloud(kind, B, P, g)
+    with environment(GPAVATAR_KNN="cells", GPAVATAR_KNN_CELLS=G):
+        check(device, backend, pts, queries_for(pts, 96, g), min(K, P))
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("G", [4, 8, 12])
+def test_lattice_ties_across_bands(device, backend, G, monkeypatch):
+    """Equal distances from points in different places: the CPU lists are ordered by distance
+    band, not by index, and must still keep the lower index first."""
+    monkeypatch.setenv("GPAVATAR_KNN", "cells")
+    monkeypatch.setenv("GPAVATAR_KNN_CELLS", str(G))
+    g = torch.Generator().manual_seed(G)
+    pts = lattice(1, 3000, g, step=0.0625)
+    q = (torch.randint(-12, 13, (1, 4000, 3), generator=g) * 0.03125).float()
+    for K in (1, 8, 27):
+        check(device, backend, pts, q, K)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("cap", ["0", "1", "40", "200"])
+def test_overflowing_lists_fall_back_exactly(device, backend, cap, monkeypatch):
+    """Lists longer than the cap (CPU) / beyond the budget (CUDA): their queries take the
+    grid or brute-force fallback, with the same answer."""
+    monkeypatch.setenv("GPAVATAR_KNN", "cells")
+    monkeypatch.setenv("GPAVATAR_KNN_CELL_CAP", cap)
+    monkeypatch.setenv("GPAVATAR_KNN_CELL_BUDGET", cap)
+    g = torch.Generator().manual_seed(int(cap))
+    pts = cloud("sphere", 2, 1200, g)
+    for M in (300, 600):  # fewer and more fallback queries than the grid threshold
+        check(device, backend, pts, queries_for(pts, M, g), 8)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_auto_uses_cells_on_render_like_samples(device, backend, monkeypatch):
+    """Auto picks the lists from 8192 queries on: samples along rays through a box around a
+    head-like surface (most in empty space), some far outside (missed rays)."""
+    monkeypatch.delenv("GPAVATAR_KNN", raising=False)
+    g = torch.Generator().manual_seed(0)
+    pts = cloud("sphere", 1, 5023, g) * torch.tensor([0.85, 1.0, 0.9])
+    o = torch.tensor([0.0, 0.0, -9.0]) + 0.0 * torch.rand(1, 3)
+    d = torch.nn.functional.normalize(torch.rand(512, 3, generator=g) * torch.tensor([0.25, 0.25, 0.0])
+                                      - torch.tensor([0.125, 0.125, -1.0]), dim=-1)
+    t = 8.0 + torch.linspace(0.0, 2.0, 32)
+    q = (o + t[None, :, None] * d[:, None, :]).reshape(1, -1, 3)
+    q[:, :64] = o - d[:64]  # missed rays sit at origin - dir
+    ref = knn_reference(q, pts, 8)
+    monkeypatch.setenv("GPAVATAR_KNN", "brute")
+    brute = ops.knn(q.to(device), pts.to(device), 8, backend=backend)
+    monkeypatch.delenv("GPAVATAR_KNN")
+    auto = ops.knn(q.to(device), pts.to(device), 8, backend=backend)
+    for out in (auto, brute):
+        assert torch.equal(out.idx.cpu(), ref[1]) and torch.equal(out.dist2.cpu(), ref[0])
+
+
+def test_bad_environment_is_a_clear_error(monkeypatch):
+    q, pts = torch.rand(1, 10, 3), torch.rand(1, 300, 3)
+    monkeypatch.setenv("GPAVATAR_KNN", "fastest")
+    with pytest.raises(ValueError, match="GPAVATAR_KNN must be one of"):
+        ops.knn(q, pts, 4, backend="cpu")
+    monkeypatch.setenv("GPAVATAR_KNN", "cells")
+    monkeypatch.setenv("GPAVATAR_KNN_CELLS", "0")
+    with pytest.raises(ValueError, match="GPAVATAR_KNN_CELLS must be an integer"):
+        ops.knn(q, pts, 4, backend="cpu")
