@@ -19,6 +19,8 @@ scripts run on a bare GPU machine (no network, no ``rich``/``pandas``).
 * :func:`measure` -- :func:`peak_memory` of one call (also a warm-up), then
   :func:`time_fn`; the usual sequence for one benchmark row.
 * :func:`env_info` -- a dict describing the machine and the software.
+* :func:`add_baseline_ratios` -- every row's time and memory ratios against the fastest baseline
+  row of its group (the speed baselines of rule 8 in STYLE.md; ``add_ratios``: against ``torch``).
 * :func:`write_json`, :func:`markdown_table` -- output; :func:`emit_report` -- the end of
   every script's ``main`` (print the table, write the JSON and markdown, exit status).
 """
@@ -359,6 +361,25 @@ def add_ratios(rows: list[dict], key: Callable[[dict], Any] = lambda r: r["case"
         r["speedup_vs_torch"] = t["median_ms"] / r["median_ms"] if t and r["median_ms"] else None
         r["mem_vs_torch"] = (r["peak_mem_bytes"] / t["peak_mem_bytes"]
                              if t and r["peak_mem_bytes"] is not None and t["peak_mem_bytes"] else None)
+
+
+def add_baseline_ratios(rows: list[dict], baselines: Sequence[str],
+                        key: Callable[[dict], Any] = lambda r: r["case"]) -> None:
+    """Set ``best_baseline``, ``speedup_vs_best`` (baseline ms / row ms) and ``mem_vs_best`` (row
+    bytes / baseline bytes) of every row against the fastest row of the same ``key`` whose backend
+    is one of ``baselines``, without error and not flagged incorrect (``correct`` False)."""
+    best: dict = {}
+    for r in rows:
+        if r["backend"] in baselines and r["error"] is None and r.get("correct") is not False and r["median_ms"]:
+            b = best.get(key(r))
+            if b is None or r["median_ms"] < b["median_ms"]:
+                best[key(r)] = r
+    for r in rows:
+        b = best.get(key(r))
+        r["best_baseline"] = b["backend"] if b else None
+        r["speedup_vs_best"] = b["median_ms"] / r["median_ms"] if b and r["median_ms"] else None
+        r["mem_vs_best"] = (r["peak_mem_bytes"] / b["peak_mem_bytes"]
+                            if b and r["peak_mem_bytes"] is not None and b["peak_mem_bytes"] else None)
 
 
 _IMPORT_ERRORS: dict[tuple[str, ...], str | None] = {}

@@ -10,12 +10,16 @@ seeded head-sized cloud ``randn * 0.35`` clamped to +-0.9), the same for every b
 and the camera is ``[[1,0,0,0],[0,1,0,0],[0,0,1,9]]`` (row-vector [R|T]: at z = -9 looking at
 the origin), so the box [-1, 1]^3 fills the view.
 
-Backends: every fused backend usable on the device (``gpavatar.ops.available_backends``;
-Triton on the CPU only when named in ``--backends``, and then only under
-``TRITON_INTERPRET=1``) plus ``torch``, the pure-torch reference ops (grid_sample
-tri-planes, brute-force KNN, unfused per-neighbour MLP: the official-style path), switched
-with ``model.set_backend``.  A fused backend whose extension lacks some of the model's ops
-runs those on the torch fallback; the row's ``fallback`` lists them.
+Backends: the baselines -- ``torch-fast``, the official-style path a user without gpavatar
+would run: the pure-torch ops (grid_sample tri-planes, ray sampling, compositing) with the
+PEF computed by ``_baselines.knn_blend_torch_fast`` (chunked fp32 distances + topk, the
+official gather / harmonic embedding / per-neighbour MLP / blend), and ``pytorch3d`` (the same
+with pytorch3d's ``knn_points``, when it imports) -- then every fused backend usable on the
+device (``gpavatar.ops.available_backends``; Triton on the CPU only when named in
+``--backends``, and then only under ``TRITON_INTERPRET=1``), switched with
+``model.set_backend``.  ``torch`` (the reference ops with the exact KNN oracle, slow) runs
+only when named in ``--backends``.  A fused backend whose extension lacks some of the model's
+ops runs those on the torch fallback; the row's ``fallback`` lists them.
 
 Cases (``--cases``):
 
@@ -31,21 +35,22 @@ Cases (``--cases``):
 * ``super-resolution`` -- ``model.up_renderer(fine, noise="off")`` on its fine image.
 
 The four breakdown cases run in fp32 at the smallest B only; their inputs come from one
-render with the first fused backend of the run (torch when there is none).
+render with the first fused backend of the run (the first baseline when there is none).
 
 Modes (``--modes``): ``fp32`` (TF32 off for matmul and cuDNN) and ``fast``
 (``torch.autocast(device_type, dtype=torch.bfloat16)`` plus TF32 matmul / cuDNN on; on the
 CPU the TF32 flags change nothing).  ``PSNR vs fp32`` is the PSNR (dB, images in [0, 1],
 ``10 log10(1 / MSE)``) of a fast row's image against the fp32 image of the same backend and
-inputs; ``PSNR vs torch`` that of the row's image against the fp32 ``torch`` image of the same
-B (a correctness check of the fused backends).  Speed-up and memory ratios are relative to the
-``torch`` row of the same case, B and mode in the same run.  A backend that raises gets its
-error string in the row; the script still exits 0.
+inputs; ``PSNR vs baseline`` that of the row's image against the fp32 ``torch-fast`` image of
+the same B (a correctness check of the fused backends).  Speed-up and memory ratios are
+relative to the fastest baseline row (``torch-fast``, ``pytorch3d``) of the same case, B and
+mode in the same run (``vs best baseline``).  A backend that raises gets its error string in
+the row; the script still exits 0.
 
 Usage::
 
     python benchmarks/bench_e2e.py [--device cpu|cuda|auto] [--preset paper|tiny]
-        [--batch 1,4] [--backends cuda,triton,torch] [--modes fp32,fast]
+        [--batch 1,4] [--backends torch-fast,cuda,triton] [--modes fp32,fast]
         [--cases render,...] [--repeats N] [--json PATH] [--markdown PATH]
 """
 
@@ -60,6 +65,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _baselines as BL  # noqa: E402
 import _harness as H  # noqa: E402
 
 if H.REPO_ROOT not in sys.path:  # an installed gpavatar still takes precedence
@@ -79,6 +85,8 @@ CPP_OPS = ("knn", "knn_blend_forward", "triplane_sample_forward", "ray_box", "st
 TRITON_OPS = ("knn_triton", "knn_blend_forward_triton", "triplane_sample_forward_triton",
               "composite_forward_triton")
 RAY_OPS = ("ray_box", "stratified_depths", "importance_depths", "merge_samples")  # triton -> CUDA op
+BASELINES = ("torch-fast", "pytorch3d")  # the torch ops with the PEF of _baselines
+BASELINE = "torch-fast"  # the PSNR reference
 
 
 # --- availability ------------------------------------------------------------------------------
@@ -89,17 +97,28 @@ def api_error() -> str | None:
 
 
 def default_backends(device: torch.device) -> list[str]:
-    """torch first (the baseline), then every fused backend usable on ``device`` (no Triton on the CPU)."""
+    """The baselines first (torch-fast; pytorch3d when it imports), then every fused backend
+    usable on ``device`` (no Triton on the CPU)."""
     import gpavatar.ops as ops
 
     fused = [b for b in ops.available_backends(device)
              if b != "torch" and not (b == "triton" and device.type != "cuda")]
-    return ["torch"] + fused
+    return ["torch-fast"] + (["pytorch3d"] if BL.pytorch3d_error() is None else []) + fused
+
+
+def ops_backend(backend: str) -> str:
+    """The gpavatar backend a row's ops run on: ``torch`` for the baselines."""
+    return "torch" if backend in BASELINES else backend
 
 
 def backend_unavailable(backend: str, device: torch.device) -> str | None:
     import gpavatar.ops as ops
 
+    if backend == "pytorch3d":
+        why = BL.pytorch3d_error()
+        return f"backend 'pytorch3d' is not available: {why}" if why else None
+    if backend in BASELINES:
+        return None
     if backend not in ops.available_backends(device):
         hint = " (the CPU runs Triton only under TRITON_INTERPRET=1)" if backend == "triton" else ""
         return f"backend {backend!r} is not available on {device.type}{hint}"
@@ -108,11 +127,20 @@ def backend_unavailable(backend: str, device: torch.device) -> str | None:
 
 def fallback_ops(backend: str) -> list[str]:
     """The model's ops that ``backend`` has no kernel for in this build (they run on torch)."""
-    if backend in ("torch", "auto"):
+    if backend in ("torch", "auto") or backend in BASELINES:
         return []
     names = CPP_OPS if backend in ("cpu", "cuda") else TRITON_OPS + RAY_OPS
     missing = [n for n in names if not hasattr(torch.ops.gpavatar, n)]
     return [n.replace("_forward", "").replace("_triton", "") for n in missing]
+
+
+@contextlib.contextmanager
+def use_backend(model, backend: str):
+    """``model.set_backend`` for a gpavatar backend; for a baseline, the torch ops with the PEF
+    replaced by ``_baselines``' (``BL.baseline_pef``, undone on exit)."""
+    model.set_backend(ops_backend(backend))
+    with BL.baseline_pef(model, backend) if backend in BASELINES else contextlib.nullcontext():
+        yield
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -163,7 +191,6 @@ def capture(model, inp: dict, backend: str) -> dict:
     fine composite and the fine image."""
     import gpavatar.ops as ops
 
-    model.set_backend(backend)
     avatar, points, transform = inp["avatar"], inp["points"], inp["transform"]
     base, passes = model.field(avatar, points), []
 
@@ -172,7 +199,7 @@ def capture(model, inp: dict, backend: str) -> dict:
         passes.append((coords, dirs, alpha, value))
         return alpha, value, extras
 
-    with torch.no_grad(), precision("fp32", transform.device):
+    with torch.no_grad(), precision("fp32", transform.device), use_backend(model, backend):
         out = model.renderer(field, transform)
         (cc, dc, ac, vc), (cf, df, af, vf) = passes
         o, d = model.renderer.rays(transform)
@@ -224,8 +251,7 @@ def make_case_fn(case: str, backend: str, mode: str, model, inp: dict, cap: dict
 
     def run(body):
         def fn():
-            model.set_backend(backend)
-            with torch.no_grad(), precision(mode, device):
+            with torch.no_grad(), precision(mode, device), use_backend(model, backend):
                 return body()
         return fn
 
@@ -242,7 +268,8 @@ def make_case_fn(case: str, backend: str, mode: str, model, inp: dict, cap: dict
         return run(lambda: (model.nerf_mlp(cc, dc, avatar.planes, points, chunk=chunk),
                             model.nerf_mlp(cf, df, avatar.planes, points, chunk=chunk)))
     if case == "compositing":
-        return run(lambda: tuple(ops.composite(cap["alphas"], cap["values"], cap["depths"], backend=backend)))
+        return run(lambda: tuple(ops.composite(cap["alphas"], cap["values"], cap["depths"],
+                                                   backend=ops_backend(backend))))
     return run(lambda: model.up_renderer(cap["fine_image"], noise="off"))
 
 
@@ -260,7 +287,7 @@ def run_row(case, backend, mode, model, inp, device, *, cap=None, images=None, r
     PSNR columns."""
     B = inp["B"]
     row = dict(case=case, backend=backend, mode=mode, B=B, median_ms=None, p20_ms=None, p80_ms=None,
-               repeats=0, fps=None, peak_mem_bytes=None, psnr_vs_fp32=None, psnr_vs_torch=None,
+               repeats=0, fps=None, peak_mem_bytes=None, psnr_vs_fp32=None, psnr_vs_baseline=None,
                fallback=None, error=None)
     try:
         why = backend_unavailable(backend, device)
@@ -276,9 +303,9 @@ def run_row(case, backend, mode, model, inp, device, *, cap=None, images=None, r
                 if ref is None:
                     ref = make_case_fn(case, backend, "fp32", model, inp)()["image"].float()
                 row["psnr_vs_fp32"] = psnr(image, ref)
-            torch_ref = images.get((B, "torch", "fp32"))
-            if backend != "torch" and torch_ref is not None:
-                row["psnr_vs_torch"] = psnr(image, torch_ref)
+            base_ref = images.get((B, BASELINE, "fp32"))
+            if backend != BASELINE and base_ref is not None:
+                row["psnr_vs_baseline"] = psnr(image, base_ref)
             del image
         row.update(H.measure(fn, device, repeats=repeats, warmup=warmup, max_seconds=max_seconds,
                              min_repeats=min_repeats))
@@ -314,28 +341,34 @@ def render_markdown(payload: dict) -> str:
         P=cfg["plane_size"], R=cfg["render_size"], nc=cfg["n_coarse"], nf=cfg["n_fine"], Cv=cfg["render_channels"],
         O=cfg["output_size"], Bs=list(cfg["Bs"]), modes=",".join(cfg["modes"]), pts=cfg["points"] or "-",
         qc=cfg["query_chunk"])
-    headers = ["case", "B", "backend", "mode", "median ms", "p20-p80 ms", "FPS", "speed-up vs torch",
-               "peak MiB", "mem vs torch", "PSNR vs fp32 dB", "PSNR vs torch dB", "status"]
+    headers = ["case", "B", "backend", "mode", "median ms", "p20-p80 ms", "FPS", "vs best baseline",
+               "peak MiB", "mem vs best", "PSNR vs fp32 dB", "PSNR vs baseline dB", "status"]
     body = []
     for r in payload["rows"]:
         spread = f"{H.fmt_ms(r['p20_ms'])}-{H.fmt_ms(r['p80_ms'])}" if r["p20_ms"] is not None else "-"
         body.append([r["case"], r["B"], r["backend"], r["mode"], H.fmt_ms(r["median_ms"]), spread,
-                     "-" if r["fps"] is None else f"{r['fps']:.1f}", H.fmt_ratio(r.get("speedup_vs_torch")),
-                     _fmt_mib(r["peak_mem_bytes"]), H.fmt_ratio(r.get("mem_vs_torch")),
-                     _fmt_db(r["psnr_vs_fp32"]), _fmt_db(r["psnr_vs_torch"]), status(r)])
+                     "-" if r["fps"] is None else f"{r['fps']:.1f}",
+                     H.fmt_ratio(r.get("speedup_vs_best")) + (f" ({r['best_baseline']})" if r.get("best_baseline")
+                                                              else ""),
+                     _fmt_mib(r["peak_mem_bytes"]), H.fmt_ratio(r.get("mem_vs_best")),
+                     _fmt_db(r["psnr_vs_fp32"]), _fmt_db(r["psnr_vs_baseline"]), status(r)])
     note = ("Times: median over repeats (p20-p80 spread); FPS = B / median (for a breakdown row: the frame "
             "rate if that stage were the only cost). Peak MiB: " +
             ("CUDA max_memory_allocated above the pre-call level (model, avatar and inputs excluded)."
              if cfg["device"].startswith("cuda") else
              "CPU tensor memory from torch.profiler allocation events (no malloc/stack).") +
             " fp32: TF32 off; fast: torch.autocast bf16 + TF32 matmul/cuDNN. PSNR vs fp32: the fast image "
-            "against the fp32 image of the same backend; PSNR vs torch: against the fp32 torch image of the "
-            "same B (images in [0, 1]). Breakdown rows (fp32, smallest B): rays+sampling = the renderer with a "
+            "against the fp32 image of the same backend; PSNR vs baseline: against the fp32 torch-fast image of "
+            "the same B (images in [0, 1]). vs best baseline: the fastest baseline row (torch-fast, pytorch3d) of "
+            "the same case, B and mode, its ms / this row's ms (named in brackets); mem vs best: this row's peak / "
+            "that baseline's peak. Breakdown rows (fp32, smallest B): rays+sampling = the renderer with a "
             "field of ~zero cost (precomputed alpha/value of a real render); field queries = nerf_mlp on both "
             "passes' sample positions; compositing = ops.composite of the merged samples; super-resolution = "
-            "up_renderer on the fine image (no custom ops: the same work on every backend). torch = the "
-            "pure-torch reference ops (official-style path). \"torch fallback\" lists ops this build has no "
-            "kernel for on that backend.")
+            "up_renderer on the fine image (no custom ops: the same work on every backend). torch-fast = the "
+            "official-style path a user would run: pure-torch ops, PEF by chunked fp32 distances + topk + the "
+            "official per-neighbour MLP (benchmarks/_baselines.py); pytorch3d = the same with knn_points; "
+            "torch = gpavatar's reference ops (exact KNN oracle). \"torch fallback\" lists ops this build has "
+            "no kernel for on that backend.")
     parts = [title, H.env_markdown(env), H.markdown_table(headers, body), note]
     return "\n\n".join(parts) + "\n"
 
@@ -348,8 +381,9 @@ def parse_args(argv=None):
                     help="alias of --preset for gpu_report.sh's BENCH_ARGS (paper -> paper, cpu/small -> tiny)")
     ap.add_argument("--batch", default="1,4", help="comma list of batch sizes (default 1,4)")
     ap.add_argument("--backends", default=None,
-                    help="comma list (default: torch + every fused backend of the device; triton on cpu "
-                         "only when named, under TRITON_INTERPRET=1)")
+                    help="comma list (default: the baselines torch-fast [+ pytorch3d when it imports] + every "
+                         "fused backend of the device; torch = reference ops with the exact KNN oracle, only when "
+                         "named; triton on cpu only when named, under TRITON_INTERPRET=1)")
     ap.add_argument("--modes", default="fp32,fast", help="comma list of " + ",".join(MODES))
     ap.add_argument("--cases", default=None, help="comma list of cases (default: all): " + ",".join(CASES))
     ap.add_argument("--points", choices=POINT_SOURCES, default="procedural",
@@ -397,8 +431,8 @@ def main(argv=None) -> int:
                     if k in ("image_size", "plane_size", "plane_channels", "render_size", "n_coarse", "n_fine",
                              "render_channels", "output_size", "num_points", "K")})
         backends = args.backends.split(",") if args.backends else default_backends(device)
-        if "torch" in backends:  # the baseline first
-            backends = ["torch"] + [b for b in backends if b != "torch"]
+        # the baselines first (the PSNR reference torch-fast leading)
+        backends = [b for b in BASELINES if b in backends] + [b for b in backends if b not in BASELINES]
         try:
             model = make_model(preset, device, seed=args.seed, query_chunk=args.query_chunk)
         except Exception as exc:
@@ -417,7 +451,7 @@ def main(argv=None) -> int:
         breakdown = [c for c in cases if c in BREAKDOWN] if B == min(Bs) and "fp32" in modes else []
         if breakdown:
             usable = [b for b in backends if backend_unavailable(b, device) is None]
-            fused = [b for b in usable if b != "torch"]
+            fused = [b for b in usable if b not in BASELINES and b != "torch"]
             cap_backend = (fused or usable or [None])[0]
             if cap_backend is not None:
                 try:
@@ -437,13 +471,13 @@ def main(argv=None) -> int:
                                                    repeats=repeats, warmup=warmup, max_seconds=max_seconds,
                                                    min_repeats=args.min_repeats))
                     if args.json:  # partial results survive a timeout
-                        H.add_ratios(payload["rows"], key=lambda r: (r["case"], r["B"], r["mode"]))
+                        H.add_baseline_ratios(payload["rows"], BASELINES, key=lambda r: (r["case"], r["B"], r["mode"]))
                         H.write_json(args.json, dict(payload, partial=True))
         del inp, cap
         images.clear()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    H.add_ratios(payload["rows"], key=lambda r: (r["case"], r["B"], r["mode"]))
+    H.add_baseline_ratios(payload["rows"], BASELINES, key=lambda r: (r["case"], r["B"], r["mode"]))
 
     return H.emit_report(payload, render_markdown(payload), args.json, args.markdown)
 

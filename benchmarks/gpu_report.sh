@@ -33,11 +33,16 @@ export PYTHONUNBUFFERED=1
 
 # Benchmark scripts run by step (d), most wanted first (the budget may cut the tail);
 # each takes --device/--json/--markdown.  BENCHES_ONLY="a.py b.py" replaces the list.
-# bench_e2e on cuda defaults to the paper preset, B = 1 and 4, every backend, fp32 + fast.
+# bench_knn_blend on cuda defaults to the paper size (M = 524288, P = 5023, K = 8), the three
+# query distributions (render, uniform, clustered), the baselines (torch-fast; pytorch3d when
+# it imports) and every gpavatar backend, ratios against the fastest baseline; the exact
+# oracle is not timed (add --oracle via BENCH_ARGS to time it).
+# bench_e2e on cuda defaults to the paper preset, B = 1 and 4, torch-fast + every backend,
+# fp32 + fast.
 BENCHES=(
+    benchmarks/bench_knn_blend.py
     benchmarks/bench_e2e.py
     benchmarks/bench_render.py
-    benchmarks/bench_knn_blend.py
     benchmarks/bench_triplane.py
 )
 if [[ -n "${BENCHES_ONLY:-}" ]]; then

@@ -2,16 +2,17 @@
 
 Run with ``pytest benchmarks/ --benchmark-only``.  The model is the ``tiny`` preset
 (16x16 rays, 8 + 8 samples, 64x64 output), B = 1, so the CPU cases take a few seconds on
-2 cores.  CPU cases are parametrized over the CPU backends (``torch``, ``cpu``); CUDA cases
-(``paper`` preset) over the CUDA backends (``torch``, ``cuda``, ``triton``) and are skipped
-without a GPU or when a backend is not available.  The cases are the script's ``CASES`` in
-fp32 (the whole render and its breakdown) plus ``render`` in the ``fast`` mode (bf16
-autocast + TF32); a backend that raises on its first call is reported as an xfail with the
+2 cores.  CPU cases are parametrized over the baseline ``torch-fast`` (the official-style path,
+``_baselines``) and the ``cpu`` backend; CUDA cases (``paper`` preset) over ``torch-fast``,
+``cuda`` and ``triton`` and are skipped without a GPU or when a backend is not available.
+The cases are the script's ``CASES`` in fp32 (the whole render and its breakdown) plus
+``render`` in the ``fast`` mode (bf16 autocast + TF32); a backend that raises on its first call is reported as an xfail with the
 error (the script records the same error in its row).
 These are timings, not tests of correctness -- the package's own suite lives in ``tests/``;
 ``test_script_smoke`` only checks that the benchmark script runs end to end and writes a
 well-formed JSON / markdown, ``test_breakdown_inputs`` that the breakdown cases replay the
-captured render.
+captured render, ``test_torch_fast_path_matches_reference`` that the baseline row
+renders what the reference ops render.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_e2e import CASES, capture, head_points, main, make_case_fn, make_inputs, make_model  # noqa: E402
+from bench_e2e import (CASES, backend_unavailable, capture, head_points, main, make_case_fn,  # noqa: E402
+                       make_inputs, make_model, use_backend)
 
 ops = pytest.importorskip("gpavatar.ops")
 
-CPU_BACKENDS = ("torch", "cpu")
-CUDA_BACKENDS = ("torch", "cuda", "triton")
+CPU_BACKENDS = ("torch-fast", "cpu")
+CUDA_BACKENDS = ("torch-fast", "cuda", "triton")
 VARIANTS = [(case, "fp32") for case in CASES] + [("render", "fast")]
 
 
@@ -61,7 +63,7 @@ def cuda_setup():
 
 
 def _case_fn(setup: dict, case: str, backend: str, mode: str, device: torch.device):
-    if backend not in _backends(device) or (backend == "triton" and device.type != "cuda"):
+    if backend_unavailable(backend, device) or (backend == "triton" and device.type != "cuda"):
         pytest.skip(f"backend {backend!r} not available on {device.type}")
     fn = make_case_fn(case, backend, mode, setup["model"], setup["inp"], setup["cap"])
     try:
@@ -124,7 +126,7 @@ def test_breakdown_inputs(cpu_setup):
 def test_script_smoke(tmp_path):
     """The CLI runs end to end on the CPU (tiny preset) and writes well-formed JSON and markdown."""
     path, md = tmp_path / "e2e.json", tmp_path / "e2e.md"
-    rc = main(["--device", "cpu", "--preset", "tiny", "--batch", "1", "--backends", "torch,cpu",
+    rc = main(["--device", "cpu", "--preset", "tiny", "--batch", "1", "--backends", "torch-fast,cpu",
                "--modes", "fp32,fast", "--cases", "render,compositing", "--repeats", "1",
                "--max-seconds", "0.5", "--min-repeats", "1", "--json", str(path), "--markdown", str(md)])
     assert rc == 0
@@ -133,16 +135,29 @@ def test_script_smoke(tmp_path):
     assert payload["config"]["preset"] == "tiny" and payload["env"]["torch"] == torch.__version__
     rows = payload["rows"]
     assert [(r["case"], r["mode"], r["backend"]) for r in rows] == [
-        ("render", "fp32", "torch"), ("render", "fp32", "cpu"), ("render", "fast", "torch"),
-        ("render", "fast", "cpu"), ("compositing", "fp32", "torch"), ("compositing", "fp32", "cpu")]
+        ("render", "fp32", "torch-fast"), ("render", "fp32", "cpu"), ("render", "fast", "torch-fast"),
+        ("render", "fast", "cpu"), ("compositing", "fp32", "torch-fast"), ("compositing", "fp32", "cpu")]
     for r in rows:
-        if r["backend"] == "torch":
+        if r["backend"] == "torch-fast":
             assert r["error"] is None, r
-            assert r["speedup_vs_torch"] == 1.0
+            assert r["speedup_vs_best"] == 1.0 and r["best_baseline"] == "torch-fast"
         if r["error"] is None:
             assert r["median_ms"] > 0 and math.isclose(r["fps"], r["B"] * 1e3 / r["median_ms"])
         if r["case"] == "render" and r["mode"] == "fast" and r["error"] is None:
             assert r["psnr_vs_fp32"] > 20, r
         if r["case"] == "render" and r["backend"] == "cpu" and r["mode"] == "fp32" and r["error"] is None:
-            assert r["psnr_vs_torch"] > 60, r
+            assert r["psnr_vs_baseline"] > 60, r
     assert "| render" in md.read_text()
+
+
+def test_torch_fast_path_matches_reference(cpu_setup):
+    """The torch-fast row's render (PEF from _baselines) equals the reference ops' render: the
+    baseline computes the same thing, only faster; the PEF patch is undone on exit."""
+    model, inp = cpu_setup["model"], cpu_setup["inp"]
+    fast = make_case_fn("render", "torch-fast", "fp32", model, inp)()
+    assert "query" not in vars(model.nerf_mlp.points_querier)
+    ref = make_case_fn("render", "torch", "fp32", model, inp)()
+    torch.testing.assert_close(fast["image"], ref["image"], atol=1e-4, rtol=1e-4)
+    with use_backend(model, "torch-fast"):
+        assert "query" in vars(model.nerf_mlp.points_querier)
+    assert "query" not in vars(model.nerf_mlp.points_querier)

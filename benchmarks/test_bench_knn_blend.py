@@ -1,15 +1,20 @@
-"""pytest-benchmark cases for ``knn`` and ``knn_blend`` (forward and forward+backward).
+"""pytest-benchmark cases for ``knn`` and ``knn_blend`` (forward and forward+backward), plus
+checks of the benchmark's own baselines and inputs.
 
-Run with ``pytest benchmarks/ --benchmark-only``.  Sizes are small (M=4096
-queries, P=1024 points, K=8) so the CPU cases take a few seconds on 2 cores.
-CPU cases are parametrized over the CPU backends (``torch``, ``cpu``); CUDA cases
-over the CUDA backends (``torch``, ``cuda``, ``triton``) and are skipped without
-a GPU or when a backend is not available.  These are timings, not tests of
-correctness -- the package's own suite lives in ``tests/``.
+Run with ``pytest benchmarks/ --benchmark-only`` for the timings.  Sizes are small (M=4096
+queries, P=1024 points, K=8) so the CPU cases take a few seconds on 2 cores.  CPU cases are
+parametrized over the query distributions and the CPU backends (the baselines ``torch-fast``
+and ``pytorch3d``, gpavatar's ``cpu``); CUDA cases over ``torch-fast``, ``pytorch3d``,
+``cuda`` and ``triton``; a backend that is not available is skipped.  These timings are not
+tests of correctness -- the package's own suite lives in ``tests/``.  The tests below check
+that the ``torch-fast`` baseline computes what the exact oracle computes (so the ratios
+against it compare equal work), that the distributions are what the report says, and that
+the script runs end to end (``test_script_smoke``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -17,40 +22,47 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_knn_blend import make_case_fn, make_inputs  # noqa: E402
+import _baselines as BL  # noqa: E402
+import _distributions as D  # noqa: E402
+from bench_knn_blend import CASES, PARAMS, main, make_case_fn, make_inputs  # noqa: E402
 
 ops = pytest.importorskip("gpavatar.ops")
+from gpavatar.ops.reference import knn_blend_reference, knn_reference  # noqa: E402
 
 SMALL = dict(B=1, M=4096, P=1024, K=8, Cf=32, H=64, C=32)
-CPU_BACKENDS = ("torch", "cpu")
-CUDA_BACKENDS = ("torch", "cuda", "triton")
-CASES = ("knn", "knn_blend", "knn_blend+bwd")
+CPU_BACKENDS = ("torch-fast", "pytorch3d", "cpu")
+CUDA_BACKENDS = ("torch-fast", "pytorch3d", "cuda", "triton")
 
 
-def _backends(device: torch.device) -> list[str]:
+def _available(backend: str, device: torch.device) -> bool:
+    if backend == "torch-fast":
+        return True
+    if backend == "pytorch3d":
+        return BL.pytorch3d_error() is None
     try:
-        return list(ops.available_backends(device))
+        return backend in ops.available_backends(device) and not (backend == "triton" and device.type != "cuda")
     except Exception:
-        return ["torch"]
+        return False
 
 
 @pytest.fixture(scope="module")
 def cpu_inputs():
-    return make_inputs(**SMALL, device="cpu", seed=0)
+    return {dist: make_inputs(**SMALL, dist=dist, device="cpu", seed=0) for dist in D.DISTRIBUTIONS}
 
 
 @pytest.fixture(scope="module")
 def cuda_inputs():
-    return make_inputs(**SMALL, device="cuda", seed=0)
+    return make_inputs(**SMALL, dist="render", device="cuda", seed=0)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("case", CASES)
-def test_cpu(benchmark, cpu_inputs, case, backend):
-    if backend not in _backends(torch.device("cpu")):
+@pytest.mark.parametrize("dist", D.DISTRIBUTIONS)
+def test_cpu(benchmark, cpu_inputs, dist, case, backend):
+    if not _available(backend, torch.device("cpu")):
         pytest.skip(f"backend {backend!r} not available on cpu")
-    benchmark.group = f"cpu {case} M={SMALL['M']} P={SMALL['P']} K={SMALL['K']}"
-    fn = make_case_fn(case, backend, cpu_inputs)
+    benchmark.group = f"cpu {dist} {case} M={SMALL['M']} P={SMALL['P']} K={SMALL['K']}"
+    fn = make_case_fn(case, backend, cpu_inputs[dist])
     benchmark.pedantic(fn, rounds=5, iterations=1, warmup_rounds=1)
 
 
@@ -60,10 +72,10 @@ def test_cpu(benchmark, cpu_inputs, case, backend):
 def test_cuda(benchmark, request, case, backend):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    if backend not in _backends(torch.device("cuda")):
+    if not _available(backend, torch.device("cuda")):
         pytest.skip(f"backend {backend!r} not available on cuda")
     inputs = request.getfixturevalue("cuda_inputs")
-    benchmark.group = f"cuda {case} M={SMALL['M']} P={SMALL['P']} K={SMALL['K']}"
+    benchmark.group = f"cuda render {case} M={SMALL['M']} P={SMALL['P']} K={SMALL['K']}"
     fn = make_case_fn(case, backend, inputs)
 
     def synced():
@@ -72,3 +84,146 @@ def test_cuda(benchmark, request, case, backend):
         return out
 
     benchmark.pedantic(synced, rounds=50, iterations=1, warmup_rounds=3)
+
+
+# --- the baselines compute what the oracle computes --------------------------------------------
+
+def _inputs(dist: str, M: int = 777, P: int = 301, seed: int = 3) -> dict:
+    # odd sizes on purpose; several chunks with the 64 KiB budget below
+    return make_inputs(B=2, M=M, P=P, K=8, Cf=8, H=16, C=8, dist=dist, seed=seed)
+
+
+@pytest.mark.parametrize("method", BL.DISTANCE_METHODS)
+@pytest.mark.parametrize("dist", D.DISTRIBUTIONS)
+def test_torch_fast_knn_matches_oracle(dist, method):
+    """Indices equal to the exact oracle's except at near-ties (then the distances agree to
+    1e-5 relative); dist2 equal (same arithmetic on the same neighbours)."""
+    inp = _inputs(dist)
+    q, p = inp["queries"], inp["points"]
+    d, i = BL.knn_torch_fast(q, p, 8, method=method, memory_budget=64 << 10)
+    rd, ri = knn_reference(q, p, 8)
+    differ, near_ties = BL.near_tie_mismatch(d, i, rd, ri)
+    assert near_ties and differ.double().mean().item() <= 0.01
+    torch.testing.assert_close(d[~differ], rd[~differ], atol=0, rtol=0)
+    assert bool((d[..., 1:] >= d[..., :-1]).all())
+
+
+def test_torch_fast_knn_ties_lower_index_first():
+    """Duplicated points (exact ties): the returned neighbours are sorted ascending with the
+    lower index first, and any difference from the oracle is an (exact) tie."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(1, 40, 3, generator=g) * 2 - 1
+    p = torch.cat([base, base, base[:, :7]], dim=1)  # every point twice, some three times
+    q = torch.rand(1, 300, 3, generator=g) * 2 - 1
+    d, i = BL.knn_torch_fast(q, p, 8)
+    rd, ri = knn_reference(q, p, 8)
+    differ, near_ties = BL.near_tie_mismatch(d, i, rd, ri, rtol=0, atol=0)
+    assert near_ties
+    same_d = d[..., 1:] == d[..., :-1]
+    assert bool((i[..., 1:][same_d] > i[..., :-1][same_d]).all())
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+@pytest.mark.parametrize("normalize", ["neighbors", "queries"])
+@pytest.mark.parametrize("dist", ["render", "clustered"])
+def test_torch_fast_blend_matches_oracle(dist, normalize, checkpoint):
+    """Features within 1e-4 of the exact oracle on the queries whose neighbours match, and the
+    gradients to point_features, w1, b1, w2, b2 of a random upstream gradient (zero on the
+    near-tie queries, whose neighbour sets legitimately differ) within 1e-4 relative to the
+    largest entry (float32 sums over 2 x 777 queries)."""
+    inp = _inputs(dist)
+    q, p = inp["queries"], inp["points"]
+    mine = [inp[k].clone().requires_grad_(True) for k in PARAMS]
+    ref_params = [inp[k].clone().requires_grad_(True) for k in PARAMS]
+    f, d, i = BL.knn_blend_torch_fast(q, p, *mine, 8, normalize=normalize, memory_budget=64 << 10,
+                                      checkpoint=checkpoint)
+    rf, rd, ri = knn_blend_reference(q, p, *ref_params, 8, normalize=normalize)
+    differ, near_ties = BL.near_tie_mismatch(d, i, rd, ri)
+    assert near_ties and differ.double().mean().item() <= 0.01
+    keep = ~differ
+    torch.testing.assert_close(f[keep], rf[keep], atol=1e-4, rtol=0)
+    grad_out = inp["grad_out"] * keep[..., None]
+    for a, b in zip(torch.autograd.grad(f, mine, grad_out), torch.autograd.grad(rf, ref_params, grad_out)):
+        torch.testing.assert_close(a, b, atol=1e-4 * max(1.0, b.abs().max().item()), rtol=0)
+
+
+def test_torch_fast_blend_weight_sum_chunks():
+    """``"queries"`` with a precomputed weight_sum over the whole pass: chunked calls agree
+    with one call (what bench_e2e's chunked path relies on)."""
+    inp = _inputs("uniform")
+    q, p = inp["queries"], inp["points"]
+    params = [inp[k] for k in PARAMS]
+    whole = BL.knn_blend_torch_fast(q, p, *params, 8, normalize="queries")[0]
+    d, _ = BL.knn_torch_fast(q, p, 8)
+    total = (1.0 / (d + 1e-8)).sum(dim=1)
+    parts = [BL.knn_blend_torch_fast(c, p, *params, 8, normalize="queries", weight_sum=total)[0]
+             for c in q.split(100, dim=1)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), whole, atol=1e-6, rtol=1e-5)
+
+
+def test_pytorch3d_blend_matches_oracle():
+    pytest.importorskip("pytorch3d")
+    inp = _inputs("render")
+    q, p = inp["queries"], inp["points"]
+    f, d, i = BL.knn_blend_pytorch3d(q, p, *[inp[k] for k in PARAMS], 8)
+    rf, rd, ri = knn_blend_reference(q, p, *[inp[k] for k in PARAMS], 8)
+    differ, near_ties = BL.near_tie_mismatch(d, i, rd, ri)
+    assert near_ties
+    torch.testing.assert_close(f[~differ], rf[~differ], atol=1e-4, rtol=0)
+
+
+# --- the distributions ------------------------------------------------------------------------
+
+def test_distributions():
+    """Seeded and cached; render = coarse then fine samples of the head inside the box, the fine
+    ones nearer the head; clustered = near the head; uniform fills the box."""
+    P = 5023
+    for dist in D.DISTRIBUTIONS:
+        q, p = D.make_queries(dist, 1, 4096, P, seed=0)
+        q2, _ = D.make_queries(dist, 1, 4096, P, seed=0)
+        assert q.shape == (1, 4096, 3) and p.shape == (1, P, 3) and torch.equal(q, q2)
+        assert bool(q.isfinite().all()) and D.describe(q)["inside_box"] > 0.99
+    _, p = D.make_queries("render", 1, 4096, P)
+    assert float(p.abs().max()) < 1 and float(p.abs().max()) > 0.3  # FLAME x5 in the box
+    q, _ = D.make_queries("render", 1, 4096, P)
+    near = torch.cdist(q[0], p[0]).min(dim=1).values
+    coarse, fine = near[:2048], near[2048:]
+    assert fine.median() < coarse.median() and fine.median() < 0.25
+    q, _ = D.make_queries("clustered", 1, 4096, P)
+    assert torch.cdist(q[0], p[0]).min(dim=1).values.median() < 0.2
+    assert D.make_queries("render", 2, 1000, 700)[0].shape == (2, 1000, 3)
+
+
+# --- the script --------------------------------------------------------------------------------
+
+def test_script_smoke(tmp_path):
+    """The CLI runs on the CPU at the small size with the new columns: every ratio against the
+    fastest baseline, idx mismatch, one table per distribution, the oracle only when asked."""
+    if "cpu" not in ops.available_backends(torch.device("cpu")):
+        pytest.skip("no cpu backend in this build")
+    path, md = tmp_path / "kb.json", tmp_path / "kb.md"
+    rc = main(["--device", "cpu", "--size", "small", "--dist", "render,clustered", "--backends",
+               "torch-fast,pytorch3d,cpu,torch", "--torch-fast-method", "mm", "--repeats", "1", "--min-repeats", "1",
+               "--max-seconds", "0.1", "--json", str(path), "--markdown", str(md)])
+    assert rc == 0
+    payload = json.loads(path.read_text())
+    assert payload["benchmark"] == "knn_blend" and not payload["partial"] and payload["error"] is None
+    assert payload["config"]["dists"] == ["render", "clustered"]
+    assert payload["config"]["torch_fast"]["method"] == "mm"
+    if BL.pytorch3d_error() is not None:
+        assert "pytorch3d" in payload["skipped"]
+    rows = payload["rows"]
+    backends = [b for b in ("torch-fast", "pytorch3d", "cpu", "torch") if b != "pytorch3d" or
+                BL.pytorch3d_error() is None]
+    assert [(r["dist"], r["case"], r["backend"]) for r in rows] == [
+        (d, c, b) for d in ("render", "clustered") for c in CASES for b in backends]
+    for r in rows:
+        assert r["error"] is None and r["correct"], r
+        assert r["best_baseline"] in ("torch-fast", "pytorch3d") and r["speedup_vs_best"] > 0
+        assert r["idx_mismatch"] is not None and r["mem_vs_best"] is not None
+        if r["backend"] in ("cpu", "torch"):
+            assert r["idx_mismatch"] == 0
+        if r["backend"] == r["best_baseline"]:
+            assert r["speedup_vs_best"] == 1.0
+    text = md.read_text()
+    assert "vs best baseline" in text and "### `render`" in text and "### `clustered`" in text
