@@ -16,13 +16,16 @@ Loading the official frozen weights (the only persistent state of :class:`GPAvat
 
 or torchvision's ``alexnet(weights="DEFAULT").features.state_dict()`` through
 :meth:`AlexNetFeatures.load_torchvision_features`. Without either, the AlexNet is randomly
-initialized (PyTorch's default conv init; pretrained weights are not downloaded here).
+initialized (PyTorch's default conv init; pretrained weights are not downloaded here): from
+the global RNG, or, with ``seed=``, from a private one (the same trunk in every process; the
+trainer passes a seed derived from ``--seed`` and stores the trunk in ``last.pt``).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -74,13 +77,23 @@ class AlexNetFeatures(nn.Module):
     >>> [tuple(f.shape) for f in feats]
     [(1, 64, 15, 15), (1, 192, 7, 7), (1, 384, 3, 3), (1, 256, 3, 3), (1, 256, 3, 3)]
 
+    seed: None draws the random initial weights from the global RNG; an int draws them after
+    ``torch.manual_seed(seed)`` in a forked RNG (the global RNG is left as it was).
+
     Input: (B, 3, H, W) normalized image, H, W >= 31.
     Output: 5 tensors (B, 64 | 192 | 384 | 256 | 256, h_i, w_i).
     """
 
-    def __init__(self):
+    def __init__(self, seed: Optional[int] = None):
         super().__init__()
-        layers = _alexnet_layers()
+        if seed is None:
+            layers = _alexnet_layers()
+        else:
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise TypeError(f"seed must be None or an int, got {seed!r}")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                layers = _alexnet_layers()
         for number in range(1, 6):
             named = OrderedDict((str(i), layers[i]) for i, s in _SLICE_OF_LAYER.items() if s == number)
             setattr(self, f"slice{number}", nn.Sequential(named))
@@ -119,12 +132,13 @@ class PerceptualDistance(nn.Module):
 
     Inputs: pred, target (B, 3, H, W) float (below 31 px both are first upsampled bilinearly to
     32 px, AlexNet's minimum: only the tiny preset's renders are that small). Output: () scalar.
+    ``seed``: see :class:`AlexNetFeatures`.
     """
 
-    def __init__(self, eps: float = 1e-10):
+    def __init__(self, eps: float = 1e-10, seed: Optional[int] = None):
         super().__init__()
         self.eps = eps
-        self.net = AlexNetFeatures()
+        self.net = AlexNetFeatures(seed=seed)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -215,6 +229,7 @@ class GPAvatarLoss(nn.Module):
     * ``total`` = sum of the four; ``psnr`` = -10 log10(MSE(S, G)) (detached, for logging).
 
     Defaults are the official values (the ½ of the box term is ``box_weight`` = 0.5).
+    ``seed``: the random AlexNet trunk's seed (see :class:`AlexNetFeatures`; None: global RNG).
 
     Inputs:
         out: dict with ``coarse`` (B, Cv, r, r), ``fine`` (B, Cv, r, r), Cv >= 3, RGB first;
@@ -227,13 +242,14 @@ class GPAvatarLoss(nn.Module):
     """
 
     def __init__(self, percep_weight: float = 0.01, img_weight: float = 1.0, box_weight: float = 0.5,
-                 box_percep_weight: float = 0.01, density_weight: float = 1e-5, crop_size: int = 256):
+                 box_percep_weight: float = 0.01, density_weight: float = 1e-5, crop_size: int = 256,
+                 seed: Optional[int] = None):
         super().__init__()
         if isinstance(crop_size, bool) or not isinstance(crop_size, int) or crop_size < MIN_PERCEPTUAL_SIZE:
             raise ValueError(f"crop_size must be an int >= {MIN_PERCEPTUAL_SIZE} (AlexNet), got {crop_size!r}")
         self.percep_weight, self.img_weight, self.box_weight = percep_weight, img_weight, box_weight
         self.box_percep_weight, self.density_weight, self.crop_size = box_percep_weight, density_weight, crop_size
-        self.percep_loss = PerceptualDistance()
+        self.percep_loss = PerceptualDistance(seed=seed)
 
     def _check_inputs(self, out, target, bbox) -> None:
         if not isinstance(out, Mapping):

@@ -9,9 +9,20 @@ MultiStepLR (x0.2 at 130k and 160k steps). No gradient clipping, no EMA (as the 
   process takes its share of every epoch, gradients are averaged by DDP (unused
   parameters allowed: single-source steps skip MTA, and each process flips its own coin,
   as the official code does).
-* Resume: ``last.pt`` holds the model, optimizer, scheduler, step and the random state;
-  a resumed run continues exactly where the saved one stopped (same batches, same draws).
-  Checkpoints are written to a temporary file and renamed into place.
+* Seeds: one ``seed`` decides everything random: the model's initial weights
+  (:func:`build_model`), the random perceptual AlexNet trunk, the data order, the source
+  draws, the sampling jitter and the StyleGAN noise. The same seed gives the same run in
+  any process (bitwise on CPU; CUDA kernels with atomic adds may differ in the last bits).
+* Resume: ``last.pt`` holds the model, the perceptual trunk, optimizer, scheduler, step and
+  the random state; a resumed run continues exactly where the saved one stopped (same
+  batches, same draws: N steps straight == k steps + resume + N - k steps, bitwise on CPU).
+  A new lr / milestones / gamma / betas in the config is applied on resume and reported
+  (:attr:`Trainer.resume_notes`). The log is cut back to the resumed step.
+* Safety: the output folder is created and checked writable before step 1; ``last.pt`` is
+  written atomically (a failed save, e.g. a full disk, leaves the previous file intact and
+  raises :class:`SaveError`) every ``save_every`` steps, every ``save_minutes`` of wall time,
+  at the end, on SIGINT / SIGTERM (after the current step; :attr:`Trainer.stopped_by`) and
+  when a step raises (unless the model is mid-update or not finite).
 * Mixed precision: ``amp="bf16"`` runs forward and loss under bf16 autocast.
 
     >>> from gpavatar.train.trainer import TrainConfig
@@ -25,8 +36,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -35,75 +47,18 @@ import torch.distributed as dist
 from torch import nn
 
 from gpavatar.model import GPAvatar
-from gpavatar.model.checkpoint import atomic_write
+from gpavatar.model.checkpoint import CheckpointError, atomic_write
+from gpavatar.train.interrupts import StopSignals
+from gpavatar.train.run_folder import (CHECKPOINT_NAME, LOG_NAME, OutputFolderError, SaveError,
+                                       check_output_folder, prepare_log, read_training_checkpoint)
+from gpavatar.train.schedule import apply_schedule_changes, fresh_hyperparameters
+from gpavatar.train.train_config import DistributedContext, TrainConfig, build_model, derived_seed, epoch_batches
 
-CHECKPOINT_NAME, LOG_NAME = "last.pt", "log.jsonl"
+__all__ = ["TrainConfig", "Trainer", "DistributedContext", "epoch_batches", "build_model", "derived_seed",
+           "CHECKPOINT_NAME", "LOG_NAME", "OutputFolderError", "SaveError", "CheckpointError"]
+
 RUNTIME_FIELDS = ("noise", "query_chunk", "backend")  # may differ between a run and its resumption
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings (defaults: the official configuration, pipeline.md 5.1-5.3).
-
-    steps: optimiser steps in total; batch_size: per process; lr: base learning rate;
-    betas: Adam betas; milestones / gamma: MultiStepLR; workers: DataLoader workers;
-    log_every / save_every: in steps; amp: "off" | "bf16"; seed: data order, source
-    draws, sampling jitter and noise (each process adds its rank).
-    """
-
-    steps: int = 205_000
-    batch_size: int = 2
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.0, 0.99)
-    milestones: tuple[int, ...] = (130_000, 160_000)
-    gamma: float = 0.2
-    workers: int = 0
-    log_every: int = 50
-    save_every: int = 5000
-    amp: str = "off"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "log_every", "save_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
-            raise ValueError(f"workers must be an int >= 0, got {self.workers!r}")
-        if self.amp not in ("off", "bf16"):
-            raise ValueError(f"amp must be 'off' or 'bf16', got {self.amp!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive float, got {self.lr!r}")
-        object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
-        object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
-
-
-@dataclass(frozen=True)
-class DistributedContext:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> "DistributedContext":
-        """torchrun's environment (RANK / WORLD_SIZE / LOCAL_RANK); one process without it."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
-        return cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def epoch_batches(n: int, batch_size: int, epoch: int, seed: int, rank: int = 0, world: int = 1) -> list[list[int]]:
-    """Index batches of one epoch for one process: a permutation seeded by (seed, epoch), split
-    evenly across processes (the remainder dropped), then into full batches (drop_last)."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-    per_rank = n // world
-    mine = order[: per_rank * world][rank::world]
-    return [mine[i:i + batch_size] for i in range(0, len(mine) - batch_size + 1, batch_size)]
+CHECKPOINT_FORMAT = "gpavatar-train-2"
 
 
 class _TrainStep(nn.Module):
@@ -121,14 +76,17 @@ class Trainer:
     """Fit a :class:`GPAvatar` on an :class:`gpavatar.data.OfficialDataset`-style dataset.
 
     Args:
-        model: the model (moved to ``device``, put in training mode)
+        model: the model (moved to ``device``, put in training mode); :func:`build_model`
+            draws its initial weights from the run's seed
         dataset: items with ``f_images`` (V, 3, S, S), ``d_images`` (3, S, S), ``d_points``
             (5023, 3), ``d_transforms`` (3, 4), ``d_bbox`` (4,); ``set_epoch(epoch)`` is called
             if present (deterministic source draws)
-        out_dir: checkpoints (``last.pt``), ``log.jsonl`` and, at the end, ``pretrained/``
+        out_dir: checkpoints (``last.pt``), ``log.jsonl`` and, at the end, ``pretrained/``;
+            created and checked writable here (:class:`OutputFolderError`)
         config: :class:`TrainConfig`
         device: default: this process's GPU if any, else CPU
-        loss: default :class:`gpavatar.train.losses.GPAvatarLoss` with the official weights
+        loss: default :class:`gpavatar.train.losses.GPAvatarLoss` with the official weights and
+            its random AlexNet trunk drawn from the seed (saved in ``last.pt`` either way)
     """
 
     def __init__(self, model: GPAvatar, dataset, out_dir: str | os.PathLike, config: Optional[TrainConfig] = None,
@@ -137,6 +95,14 @@ class Trainer:
 
         self.config = config or TrainConfig()
         self.context = DistributedContext.from_env()
+        self.dataset, self.out_dir = dataset, Path(out_dir)
+        if self.context.is_main:
+            check_output_folder(self.out_dir)
+        c = self.config
+        self.batches_per_epoch = len(dataset) // self.context.world_size // c.batch_size  # as epoch_batches splits
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"the dataset has {len(dataset)} items: fewer than one batch of {c.batch_size} per "
+                             f"process ({self.context.world_size} processes)")
         if device is None:
             device = f"cuda:{self.context.local_rank}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
@@ -151,17 +117,20 @@ class Trainer:
         # Face-box crops: 256 px at the official 512 output (pipeline.md 5.5); half the output side
         # for smaller models (at least 32 px, AlexNet's minimum).
         crop = max(32, min(256, model.config.output_size // 2))
-        self.loss = (loss or GPAvatarLoss(crop_size=crop)).to(self.device)
-        self.dataset, self.out_dir = dataset, Path(out_dir)
-        c = self.config
+        if loss is None:
+            loss = GPAvatarLoss(crop_size=crop, seed=derived_seed(c.seed, "perceptual"))
+        self.loss = loss.to(self.device)
         self.optimizer = torch.optim.Adam(self.model.param_groups(c.lr), lr=c.lr, betas=c.betas)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(c.milestones), gamma=c.gamma)
         self.generator = torch.Generator(self.device).manual_seed(c.seed + self.context.rank)
         self.step = 0
-        self.batches_per_epoch = len(dataset) // self.context.world_size // c.batch_size  # as epoch_batches splits
-        if self.batches_per_epoch == 0:
-            raise ValueError(f"the dataset has {len(dataset)} items: fewer than one batch of {c.batch_size} per "
-                             f"process ({self.context.world_size} processes)")
+        self.saved_step: Optional[int] = None  # step of the newest last.pt this trainer wrote or loaded
+        self.resume_notes: list[str] = []  # what a resume changed or could not restore
+        self.stopped_by: Optional[StopSignals] = None  # set when fit() stopped on SIGINT / SIGTERM
+        self.failure_note: Optional[str] = None  # what fit() saved (or why not) when a step raised
+        self.log_note: Optional[str] = None  # what fit() did to an existing log
+        self._generator_at_step = self.generator.get_state()
+        self._in_step = self._updating = self._saving = False
 
     # -- data ------------------------------------------------------------------------------
     def batches(self) -> Iterator[dict]:
@@ -172,14 +141,18 @@ class Trainer:
             if hasattr(self.dataset, "set_epoch"):
                 self.dataset.set_epoch(epoch)
             plan = epoch_batches(len(self.dataset), c.batch_size, epoch, c.seed, ctx.rank, ctx.world_size)[offset:]
+            # own generator: worker seeds come from (seed, epoch), the global RNG is not consumed
+            generator = torch.Generator().manual_seed(derived_seed(c.seed, f"loader/{epoch}/{ctx.rank}"))
             loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=plan, num_workers=c.workers,
-                                                 pin_memory=self.device.type == "cuda")
+                                                 pin_memory=self.device.type == "cuda", generator=generator,
+                                                 worker_init_fn=_ignore_interrupts if c.workers else None)
             yield from loader
             epoch, offset = epoch + 1, 0
 
     # -- one step --------------------------------------------------------------------------
     def train_step(self, batch: dict) -> dict[str, float]:
         dev = self.device
+        self._generator_at_step, self._in_step = self.generator.get_state(), True
         images, points = batch["f_images"].to(dev), batch["d_points"].to(dev)
         transform, target, bbox = batch["d_transforms"].to(dev), batch["d_images"].to(dev), batch["d_bbox"].to(dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.config.amp == "bf16"):
@@ -191,81 +164,229 @@ class Trainer:
                                      + ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in terms.items()))
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
+        self._updating = True  # from here to the step count the state is torn: never saved
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
+        self._updating = self._in_step = False
         logged = {k: float(v.detach()) for k, v in terms.items()}
         logged["single_source"] = float(out["single_source"])
         return logged
 
-    def fit(self, steps: Optional[int] = None, progress: bool = True) -> dict[str, float]:
+    def fit(self, steps: Optional[int] = None, progress: Optional[bool] = None, print_lines: bool = False,
+            catch_signals: bool = True) -> dict[str, float]:
         """Train until ``steps`` (default ``config.steps``) optimiser steps in total; returns the
-        last logged terms. Saves every ``save_every`` steps and at the end (main process)."""
+        last logged terms.
+
+        Saves every ``save_every`` steps, every ``save_minutes`` and at the end (main process).
+        ``progress``: a tqdm bar on stderr (None: only when stdout and stderr are terminals);
+        ``print_lines``: without a bar, one line per logged step on stdout (for logs and CI).
+        ``catch_signals``: the first SIGINT / SIGTERM stops after the current step and saves
+        (:attr:`stopped_by` tells; fit returns normally); a second raises KeyboardInterrupt.
+        When a step raises, ``last.pt`` is saved first if the state is whole (not mid-update, all
+        parameters finite; :attr:`failure_note` says what happened) and the error propagates.
+        """
         target = self.config.steps if steps is None else steps
+        main = self.context.is_main
+        self.stopped_by, self.failure_note, self.log_note = None, None, None
+        if self._updating:
+            raise RuntimeError("an earlier fit() stopped during a parameter update: this trainer's state is torn; "
+                               "build a new trainer and load() the last checkpoint")
+        if self._in_step:  # an earlier fit() stopped inside a step: redo it with the same draws
+            self.generator.set_state(self._generator_at_step)
+            self._in_step = False
+        if main:
+            self.log_note = prepare_log(self.out_dir / LOG_NAME, self.step)
+        if progress is None:  # a person is watching: both streams are terminals (as gpavatar's other commands)
+            progress = sys.stdout.isatty() and sys.stderr.isatty()
         bar = None
-        if progress and self.context.is_main:
+        if progress and main:
             from tqdm import tqdm
 
             bar = tqdm(total=target, initial=self.step, desc="train", dynamic_ncols=True)
         last: dict[str, float] = {}
         start, start_step = time.perf_counter(), self.step
+        self._last_save_time = time.monotonic()
         batches = self.batches()
-        while self.step < target:
-            last = self.train_step(next(batches))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{last['total']:.4f}", psnr=f"{last.get('psnr', float('nan')):.2f}")
-            if self.step % self.config.log_every == 0 or self.step == target:
-                seconds = (time.perf_counter() - start) / max(1, self.step - start_step)
-                rates = {f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
-                base = rates.get("lr_normal", self.optimizer.param_groups[0]["lr"])
-                self._log({"step": self.step, **last, "lr": base, **rates, "s_per_step": seconds})
-            if self.step % self.config.save_every == 0 or self.step == target:
-                self.save()
-        if bar is not None:
-            bar.close()
+        if not main:
+            announce = lambda text: None  # noqa: E731
+        else:
+            announce = (lambda text: bar.write(text, file=sys.stderr)) if bar is not None else _stderr  # noqa: E731
+        with StopSignals(enabled=catch_signals, announce=announce) as stop:
+            try:
+                while self.step < target:
+                    if self._stop_agreed(stop):
+                        self.stopped_by = stop
+                        if self.saved_step != self.step:
+                            self.save()
+                        break
+                    last = self.train_step(next(batches))
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{last['total']:.4f}", psnr=f"{last.get('psnr', float('nan')):.2f}")
+                    if self.step % self.config.log_every == 0 or self.step == target:
+                        seconds = (time.perf_counter() - start) / max(1, self.step - start_step)
+                        rates = {f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+                        base = rates.get("lr_normal", self.optimizer.param_groups[0]["lr"])
+                        self._log({"step": self.step, **last, "lr": base, **rates, "s_per_step": seconds})
+                        if print_lines and bar is None and main:
+                            eta = _duration(seconds * (target - self.step))
+                            print(f"step {self.step}/{target}  loss {last['total']:.4f}  psnr {last['psnr']:.2f}  "
+                                  f"lr {base:.3g}  {seconds:.3f} s/step  eta {eta}", flush=True)
+                    minutes = self.config.save_minutes
+                    if (self.step % self.config.save_every == 0 or self.step == target
+                            or (minutes > 0 and time.monotonic() - self._last_save_time >= 60 * minutes)):
+                        self.save()
+            except BaseException as error:
+                self._save_after_failure(error)
+                raise
+            finally:
+                if bar is not None:
+                    bar.close()
         return last
+
+    def _stop_agreed(self, stop: StopSignals) -> bool:
+        """Whether any process was asked to stop (all processes stop at the same step under DDP)."""
+        if self.context.world_size == 1 or not dist.is_initialized():
+            return stop.requested
+        flag = torch.tensor([stop.signum or 0], device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if int(flag) and not stop.requested:
+            stop.request(int(flag))
+        return bool(int(flag))
+
+    def _save_after_failure(self, error: BaseException) -> None:
+        if not self.context.is_main:
+            return
+        kept = (f"{self.out_dir / CHECKPOINT_NAME} holds step {self.saved_step}" if self.saved_step is not None
+                else "no checkpoint was saved")
+        if isinstance(error, SaveError):
+            note = None
+        elif self._saving:
+            note = f"stopped while saving ({kept}; a save is all or nothing)"
+        elif self._updating:
+            note = f"stopped during a parameter update: not saved ({kept})"
+        elif self.saved_step == self.step or self.step == 0:
+            note = f"nothing new to save ({kept})"
+        elif not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            note = f"the parameters are not finite: not saved ({kept})"
+        else:
+            try:
+                path = self.save()
+                note = f"saved {path} at step {self.step}; rerun the same command to resume"
+            except Exception as save_error:  # report the original error, mention this one
+                note = f"could not save on the way out: {save_error}"
+        self.failure_note = note
+        if note is not None and hasattr(error, "add_note"):
+            error.add_note(note)
 
     # -- checkpoints -----------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {"format": "gpavatar-train-1", "step": self.step, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "generator": self.generator.get_state(), "model_config": self.model.config.to_dict(),
-                "train_config": dataclasses.asdict(self.config)}
+        """The training state at the last completed step (mid-step: the random state from its start)."""
+        generator = self._generator_at_step if self._in_step else self.generator.get_state()
+        return {"format": CHECKPOINT_FORMAT, "step": self.step, "model": self.model.state_dict(),
+                "loss": self.loss.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "generator": generator,
+                "model_config": self.model.config.to_dict(), "train_config": dataclasses.asdict(self.config)}
 
     def save(self, path: Optional[str | os.PathLike] = None) -> Optional[Path]:
-        """Atomically write the training state (main process only); returns the path."""
+        """Atomically write the training state (main process only); returns the path.
+
+        Raises :class:`SaveError` naming the file and the reason when writing fails (disk full,
+        folder removed, ...); the previous file is intact then."""
         if not self.context.is_main:
             return None
+        if self._updating:
+            raise RuntimeError("cannot save during a parameter update")
         path = Path(path) if path is not None else self.out_dir / CHECKPOINT_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = self.state()
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
+        self._saving = True
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: torch.save(state, tmp))
+        except OSError as error:
+            previous = "the previous file is intact" if path.exists() else "no earlier file exists"
+            failure = SaveError(f"could not write {path} at step {self.step}: {error.strerror or error} ({previous})")
+            failure.errno = error.errno  # ENOSPC stays recognisable
+            raise failure from error
+        except RuntimeError as error:  # torch.save reports some write failures (zip writer) this way
+            previous = "the previous file is intact" if path.exists() else "no earlier file exists"
+            raise SaveError(f"could not write {path} at step {self.step}: {error} ({previous})") from error
+        finally:
+            self._saving = False
+        self._last_save_time = time.monotonic()
+        if path == self.out_dir / CHECKPOINT_NAME:
+            self.saved_step = self.step
         return path
 
     def load(self, path: Optional[str | os.PathLike] = None) -> bool:
-        """Restore a training state written by :meth:`save`; False if there is none."""
+        """Restore a training state written by :meth:`save`; False if there is none.
+
+        Raises :class:`CheckpointError` (a ValueError) naming the file when it is unreadable,
+        truncated, foreign or from another model config."""
         path = Path(path) if path is not None else self.out_dir / CHECKPOINT_NAME
         if not path.is_file():
             return False
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        if state.get("format") != "gpavatar-train-1":
-            raise ValueError(f"{path} is not a gpavatar training checkpoint")
+        self.load_state(read_training_checkpoint(path, map_location=self.device), source=str(path))
+        return True
+
+    def load_state(self, state: dict[str, Any], source: str = "state") -> None:
+        """Restore :meth:`state`'s dict (e.g. from :func:`read_training_checkpoint`).
+
+        The model config must match (run-time fields aside). This trainer's lr, milestones,
+        gamma and betas win over the saved ones; each change is listed in :attr:`resume_notes`.
+        A ``gpavatar-train-1`` state (no perceptual trunk) keeps this trainer's trunk, noted."""
         ours = self.model.config.to_dict()
         changed = sorted(k for k, v in state["model_config"].items()
                          if k not in RUNTIME_FIELDS and ours.get(k) != v)
         if changed:
-            raise ValueError(f"{path} was trained with a different model config (fields {changed})")
-        self.model.load_checked_state_dict(state["model"], source=str(path))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+            raise CheckpointError(f"{source} was trained with a different model config (fields {changed}); "
+                                  f"use another output folder or --no-resume")
+        fresh = fresh_hyperparameters(self.optimizer)
+        self.model.load_checked_state_dict(state["model"], source=source)
+        notes = []
+        if "loss" in state:
+            try:
+                self.loss.load_state_dict(state["loss"])
+            except RuntimeError as error:
+                raise CheckpointError(f"{source}: its perceptual network does not fit this loss: {error}") from error
+        else:
+            notes.append(f"{source} predates stored perceptual networks: the trunk was re-drawn from the seed, "
+                         f"so this resumed run is not bitwise identical to an uninterrupted one")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (ValueError, KeyError) as error:
+            raise CheckpointError(f"{source}: the optimizer state does not fit this model: {error}") from error
+        notes += apply_schedule_changes(self.optimizer, self.scheduler, fresh, self.config.milestones,
+                                        self.config.gamma)
         self.generator.set_state(state["generator"].cpu())
-        self.step = int(state["step"])
-        return True
+        self._generator_at_step, self._in_step, self._updating = self.generator.get_state(), False, False
+        self.step = self.saved_step = int(state["step"])
+        self.resume_notes = notes
 
     def _log(self, record: dict[str, Any]) -> None:
         if not self.context.is_main:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / LOG_NAME, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process (which finishes the step and saves)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    """12 s, 7 min, 3.2 h."""
+    if not math.isfinite(seconds):
+        return "?"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
