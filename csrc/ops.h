@@ -77,7 +77,7 @@ namespace knn_blend {
 // Contiguous copies of one call's inputs (w1_dir transposed to (27, H)) and the
 // raw BlendArgs view of them; `b2` may be undefined (the backward needs none).
 struct Prepared {
-  at::Tensor queries, points, dist2, idx, table, w1_dir_t, w2, b2, weight_sum;
+  at::Tensor queries, points, dist2, idx, table, w1_dir_t, w2, w2_t, b2, weight_sum;
   BlendArgs args;
 };
 Prepared prepare(const at::Tensor& queries, const at::Tensor& points, const at::Tensor& dist2,

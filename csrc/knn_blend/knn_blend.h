@@ -112,6 +112,21 @@ GPA_HD void project_output(const float* w2, const float* b2, const float* g, flo
   }
 }
 
+// project_output with w2 transposed (w2_t: (H, C)): the same sums in the same
+// order (j = 0..H-1 for every o, then the bias term), with the loop over o
+// inside so the CPU vectorizes over outputs instead of running one serial
+// H-long dependency chain per output.
+GPA_HD void project_output_t(const float* w2_t, const float* b2, const float* g, float weight_total,
+                             int H, int C, float* out) {
+  for (int o = 0; o < C; ++o) out[o] = 0.0f;
+  for (int j = 0; j < H; ++j) {
+    const float gj = g[j];
+    const float* w = w2_t + j * C;
+    for (int o = 0; o < C; ++o) out[o] += w[o] * gj;
+  }
+  for (int o = 0; o < C; ++o) out[o] = out[o] + b2[o] * weight_total;
+}
+
 // v[j] = sum_o w2[o * H + j] * grad_out[o]   (the gradient reaching g)
 GPA_HD void hidden_gradient(const float* w2, const float* grad_out, int H, int C, float* v) {
   for (int j = 0; j < H; ++j) v[j] = 0.0f;
@@ -143,6 +158,7 @@ struct BlendArgs {
   const float* table;       // (P or B*P, H)
   const float* w1_dir_t;    // (27, H)
   const float* w2;          // (C, H)
+  const float* w2_t;        // (H, C) the same, transposed (CPU forward; may be nullptr)
   const float* b2;          // (C)
   const float* weight_sum;  // (B, K) or nullptr for per-query normalization
   int64_t B, M, P;

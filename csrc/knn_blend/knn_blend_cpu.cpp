@@ -68,6 +68,7 @@ Prepared prepare(const at::Tensor& queries, const at::Tensor& points, const at::
   p.table = table.contiguous();
   p.w1_dir_t = w1_dir.t().contiguous();
   p.w2 = w2.contiguous();
+  p.w2_t = w2.t().contiguous();
   p.b2 = b2_or_zeros.contiguous();
   if (weight_sum.has_value()) p.weight_sum = weight_sum->contiguous();
   BlendArgs& a = p.args;
@@ -78,6 +79,7 @@ Prepared prepare(const at::Tensor& queries, const at::Tensor& points, const at::
   a.table = p.table.data_ptr<float>();
   a.w1_dir_t = p.w1_dir_t.data_ptr<float>();
   a.w2 = p.w2.data_ptr<float>();
+  a.w2_t = p.w2_t.data_ptr<float>();
   a.b2 = p.b2.data_ptr<float>();
   a.weight_sum = p.weight_sum.defined() ? p.weight_sum.data_ptr<float>() : nullptr;
   a.B = queries.size(0);
@@ -131,7 +133,7 @@ GPA_CPU_CLONES void forward_range(const BlendArgs& a, int64_t begin, int64_t end
       hidden_preactivation(row, a.w1_dir_t, gamma, a.H, h);
       accumulate_relu(h, w_k[k], a.H, g);
     }
-    project_output(a.w2, a.b2, g, total, a.H, a.C, o + qi * a.C);
+    project_output_t(a.w2_t, a.b2, g, total, a.H, a.C, o + qi * a.C);
   }
 }
 
