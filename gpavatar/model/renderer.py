@@ -29,7 +29,8 @@ whole view.
     (torch.Size([1, 3, 8, 8]), torch.Size([1, 1, 8, 8]), torch.Size([1, 64, 8]))
 
 Field contract: ``field(coords (B, N, 3), dirs (B, N, 3)) -> (alpha (B, N), value (B, N, C),
-extras)`` where N = H·W·S, samples ray-major (sample ``s`` of ray ``r`` at ``r·S + s``, rays
+extras)`` with alpha in [0, 1] (not checked: the renderer does no host sync), where N = H·W·S,
+samples ray-major (sample ``s`` of ray ``r`` at ``r·S + s``, rays
 row-major over the image) and ``dirs`` the unit world direction of each sample's ray.  It is
 called exactly twice per forward: once with all coarse samples of all rays, once with all
 fine samples (the official PEF's ``"queries"`` normalization sums over the whole set, so
@@ -190,9 +191,10 @@ class VolumeRenderer(nn.Module):
         Hs = Ws = self.image_size
         o, d = origins.reshape(B * HW, 3), dirs.reshape(B * HW, 3)
         lo, hi = self.box
-        kw = dict(backend=self.backend)
-        # The ops below only see rays from a checked (finite) transform and tensors made by
-        # the ops before them: their value checks (host syncs) are skipped.
+        # The ops below only see rays from a checked (finite) transform, tensors made by the
+        # ops before them and the field's outputs (shapes checked in _query; alphas are in
+        # [0, 1] by the field contract): their value checks (host syncs) are skipped, so a
+        # frame needs no host sync (CUDA graphs).
         internal = dict(backend=self.backend, validate=False)
 
         t0, t1, _ = ops.ray_box(o, d, lo, hi, **internal)
@@ -201,7 +203,7 @@ class VolumeRenderer(nn.Module):
         # Sample positions are computed in float32 like the depths (the ops' contract).
         o32, d32 = o.detach().float(), d.detach().float()
         alpha_c, value_c, extras_c = self._query(field, o32, d32, coarse_t, B, "coarse")
-        coarse = ops.composite(alpha_c, value_c, **kw)
+        coarse = ops.composite(alpha_c, value_c, **internal)
 
         fine_t = ops.importance_depths(coarse_t, coarse.weights.detach(), self.n_fine, stratified=stratified,
                                        generator=generator, **internal)
@@ -209,7 +211,7 @@ class VolumeRenderer(nn.Module):
         depths, order = ops.merge_samples(coarse_t, fine_t, **internal)
         alphas = ops.merge_values(alpha_c, alpha_f.to(alpha_c.dtype), order)
         values = ops.merge_values(value_c, value_f.to(value_c.dtype), order)
-        fine = ops.composite(alphas, values, depths, **kw)
+        fine = ops.composite(alphas, values, depths, **internal)
 
         opacity = fine.opacity
         # The official fill: one scalar for the whole batch (not each ray's own maximum).
