@@ -28,30 +28,19 @@ allowed (their rebuild functions load nested pickles); convert them to numpy bef
 from __future__ import annotations
 
 import collections
-import importlib
 import os
 import pickle
 from typing import Any, BinaryIO, Union
 
 import numpy as np
 
+# The numpy internals a pickled array names: shared with the FLAME loader's unpickler.
+from gpavatar.flame.loader import _NUMPY_PRIVATE, _numpy_private
+
 __all__ = ["RecordsUnpickler", "RefusedGlobal", "safe_load", "safe_load_path"]
 
 class RefusedGlobal(pickle.UnpicklingError):
     """The pickle names a global outside the allow-list (it may try to run code)."""
-
-
-_NUMPY_PRIVATE = {"_reconstruct": "multiarray", "scalar": "multiarray", "_frombuffer": "numeric"}
-
-
-def _numpy_private(submodule: str, name: str):
-    """numpy._core.<submodule>.<name> (numpy >= 2) or numpy.core.<submodule>.<name> (numpy 1)."""
-    for prefix in ("numpy._core.", "numpy.core."):
-        try:
-            return getattr(importlib.import_module(prefix + submodule), name)
-        except (ImportError, AttributeError):
-            continue
-    raise pickle.UnpicklingError(f"this numpy has no {submodule}.{name}")
 
 
 def _reconstruct(cls, *args):
