@@ -23,7 +23,20 @@ the set's worst entry (largest (d, i)).  For each tile:
 Candidates are offered in ascending order, so after K rounds nothing else of
 the tile can enter; a tile with no qualifying candidate costs no round.
 At the end the set is sorted by K rounds of extract-min.
+
+Cell lists (large query sets: from CELLS_MIN_QUERIES queries per batch element, or
+``GPAVATAR_KNN=cells``): the per-cell candidate lists of ``csrc/knn/knn_cells.h`` (see
+its proof of exactness), built with torch ops on the device (no host sync) by
+:func:`build_cells`: G^3 cells over the points' box joined with the queries' box,
+U_C = the K-th smallest farthest-distance from the cell to a point, the list = the
+points whose nearest distance to the cell is <= U_C (1 + 1e-5) + 1e-36, stored in
+index order in a fixed number of slots per cell.  The same kernel then streams, for
+each row, its cell's list instead of all points (a gather); rows outside the grid
+or in a cell whose list overflows its slots stream every point.  The offer rule is
+the same lexicographic (d, i) comparison, so the result is bit-identical.
 """
+
+import os
 
 import torch
 import triton
@@ -36,6 +49,9 @@ BLOCK_P = 64  # points per streamed tile
 NUM_WARPS = 4
 
 _INT32_MAX = 2147483647
+CELLS_MIN_QUERIES = 8192  # as the C++ kernels (csrc/ops.h kCellsMinQueries)
+CELLS_PER_AXIS = 16
+CELL_SLOTS = 768  # list entries stored per cell (GPAVATAR_KNN_CELL_BUDGET overrides)
 
 
 @triton.jit
@@ -59,12 +75,18 @@ def _knn_kernel(
     p_ptr,  # [B, P, 3] float32
     dist_ptr,  # [B, M, K] float32 (out)
     idx_ptr,  # [B, M, K] int64 (out)
+    cell_ptr,  # [B, M] int32: the row's cell, -1 = stream every point (only with CELLS)
+    count_ptr,  # [B, C] int32 list lengths (only with CELLS)
+    list_ptr,  # [B, C, SLOTS] int32 candidate indices, index order (only with CELLS)
     M,
     P,
     K,
+    C,
+    SLOTS,
     BLOCK_M: tl.constexpr,
     BLOCK_P: tl.constexpr,
     KP: tl.constexpr,  # next power of two >= K
+    CELLS: tl.constexpr,
 ):
     BIG: tl.constexpr = 2147483647  # index of empty slots / consumed candidates
     INF: tl.constexpr = float("inf")
@@ -87,22 +109,46 @@ def _knn_kernel(
     wc = tl.zeros((BLOCK_M,), tl.int32)
 
     p_base = b * P
-    for start in range(0, P, BLOCK_P):
-        pidx = start + tl.arange(0, BLOCK_P)  # [BLOCK_P] int32
-        p_ok = pidx < P
-        p_off = (p_base + pidx) * 3  # [BLOCK_P] int64
-        px = tl.load(p_ptr + p_off, mask=p_ok, other=0.0)
-        py = tl.load(p_ptr + p_off + 1, mask=p_ok, other=0.0)
-        pz = tl.load(p_ptr + p_off + 2, mask=p_ok, other=0.0)
-        dx = qx[:, None] - px[None, :]  # [BLOCK_M, BLOCK_P]
-        dy = qy[:, None] - py[None, :]
-        dz = qz[:, None] - pz[None, :]
+    if CELLS:
+        # Each row streams its cell's list (or every point: cell -1 or an overflowing list).
+        cell = tl.load(cell_ptr + b * M + rows, mask=row_ok, other=-1)
+        n_list = tl.load(count_ptr + b * C + cell, mask=row_ok & (cell >= 0), other=0)
+        listed = (cell >= 0) & (n_list <= SLOTS)
+        length = tl.where(listed, n_list, P)
+        length = tl.where(row_ok, length, 0)
+        list_base = (b * C + tl.where(listed, cell, 0)).to(tl.int64) * SLOTS
+        n_stream = tl.max(length, 0)
+    else:
+        n_stream = P
+    for start in range(0, n_stream, BLOCK_P):
+        j = start + tl.arange(0, BLOCK_P)  # [BLOCK_P] int32
+        if CELLS:
+            p_ok = j[None, :] < length[:, None]  # [BLOCK_M, BLOCK_P]
+            from_list = tl.load(list_ptr + list_base[:, None] + j[None, :], mask=p_ok & listed[:, None], other=0)
+            pi2 = tl.where(listed[:, None], from_list, j[None, :])
+            p_off = (p_base + pi2) * 3
+            px = tl.load(p_ptr + p_off, mask=p_ok, other=0.0)
+            py = tl.load(p_ptr + p_off + 1, mask=p_ok, other=0.0)
+            pz = tl.load(p_ptr + p_off + 2, mask=p_ok, other=0.0)
+            dx = qx[:, None] - px  # [BLOCK_M, BLOCK_P]
+            dy = qy[:, None] - py
+            dz = qz[:, None] - pz
+        else:
+            p_ok1 = j < P
+            p_off = (p_base + j) * 3  # [BLOCK_P] int64
+            px = tl.load(p_ptr + p_off, mask=p_ok1, other=0.0)
+            py = tl.load(p_ptr + p_off + 1, mask=p_ok1, other=0.0)
+            pz = tl.load(p_ptr + p_off + 2, mask=p_ok1, other=0.0)
+            dx = qx[:, None] - px[None, :]  # [BLOCK_M, BLOCK_P]
+            dy = qy[:, None] - py[None, :]
+            dz = qz[:, None] - pz[None, :]
+            pi2 = j[None, :] + tl.zeros((BLOCK_M, BLOCK_P), tl.int32)
+            p_ok = tl.broadcast_to(p_ok1[None, :], (BLOCK_M, BLOCK_P))
         d = (dx * dx + dy * dy) + dz * dz
 
         # Candidates that beat the current worst entry of their row.
-        pi2 = pidx[None, :] + tl.zeros((BLOCK_M, BLOCK_P), tl.int32)
         qual = (d < wd[:, None]) | ((d == wd[:, None]) & (pi2 < wi[:, None]))
-        qual = qual & p_ok[None, :] & row_ok[:, None]
+        qual = qual & p_ok & row_ok[:, None]
         td = tl.where(qual, d, INF)
         ti = tl.where(qual, pi2, BIG)
         n_rounds = tl.minimum(tl.max(tl.sum(qual.to(tl.int32), 1), 0), K)
@@ -140,6 +186,91 @@ def _knn_kernel(
     tl.store(idx_ptr + o_off, oi.to(tl.int64), mask=o_mask)
 
 
+def _env_int(name: str, default: int, lo: int, hi: int) -> int:
+    text = os.environ.get(name, "")
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = lo - 1
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be an integer in [{lo}, {hi}], got {text!r}")
+    return value
+
+
+def use_cells(M: int, P: int) -> bool:
+    """GPAVATAR_KNN as the C++ kernels read it (``grid`` means brute force here)."""
+    if os.environ.get("GPAVATAR_KNN_GRID") == "0":
+        return False
+    name = os.environ.get("GPAVATAR_KNN", "auto") or "auto"
+    if name not in ("auto", "brute", "grid", "cells"):
+        raise ValueError(f"GPAVATAR_KNN must be one of auto, brute, grid, cells; got {name!r}")
+    if name == "auto":
+        return P >= 256 and M >= CELLS_MIN_QUERIES
+    return name == "cells"
+
+
+def _geometry(points: torch.Tensor, queries: torch.Tensor, G: int):
+    """csrc/knn/knn_cells.h cell_grid_geometry on the device: lo, cell, inv, sliver (B, 3) float32."""
+    f64 = torch.float64
+    plo, phi = points.amin(1).to(f64), points.amax(1).to(f64)
+    qlo, qhi = queries.amin(1).to(f64), queries.amax(1).to(f64)
+    reach = (phi - plo).amax(1, keepdim=True)
+    ql = torch.where(qlo > plo - reach, qlo, plo - reach)  # NaN queries: ignored
+    qh = torch.where(qhi < phi + reach, qhi, phi + reach)
+    lo = torch.where(ql < plo, ql, plo)
+    hi = torch.where(qh > phi, qh, phi)
+    extent = hi - lo
+    cell = extent / G
+    flat = ~((cell >= 1e-30) & (extent <= 1e30))
+    lo_f = torch.where(flat, torch.nan_to_num(plo, nan=0.0), lo).float()
+    zero = torch.zeros_like(cell)
+    sliver = 1e-3 * cell + 1e-6 * (lo.abs() + hi.abs())
+    return (lo_f, torch.where(flat, zero, cell).float(), torch.where(flat, zero, G / extent).float(),
+            torch.where(flat, zero, sliver).float())
+
+
+def build_cells(queries: torch.Tensor, points: torch.Tensor, K: int, G: int, slots: int):
+    """The cell of every query (B, M) int32 (-1 outside the grid), the list lengths (B, G^3)
+    int32 and the lists (B, G^3, slots) int32, with torch ops only (no host sync)."""
+    B, M, _ = queries.shape
+    P = points.shape[1]
+    lo, cell, inv, sliver = _geometry(points, queries, G)
+    # Queries: inside the grid (within the sliver) and their cell, as query_cell.
+    hi = lo + G * cell
+    inside = ((queries >= (lo - sliver)[:, None]) & (queries <= (hi + sliver)[:, None])).all(-1)
+    t = (queries - lo[:, None]) * inv[:, None]
+    c = torch.where(t > 0, torch.minimum(t, torch.full_like(t, G - 1)), torch.zeros_like(t)).to(torch.int32)
+    qcell = (c[..., 2] * G + c[..., 1]) * G + c[..., 0]
+    qcell = torch.where(inside, qcell, torch.full_like(qcell, -1))
+    # Cell boxes expanded by the sliver (float64 corners, stored float32).
+    C = G ** 3
+    ijk = torch.arange(C, device=points.device)
+    ijk = torch.stack([ijk % G, (ijk // G) % G, ijk // (G * G)], -1).double()  # (C, 3)
+    box_lo = (lo.double()[:, None] + ijk[None] * cell.double()[:, None] - sliver.double()[:, None]).float()
+    box_hi = (lo.double()[:, None] + (ijk[None] + 1) * cell.double()[:, None] + sliver.double()[:, None]).float()
+    counts = torch.empty((B, C), dtype=torch.int32, device=points.device)
+    lists = torch.empty((B, C, slots), dtype=torch.int32, device=points.device)
+    chunk = max(1, (1 << 21) // max(1, B * P))  # cells per chunk: ~2M (cell, point) pairs
+    order_key = torch.arange(P, device=points.device)
+    for start in range(0, C, chunk):
+        a = box_lo[:, start:start + chunk, None, :]  # (B, c, 1, 3)
+        b = box_hi[:, start:start + chunk, None, :]
+        p = points[:, None]  # (B, 1, P, 3)
+        far = torch.maximum(p - a, b - p)
+        far2 = (far[..., 0] * far[..., 0] + far[..., 1] * far[..., 1]) + far[..., 2] * far[..., 2]
+        bound = far2.kthvalue(K, dim=-1).values * (1.0 + 1e-5) + 1e-36
+        near = torch.clamp_min(torch.maximum(a - p, p - b), 0.0)
+        near2 = (near[..., 0] * near[..., 0] + near[..., 1] * near[..., 1]) + near[..., 2] * near[..., 2]
+        keep = near2 <= bound[..., None]
+        counts[:, start:start + chunk] = keep.sum(-1, dtype=torch.int32)
+        key = torch.where(keep, order_key, order_key + P)  # listed points first, in index order
+        k = min(slots, P)
+        lists[:, start:start + chunk, :k] = key.topk(k, dim=-1, largest=False, sorted=True).values.to(torch.int32)
+    return qcell.to(torch.int32).contiguous(), counts, lists
+
+
 def knn(queries: torch.Tensor, points: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
     """K nearest points of every query; see the module docstring.
 
@@ -157,9 +288,21 @@ def knn(queries: torch.Tensor, points: torch.Tensor, K: int) -> tuple[torch.Tens
     assert P < _INT32_MAX, "knn: P must fit in int32"
     KP = max(2, triton.next_power_of_2(K))
     grid = (triton.cdiv(M, BLOCK_M), B)
+    if use_cells(M, P):
+        G = _env_int("GPAVATAR_KNN_CELLS", CELLS_PER_AXIS, 1, 32)
+        slots = _env_int("GPAVATAR_KNN_CELL_BUDGET", CELL_SLOTS, 0, 1 << 20)
+        qcell, counts, lists = build_cells(queries, points, K, G, max(slots, 1))
+        if slots == 0:
+            counts.fill_(_INT32_MAX)  # every list overflows: stream every point (tests)
+        _knn_kernel[grid](
+            queries, points, dist2, idx, qcell, counts, lists, M, P, K, G ** 3, max(slots, 1),
+            BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, KP=KP, CELLS=True,
+            num_warps=NUM_WARPS, enable_fp_fusion=False,
+        )
+        return dist2, idx
     _knn_kernel[grid](
-        queries, points, dist2, idx, M, P, K,
-        BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, KP=KP,
+        queries, points, dist2, idx, queries, queries, queries, M, P, K, 1, 1,
+        BLOCK_M=BLOCK_M, BLOCK_P=BLOCK_P, KP=KP, CELLS=False,
         num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
     return dist2, idx
