@@ -200,6 +200,41 @@ GPA_CPU_CLONES void backward_range(const BlendArgs& a, const float* grad_out, in
   }
 }
 
+// backward_range with the hidden width a compile-time constant (the H-wide
+// vectors stay in registers; same sums in the same order).
+template <int H>
+GPA_CPU_CLONES void backward_range_fixed(const BlendArgs& a, const float* grad_out, int64_t begin,
+                                         int64_t end, int64_t table_size, float* buf) {
+  float* g_table = buf;
+  float* g_w1t = g_table + table_size;
+  float* g_w2 = g_w1t + kEmbedDim * H;
+  float* g_b2 = g_w2 + a.C * H;
+  float h[H], g[H], v[H], delta[H], w_k[kMaxK], gamma[kEmbedDim];
+  for (int64_t qi = begin; qi < end; ++qi) {
+    const float* gout = grad_out + qi * a.C;
+    const float total = neighbor_weights(a, qi, w_k);
+    hidden_gradient(a.w2, gout, H, a.C, v);
+    for (int j = 0; j < H; ++j) g[j] = 0.0f;
+    for (int k = 0; k < a.K; ++k) {
+      const float* row = neighbor_embedding(a, qi, k, gamma);
+      hidden_preactivation(row, a.w1_dir_t, gamma, H, h);
+      accumulate_relu(h, w_k[k], H, g);
+      preactivation_gradient(h, v, w_k[k], H, delta);
+      float* gt = g_table + (row - a.table);
+      for (int j = 0; j < H; ++j) gt[j] += delta[j];
+      for (int c = 0; c < kEmbedDim; ++c) {
+        float* gw = g_w1t + c * H;
+        for (int j = 0; j < H; ++j) gw[j] += delta[j] * gamma[c];
+      }
+    }
+    for (int o = 0; o < a.C; ++o) {
+      float* gw = g_w2 + o * H;
+      for (int j = 0; j < H; ++j) gw[j] += gout[o] * g[j];
+      g_b2[o] += gout[o] * total;
+    }
+  }
+}
+
 at::Tensor forward_cpu(const at::Tensor& queries, const at::Tensor& points,
                        const at::Tensor& dist2, const at::Tensor& idx, const at::Tensor& table,
                        const at::Tensor& w1_dir, const at::Tensor& w2, const at::Tensor& b2,
@@ -243,7 +278,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
 
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     float* buf = buffers.data() + static_cast<size_t>(at::get_thread_num()) * per_thread;
-    backward_range(a, go.data_ptr<float>(), begin, end, table_size, buf);
+    if (a.H == 64) {
+      backward_range_fixed<64>(a, go.data_ptr<float>(), begin, end, table_size, buf);
+    } else if (a.H == 32) {
+      backward_range_fixed<32>(a, go.data_ptr<float>(), begin, end, table_size, buf);
+    } else {
+      backward_range(a, go.data_ptr<float>(), begin, end, table_size, buf);
+    }
   });
 
   // Sum the per-thread buffers (in thread order: deterministic).
