@@ -118,98 +118,59 @@ void check_indices(const at::Tensor& idx, int64_t P) {
 #define GPA_CPU_CLONES
 #endif
 
-// forward_range with the hidden width a compile-time constant: the H-wide
-// accumulator then lives in vector registers across the 27 direction terms
-// (same sums in the same order as hidden_preactivation + accumulate_relu).
-template <int H>
-GPA_CPU_CLONES void forward_range_fixed(const BlendArgs& a, int64_t begin, int64_t end, float* o) {
-  float g[H], h[H], w_k[kMaxK], gamma[kEmbedDim];
+// Per-query vectors of the blend (n of width H): on the stack when the hidden width is a
+// compile-time constant FixedH (the compiler then keeps the H-wide accumulators in vector
+// registers across the 27 direction terms), on the heap otherwise (FixedH = 0).
+template <int FixedH, int N>
+struct HiddenVectors {
+  float data[N * FixedH];
+  explicit HiddenVectors(int) {}
+  float* at(int i) { return data + i * FixedH; }
+};
+template <int N>
+struct HiddenVectors<0, N> {
+  std::vector<float> data;
+  int H;
+  explicit HiddenVectors(int width) : data(static_cast<size_t>(N) * width), H(width) {}
+  float* at(int i) { return data.data() + static_cast<size_t>(i) * H; }
+};
+
+// out[qi] for queries [begin, end).
+template <int FixedH>
+GPA_CPU_CLONES void forward_range(const BlendArgs& a, int64_t begin, int64_t end, float* o) {
+  const int H = FixedH > 0 ? FixedH : a.H;
+  HiddenVectors<FixedH, 2> vectors(H);
+  float* h = vectors.at(0);
+  float* g = vectors.at(1);
+  float w_k[kMaxK], gamma[kEmbedDim];
   for (int64_t qi = begin; qi < end; ++qi) {
     const float total = neighbor_weights(a, qi, w_k);
     for (int j = 0; j < H; ++j) g[j] = 0.0f;
     for (int k = 0; k < a.K; ++k) {
       const float* row = neighbor_embedding(a, qi, k, gamma);
-      for (int j = 0; j < H; ++j) h[j] = row[j];
-      for (int c = 0; c < kEmbedDim; ++c) {
-        const float gc = gamma[c];
-        const float* w = a.w1_dir_t + c * H;
-        for (int j = 0; j < H; ++j) h[j] += w[j] * gc;
-      }
-      for (int j = 0; j < H; ++j) g[j] += w_k[k] * relu_f(h[j]);
+      hidden_preactivation(row, a.w1_dir_t, gamma, H, h);
+      accumulate_relu(h, w_k[k], H, g);
     }
     project_output_t(a.w2_t, a.b2, g, total, H, a.C, o + qi * a.C);
   }
 }
 
-// out[qi] for queries [begin, end).
-GPA_CPU_CLONES void forward_range(const BlendArgs& a, int64_t begin, int64_t end, float* o) {
-  std::vector<float> scratch(2 * a.H + kMaxK + kEmbedDim);
-  float* h = scratch.data();
-  float* g = h + a.H;
-  float* w_k = g + a.H;
-  float* gamma = w_k + kMaxK;
-  for (int64_t qi = begin; qi < end; ++qi) {
-    const float total = neighbor_weights(a, qi, w_k);
-    for (int j = 0; j < a.H; ++j) g[j] = 0.0f;
-    for (int k = 0; k < a.K; ++k) {
-      const float* row = neighbor_embedding(a, qi, k, gamma);
-      hidden_preactivation(row, a.w1_dir_t, gamma, a.H, h);
-      accumulate_relu(h, w_k[k], a.H, g);
-    }
-    project_output_t(a.w2_t, a.b2, g, total, a.H, a.C, o + qi * a.C);
-  }
-}
-
 // Adds the gradients of queries [begin, end) into one thread's buffer:
 // (table rows, H) | (27, H) | (C, H) | (C).
+template <int FixedH>
 GPA_CPU_CLONES void backward_range(const BlendArgs& a, const float* grad_out, int64_t begin,
                                    int64_t end, int64_t table_size, float* buf) {
-  float* g_table = buf;
-  float* g_w1t = g_table + table_size;
-  float* g_w2 = g_w1t + kEmbedDim * a.H;
-  float* g_b2 = g_w2 + a.C * a.H;
-  std::vector<float> scratch(4 * a.H + kMaxK + kEmbedDim);
-  float* h = scratch.data();
-  float* g = h + a.H;
-  float* v = g + a.H;
-  float* delta = v + a.H;
-  float* w_k = delta + a.H;
-  float* gamma = w_k + kMaxK;
-  for (int64_t qi = begin; qi < end; ++qi) {
-    const float* gout = grad_out + qi * a.C;
-    const float total = neighbor_weights(a, qi, w_k);
-    hidden_gradient(a.w2, gout, a.H, a.C, v);
-    for (int j = 0; j < a.H; ++j) g[j] = 0.0f;
-    for (int k = 0; k < a.K; ++k) {
-      const float* row = neighbor_embedding(a, qi, k, gamma);
-      hidden_preactivation(row, a.w1_dir_t, gamma, a.H, h);
-      accumulate_relu(h, w_k[k], a.H, g);
-      preactivation_gradient(h, v, w_k[k], a.H, delta);
-      float* gt = g_table + (row - a.table);
-      for (int j = 0; j < a.H; ++j) gt[j] += delta[j];
-      for (int c = 0; c < kEmbedDim; ++c) {
-        float* gw = g_w1t + c * a.H;
-        for (int j = 0; j < a.H; ++j) gw[j] += delta[j] * gamma[c];
-      }
-    }
-    for (int o = 0; o < a.C; ++o) {
-      float* gw = g_w2 + o * a.H;
-      for (int j = 0; j < a.H; ++j) gw[j] += gout[o] * g[j];
-      g_b2[o] += gout[o] * total;
-    }
-  }
-}
-
-// backward_range with the hidden width a compile-time constant (the H-wide
-// vectors stay in registers; same sums in the same order).
-template <int H>
-GPA_CPU_CLONES void backward_range_fixed(const BlendArgs& a, const float* grad_out, int64_t begin,
-                                         int64_t end, int64_t table_size, float* buf) {
+  const int H = FixedH > 0 ? FixedH : a.H;
   float* g_table = buf;
   float* g_w1t = g_table + table_size;
   float* g_w2 = g_w1t + kEmbedDim * H;
   float* g_b2 = g_w2 + a.C * H;
-  float h[H], g[H], v[H], delta[H], w_k[kMaxK], gamma[kEmbedDim];
+  HiddenVectors<FixedH, 4> vectors(H);
+  float* h = vectors.at(0);
+  float* g = vectors.at(1);
+  float* v = vectors.at(2);
+  float* delta = vectors.at(3);
+  float w_k[kMaxK], gamma[kEmbedDim];
   for (int64_t qi = begin; qi < end; ++qi) {
     const float* gout = grad_out + qi * a.C;
     const float total = neighbor_weights(a, qi, w_k);
@@ -247,11 +208,11 @@ at::Tensor forward_cpu(const at::Tensor& queries, const at::Tensor& points,
   at::parallel_for(0, a.B * a.M, 16,
                    [&](int64_t begin, int64_t end) {
                      if (a.H == 64) {
-                       forward_range_fixed<64>(a, begin, end, o);
+                       forward_range<64>(a, begin, end, o);
                      } else if (a.H == 32) {
-                       forward_range_fixed<32>(a, begin, end, o);
+                       forward_range<32>(a, begin, end, o);
                      } else {
-                       forward_range(a, begin, end, o);
+                       forward_range<0>(a, begin, end, o);
                      }
                    });
   return out;
@@ -279,11 +240,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     float* buf = buffers.data() + static_cast<size_t>(at::get_thread_num()) * per_thread;
     if (a.H == 64) {
-      backward_range_fixed<64>(a, go.data_ptr<float>(), begin, end, table_size, buf);
+      backward_range<64>(a, go.data_ptr<float>(), begin, end, table_size, buf);
     } else if (a.H == 32) {
-      backward_range_fixed<32>(a, go.data_ptr<float>(), begin, end, table_size, buf);
+      backward_range<32>(a, go.data_ptr<float>(), begin, end, table_size, buf);
     } else {
-      backward_range(a, go.data_ptr<float>(), begin, end, table_size, buf);
+      backward_range<0>(a, go.data_ptr<float>(), begin, end, table_size, buf);
     }
   });
 
