@@ -58,7 +58,6 @@ constexpr double kGridPointsPerCell = 2.0;
 constexpr int64_t kCellsMinQueries = 8192;
 // Axes whose extent is below this (or not finite) are not subdivided (see build_grid).
 constexpr double kMinGridExtent = 1e-15;
-bool use_grid(int64_t P);  // also honours GPAVATAR_KNN_GRID=0
 // The search method (knn_cpu.cpp): GPAVATAR_KNN = auto | brute | grid | cells.
 enum class Method { kBrute, kGrid, kCells };
 Method choose_method(int64_t M, int64_t P);

@@ -23,11 +23,6 @@
 namespace gpavatar {
 namespace knn {
 
-bool use_grid(int64_t P) {
-  const char* env = std::getenv("GPAVATAR_KNN_GRID");  // "0": always brute force (debugging)
-  return P >= kGridMinPoints && !(env != nullptr && env[0] == '0');
-}
-
 void check_inputs(const at::Tensor& queries, const at::Tensor& points, int64_t K) {
   check_float_tensor(queries, "queries", 3, "(B, M, 3)");
   check_float_tensor(points, "points", 3, "(B, P, 3)");

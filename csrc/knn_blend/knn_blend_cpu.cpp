@@ -68,7 +68,6 @@ Prepared prepare(const at::Tensor& queries, const at::Tensor& points, const at::
   p.table = table.contiguous();
   p.w1_dir_t = w1_dir.t().contiguous();
   p.w2 = w2.contiguous();
-  p.w2_t = w2.t().contiguous();
   p.b2 = b2_or_zeros.contiguous();
   if (weight_sum.has_value()) p.weight_sum = weight_sum->contiguous();
   BlendArgs& a = p.args;
@@ -79,7 +78,7 @@ Prepared prepare(const at::Tensor& queries, const at::Tensor& points, const at::
   a.table = p.table.data_ptr<float>();
   a.w1_dir_t = p.w1_dir_t.data_ptr<float>();
   a.w2 = p.w2.data_ptr<float>();
-  a.w2_t = p.w2_t.data_ptr<float>();
+  a.w2_t = nullptr;  // set by the CPU forward, the only user
   a.b2 = p.b2.data_ptr<float>();
   a.weight_sum = p.weight_sum.defined() ? p.weight_sum.data_ptr<float>() : nullptr;
   a.B = queries.size(0);
@@ -200,8 +199,10 @@ at::Tensor forward_cpu(const at::Tensor& queries, const at::Tensor& points,
                        const at::Tensor& dist2, const at::Tensor& idx, const at::Tensor& table,
                        const at::Tensor& w1_dir, const at::Tensor& w2, const at::Tensor& b2,
                        const std::optional<at::Tensor>& weight_sum, double eps) {
-  const Prepared p = prepare(queries, points, dist2, idx, table, w1_dir, w2, b2, weight_sum, eps);
+  Prepared p = prepare(queries, points, dist2, idx, table, w1_dir, w2, b2, weight_sum, eps);
   check_indices(p.idx, p.args.P);
+  p.w2_t = p.w2.t().contiguous();  // project_output_t reads (H, C)
+  p.args.w2_t = p.w2_t.data_ptr<float>();
   const BlendArgs& a = p.args;
   at::Tensor out = at::empty({a.B, a.M, a.C}, queries.options());
   float* o = out.data_ptr<float>();
