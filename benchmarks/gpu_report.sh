@@ -12,7 +12,11 @@
 # Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: the local
 # GPU's compute capability), MAX_JOBS (default nproc), FORCE_CUDA (default 1),
 # BENCH_ARGS (extra arguments for every benchmark script), BENCHES_ONLY (the benchmark
-# scripts to run, space-separated), SKIP_MEMCHECK (any value), REPORT_BUDGET_S.
+# scripts to run, space-separated), SKIP_MEMCHECK (any value), REPORT_BUDGET_S,
+# GPAVATAR_PREBUILT (skip the build when the extension in place imports and runs: one built
+# elsewhere for this torch and Python), CUDA_TESTS (test files of the CUDA step, default
+# tests) and CUDA_TESTS_CAP (its seconds), PROBE (run benchmarks/knn_cells_probe.py),
+# SKIP_TESTS_ALL (no whole-suite step at the end).
 set -euo pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -91,10 +95,21 @@ if [[ -n "$ARCH" ]]; then
 fi
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export FORCE_CUDA="${FORCE_CUDA:-1}"
-run_step build 300 "$OUTDIR/build.log" "$PY" setup.py build_ext --inplace
+if [[ -n "${GPAVATAR_PREBUILT:-}" ]] && timeout 120 "$PY" -c 'import torch, gpavatar._C; torch.ops.gpavatar.knn(torch.zeros(1, 1, 3, device="cuda"), torch.zeros(1, 1, 3, device="cuda"), 1)' > "$OUTDIR/build.log" 2>&1; then
+    skip_step build "GPAVATAR_PREBUILT: the carried extension imports and runs on cuda"
+else
+    run_step build 300 "$OUTDIR/build.log" "$PY" setup.py build_ext --inplace
+fi
 
 # --- (b) tests: CUDA-marked first, the whole suite at the end if time allows --
-run_step tests_cuda 120 "$OUTDIR/tests_cuda.log" "$PY" -m pytest tests -x -q -m cuda
+read -r -a CUDA_TEST_FILES <<< "${CUDA_TESTS:-tests}"
+run_step tests_cuda "${CUDA_TESTS_CAP:-120}" "$OUTDIR/tests_cuda.log" "$PY" -m pytest "${CUDA_TEST_FILES[@]}" -q -m cuda -p no:cacheprovider
+
+# --- (b') the exact-KNN probe: every method bit-identical to brute force, timed ------
+if [[ -n "${PROBE:-}" ]]; then
+    run_step knn_cells_probe 150 "$OUTDIR/knn_cells_probe.log" "$PY" benchmarks/knn_cells_probe.py \
+        --device cuda --json "$OUTDIR/knn_cells_probe.json" --markdown "$OUTDIR/knn_cells_probe.md"
+fi
 
 # --- (c) compute-sanitizer memcheck -------------------------------------------
 SANITIZER="$(command -v compute-sanitizer 2>/dev/null || true)"
@@ -122,7 +137,9 @@ for bench in "${BENCHES[@]}"; do
 done
 
 # --- (b, continued) the whole test suite --------------------------------------
-if (( $(remaining) - RESERVE > 60 )); then
+if [[ -n "${SKIP_TESTS_ALL:-}" ]]; then
+    skip_step tests_all "SKIP_TESTS_ALL set"
+elif (( $(remaining) - RESERVE > 60 )); then
     run_step tests_all 240 "$OUTDIR/tests_all.log" "$PY" -m pytest tests -q
 else
     skip_step tests_all "out of time"

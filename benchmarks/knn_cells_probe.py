@@ -1,0 +1,192 @@
+"""Exactness and tuning probe of the exact KNN methods on one device (meant for a GPU run).
+
+For each query distribution of ``_distributions`` (render, uniform, clustered) at the paper
+size (M = 524288, P = 5023, K = 8 by default), the brute-force scan is the reference; every
+other method (the grid, the cell lists at several grid sizes G, the cell lists with a tiny list
+budget that forces the overflow fallback, the Triton cell lists) must return bit-identical
+``dist2`` and ``idx``.  Each is timed (CUDA events, median), next to the ``torch-fast``
+baseline, and one call of the default cell path is profiled kernel by kernel.
+
+    python benchmarks/knn_cells_probe.py --device cuda --json probe.json --markdown probe.md
+
+The environment switches the C++/Triton code reads on every call (``GPAVATAR_KNN``,
+``GPAVATAR_KNN_CELLS``, ``GPAVATAR_KNN_CELL_BUDGET``) select the method; they are restored
+afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _baselines  # noqa: E402
+import _distributions  # noqa: E402
+
+import gpavatar.ops as ops  # noqa: E402
+
+
+@contextlib.contextmanager
+def env(**values):
+    old = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = str(v)
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def timed(fn, device, warmup=3, repeats=20, max_seconds=2.0):
+    for _ in range(warmup):
+        fn()
+    times = []
+    start = time.perf_counter()
+    for _ in range(repeats):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() - start > max_seconds and len(times) >= 3:
+            break
+    return statistics.median(times)
+
+
+def profile_once(fn, device, label):
+    """Per-kernel device times of one call (torch.profiler), as rows (name, calls, ms)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()
+    with profile(activities=acts) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None)
+        if t is None:
+            t = getattr(e, "cuda_time_total", 0)
+        if device.type == "cuda" and t > 0 and e.device_type.name == "CUDA":
+            rows.append((e.key[:90], e.count, t / 1e3))
+    rows.sort(key=lambda r: -r[2])
+    print(f"\n== kernels of one call: {label} ==")
+    for name, n, ms in rows[:20]:
+        print(f"  {ms:8.4f} ms  x{n:<3d} {name}")
+    return [dict(kernel=n, calls=c, ms=round(ms, 5)) for n, c, ms in rows[:20]]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--M", type=int, default=524288)
+    ap.add_argument("--P", type=int, default=5023)
+    ap.add_argument("--K", type=int, default=8)
+    ap.add_argument("--dist", default="render,uniform,clustered")
+    ap.add_argument("--grids", default="8,12,16,20,24,32")
+    ap.add_argument("--no-triton", action="store_true")
+    ap.add_argument("--json")
+    ap.add_argument("--markdown")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    backend = "cuda" if device.type == "cuda" else "cpu"
+    rows, profiles, failures = [], {}, 0
+    for dist in args.dist.split(","):
+        q, p = _distributions.make_queries(dist, 1, args.M, args.P, device=device)
+        print(f"\n### {dist}: M={args.M} P={args.P} K={args.K} {_distributions.describe(q.cpu())}")
+        with env(GPAVATAR_KNN="brute"):
+            ref_d, ref_i = ops.knn(q, p, args.K, backend=backend)
+        cases = [("brute", backend, dict(GPAVATAR_KNN="brute")), ("grid", backend, dict(GPAVATAR_KNN="grid"))]
+        for G in [int(g) for g in args.grids.split(",")]:
+            cases.append((f"cells G={G}", backend, dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CELLS=G)))
+        cases.append(("cells budget=4 (overflow)", backend, dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CELL_BUDGET=4)))
+        cases.append(("auto", backend, dict()))
+        if not args.no_triton:
+            cases.append(("triton auto", "triton", dict()))
+            cases.append(("triton brute", "triton", dict(GPAVATAR_KNN="brute")))
+        for name, be, e in cases:
+            try:
+                with env(**e):
+                    d, i = ops.knn(q, p, args.K, backend=be)
+                    same_i = bool(torch.equal(i, ref_i))
+                    same_d = bool(torch.equal(d, ref_d))
+                    n_bad = int((i != ref_i).any(-1).sum())
+                    ms = timed(lambda: ops.knn(q, p, args.K, backend=be), device)
+                status = "ok" if same_i and same_d else f"MISMATCH ({n_bad} queries)"
+            except Exception as exc:  # record and go on
+                ms, status, same_i, same_d = float("nan"), f"ERROR {type(exc).__name__}: {exc}"[:200], False, False
+            failures += status != "ok"
+            rows.append(dict(dist=dist, method=name, backend=be, ms=round(ms, 4), status=status))
+            print(f"  {name:28s} {be:7s} {ms:9.4f} ms  {status}")
+        try:
+            fast = lambda: _baselines.knn_torch_fast(q, p, args.K)  # noqa: E731
+            ms = timed(fast, device)
+            d, i = fast()
+            differ, all_near_ties = _baselines.near_tie_mismatch(d, i, ref_d, ref_i)
+            mism = f"{int(differ.sum())} queries differ (all near-ties: {all_near_ties})"
+            rows.append(dict(dist=dist, method="torch-fast", backend="torch", ms=round(ms, 4), status="baseline"))
+            print(f"  {'torch-fast':28s} {'torch':7s} {ms:9.4f} ms  baseline {mism if mism is not None else ''}")
+        except Exception as exc:
+            print(f"  torch-fast failed: {type(exc).__name__}: {exc}")
+        if _baselines.pytorch3d_error() is None:
+            ms = timed(lambda: _baselines.knn_pytorch3d(q, p, args.K), device)
+            rows.append(dict(dist=dist, method="pytorch3d", backend="pytorch3d", ms=round(ms, 4), status="baseline"))
+            print(f"  {'pytorch3d':28s} {'':7s} {ms:9.4f} ms  baseline")
+        if device.type == "cuda":
+            with env(GPAVATAR_KNN="cells"):
+                profiles[f"{dist} knn cells"] = profile_once(lambda: ops.knn(q, p, args.K, backend=backend),
+                                                             device, f"{dist} knn cells")
+            H, C = 64, 32
+            g = torch.Generator(device="cpu").manual_seed(0)
+            feats = torch.randn(args.P, 32, generator=g).to(device)
+            w1 = (torch.randn(H, 32 + 27, generator=g) * 0.1).to(device)
+            b1 = torch.zeros(H).to(device)
+            w2 = (torch.randn(C, H, generator=g) * 0.1).to(device)
+            b2 = torch.zeros(C).to(device)
+            blend = lambda: ops.knn_blend(q, p, feats, w1, b1, w2, b2, K=args.K, backend=backend)  # noqa: E731
+            try:
+                ms = timed(blend, device)
+                rows.append(dict(dist=dist, method="knn_blend fwd (auto)", backend=backend, ms=round(ms, 4), status="ok"))
+                print(f"  {'knn_blend fwd (auto)':28s} {backend:7s} {ms:9.4f} ms")
+                profiles[f"{dist} knn_blend fwd"] = profile_once(blend, device, f"{dist} knn_blend fwd")
+            except Exception as exc:
+                print(f"  knn_blend failed: {type(exc).__name__}: {exc}")
+    info = dict(gpu=torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", torch=torch.__version__,
+                M=args.M, P=args.P, K=args.K)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(info=info, rows=rows, profiles=profiles), f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"## knn method probe on {info['gpu']}\n\n{info}\n\n| dist | method | backend | median ms | status |\n"
+                    "|---|---|---|---|---|\n")
+            for r in rows:
+                f.write(f"| {r['dist']} | {r['method']} | {r['backend']} | {r['ms']} | {r['status']} |\n")
+    print(f"\n{failures} failing case(s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
