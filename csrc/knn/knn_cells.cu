@@ -4,16 +4,18 @@
 // here synchronises with the host.
 //
 //   build:  geometry (one thread per batch element)
-//           lists (one warp per cell): U_C by a warp-wide K-th smallest of
-//           maxdist^2 over all points, then the points with mindist^2 <= bound
-//           counted (pass "count") or written at the cell's offset in index
-//           order (pass "fill"); the offsets are an exclusive prefix sum of the
-//           counts over the whole batch, and a list that does not fit in the
-//           budget is marked as overflowing.
+//           lists (one warp per cell), pass "count": U_C by a warp-wide K-th
+//           smallest of maxdist^2 over all points, the admission bound, and how
+//           many points of each distance band pass mindist^2 <= bound; pass
+//           "fill": the entries (x, y, z, index bits: one 16-byte load each in the
+//           search) written at the cell's offset band after band.  The offsets
+//           are an exclusive prefix sum of the counts over the whole batch; a list
+//           that does not fit in the budget is marked as overflowing.
 //   search: the queries' cells (outside the grid or overflowing: the brute-force
 //           bucket), bucketed by cell with a counting sort, then one thread per
 //           query in bucket order: the threads of a warp share a cell and read
-//           the same candidates (broadcast loads from L1).
+//           the same entries (broadcast loads from L1); each stops at the first
+//           band that cannot improve its K neighbours (knn_cells.h).
 #include <cuda_runtime.h>
 
 #include "knn/knn.h"
@@ -60,14 +62,19 @@ __device__ float warp_kth_smallest(const float (&own)[Capacity], int n, int K) {
   return kth;
 }
 
-// One warp per (cell, batch element).  fill == false: count[cell] = |L_C|;
-// fill == true: write L_C at offset[cell] (when it fits in `budget`).
+// One warp per (cell, batch element).
+// fill == false: U_C by a warp-wide K-th smallest, bound[cell], count[cell] = |L_C|
+//   and the entries per band;
+// fill == true: the list at offset[cell], band after band (index order within a
+//   band), when it fits in `budget` entries.
 template <int Capacity>
 __global__ void lists_kernel(const float* __restrict__ points,  // [B, P, 3]
                              const float* __restrict__ geom,    // [B, kCellGeomStride]
                              int* __restrict__ count,           // [B, G^3]
+                             float* __restrict__ cell_bound,    // [B, G^3]
+                             int* __restrict__ band_count,      // [B, G^3, kCellBands]
                              const int64_t* __restrict__ offset,  // [B * G^3 + 1] (fill)
-                             int* __restrict__ cand,            // [budget] (fill)
+                             float* __restrict__ cand,          // [budget, 4] (fill)
                              int64_t budget, int64_t P, int G, int K, bool fill) {
   const int64_t cells = static_cast<int64_t>(G) * G * G;
   const int64_t b = blockIdx.y;
@@ -76,42 +83,72 @@ __global__ void lists_kernel(const float* __restrict__ points,  // [B, P, 3]
   if (cell >= cells) return;  // whole warps leave together
   const float* g = geom + kCellGeomStride * b;
   const float* pts = points + b * P * 3;
+  const int64_t slot = b * cells + cell;
   float lo[3], hi[3];
   cell_box(g, G, static_cast<int>(cell), lo, hi);
-  // U_C: lane-local K smallest maxdist^2 (ascending), then the warp-wide K-th.
-  float own[Capacity];
-  int n = 0;
-  for (int64_t p = lane; p < P; p += 32) {
-    const float d = box_max_dist2(lo, hi, pts[3 * p], pts[3 * p + 1], pts[3 * p + 2]);
-    if (n < K || d < own[n - 1]) {
-      int j = n < K ? n++ : K - 1;
-      while (j > 0 && own[j - 1] > d) {
-        own[j] = own[j - 1];
-        --j;
+  float bound;
+  int64_t run[kCellBands];
+  if (!fill) {
+    // U_C: lane-local K smallest maxdist^2 (ascending), then the warp-wide K-th.
+    float own[Capacity];
+    int n = 0;
+    for (int64_t p = lane; p < P; p += 32) {
+      const float d = box_max_dist2(lo, hi, pts[3 * p], pts[3 * p + 1], pts[3 * p + 2]);
+      if (n < K || d < own[n - 1]) {
+        int j = n < K ? n++ : K - 1;
+        while (j > 0 && own[j - 1] > d) {
+          own[j] = own[j - 1];
+          --j;
+        }
+        own[j] = d;
       }
-      own[j] = d;
+    }
+    bound = candidate_bound(warp_kth_smallest<Capacity>(own, n, K));
+#pragma unroll
+    for (int j = 0; j < kCellBands; ++j) run[j] = 0;
+  } else {
+    const int64_t start = offset[slot];
+    if (offset[slot + 1] > budget) return;  // overflow: its queries take the brute-force scan
+    bound = cell_bound[slot];
+    const int* bc = band_count + slot * kCellBands;
+    int64_t at = start;
+#pragma unroll
+    for (int j = 0; j < kCellBands; ++j) {
+      run[j] = at;
+      at += bc[j];
     }
   }
-  const float bound = candidate_bound(warp_kth_smallest<Capacity>(own, n, K));
-  const int64_t slot = b * cells + cell;
-  int64_t start = 0, room = 0;
-  if (fill) {
-    start = offset[slot];
-    room = offset[slot + 1] <= budget ? offset[slot + 1] - start : 0;
-  }
-  int64_t written = 0;
   for (int64_t base = 0; base < P; base += 32) {
     const int64_t p = base + lane;
-    const bool keep =
-        p < P && box_min_dist2(lo, hi, pts[3 * p], pts[3 * p + 1], pts[3 * p + 2]) <= bound;
-    const unsigned mask = __ballot_sync(kFull, keep);
-    if (fill && keep) {
-      const int64_t at = written + __popc(mask & ((1u << lane) - 1u));
-      if (at < room) cand[start + at] = static_cast<int>(p);
+    float x = 0.0f, y = 0.0f, z = 0.0f, key = 0.0f;
+    if (p < P) {
+      x = pts[3 * p];
+      y = pts[3 * p + 1];
+      z = pts[3 * p + 2];
+      key = box_min_dist2(lo, hi, x, y, z);
     }
-    written += __popc(mask);
+    const bool keep = p < P && key <= bound;
+    const int band = keep ? band_of(key, bound) : -1;
+#pragma unroll
+    for (int j = 0; j < kCellBands; ++j) {
+      const unsigned mask = __ballot_sync(kFull, band == j);
+      if (fill && band == j) {
+        float* e = cand + 4 * (run[j] + __popc(mask & ((1u << lane) - 1u)));
+        reinterpret_cast<float4*>(e)[0] = make_float4(x, y, z, __int_as_float(static_cast<int>(p)));
+      }
+      run[j] += __popc(mask);
+    }
   }
-  if (!fill && lane == 0) count[slot] = static_cast<int>(written < 0x7fffffff ? written : 0x7fffffff);
+  if (!fill && lane == 0) {
+    int64_t total = 0;
+#pragma unroll
+    for (int j = 0; j < kCellBands; ++j) {
+      band_count[slot * kCellBands + j] = static_cast<int>(run[j]);
+      total += run[j];
+    }
+    count[slot] = static_cast<int>(total < 0x7fffffff ? total : 0x7fffffff);
+    cell_bound[slot] = bound;
+  }
 }
 
 // The bucket of every query (its cell, or G^3 for brute force) and the bucket sizes.
@@ -147,32 +184,37 @@ __global__ void bucket_scatter_kernel(const int* __restrict__ bucket_of,
 template <int Capacity>
 __global__ void search_kernel(const float* __restrict__ queries, const float* __restrict__ points,
                               const int* __restrict__ order, const int* __restrict__ bucket_of,
-                              const int64_t* __restrict__ offset, const int* __restrict__ cand,
-                              float* __restrict__ dist2, int64_t* __restrict__ idx, int64_t B,
-                              int64_t M, int64_t P, int G, int K) {
+                              const int64_t* __restrict__ offset, const float* __restrict__ cand,
+                              const float* __restrict__ cell_bound,
+                              const int* __restrict__ band_count, float* __restrict__ dist2,
+                              int64_t* __restrict__ idx, int64_t B, int64_t M, int64_t P, int G,
+                              int K) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (t >= B * M) return;
   const int64_t qi = order[t];
   const int64_t b = qi / M;
   const int64_t cells = static_cast<int64_t>(G) * G * G;
   const float qx = queries[3 * qi], qy = queries[3 * qi + 1], qz = queries[3 * qi + 2];
-  const float* pts = points + b * P * 3;
-  TopK<int, Capacity> best(K);
   const int bucket = bucket_of[qi];
   if (bucket == cells) {
-    scan_all(pts, P, qx, qy, qz, best);
-  } else {
-    const int64_t slot = b * cells + bucket;
-    for (int64_t s = offset[slot]; s < offset[slot + 1]; ++s) {
-      const int p = __ldg(cand + s);
-      const float d = squared_distance(qx, qy, qz, __ldg(pts + 3 * p), __ldg(pts + 3 * p + 1),
-                                       __ldg(pts + 3 * p + 2));
-      if (best.accepts(d)) best.push(d, p);
+    TopK<int, Capacity> best(K);
+    scan_all(points + b * P * 3, P, qx, qy, qz, best);
+    for (int j = 0; j < K; ++j) {
+      dist2[qi * K + j] = best.dist[j];
+      idx[qi * K + j] = best.idx[j];
     }
+    return;
   }
-  for (int j = 0; j < K; ++j) {
-    dist2[qi * K + j] = best.dist[j];
-    idx[qi * K + j] = best.idx[j];
+  const int64_t slot = b * cells + bucket;
+  TopKRegs<Capacity> best(K);
+  scan_banded(cand + 4 * offset[slot], band_count + slot * kCellBands, cell_bound[slot], qx, qy, qz,
+              best);
+#pragma unroll
+  for (int j = 0; j < Capacity; ++j) {
+    if (j < K) {
+      dist2[qi * K + j] = best.dist[j];
+      idx[qi * K + j] = best.idx[j];
+    }
   }
 }
 
@@ -191,14 +233,15 @@ int launch_cell_lists_cuda(const CellKnnCuda& a, bool fill, void* stream) {
                   static_cast<unsigned>(a.B));
   const int threads = 32 * kWarpsPerBlock;
   if (a.K <= 8) {
-    lists_kernel<8><<<grid, threads, 0, s>>>(a.points, a.geom, a.count, a.offset, a.cand, a.budget,
-                                             a.P, a.G, a.K, fill);
+    lists_kernel<8><<<grid, threads, 0, s>>>(a.points, a.geom, a.count, a.cell_bound, a.band_count,
+                                             a.offset, a.cand, a.budget, a.P, a.G, a.K, fill);
   } else if (a.K <= 16) {
-    lists_kernel<16><<<grid, threads, 0, s>>>(a.points, a.geom, a.count, a.offset, a.cand, a.budget,
-                                              a.P, a.G, a.K, fill);
+    lists_kernel<16><<<grid, threads, 0, s>>>(a.points, a.geom, a.count, a.cell_bound, a.band_count,
+                                              a.offset, a.cand, a.budget, a.P, a.G, a.K, fill);
   } else {
-    lists_kernel<kMaxK><<<grid, threads, 0, s>>>(a.points, a.geom, a.count, a.offset, a.cand,
-                                                 a.budget, a.P, a.G, a.K, fill);
+    lists_kernel<kMaxK><<<grid, threads, 0, s>>>(a.points, a.geom, a.count, a.cell_bound,
+                                                 a.band_count, a.offset, a.cand, a.budget, a.P,
+                                                 a.G, a.K, fill);
   }
   return static_cast<int>(cudaGetLastError());
 }
@@ -223,15 +266,17 @@ int launch_cell_search_cuda(const CellKnnCuda& a, void* stream) {
   const unsigned blocks = blocks_for(a.B * a.M);
   if (a.K <= 8) {
     search_kernel<8><<<blocks, kThreads, 0, s>>>(a.queries, a.points, a.order, a.query_cell, a.offset,
-                                                 a.cand, a.dist2, a.idx, a.B, a.M, a.P, a.G, a.K);
+                                                 a.cand, a.cell_bound, a.band_count, a.dist2, a.idx,
+                                                 a.B, a.M, a.P, a.G, a.K);
   } else if (a.K <= 16) {
     search_kernel<16><<<blocks, kThreads, 0, s>>>(a.queries, a.points, a.order, a.query_cell,
-                                                  a.offset, a.cand, a.dist2, a.idx, a.B, a.M, a.P,
-                                                  a.G, a.K);
+                                                  a.offset, a.cand, a.cell_bound, a.band_count,
+                                                  a.dist2, a.idx, a.B, a.M, a.P, a.G, a.K);
   } else {
     search_kernel<kMaxK><<<blocks, kThreads, 0, s>>>(a.queries, a.points, a.order, a.query_cell,
-                                                     a.offset, a.cand, a.dist2, a.idx, a.B, a.M,
-                                                     a.P, a.G, a.K);
+                                                     a.offset, a.cand, a.cell_bound,
+                                                     a.band_count, a.dist2, a.idx, a.B, a.M, a.P,
+                                                     a.G, a.K);
   }
   return static_cast<int>(cudaGetLastError());
 }

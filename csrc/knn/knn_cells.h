@@ -132,6 +132,106 @@ GPA_HD void scan_all(const float* points, int64_t P, float qx, float qy, float q
   }
 }
 
+// --- Banded lists (the CUDA path) ---------------------------------------------
+// A cell's list is stored band after band by key = mindist^2(p, cell box), band j
+// holding the keys in [band_floor(bound, j), band_floor(bound, j + 1)) (the last
+// band is open above), where bound is the list's admission bound.  A query x in
+// the cell has |x - p|^2 >= key for every p (the float evaluations of both are
+// monotone in the per-axis gaps, and x lies in the box), so once it holds K
+// neighbours whose worst distance is below band_floor(bound, j), nothing in band j
+// or later can enter, not even as a tie: the scan stops there.
+constexpr int kCellBands = 16;
+
+// bound * (j / kCellBands)^2 (0 for j = 0, also for an infinite bound).
+GPA_HD float band_floor(float bound, int j) {
+  return j == 0 ? 0.0f : bound * static_cast<float>(j * j) * (1.0f / (kCellBands * kCellBands));
+}
+
+// The band of a key: the largest j with key >= band_floor(bound, j) (0 for NaN).
+GPA_HD int band_of(float key, float bound) {
+  int band = 0;
+  for (int j = 1; j < kCellBands; ++j) band = key >= band_floor(bound, j) ? j : band;
+  return band;
+}
+
+// The K smallest (distance, index) pairs in lexicographic order, for candidates
+// offered in any order, with every array index known at compile time (so the
+// lists stay in registers on the GPU): empty slots hold (+inf, INT_MAX), and an
+// insertion runs one compare-and-swap pass over the first k slots.  Holds the
+// same K pairs as TopK for NaN-free distances.
+template <int Capacity>
+struct TopKRegs {
+  float dist[Capacity];
+  int idx[Capacity];
+  int k;
+  float worst;    // dist[k - 1]
+  int worst_idx;  // idx[k - 1]
+
+  GPA_HD explicit TopKRegs(int k_) : k(k_), worst(__builtin_huge_valf()), worst_idx(0x7fffffff) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int j = 0; j < Capacity; ++j) {
+      dist[j] = __builtin_huge_valf();
+      idx[j] = 0x7fffffff;
+    }
+  }
+
+  GPA_HD void offer(float d, int i) {
+    if (!(d < worst || (d == worst && i < worst_idx))) return;
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int j = 0; j < Capacity; ++j) {
+      if (j < k && (d < dist[j] || (d == dist[j] && i < idx[j]))) {
+        const float td = dist[j];
+        const int ti = idx[j];
+        dist[j] = d;
+        idx[j] = i;
+        d = td;
+        i = ti;
+      }
+    }
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+    for (int j = 0; j < Capacity; ++j) {
+      if (j == k - 1) {
+        worst = dist[j];
+        worst_idx = idx[j];
+      }
+    }
+  }
+};
+
+// Scans a banded list (entries of 4 floats: x, y, z, index bits) for a query,
+// stopping at the first band that cannot hold a neighbour.
+template <int Capacity>
+GPA_HD void scan_banded(const float* entries, const int* band_count, float bound, float qx, float qy,
+                        float qz, TopKRegs<Capacity>& best) {
+  int64_t s = 0;
+  for (int j = 0; j < kCellBands; ++j) {
+    if (band_floor(bound, j) > best.worst) break;
+    const int64_t end = s + band_count[j];
+#if defined(__CUDA_ARCH__)
+    // Four 16-byte loads in flight before the first distance.
+    const float4* e4 = reinterpret_cast<const float4*>(entries);
+    for (; s + 4 <= end; s += 4) {
+      float4 e[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) e[u] = __ldg(e4 + s + u);
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        best.offer(squared_distance(qx, qy, qz, e[u].x, e[u].y, e[u].z), __float_as_int(e[u].w));
+    }
+#endif
+    for (; s < end; ++s) {
+      const float* e = entries + 4 * s;
+      best.offer(squared_distance(qx, qy, qz, e[0], e[1], e[2]), float_bits_to_int(e[3]));
+    }
+  }
+}
+
 #if defined(WITH_CUDA)
 // Cells per axis of the CUDA path, and its list budget in entries per cell
 // (lists are stored back to back; one that ends past B * G^3 * budget overflows
@@ -149,8 +249,10 @@ struct CellKnnCuda {
   float* geom;             // [B, kCellGeomStride]
   int* count;              // [B * G^3] list lengths
   const int64_t* offset;   // [B * G^3 + 1] exclusive prefix sums of count
-  int* cand;               // [budget] candidate indices, cell after cell, index order within
-  int64_t budget;
+  float* cand;             // [budget * 4] candidates (x, y, z, index bits), cell after cell, band after band
+  float* cell_bound;       // [B * G^3] admission bound of each list
+  int* band_count;         // [B * G^3 * kCellBands] entries per band
+  int64_t budget;          // entries
   int* query_cell;         // [B * M] cell of each query, G^3 for the brute-force bucket
   int* bucket_count;       // [B * (G^3 + 1)] zeroed by the caller
   const int64_t* bucket_start;  // [B * (G^3 + 1)] exclusive prefix sums of bucket_count

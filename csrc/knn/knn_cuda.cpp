@@ -30,7 +30,9 @@ void cell_search(const at::Tensor& queries, const at::Tensor& points, int64_t K,
   at::Tensor geom = at::empty({B, kCellGeomStride}, f32);
   at::Tensor count = at::empty({B * cells}, i32);
   at::Tensor offset = at::zeros({B * cells + 1}, i64);
-  at::Tensor cand = at::empty({std::max<int64_t>(B * cells * per_cell, 1)}, i32);
+  at::Tensor cand = at::empty({std::max<int64_t>(B * cells * per_cell, 1), 4}, f32);
+  at::Tensor cell_bound = at::empty({B * cells}, f32);
+  at::Tensor band_count = at::empty({B * cells * kCellBands}, i32);
   at::Tensor bucket_of = at::empty({B * M}, i32);
   at::Tensor bucket_count = at::zeros({B * (cells + 1)}, i32);
   at::Tensor bucket_start = at::zeros({B * (cells + 1)}, i64);
@@ -45,7 +47,9 @@ void cell_search(const at::Tensor& queries, const at::Tensor& points, int64_t K,
   a.geom = geom.data_ptr<float>();
   a.count = count.data_ptr<int>();
   a.offset = offset.data_ptr<int64_t>();
-  a.cand = cand.data_ptr<int>();
+  a.cand = cand.data_ptr<float>();
+  a.cell_bound = cell_bound.data_ptr<float>();
+  a.band_count = band_count.data_ptr<int>();
   a.budget = B * cells * per_cell;
   a.query_cell = bucket_of.data_ptr<int>();
   a.bucket_count = bucket_count.data_ptr<int>();
