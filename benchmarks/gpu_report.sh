@@ -16,6 +16,7 @@
 # GPAVATAR_PREBUILT (skip the build when the extension in place imports and runs: one built
 # elsewhere for this torch and Python), CUDA_TESTS (test files of the CUDA step, default
 # tests) and CUDA_TESTS_CAP (its seconds), PROBE (run benchmarks/knn_cells_probe.py),
+# NCU (profile the KNN kernels with Nsight Compute: benchmarks/profile_knn_ncu.sh),
 # SKIP_TESTS_ALL (no whole-suite step at the end).
 set -euo pipefail
 
@@ -126,6 +127,11 @@ elif [[ -n "$SANITIZER" ]]; then
         "$PY" benchmarks/sanitize_ops.py --backend cuda
 else
     skip_step memcheck "compute-sanitizer not found"
+fi
+
+# --- (c') Nsight Compute profile of the KNN / knn_blend kernels (NCU=1) ---------------
+if [[ -n "${NCU:-}" ]]; then
+    run_step ncu_knn 150 "$OUTDIR/ncu_knn_step.log" bash benchmarks/profile_knn_ncu.sh "$OUTDIR"
 fi
 
 # --- (d) benchmarks -----------------------------------------------------------

@@ -98,6 +98,25 @@ def profile_once(fn, device, label):
     return [dict(kernel=n, calls=c, ms=round(ms, 5)) for n, c, ms in rows[:20]]
 
 
+def run_once(args, device, backend):
+    """knn (banded and buffered scans) and knn_blend forward + backward, once each."""
+    q, p = _distributions.make_queries("render", 1, args.M, args.P, device=device)
+    for search in ("banded", "buffered"):
+        with env(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_SEARCH=search):
+            ops.knn(q, p, args.K, backend=backend)
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(args.P, 32, generator=g).to(device).requires_grad_(True)
+    w1 = (torch.randn(64, 32 + 27, generator=g) * 0.1).to(device).requires_grad_(True)
+    b1 = torch.zeros(64, device=device, requires_grad=True)
+    w2 = (torch.randn(32, 64, generator=g) * 0.1).to(device).requires_grad_(True)
+    b2 = torch.zeros(32, device=device, requires_grad=True)
+    out = ops.knn_blend(q, p, feats, w1, b1, w2, b2, K=args.K, backend=backend).feature
+    out.square().sum().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
@@ -107,11 +126,16 @@ def main(argv=None):
     ap.add_argument("--dist", default="render,uniform,clustered")
     ap.add_argument("--grids", default="8,12,16,20,24,32")
     ap.add_argument("--no-triton", action="store_true")
+    ap.add_argument("--once", action="store_true",
+                    help="run each CUDA kernel variant once on the render samples, untimed (a target for "
+                         "ncu: benchmarks/profile_knn_ncu.sh)")
     ap.add_argument("--json")
     ap.add_argument("--markdown")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     backend = "cuda" if device.type == "cuda" else "cpu"
+    if args.once:
+        return run_once(args, device, backend)
     rows, profiles, failures = [], {}, 0
     for dist in args.dist.split(","):
         q, p = _distributions.make_queries(dist, 1, args.M, args.P, device=device)
@@ -121,6 +145,10 @@ def main(argv=None):
         cases = [("brute", backend, dict(GPAVATAR_KNN="brute")), ("grid", backend, dict(GPAVATAR_KNN="grid"))]
         for G in [int(g) for g in args.grids.split(",")]:
             cases.append((f"cells G={G}", backend, dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CELLS=G)))
+        if backend == "cuda":  # the unmeasured variant of the CUDA scan (knn_cells.h: scan_buffered)
+            for G in [int(g) for g in args.grids.split(",")]:
+                cases.append((f"cells buffered G={G}", backend,
+                              dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CELLS=G, GPAVATAR_KNN_CUDA_SEARCH="buffered")))
         cases.append(("cells budget=4 (overflow)", backend, dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CELL_BUDGET=4)))
         cases.append(("auto", backend, dict()))
         if not args.no_triton:
@@ -158,6 +186,9 @@ def main(argv=None):
             with env(GPAVATAR_KNN="cells"):
                 profiles[f"{dist} knn cells"] = profile_once(lambda: ops.knn(q, p, args.K, backend=backend),
                                                              device, f"{dist} knn cells")
+            with env(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_SEARCH="buffered"):
+                profiles[f"{dist} knn cells buffered"] = profile_once(
+                    lambda: ops.knn(q, p, args.K, backend=backend), device, f"{dist} knn cells buffered")
             H, C = 64, 32
             g = torch.Generator(device="cpu").manual_seed(0)
             feats = torch.randn(args.P, 32, generator=g).to(device)

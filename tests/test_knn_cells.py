@@ -163,3 +163,92 @@ def test_bad_environment_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("GPAVATAR_KNN_CELLS", "0")
     with pytest.raises(ValueError, match="GPAVATAR_KNN_CELLS must be an integer"):
         ops.knn(q, pts, 4, backend="cpu")
+
+
+# --- the CUDA pipeline's lists and scans, run on the CPU (knn_cells_cuda_layout.h) -------------
+# GPAVATAR_KNN_LAYOUT=cuda makes the CPU kernel build the CUDA path's lists (seeds, bands,
+# packed entries, batch-wide offsets and budget) and scan them with the same header functions
+# the CUDA search kernels call (scan_banded; scan_buffered with GPAVATAR_KNN_CUDA_SEARCH=buffered),
+# so their arithmetic and layout are tested here without a GPU.  GPAVATAR_KNN_BUFFER (> K) sets
+# the buffered scan's slots per query: K + 1 makes it flush after nearly every append.
+CUDA_SEARCHES = ["banded", "buffered"]
+
+
+@pytest.mark.parametrize("search", CUDA_SEARCHES)
+@given(kind=st.sampled_from(["lattice", "sphere", "uniform", "plane", "identical", "tiny", "offset"]),
+       B=st.integers(1, 2), P=st.integers(1, 600), K=st.integers(1, 32), G=st.sampled_from([1, 2, 3, 5, 8, 16]),
+       tight_buffer=st.booleans(), seed=st.integers(0, 2**16))
+def test_cuda_layout_matches_the_reference(search, kind, B, P, K, G, tight_buffer, seed):
+    g = torch.Generator().manual_seed(seed)
+    pts = cloud(kind, B, P, g)
+    K = min(K, P)
+    extra = {"GPAVATAR_KNN_BUFFER": K + 1} if tight_buffer else {}
+    with environment(GPAVATAR_KNN="cells", GPAVATAR_KNN_LAYOUT="cuda", GPAVATAR_KNN_CUDA_SEARCH=search,
+                     GPAVATAR_KNN_CELLS=G, **extra):
+        check("cpu", "cpu", pts, queries_for(pts, 96, g), K)
+
+
+@pytest.mark.parametrize("search", CUDA_SEARCHES)
+@pytest.mark.parametrize("budget", ["0", "3", "40", "768"])
+def test_cuda_layout_lattice_ties_and_overflow(search, budget, monkeypatch):
+    """Exact ties between points in different bands, lists beyond the budget (their queries take
+    the fallback), a buffer that flushes often."""
+    for name, value in (("GPAVATAR_KNN", "cells"), ("GPAVATAR_KNN_LAYOUT", "cuda"),
+                        ("GPAVATAR_KNN_CUDA_SEARCH", search), ("GPAVATAR_KNN_CELL_BUDGET", budget),
+                        ("GPAVATAR_KNN_CELLS", "6")):
+        monkeypatch.setenv(name, value)
+    g = torch.Generator().manual_seed(int(budget))
+    pts = lattice(2, 1500, g, step=0.0625)
+    q = (torch.randint(-12, 13, (2, 800, 3), generator=g) * 0.03125).float()
+    for K in (1, 8, 27):
+        monkeypatch.setenv("GPAVATAR_KNN_BUFFER", str(K + 2))
+        check("cpu", "cpu", pts, q, K)
+
+
+def test_cuda_layout_on_render_samples(monkeypatch):
+    """The paper's regime at a CPU-sized scale: samples along rays through a head-sized sphere."""
+    g = torch.Generator().manual_seed(1)
+    pts = cloud("sphere", 1, 5023, g) * torch.tensor([0.85, 1.0, 0.9])
+    o = torch.tensor([0.0, 0.0, -9.0])
+    d = torch.nn.functional.normalize(torch.rand(256, 3, generator=g) * torch.tensor([0.25, 0.25, 0.0])
+                                      - torch.tensor([0.125, 0.125, -1.0]), dim=-1)
+    t = 8.0 + torch.linspace(0.0, 2.0, 32)
+    q = (o + t[None, :, None] * d[:, None, :]).reshape(1, -1, 3)
+    monkeypatch.setenv("GPAVATAR_KNN", "cells")
+    monkeypatch.setenv("GPAVATAR_KNN_LAYOUT", "cuda")
+    for search in CUDA_SEARCHES:
+        monkeypatch.setenv("GPAVATAR_KNN_CUDA_SEARCH", search)
+        check("cpu", "cpu", pts, q, 8)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("search", CUDA_SEARCHES)
+@pytest.mark.parametrize("budget", ["3", "768"])
+def test_cuda_searches_match_the_reference(search, budget, monkeypatch):
+    """Both CUDA scans, with and without overflowing lists, bit-identical to the reference."""
+    monkeypatch.setenv("GPAVATAR_KNN", "cells")
+    monkeypatch.setenv("GPAVATAR_KNN_CUDA_SEARCH", search)
+    monkeypatch.setenv("GPAVATAR_KNN_CELL_BUDGET", budget)
+    g = torch.Generator().manual_seed(5)
+    for kind in ("sphere", "lattice", "uniform"):
+        pts = cloud(kind, 2, 1500, g)
+        q = queries_for(pts, 3000, g)
+        for K in (1, 8, 16, 32):
+            check("cuda", "cuda", pts, q, K)
+
+
+def test_bad_layout_environment_is_a_clear_error(monkeypatch):
+    q, pts = torch.rand(1, 10, 3), torch.rand(1, 300, 3)
+    monkeypatch.setenv("GPAVATAR_KNN", "cells")
+    monkeypatch.setenv("GPAVATAR_KNN_LAYOUT", "gpu")
+    with pytest.raises(ValueError, match="GPAVATAR_KNN_LAYOUT must be cpu or cuda"):
+        ops.knn(q, pts, 4, backend="cpu")
+    monkeypatch.setenv("GPAVATAR_KNN_LAYOUT", "cuda")
+    monkeypatch.setenv("GPAVATAR_KNN_CUDA_SEARCH", "fast")
+    with pytest.raises(ValueError, match="GPAVATAR_KNN_CUDA_SEARCH must be banded or buffered"):
+        ops.knn(q, pts, 4, backend="cpu")
+    monkeypatch.setenv("GPAVATAR_KNN_CUDA_SEARCH", "buffered")
+    monkeypatch.setenv("GPAVATAR_KNN_BUFFER", "4")
+    with pytest.raises(ValueError, match="GPAVATAR_KNN_BUFFER must be an integer"):
+        ops.knn(q, pts, 4, backend="cpu")

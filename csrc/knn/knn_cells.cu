@@ -62,6 +62,36 @@ __device__ float warp_kth_smallest(const float (&own)[Capacity], int n, int K) {
   return kth;
 }
 
+// warp_kth_smallest, also handing lane r the index of the r-th smallest value
+// (r < K): the K points that define U_C, the seeds of the buffered search.
+template <int Capacity>
+__device__ float warp_k_smallest(const float (&own)[Capacity], const int (&own_i)[Capacity], int n,
+                                 int K, int& seed) {
+  const int lane = threadIdx.x & 31;
+  int head = 0;
+  float kth = __int_as_float(0x7f800000);
+  seed = -1;
+  for (int r = 0; r < K; ++r) {
+    float v = head < n ? own[head] : __int_as_float(0x7f800000);
+    int who = lane;
+    int i = head < n ? own_i[head] : -1;
+    for (int off = 16; off > 0; off >>= 1) {
+      const float ov = __shfl_xor_sync(kFull, v, off);
+      const int ow = __shfl_xor_sync(kFull, who, off);
+      const int oi = __shfl_xor_sync(kFull, i, off);
+      if (ov < v || (ov == v && ow < who)) {
+        v = ov;
+        who = ow;
+        i = oi;
+      }
+    }
+    kth = v;
+    if (who == lane) ++head;
+    if (lane == r) seed = i;
+  }
+  return kth;
+}
+
 // One warp per (cell, batch element).
 // fill == false: U_C by a warp-wide K-th smallest, bound[cell], count[cell] = |L_C|
 //   and the entries per band;
@@ -73,6 +103,7 @@ __global__ void lists_kernel(const float* __restrict__ points,  // [B, P, 3]
                              int* __restrict__ count,           // [B, G^3]
                              float* __restrict__ cell_bound,    // [B, G^3]
                              int* __restrict__ band_count,      // [B, G^3, kCellBands]
+                             float* __restrict__ seeds,         // [B, G^3, K, 4]
                              const int64_t* __restrict__ offset,  // [B * G^3 + 1] (fill)
                              float* __restrict__ cand,          // [budget, 4] (fill)
                              int64_t budget, int64_t P, int G, int K, bool fill) {
@@ -91,6 +122,7 @@ __global__ void lists_kernel(const float* __restrict__ points,  // [B, P, 3]
   if (!fill) {
     // U_C: lane-local K smallest maxdist^2 (ascending), then the warp-wide K-th.
     float own[Capacity];
+    int own_i[Capacity];
     int n = 0;
     for (int64_t p = lane; p < P; p += 32) {
       const float d = box_max_dist2(lo, hi, pts[3 * p], pts[3 * p + 1], pts[3 * p + 2]);
@@ -98,12 +130,20 @@ __global__ void lists_kernel(const float* __restrict__ points,  // [B, P, 3]
         int j = n < K ? n++ : K - 1;
         while (j > 0 && own[j - 1] > d) {
           own[j] = own[j - 1];
+          own_i[j] = own_i[j - 1];
           --j;
         }
         own[j] = d;
+        own_i[j] = static_cast<int>(p);
       }
     }
-    bound = candidate_bound(warp_kth_smallest<Capacity>(own, n, K));
+    int seed;
+    bound = candidate_bound(warp_k_smallest<Capacity>(own, own_i, n, K, seed));
+    if (lane < K) {
+      const int64_t sp = seed < 0 ? 0 : seed;
+      reinterpret_cast<float4*>(seeds)[slot * K + lane] =
+          make_float4(pts[3 * sp], pts[3 * sp + 1], pts[3 * sp + 2], __int_as_float(static_cast<int>(sp)));
+    }
 #pragma unroll
     for (int j = 0; j < kCellBands; ++j) run[j] = 0;
   } else {
@@ -218,6 +258,48 @@ __global__ void search_kernel(const float* __restrict__ queries, const float* __
   }
 }
 
+// scan_buffered with each thread's buffer in shared memory (Cap slots,
+// interleaved across the block's threads: conflict-free).
+template <int Capacity, int Cap, int Threads>
+__global__ void __launch_bounds__(Threads)
+    search_buffered_kernel(const float* __restrict__ queries, const float* __restrict__ points,
+                           const int* __restrict__ order, const int* __restrict__ bucket_of,
+                           const int64_t* __restrict__ offset, const float* __restrict__ cand,
+                           const float* __restrict__ cell_bound, const int* __restrict__ band_count,
+                           const float* __restrict__ seeds, float* __restrict__ dist2,
+                           int64_t* __restrict__ idx, int64_t B, int64_t M, int64_t P, int G, int K) {
+  __shared__ float buf_d[Cap * Threads];
+  __shared__ int buf_i[Cap * Threads];
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * Threads + threadIdx.x;
+  if (t >= B * M) return;  // no block-wide synchronisation below
+  const int64_t qi = order[t];
+  const int64_t b = qi / M;
+  const int64_t cells = static_cast<int64_t>(G) * G * G;
+  const float qx = queries[3 * qi], qy = queries[3 * qi + 1], qz = queries[3 * qi + 2];
+  const int bucket = bucket_of[qi];
+  if (bucket == cells) {
+    TopK<int, Capacity> best(K);
+    scan_all(points + b * P * 3, P, qx, qy, qz, best);
+    for (int j = 0; j < K; ++j) {
+      dist2[qi * K + j] = best.dist[j];
+      idx[qi * K + j] = best.idx[j];
+    }
+    return;
+  }
+  const int64_t slot = b * cells + bucket;
+  TopKRegs<Capacity> best(K);
+  scan_buffered(cand + 4 * offset[slot], band_count + slot * kCellBands, cell_bound[slot],
+                seeds + 4 * slot * K, qx, qy, qz, buf_d + threadIdx.x, buf_i + threadIdx.x, Threads,
+                Cap, best);
+#pragma unroll
+  for (int j = 0; j < Capacity; ++j) {
+    if (j < K) {
+      dist2[qi * K + j] = best.dist[j];
+      idx[qi * K + j] = best.idx[j];
+    }
+  }
+}
+
 inline unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
 
 }  // namespace
@@ -233,14 +315,14 @@ int launch_cell_lists_cuda(const CellKnnCuda& a, bool fill, void* stream) {
                   static_cast<unsigned>(a.B));
   const int threads = 32 * kWarpsPerBlock;
   if (a.K <= 8) {
-    lists_kernel<8><<<grid, threads, 0, s>>>(a.points, a.geom, a.count, a.cell_bound, a.band_count,
+    lists_kernel<8><<<grid, threads, 0, s>>>(a.points, a.geom, a.count, a.cell_bound, a.band_count, a.seeds,
                                              a.offset, a.cand, a.budget, a.P, a.G, a.K, fill);
   } else if (a.K <= 16) {
-    lists_kernel<16><<<grid, threads, 0, s>>>(a.points, a.geom, a.count, a.cell_bound, a.band_count,
+    lists_kernel<16><<<grid, threads, 0, s>>>(a.points, a.geom, a.count, a.cell_bound, a.band_count, a.seeds,
                                               a.offset, a.cand, a.budget, a.P, a.G, a.K, fill);
   } else {
     lists_kernel<kMaxK><<<grid, threads, 0, s>>>(a.points, a.geom, a.count, a.cell_bound,
-                                                 a.band_count, a.offset, a.cand, a.budget, a.P,
+                                                 a.band_count, a.seeds, a.offset, a.cand, a.budget, a.P,
                                                  a.G, a.K, fill);
   }
   return static_cast<int>(cudaGetLastError());
@@ -263,6 +345,23 @@ int launch_cell_bucket_cuda(const CellKnnCuda& a, bool scatter, void* stream) {
 int launch_cell_search_cuda(const CellKnnCuda& a, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (a.B == 0 || a.M == 0) return 0;
+  if (a.buffered) {
+    const int64_t n = a.B * a.M;
+    if (a.K <= 8) {
+      search_buffered_kernel<8, 32, 128><<<static_cast<unsigned>((n + 127) / 128), 128, 0, s>>>(
+          a.queries, a.points, a.order, a.query_cell, a.offset, a.cand, a.cell_bound, a.band_count,
+          a.seeds, a.dist2, a.idx, a.B, a.M, a.P, a.G, a.K);
+    } else if (a.K <= 16) {
+      search_buffered_kernel<16, 48, 64><<<static_cast<unsigned>((n + 63) / 64), 64, 0, s>>>(
+          a.queries, a.points, a.order, a.query_cell, a.offset, a.cand, a.cell_bound, a.band_count,
+          a.seeds, a.dist2, a.idx, a.B, a.M, a.P, a.G, a.K);
+    } else {
+      search_buffered_kernel<kMaxK, 64, 64><<<static_cast<unsigned>((n + 63) / 64), 64, 0, s>>>(
+          a.queries, a.points, a.order, a.query_cell, a.offset, a.cand, a.cell_bound, a.band_count,
+          a.seeds, a.dist2, a.idx, a.B, a.M, a.P, a.G, a.K);
+    }
+    return static_cast<int>(cudaGetLastError());
+  }
   const unsigned blocks = blocks_for(a.B * a.M);
   if (a.K <= 8) {
     search_kernel<8><<<blocks, kThreads, 0, s>>>(a.queries, a.points, a.order, a.query_cell, a.offset,

@@ -213,31 +213,93 @@ GPA_HD void scan_banded(const float* entries, const int* band_count, float bound
   for (int j = 0; j < kCellBands; ++j) {
     if (band_floor(bound, j) > best.worst) break;
     const int64_t end = s + band_count[j];
-#if defined(__CUDA_ARCH__)
-    // Four 16-byte loads in flight before the first distance.
-    const float4* e4 = reinterpret_cast<const float4*>(entries);
-    for (; s + 4 <= end; s += 4) {
-      float4 e[4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) e[u] = __ldg(e4 + s + u);
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-        best.offer(squared_distance(qx, qy, qz, e[u].x, e[u].y, e[u].z), __float_as_int(e[u].w));
-    }
-#endif
     for (; s < end; ++s) {
+#if defined(__CUDA_ARCH__)
+      const float4 e = __ldg(reinterpret_cast<const float4*>(entries) + s);
+      best.offer(squared_distance(qx, qy, qz, e.x, e.y, e.z), __float_as_int(e.w));
+#else
       const float* e = entries + 4 * s;
       best.offer(squared_distance(qx, qy, qz, e[0], e[1], e[2]), float_bits_to_int(e[3]));
+#endif
     }
   }
 }
 
-#if defined(WITH_CUDA)
+// --- Seed bound and buffered scan (GPAVATAR_KNN_CUDA_SEARCH=buffered) ------------
+// The K points that define U_C (the seeds, stored with the list) are K distinct
+// points, so for a query x, limit = max_k |x - seed_k|^2 (float, the distance
+// arithmetic of the scan) is at least its K-th nearest distance.  The scan
+// appends every entry with d <= limit to a small per-query buffer (a cheap,
+// branch-short step: on the GPU the lanes of a warp rarely diverge for long) and
+// only when the buffer is full selects its K best, keeps them and lowers limit
+// to the K-th of them; the final selection runs once per query.  A dropped
+// entry had K lexicographically smaller ones, and an entry never appended has
+// d > limit >= the final K-th distance, so the K nearest (ties by index) are
+// exactly those of the brute-force scan.  The band stop applies from the first
+// band: band_floor(bound, j) > limit ends the scan.
+//
+// buf_d / buf_i: `cap` slots (cap > K) at stride `stride` (shared memory,
+// interleaved across the threads of a block, on the GPU).
+template <int Capacity>
+GPA_HD void select_buffer(float* buf_d, int* buf_i, int stride, int n, TopKRegs<Capacity>& best) {
+  for (int t = 0; t < n; ++t) best.offer(buf_d[t * stride], buf_i[t * stride]);
+}
+
+template <int Capacity>
+GPA_HD void scan_buffered(const float* entries, const int* band_count, float bound, const float* seeds,
+                          float qx, float qy, float qz, float* buf_d, int* buf_i, int stride, int cap,
+                          TopKRegs<Capacity>& best) {
+  const int K = best.k;
+  float limit = 0.0f;
+  for (int j = 0; j < K; ++j) {
+    const float* e = seeds + 4 * j;
+    limit = max_f(limit, squared_distance(qx, qy, qz, e[0], e[1], e[2]));
+  }
+  int n = 0;
+  int64_t s = 0;
+  for (int band = 0; band < kCellBands; ++band) {
+    if (band_floor(bound, band) > limit) break;
+    const int64_t end = s + band_count[band];
+    for (; s < end; ++s) {
+#if defined(__CUDA_ARCH__)
+      const float4 e = __ldg(reinterpret_cast<const float4*>(entries) + s);
+      const float d = squared_distance(qx, qy, qz, e.x, e.y, e.z);
+      const int i = __float_as_int(e.w);
+#else
+      const float* e = entries + 4 * s;
+      const float d = squared_distance(qx, qy, qz, e[0], e[1], e[2]);
+      const int i = float_bits_to_int(e[3]);
+#endif
+      if (d <= limit) {
+        buf_d[n * stride] = d;
+        buf_i[n * stride] = i;
+        if (++n == cap) {  // keep the K best, lower the limit to the K-th of them
+          TopKRegs<Capacity> part(K);
+          select_buffer(buf_d, buf_i, stride, n, part);
+          for (int t = 0; t < Capacity; ++t) {
+            if (t < K) {
+              buf_d[t * stride] = part.dist[t];
+              buf_i[t * stride] = part.idx[t];
+            }
+          }
+          n = K;
+          limit = part.worst;
+        }
+      }
+    }
+  }
+  select_buffer(buf_d, buf_i, stride, n, best);
+}
+
 // Cells per axis of the CUDA path, and its list budget in entries per cell
 // (lists are stored back to back; one that ends past B * G^3 * budget overflows
-// and its queries take the brute-force scan).
+// and its queries take the brute-force scan).  The buffered search's slots per
+// query (> K).
 constexpr int kCudaCells = 16;
 constexpr int64_t kCudaBudgetPerCell = 768;
+GPA_HD int buffer_slots(int capacity) { return capacity <= 8 ? 32 : (capacity <= 16 ? 48 : 64); }
+
+#if defined(WITH_CUDA)
 
 // Device pointers of one call; B batch elements, M queries and P points each.
 struct CellKnnCuda {
@@ -251,6 +313,8 @@ struct CellKnnCuda {
   const int64_t* offset;   // [B * G^3 + 1] exclusive prefix sums of count
   float* cand;             // [budget * 4] candidates (x, y, z, index bits), cell after cell, band after band
   float* cell_bound;       // [B * G^3] admission bound of each list
+  float* seeds;            // [B * G^3 * K * 4] the K points that define U_C (x, y, z, index bits)
+  bool buffered;           // the search: scan_buffered (true) or scan_banded
   int* band_count;         // [B * G^3 * kCellBands] entries per band
   int64_t budget;          // entries
   int* query_cell;         // [B * M] cell of each query, G^3 for the brute-force bucket

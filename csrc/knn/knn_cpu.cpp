@@ -18,6 +18,7 @@
 #include "knn/knn.h"
 #include "knn/knn_grid.h"
 #include "knn/knn_cells_cpu.h"
+#include "knn/knn_cells_cuda_layout.h"
 #include "ops.h"
 
 namespace gpavatar {
@@ -168,7 +169,39 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
   // Queries the cell lists leave to the grid or brute force (outside the grid,
   // overflowing lists); all of them for the other methods.
   std::vector<int64_t> rest;
-  if (method == Method::kCells) {
+  const char* layout_env = std::getenv("GPAVATAR_KNN_LAYOUT");
+  const std::string layout = layout_env == nullptr ? "" : layout_env;
+  TORCH_CHECK_VALUE(layout.empty() || layout == "cpu" || layout == "cuda",
+                    msg("GPAVATAR_KNN_LAYOUT must be cpu or cuda, got '", layout, "'"));
+  if (method == Method::kCells && layout == "cuda") {
+    // The CUDA pipeline's lists and scans (knn_cells_cuda_layout.h): tests and diagnostics.
+    const char* search_env = std::getenv("GPAVATAR_KNN_CUDA_SEARCH");
+    const std::string search = search_env == nullptr ? "" : search_env;
+    TORCH_CHECK_VALUE(search.empty() || search == "banded" || search == "buffered",
+                      msg("GPAVATAR_KNN_CUDA_SEARCH must be banded or buffered, got '", search, "'"));
+    const int capacity = k <= 8 ? 8 : (k <= 16 ? 16 : kMaxK);
+    const int cap = static_cast<int>(env_int("GPAVATAR_KNN_BUFFER", buffer_slots(capacity), k + 1, 1 << 16));
+    cuda_layout::Lists lists;
+    cuda_layout::build(lists, q, points.data_ptr<float>(), B, M, P, k,
+                       static_cast<int>(env_int("GPAVATAR_KNN_CELLS", kCudaCells, 1, 32)),
+                       env_int("GPAVATAR_KNN_CELL_BUDGET", kCudaBudgetPerCell, 0, int64_t{1} << 20));
+    std::vector<char> left(B * M, 0);
+    at::parallel_for(0, B * M, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t qi = begin; qi < end; ++qi) {
+        const float x = q[qi * 3], y = q[qi * 3 + 1], z = q[qi * 3 + 2];
+        const bool buffered = search == "buffered";
+        float* d = out_d + qi * k;
+        int64_t* i = out_i + qi * k;
+        const bool ok =
+            capacity == 8 ? cuda_layout::search<8>(lists, qi / M, x, y, z, buffered, cap, d, i)
+            : capacity == 16 ? cuda_layout::search<16>(lists, qi / M, x, y, z, buffered, cap, d, i)
+                             : cuda_layout::search<kMaxK>(lists, qi / M, x, y, z, buffered, cap, d, i);
+        if (!ok) left[qi] = 1;
+      }
+    });
+    for (int64_t qi = 0; qi < B * M; ++qi)
+      if (left[qi]) rest.push_back(qi);
+  } else if (method == Method::kCells) {
     const int G = cells_per_axis(M);
     const int64_t cap = env_int("GPAVATAR_KNN_CELL_CAP", INT64_MAX, 0, INT64_MAX);
     std::vector<char> left(B * M, 0);

@@ -4,6 +4,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "knn/knn.h"
 #include "knn/knn_cells.h"
 #include "cuda_check.h"
@@ -12,6 +15,17 @@
 namespace gpavatar {
 namespace knn {
 namespace {
+
+// GPAVATAR_KNN_CUDA_SEARCH = banded (default: measured on an H200) | buffered
+// (the seed bound and per-query buffer of knn_cells.h; exact too, its speed not
+// measured yet).
+bool cuda_search_buffered() {
+  const char* env = std::getenv("GPAVATAR_KNN_CUDA_SEARCH");
+  const std::string name = env == nullptr ? "" : env;
+  TORCH_CHECK_VALUE(name.empty() || name == "banded" || name == "buffered",
+                    msg("GPAVATAR_KNN_CUDA_SEARCH must be banded or buffered, got '", name, "'"));
+  return name == "buffered";
+}
 
 // The cell lists of knn_cells.h: every step on the current stream, no host sync
 // (the sizes below depend on B, M, P and K only).
@@ -33,6 +47,7 @@ void cell_search(const at::Tensor& queries, const at::Tensor& points, int64_t K,
   at::Tensor cand = at::empty({std::max<int64_t>(B * cells * per_cell, 1), 4}, f32);
   at::Tensor cell_bound = at::empty({B * cells}, f32);
   at::Tensor band_count = at::empty({B * cells * kCellBands}, i32);
+  at::Tensor seeds = at::empty({B * cells * K, 4}, f32);
   at::Tensor bucket_of = at::empty({B * M}, i32);
   at::Tensor bucket_count = at::zeros({B * (cells + 1)}, i32);
   at::Tensor bucket_start = at::zeros({B * (cells + 1)}, i64);
@@ -50,6 +65,8 @@ void cell_search(const at::Tensor& queries, const at::Tensor& points, int64_t K,
   a.cand = cand.data_ptr<float>();
   a.cell_bound = cell_bound.data_ptr<float>();
   a.band_count = band_count.data_ptr<int>();
+  a.seeds = seeds.data_ptr<float>();
+  a.buffered = cuda_search_buffered();
   a.budget = B * cells * per_cell;
   a.query_cell = bucket_of.data_ptr<int>();
   a.bucket_count = bucket_count.data_ptr<int>();

@@ -1,0 +1,168 @@
+// The CUDA cell-list pipeline (knn_cells.cu) run on the CPU: the same grid, the
+// same lists (U_C, admission bound, seeds, bands, packed entries in index order
+// within a band, offsets over the whole batch, the budget's overflow rule) and
+// the same per-query scans of knn_cells.h (scan_banded, scan_buffered).  Only for
+// tests and diagnostics (GPAVATAR_KNN=cells with GPAVATAR_KNN_LAYOUT=cuda): it
+// runs the CUDA kernels' arithmetic and list layout where there is no GPU.
+// Host only; included by knn_cpu.cpp.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "knn/knn.h"
+#include "knn/knn_cells.h"
+
+namespace gpavatar {
+namespace knn {
+namespace cuda_layout {
+
+// min / max that keep NaN, like the torch reductions the CUDA host code uses for
+// the two bounding boxes.
+inline float nan_min(float a, float b) { return a != a || b != b ? NAN : (a < b ? a : b); }
+inline float nan_max(float a, float b) { return a != a || b != b ? NAN : (a > b ? a : b); }
+
+struct Lists {
+  int G = 0, K = 0;
+  int64_t B = 0, cells = 0, budget = 0;
+  std::vector<float> geom;        // [B, kCellGeomStride]
+  std::vector<float> bound;       // [B * cells]
+  std::vector<int> band_count;    // [B * cells * kCellBands]
+  std::vector<float> seeds;       // [B * cells * K * 4]
+  std::vector<int64_t> offset;    // [B * cells + 1]
+  std::vector<float> entries;     // [total * 4]
+};
+
+// queries (B, M, 3), points (B, P, 3), contiguous.
+inline void build(Lists& L, const float* queries, const float* points, int64_t B, int64_t M, int64_t P,
+                  int K, int G, int64_t per_cell) {
+  L.G = G;
+  L.K = K;
+  L.B = B;
+  L.cells = static_cast<int64_t>(G) * G * G;
+  L.budget = B * L.cells * per_cell;
+  const int64_t cells = L.cells;
+  L.geom.assign(B * kCellGeomStride, 0.0f);
+  L.bound.assign(B * cells, 0.0f);
+  L.band_count.assign(B * cells * kCellBands, 0);
+  L.seeds.assign(B * cells * K * 4, 0.0f);
+  for (int64_t b = 0; b < B; ++b) {
+    float r[12];
+    for (int a = 0; a < 3; ++a) {
+      r[a] = r[6 + a] = __builtin_huge_valf();
+      r[3 + a] = r[9 + a] = -__builtin_huge_valf();
+    }
+    for (int64_t p = 0; p < P; ++p)
+      for (int a = 0; a < 3; ++a) {
+        const float v = points[(b * P + p) * 3 + a];
+        r[a] = nan_min(r[a], v);
+        r[3 + a] = nan_max(r[3 + a], v);
+      }
+    for (int64_t m = 0; m < M; ++m)
+      for (int a = 0; a < 3; ++a) {
+        const float v = queries[(b * M + m) * 3 + a];
+        r[6 + a] = nan_min(r[6 + a], v);
+        r[9 + a] = nan_max(r[9 + a], v);
+      }
+    cell_grid_geometry(r, r + 3, r + 6, r + 9, G, L.geom.data() + b * kCellGeomStride);
+  }
+  // Per cell: the list's bound, seeds and band sizes (pass "count").
+  std::vector<int> count(B * cells, 0);
+  at::parallel_for(0, B * cells, 8, [&](int64_t begin, int64_t end) {
+    std::vector<std::pair<float, int>> far(P);
+    for (int64_t slot = begin; slot < end; ++slot) {
+      const int64_t b = slot / cells;
+      const float* pts = points + b * P * 3;
+      float lo[3], hi[3];
+      cell_box(L.geom.data() + b * kCellGeomStride, G, static_cast<int>(slot % cells), lo, hi);
+      for (int64_t p = 0; p < P; ++p) {
+        const float d = box_max_dist2(lo, hi, pts[3 * p], pts[3 * p + 1], pts[3 * p + 2]);
+        far[p] = {d == d ? d : __builtin_huge_valf(), static_cast<int>(p)};
+      }
+      std::partial_sort(far.begin(), far.begin() + K, far.end());
+      const float bound = candidate_bound(far[K - 1].first);
+      L.bound[slot] = bound;
+      for (int j = 0; j < K; ++j) {
+        const int p = far[j].second;
+        float* e = L.seeds.data() + (slot * K + j) * 4;
+        e[0] = pts[3 * p];
+        e[1] = pts[3 * p + 1];
+        e[2] = pts[3 * p + 2];
+        e[3] = int_bits_to_float(p);
+      }
+      int* bc = L.band_count.data() + slot * kCellBands;
+      for (int64_t p = 0; p < P; ++p) {
+        const float key = box_min_dist2(lo, hi, pts[3 * p], pts[3 * p + 1], pts[3 * p + 2]);
+        if (key <= bound) ++bc[band_of(key, bound)];
+      }
+      int total = 0;
+      for (int j = 0; j < kCellBands; ++j) total += bc[j];
+      count[slot] = total;
+    }
+  });
+  L.offset.assign(B * cells + 1, 0);
+  for (int64_t slot = 0; slot < B * cells; ++slot) L.offset[slot + 1] = L.offset[slot] + count[slot];
+  L.entries.assign(std::min(L.offset.back(), L.budget) * 4, 0.0f);
+  // Pass "fill": the lists that fit in the budget, band after band, index order within.
+  at::parallel_for(0, B * cells, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t slot = begin; slot < end; ++slot) {
+      if (L.offset[slot + 1] > L.budget) continue;
+      const int64_t b = slot / cells;
+      const float* pts = points + b * P * 3;
+      float lo[3], hi[3];
+      cell_box(L.geom.data() + b * kCellGeomStride, G, static_cast<int>(slot % cells), lo, hi);
+      const float bound = L.bound[slot];
+      int64_t run[kCellBands];
+      int64_t at = L.offset[slot];
+      for (int j = 0; j < kCellBands; ++j) {
+        run[j] = at;
+        at += L.band_count[slot * kCellBands + j];
+      }
+      for (int64_t p = 0; p < P; ++p) {
+        const float key = box_min_dist2(lo, hi, pts[3 * p], pts[3 * p + 1], pts[3 * p + 2]);
+        if (!(key <= bound)) continue;
+        float* e = L.entries.data() + 4 * run[band_of(key, bound)]++;
+        e[0] = pts[3 * p];
+        e[1] = pts[3 * p + 1];
+        e[2] = pts[3 * p + 2];
+        e[3] = int_bits_to_float(static_cast<int>(p));
+      }
+    }
+  });
+}
+
+// The K nearest of query qi = b * M + m into (dist, idx); false when the CUDA
+// path would give it to the brute-force bucket (outside the grid, overflow).
+template <int Capacity>
+bool search(const Lists& L, int64_t b, float qx, float qy, float qz, bool buffered, int cap, float* dist,
+            int64_t* idx) {
+  const int c = query_cell(L.geom.data() + b * kCellGeomStride, L.G, qx, qy, qz);
+  if (c < 0) return false;
+  const int64_t slot = b * L.cells + c;
+  if (L.offset[slot + 1] > L.budget) return false;
+  TopKRegs<Capacity> best(L.K);
+  const float* entries = L.entries.data() + 4 * L.offset[slot];
+  const int* bc = L.band_count.data() + slot * kCellBands;
+  if (buffered) {
+    std::vector<float> buf_d(cap);
+    std::vector<int> buf_i(cap);
+    scan_buffered(entries, bc, L.bound[slot], L.seeds.data() + 4 * slot * L.K, qx, qy, qz, buf_d.data(),
+                  buf_i.data(), 1, cap, best);
+  } else {
+    scan_banded(entries, bc, L.bound[slot], qx, qy, qz, best);
+  }
+  for (int j = 0; j < L.K; ++j) {
+    dist[j] = best.dist[j];
+    idx[j] = best.idx[j];
+  }
+  return true;
+}
+
+}  // namespace cuda_layout
+}  // namespace knn
+}  // namespace gpavatar
