@@ -50,46 +50,12 @@ __global__ void forward_kernel(BlendArgs a, float* __restrict__ out) {
   float g[HCap];
   const float total = neighbor_weights(a, qi, w);
   for (int j = 0; j < HCap; ++j) g[j] = 0.0f;
-  if constexpr (HT > 0) {
-    // Neighbours two at a time: every weight read from shared memory feeds two
-    // products (the shared-memory pipe, not the FMA units, bounds the one-at-a-time
-    // loop).  Each hidden unit's sums, and the order in which g accumulates the
-    // neighbours, are those of the loop below.
-    float gamma2[kEmbedDim];
-    int k = 0;
-    while (k < a.K) {
-      const float* row = neighbor_embedding(a, qi, k, gamma);
-      if (row == nullptr) {
-        ++k;
-        continue;
-      }
-      int k2 = k + 1;
-      const float* row2 = nullptr;
-      for (; k2 < a.K; ++k2) {
-        row2 = neighbor_embedding(a, qi, k2, gamma2);
-        if (row2 != nullptr) break;
-      }
-      const float w0 = w[k];
-      if (row2 == nullptr) {
-#pragma unroll
-        for (int j = 0; j < HCap; ++j) g[j] += w0 * relu_f(hidden_unit(row, s.w1_dir_t, gamma, H, j));
-        break;
-      }
-      const float w1 = w[k2];
-#pragma unroll
-      for (int j = 0; j < HCap; ++j) {
-        float h0, h1;
-        hidden_unit_pair(row[j], row2[j], s.w1_dir_t, gamma, gamma2, H, j, h0, h1);
-        g[j] += w0 * relu_f(h0);
-        g[j] += w1 * relu_f(h1);
-      }
-      k = k2 + 1;
-    }
-  } else {
-    for (int k = 0; k < a.K; ++k) {
-      const float* row = neighbor_embedding(a, qi, k, gamma);
-      if (row == nullptr) continue;
-      for (int j = 0; j < H; ++j) g[j] += w[k] * relu_f(hidden_unit(row, s.w1_dir_t, gamma, H, j));
+  for (int k = 0; k < a.K; ++k) {
+    const float* row = neighbor_embedding(a, qi, k, gamma);
+    if (row == nullptr) continue;
+#pragma unroll(HT > 0 ? HCap : 1)
+    for (int j = 0; j < HCap; ++j) {
+      if (j < H) g[j] += w[k] * relu_f(hidden_unit(row, s.w1_dir_t, gamma, H, j));
     }
   }
   project_output(s.w2, s.b2, g, total, H, C, out + qi * C);

@@ -84,22 +84,6 @@ GPA_HD float hidden_unit(const float* table_row, const float* w1_dir_t,
   return h;
 }
 
-// hidden_unit of two neighbours at once (table entries t0, t1; embeddings
-// gamma0, gamma1): each sum is that of hidden_unit, only the weight load is shared.
-GPA_HD void hidden_unit_pair(float t0, float t1, const float* w1_dir_t, const float gamma0[kEmbedDim],
-                             const float gamma1[kEmbedDim], int H, int j, float& h0, float& h1) {
-  h0 = t0;
-  h1 = t1;
-#if defined(__CUDA_ARCH__)
-#pragma unroll
-#endif
-  for (int c = 0; c < kEmbedDim; ++c) {
-    const float w = w1_dir_t[c * H + j];
-    h0 += w * gamma0[c];
-    h1 += w * gamma1[c];
-  }
-}
-
 // All hidden units at once, in the same summation order as hidden_unit (the
 // loop over c is outside so the CPU vectorizes over j).
 GPA_HD void hidden_preactivation(const float* table_row, const float* w1_dir_t,
