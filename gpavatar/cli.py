@@ -7,6 +7,8 @@
     gpavatar eval DATA --pretrained DIR | --checkpoint CKPT [--split val] [--limit N] [--per-sample F.csv]
                   [--grid F.png]   (gpavatar.eval.evaluate)
     gpavatar demo [--out demo-out/demo.mp4] [--frames 50] [--preset paper|tiny] [--checkpoint CKPT] ...
+    gpavatar reenact --dataset DIR --source KEY | SOURCE_IMAGES [--driver FILE|DIR] [--orbit] [--depth] ...
+                     (gpavatar.reenact)
     gpavatar --version
 
 ``synth`` writes a synthetic dataset in the official layout and prints its timing (a folder that
@@ -37,7 +39,7 @@ __all__ = ["main", "build_parser", "UsageError", "check_output_file", "positive_
            "progress_enabled", "check_device"]
 
 EXIT_FAILURE, EXIT_INPUT, EXIT_INTERRUPTED = 1, 2, 130
-RUNS_MODEL = ("demo", "train", "eval")  # commands whose ops honour --backend / GPAVATAR_BACKEND
+RUNS_MODEL = ("demo", "reenact", "train", "eval")  # commands whose ops honour --backend / GPAVATAR_BACKEND
 NO_PROGRESS_HELP = "no progress bar (one shows only when stdout and stderr are terminals)"
 
 
@@ -302,9 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     preview.set_defaults(run=_preview)
     from gpavatar.demo import add_parser as add_demo
     from gpavatar.eval.evaluate import add_parser as add_eval
+    from gpavatar.reenact import add_parser as add_reenact
     from gpavatar.train.command import add_parser as add_train
 
     add_demo(commands)
+    add_reenact(commands)
     add_train(commands)
     add_eval(commands)
     return parser

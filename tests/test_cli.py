@@ -274,7 +274,8 @@ def test_synth_is_idempotent(tmp_path, capsys):
     assert "samples" in one_error_line(capsys.readouterr().err, "data synth")
     assert cli.main(argv[:-2] + ["--samples", "2", "--overwrite"]) == 0
     assert json.loads((out / "synthetic.json").read_text())["samples"] == 2
-    assert sorted(p.name for p in out.iterdir()) == ["camera.json", "dataset.pkl", "img_lmdb", "synthetic.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["camera.json", "dataset.pkl", "driver.json", "img_lmdb",
+                                                     "synthetic.json"]
 
 
 def test_errors_in_a_subprocess_are_one_line():

@@ -159,7 +159,8 @@ def tiny(tmp_path_factory):
 
 def test_layout_and_round_trip(tiny):
     root, info = tiny
-    assert sorted(p.name for p in root.iterdir()) == ["camera.json", "dataset.pkl", "img_lmdb", "synthetic.json"]
+    assert sorted(p.name for p in root.iterdir()) == ["camera.json", "dataset.pkl", "driver.json", "img_lmdb",
+                                                      "synthetic.json"]
     assert info["frames"] == 6
     records, meta_info = load_dataset_pkl(root)
     keys = [f"img_00000{i}_{j}" for i in range(2) for j in range(3)]

@@ -71,7 +71,7 @@ def expression(head, name, value):
 def test_keys_shapes_dtypes(head):
     expected = {
         "v_template": ((NUM_VERTICES, 3), np.float32), "f": ((len(head["f"]), 3), np.int64),
-        "shapedirs": ((NUM_VERTICES, 3, 150), np.float32), "n_shape_total": ((), np.int64),
+        "shapedirs": ((NUM_VERTICES, 3, 350), np.float32), "n_shape_total": ((), np.int64),
         "posedirs": ((NUM_VERTICES, 3, 36), np.float32), "J_regressor": ((5, NUM_VERTICES), np.float32),
         "weights": ((NUM_VERTICES, 5), np.float32), "kintree_table": ((2, 5), np.int64),
         "vc": ((NUM_VERTICES, 3), np.float32),
@@ -84,7 +84,7 @@ def test_keys_shapes_dtypes(head):
         assert head[key].shape == shape and head[key].dtype == dtype, key
         assert head[key].flags.c_contiguous, key
         assert np.isfinite(head[key]).all(), key
-    assert int(head["n_shape_total"]) == 100
+    assert int(head["n_shape_total"]) == 300  # the FLAME release layout: expression from column 300
     assert len(head["f"]) == 2 * N_HEAD - 4 + 2 * (2 * N_EYE - 4)  # three closed genus-0 surfaces
 
 
@@ -100,15 +100,15 @@ def test_deterministic_and_seeded(head):
         np.testing.assert_array_equal(again[key], head[key], err_msg=key)
     small, other = make_procedural_head(seed=0, **SMALL), make_procedural_head(seed=1, **SMALL)
     S, E = SMALL["n_shape"], SMALL["n_exp"]
-    # fewer columns = a prefix of the default columns, random ones included
+    # fewer columns = a prefix of the default columns, random ones included (release layout: expression at 300)
     np.testing.assert_array_equal(small["shapedirs"][:, :, :S], head["shapedirs"][:, :, :S])
-    np.testing.assert_array_equal(small["shapedirs"][:, :, S:], head["shapedirs"][:, :, 100:100 + E])
+    np.testing.assert_array_equal(small["shapedirs"][:, :, 300:], head["shapedirs"][:, :, 300:300 + E])
     # the seed changes only the random columns and posedirs' random part
     for key in set(head) - {"shapedirs", "posedirs", "n_shape_total"}:
         np.testing.assert_array_equal(other[key], head[key], err_msg=key)
-    named = list(range(len(SHAPE_NAMES))) + list(range(S, S + len(EXPRESSION_NAMES)))
+    named = list(range(len(SHAPE_NAMES))) + list(range(300, 300 + len(EXPRESSION_NAMES)))
     np.testing.assert_array_equal(other["shapedirs"][:, :, named], small["shapedirs"][:, :, named])
-    for column in (S - 1, S + E - 1):
+    for column in (S - 1, 300 + E - 1):
         assert not np.allclose(other["shapedirs"][:, :, column], small["shapedirs"][:, :, column])
     assert not np.allclose(other["posedirs"], head["posedirs"])
 
@@ -222,8 +222,9 @@ def test_eye_and_neck_rotation(head):
 
 # --- directions --------------------------------------------------------------------------------------------------
 def test_direction_magnitudes_and_rigid_eyes(head):
-    S = int(head["n_shape_total"])
-    dirs = head["shapedirs"]
+    S = 100  # identity columns in use; 100..299 are the release layout's zero padding
+    assert (head["shapedirs"][:, :, S:int(head["n_shape_total"])] == 0).all()
+    dirs = np.concatenate([head["shapedirs"][:, :, :S], head["shapedirs"][:, :, int(head["n_shape_total"]):]], 2)
     peaks = np.abs(dirs).max(axis=(0, 1))
     named_exp = [S + i for i, name in enumerate(EXPRESSION_NAMES) if name != "blink"]
     np.testing.assert_allclose(peaks[list(range(len(SHAPE_NAMES))) + named_exp], UNIT, rtol=1e-5)
@@ -321,6 +322,8 @@ def test_flame_layer_reads_the_file(tmp_path):
     pose[[0, 1, 6]] = [0.1, -0.2, 0.25]
     as_torch = lambda a: torch.tensor(a[None], dtype=torch.float32)  # noqa: E731
     out = flame.full_output(as_torch(betas[:S]), as_torch(betas[S:]), as_torch(np.r_[pose[:3], pose[6:9]]))
-    expected = lbs(head, betas, pose)
+    columns = np.zeros(head["shapedirs"].shape[2])  # the release layout: identity 0..S-1, expression from 300
+    columns[:S], columns[300:300 + E] = betas[:S], betas[S:]
+    expected = lbs(head, columns, pose)
     np.testing.assert_allclose(out.vertices[0].numpy(), expected, atol=2e-6)  # float32 vs float64 LBS
     np.testing.assert_allclose(out.landmarks3d[0].numpy(), landmarks(head, expected), atol=2e-6)

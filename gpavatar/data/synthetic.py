@@ -13,6 +13,8 @@ back; the official loader would resize the frames to 512):
                        ``mica_shape`` (100,), ``emoca_expression`` (50,), ``emoca_pose`` (6,),
                        ``transform_matrix`` (3, 4)
 ``camera.json``        ``{"flame_scale": 5.0, "focal_length": 12.0, "principal_point": [0.0, 0.0]}``
+``driver.json``        an example driver file (:mod:`gpavatar.data.driver`): the FLAME parameters and
+                       cameras of the test video's frames, for ``gpavatar reenact --driver``
 ``synthetic.json``     generation arguments and conventions (not read by the official code); written
                        last: it marks a complete dataset
 =====================  ==========================================================================
@@ -76,6 +78,7 @@ HAIR_COLOURS = ((0.05, 0.04, 0.04), (0.2, 0.13, 0.09), (0.42, 0.27, 0.15), (0.8,
 IRIS_COLOURS = ((0.3, 0.42, 0.55), (0.3, 0.2, 0.12), (0.32, 0.45, 0.25), (0.5, 0.38, 0.22))
 RETINA_FACE_LANDMARKS = ((36, 37, 38, 39, 40, 41), (42, 43, 44, 45, 46, 47), (30,), (48,), (54,))  # iBUG-68 groups
 LMDB_COMMIT_EVERY = 2000
+DRIVER_FILE = "driver.json"  # the example driver: the test video's FLAME parameters and cameras
 
 
 class SyntheticFrame(NamedTuple):
@@ -332,11 +335,15 @@ def make_synthetic_dataset(out_dir: Union[str, os.PathLike], n_identities: int =
     settings = {"n_identities": int(n_identities), "frames_per_identity": int(frames_per_identity), "size": int(size),
                 "seed": int(seed), "image_format": image_format, "samples": int(samples),
                 "flame_model": "procedural" if flame_model is None else os.fspath(flame_model)}
-    artefacts = [out / "img_lmdb", out / "dataset.pkl", out / "camera.json", out / "synthetic.json"]
+    artefacts = [out / name for name in ("img_lmdb", "dataset.pkl", "camera.json", DRIVER_FILE, "synthetic.json")]
     if any(p.exists() for p in artefacts):
         if not overwrite:
             existing = _complete_info(out)
             if existing is not None and all(existing.get(k) == v for k, v in settings.items()):
+                if not (out / DRIVER_FILE).is_file():  # a dataset written before the example driver existed
+                    from gpavatar.data.official import load_dataset_pkl
+
+                    _write_driver(out, load_dataset_pkl(out)[0])
                 return {**existing, "reused": True}
             what = ("one not written (or not finished) by gpavatar data synth" if existing is None else
                     "other settings: " + ", ".join(f"{k} {existing.get(k)!r} (asked {v!r})"
@@ -354,7 +361,7 @@ def make_synthetic_dataset(out_dir: Union[str, os.PathLike], n_identities: int =
         info = _write(partial, settings, flame_model, landmark_embedding, map_size, progress)
         info["seconds"] = round(time.perf_counter() - start, 3)
         (partial / "synthetic.json").write_text(json.dumps(info, indent=2) + "\n")
-        for name in ("img_lmdb", "camera.json", "dataset.pkl", "synthetic.json"):  # the marker of completion last
+        for name in ("img_lmdb", "camera.json", "dataset.pkl", DRIVER_FILE, "synthetic.json"):  # marker last
             os.replace(partial / name, out / name)
     finally:
         close_lmdb(partial / "img_lmdb")
@@ -384,6 +391,19 @@ def _write(folder: Path, settings: dict, flame_model, landmark_embedding, map_si
     with open(folder / "dataset.pkl", "wb") as handle:
         pickle.dump({"records": records, "meta_info": meta_info}, handle, protocol=4)
     (folder / "camera.json").write_text(json.dumps(CAMERA, indent=2) + "\n")
+    _write_driver(folder, records)
     return {"generator": "gpavatar.data.synthetic", **settings, "frames": count,
             "splits": {k: len(v) for k, v in meta_info.items()},
             "pixel_grid": "model: column j at x = 1 - 2j/(W-1), row i at y = 1 - 2i/(H-1)"}
+
+
+def _write_driver(folder: Path, records: dict) -> Path:
+    """``folder/driver.json``: the frames of the last video (the test split), in frame order."""
+    from gpavatar.data.driver import driver_from_records, save_driver
+    from gpavatar.data.official import parse_key
+
+    video = max(parse_key(k)[0] for k in records)
+    keys = sorted((k for k in records if parse_key(k)[0] == video), key=lambda k: parse_key(k)[1])
+    driver = driver_from_records(records, keys, source=f"synthetic video {video}")
+    driver.focal = CAMERA["focal_length"]
+    return save_driver(folder / DRIVER_FILE, driver)

@@ -24,6 +24,7 @@ key                shape, dtype     meaning
 ``shapedirs``      (V, 3, N) f32    identity columns [0, n_shape_total), then expression
 ``n_shape_total``  () int64         identity columns in ``shapedirs``: the file's own
                                     key if present, else 300 (official FLAME) or N if N <= 300
+                                    (with a warning below 300: no expression columns)
 ``posedirs``       (V, 3, P) f32    pose correctives, the official file's layout
 ``J_regressor``    (J, V) float32   dense
 ``weights``        (V, J) float32   skinning weights
@@ -49,6 +50,7 @@ import importlib
 import io
 import os
 import pickle
+import warnings
 from collections.abc import Mapping
 from typing import Any, Union
 
@@ -292,8 +294,13 @@ def normalize_flame_model(fields: Mapping[str, Any]) -> dict[str, np.ndarray]:
     N = shapedirs.shape[2]
     if "n_shape_total" in fields:
         n_shape_total = int(_to_array(fields["n_shape_total"], "n_shape_total"))
-    else:
+    else:  # the release layout: expression from column 300 (gpavatar.flame.release)
         n_shape_total = OFFICIAL_SHAPE_COMPONENTS if N > OFFICIAL_SHAPE_COMPONENTS else N
+        if N < OFFICIAL_SHAPE_COMPONENTS:
+            warnings.warn(f"FLAME shapedirs has {N} columns and no 'n_shape_total': read as {N} identity columns "
+                          f"and no expression (the release layout puts expression from column "
+                          f"{OFFICIAL_SHAPE_COMPONENTS}; a compact file must say where it starts)", UserWarning,
+                          stacklevel=2)
     if not 0 <= n_shape_total <= N:
         raise ValueError(f"FLAME field 'n_shape_total' must be in [0, {N}] (shapedirs columns), got {n_shape_total}")
     kintree = _to_array(fields["kintree_table"], "kintree_table")

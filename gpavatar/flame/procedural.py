@@ -5,16 +5,19 @@ builds, deterministically and in well under a second, a head model with the same
 fields, layouts and joint tree, so that the FLAME layer, the data tools and the
 renderer run end to end without them. It is a test asset, not a face model.
 
-Format (one dict of numpy arrays; :func:`save_procedural_head` writes it as ``.npz``
-that :func:`gpavatar.flame.load_flame_model` and :func:`load_landmark_embedding` read):
+Format (one dict of numpy arrays; :func:`save_procedural_head` writes it as ``.npz``, or as a
+``.pkl`` of plain numpy arrays that ``pickle.load`` and FLAME layers written for the official
+file read; :func:`gpavatar.flame.load_flame_model` and :func:`load_landmark_embedding` read both):
 
 =========================  ===================  ==============================================
 key                        shape, dtype         content
 =========================  ===================  ==============================================
 ``v_template``             (5023, 3) float32    metres, y up, face towards +z, head centred near 0
 ``f``                      (10034, 3) int64     triangles, outward (counter-clockwise) winding
-``shapedirs``              (5023, 3, S+E) f32   S identity columns, then E expression columns
-``n_shape_total``          () int64             S (the official file has 300 + 100 and no such key)
+``shapedirs``              (5023, 3, 300+E) f32 the FLAME release layout: S identity columns, zero
+                                                columns up to 300, E expression columns from 300
+``n_shape_total``          () int64             300, the column where expression starts (optional:
+                                                readers without it assume 300, as the release)
 ``posedirs``               (5023, 3, 36) f32    official layout: column 9 (j-1) + 3 r + c multiplies
                                                 (R_j - I)[r, c] for joint j = 1..4
 ``J_regressor``            (5, 5023) float32    dense, rows >= 0 summing to 1
@@ -27,6 +30,11 @@ key                        shape, dtype         content
                                                 search: landmarks are unused by GPAvatar, SPEC 1.5)
 ``full_lmk_*``             (68,), (68, 3)       all 68 iBUG points
 =========================  ===================  ==============================================
+
+``layout="compact"`` gives the earlier in-memory layout instead: (5023, 3, S+E) with expression
+from column S and ``n_shape_total`` = S (that key is then required to find the expressions).
+Both layouts give the same FLAME vertices for the same parameters: the padding columns are zero
+and the layer takes columns [0, n_shape) and [n_shape_total, n_shape_total + n_exp).
 
 Joints: 0 root at the neck base, 1 neck (skull base; the head hangs on it), 2 jaw (hinge
 between the ears), 3 left eye (+x, the subject's left), 4 right eye. Vertices: 4699 on the head
@@ -45,7 +53,8 @@ the random part of ``posedirs``; the template, faces, weights and colours never 
 
     >>> head = make_procedural_head()
     >>> head["v_template"].shape, head["shapedirs"].shape, int(head["n_shape_total"])
-    ((5023, 3), (5023, 3, 150), 100)
+    ((5023, 3), (5023, 3, 350), 300)
+    >>> save_procedural_head("/tmp/generic_model.pkl")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -59,6 +68,7 @@ from typing import Optional, Union
 import numpy as np
 
 from gpavatar.flame.loader import LANDMARK_KEYS
+from gpavatar.flame.release import RELEASE_SHAPE_COLUMNS, to_release_layout, write_flame_pickle
 
 NUM_VERTICES = 5023
 HEAD_ROWS, HEAD_COLUMNS = 61, 77  # head surface: 2 poles + rows x columns = 4699 vertices
@@ -70,6 +80,8 @@ MODEL_KEYS = ("v_template", "f", "shapedirs", "n_shape_total", "posedirs", "J_re
 EXPRESSION_NAMES = ("lips_part", "smile", "nostril_flare", "pucker", "mouth_stretch", "brow_raise", "brow_lower",
                     "blink", "cheek_puff", "chin_raise", "smile_asymmetric", "nose_wrinkle", "squint", "mouth_left",
                     "upper_lip_raise")
+LAYOUTS = ("release", "compact")  # shapedirs: expression at column 300 (the FLAME release) / right after identity
+FILE_SUFFIXES = (".npz", ".pkl")
 SHAPE_NAMES = ("head_width", "head_height", "head_depth", "jaw_width", "nose_length", "chin_length",
                "forehead", "cheekbones", "eye_spacing", "neck_thickness", "lip_fullness", "ear_size")
 UNIT = 0.004  # metres moved by one unit of a named direction
@@ -449,13 +461,17 @@ def _joint_regressor(V, eye_of, eye_centres):
     return np.stack([_regressor_row(V, m, t) for m, t in zip(masks, list(JOINT_TARGETS) + eye_centres)])
 
 
-def make_procedural_head(seed: int = 0, n_shape: int = 100, n_exp: int = 50) -> dict[str, np.ndarray]:
+def make_procedural_head(seed: int = 0, n_shape: int = 100, n_exp: int = 50,
+                         layout: str = "release") -> dict[str, np.ndarray]:
     """Build the procedural head in the FLAME file layout (see the module docstring).
 
     Args:
         seed: seeds the random (unnamed) shape / expression columns and the random part of posedirs
-        n_shape, n_exp: identity and expression columns of ``shapedirs`` (300 and 100 give the official
-            column layout); the first ``len(SHAPE_NAMES)`` / ``len(EXPRESSION_NAMES)`` are the named ones
+        n_shape, n_exp: identity and expression components (300 and 100 give the official column
+            count); the first ``len(SHAPE_NAMES)`` / ``len(EXPRESSION_NAMES)`` are the named ones
+        layout: ``"release"`` (default): ``shapedirs`` (V, 3, 300 + n_exp), identity zero-padded to
+            300 columns, expression from column 300, ``n_shape_total`` = 300 (needs n_shape <= 300);
+            ``"compact"``: (V, 3, n_shape + n_exp), ``n_shape_total`` = n_shape
     Returns:
         dict of numpy arrays keyed by ``MODEL_KEYS + LANDMARK_KEYS`` (float32, integers int64)
     """
@@ -464,6 +480,11 @@ def make_procedural_head(seed: int = 0, n_shape: int = 100, n_exp: int = 50) -> 
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "release" and n_shape > RELEASE_SHAPE_COLUMNS:
+        raise ValueError(f"n_shape must be <= {RELEASE_SHAPE_COLUMNS} for layout 'release' (expression starts at "
+                         f"column {RELEASE_SHAPE_COLUMNS}), got {n_shape}; use layout='compact'")
     head, head_faces, row, n_up, radial, dent = _head_surface()
     eyes, eye_local, centres = (list(a) for a in zip(*(_eyeball(side) for side in (1, -1))))  # left (+x) first
     nh, ne = len(head), len(eyes[0])
@@ -508,6 +529,8 @@ def make_procedural_head(seed: int = 0, n_shape: int = 100, n_exp: int = 50) -> 
         "dynamic_lmk_bary_coords": np.tile(lmk_bary[:17], (79, 1, 1)),
         "full_lmk_faces_idx": lmk_faces, "full_lmk_bary_coords": lmk_bary,
     }
+    if layout == "release":
+        out = to_release_layout(out)
     return {k: np.array(v, dtype=np.int64 if v.dtype.kind in "iu" else np.float32, order="C")
             for k, v in out.items()}
 
@@ -518,10 +541,20 @@ def landmark_embedding(head: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def save_procedural_head(path: Union[str, os.PathLike], seed: int = 0, n_shape: int = 100, n_exp: int = 50,
-                         compressed: bool = False) -> Path:
-    """Write :func:`make_procedural_head` as ``.npz`` (atomically: temp file, then rename); returns the path."""
+                         compressed: bool = False, layout: str = "release") -> Path:
+    """Write :func:`make_procedural_head` atomically (temp file, then rename); returns the path.
+
+    The suffix of ``path`` picks the format: ``.npz`` (``compressed``: zip-deflated) or ``.pkl``, a
+    pickle of plain numpy arrays (:func:`gpavatar.flame.release.write_flame_pickle`) that code written
+    for the official ``generic_model.pkl`` loads with ``pickle.load``. Both hold every key of the
+    module docstring, landmarks included."""
     path = Path(path)
-    head = make_procedural_head(seed, n_shape, n_exp)
+    suffix = path.suffix.lower()
+    if suffix not in FILE_SUFFIXES:
+        raise ValueError(f"path {path} must end in {' or '.join(FILE_SUFFIXES)}")
+    head = make_procedural_head(seed, n_shape, n_exp, layout)
+    if suffix == ".pkl":
+        return write_flame_pickle(path, head)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".npz.tmp", dir=path.parent)
     try:
@@ -543,18 +576,22 @@ def cache_dir() -> Path:
 
 
 def procedural_head_path(seed: int = 0, n_shape: int = 100, n_exp: int = 50,
-                         directory: Optional[Union[str, os.PathLike]] = None) -> Path:
-    """Path of the cached ``.npz`` for these arguments (12 MB by default), generated on first use.
+                         directory: Optional[Union[str, os.PathLike]] = None, suffix: str = ".npz") -> Path:
+    """Path of the cached file for these arguments (release layout; ``suffix`` ``.npz`` or ``.pkl``,
+    21 MB by default), generated on first use.
 
-    The file name holds a digest of this module's source, so an edited generator never reads a
-    stale file.
+    The file name holds a digest of this module's and :mod:`gpavatar.flame.release`'s source, so an
+    edited generator never reads a stale file.
 
         >>> from gpavatar.flame import FLAME
         >>> flame = FLAME(procedural_head_path(), landmark_embedding=procedural_head_path())  # doctest: +SKIP
     """
     directory = Path(directory) if directory is not None else cache_dir()
-    digest = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
-    path = directory / f"procedural_head_{digest}_seed{seed}_s{n_shape}_e{n_exp}.npz"
+    sources = (Path(__file__), Path(__file__).with_name("release.py"))  # the generator and the file layout
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
+    if suffix not in FILE_SUFFIXES:
+        raise ValueError(f"suffix must be one of {FILE_SUFFIXES}, got {suffix!r}")
+    path = directory / f"procedural_head_{digest}_seed{seed}_s{n_shape}_e{n_exp}{suffix}"
     if not path.exists():
         save_procedural_head(path, seed, n_shape, n_exp)
     return path
