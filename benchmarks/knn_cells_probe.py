@@ -197,13 +197,33 @@ def main(argv=None):
             w2 = (torch.randn(C, H, generator=g) * 0.1).to(device)
             b2 = torch.zeros(C).to(device)
             blend = lambda: ops.knn_blend(q, p, feats, w1, b1, w2, b2, K=args.K, backend=backend)  # noqa: E731
-            try:
-                ms = timed(blend, device)
-                rows.append(dict(dist=dist, method="knn_blend fwd (auto)", backend=backend, ms=round(ms, 4), status="ok"))
-                print(f"  {'knn_blend fwd (auto)':28s} {backend:7s} {ms:9.4f} ms")
-                profiles[f"{dist} knn_blend fwd"] = profile_once(blend, device, f"{dist} knn_blend fwd")
-            except Exception as exc:
-                print(f"  knn_blend failed: {type(exc).__name__}: {exc}")
+            params = [t.clone().requires_grad_(True) for t in (feats, w1, b1, w2, b2)]
+
+            def blend_fwd_bwd():
+                out = ops.knn_blend(q, p, *params, K=args.K, backend=backend).feature
+                torch.autograd.grad(out, params, torch.ones_like(out))
+
+            ref_out = None
+            for variant in ("default", "occupancy", "generic"):
+                try:
+                    with env(GPAVATAR_BLEND_CUDA_VARIANT=variant):
+                        out = blend().feature
+                        ref_out = out if ref_out is None else ref_out
+                        err = float((out - ref_out).abs().max())
+                        ms = timed(blend, device)
+                        ms_bwd = timed(blend_fwd_bwd, device, repeats=10)
+                        if variant == "default":
+                            profiles[f"{dist} knn_blend fwd"] = profile_once(blend, device, f"{dist} knn_blend fwd")
+                            profiles[f"{dist} knn_blend fwd+bwd"] = profile_once(blend_fwd_bwd, device,
+                                                                                 f"{dist} knn_blend fwd+bwd")
+                    status = "ok" if err <= 1e-5 else f"differs from default by {err:.2e}"
+                    failures += status != "ok"
+                    for case, t in ((f"knn_blend fwd ({variant})", ms), (f"knn_blend fwd+bwd ({variant})", ms_bwd)):
+                        rows.append(dict(dist=dist, method=case, backend=backend, ms=round(t, 4), status=status))
+                        print(f"  {case:28s} {backend:7s} {t:9.4f} ms  {status}")
+                except Exception as exc:
+                    failures += 1
+                    print(f"  knn_blend {variant} failed: {type(exc).__name__}: {exc}")
     info = dict(gpu=torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", torch=torch.__version__,
                 M=args.M, P=args.P, K=args.K)
     if args.json:

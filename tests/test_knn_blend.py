@@ -333,6 +333,23 @@ def test_cuda_backward_chunk_loop(monkeypatch):
         check_against_reference("cuda", "cuda", 3, 301, 50, 8, per_batch=per_batch, normalize="queries")
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("variant", ["default", "occupancy", "generic"])
+def test_cuda_kernel_variants(variant, monkeypatch):
+    """GPAVATAR_BLEND_CUDA_VARIANT compiles the H = 64, C = 32 kernels differently, with the
+    same arithmetic: forward and backward match the reference in each; a bad name is refused."""
+    if "cuda" not in ops.available_backends("cuda"):
+        pytest.skip("extension built without CUDA")
+    monkeypatch.setenv("GPAVATAR_BLEND_CUDA_VARIANT", variant)
+    for per_batch in (False, True):
+        for normalize in ("neighbors", "queries"):
+            check_against_reference("cuda", "cuda", 2, 700, 300, 8, per_batch=per_batch, normalize=normalize)
+    monkeypatch.setenv("GPAVATAR_BLEND_CUDA_VARIANT", "fastest")
+    with pytest.raises(ValueError, match="GPAVATAR_BLEND_CUDA_VARIANT must be"):
+        check_against_reference("cuda", "cuda", 1, 10, 20, 4)
+
+
 # --- the official 1 / d² (issue 12) -----------------------------------------------------------
 
 

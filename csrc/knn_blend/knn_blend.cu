@@ -5,6 +5,7 @@
 // comes from knn_blend.h, shared with the CPU kernel.
 #include <cuda_runtime.h>
 
+
 #include "knn_blend/knn_blend.h"
 
 namespace gpavatar {
@@ -33,8 +34,10 @@ __device__ SharedWeights stage_weights(const BlendArgs& a, int H, int C, float* 
   return {w1t, w2, b2};
 }
 
-template <int HT, int CT>
-__global__ void forward_kernel(BlendArgs a, float* __restrict__ out) {
+// MinBlocks > 0: at least that many blocks per multiprocessor (the compiler then
+// keeps the registers per thread under 65536 / (kThreads * MinBlocks)).
+template <int HT, int CT, int MinBlocks = 0>
+__global__ void __launch_bounds__(kThreads, MinBlocks) forward_kernel(BlendArgs a, float* __restrict__ out) {
   constexpr int HCap = HT > 0 ? HT : kMaxHidden;
   const int H = HT > 0 ? HT : a.H;
   const int C = CT > 0 ? CT : a.C;
@@ -61,8 +64,8 @@ __global__ void forward_kernel(BlendArgs a, float* __restrict__ out) {
   project_output(s.w2, s.b2, g, total, H, C, out + qi * C);
 }
 
-template <int HT, int CT>
-__global__ void backward_kernel(BlendArgs a, const float* __restrict__ grad_out, int64_t m_begin,
+template <int HT, int CT, int MinBlocks = 0>
+__global__ void __launch_bounds__(kThreads, MinBlocks) backward_kernel(BlendArgs a, const float* __restrict__ grad_out, int64_t m_begin,
                                 int64_t n, float* __restrict__ hidden,
                                 float* __restrict__ weight_total, float* __restrict__ delta,
                                 float* __restrict__ gamma_out) {
@@ -106,6 +109,15 @@ __global__ void backward_kernel(BlendArgs a, const float* __restrict__ grad_out,
   for (int j = 0; j < H; ++j) hidden[ci * H + j] = g[j];
 }
 
+// GPAVATAR_BLEND_CUDA_VARIANT selects how the H = 64, C = 32 case is compiled
+// (the same arithmetic in each; only the default has been measured, on an H200):
+//   default    sizes fixed at compile time, accumulators in registers (~220 per
+//              thread: 8 resident warps per multiprocessor)
+//   occupancy  the same, compiled for four resident blocks (<= 128 registers,
+//              16 warps; some spilling)
+//   generic    the runtime-size kernel (~60 registers, accumulators in local memory)
+// (BlendArgs::cuda_variant, set from the environment by knn_blend_cuda.cpp).
+
 size_t shared_bytes(int H, int C) {
   return sizeof(float) * (static_cast<size_t>(kEmbedDim) * H + static_cast<size_t>(C) * H + C);
 }
@@ -119,7 +131,9 @@ int launch_knn_blend_forward_cuda(const BlendArgs& a, float* out, void* stream) 
                   static_cast<unsigned>(a.B));
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const size_t smem = shared_bytes(a.H, a.C);
-  if (a.H == 64 && a.C == 32) {
+  if (a.H == 64 && a.C == 32 && a.cuda_variant == kVariantOccupancy) {
+    forward_kernel<64, 32, 4><<<grid, kThreads, smem, s>>>(a, out);
+  } else if (a.H == 64 && a.C == 32 && a.cuda_variant == kVariantDefault) {
     forward_kernel<64, 32><<<grid, kThreads, smem, s>>>(a, out);
   } else {
     forward_kernel<0, 0><<<grid, kThreads, smem, s>>>(a, out);
@@ -137,7 +151,10 @@ int launch_knn_blend_backward_cuda(const BlendArgs& a, const float* grad_out, in
                   static_cast<unsigned>(a.B));
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const size_t smem = shared_bytes(a.H, a.C);
-  if (a.H == 64 && a.C == 32) {
+  if (a.H == 64 && a.C == 32 && a.cuda_variant == kVariantOccupancy) {
+    backward_kernel<64, 32, 4><<<grid, kThreads, smem, s>>>(a, grad_out, m_begin, n, hidden,
+                                                            weight_total, delta, gamma);
+  } else if (a.H == 64 && a.C == 32 && a.cuda_variant == kVariantDefault) {
     backward_kernel<64, 32><<<grid, kThreads, smem, s>>>(a, grad_out, m_begin, n, hidden,
                                                          weight_total, delta, gamma);
   } else {

@@ -165,7 +165,10 @@ struct BlendArgs {
   int K, H, C;
   bool per_batch_table;
   float eps;
+  int cuda_variant = 0;     // how the CUDA kernels are compiled for H = 64, C = 32 (knn_blend.cu)
 };
+
+constexpr int kVariantDefault = 0, kVariantOccupancy = 1, kVariantGeneric = 2;
 
 // Blend weights w[0..K) of query qi = b * M + m; returns sum_k w_k.
 GPA_HD float neighbor_weights(const BlendArgs& a, int64_t qi, float* w) {
