@@ -29,9 +29,13 @@ embedding as a [BLOCK_M, 32] tile (columns >= 27 are zero) and gets h with
 one fp32 tl.dot against w1_dir^T padded to [32, HP] (HP, CP: powers of two
 >= H, C and >= 16).  The backward kernel is fully fused: it scatters delta_k
 into grad_table with atomics and accumulates grad_w1_dir / grad_w2 / grad_b2
-in registers over the tiles it visits (grid-stride loop), adding them to the
-outputs once per program.
+in registers over the tiles it visits (grid-stride loop), storing them once per
+program; the caller sums the programs' shares in order (deterministic).  The
+matrix products run in fp32 ("ieee") unless GPAVATAR_TRITON_DOT_PRECISION asks
+for the tensor cores (dot_precision()).
 """
+
+import os
 
 import torch
 import triton
@@ -87,7 +91,7 @@ def _neighbour(
     tab_ptr,  # [P or B*P, H] float32
     w1t,  # [EP, HP] w1_dir^T, zero padded
     b, q_row, row_ok, k, K, P, H,
-    PER_BATCH: tl.constexpr, EP: tl.constexpr, HP: tl.constexpr,
+    PER_BATCH: tl.constexpr, EP: tl.constexpr, HP: tl.constexpr, DOT: tl.constexpr,
 ):
     """For neighbour k of each query: valid [BLOCK_M], table row [BLOCK_M] int64,
     gamma [BLOCK_M, EP] and pre-activation h [BLOCK_M, HP] (zero when invalid)."""
@@ -121,7 +125,7 @@ def _neighbour(
     hcol = tl.arange(0, HP)
     tmask = valid[:, None] & (hcol[None, :] < H)
     tab = tl.load(tab_ptr + trow[:, None] * H + hcol[None, :], mask=tmask, other=0.0)
-    h = tab + tl.dot(gamma, w1t, input_precision="ieee")
+    h = tab + tl.dot(gamma, w1t, input_precision=DOT)
     return valid, trow, gamma, h
 
 
@@ -148,7 +152,7 @@ def _blend_fwd_kernel(
     M, P, K, H, C, eps,
     PER_BATCH: tl.constexpr, HAS_WS: tl.constexpr,
     BLOCK_M: tl.constexpr, KP: tl.constexpr, HP: tl.constexpr, CP: tl.constexpr,
-    EP: tl.constexpr,
+    EP: tl.constexpr, DOT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -166,13 +170,13 @@ def _blend_fwd_kernel(
         wk = tl.sum(tl.where(kcol[None, :] == k, w, 0.0), 1)  # [BLOCK_M]
         valid, trow, gamma, h = _neighbour(
             q_ptr, p_ptr, idx_ptr, tab_ptr, w1t, b, q_row, row_ok, k, K, P, H,
-            PER_BATCH, EP, HP)
+            PER_BATCH, EP, HP, DOT)
         g += tl.where(valid[:, None], wk[:, None] * _relu(h), 0.0)
 
     w2t = tl.load(w2_ptr + ccol[None, :] * H + hcol[:, None],
                   mask=(hcol[:, None] < H) & (ccol[None, :] < C), other=0.0)  # [HP, CP]
     b2 = tl.load(b2_ptr + ccol, mask=ccol < C, other=0.0)  # [CP]
-    out = tl.dot(g, w2t, input_precision="ieee") + b2[None, :] * total[:, None]
+    out = tl.dot(g, w2t, input_precision=DOT) + b2[None, :] * total[:, None]
     omask = row_ok[:, None] & (ccol[None, :] < C)
     tl.store(out_ptr + q_row[:, None] * C + ccol[None, :], out, mask=omask)
 
@@ -189,13 +193,13 @@ def _blend_bwd_kernel(
     w2_ptr,  # [C, H]
     ws_ptr,  # [B, K] (unused unless HAS_WS)
     gtab_ptr,  # [P or B*P, H] (out, zero initialised)
-    gw1_ptr,  # [H, 27] (out, zero initialised)
-    gw2_ptr,  # [C, H] (out, zero initialised)
-    gb2_ptr,  # [C] (out, zero initialised)
+    gw1_ptr,  # [programs, H, 27] (out: this program's share)
+    gw2_ptr,  # [programs, C, H] (out: this program's share)
+    gb2_ptr,  # [programs, C] (out: this program's share)
     M, P, K, H, C, eps, n_mblocks, n_tiles,
     PER_BATCH: tl.constexpr, HAS_WS: tl.constexpr,
     BLOCK_M: tl.constexpr, KP: tl.constexpr, HP: tl.constexpr, CP: tl.constexpr,
-    EP: tl.constexpr,
+    EP: tl.constexpr, DOT: tl.constexpr,
 ):
     hcol = tl.arange(0, HP)
     ccol = tl.arange(0, CP)
@@ -216,28 +220,45 @@ def _blend_bwd_kernel(
         q_row = b * M + rows  # [BLOCK_M] int64
         go = tl.load(go_ptr + q_row[:, None] * C + ccol[None, :],
                      mask=row_ok[:, None] & (ccol[None, :] < C), other=0.0)  # [BLOCK_M, CP]
-        v = tl.dot(go, w2, input_precision="ieee")  # [BLOCK_M, HP]
+        v = tl.dot(go, w2, input_precision=DOT)  # [BLOCK_M, HP]
         w, total = _weights(dist_ptr, ws_ptr, b, q_row, row_ok, K, eps, HAS_WS, KP)
         g = tl.zeros((BLOCK_M, HP), tl.float32)
         for k in range(0, K):
             wk = tl.sum(tl.where(kcol[None, :] == k, w, 0.0), 1)[:, None]  # [BLOCK_M, 1]
             valid, trow, gamma, h = _neighbour(
                 q_ptr, p_ptr, idx_ptr, tab_ptr, w1t, b, q_row, row_ok, k, K, P, H,
-                PER_BATCH, EP, HP)
+                PER_BATCH, EP, HP, DOT)
             g += tl.where(valid[:, None], wk * _relu(h), 0.0)
             # torch's relu backward: the gradient passes unless h <= 0 (so also at NaN)
             delta = tl.where(valid[:, None], tl.where(h <= 0.0, 0.0, wk * v), 0.0)  # [BLOCK_M, HP]
             tmask = valid[:, None] & (hcol[None, :] < H)
             tl.atomic_add(gtab_ptr + trow[:, None] * H + hcol[None, :], delta, mask=tmask)
-            acc_w1 += tl.dot(tl.trans(delta), gamma, input_precision="ieee")  # [HP, EP]
-        acc_w2 += tl.dot(tl.trans(go), g, input_precision="ieee")  # [CP, HP]
+            acc_w1 += tl.dot(tl.trans(delta), gamma, input_precision=DOT)  # [HP, EP]
+        acc_w2 += tl.dot(tl.trans(go), g, input_precision=DOT)  # [CP, HP]
         acc_b2 += tl.sum(go * total[:, None], 0)
 
+    # This program's shares, summed by the caller in program order (deterministic; no atomics).
+    pid = tl.program_id(0).to(tl.int64)
     w1_mask = (hcol[:, None] < H) & (ecol[None, :] < 27)
-    tl.atomic_add(gw1_ptr + hcol[:, None] * 27 + ecol[None, :], acc_w1, mask=w1_mask)
+    tl.store(gw1_ptr + pid * H * 27 + hcol[:, None] * 27 + ecol[None, :], acc_w1, mask=w1_mask)
     w2_mask = (ccol[:, None] < C) & (hcol[None, :] < H)
-    tl.atomic_add(gw2_ptr + ccol[:, None] * H + hcol[None, :], acc_w2, mask=w2_mask)
-    tl.atomic_add(gb2_ptr + ccol, acc_b2, mask=ccol < C)
+    tl.store(gw2_ptr + pid * C * H + ccol[:, None] * H + hcol[None, :], acc_w2, mask=w2_mask)
+    tl.store(gb2_ptr + pid * C + ccol, acc_b2, mask=ccol < C)
+
+
+DOT_PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+
+def dot_precision() -> str:
+    """The matrix products' precision: $GPAVATAR_TRITON_DOT_PRECISION, default "ieee" (fp32 on
+    the CUDA cores: the op's float32 contract).  "tf32" runs them on the tensor cores (inputs
+    rounded to 10-bit mantissas: a fast mode, ~1e-3 relative in the hidden units), "tf32x3"
+    splits each input in two tf32 parts (close to fp32).  The Triton interpreter computes all
+    three in fp32."""
+    value = os.environ.get("GPAVATAR_TRITON_DOT_PRECISION", "") or "ieee"
+    if value not in DOT_PRECISIONS:
+        raise ValueError(f"GPAVATAR_TRITON_DOT_PRECISION must be one of {', '.join(DOT_PRECISIONS)}, got {value!r}")
+    return value
 
 
 def _sizes(K, H, C):
@@ -273,7 +294,7 @@ def knn_blend_forward(queries, points, dist2, idx, table, w1_dir, w2, b2, weight
         weight_sum if has_ws else dist2, out,
         M, P, K, H, C, float(eps),
         PER_BATCH=per_batch, HAS_WS=has_ws,
-        BLOCK_M=BLOCK_M, KP=KP, HP=HP, CP=CP, EP=EP,
+        BLOCK_M=BLOCK_M, KP=KP, HP=HP, CP=CP, EP=EP, DOT=dot_precision(),
         num_warps=num_warps,
     )
     return out
@@ -298,14 +319,20 @@ def knn_blend_backward(grad_out, queries, points, dist2, idx, table, w1_dir, w2,
     has_ws = weight_sum is not None
     n_mblocks = triton.cdiv(M, BLOCK_M)
     n_tiles = B * n_mblocks
-    grid = (min(n_tiles, _max_programs(dev)),)
-    _blend_bwd_kernel[grid](
+    programs = min(n_tiles, _max_programs(dev))
+    part_w1 = torch.empty((programs, H, EMBED), dtype=torch.float32, device=dev)
+    part_w2 = torch.empty((programs, C, H), dtype=torch.float32, device=dev)
+    part_b2 = torch.empty((programs, C), dtype=torch.float32, device=dev)
+    _blend_bwd_kernel[(programs,)](
         grad_out.contiguous(), queries, points, dist2, idx, table, w1_dir, w2,
         weight_sum if has_ws else dist2,
-        grad_table, grad_w1, grad_w2, grad_b2,
+        grad_table, part_w1, part_w2, part_b2,
         M, P, K, H, C, float(eps), n_mblocks, n_tiles,
         PER_BATCH=per_batch, HAS_WS=has_ws,
-        BLOCK_M=BLOCK_M, KP=KP, HP=HP, CP=CP, EP=EP,
+        BLOCK_M=BLOCK_M, KP=KP, HP=HP, CP=CP, EP=EP, DOT=dot_precision(),
         num_warps=num_warps,
     )
+    torch.sum(part_w1, 0, out=grad_w1)
+    torch.sum(part_w2, 0, out=grad_w2)
+    torch.sum(part_b2, 0, out=grad_b2)
     return grad_table, grad_w1, grad_w2, grad_b2

@@ -350,6 +350,52 @@ def test_cuda_kernel_variants(variant, monkeypatch):
         check_against_reference("cuda", "cuda", 1, 10, 20, 4)
 
 
+TRITON_DEVICES = [pytest.param(d, id=d, marks=[pytest.mark.cuda] if d == "cuda" else [])
+                  for d in ("cpu",) + (("cuda",) if torch.cuda.is_available() else ())
+                  if "triton" in ops.available_backends(d)]
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+@pytest.mark.parametrize("precision", ["tf32", "tf32x3"])
+def test_triton_dot_precision(device, precision, monkeypatch):
+    """GPAVATAR_TRITON_DOT_PRECISION puts the Triton kernels' matrix products on the tensor cores
+    (fast mode): features and gradients stay within tf32's error of the fp32 result (the
+    interpreter on the CPU computes in fp32: equal there), tf32x3 within 1e-5."""
+    pts = make_points(2, 300, seed=3, device=device)
+    q = make_queries(2, 200, pts, seed=4, device=device)
+    params = make_pef_params(300, 32, 64, 32, seed=5, device=device)
+    grad_out = torch.randn(2, 200, 32, generator=torch.Generator().manual_seed(6)).to(device)
+    f32, _, _, g32 = run("triton", q, pts, params, 8, grad_out=grad_out)
+    monkeypatch.setenv("GPAVATAR_TRITON_DOT_PRECISION", precision)
+    f, _, _, g = run("triton", q, pts, params, 8, grad_out=grad_out)
+    tol = 1e-5 if precision == "tf32x3" or device == "cpu" else 2e-2
+    for a, b in zip((f, *g), (f32, *g32)):
+        assert (a - b).abs().max() <= tol * (1 + b.abs().max())
+
+
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_triton_backward_is_deterministic(device):
+    """The Triton backward sums the programs' shares of grad_w1 / grad_w2 / grad_b2 in order (no
+    atomics there): two runs give the same bits for them."""
+    pts = make_points(1, 200, seed=7, device=device)
+    q = make_queries(1, 300, pts, seed=8, device=device)
+    params = make_pef_params(200, 32, 64, 32, seed=9, device=device)
+    grad_out = torch.randn(1, 300, 32, generator=torch.Generator().manual_seed(10)).to(device)
+    _, _, _, g1 = run("triton", q, pts, params, 8, grad_out=grad_out)
+    _, _, _, g2 = run("triton", q, pts, params, 8, grad_out=grad_out)
+    for a, b in zip(g1[1:], g2[1:]):  # w1, b1, w2, b2 (b1's gradient is the table's row sum)
+        if a is not None:
+            assert torch.equal(a, b)
+
+
+def test_triton_bad_dot_precision_is_a_clear_error(monkeypatch):
+    from gpavatar.kernels.knn_blend import dot_precision
+
+    monkeypatch.setenv("GPAVATAR_TRITON_DOT_PRECISION", "bf16")
+    with pytest.raises(ValueError, match="GPAVATAR_TRITON_DOT_PRECISION must be one of ieee, tf32, tf32x3"):
+        dot_precision()
+
+
 # --- the official 1 / d² (issue 12) -----------------------------------------------------------
 
 
