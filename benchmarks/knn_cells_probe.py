@@ -110,8 +110,10 @@ def run_once(args, device, backend):
     b1 = torch.zeros(64, device=device, requires_grad=True)
     w2 = (torch.randn(32, 64, generator=g) * 0.1).to(device).requires_grad_(True)
     b2 = torch.zeros(32, device=device, requires_grad=True)
-    out = ops.knn_blend(q, p, feats, w1, b1, w2, b2, K=args.K, backend=backend).feature
-    out.square().sum().backward()
+    for backward in ("buffers", "gather"):
+        with env(GPAVATAR_BLEND_BACKWARD=backward):
+            out = ops.knn_blend(q, p, feats, w1, b1, w2, b2, K=args.K, backend=backend).feature
+            out.square().sum().backward()
     if device.type == "cuda":
         torch.cuda.synchronize()
     return 0
@@ -200,7 +202,8 @@ def main(argv=None):
             ref_out = None
             variants = [("default", backend, dict(GPAVATAR_BLEND_CUDA_VARIANT="default")),
                         ("occupancy", backend, dict(GPAVATAR_BLEND_CUDA_VARIANT="occupancy")),
-                        ("generic", backend, dict(GPAVATAR_BLEND_CUDA_VARIANT="generic"))]
+                        ("generic", backend, dict(GPAVATAR_BLEND_CUDA_VARIANT="generic")),
+                        ("gather backward", backend, dict(GPAVATAR_BLEND_BACKWARD="gather"))]
             if not args.no_triton:
                 variants += [(f"triton {d}", "triton", dict(GPAVATAR_TRITON_DOT_PRECISION=d))
                              for d in ("ieee", "tf32", "tf32x3")]
@@ -218,7 +221,7 @@ def main(argv=None):
                         err = float((out - ref_out).abs().max())
                         ms = timed(blend, device)
                         ms_bwd = timed(blend_fwd_bwd, device, repeats=10)
-                        if variant in ("default", "triton tf32"):
+                        if variant in ("default", "triton tf32", "gather backward"):
                             tag = f"{dist} knn_blend {variant}"
                             profiles[f"{tag} fwd"] = profile_once(blend, device, f"{tag} fwd")
                             profiles[f"{tag} fwd+bwd"] = profile_once(blend_fwd_bwd, device, f"{tag} fwd+bwd")

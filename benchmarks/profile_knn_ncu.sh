@@ -19,7 +19,7 @@ if [[ -z "$NCU" ]]; then
 fi
 # --clock-control none: leave the clocks as they are (the device notes ask for it).
 "$NCU" --clock-control none --target-processes all \
-    -k 'regex:lists_kernel|search_kernel|search_buffered_kernel|forward_kernel|backward_kernel' \
+    -k 'regex:lists_kernel|search_kernel|search_buffered_kernel|forward_kernel|backward_kernel|gather_kernel|hidden_kernel' \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section SchedulerStats --section MemoryWorkloadAnalysis --section InstructionStats \
     -o "$OUT/ncu_knn" -f \

@@ -87,6 +87,16 @@ Prepared prepare(const at::Tensor& queries, const at::Tensor& points, const at::
                  const at::Tensor& w2, const at::Tensor& b2,
                  const std::optional<at::Tensor>& weight_sum, double eps);
 void check_grad_out(const at::Tensor& grad_out, const Prepared& p);
+// The gather backward's pair order (knn_blend.h): perm (N = B*M*K) pair ids sorted by table
+// row (stably; out-of-range indices last), row_start / chunk_start (rows + 1), max_chunks (an
+// upper bound of chunk_start[rows], known without a host sync), v = grad_out W2 (B*M, H).
+struct GatherPlan {
+  at::Tensor perm, row_start, chunk_start, v;
+  int64_t rows = 0, max_chunks = 0;
+};
+GatherPlan make_gather_plan(const Prepared& p, const at::Tensor& grad_out);
+// GPAVATAR_BLEND_BACKWARD = buffers (default) | gather: which backward the CPU/CUDA kernels run.
+bool use_gather_backward();
 void check_inputs(const at::Tensor& queries, const at::Tensor& points, const at::Tensor& dist2,
                   const at::Tensor& idx, const at::Tensor& table, const at::Tensor& w1_dir,
                   const at::Tensor& w2, const at::Tensor& b2,

@@ -350,6 +350,41 @@ def test_cuda_kernel_variants(variant, monkeypatch):
         check_against_reference("cuda", "cuda", 1, 10, 20, 4)
 
 
+CPP_DEVICES = [pytest.param(d, id=d, marks=[pytest.mark.cuda] if d == "cuda" else [])
+               for d in ("cpu",) + (("cuda",) if torch.cuda.is_available() else ())
+               if d in ops.available_backends(d)]
+
+
+@pytest.mark.parametrize("device", CPP_DEVICES)
+@pytest.mark.parametrize("normalize", ["neighbors", "queries"])
+@pytest.mark.parametrize("per_batch", [False, True])
+@pytest.mark.parametrize("P", [5, 300])
+def test_gather_backward_matches_the_reference(device, normalize, per_batch, P, monkeypatch):
+    """GPAVATAR_BLEND_BACKWARD=gather: pairs grouped by table row and summed in chunks (no
+    per-neighbour buffers, no atomics).  P = 5 puts hundreds of pairs on each row (several
+    chunks per row); on the CPU it runs the CUDA kernels' pair order and sums."""
+    monkeypatch.setenv("GPAVATAR_BLEND_BACKWARD", "gather")
+    check_against_reference(device, device, 2, 300, P, min(8, P), per_batch=per_batch, normalize=normalize,
+                            dup=1 if P > 5 else 0, on=3)
+
+
+@pytest.mark.parametrize("device", CPP_DEVICES)
+def test_gather_backward_agrees_with_the_buffers(device, monkeypatch):
+    """Both C++/CUDA backwards on one input: the same gradients to float32 rounding."""
+    pts = make_points(2, 200, seed=11, device=device)
+    q = make_queries(2, 500, pts, seed=12, device=device)
+    params = make_pef_params(200, 32, 64, 32, B=2, seed=13, device=device)
+    grad_out = torch.randn(2, 500, 32, generator=torch.Generator().manual_seed(14)).to(device)
+    _, _, _, g_buffers = run(device, q, pts, params, 8, grad_out=grad_out)
+    monkeypatch.setenv("GPAVATAR_BLEND_BACKWARD", "gather")
+    _, _, _, g_gather = run(device, q, pts, params, 8, grad_out=grad_out)
+    for a, b in zip(g_gather, g_buffers):
+        assert (a - b).abs().max() <= 1e-5 * (1 + b.abs().max())
+    monkeypatch.setenv("GPAVATAR_BLEND_BACKWARD", "atomics")
+    with pytest.raises(ValueError, match="GPAVATAR_BLEND_BACKWARD must be buffers or gather"):
+        run(device, q, pts, params, 8, grad_out=grad_out)
+
+
 TRITON_DEVICES = [pytest.param(d, id=d, marks=[pytest.mark.cuda] if d == "cuda" else [])
                   for d in ("cpu",) + (("cuda",) if torch.cuda.is_available() else ())
                   if "triton" in ops.available_backends(d)]

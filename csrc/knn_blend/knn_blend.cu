@@ -5,6 +5,8 @@
 // comes from knn_blend.h, shared with the CPU kernel.
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
 
 #include "knn_blend/knn_blend.h"
 
@@ -109,6 +111,113 @@ __global__ void __launch_bounds__(kThreads, MinBlocks) backward_kernel(BlendArgs
   for (int j = 0; j < H; ++j) hidden[ci * H + j] = g[j];
 }
 
+// --- The gather backward (knn_blend.h) ----------------------------------------------
+
+// hidden (B*M, H) = g and total (B*M) of every query: the forward without W2 (the
+// runtime-size loop: this kernel runs once per backward).
+__global__ void hidden_kernel(BlendArgs a, float* __restrict__ hidden, float* __restrict__ total) {
+  extern __shared__ float smem[];
+  const SharedWeights s = stage_weights(a, a.H, a.C, smem);
+  const int64_t qi = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (qi >= a.B * a.M) return;
+  float w[kMaxK];
+  float gamma[kEmbedDim];
+  total[qi] = neighbor_weights(a, qi, w);
+  float* g = hidden + qi * a.H;
+  for (int j = 0; j < a.H; ++j) g[j] = 0.0f;
+  for (int k = 0; k < a.K; ++k) {
+    const float* row = neighbor_embedding(a, qi, k, gamma);
+    if (row == nullptr) continue;
+    for (int j = 0; j < a.H; ++j) g[j] += w[k] * relu_f(hidden_unit(row, s.w1_dir_t, gamma, a.H, j));
+  }
+}
+
+constexpr int kGatherWarps = 8;  // warps (chunks) per block
+
+// One warp per chunk; lane l owns the hidden units j = l + 32 u (u < U, H <= 32 U).
+// The block's warps add their grad_w1 shares in warp order into part_w1[block].
+template <int U>
+__global__ void __launch_bounds__(32 * kGatherWarps, U <= 2 ? 2 : 1)
+    gather_kernel(BlendArgs a, const float* __restrict__ v, const int64_t* __restrict__ perm,
+                  const int64_t* __restrict__ row_start, const int64_t* __restrict__ chunk_start,
+                  int64_t rows, int64_t max_chunks, float* __restrict__ part_table,
+                  float* __restrict__ part_w1) {
+  __shared__ float w1t[kEmbedDim * kMaxHidden];
+  __shared__ float share[kEmbedDim * kMaxHidden];
+  const int H = a.H;
+  for (int t = threadIdx.x; t < kEmbedDim * H; t += blockDim.x) {
+    w1t[t] = a.w1_dir_t[t];
+    share[t] = 0.0f;
+  }
+  __syncthreads();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t chunk = static_cast<int64_t>(blockIdx.x) * kGatherWarps + warp;
+  const int64_t chunks = chunk_start[rows];
+  float acc_t[U];
+  float acc_w[kEmbedDim][U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    acc_t[u] = 0.0f;
+#pragma unroll
+    for (int e = 0; e < kEmbedDim; ++e) acc_w[e][u] = 0.0f;
+  }
+  if (chunk < chunks) {
+    const int64_t row = chunk_row(chunk_start, rows, chunk);
+    const int64_t s0 = row_start[row] + (chunk - chunk_start[row]) * kGatherChunk;
+    const int64_t s1 = min(s0 + kGatherChunk, row_start[row + 1]);
+    float gamma[kEmbedDim];
+    for (int64_t s = s0; s < s1; ++s) {
+      float weight;
+      int64_t qi;
+      const float* trow = pair_terms(a, perm[s], gamma, weight, qi);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int j = lane + 32 * u;
+        if (j < H) {
+          const float h = hidden_unit(trow, w1t, gamma, H, j);
+          const float d = relu_passes(h) ? weight * v[qi * H + j] : 0.0f;
+          acc_t[u] += d;
+#pragma unroll
+          for (int e = 0; e < kEmbedDim; ++e) acc_w[e][u] += d * gamma[e];
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int j = lane + 32 * u;
+      if (j < H) part_table[chunk * H + j] = acc_t[u];
+    }
+  }
+  // grad_w1: the warps' shares in warp order (deterministic), one block share out.
+  for (int w = 0; w < kGatherWarps; ++w) {
+    if (warp == w) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int j = lane + 32 * u;
+        if (j < H) {
+#pragma unroll
+          for (int e = 0; e < kEmbedDim; ++e) share[e * H + j] += acc_w[e][u];
+        }
+      }
+    }
+    __syncthreads();
+  }
+  float* out = part_w1 + static_cast<int64_t>(blockIdx.x) * kEmbedDim * H;
+  for (int t = threadIdx.x; t < kEmbedDim * H; t += blockDim.x) out[t] = share[t];
+}
+
+// grad_table[row, j] = the ordered sum of the row's chunk shares.
+__global__ void gather_reduce_kernel(const int64_t* __restrict__ chunk_start, int64_t rows, int H,
+                                     const float* __restrict__ part_table, float* __restrict__ grad_table) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= rows * H) return;
+  const int64_t row = t / H;
+  const int j = static_cast<int>(t - row * H);
+  float sum = 0.0f;
+  for (int64_t c = chunk_start[row]; c < chunk_start[row + 1]; ++c) sum += part_table[c * H + j];
+  grad_table[t] = sum;
+}
+
 // GPAVATAR_BLEND_CUDA_VARIANT selects how the H = 64, C = 32 case is compiled
 // (the same arithmetic in each; only the default has been measured, on an H200):
 //   default    sizes fixed at compile time, accumulators in registers (~220 per
@@ -138,6 +247,42 @@ int launch_knn_blend_forward_cuda(const BlendArgs& a, float* out, void* stream) 
   } else {
     forward_kernel<0, 0><<<grid, kThreads, smem, s>>>(a, out);
   }
+  return static_cast<int>(cudaGetLastError());
+}
+
+int launch_knn_blend_hidden_cuda(const BlendArgs& a, float* hidden, float* total, void* stream) {
+  const int64_t n = a.B * a.M;
+  if (n == 0) return 0;
+  if (a.H > kMaxHidden || a.C > kMaxOut) return static_cast<int>(cudaErrorInvalidValue);
+  hidden_kernel<<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, shared_bytes(a.H, a.C),
+                  static_cast<cudaStream_t>(stream)>>>(a, hidden, total);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int64_t gather_blocks(int64_t max_chunks) { return std::max<int64_t>(1, (max_chunks + kGatherWarps - 1) / kGatherWarps); }
+
+int launch_knn_blend_gather_cuda(const BlendArgs& a, const float* v, const int64_t* perm,
+                                 const int64_t* row_start, const int64_t* chunk_start, int64_t rows,
+                                 int64_t max_chunks, float* part_table, float* part_w1, void* stream) {
+  if (a.H > kMaxHidden) return static_cast<int>(cudaErrorInvalidValue);
+  const unsigned blocks = static_cast<unsigned>(gather_blocks(max_chunks));
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (a.H <= 64) {
+    gather_kernel<2><<<blocks, 32 * kGatherWarps, 0, s>>>(a, v, perm, row_start, chunk_start, rows,
+                                                           max_chunks, part_table, part_w1);
+  } else {
+    gather_kernel<kMaxHidden / 32><<<blocks, 32 * kGatherWarps, 0, s>>>(
+        a, v, perm, row_start, chunk_start, rows, max_chunks, part_table, part_w1);
+  }
+  return static_cast<int>(cudaGetLastError());
+}
+
+int launch_knn_blend_gather_reduce_cuda(const int64_t* chunk_start, int64_t rows, int H,
+                                        const float* part_table, float* grad_table, void* stream) {
+  const int64_t n = rows * H;
+  if (n == 0) return 0;
+  gather_reduce_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(
+      chunk_start, rows, H, part_table, grad_table);
   return static_cast<int>(cudaGetLastError());
 }
 

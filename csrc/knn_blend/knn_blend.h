@@ -202,6 +202,43 @@ GPA_HD const float* neighbor_embedding(const BlendArgs& a, int64_t qi, int k, fl
   return a.table + table_row(b, i, a.P, a.per_batch_table) * a.H;
 }
 
+// --- The gather backward (GPAVATAR_BLEND_BACKWARD=gather) --------------------------
+// The (query, neighbour) pairs, pair = qi * K + k, are grouped by the table row they
+// read (a stable sort: perm), and cut into chunks of at most kGatherChunk pairs of
+// one row.  A chunk's grad_table share is summed over its pairs in order, with
+// nothing stored per pair and no atomics:
+//   delta_j = w_k v[qi, j] [h_j > 0]          (v = grad_out W2: (B * M, H))
+//   part_table[chunk, j] = sum over the chunk's pairs of delta_j
+//   part_w1[..., c, j]  += delta_j gamma_c
+// and grad_table[row] is the ordered sum of its chunks' shares.
+constexpr int64_t kGatherChunk = 128;
+
+// w_k and gamma of pair `pair`; returns its table row (nullptr for an index out of
+// range, which contributes nothing).
+GPA_HD const float* pair_terms(const BlendArgs& a, int64_t pair, float* gamma, float& weight, int64_t& qi) {
+  qi = pair / a.K;
+  const int k = static_cast<int>(pair - qi * a.K);
+  float w[kMaxK];
+  neighbor_weights(a, qi, w);
+  weight = w[k];
+  return neighbor_embedding(a, qi, k, gamma);
+}
+
+// The row (chunk_start[row] <= chunk < chunk_start[row + 1]) of a chunk: binary search
+// over chunk_start[0 .. rows].
+GPA_HD int64_t chunk_row(const int64_t* chunk_start, int64_t rows, int64_t chunk) {
+  int64_t lo = 0, hi = rows;  // chunk_start[lo] <= chunk < chunk_start[hi]
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (chunk_start[mid] <= chunk) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
 #if defined(WITH_CUDA)
 // out: (B, M, C).  Returns a CUDA error code (0 on success).
 int launch_knn_blend_forward_cuda(const BlendArgs& args, float* out, void* stream);
@@ -215,6 +252,17 @@ int launch_knn_blend_forward_cuda(const BlendArgs& args, float* out, void* strea
 int launch_knn_blend_backward_cuda(const BlendArgs& args, const float* grad_out, int64_t m_begin,
                                    int64_t m_end, float* hidden, float* weight_total,
                                    float* delta, float* gamma, void* stream);
+
+// The gather backward's kernels (see above): hidden (B * M, H) and total (B * M) of every
+// query (for grad_w2 / grad_b2); the chunks' shares part_table (max_chunks, H) and
+// part_w1 (gather_blocks(max_chunks), 27, H); grad_table (rows, H) from part_table.
+int launch_knn_blend_hidden_cuda(const BlendArgs& args, float* hidden, float* total, void* stream);
+int64_t gather_blocks(int64_t max_chunks);
+int launch_knn_blend_gather_cuda(const BlendArgs& args, const float* v, const int64_t* perm,
+                                 const int64_t* row_start, const int64_t* chunk_start, int64_t rows,
+                                 int64_t max_chunks, float* part_table, float* part_w1, void* stream);
+int launch_knn_blend_gather_reduce_cuda(const int64_t* chunk_start, int64_t rows, int H,
+                                        const float* part_table, float* grad_table, void* stream);
 #endif
 
 }  // namespace knn_blend

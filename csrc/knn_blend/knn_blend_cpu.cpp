@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <string>
 #include <vector>
 
 #include "knn_blend/knn_blend.h"
@@ -98,6 +99,34 @@ void check_grad_out(const at::Tensor& grad_out, const Prepared& p) {
                         grad_out.size(2) == p.args.C, msg("grad_out must have shape (", p.args.B, ", ", p.args.M, ", ", p.args.C,
                     "), got ", shape_of(grad_out)));
   check_same_device(p.queries, "queries", grad_out, "grad_out");
+}
+
+GatherPlan make_gather_plan(const Prepared& p, const at::Tensor& grad_out) {
+  const BlendArgs& a = p.args;
+  GatherPlan plan;
+  plan.rows = p.table.size(0);
+  const int64_t n = a.B * a.M * a.K;
+  at::Tensor keys = p.idx.reshape({a.B, a.M * a.K});
+  const at::Tensor valid = keys.ge(0).logical_and(keys.lt(a.P));
+  if (a.per_batch_table) keys = keys + at::arange(a.B, keys.options()).mul_(a.P).unsqueeze(1);
+  keys = at::where(valid, keys, at::full({}, plan.rows, keys.options())).reshape({n});
+  const auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  plan.perm = std::get<1>(sorted).contiguous();
+  plan.row_start = at::searchsorted(std::get<0>(sorted), at::arange(plan.rows + 1, keys.options())).contiguous();
+  const at::Tensor counts = plan.row_start.narrow(0, 1, plan.rows) - plan.row_start.narrow(0, 0, plan.rows);
+  const at::Tensor chunks = counts.add(kGatherChunk - 1).div(kGatherChunk, "floor");
+  plan.chunk_start = at::cat({at::zeros({1}, keys.options()), chunks.cumsum(0)}).contiguous();
+  plan.max_chunks = plan.rows + (n + kGatherChunk - 1) / kGatherChunk;
+  plan.v = at::mm(grad_out.reshape({a.B * a.M, a.C}), p.w2).contiguous();  // (B*M, H)
+  return plan;
+}
+
+bool use_gather_backward() {
+  const char* env = std::getenv("GPAVATAR_BLEND_BACKWARD");
+  const std::string name = env == nullptr || env[0] == '\0' ? "buffers" : env;
+  TORCH_CHECK_VALUE(name == "buffers" || name == "gather",
+                    msg("GPAVATAR_BLEND_BACKWARD must be buffers or gather, got '", name, "'"));
+  return name == "gather";
 }
 
 namespace {
@@ -219,6 +248,75 @@ at::Tensor forward_cpu(const at::Tensor& queries, const at::Tensor& points,
   return out;
 }
 
+// The gather backward of knn_blend.h on the CPU: the CUDA kernels' pair order, chunks and
+// per-unit sums (tests of that arithmetic without a GPU; GPAVATAR_BLEND_BACKWARD=gather).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_gather_cpu(const at::Tensor& grad_out,
+                                                                              const Prepared& p) {
+  const BlendArgs& a = p.args;
+  const GatherPlan plan = make_gather_plan(p, grad_out);
+  const int H = a.H;
+  const int64_t* perm = plan.perm.data_ptr<int64_t>();
+  const int64_t* row_start = plan.row_start.data_ptr<int64_t>();
+  const int64_t* chunk_start = plan.chunk_start.data_ptr<int64_t>();
+  const float* v = plan.v.data_ptr<float>();
+  const int64_t chunks = chunk_start[plan.rows];
+  auto opts = p.queries.options();
+  at::Tensor part_table = at::zeros({std::max<int64_t>(chunks, 1), H}, opts);
+  at::Tensor part_w1 = at::zeros({std::max<int64_t>(chunks, 1), kEmbedDim, H}, opts);
+  float* pt = part_table.data_ptr<float>();
+  float* pw = part_w1.data_ptr<float>();
+  at::parallel_for(0, chunks, 16, [&](int64_t begin, int64_t end) {
+    float gamma[kEmbedDim];
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t row = chunk_row(chunk_start, plan.rows, c);
+      const int64_t s0 = row_start[row] + (c - chunk_start[row]) * kGatherChunk;
+      const int64_t s1 = std::min(s0 + kGatherChunk, row_start[row + 1]);
+      float* acc_t = pt + c * H;
+      float* acc_w = pw + c * kEmbedDim * H;
+      for (int64_t s = s0; s < s1; ++s) {
+        float weight;
+        int64_t qi;
+        const float* trow = pair_terms(a, perm[s], gamma, weight, qi);
+        for (int j = 0; j < H; ++j) {
+          const float h = hidden_unit(trow, a.w1_dir_t, gamma, H, j);
+          const float d = relu_passes(h) ? weight * v[qi * H + j] : 0.0f;
+          acc_t[j] += d;
+          for (int e = 0; e < kEmbedDim; ++e) acc_w[e * H + j] += d * gamma[e];
+        }
+      }
+    }
+  });
+  at::Tensor grad_table = at::zeros({plan.rows, H}, opts);
+  float* gt = grad_table.data_ptr<float>();
+  at::parallel_for(0, plan.rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t c = chunk_start[r]; c < chunk_start[r + 1]; ++c)
+        for (int j = 0; j < H; ++j) gt[r * H + j] += pt[c * H + j];
+  });
+  // grad_w2 = grad_out^T hidden, grad_b2 = grad_out^T total, from every query's g.
+  at::Tensor hidden = at::empty({a.B * a.M, H}, opts);
+  at::Tensor total = at::empty({a.B * a.M}, opts);
+  float* hd = hidden.data_ptr<float>();
+  float* tt = total.data_ptr<float>();
+  at::parallel_for(0, a.B * a.M, 64, [&](int64_t begin, int64_t end) {
+    float w[kMaxK], gamma[kEmbedDim];
+    for (int64_t qi = begin; qi < end; ++qi) {
+      tt[qi] = neighbor_weights(a, qi, w);
+      float* g = hd + qi * H;
+      for (int j = 0; j < H; ++j) g[j] = 0.0f;
+      for (int k = 0; k < a.K; ++k) {
+        const float* trow = neighbor_embedding(a, qi, k, gamma);
+        if (trow == nullptr) continue;
+        for (int j = 0; j < H; ++j) g[j] += w[k] * relu_f(hidden_unit(trow, a.w1_dir_t, gamma, H, j));
+      }
+    }
+  });
+  const at::Tensor go = grad_out.reshape({a.B * a.M, a.C});
+  at::Tensor grad_w2 = at::mm(go.t(), hidden);
+  at::Tensor grad_b2 = at::mv(go.t(), total);
+  return {grad_table, part_w1.sum(0).t().contiguous(), grad_w2, grad_b2};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& queries, const at::Tensor& points,
     const at::Tensor& dist2, const at::Tensor& idx, const at::Tensor& table,
@@ -229,6 +327,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   check_grad_out(grad_out, p);
   check_indices(p.idx, p.args.P);
   const at::Tensor go = grad_out.contiguous();
+  if (use_gather_backward()) return backward_gather_cpu(go, p);
   const BlendArgs& a = p.args;
   const int64_t rows = table.size(0);
   const int64_t table_size = rows * a.H, w1_size = kEmbedDim * a.H, w2_size = a.C * a.H;

@@ -75,6 +75,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   const BlendArgs& a = p.args;
   const at::Tensor go = grad_out.contiguous();
   auto opts = queries.options();
+  if (use_gather_backward() && a.B * a.M > 0) {
+    // Pairs grouped by table row, chunk sums, no per-pair buffers, no atomics (knn_blend.h).
+    auto stream = at::cuda::getCurrentCUDAStream().stream();
+    const GatherPlan plan = make_gather_plan(p, go);
+    at::Tensor part_table = at::empty({std::max<int64_t>(plan.max_chunks, 1), a.H}, opts);
+    at::Tensor part_w1 = at::empty({gather_blocks(plan.max_chunks), kEmbedDim, a.H}, opts);
+    check_launch(launch_knn_blend_gather_cuda(a, plan.v.data_ptr<float>(), plan.perm.data_ptr<int64_t>(),
+                                              plan.row_start.data_ptr<int64_t>(),
+                                              plan.chunk_start.data_ptr<int64_t>(), plan.rows,
+                                              plan.max_chunks, part_table.data_ptr<float>(),
+                                              part_w1.data_ptr<float>(), stream),
+                 "knn_blend backward (gather)");
+    at::Tensor grad_table = at::empty({plan.rows, a.H}, opts);
+    check_launch(launch_knn_blend_gather_reduce_cuda(plan.chunk_start.data_ptr<int64_t>(), plan.rows, a.H,
+                                                     part_table.data_ptr<float>(),
+                                                     grad_table.data_ptr<float>(), stream),
+                 "knn_blend backward (gather)");
+    at::Tensor hidden = at::empty({a.B * a.M, a.H}, opts);
+    at::Tensor total = at::empty({a.B * a.M}, opts);
+    check_launch(launch_knn_blend_hidden_cuda(a, hidden.data_ptr<float>(), total.data_ptr<float>(), stream),
+                 "knn_blend backward (gather)");
+    const at::Tensor go2 = go.reshape({a.B * a.M, a.C});
+    return {grad_table, part_w1.sum(0).t().contiguous(), at::mm(go2.t(), hidden), at::mv(go2.t(), total)};
+  }
   at::Tensor grad_table = at::zeros({table.size(0), a.H}, opts);
   at::Tensor grad_w1t = at::zeros({kEmbedDim, a.H}, opts);
   at::Tensor grad_w2 = at::zeros({a.C, a.H}, opts);
