@@ -221,55 +221,19 @@ __global__ void bucket_scatter_kernel(const int* __restrict__ bucket_of,
   order[bucket_start[slot] + atomicAdd(bucket_fill + slot, 1)] = static_cast<int>(i);
 }
 
-template <int Capacity>
-__global__ void search_kernel(const float* __restrict__ queries, const float* __restrict__ points,
-                              const int* __restrict__ order, const int* __restrict__ bucket_of,
-                              const int64_t* __restrict__ offset, const float* __restrict__ cand,
-                              const float* __restrict__ cell_bound,
-                              const int* __restrict__ band_count, float* __restrict__ dist2,
-                              int64_t* __restrict__ idx, int64_t B, int64_t M, int64_t P, int G,
-                              int K) {
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= B * M) return;
-  const int64_t qi = order[t];
-  const int64_t b = qi / M;
-  const int64_t cells = static_cast<int64_t>(G) * G * G;
-  const float qx = queries[3 * qi], qy = queries[3 * qi + 1], qz = queries[3 * qi + 2];
-  const int bucket = bucket_of[qi];
-  if (bucket == cells) {
-    TopK<int, Capacity> best(K);
-    scan_all(points + b * P * 3, P, qx, qy, qz, best);
-    for (int j = 0; j < K; ++j) {
-      dist2[qi * K + j] = best.dist[j];
-      idx[qi * K + j] = best.idx[j];
-    }
-    return;
-  }
-  const int64_t slot = b * cells + bucket;
-  TopKRegs<Capacity> best(K);
-  scan_banded(cand + 4 * offset[slot], band_count + slot * kCellBands, cell_bound[slot], qx, qy, qz,
-              best);
-#pragma unroll
-  for (int j = 0; j < Capacity; ++j) {
-    if (j < K) {
-      dist2[qi * K + j] = best.dist[j];
-      idx[qi * K + j] = best.idx[j];
-    }
-  }
-}
-
-// scan_buffered with each thread's buffer in shared memory (Cap slots,
-// interleaved across the block's threads: conflict-free).
-template <int Capacity, int Cap, int Threads>
+// One thread per query in bucket order.  Buffered: scan_buffered with each
+// thread's buffer in shared memory (Cap slots, interleaved across the block's
+// threads: conflict-free); else scan_banded.
+template <int Capacity, bool Buffered, int Cap, int Threads>
 __global__ void __launch_bounds__(Threads)
-    search_buffered_kernel(const float* __restrict__ queries, const float* __restrict__ points,
-                           const int* __restrict__ order, const int* __restrict__ bucket_of,
-                           const int64_t* __restrict__ offset, const float* __restrict__ cand,
-                           const float* __restrict__ cell_bound, const int* __restrict__ band_count,
-                           const float* __restrict__ seeds, float* __restrict__ dist2,
-                           int64_t* __restrict__ idx, int64_t B, int64_t M, int64_t P, int G, int K) {
-  __shared__ float buf_d[Cap * Threads];
-  __shared__ int buf_i[Cap * Threads];
+    search_kernel(const float* __restrict__ queries, const float* __restrict__ points,
+                  const int* __restrict__ order, const int* __restrict__ bucket_of,
+                  const int64_t* __restrict__ offset, const float* __restrict__ cand,
+                  const float* __restrict__ cell_bound, const int* __restrict__ band_count,
+                  const float* __restrict__ seeds, float* __restrict__ dist2, int64_t* __restrict__ idx,
+                  int64_t B, int64_t M, int64_t P, int G, int K) {
+  __shared__ float buf_d[Buffered ? Cap * Threads : 1];
+  __shared__ int buf_i[Buffered ? Cap * Threads : 1];
   const int64_t t = static_cast<int64_t>(blockIdx.x) * Threads + threadIdx.x;
   if (t >= B * M) return;  // no block-wide synchronisation below
   const int64_t qi = order[t];
@@ -288,9 +252,14 @@ __global__ void __launch_bounds__(Threads)
   }
   const int64_t slot = b * cells + bucket;
   TopKRegs<Capacity> best(K);
-  scan_buffered(cand + 4 * offset[slot], band_count + slot * kCellBands, cell_bound[slot],
-                seeds + 4 * slot * K, qx, qy, qz, buf_d + threadIdx.x, buf_i + threadIdx.x, Threads,
-                Cap, best);
+  if constexpr (Buffered) {
+    scan_buffered(cand + 4 * offset[slot], band_count + slot * kCellBands, cell_bound[slot],
+                  seeds + 4 * slot * K, qx, qy, qz, buf_d + threadIdx.x, buf_i + threadIdx.x, Threads,
+                  Cap, best);
+  } else {
+    scan_banded(cand + 4 * offset[slot], band_count + slot * kCellBands, cell_bound[slot], qx, qy,
+                qz, best);
+  }
 #pragma unroll
   for (int j = 0; j < Capacity; ++j) {
     if (j < K) {
@@ -342,40 +311,25 @@ int launch_cell_bucket_cuda(const CellKnnCuda& a, bool scatter, void* stream) {
   return static_cast<int>(cudaGetLastError());
 }
 
+template <int Capacity, bool Buffered, int Cap, int Threads>
+void launch_search(const CellKnnCuda& a, cudaStream_t s) {
+  const int64_t n = a.B * a.M;
+  search_kernel<Capacity, Buffered, Cap, Threads><<<static_cast<unsigned>((n + Threads - 1) / Threads), Threads,
+                                                      0, s>>>(
+      a.queries, a.points, a.order, a.query_cell, a.offset, a.cand, a.cell_bound, a.band_count, a.seeds,
+      a.dist2, a.idx, a.B, a.M, a.P, a.G, a.K);
+}
+
 int launch_cell_search_cuda(const CellKnnCuda& a, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (a.B == 0 || a.M == 0) return 0;
-  if (a.buffered) {
-    const int64_t n = a.B * a.M;
-    if (a.K <= 8) {
-      search_buffered_kernel<8, 32, 128><<<static_cast<unsigned>((n + 127) / 128), 128, 0, s>>>(
-          a.queries, a.points, a.order, a.query_cell, a.offset, a.cand, a.cell_bound, a.band_count,
-          a.seeds, a.dist2, a.idx, a.B, a.M, a.P, a.G, a.K);
-    } else if (a.K <= 16) {
-      search_buffered_kernel<16, 48, 64><<<static_cast<unsigned>((n + 63) / 64), 64, 0, s>>>(
-          a.queries, a.points, a.order, a.query_cell, a.offset, a.cand, a.cell_bound, a.band_count,
-          a.seeds, a.dist2, a.idx, a.B, a.M, a.P, a.G, a.K);
-    } else {
-      search_buffered_kernel<kMaxK, 64, 64><<<static_cast<unsigned>((n + 63) / 64), 64, 0, s>>>(
-          a.queries, a.points, a.order, a.query_cell, a.offset, a.cand, a.cell_bound, a.band_count,
-          a.seeds, a.dist2, a.idx, a.B, a.M, a.P, a.G, a.K);
-    }
-    return static_cast<int>(cudaGetLastError());
-  }
-  const unsigned blocks = blocks_for(a.B * a.M);
+  // Buffered: buffer_slots(Capacity) slots per thread, 32 KiB of shared memory or less per block.
   if (a.K <= 8) {
-    search_kernel<8><<<blocks, kThreads, 0, s>>>(a.queries, a.points, a.order, a.query_cell, a.offset,
-                                                 a.cand, a.cell_bound, a.band_count, a.dist2, a.idx,
-                                                 a.B, a.M, a.P, a.G, a.K);
+    a.buffered ? launch_search<8, true, 32, 128>(a, s) : launch_search<8, false, 1, kThreads>(a, s);
   } else if (a.K <= 16) {
-    search_kernel<16><<<blocks, kThreads, 0, s>>>(a.queries, a.points, a.order, a.query_cell,
-                                                  a.offset, a.cand, a.cell_bound, a.band_count,
-                                                  a.dist2, a.idx, a.B, a.M, a.P, a.G, a.K);
+    a.buffered ? launch_search<16, true, 48, 64>(a, s) : launch_search<16, false, 1, kThreads>(a, s);
   } else {
-    search_kernel<kMaxK><<<blocks, kThreads, 0, s>>>(a.queries, a.points, a.order, a.query_cell,
-                                                     a.offset, a.cand, a.cell_bound,
-                                                     a.band_count, a.dist2, a.idx, a.B, a.M, a.P,
-                                                     a.G, a.K);
+    a.buffered ? launch_search<kMaxK, true, 64, 64>(a, s) : launch_search<kMaxK, false, 1, kThreads>(a, s);
   }
   return static_cast<int>(cudaGetLastError());
 }
