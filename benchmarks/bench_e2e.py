@@ -25,6 +25,14 @@ Cases (``--cases``):
 
 * ``render``           -- ``model.render(avatar, points, camera)``: rays, both field passes,
   compositing and super-resolution; for every B and mode.  FPS = B / median time.
+* ``realtime``         -- the same frames through ``model.realtime(avatar, batch=B, dtype=...)``
+  (``gpavatar.realtime``: on a GPU the whole frame is one CUDA graph, replayed with the new
+  points / camera copied in; fp32 = float32 with TF32 off, fast = bf16 channels-last
+  super-resolution + TF32 field; on the CPU an eager call), fused backends only, for every B and
+  mode, plus ``--realtime-batch`` (default 8 on CUDA: the throughput row).  Each row also
+  holds the stage breakdown (``stages_ms``: rays, field pass 1, field pass 2, compositing,
+  super-resolution; ``RealtimeRenderer.profile``: each stage its own CUDA graph between CUDA
+  events on a GPU, eager stages and ``perf_counter`` on the CPU), printed as a second table;
 * ``rays+sampling``    -- ``model.renderer`` driven by a field of ~zero cost that returns the
   alpha / value tensors of a real render, precomputed per pass (``bench_render.chain_field``):
   ray_box, stratified, importance, merge, gathers and both composites without the decoder;
@@ -51,7 +59,7 @@ Usage::
 
     python benchmarks/bench_e2e.py [--device cpu|cuda|auto] [--preset paper|tiny]
         [--batch 1,4] [--backends torch-fast,cuda,triton] [--modes fp32,fast]
-        [--cases render,...] [--repeats N] [--json PATH] [--markdown PATH]
+        [--cases render,...] [--realtime-batch 8] [--repeats N] [--json PATH] [--markdown PATH]
 """
 
 from __future__ import annotations
@@ -73,8 +81,9 @@ if H.REPO_ROOT not in sys.path:  # an installed gpavatar still takes precedence
 
 PRESETS = ("paper", "tiny")
 SIZE_ALIASES = {"paper": "paper", "cpu": "tiny", "small": "tiny"}  # the other scripts' --size
-CASES = ("render", "rays+sampling", "field queries", "compositing", "super-resolution")
-BREAKDOWN = CASES[1:]
+CASES = ("render", "realtime", "rays+sampling", "field queries", "compositing", "super-resolution")
+BREAKDOWN = CASES[2:]
+IMAGE_CASES = ("render", "realtime")  # cases whose rows get PSNR columns
 MODES = ("fp32", "fast")
 CAMERA = ((1.0, 0.0, 0.0, 0.0), (0.0, 1.0, 0.0, 0.0), (0.0, 0.0, 1.0, 9.0))
 NUM_SOURCES = 1
@@ -257,6 +266,8 @@ def make_case_fn(case: str, backend: str, mode: str, model, inp: dict, cap: dict
 
     if case == "render":
         return run(lambda: model.render(avatar, points, transform))
+    if case == "realtime":
+        return realtime_fn(model, inp, backend, mode)
     if cap is None:
         raise ValueError(f"case {case!r} needs the captured render (capture())")
     if case == "rays+sampling":
@@ -271,6 +282,27 @@ def make_case_fn(case: str, backend: str, mode: str, model, inp: dict, cap: dict
         return run(lambda: tuple(ops.composite(cap["alphas"], cap["values"], cap["depths"],
                                                    backend=ops_backend(backend))))
     return run(lambda: model.up_renderer(cap["fine_image"], noise="off"))
+
+
+def realtime_fn(model, inp: dict, backend: str, mode: str):
+    """A zero-argument callable rendering ``inp``'s frame with a :class:`gpavatar.realtime.RealtimeRenderer`
+    of ``backend`` (made and, on a GPU, captured here; ``fn.realtime`` is the renderer).  The
+    renderer sets its own precision (no autocast around it)."""
+    from gpavatar.realtime import MODE_DTYPES
+
+    if backend in BASELINES or backend == "torch":
+        raise ValueError(f"case 'realtime' runs the fused backends only, got {backend!r}")
+    avatar, points, transform = inp["avatar"], inp["points"], inp["transform"]
+    with torch.no_grad(), use_backend(model, backend):
+        rt = model.realtime(avatar, batch=inp["B"], dtype=MODE_DTYPES[mode])
+        rt(points, transform)  # warm-up and, on a GPU, the capture
+
+    def fn():
+        with use_backend(model, backend):  # the eager (CPU) path dispatches per call
+            return rt(points, transform)
+
+    fn.realtime = rt
+    return fn
 
 
 def psnr(img: torch.Tensor, ref: torch.Tensor) -> float:
@@ -288,34 +320,62 @@ def run_row(case, backend, mode, model, inp, device, *, cap=None, images=None, r
     B = inp["B"]
     row = dict(case=case, backend=backend, mode=mode, B=B, median_ms=None, p20_ms=None, p80_ms=None,
                repeats=0, fps=None, peak_mem_bytes=None, psnr_vs_fp32=None, psnr_vs_baseline=None,
-               fallback=None, error=None)
+               fallback=None, error=None, stages_ms=None)
+    fn = None
     try:
         why = backend_unavailable(backend, device)
         if why:
             raise RuntimeError(why)
         row["fallback"] = fallback_ops(backend) or None
+        footprint = _start_footprint(device) if case == "realtime" else None
         fn = make_case_fn(case, backend, mode, model, inp, cap)
-        if case == "render" and images is not None:
-            image = fn()["image"].float()
-            images[(B, backend, mode)] = image
+        if footprint is not None:  # the warm-up and the CUDA graph's memory pool
+            footprint = _end_footprint(device, footprint)
+        if case in IMAGE_CASES and images is not None:
+            image = fn()["image"].detach().float().clone()  # a graph's output is overwritten by the next call
+            images[(case, B, backend, mode)] = image
             if mode == "fast":
-                ref = images.get((B, backend, "fp32"))
+                ref = images.get((case, B, backend, "fp32"))
                 if ref is None:
-                    ref = make_case_fn(case, backend, "fp32", model, inp)()["image"].float()
+                    ref = make_case_fn(case, backend, "fp32", model, inp)()["image"].detach().float().clone()
                 row["psnr_vs_fp32"] = psnr(image, ref)
-            base_ref = images.get((B, BASELINE, "fp32"))
+            base_ref = images.get(("render", B, BASELINE, "fp32"))
             if backend != BASELINE and base_ref is not None:
                 row["psnr_vs_baseline"] = psnr(image, base_ref)
             del image
         row.update(H.measure(fn, device, repeats=repeats, warmup=warmup, max_seconds=max_seconds,
                              min_repeats=min_repeats))
+        if footprint is not None and row["peak_mem_bytes"] is not None:
+            row["peak_mem_bytes"] = max(row["peak_mem_bytes"], footprint)
         if row["median_ms"]:
             row["fps"] = B * 1e3 / row["median_ms"]
+        if case == "realtime":
+            row["stages_ms"] = fn.realtime.profile(inp["points"], inp["transform"], repeats=max(1, min(repeats, 20)))
     except Exception as exc:  # keep going: the report records the failure
         H.record_error(row, exc, quiet=("backend ",))
     finally:
+        fn = None  # a real-time renderer's graphs and static buffers go before the cache is emptied
         H.release(device)
     return row
+
+
+def _start_footprint(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def _end_footprint(device: torch.device, base: int) -> int:
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device) - base)
+
+
+def ratio_key(r: dict):
+    """Rows compared for ``vs best baseline``: same case, B and mode; a realtime row against the
+    baselines' render rows (the official-style path renders the same frames)."""
+    return ("render" if r["case"] == "realtime" else r["case"], r["B"], r["mode"])
 
 
 def status(r: dict) -> str:
@@ -368,8 +428,26 @@ def render_markdown(payload: dict) -> str:
             "official-style path a user would run: pure-torch ops, PEF by chunked fp32 distances + topk + the "
             "official per-neighbour MLP (benchmarks/_baselines.py); pytorch3d = the same with knn_points; "
             "torch = gpavatar's reference ops (exact KNN oracle). \"torch fallback\" lists ops this build has "
-            "no kernel for on that backend.")
+            "no kernel for on that backend. realtime rows: gpavatar.realtime (one CUDA graph per call on a GPU, "
+            "eager on the CPU; fp32 = TF32 off, fast = bf16 channels-last super-resolution + TF32 field, no "
+            "autocast), compared with the baselines' render rows of the same B and mode; their peak includes the "
+            "warm-up and the CUDA graph's memory pool.")
     parts = [title, H.env_markdown(env), H.markdown_table(headers, body), note]
+    staged = [r for r in payload["rows"] if r.get("stages_ms")]
+    if staged:
+        from gpavatar.realtime import REPORTED_STAGES
+
+        stage_rows = []
+        for r in staged:
+            st = r["stages_ms"]
+            stage_rows.append([r["B"], r["backend"], r["mode"]] + [H.fmt_ms(st.get(k)) for k in REPORTED_STAGES]
+                              + [H.fmt_ms(sum(st.get(k, 0.0) for k in REPORTED_STAGES)), H.fmt_ms(st.get("frame"))])
+        clock = ("CUDA events around each stage replayed as its own CUDA graph; frame = the one-graph frame"
+                 if cfg["device"].startswith("cuda") else "time.perf_counter around eager stages")
+        parts += ["### realtime stage breakdown (median ms per call of B frames)",
+                  H.markdown_table(["B", "backend", "mode", *REPORTED_STAGES, "sum", "frame"], stage_rows),
+                  f"Clock: {clock}. rays = camera rays + coarse depths + coarse composite + importance depths; "
+                  "compositing = merge of both passes + composite + depth maps."]
     return "\n\n".join(parts) + "\n"
 
 
@@ -389,6 +467,9 @@ def parse_args(argv=None):
     ap.add_argument("--points", choices=POINT_SOURCES, default="procedural",
                     help="FLAME points: procedural head template x5 (default) or a random head-sized cloud")
     ap.add_argument("--query-chunk", type=int, default=0, help="config query_chunk (0 = whole pass)")
+    ap.add_argument("--realtime-batch", default=None,
+                    help="comma list of extra batch sizes for the realtime case only (throughput; default 8 on "
+                         "cuda, none on cpu; '' for none)")
     return ap.parse_args(argv)
 
 
@@ -408,13 +489,16 @@ def main(argv=None) -> int:
     preset = args.preset or (SIZE_ALIASES[args.size] if args.size else None) or \
         ("paper" if device.type == "cuda" else "tiny")
     Bs = tuple(int(b) for b in args.batch.split(","))
+    realtime_text = args.realtime_batch if args.realtime_batch is not None else ("8" if device.type == "cuda" else "")
+    realtime_Bs = tuple(b for b in (int(x) for x in realtime_text.split(",") if x.strip()) if b not in Bs)
     modes = _split(args.modes, MODES, "mode(s)")
     cases = _split(args.cases, CASES, "case(s)") if args.cases else list(CASES)
     repeats = args.repeats or (20 if device.type == "cuda" else 5)
     warmup = args.warmup if args.warmup is not None else (2 if device.type == "cuda" else 0)
     max_seconds = args.max_seconds if args.max_seconds is not None else (10.0 if device.type == "cuda" else 3.0)
 
-    cfg = dict(preset=preset, device=str(device), Bs=Bs, modes=modes, cases=cases, repeats=repeats, warmup=warmup,
+    cfg = dict(preset=preset, device=str(device), Bs=Bs, realtime_Bs=realtime_Bs if "realtime" in cases else (),
+               modes=modes, cases=cases, repeats=repeats, warmup=warmup,
                max_seconds=max_seconds, seed=args.seed, points=None, query_chunk=args.query_chunk,
                camera=[list(r) for r in CAMERA], num_sources=NUM_SOURCES, capture_backend=None)
     payload = dict(benchmark="e2e", env=H.env_info(device), config=cfg, rows=[], api_error=None,
@@ -441,14 +525,16 @@ def main(argv=None) -> int:
     cfg["backends"] = backends
 
     images: dict = {}
-    for B in Bs:
+    realtime_backends = [b for b in backends if b not in BASELINES and b != "torch"]
+    for B in Bs + cfg["realtime_Bs"]:
         if not backends:
             break
+        extra = B not in Bs  # a realtime-only batch size
         print(f"[bench_e2e] B={B}: building the avatar ...", file=sys.stderr, flush=True)
         inp = make_inputs(model, B, device, seed=args.seed, points=args.points)
         cfg["points"] = inp["points_kind"]
         cap = None
-        breakdown = [c for c in cases if c in BREAKDOWN] if B == min(Bs) and "fp32" in modes else []
+        breakdown = [c for c in cases if c in BREAKDOWN] if B == min(Bs) and "fp32" in modes and not extra else []
         if breakdown:
             usable = [b for b in backends if backend_unavailable(b, device) is None]
             fused = [b for b in usable if b not in BASELINES and b != "torch"]
@@ -462,22 +548,22 @@ def main(argv=None) -> int:
                     payload["error"] = f"capture render failed: {type(exc).__name__}: {exc}"[:500]
                     breakdown = []
         for case in cases:
-            if case != "render" and case not in breakdown:
+            if case not in IMAGE_CASES and case not in breakdown or (extra and case != "realtime"):
                 continue
-            for mode in (modes if case == "render" else ["fp32"]):
-                for b in backends:
+            for mode in (modes if case in IMAGE_CASES else ["fp32"]):
+                for b in (realtime_backends if case == "realtime" else backends):
                     print(f"[bench_e2e] B={B} {case} / {b} / {mode} ...", file=sys.stderr, flush=True)
                     payload["rows"].append(run_row(case, b, mode, model, inp, device, cap=cap, images=images,
                                                    repeats=repeats, warmup=warmup, max_seconds=max_seconds,
                                                    min_repeats=args.min_repeats))
                     if args.json:  # partial results survive a timeout
-                        H.add_baseline_ratios(payload["rows"], BASELINES, key=lambda r: (r["case"], r["B"], r["mode"]))
+                        H.add_baseline_ratios(payload["rows"], BASELINES, key=ratio_key)
                         H.write_json(args.json, dict(payload, partial=True))
         del inp, cap
         images.clear()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    H.add_baseline_ratios(payload["rows"], BASELINES, key=lambda r: (r["case"], r["B"], r["mode"]))
+    H.add_baseline_ratios(payload["rows"], BASELINES, key=ratio_key)
 
     return H.emit_report(payload, render_markdown(payload), args.json, args.markdown)
 

@@ -47,6 +47,7 @@ export PYTHONUNBUFFERED=1
 BENCHES=(
     benchmarks/bench_knn_blend.py
     benchmarks/bench_e2e.py
+    benchmarks/bench_train.py
     benchmarks/bench_render.py
     benchmarks/bench_triplane.py
 )

@@ -5,12 +5,15 @@ Run with ``pytest benchmarks/ --benchmark-only``.  The model is the ``tiny`` pre
 2 cores.  CPU cases are parametrized over the baseline ``torch-fast`` (the official-style path,
 ``_baselines``) and the ``cpu`` backend; CUDA cases (``paper`` preset) over ``torch-fast``,
 ``cuda`` and ``triton`` and are skipped without a GPU or when a backend is not available.
-The cases are the script's ``CASES`` in fp32 (the whole render and its breakdown) plus
-``render`` in the ``fast`` mode (bf16 autocast + TF32); a backend that raises on its first call is reported as an xfail with the
-error (the script records the same error in its row).
+The cases are the script's ``CASES`` in fp32 (the whole render, the real-time path and the
+breakdown) plus ``render`` in the ``fast`` mode (bf16 autocast + TF32) and ``realtime`` in its fast mode
+(bf16 super-resolution); ``realtime`` runs the fused backends only (skipped for the baseline); a backend
+that raises on its first call is reported as an xfail with the error (the script records the same error
+in its row).
 These are timings, not tests of correctness -- the package's own suite lives in ``tests/``;
 ``test_script_smoke`` only checks that the benchmark script runs end to end and writes a
-well-formed JSON / markdown, ``test_breakdown_inputs`` that the breakdown cases replay the
+well-formed JSON / markdown (``test_script_realtime_rows``: the realtime rows, their extra batch size
+and stage breakdown), ``test_breakdown_inputs`` that the breakdown cases replay the
 captured render, ``test_torch_fast_path_matches_reference`` that the baseline row
 renders what the reference ops render.
 """
@@ -26,14 +29,14 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_e2e import (CASES, backend_unavailable, capture, head_points, main, make_case_fn,  # noqa: E402
-                       make_inputs, make_model, use_backend)
+from bench_e2e import (BASELINES, CASES, backend_unavailable, capture, head_points, main,  # noqa: E402
+                       make_case_fn, make_inputs, make_model, use_backend)
 
 ops = pytest.importorskip("gpavatar.ops")
 
 CPU_BACKENDS = ("torch-fast", "cpu")
 CUDA_BACKENDS = ("torch-fast", "cuda", "triton")
-VARIANTS = [(case, "fp32") for case in CASES] + [("render", "fast")]
+VARIANTS = [(case, "fp32") for case in CASES] + [("render", "fast"), ("realtime", "fast")]
 
 
 def _backends(device: torch.device) -> list[str]:
@@ -65,6 +68,8 @@ def cuda_setup():
 def _case_fn(setup: dict, case: str, backend: str, mode: str, device: torch.device):
     if backend_unavailable(backend, device) or (backend == "triton" and device.type != "cuda"):
         pytest.skip(f"backend {backend!r} not available on {device.type}")
+    if case == "realtime" and backend in BASELINES:
+        pytest.skip("the realtime case runs the fused backends only")
     fn = make_case_fn(case, backend, mode, setup["model"], setup["inp"], setup["cap"])
     try:
         fn()
@@ -148,6 +153,33 @@ def test_script_smoke(tmp_path):
         if r["case"] == "render" and r["backend"] == "cpu" and r["mode"] == "fp32" and r["error"] is None:
             assert r["psnr_vs_baseline"] > 60, r
     assert "| render" in md.read_text()
+
+
+def test_script_realtime_rows(tmp_path):
+    """--cases realtime: one row per (B, mode) for the fused backend, the extra --realtime-batch B after
+    the --batch ones, each with its stage breakdown; PSNR of the fast row against the fp32 row."""
+    if "cpu" not in _backends(torch.device("cpu")):
+        pytest.skip("the C++ extension is not built")
+    path, md = tmp_path / "e2e.json", tmp_path / "e2e.md"
+    rc = main(["--device", "cpu", "--preset", "tiny", "--batch", "1", "--realtime-batch", "2", "--backends",
+               "torch-fast,cpu", "--modes", "fp32,fast", "--cases", "render,realtime", "--repeats", "1",
+               "--max-seconds", "0.5", "--min-repeats", "1", "--json", str(path), "--markdown", str(md)])
+    assert rc == 0
+    payload = json.loads(path.read_text())
+    assert payload["config"]["realtime_Bs"] == [2]
+    rows = [r for r in payload["rows"] if r["case"] == "realtime"]
+    assert [(r["B"], r["mode"], r["backend"]) for r in rows] == [(1, "fp32", "cpu"), (1, "fast", "cpu"),
+                                                                  (2, "fp32", "cpu"), (2, "fast", "cpu")]
+    for r in rows:
+        assert r["error"] is None, r
+        assert set(r["stages_ms"]) == {"rays", "field pass 1", "field pass 2", "compositing", "super-resolution",
+                                       "frame"}
+        assert all(v >= 0 for v in r["stages_ms"].values())
+        if r["mode"] == "fast":
+            assert r["psnr_vs_fp32"] > 35, r
+    b1 = [r for r in rows if r["B"] == 1]
+    assert b1[0]["psnr_vs_baseline"] > 60 and b1[0]["best_baseline"] == "torch-fast"
+    assert "realtime stage breakdown" in md.read_text()
 
 
 def test_torch_fast_path_matches_reference(cpu_setup):

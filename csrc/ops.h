@@ -63,7 +63,11 @@ constexpr int64_t kCellsMinQueriesCpu = 1024;
 constexpr double kMinGridExtent = 1e-15;
 // The search method (knn_cpu.cpp): GPAVATAR_KNN = auto | brute | grid | cells.
 enum class Method { kBrute, kGrid, kCells };
-Method choose_method(int64_t M, int64_t P, int64_t cells_min_queries = kCellsMinQueries);
+// auto: brute force below kGridMinPoints points, the cell lists from cells_min_queries queries,
+// `small` in between (CUDA: brute force, whose launch needs no host sync, so a frame can be
+// captured in a CUDA graph; the grid's build reads its size back to the host).
+Method choose_method(int64_t M, int64_t P, int64_t cells_min_queries = kCellsMinQueries,
+                     Method small = Method::kGrid);
 // An integer environment variable in [lo, hi] (fallback when unset); a ValueError otherwise.
 int64_t env_int(const char* name, int64_t fallback, int64_t lo, int64_t hi);
 struct GridTensors {

@@ -9,8 +9,13 @@ folder) or, without either, from the bundled tiny model (``gpavatar/assets/tiny`
 with ``gpavatar train`` on synthetic procedural heads) for the ``tiny`` preset, and random
 weights for ``paper`` (the video then shows the pipeline and its speed, not a likeness).
 
-The FPS printed is that of :meth:`GPAvatar.render` per frame (FLAME points and camera in,
-super-resolved image out) after warm-up; the avatar is built once, before the timing.
+The FPS printed is that of the real-time path (:mod:`gpavatar.realtime`, ``model.realtime``) per
+frame (FLAME points and camera in, super-resolved image out) after warm-up: on a GPU every call of
+``--batch`` frames replays one CUDA graph, on the CPU it runs eagerly (the frames of
+:meth:`GPAvatar.render`); the avatar is built once, before the timing.  A stage breakdown follows
+(rays, field pass 1, field pass 2, compositing, super-resolution: CUDA events around per-stage
+graphs on a GPU, ``perf_counter`` around eager stages on the CPU).  ``--fast``: the super-resolution
+in bf16 channels-last and TF32 in the field (fp32 otherwise, TF32 off).
 
     gpavatar demo [--out demo-out/demo.mp4] [--frames 50] [--preset paper|tiny] [--checkpoint PATH]
                   [--pretrained DIR] [--device cuda|cpu] [--backend NAME] [--batch 1] [--fast] [--no-progress]
@@ -145,6 +150,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _frame_batch(points: torch.Tensor, cameras: torch.Tensor, start: int, batch: int):
+    """Frames start .. start + batch - 1 as (points, cameras, n): a short last batch is padded with copies
+    of its last frame (the real-time renderer's batch is fixed); n frames are real."""
+    p, c = points[start:start + batch], cameras[start:start + batch]
+    n = p.shape[0]
+    if n < batch:
+        p = torch.cat([p, p[-1:].expand(batch - n, -1, -1)])
+        c = torch.cat([c, c[-1:].expand(batch - n, -1, -1)])
+    return p, c, n
+
+
 def load_model(preset: Optional[str], checkpoint: Optional[str], pretrained: Optional[str], device: torch.device,
                backend: Optional[str]) -> tuple[GPAvatar, str]:
     """The demo's model and a description of its weights.  ``checkpoint`` (official, paper sizes) or
@@ -206,28 +222,30 @@ def run_demo(out: str = DEFAULT_OUT, frames: int = 50, preset: Optional[str] = N
     model, weights = load_model(preset, checkpoint, pretrained, dev, backend)
     c = model.config
     source, points, cameras, meshes, faces, colors = embedded_inputs(frames, c.image_size)
-    source, points, cameras = source.to(dev), points.to(dev), cameras.to(dev)
-    if fast and dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=fast)
+    source, points, cameras = source.to(dev), points.to(dev), cameras.to(dev).float()
 
-    with torch.no_grad(), autocast:
+    with torch.no_grad():
         _sync(dev)
         start = time.perf_counter()
         avatar = model.build_avatar(source)
         _sync(dev)
         build_ms = 1000 * (time.perf_counter() - start)
-        for i in range(min(warmup, frames)):  # warm-up: kernels, allocator, autotuning
-            model.render(avatar, points[i:i + 1].expand(batch, -1, -1), cameras[i:i + 1].expand(batch, -1, -1))
-        images = []
-        _sync(dev)
-        start = time.perf_counter()
-        for i in _bar(range(0, frames, batch), progress, desc="render", unit="call"):
-            j = min(frames, i + batch)
-            images.append(model.render(avatar, points[i:j], cameras[i:j])["image"].float())
-        _sync(dev)
-        seconds = time.perf_counter() - start
+    realtime = model.realtime(avatar, batch=batch, dtype=torch.bfloat16 if fast else torch.float32,
+                              warmup=max(1, warmup))
+    first = _frame_batch(points, cameras, 0, batch)[:2]
+    for _ in range(max(1, warmup if dev.type == "cpu" else 1)):  # warm-up (+ the capture on a GPU)
+        realtime(*first)
+    images = []
+    _sync(dev)
+    start = time.perf_counter()
+    for i in _bar(range(0, frames, batch), progress, desc="render", unit="call"):
+        batch_points, batch_cameras, n = _frame_batch(points, cameras, i, batch)
+        # clone: a graph's output is overwritten by the next call
+        images.append(realtime(batch_points, batch_cameras)["image"][:n].clone())
+    _sync(dev)
+    seconds = time.perf_counter() - start
     images = torch.cat(images).cpu()
+    stages = realtime.profile(*first, repeats=10 if dev.type == "cuda" else 3)
 
     from gpavatar.data.raster import render_mesh
 
@@ -240,7 +258,8 @@ def run_demo(out: str = DEFAULT_OUT, frames: int = 50, preset: Optional[str] = N
     return {"frames": frames, "seconds": seconds, "fps": frames / seconds, "ms_per_frame": 1000 * seconds / frames,
             "avatar_ms": build_ms, "device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda"
             else None, "preset": c.preset_name() or "custom", "model": describe_model(model),
-            "backend": c.backend or "auto", "batch": batch, "fast": fast, "weights": weights, "video": str(path)}
+            "backend": c.backend or "auto", "batch": batch, "fast": fast, "weights": weights, "video": str(path),
+            "cuda_graph": realtime.cuda_graph, "stages_ms": stages}
 
 
 def add_parser(sub) -> None:
@@ -260,7 +279,8 @@ def add_parser(sub) -> None:
     p.add_argument("--backend", default=None, choices=("auto", "cuda", "triton", "cpu", "torch"),
                    help="kernel backend (default: $GPAVATAR_BACKEND, else auto)")
     p.add_argument("--batch", type=positive_int, default=1, help="frames rendered per call (throughput)")
-    p.add_argument("--fast", action="store_true", help="bf16 autocast + TF32")
+    p.add_argument("--fast", action="store_true",
+                   help="fast mode: bf16 channels-last super-resolution, TF32 field (default: fp32, TF32 off)")
     p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.set_defaults(run=_main)
 
@@ -273,8 +293,15 @@ def _main(args) -> int:
     where = r["gpu"] or "CPU"
     print(f"gpavatar demo: {r['frames']} frames, {r['model']}, weights: {r['weights']}")
     print(f"  device {r['device']} ({where}), backend {r['backend']}, batch {r['batch']}"
-          f"{', bf16/TF32' if r['fast'] else ', fp32'}")
+          f"{', fast mode (bf16 super-resolution, TF32 field)' if r['fast'] else ', fp32'}")
     print(f"  avatar (encoder + MTA, once): {r['avatar_ms']:.1f} ms")
-    print(f"  render: {r['ms_per_frame']:.2f} ms/frame = {r['fps']:.3g} FPS")
+    how = "one CUDA graph per call" if r["cuda_graph"] else "eager"
+    print(f"  render: {r['ms_per_frame']:.2f} ms/frame = {r['fps']:.3g} FPS ({how}, {r['batch']} frame(s) per call)")
+    from gpavatar.realtime import REPORTED_STAGES
+
+    stages = r["stages_ms"]
+    clock = "CUDA events" if r["cuda_graph"] else "perf_counter"
+    print(f"  stages (ms per call, {clock}): " + ", ".join(f"{k} {stages[k]:.3g}" for k in REPORTED_STAGES)
+          + f"; frame {stages['frame']:.3g}")
     print(f"  wrote {r['video']} (source | driver | GPAvatar)")
     return 0

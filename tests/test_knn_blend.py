@@ -395,7 +395,8 @@ TRITON_DEVICES = [pytest.param(d, id=d, marks=[pytest.mark.cuda] if d == "cuda" 
 def test_triton_dot_precision(device, precision, monkeypatch):
     """GPAVATAR_TRITON_DOT_PRECISION puts the Triton kernels' matrix products on the tensor cores
     (fast mode): features and gradients stay within tf32's error of the fp32 result (the
-    interpreter on the CPU computes in fp32: equal there), tf32x3 within 1e-5."""
+    interpreter on the CPU computes in fp32: equal there), tf32x3 within 1e-5.  tf32 on an H200:
+    features within 2e-2, gradients within 8e-2 (measured 3.6e-2 relative to 1 + max)."""
     pts = make_points(2, 300, seed=3, device=device)
     q = make_queries(2, 200, pts, seed=4, device=device)
     params = make_pef_params(300, 32, 64, 32, seed=5, device=device)
@@ -403,24 +404,26 @@ def test_triton_dot_precision(device, precision, monkeypatch):
     f32, _, _, g32 = run("triton", q, pts, params, 8, grad_out=grad_out)
     monkeypatch.setenv("GPAVATAR_TRITON_DOT_PRECISION", precision)
     f, _, _, g = run("triton", q, pts, params, 8, grad_out=grad_out)
-    tol = 1e-5 if precision == "tf32x3" or device == "cpu" else 2e-2
-    for a, b in zip((f, *g), (f32, *g32)):
+    exact = precision == "tf32x3" or device == "cpu"
+    for i, (a, b) in enumerate(zip((f, *g), (f32, *g32))):
+        tol = 1e-5 if exact else (2e-2 if i == 0 else 8e-2)
         assert (a - b).abs().max() <= tol * (1 + b.abs().max())
 
 
 @pytest.mark.parametrize("device", TRITON_DEVICES)
 def test_triton_backward_is_deterministic(device):
-    """The Triton backward sums the programs' shares of grad_w1 / grad_w2 / grad_b2 in order (no
-    atomics there): two runs give the same bits for them."""
+    """The Triton backward sums the programs' shares of grad_w1_dir / grad_w2 / grad_b2 in order
+    (no atomics there): two runs give the same bits for them.  (The point features', b1's and
+    w1's feature columns' gradients come from grad_table's atomic scatter: not compared.)"""
     pts = make_points(1, 200, seed=7, device=device)
     q = make_queries(1, 300, pts, seed=8, device=device)
     params = make_pef_params(200, 32, 64, 32, seed=9, device=device)
     grad_out = torch.randn(1, 300, 32, generator=torch.Generator().manual_seed(10)).to(device)
     _, _, _, g1 = run("triton", q, pts, params, 8, grad_out=grad_out)
     _, _, _, g2 = run("triton", q, pts, params, 8, grad_out=grad_out)
-    for a, b in zip(g1[1:], g2[1:]):  # w1, b1, w2, b2 (b1's gradient is the table's row sum)
-        if a is not None:
-            assert torch.equal(a, b)
+    cf = params[0].shape[-1]
+    assert torch.equal(g1[1][:, cf:], g2[1][:, cf:])  # w1's direction columns
+    assert torch.equal(g1[3], g2[3]) and torch.equal(g1[4], g2[4])  # w2, b2
 
 
 def test_triton_bad_dot_precision_is_a_clear_error(monkeypatch):

@@ -93,7 +93,7 @@ GridTensors build_grid(const at::Tensor& points) {
 // GPAVATAR_KNN = brute | grid | cells | auto (default); GPAVATAR_KNN_GRID=0 is the
 // older spelling of brute.  auto: brute force below kGridMinPoints points, the
 // cell lists for large query sets, the shell-search grid in between.
-Method choose_method(int64_t M, int64_t P, int64_t cells_min_queries) {
+Method choose_method(int64_t M, int64_t P, int64_t cells_min_queries, Method small) {
   const char* grid_env = std::getenv("GPAVATAR_KNN_GRID");
   if (grid_env != nullptr && grid_env[0] == '0') return Method::kBrute;
   const char* env = std::getenv("GPAVATAR_KNN");
@@ -104,7 +104,7 @@ Method choose_method(int64_t M, int64_t P, int64_t cells_min_queries) {
   TORCH_CHECK_VALUE(name == "auto" || name.empty(),
                     msg("GPAVATAR_KNN must be one of auto, brute, grid, cells; got '", name, "'"));
   if (P < kGridMinPoints) return Method::kBrute;
-  return M >= cells_min_queries ? Method::kCells : Method::kGrid;
+  return M >= cells_min_queries ? Method::kCells : small;
 }
 
 int64_t env_int(const char* name, int64_t fallback, int64_t lo, int64_t hi) {

@@ -101,7 +101,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries_in,
   at::Tensor idx = at::empty({B, M, K}, queries.options().dtype(at::kLong));
   const auto stream = at::cuda::getCurrentCUDAStream().stream();
   if (B == 0 || M == 0) return {dist2, idx};
-  const Method method = choose_method(M, P);
+  const Method method = choose_method(M, P, kCellsMinQueries, Method::kBrute);
   if (method == Method::kCells) {
     cell_search(queries, points, K, dist2, idx, stream);
     return {dist2, idx};

@@ -96,7 +96,7 @@ class PointsDecoder(nn.Module):
                              f"{tuple(planes.shape)} and points {tuple(getattr(points, 'shape', ()))}")
 
     def forward(self, coords: torch.Tensor, dirs: torch.Tensor, planes: torch.Tensor, points: torch.Tensor,
-                chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                chunk: int = 0, *, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Alpha (B, N) and value (B, N, value_dim), both float32.
 
         Args:
@@ -106,25 +106,27 @@ class PointsDecoder(nn.Module):
             chunk: queries per chunk (0: all at once). With ``normalize="queries"`` the PEF's
                 normalizer is summed over the whole pass first, so the result does not depend
                 on the chunking (up to float summation order).
+            validate: check the values of coords and points in the PEF (host syncs); False when
+                the caller has checked them (the renderer's real-time path)
         """
         self._check(coords, dirs, planes, points)
         B, N, _ = coords.shape
         if chunk <= 0 or chunk >= N:
-            return self._query(coords, dirs, planes, points, None)
+            return self._query(coords, dirs, planes, points, None, validate)
         weight_sum = None
         pef = self.points_querier
         if pef.normalize == "queries":
             with torch.no_grad():
-                weight_sum = sum(ops.knn_blend_weight_sum(ops.knn(c, points, pef.K, backend=pef.backend).dist2,
-                                                          pef.eps)
+                weight_sum = sum(ops.knn_blend_weight_sum(ops.knn(c, points, pef.K, backend=pef.backend,
+                                                                  validate=validate).dist2, pef.eps)
                                  for c in coords.split(chunk, dim=1))
-        parts = [self._query(c, d, planes, points, weight_sum)
+        parts = [self._query(c, d, planes, points, weight_sum, validate)
                  for c, d in zip(coords.split(chunk, dim=1), dirs.split(chunk, dim=1))]
         return torch.cat([a for a, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1)
 
-    def _query(self, coords, dirs, planes, points, weight_sum):
+    def _query(self, coords, dirs, planes, points, weight_sum, validate=True):
         tri = ops.triplane_sample(planes, coords, "mean", channels_last=True, backend=self.backend, validate=False)
-        expr = self.points_querier(coords, points, weight_sum)
+        expr = self.points_querier(coords, points, weight_sum, validate=validate)
         feat = self.feature_layers(torch.cat([tri, expr.to(tri.dtype)], dim=-1))
         sigma = F.softplus(self.density_layers(feat)[..., 0].float(), beta=10)
         sigma = sigma * inside_box(coords).to(sigma.dtype)

@@ -172,15 +172,29 @@ class GPAvatar(CheckpointMixin, nn.Module):
         return Avatar(fused.permute(0, 1, 3, 4, 2).contiguous(), attention, V)
 
     # -- stage 2: frames ---------------------------------------------------------------
-    def field(self, avatar: Avatar, points: torch.Tensor):
-        """The field callable the renderer queries: (coords, dirs) -> (alpha, value, None)."""
+    def field(self, avatar: Avatar, points: torch.Tensor, *, validate: bool = True):
+        """The field callable the renderer queries: (coords, dirs) -> (alpha, value, None).
+        ``validate=False`` skips the value checks of coords and points (host syncs) for callers
+        that checked them (the real-time path)."""
         planes, chunk = avatar.planes, self.config.query_chunk
 
         def query(coords: torch.Tensor, dirs: torch.Tensor):
-            alpha, value = self.nerf_mlp(coords, dirs, planes, points, chunk=chunk)
+            if validate:
+                alpha, value = self.nerf_mlp(coords, dirs, planes, points, chunk=chunk)
+            else:
+                alpha, value = self.nerf_mlp(coords, dirs, planes, points, chunk=chunk, validate=False)
             return alpha, value, None
 
         return query
+
+    def realtime(self, avatar: Avatar, batch: int = 1, dtype: torch.dtype = torch.float32, **options: Any):
+        """A :class:`gpavatar.realtime.RealtimeRenderer` of ``avatar``: frames of ``batch`` (points,
+        camera) pairs rendered like :meth:`render` (evaluation sampling, no StyleGAN noise draws), on a
+        GPU replayed from one CUDA graph; ``dtype=torch.bfloat16`` is the fast mode (super-resolution in
+        bf16 channels-last, TF32 field).  ``options``: see the class."""
+        from gpavatar.realtime import RealtimeRenderer
+
+        return RealtimeRenderer(self, avatar, batch=batch, dtype=dtype, **options)
 
     def render(self, avatar: Avatar, points: torch.Tensor, transform: torch.Tensor, *, stratified: bool = False,
                generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:

@@ -53,24 +53,28 @@ class PointExpressionField(nn.Module):
         )
 
     def query(self, queries: torch.Tensor, points: torch.Tensor,
-              weight_sum: Optional[torch.Tensor] = None) -> KnnBlendResult:
+              weight_sum: Optional[torch.Tensor] = None, validate: bool = True) -> KnnBlendResult:
         """Features, squared distances and indices of the neighbours.
 
         Args:
             queries: (B, M, 3); points: (B, P, 3) with P = num_points
             weight_sum: (B, K) sums for the "queries" normalization of a chunked pass
+            validate: check the inputs (their values need a host sync; False when the caller
+                has checked them, e.g. the renderer's real-time path)
         Returns:
             KnnBlendResult(feature (B, M, C), dist2 (B, M, K), idx (B, M, K))
         """
         first, second = self.point_layers[0], self.point_layers[2]
         return knn_blend(queries, points, self.points_feature.weight, first.weight, first.bias, second.weight,
                          second.bias, K=self.K, normalize=self.normalize, eps=self.eps, weight_sum=weight_sum,
-                         backend=self.backend)
+                         backend=self.backend, validate=validate)
 
     def forward(self, queries: torch.Tensor, points: torch.Tensor,
-                weight_sum: Optional[torch.Tensor] = None) -> torch.Tensor:
+                weight_sum: Optional[torch.Tensor] = None, *, validate: bool = True) -> torch.Tensor:
         """(B, M, 3), (B, P, 3) -> (B, M, C)."""
-        return self.query(queries, points, weight_sum).feature
+        if validate:  # the three-argument call: ``query`` may be shadowed by one without ``validate``
+            return self.query(queries, points, weight_sum).feature
+        return self.query(queries, points, weight_sum, validate=False).feature
 
     def extra_repr(self) -> str:
         return f"K={self.K}, normalize={self.normalize!r}, eps={self.eps:g}, backend={self.backend!r}"

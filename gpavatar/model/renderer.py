@@ -59,7 +59,7 @@ uses the detached coarse weights.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -67,7 +67,7 @@ from torch import nn
 from gpavatar import ops
 from gpavatar.ops import _validation as v
 
-__all__ = ["VolumeRenderer", "inside_box", "pixel_grid", "camera_rays"]
+__all__ = ["VolumeRenderer", "RayBatch", "inside_box", "pixel_grid", "camera_rays"]
 
 Field = Callable[[torch.Tensor, torch.Tensor], tuple]
 
@@ -90,12 +90,13 @@ def pixel_grid(height: int, width: int, focal: float, *, dtype=torch.float32, de
     return d.reshape(height * width, 3).to(dtype)
 
 
-def check_transform(transform) -> None:
+def check_transform(transform, values: bool = True) -> None:
+    """Shape and dtype of ``transform`` (B, 3, 4); with ``values`` also finiteness (one host sync)."""
     v.check_tensor(transform, "transform", "(B, 3, 4) world-to-camera [R|T]", ndim=3)
     if transform.shape[1:] != (3, 4) or transform.shape[0] == 0:
         raise ValueError(f"transform must have shape (B, 3, 4) with B >= 1 (world-to-camera [R|T]), "
                          f"got {tuple(transform.shape)}")
-    if v.checking_values() and not bool(transform.detach().isfinite().all()):
+    if values and v.checking_values() and not bool(transform.detach().isfinite().all()):
         raise ValueError("transform must be finite")
 
 
@@ -110,6 +111,18 @@ def camera_rays(transform: torch.Tensor, cam_dirs: torch.Tensor) -> tuple[torch.
     dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     origins = -(R @ T[:, :, None])[:, :, 0]
     return origins[:, None, :].expand_as(dirs), dirs
+
+
+class RayBatch(NamedTuple):
+    """The rays of one forward: ``origins`` / ``dirs`` (B·H·W, 3) as given by :meth:`VolumeRenderer.rays`
+    (transform dtype), ``origins32`` / ``dirs32`` the same detached in float32 (sample positions are
+    computed from these), ``batch`` B."""
+
+    origins: torch.Tensor
+    dirs: torch.Tensor
+    origins32: torch.Tensor
+    dirs32: torch.Tensor
+    batch: int
 
 
 class VolumeRenderer(nn.Module):
@@ -165,7 +178,7 @@ class VolumeRenderer(nn.Module):
         return alpha.reshape(R, S), value.reshape(R, S, value.shape[-1]), extras
 
     def forward(self, field: Field, transform: torch.Tensor, *, stratified: bool = False,
-                generator: Optional[torch.Generator] = None) -> dict[str, Any]:
+                generator: Optional[torch.Generator] = None, validate: bool = True) -> dict[str, Any]:
         """Render ``field`` from the cameras ``transform``.
 
         Args:
@@ -174,6 +187,8 @@ class VolumeRenderer(nn.Module):
             stratified: training mode: jittered coarse edges and one random importance offset per
                 ray (evaluation: no jitter, offset 0.5)
             generator: torch.Generator on the transform's device for the random draws
+            validate: check the transform's values (one host sync); False when the caller has
+                checked them (the real-time path: a frame without host sync, CUDA graphs)
         Returns:
             dict with ``coarse`` (B, C, H, W) coarse-pass image, ``fine`` (B, C, H, W) image of the
             merged coarse + fine samples, ``opacity`` (B, 1, H, W) of the merged pass, ``depth``
@@ -184,30 +199,65 @@ class VolumeRenderer(nn.Module):
             surface depth), ``coarse_alphas`` (B, H·W, n_coarse) and ``extras`` =
             {"coarse": ..., "fine": ...} as returned by the field.
         """
+        rays, coarse_t = self.coarse_samples(transform, stratified=stratified, generator=generator,
+                                             validate=validate)
+        alpha_c, value_c, extras_c = self.query(field, rays, coarse_t, "coarse")
+        coarse, fine_t = self.fine_samples(coarse_t, alpha_c, value_c, stratified=stratified, generator=generator)
+        alpha_f, value_f, extras_f = self.query(field, rays, fine_t, "fine")
+        out = self.composite_samples(coarse_t, alpha_c, value_c, fine_t, alpha_f, value_f, coarse.color,
+                                     rays.batch)
+        out["extras"] = {"coarse": extras_c, "fine": extras_f}
+        return out
+
+    # The stages of forward, in order (the real-time path runs and times them one by one).  The
+    # ops below only see rays from a checked (finite) transform, tensors made by the ops before
+    # them and the field's outputs (shapes checked in query; alphas are in [0, 1] by the field
+    # contract): their value checks (host syncs) are skipped, so a frame needs no host sync.
+
+    def coarse_samples(self, transform: torch.Tensor, *, stratified: bool = False,
+                       generator: Optional[torch.Generator] = None,
+                       validate: bool = True) -> tuple[RayBatch, torch.Tensor]:
+        """Stage 1: camera rays and the coarse depths (B·H·W, n_coarse) (jittered when ``stratified``)."""
         if not isinstance(stratified, bool):
             raise TypeError(f"stratified must be a bool, got {type(stratified).__name__}")
-        origins, dirs = self.rays(transform)
+        if validate:
+            origins, dirs = self.rays(transform)
+        else:
+            check_transform(transform, values=False)
+            origins, dirs = camera_rays(transform, self.cam_dirs.to(transform.device))
         B, HW = dirs.shape[:2]
-        Hs = Ws = self.image_size
         o, d = origins.reshape(B * HW, 3), dirs.reshape(B * HW, 3)
         lo, hi = self.box
-        # The ops below only see rays from a checked (finite) transform, tensors made by the
-        # ops before them and the field's outputs (shapes checked in _query; alphas are in
-        # [0, 1] by the field contract): their value checks (host syncs) are skipped, so a
-        # frame needs no host sync (CUDA graphs).
         internal = dict(backend=self.backend, validate=False)
-
         t0, t1, _ = ops.ray_box(o, d, lo, hi, **internal)
         coarse_t = ops.stratified_depths(t0, t1, self.n_coarse, jitter=stratified, generator=generator,
                                          **internal)
         # Sample positions are computed in float32 like the depths (the ops' contract).
-        o32, d32 = o.detach().float(), d.detach().float()
-        alpha_c, value_c, extras_c = self._query(field, o32, d32, coarse_t, B, "coarse")
-        coarse = ops.composite(alpha_c, value_c, **internal)
+        return RayBatch(o, d, o.detach().float(), d.detach().float(), B), coarse_t
 
+    def query(self, field: Field, rays: RayBatch, t: torch.Tensor, which: str):
+        """Stages 2 and 4: the field at ``origins + t dirs`` for depths t (R, S): alpha (R, S),
+        value (R, S, C), extras."""
+        return self._query(field, rays.origins32, rays.dirs32, t, rays.batch, which)
+
+    def fine_samples(self, coarse_t: torch.Tensor, alpha_c: torch.Tensor, value_c: torch.Tensor, *,
+                     stratified: bool = False, generator: Optional[torch.Generator] = None):
+        """Stage 3: composite of the coarse pass and the importance depths (R, n_fine) drawn from
+        its detached weights.  Returns (coarse CompositeResult, fine depths)."""
+        internal = dict(backend=self.backend, validate=False)
+        coarse = ops.composite(alpha_c, value_c, **internal)
         fine_t = ops.importance_depths(coarse_t, coarse.weights.detach(), self.n_fine, stratified=stratified,
                                        generator=generator, **internal)
-        alpha_f, value_f, extras_f = self._query(field, o32, d32, fine_t, B, "fine")
+        return coarse, fine_t
+
+    def composite_samples(self, coarse_t: torch.Tensor, alpha_c: torch.Tensor, value_c: torch.Tensor,
+                          fine_t: torch.Tensor, alpha_f: torch.Tensor, value_f: torch.Tensor,
+                          coarse_color: torch.Tensor, B: int) -> dict[str, Any]:
+        """Stage 5: merge both passes by depth, composite, depth maps; the images of :meth:`forward`
+        (without ``extras``)."""
+        internal = dict(backend=self.backend, validate=False)
+        Hs = Ws = self.image_size
+        HW = Hs * Ws
         depths, order = ops.merge_samples(coarse_t, fine_t, **internal)
         alphas = ops.merge_values(alpha_c, alpha_f.to(alpha_c.dtype), order)
         values = ops.merge_values(value_c, value_f.to(value_c.dtype), order)
@@ -225,14 +275,13 @@ class VolumeRenderer(nn.Module):
             return x.reshape(B, Hs, Ws, x.shape[-1]).permute(0, 3, 1, 2)
 
         return {
-            "coarse": image(coarse.color),
+            "coarse": image(coarse_color),
             "fine": image(fine.color),
             "depth": image(depth[:, None]),
             "depth_raw": image(depth_raw[:, None]),
             "depth_expected": image(fine.depth[:, None]),
             "opacity": image(opacity[:, None]),
             "coarse_alphas": alpha_c.reshape(B, HW, self.n_coarse),
-            "extras": {"coarse": extras_c, "fine": extras_f},
         }
 
     def extra_repr(self) -> str:

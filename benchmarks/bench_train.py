@@ -1,0 +1,229 @@
+"""One training step of GPAvatar (random weights): time and peak memory, fused backends vs the official-style path.
+
+A step is what ``gpavatar.train.Trainer.train_step`` does, without its data loading and host-side
+logging: ``model.forward_train(images, points, camera, generator=g)`` (training mode: jittered
+sampling, fresh StyleGAN noise from ``g``) -> ``GPAvatarLoss`` (the official weights, its random
+AlexNet trunk, face-box crops of ``min(256, output_size / 2)`` px, at least 32) -> ``backward`` ->
+``Adam`` (the model's ``param_groups``, betas (0, 0.99), lr 1e-4).  The model is the preset's
+(default ``paper`` on CUDA, ``tiny`` on the CPU) with ``single_source_prob = 0``: every step
+encodes all ``--sources`` source images (default 2) and fuses them with MTA, so every step does the
+same work (the official recipe skips MTA in 30 % of the steps).  Inputs, seeded: sources and the
+target ``torch.rand``, the FLAME points of ``bench_e2e.head_points`` (the procedural head x5),
+the camera of ``bench_e2e`` (z = -9 looking at the origin), the face box [0.25, 0.2, 0.75, 0.8].
+
+Backends (``--backends``; default: the baselines then every fused backend of the device, as
+``bench_e2e``): ``torch-fast`` is the official-style path a user without gpavatar would train with
+-- the pure-torch ops (grid_sample tri-planes, ray sampling, compositing) and the PEF of
+``_baselines.knn_blend_torch_fast`` (chunked fp32 distances + topk, the official per-neighbour MLP
+and blend, autograd through it); ``pytorch3d`` the same with ``knn_points`` when it imports; then
+the fused backends (``cuda``, ``triton`` on a GPU; ``cpu``).  Every row starts from the same
+weights, a fresh Adam and the same generator seed, so its first step's loss (``loss``) is the
+same up to float rounding: a check that the rows train the same model.
+
+Per row: one warm-up step (it also creates Adam's state), peak memory of one step above the
+memory held before it (parameters, Adam state; CUDA ``max_memory_allocated``, CPU: tensor
+allocations from ``torch.profiler``), then the median (p20-p80) of ``--repeats`` timed steps (CUDA
+events on a GPU, ``perf_counter`` on the CPU).  Speed-up and memory ratios are against the fastest
+baseline row of the run.  A backend that raises gets its error in the row; the script goes on.
+
+Usage::
+
+    python benchmarks/bench_train.py [--device cpu|cuda|auto] [--preset paper|tiny] [--batch 1]
+        [--sources 2] [--backends torch-fast,cuda] [--repeats N] [--json PATH] [--markdown PATH]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness as H  # noqa: E402
+
+if H.REPO_ROOT not in sys.path:  # an installed gpavatar still takes precedence
+    sys.path.append(H.REPO_ROOT)
+
+from bench_e2e import (BASELINES, CAMERA, PRESETS, SIZE_ALIASES, api_error,  # noqa: E402
+                       backend_unavailable, default_backends, fallback_ops, head_points, use_backend)
+
+CASE = "train step"
+LR, BETAS = 1e-4, (0.0, 0.99)
+BBOX = (0.25, 0.2, 0.75, 0.8)
+
+
+def make_setup(preset: str, device: torch.device, *, batch: int = 1, sources: int = 2, seed: int = 0) -> dict:
+    """The model (training mode, MTA every step), the loss, seeded inputs and the initial weights."""
+    from gpavatar.model import GPAvatar
+    from gpavatar.train.losses import GPAvatarLoss
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = GPAvatar(preset, single_source_prob=0.0)
+    model.train()
+    c = model.config
+    loss = GPAvatarLoss(crop_size=max(32, min(256, c.output_size // 2)), seed=seed).to(device)
+    g = torch.Generator().manual_seed(seed)
+    points, kind = head_points(c.num_points, "procedural", seed)
+    inputs = dict(images=torch.rand(batch, sources, 3, c.image_size, c.image_size, generator=g).to(device),
+                  points=points.to(device).expand(batch, -1, -1).contiguous(),
+                  transform=torch.tensor(CAMERA, device=device).expand(batch, 3, 4).contiguous(),
+                  target=torch.rand(batch, 3, c.output_size, c.output_size, generator=g).to(device),
+                  bbox=torch.tensor([BBOX], device=device).expand(batch, 4).contiguous())
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return dict(model=model, loss=loss, inputs=inputs, initial=initial, points_kind=kind, seed=seed)
+
+
+def make_step(setup: dict, backend: str):
+    """A zero-argument training step with ``backend`` from the initial weights, a fresh Adam and a
+    fresh generator (the same draws for every backend); returns the step's total loss (a tensor)."""
+    model, loss_fn, x = setup["model"], setup["loss"], setup["inputs"]
+    device = x["images"].device
+    model.load_state_dict(setup["initial"])
+    optimizer = torch.optim.Adam(model.param_groups(LR), lr=LR, betas=BETAS)
+    generator = torch.Generator(device).manual_seed(setup["seed"])
+
+    def step():
+        with use_backend(model, backend):
+            out = model.forward_train(x["images"], x["points"], x["transform"], generator=generator)
+            total = loss_fn(out, x["target"], x["bbox"])["total"]
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+        return total.detach()
+
+    return step
+
+
+def run_row(setup: dict, backend: str, device: torch.device, *, repeats: int, warmup: int, max_seconds: float,
+            min_repeats: int = 3) -> dict:
+    row = dict(case=CASE, backend=backend, median_ms=None, p20_ms=None, p80_ms=None, repeats=0, steps_per_s=None,
+               peak_mem_bytes=None, resident_bytes=None, loss=None, fallback=None, error=None)
+    step = None
+    try:
+        why = backend_unavailable(backend, device)
+        if why:
+            raise RuntimeError(why)
+        row["fallback"] = fallback_ops(backend) or None
+        step = make_step(setup, backend)
+        row["loss"] = float(step())  # the first step from the initial weights; creates Adam's state
+        for _ in range(max(0, warmup - 1)):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            row["resident_bytes"] = torch.cuda.memory_allocated(device)
+        row["peak_mem_bytes"] = H.peak_memory(step, device)
+        row.update(H.time_fn(step, device, repeats=repeats, warmup=0, max_seconds=max_seconds,
+                             min_repeats=min_repeats))
+        if row["median_ms"]:
+            row["steps_per_s"] = 1e3 / row["median_ms"]
+    except Exception as exc:  # keep going: the report records the failure
+        H.record_error(row, exc, quiet=("backend ",))
+    finally:
+        step = None
+        H.release(device)
+    return row
+
+
+def _fmt_mib(n) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def render_markdown(payload: dict) -> str:
+    cfg, env = payload["config"], payload["env"]
+    title = (f"## training step (GPAvatar forward_train + loss + backward + Adam, random weights) on "
+             f"{H.device_label(env)}\n\npreset `{cfg['preset']}`: B = {cfg['batch']}, {cfg['sources']} sources "
+             f"{cfg.get('image_size')}² (MTA every step), {cfg.get('render_size')}² rays x "
+             f"{cfg.get('n_coarse')} + {cfg.get('n_fine')} samples, output {cfg.get('output_size')}²; points: "
+             f"{cfg.get('points') or '-'}")
+    headers = ["backend", "median ms", "p20-p80 ms", "steps/s", "vs best baseline", "peak MiB", "mem vs best",
+               "resident MiB", "loss (step 1)", "status"]
+    body = []
+    for r in payload["rows"]:
+        spread = f"{H.fmt_ms(r['p20_ms'])}-{H.fmt_ms(r['p80_ms'])}" if r["p20_ms"] is not None else "-"
+        status = H.error_status(r) or "ok" + (f" (torch fallback: {', '.join(r['fallback'])})"
+                                              if r.get("fallback") else "")
+        body.append([r["backend"], H.fmt_ms(r["median_ms"]), spread,
+                     "-" if r["steps_per_s"] is None else f"{r['steps_per_s']:.2f}",
+                     H.fmt_ratio(r.get("speedup_vs_best")) + (f" ({r['best_baseline']})" if r.get("best_baseline")
+                                                              else ""),
+                     _fmt_mib(r["peak_mem_bytes"]), H.fmt_ratio(r.get("mem_vs_best")), _fmt_mib(r["resident_bytes"]),
+                     "-" if r["loss"] is None else f"{r['loss']:.6g}", status])
+    note = ("Step: forward_train (jittered sampling, fresh noise) + GPAvatarLoss + backward + Adam, as "
+            "Trainer.train_step without data loading and logging. Times: median over steps (p20-p80). Peak MiB: "
+            + ("CUDA max_memory_allocated during one step above the memory held before it; resident = that held "
+               "memory (parameters, Adam state, inputs)." if cfg["device"].startswith("cuda") else
+               "CPU tensor memory of one step from torch.profiler allocation events (no malloc/stack).")
+            + " vs best baseline: the fastest baseline row (torch-fast = the official-style path: pure-torch ops + "
+            "the PEF of benchmarks/_baselines.py; pytorch3d = the same with knn_points), its ms / this row's ms; "
+            "mem vs best: this row's peak / that baseline's peak. loss (step 1): the first step's total loss from "
+            "the same weights and draws (rows agree up to float rounding).")
+    return "\n\n".join([title, H.env_markdown(env), H.markdown_table(headers, body), note]) + "\n"
+
+
+def parse_args(argv=None):
+    ap = H.benchmark_parser(__doc__.split("\n\n")[0], None, max_seconds_help="cap on timed seconds per row "
+                            "(repeats are reduced, min 3); default 5 on cpu, 20 on cuda")
+    ap.add_argument("--preset", choices=PRESETS, default=None, help="default: paper on cuda, tiny on cpu")
+    ap.add_argument("--size", choices=sorted(SIZE_ALIASES), default=None,
+                    help="alias of --preset for gpu_report.sh's BENCH_ARGS (paper -> paper, cpu/small -> tiny)")
+    ap.add_argument("--batch", type=int, default=1, help="batch size B (default 1)")
+    ap.add_argument("--sources", type=int, default=2, help="source images per sample (default 2; MTA every step)")
+    ap.add_argument("--backends", default=None,
+                    help="comma list (default: torch-fast [+ pytorch3d when it imports] + every fused backend of "
+                         "the device; triton on cpu only when named, under TRITON_INTERPRET=1)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = H.resolve_device(args.device)
+    if device is None:
+        return 2
+    if args.batch < 1 or args.sources < 1:
+        print("error: --batch and --sources must be >= 1", file=sys.stderr)
+        return 2
+    preset = args.preset or (SIZE_ALIASES[args.size] if args.size else None) or \
+        ("paper" if device.type == "cuda" else "tiny")
+    repeats = args.repeats or (10 if device.type == "cuda" else 3)
+    warmup = args.warmup if args.warmup is not None else (2 if device.type == "cuda" else 1)
+    max_seconds = args.max_seconds if args.max_seconds is not None else (20.0 if device.type == "cuda" else 5.0)
+    cfg = dict(preset=preset, device=str(device), batch=args.batch, sources=args.sources, repeats=repeats,
+               warmup=warmup, max_seconds=max_seconds, seed=args.seed, lr=LR, betas=list(BETAS), points=None,
+               camera=[list(r) for r in CAMERA], bbox=list(BBOX), single_source_prob=0.0)
+    payload = dict(benchmark="train", env=H.env_info(device), config=cfg, rows=[], api_error=api_error(),
+                   partial=False, error=None)
+    backends: list[str] = []
+    setup = None
+    if payload["api_error"]:
+        payload["error"] = f"cannot import gpavatar: {payload['api_error']}"
+    else:
+        from gpavatar.model.config import GPAvatarConfig
+
+        cfg.update({k: v for k, v in GPAvatarConfig.preset(preset).to_dict().items()
+                    if k in ("image_size", "plane_size", "plane_channels", "render_size", "n_coarse", "n_fine",
+                             "render_channels", "output_size", "num_points", "K")})
+        backends = args.backends.split(",") if args.backends else default_backends(device)
+        backends = [b for b in BASELINES if b in backends] + [b for b in backends if b not in BASELINES]
+        try:
+            setup = make_setup(preset, device, batch=args.batch, sources=args.sources, seed=args.seed)
+            cfg["points"] = setup["points_kind"]
+        except Exception as exc:
+            payload["error"] = f"cannot build the model: {type(exc).__name__}: {exc}"[:500]
+            backends = []
+    cfg["backends"] = backends
+
+    for backend in backends:
+        print(f"[bench_train] {CASE} / {backend} ...", file=sys.stderr, flush=True)
+        payload["rows"].append(run_row(setup, backend, device, repeats=repeats, warmup=warmup,
+                                       max_seconds=max_seconds, min_repeats=args.min_repeats))
+        H.add_baseline_ratios(payload["rows"], BASELINES)
+        if args.json:  # partial results survive a timeout
+            H.write_json(args.json, dict(payload, partial=True))
+    H.add_baseline_ratios(payload["rows"], BASELINES)
+    return H.emit_report(payload, render_markdown(payload), args.json, args.markdown)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

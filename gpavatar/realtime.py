@@ -1,0 +1,307 @@
+"""Real-time rendering: one avatar, a fixed batch of frames, the whole frame replayed from a CUDA graph.
+
+:meth:`GPAvatar.render` checks its inputs' values (host syncs) and launches a few hundred kernels
+per frame from Python; at the paper sizes on a GPU the launches, not the arithmetic, set the frame
+rate.  :class:`RealtimeRenderer` renders the same frames (evaluation sampling, the stored StyleGAN
+noise or none) without either:
+
+* the avatar's tri-planes are built once (:meth:`GPAvatar.build_avatar`) and expanded to the batch;
+* on a GPU the first call warms up on a side stream, then captures the five stages of a frame --
+  rays and coarse depths, field pass 1, importance depths, field pass 2, compositing -- and the
+  super-resolution as one ``torch.cuda.CUDAGraph``; every call copies the new FLAME points and
+  cameras into the graph's static inputs and replays it.  No op inside a frame synchronises with
+  the host (the ops run with ``validate=False``; the renderer's sampling is deterministic);
+* ``dtype=torch.bfloat16`` is the fast mode: the super-resolution StyleUNet runs on a bf16,
+  channels-last copy of ``up_renderer`` (cuDNN tensor cores) and the field's matmuls may use TF32;
+  ``torch.float32`` keeps TF32 off for matmuls and convolutions (full fp32 arithmetic).
+
+On the CPU (or with ``cuda_graph=False``) a call runs the same stages eagerly: an fp32 frame is
+:meth:`GPAvatar.render`'s frame (the same ops in the same order).
+
+KNN on CUDA: the extension's automatic choice (brute force below 8192 queries per pass, the cell
+lists from there) launches without a host sync; ``GPAVATAR_KNN=grid`` would fail the capture (the
+grid's build reads its size back to the host).
+
+The tensors a graph call returns are the graph's static outputs: the next call overwrites them
+(``clone()`` what must be kept).  Values are not checked (a check needs a host sync): give finite
+points and a rotation in ``transform`` (``check_values=True`` checks them per call, with one sync).
+
+    >>> import torch
+    >>> from gpavatar.model import GPAvatar
+    >>> model = GPAvatar("tiny").eval()
+    >>> avatar = model.build_avatar(torch.rand(1, 1, 3, 64, 64))
+    >>> rt = model.realtime(avatar, batch=2)
+    >>> points = (torch.rand(2, 5023, 3) - 0.5)
+    >>> camera = torch.tensor([[1., 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 9]]).expand(2, 3, 4)
+    >>> rt(points, camera)["image"].shape
+    torch.Size([2, 3, 64, 64])
+    >>> sorted(rt.profile(points, camera, repeats=1))
+    ['compositing', 'field pass 1', 'field pass 2', 'frame', 'rays', 'super-resolution']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from gpavatar.model.gpavatar import Avatar, GPAvatar
+from gpavatar.model.renderer import check_transform
+
+__all__ = ["RealtimeRenderer", "STAGES", "REPORTED_STAGES", "MODE_DTYPES", "precision"]
+
+# The stages of one frame, in order; "importance" (coarse composite + importance depths) is
+# reported under "rays" (ray generation and both samplings) by :meth:`RealtimeRenderer.profile`.
+STAGES = ("rays", "field pass 1", "importance", "field pass 2", "compositing", "super-resolution")
+REPORTED_STAGES = ("rays", "field pass 1", "field pass 2", "compositing", "super-resolution")
+MODE_DTYPES = {"fp32": torch.float32, "fast": torch.bfloat16}
+OUTPUT_KEYS = ("image", "coarse", "fine", "depth", "depth_expected", "opacity", "coarse_alphas")
+
+
+@contextlib.contextmanager
+def precision(fast: bool) -> Iterator[None]:
+    """TF32 for matmuls and cuDNN convolutions on (``fast``) or off (fp32), restored on exit."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(fast)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _frame_noise(model: GPAvatar) -> str:
+    mode = model.noise_mode()
+    if mode == "fresh":
+        raise ValueError("real-time rendering is deterministic: it uses the stored StyleGAN noise or none, but the "
+                         f"model draws fresh noise (noise={model.config.noise!r}, training={model.training}); call "
+                         "model.eval() and/or model.set_noise('stored' or 'off')")
+    return mode
+
+
+def _bf16_channels_last(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A bf16 copy of ``module`` on ``device`` with its 4-D weights (convolutions) channels-last; the
+    5-D modulated-conv weights keep their layout (their per-style weights are made per call)."""
+    copied = copy.deepcopy(module).to(device=device, dtype=torch.bfloat16).eval().requires_grad_(False)
+    for param in copied.parameters():
+        if param.dim() == 4:
+            param.data = param.data.contiguous(memory_format=torch.channels_last)
+    return copied
+
+
+class RealtimeRenderer:
+    """Frames of one avatar at a fixed batch size (see the module docstring).
+
+    Args:
+        model: a :class:`GPAvatar` (its weights are used as they are at each call; the fast mode's
+            super-resolution is a bf16 copy made here)
+        avatar: from ``model.build_avatar``, batch 1 (broadcast) or ``batch``
+        batch: frames per call B
+        dtype: ``torch.float32`` (TF32 off) or ``torch.bfloat16`` (fast mode)
+        cuda_graph: capture a CUDA graph (default: when the avatar is on a GPU)
+        warmup: eager frames on a side stream before the capture (kernel compilation, autotuning)
+        check_values: check every call's points and transform values (one host sync per call)
+
+    Call: ``points`` (B, P, 3) FLAME vertices x flame_scale, ``transform`` (B, 3, 4) world-to-camera
+    [R|T], any float dtype and device (copied to float32 on the avatar's device) -> dict like
+    :meth:`GPAvatar.render`: ``image`` (B, 3, S, S) float32, ``coarse`` / ``fine``
+    (B, Cv, r, r), ``depth``, ``depth_expected``, ``opacity`` (B, 1, r, r), ``coarse_alphas``.
+    """
+
+    def __init__(self, model: GPAvatar, avatar: Avatar, *, batch: int = 1, dtype: torch.dtype = torch.float32,
+                 cuda_graph: Optional[bool] = None, warmup: int = 3, check_values: bool = False):
+        if not isinstance(model, GPAvatar):
+            raise TypeError(f"model must be a GPAvatar, got {type(model).__name__}")
+        if not isinstance(avatar, Avatar):
+            raise TypeError(f"avatar must come from build_avatar, got {type(avatar).__name__}")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be an int >= 1, got {batch!r}")
+        if avatar.batch_size not in (1, batch):
+            raise ValueError(f"avatar batch {avatar.batch_size} must be 1 or batch = {batch}")
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"dtype must be torch.float32 or torch.bfloat16 (fast mode), got {dtype}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"warmup must be an int >= 1, got {warmup!r}")
+        self.model, self.batch, self.dtype = model, batch, dtype
+        self.fast = dtype == torch.bfloat16
+        self.noise = _frame_noise(model)
+        self.device = avatar.planes.device
+        self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
+        if self.cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the avatar on a CUDA device, it is on {self.device}")
+        self.warmup, self.check_values = warmup, bool(check_values)
+        planes = avatar.planes.detach()
+        if planes.shape[0] != batch:
+            planes = planes.expand(batch, *planes.shape[1:]).contiguous()
+        self.avatar = Avatar(planes, None, avatar.num_sources)
+        if self.fast:
+            self.super_resolution = _bf16_channels_last(model.up_renderer, self.device)
+        else:
+            self.super_resolution = model.up_renderer
+        self._graph: Optional[torch.cuda.CUDAGraph] = None
+        self._static: dict[str, torch.Tensor] = {}
+        self._outputs: dict[str, torch.Tensor] = {}
+
+    # -- the stages of a frame ------------------------------------------------------------------
+    def _stages(self) -> list[tuple[str, Callable[[dict], None]]]:
+        """(name, fn) per stage of :data:`STAGES`; each fn reads and extends a state dict that starts
+        as {"points", "transform"} and ends with the outputs."""
+        model, renderer = self.model, self.model.renderer
+
+        def rays(s):
+            s["field"] = model.field(self.avatar, s["points"], validate=False)
+            s["rays"], s["coarse_t"] = renderer.coarse_samples(s["transform"], validate=False)
+
+        def field_coarse(s):
+            s["alpha_c"], s["value_c"], _ = renderer.query(s["field"], s["rays"], s["coarse_t"], "coarse")
+
+        def importance(s):
+            coarse, s["fine_t"] = renderer.fine_samples(s["coarse_t"], s["alpha_c"], s["value_c"])
+            s["coarse_color"] = coarse.color
+
+        def field_fine(s):
+            s["alpha_f"], s["value_f"], _ = renderer.query(s["field"], s["rays"], s["fine_t"], "fine")
+
+        def compositing(s):
+            s["out"] = renderer.composite_samples(s["coarse_t"], s["alpha_c"], s["value_c"], s["fine_t"], s["alpha_f"],
+                                                  s["value_f"], s["coarse_color"], s["rays"].batch)
+
+        def super_resolution(s):
+            fine = s["out"]["fine"]
+            if self.fast:
+                fine = fine.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+            else:
+                fine = fine.to(model.query_style_tplane.dtype)
+            s["image"] = self.super_resolution(fine, noise=self.noise).float()
+
+        return list(zip(STAGES, (rays, field_coarse, importance, field_fine, compositing, super_resolution)))
+
+    def _run(self, points: torch.Tensor, transform: torch.Tensor,
+             stages: Optional[list] = None) -> dict[str, torch.Tensor]:
+        state: dict[str, Any] = {"points": points, "transform": transform}
+        for _, fn in stages or self._stages():
+            fn(state)
+        return {"image": state["image"], **{k: state["out"][k] for k in OUTPUT_KEYS[1:]}}
+
+    @contextlib.contextmanager
+    def _context(self) -> Iterator[None]:
+        with torch.no_grad(), precision(self.fast):
+            yield
+
+    # -- inputs ------------------------------------------------------------------------------------
+    def _inputs(self, points, transform) -> tuple[torch.Tensor, torch.Tensor]:
+        B, P = self.batch, self.model.config.num_points
+        check_transform(transform, values=False)
+        if tuple(transform.shape) != (B, 3, 4):
+            raise ValueError(f"transform must have shape ({B}, 3, 4) (the renderer's batch), got "
+                             f"{tuple(transform.shape)}")
+        if not isinstance(points, torch.Tensor) or tuple(points.shape) != (B, P, 3) or not points.is_floating_point():
+            raise ValueError(f"points must be a float tensor of shape ({B}, {P}, 3) (FLAME vertices x5), got "
+                             f"{tuple(getattr(points, 'shape', ()))} {getattr(points, 'dtype', type(points).__name__)}")
+        points = points.detach().to(self.device, torch.float32)
+        transform = transform.detach().to(self.device, torch.float32)
+        if self.check_values:
+            self.model._check_frame_values(points, transform)
+        return points, transform
+
+    # -- frames ------------------------------------------------------------------------------------
+    def __call__(self, points: torch.Tensor, transform: torch.Tensor) -> dict[str, torch.Tensor]:
+        points, transform = self._inputs(points, transform)
+        if not self.cuda_graph:
+            with self._context():
+                return self._run(points.contiguous(), transform.contiguous())
+        if self._graph is None:
+            self.capture(points, transform)
+        else:
+            self._static["points"].copy_(points)
+            self._static["transform"].copy_(transform)
+        self._graph.replay()
+        return dict(self._outputs)
+
+    def capture(self, points: torch.Tensor, transform: torch.Tensor) -> None:
+        """Warm up with these inputs on a side stream, then capture the frame as a CUDA graph (the
+        first call does it; call it to keep the capture out of a timing).  GPU only."""
+        if not self.cuda_graph:
+            raise RuntimeError("capture needs cuda_graph=True (a CUDA avatar)")
+        points, transform = self._inputs(points, transform)
+        self._static = {"points": points.clone(), "transform": transform.clone()}
+        self._graph = None
+        self._graph, self._outputs = self._capture_graph(self._stages())
+
+    def _capture_graph(self, stages, state: Optional[dict] = None):
+        """Warm-up + capture of ``stages`` on the static inputs (or ``state``: a per-stage capture)."""
+        with torch.cuda.device(self.device), self._context():
+            if state is None:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(self.warmup):
+                        self._run(self._static["points"], self._static["transform"], stages)
+                torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                if state is None:
+                    outputs = self._run(self._static["points"], self._static["transform"], stages)
+                else:
+                    for _, fn in stages:
+                        fn(state)
+                    outputs = None
+        return graph, outputs
+
+    # -- stage timings --------------------------------------------------------------------------
+    def profile(self, points: torch.Tensor, transform: torch.Tensor, repeats: int = 20) -> dict[str, float]:
+        """Median milliseconds per stage (:data:`REPORTED_STAGES`, "rays" including the importance
+        depths) and of the whole frame ("frame") over ``repeats`` frames of these inputs.
+
+        GPU (``cuda_graph``): each stage is captured as its own CUDA graph and the graphs are
+        replayed in order between CUDA events (the stages' sum is close to the one-graph frame,
+        timed as "frame"); CPU: eager stages between ``time.perf_counter`` reads."""
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
+        times: dict[str, list[float]] = {name: [] for name in STAGES + ("frame",)}
+        if not self.cuda_graph:
+            points, transform = self._inputs(points, transform)
+            stages = self._stages()
+            with self._context():
+                for _ in range(repeats):
+                    state: dict[str, Any] = {"points": points.contiguous(), "transform": transform.contiguous()}
+                    start = last = time.perf_counter()
+                    for name, fn in stages:
+                        fn(state)
+                        now = time.perf_counter()
+                        times[name].append(1e3 * (now - last))
+                        last = now
+                    times["frame"].append(1e3 * (last - start))
+        else:
+            self(points, transform)  # captures on the first call; copies the inputs in
+            state = {"points": self._static["points"], "transform": self._static["transform"]}
+            staged = [(name, self._capture_graph([(name, fn)], state)[0]) for name, fn in self._stages()]
+            with torch.cuda.device(self.device):
+                events = [torch.cuda.Event(enable_timing=True) for _ in range(len(staged) + 1)]
+                frame = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+                for _ in range(repeats):
+                    events[0].record()
+                    for (_, graph), event in zip(staged, events[1:]):
+                        graph.replay()
+                        event.record()
+                    frame[0].record()
+                    self._graph.replay()
+                    frame[1].record()
+                    torch.cuda.synchronize()
+                    for i, (name, _) in enumerate(staged):
+                        times[name].append(events[i].elapsed_time(events[i + 1]))
+                    times["frame"].append(frame[0].elapsed_time(frame[1]))
+            del staged, state
+        median = {name: statistics.median(ts) for name, ts in times.items()}
+        median["rays"] += median.pop("importance")
+        return median
+
+    def extra_repr(self) -> str:  # for repr()
+        return (f"batch={self.batch}, dtype={self.dtype}, cuda_graph={self.cuda_graph}, device={self.device}, "
+                f"noise={self.noise!r}")
+
+    def __repr__(self) -> str:
+        return f"RealtimeRenderer({self.extra_repr()})"
