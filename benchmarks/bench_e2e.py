@@ -171,6 +171,22 @@ def head_points(num_points: int, source: str = "procedural", seed: int = 0) -> t
     return (torch.randn(num_points, 3, generator=g) * 0.35).clamp(-0.9, 0.9), "random"
 
 
+def preset_sizes(preset: str) -> dict:
+    """The sizes of a model preset that the reports print."""
+    from gpavatar.model.config import GPAvatarConfig
+
+    return {k: v for k, v in GPAvatarConfig.preset(preset).to_dict().items()
+            if k in ("image_size", "plane_size", "plane_channels", "render_size", "n_coarse", "n_fine",
+                     "render_channels", "output_size", "num_points", "K")}
+
+
+def ordered_backends(requested: str | None, device: torch.device) -> list[str]:
+    """The comma list ``requested`` (default: every backend of the device), the baselines first (the
+    PSNR reference torch-fast leading)."""
+    backends = requested.split(",") if requested else default_backends(device)
+    return [b for b in BASELINES if b in backends] + [b for b in backends if b not in BASELINES]
+
+
 def make_model(preset: str, device: torch.device, *, seed: int = 0, query_chunk: int = 0):
     from gpavatar.model import GPAvatar
 
@@ -509,14 +525,8 @@ def main(argv=None) -> int:
     if payload["api_error"]:
         payload["error"] = f"cannot import gpavatar: {payload['api_error']}"
     else:
-        from gpavatar.model.config import GPAvatarConfig
-
-        cfg.update({k: v for k, v in GPAvatarConfig.preset(preset).to_dict().items()
-                    if k in ("image_size", "plane_size", "plane_channels", "render_size", "n_coarse", "n_fine",
-                             "render_channels", "output_size", "num_points", "K")})
-        backends = args.backends.split(",") if args.backends else default_backends(device)
-        # the baselines first (the PSNR reference torch-fast leading)
-        backends = [b for b in BASELINES if b in backends] + [b for b in backends if b not in BASELINES]
+        cfg.update(preset_sizes(preset))
+        backends = ordered_backends(args.backends, device)
         try:
             model = make_model(preset, device, seed=args.seed, query_chunk=args.query_chunk)
         except Exception as exc:

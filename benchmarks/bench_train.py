@@ -46,7 +46,8 @@ if H.REPO_ROOT not in sys.path:  # an installed gpavatar still takes precedence
     sys.path.append(H.REPO_ROOT)
 
 from bench_e2e import (BASELINES, CAMERA, PRESETS, SIZE_ALIASES, api_error,  # noqa: E402
-                       backend_unavailable, default_backends, fallback_ops, head_points, use_backend)
+                       backend_unavailable, fallback_ops, head_points, ordered_backends, preset_sizes,
+                       use_backend)
 
 CASE = "train step"
 LR, BETAS = 1e-4, (0.0, 0.99)
@@ -199,13 +200,8 @@ def main(argv=None) -> int:
     if payload["api_error"]:
         payload["error"] = f"cannot import gpavatar: {payload['api_error']}"
     else:
-        from gpavatar.model.config import GPAvatarConfig
-
-        cfg.update({k: v for k, v in GPAvatarConfig.preset(preset).to_dict().items()
-                    if k in ("image_size", "plane_size", "plane_channels", "render_size", "n_coarse", "n_fine",
-                             "render_channels", "output_size", "num_points", "K")})
-        backends = args.backends.split(",") if args.backends else default_backends(device)
-        backends = [b for b in BASELINES if b in backends] + [b for b in backends if b not in BASELINES]
+        cfg.update(preset_sizes(preset))
+        backends = ordered_backends(args.backends, device)
         try:
             setup = make_setup(preset, device, batch=args.batch, sources=args.sources, seed=args.seed)
             cfg["points"] = setup["points_kind"]
