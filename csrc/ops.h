@@ -68,6 +68,10 @@ enum class Method { kBrute, kGrid, kCells };
 // captured in a CUDA graph; the grid's build reads its size back to the host).
 Method choose_method(int64_t M, int64_t P, int64_t cells_min_queries = kCellsMinQueries,
                      Method small = Method::kGrid);
+// GPAVATAR_KNN_CUDA_SEARCH = banded (default: the faster on an H200) | buffered (the seed
+// bound and per-query buffer of knn_cells.h; exact too): the CUDA cell scan, and the one the
+// CPU's CUDA-layout path (GPAVATAR_KNN_LAYOUT=cuda) runs.  A ValueError for other values.
+bool cuda_search_buffered();
 // An integer environment variable in [lo, hi] (fallback when unset); a ValueError otherwise.
 int64_t env_int(const char* name, int64_t fallback, int64_t lo, int64_t hi);
 struct GridTensors {

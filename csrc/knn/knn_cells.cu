@@ -38,32 +38,10 @@ __global__ void geometry_kernel(const float* __restrict__ bounds,  // [B, 12]
   cell_grid_geometry(r, r + 3, r + 6, r + 9, G, geom + kCellGeomStride * b);
 }
 
-// The K-th smallest of the values the 32 lanes hold in their sorted lists
-// (each lane: `own` ascending values, `n` of them).
-template <int Capacity>
-__device__ float warp_kth_smallest(const float (&own)[Capacity], int n, int K) {
-  const int lane = threadIdx.x & 31;
-  int head = 0;
-  float kth = __int_as_float(0x7f800000);
-  for (int r = 0; r < K; ++r) {
-    float v = head < n ? own[head] : __int_as_float(0x7f800000);
-    int who = lane;
-    for (int off = 16; off > 0; off >>= 1) {
-      const float ov = __shfl_xor_sync(kFull, v, off);
-      const int ow = __shfl_xor_sync(kFull, who, off);
-      if (ov < v || (ov == v && ow < who)) {
-        v = ov;
-        who = ow;
-      }
-    }
-    kth = v;
-    if (who == lane) ++head;
-  }
-  return kth;
-}
-
-// warp_kth_smallest, also handing lane r the index of the r-th smallest value
-// (r < K): the K points that define U_C, the seeds of the buffered search.
+// The K-th smallest of the values the 32 lanes hold in their sorted lists (each
+// lane: `own` ascending values with their point indices `own_i`, `n` of them);
+// lane r (r < K) also gets the index of the r-th smallest value: the K points that
+// define U_C, the seeds of the buffered search.
 template <int Capacity>
 __device__ float warp_k_smallest(const float (&own)[Capacity], const int (&own_i)[Capacity], int n,
                                  int K, int& seed) {

@@ -204,6 +204,20 @@ struct TopKRegs {
   }
 };
 
+// Squared distance from a query to list entry s (4 floats: x, y, z, index bits;
+// one 16-byte load on the GPU); the entry's point index in `index`.
+GPA_HD float entry_distance(const float* entries, int64_t s, float qx, float qy, float qz, int& index) {
+#if defined(__CUDA_ARCH__)
+  const float4 e = __ldg(reinterpret_cast<const float4*>(entries) + s);
+  index = __float_as_int(e.w);
+  return squared_distance(qx, qy, qz, e.x, e.y, e.z);
+#else
+  const float* e = entries + 4 * s;
+  index = float_bits_to_int(e[3]);
+  return squared_distance(qx, qy, qz, e[0], e[1], e[2]);
+#endif
+}
+
 // Scans a banded list (entries of 4 floats: x, y, z, index bits) for a query,
 // stopping at the first band that cannot hold a neighbour.
 template <int Capacity>
@@ -214,13 +228,9 @@ GPA_HD void scan_banded(const float* entries, const int* band_count, float bound
     if (band_floor(bound, j) > best.worst) break;
     const int64_t end = s + band_count[j];
     for (; s < end; ++s) {
-#if defined(__CUDA_ARCH__)
-      const float4 e = __ldg(reinterpret_cast<const float4*>(entries) + s);
-      best.offer(squared_distance(qx, qy, qz, e.x, e.y, e.z), __float_as_int(e.w));
-#else
-      const float* e = entries + 4 * s;
-      best.offer(squared_distance(qx, qy, qz, e[0], e[1], e[2]), float_bits_to_int(e[3]));
-#endif
+      int i;
+      const float d = entry_distance(entries, s, qx, qy, qz, i);
+      best.offer(d, i);
     }
   }
 }
@@ -261,15 +271,8 @@ GPA_HD void scan_buffered(const float* entries, const int* band_count, float bou
     if (band_floor(bound, band) > limit) break;
     const int64_t end = s + band_count[band];
     for (; s < end; ++s) {
-#if defined(__CUDA_ARCH__)
-      const float4 e = __ldg(reinterpret_cast<const float4*>(entries) + s);
-      const float d = squared_distance(qx, qy, qz, e.x, e.y, e.z);
-      const int i = __float_as_int(e.w);
-#else
-      const float* e = entries + 4 * s;
-      const float d = squared_distance(qx, qy, qz, e[0], e[1], e[2]);
-      const int i = float_bits_to_int(e[3]);
-#endif
+      int i;
+      const float d = entry_distance(entries, s, qx, qy, qz, i);
       if (d <= limit) {
         buf_d[n * stride] = d;
         buf_i[n * stride] = i;

@@ -117,6 +117,14 @@ int64_t env_int(const char* name, int64_t fallback, int64_t lo, int64_t hi) {
   return v;
 }
 
+bool cuda_search_buffered() {
+  const char* env = std::getenv("GPAVATAR_KNN_CUDA_SEARCH");
+  const std::string name = env == nullptr ? "" : env;
+  TORCH_CHECK_VALUE(name.empty() || name == "banded" || name == "buffered",
+                    msg("GPAVATAR_KNN_CUDA_SEARCH must be banded or buffered, got '", name, "'"));
+  return name == "buffered";
+}
+
 namespace {
 
 // Cells per axis of the CPU lists: the build grows as G^3, the scan shrinks with G.
@@ -179,10 +187,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
                     msg("GPAVATAR_KNN_LAYOUT must be cpu or cuda, got '", layout, "'"));
   if (method == Method::kCells && layout == "cuda") {
     // The CUDA pipeline's lists and scans (knn_cells_cuda_layout.h): tests and diagnostics.
-    const char* search_env = std::getenv("GPAVATAR_KNN_CUDA_SEARCH");
-    const std::string search = search_env == nullptr ? "" : search_env;
-    TORCH_CHECK_VALUE(search.empty() || search == "banded" || search == "buffered",
-                      msg("GPAVATAR_KNN_CUDA_SEARCH must be banded or buffered, got '", search, "'"));
+    const bool buffered = cuda_search_buffered();
     const int capacity = k <= 8 ? 8 : (k <= 16 ? 16 : kMaxK);
     const int cap = static_cast<int>(env_int("GPAVATAR_KNN_BUFFER", buffer_slots(capacity), k + 1, 1 << 16));
     cuda_layout::Lists lists;
@@ -193,7 +198,6 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
     at::parallel_for(0, B * M, 256, [&](int64_t begin, int64_t end) {
       for (int64_t qi = begin; qi < end; ++qi) {
         const float x = q[qi * 3], y = q[qi * 3 + 1], z = q[qi * 3 + 2];
-        const bool buffered = search == "buffered";
         float* d = out_d + qi * k;
         int64_t* i = out_i + qi * k;
         const bool ok =

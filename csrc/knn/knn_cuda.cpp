@@ -4,9 +4,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <string>
-
 #include "knn/knn.h"
 #include "knn/knn_cells.h"
 #include "cuda_check.h"
@@ -15,17 +12,6 @@
 namespace gpavatar {
 namespace knn {
 namespace {
-
-// GPAVATAR_KNN_CUDA_SEARCH = banded (default: measured on an H200) | buffered
-// (the seed bound and per-query buffer of knn_cells.h; exact too, its speed not
-// measured yet).
-bool cuda_search_buffered() {
-  const char* env = std::getenv("GPAVATAR_KNN_CUDA_SEARCH");
-  const std::string name = env == nullptr ? "" : env;
-  TORCH_CHECK_VALUE(name.empty() || name == "banded" || name == "buffered",
-                    msg("GPAVATAR_KNN_CUDA_SEARCH must be banded or buffered, got '", name, "'"));
-  return name == "buffered";
-}
 
 // The cell lists of knn_cells.h: every step on the current stream, no host sync
 // (the sizes below depend on B, M, P and K only).
