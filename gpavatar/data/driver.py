@@ -317,15 +317,18 @@ def _pick_frames(videos: dict[str, list[str]], video: Optional[str], key_range: 
         shown = ", ".join(sorted(videos)[:8]) + (" ..." if len(videos) > 8 else "")
         raise KeyError(f"{source} has no video {video!r} (videos: {shown})")
     frames = videos[video]
-    if key_range is None:
-        return frames
+    return frames if key_range is None else _key_span(frames, key_range, source)
+
+
+def _key_span(keys: list, key_range, where) -> list:
+    """keys[first:last] inclusive for key_range = (first, last), both in ``keys`` (in order)."""
     for key in key_range:
-        if key not in frames:
-            raise KeyError(f"{source} has no frame {key!r}")
-    i, j = frames.index(key_range[0]), frames.index(key_range[1])
+        if key not in keys:
+            raise KeyError(f"{where} has no frame {key!r}")
+    i, j = keys.index(key_range[0]), keys.index(key_range[1])
     if j < i:
         raise ValueError(f"driver keys {key_range[0]}:{key_range[1]}: the last key comes before the first")
-    return frames[i:j + 1]
+    return keys[i:j + 1]
 
 
 def dataset_driver(root: PathLike, video: Optional[str] = None, key_range: Optional[tuple] = None) -> Driver:
@@ -372,13 +375,7 @@ def tracker_driver(path: PathLike, key_range: Optional[tuple] = None) -> Driver:
 
     keys = sorted(records, key=order)
     if key_range is not None:
-        for key in key_range:
-            if key not in records:
-                raise KeyError(f"{path} has no frame {key!r}")
-        i, j = keys.index(key_range[0]), keys.index(key_range[1])
-        if j < i:
-            raise ValueError(f"driver keys {key_range[0]}:{key_range[1]}: the last key comes before the first")
-        keys = keys[i:j + 1]
+        keys = _key_span(keys, key_range, path)
     root = folder if (folder / "img_lmdb").is_dir() else None
     return driver_from_records(records, keys, root, str(path))
 
