@@ -2,6 +2,8 @@
 finite differences of the CPU kernel, opcheck, numerics at the edges, bad inputs."""
 
 import math
+import os
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -533,3 +535,86 @@ def test_full_pass_of_coincident_queries_on_the_cpu_kernel():
     assert bool(out.feature.isfinite().all())
     grads = torch.autograd.grad(out.feature.sum(), params)
     assert all(bool(g.isfinite().all()) for g in grads)
+
+
+# --- The CPU forward's two loops (GPAVATAR_BLEND_CPU_VARIANT) ---------------------------------
+# auto runs the AVX2 + FMA loop (csrc/knn_blend/knn_blend_avx2.h) where the CPU has both and
+# H = 64, the scalar loop of knn_blend.h otherwise; both are checked here on every input.
+
+def _cpu_variants():
+    out = [pytest.param("scalar", id="scalar")]
+    if "cpu" in ops.available_backends("cpu"):
+        pts = make_points(1, 20, seed=0)
+        params = make_pef_params(20, 32, 64, 32, seed=1)
+        os.environ["GPAVATAR_BLEND_CPU_VARIANT"] = "avx2"
+        try:
+            ops.knn_blend(make_queries(1, 4, pts, seed=2), pts, *params, K=4, backend="cpu")
+            out.append(pytest.param("avx2", id="avx2"))
+        except ValueError:  # a CPU without AVX2 / FMA, or a build for another architecture
+            pass
+        finally:
+            del os.environ["GPAVATAR_BLEND_CPU_VARIANT"]
+    return out
+
+
+CPU_VARIANTS = _cpu_variants() if "cpu" in ops.available_backends("cpu") else []
+
+
+@contextmanager
+def blend_cpu_variant(name):
+    old = os.environ.get("GPAVATAR_BLEND_CPU_VARIANT")
+    os.environ["GPAVATAR_BLEND_CPU_VARIANT"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["GPAVATAR_BLEND_CPU_VARIANT"]
+        else:
+            os.environ["GPAVATAR_BLEND_CPU_VARIANT"] = old
+
+
+@pytest.mark.parametrize("variant", CPU_VARIANTS)
+@pytest.mark.parametrize("normalize", ["neighbors", "queries"])
+@given(B=st.integers(1, 3), M=st.integers(1, 40), P=st.integers(1, 60), K=st.integers(1, 32),
+       per_batch=st.booleans(), dup=st.integers(0, 10), on=st.integers(0, 3), far=st.integers(0, 3),
+       seed=st.integers(0, 2**16))
+def test_cpu_forward_variants_match_the_reference(variant, normalize, B, M, P, K, per_batch, dup, on, far, seed):
+    """H = 64 (the width the AVX2 loop takes) with K up to 32 (four 8-neighbour groups of its
+    embedding), duplicate points, queries on points (zero directions) and far away."""
+    with blend_cpu_variant(variant):
+        check_against_reference("cpu", "cpu", B, M, P, min(K, P), normalize=normalize, per_batch=per_batch,
+                                seed=seed, dup=dup, on=on, far=far, backward=False)
+
+
+@pytest.mark.parametrize("variant", CPU_VARIANTS)
+@pytest.mark.parametrize("which", [0, 1, 2, 4])  # point_features, w1, b1, b2 (make_pef_params order)
+def test_cpu_forward_variants_put_nan_where_the_reference_does(variant, which):
+    """A NaN feature reaches exactly the queries next to that point; a NaN weight or bias every
+    output it feeds (relu(NaN) = NaN; a max-based ReLU that drops NaN fails here)."""
+    pts = make_points(1, 40, seed=3)
+    q = make_queries(1, 50, pts, seed=4)
+    params = make_pef_params(40, 32, 64, 32, seed=5)
+    params[which].view(-1)[40 if which == 1 else 7] = float("nan")  # w1: a direction column
+    with blend_cpu_variant(variant):
+        out = ops.knn_blend(q, pts, *params, K=6, backend="cpu").feature
+    ref = knn_blend_reference(q, pts, *params, K=6)[0]
+    assert bool(ref.isnan().any())
+    assert torch.equal(out.isnan(), ref.isnan())
+    finite = ~ref.isnan()
+    torch.testing.assert_close(out[finite], ref[finite], **FWD)
+
+
+@pytest.mark.skipif(len(CPU_VARIANTS) < 2, reason="needs a CPU with AVX2 and FMA")
+def test_cpu_forward_variants_agree_and_bad_names_are_refused():
+    pts = make_points(2, 300, seed=6)
+    q = make_queries(2, 700, pts, seed=7, on_points=5)
+    params = make_pef_params(300, 32, 64, 32, B=2, seed=8)
+    outs = []
+    for variant in ("scalar", "avx2"):
+        with blend_cpu_variant(variant):
+            outs.append(ops.knn_blend(q, pts, *params, K=8, backend="cpu").feature)
+    assert (outs[0] - outs[1]).abs().max() <= 1e-5 * (1 + outs[0].abs().max())
+    with blend_cpu_variant("avx2"), pytest.raises(ValueError, match="needs a CPU with AVX2 and FMA and H = 64"):
+        ops.knn_blend(q, pts, *make_pef_params(300, 32, 32, 32, B=2, seed=8), K=8, backend="cpu")
+    with blend_cpu_variant("fastest"), pytest.raises(ValueError, match="GPAVATAR_BLEND_CPU_VARIANT must be"):
+        ops.knn_blend(q, pts, *params, K=8, backend="cpu")

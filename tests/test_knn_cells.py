@@ -102,6 +102,43 @@ def test_cells_match_the_reference(device, backend, kind, B, P, K, G, seed):
         check(device, backend, pts, queries_for(pts, size(backend, 96, 40), g), min(K, pts.shape[1]))
 
 
+def _cpu_scan_variants():
+    """GPAVATAR_KNN_CPU_VARIANT values this machine runs: scalar always, avx2 where the CPU has it."""
+    if "cpu" not in ops.available_backends("cpu"):
+        return []
+    out = ["scalar"]
+    with environment(GPAVATAR_KNN="cells", GPAVATAR_KNN_CPU_VARIANT="avx2"):
+        try:
+            ops.knn(torch.rand(1, 8, 3), torch.rand(1, 30, 3), 2, backend="cpu")
+            out.append("avx2")
+        except ValueError:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("variant", _cpu_scan_variants())
+@given(kind=st.sampled_from(["lattice", "sphere", "uniform", "plane", "identical", "tiny", "offset"]),
+       B=st.integers(1, 2), P=st.integers(1, 700), K=st.integers(1, 32), G=st.sampled_from([1, 2, 3, 5, 8, 16]),
+       M=st.integers(1, 130), seed=st.integers(0, 2**16))
+def test_cpu_scan_variants_match_the_reference(variant, kind, B, P, K, G, M, seed):
+    """Both loops that scan the CPU lists (8-wide distances with a compare mask, or the scalar
+    block loop), on every cloud, with band lengths that are not multiples of 8 (masked loads)."""
+    g = torch.Generator().manual_seed(seed)
+    pts = cloud(kind, B, P, g)
+    with environment(GPAVATAR_KNN="cells", GPAVATAR_KNN_CELLS=G, GPAVATAR_KNN_CPU_VARIANT=variant):
+        check("cpu", "cpu", pts, queries_for(pts, max(M, 8), g), min(K, P))
+        lat = lattice(B, P, g, step=0.0625)
+        q = (torch.randint(-12, 13, (B, M, 3), generator=g) * 0.03125).float()
+        check("cpu", "cpu", lat, q, min(K, P))
+
+
+def test_bad_cpu_scan_variant_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("GPAVATAR_KNN", "cells")
+    monkeypatch.setenv("GPAVATAR_KNN_CPU_VARIANT", "sse")
+    with pytest.raises(ValueError, match="GPAVATAR_KNN_CPU_VARIANT must be auto, avx2 or scalar"):
+        ops.knn(torch.rand(1, 8, 3), torch.rand(1, 30, 3), 2, backend="cpu")
+
+
 @pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("G", [4, 8, 12])
 def test_lattice_ties_across_bands(device, backend, G, monkeypatch):

@@ -28,6 +28,10 @@
 #include <cstdint>
 #include <vector>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#endif
+
 #include "knn/knn.h"
 #include "knn/knn_cells.h"
 
@@ -96,6 +100,56 @@ inline void scan_band(const float* x, const float* y, const float* z, const int*
       if (block[t] <= limit) best.offer_unordered(block[t], id[start + t]);
   }
 }
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define GPA_KNN_CELLS_AVX2 1
+// scan_band with 8-wide distances (the same arithmetic: differences, then
+// (dx*dx + dy*dy) + dz*dz rounded after every operation, no FMA) and a compare
+// mask, so only the lanes at or below the current bound reach the list (the
+// scalar loop walks the whole block once any lane passes).
+__attribute__((target("avx2"))) inline void scan_band_avx2(const float* x, const float* y, const float* z,
+                                                         const int* id, int64_t len, float qx, float qy,
+                                                         float qz, float limit, TopK<int64_t, kMaxK>& best) {
+  const __m256 vx = _mm256_set1_ps(qx), vy = _mm256_set1_ps(qy), vz = _mm256_set1_ps(qz);
+  alignas(32) float d[8];
+  int64_t start = 0;
+  for (; start < len; start += 8) {
+    const int nb = static_cast<int>(std::min<int64_t>(8, len - start));
+    __m256 px, py, pz;
+    if (nb == 8) {
+      px = _mm256_loadu_ps(x + start);
+      py = _mm256_loadu_ps(y + start);
+      pz = _mm256_loadu_ps(z + start);
+    } else {
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      const __m256i in = _mm256_cmpgt_epi32(_mm256_set1_epi32(nb), lane);
+      px = _mm256_maskload_ps(x + start, in);
+      py = _mm256_maskload_ps(y + start, in);
+      pz = _mm256_maskload_ps(z + start, in);
+    }
+    const __m256 dx = _mm256_sub_ps(vx, px), dy = _mm256_sub_ps(vy, py), dz = _mm256_sub_ps(vz, pz);
+    const __m256 d2 = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(dx, dx), _mm256_mul_ps(dy, dy)),
+                                    _mm256_mul_ps(dz, dz));
+    const float worst = best.count < best.k ? limit : (best.worst < limit ? best.worst : limit);
+    unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(d2, _mm256_set1_ps(worst), _CMP_LE_OQ)));
+    mask &= (1u << nb) - 1u;
+    if (mask == 0) continue;
+    _mm256_store_ps(d, d2);
+    while (mask) {
+      const int t = __builtin_ctz(mask);
+      mask &= mask - 1;
+      // Bands break the index order: an equal distance with a lower index must still
+      // displace the held K-th entry (offer_unordered).
+      if (d[t] <= limit) best.offer_unordered(d[t], id[start + t]);
+    }
+  }
+}
+
+inline bool cpu_has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2");
+  return ok;
+}
+#endif
 
 // Lists of one batch element.
 struct Lists {
@@ -241,7 +295,8 @@ inline void build(Lists& L, const float* px, const float* py, const float* pz, i
 
 // The K nearest points of query (qx, qy, qz) from its cell's list; false when
 // the query is outside the grid or its list overflowed (the caller falls back).
-inline bool search(const Lists& L, int K, float qx, float qy, float qz, TopK<int64_t, kMaxK>& best) {
+inline bool search(const Lists& L, int K, float qx, float qy, float qz, TopK<int64_t, kMaxK>& best,
+                   bool avx2 = false) {
   const int cell = query_cell(L.geom, L.G, qx, qy, qz);
   if (cell < 0 || L.overflow[cell]) return false;
   const float* centre = L.centre.data() + 3 * cell;
@@ -259,9 +314,16 @@ inline bool search(const Lists& L, int K, float qx, float qy, float qz, TopK<int
     const float gap = lows[j] - reach;
     if (gap > 0.0f && gap * gap > candidate_bound(bound)) break;
     const int64_t at = starts[j], n = starts[j + 1] - at;
-    if (n > 0)
-      scan_band(L.x.data() + at, L.y.data() + at, L.z.data() + at, L.index.data() + at, n, qx, qy, qz, limit,
-                best);
+    if (n == 0) continue;
+#if defined(GPA_KNN_CELLS_AVX2)
+    if (avx2) {
+      scan_band_avx2(L.x.data() + at, L.y.data() + at, L.z.data() + at, L.index.data() + at, n, qx, qy, qz,
+                     limit, best);
+      continue;
+    }
+#endif
+    scan_band(L.x.data() + at, L.y.data() + at, L.z.data() + at, L.index.data() + at, n, qx, qy, qz, limit,
+              best);
   }
   return true;
 }

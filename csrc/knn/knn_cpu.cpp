@@ -131,6 +131,22 @@ namespace {
 // Measured on render and uniform samples of the procedural head (P = 5023, K = 8, 2
 // threads): the best G is 3 at 2048 queries, 4 at 4096-16384, 6-7 at 65536 (5-8 % faster
 // than 8), 10-12 at 2^18.
+// GPAVATAR_KNN_CPU_VARIANT = auto (default: avx2 where the CPU has it) | avx2 | scalar:
+// which loop scans the cell lists (same results; the tests run both).
+bool use_avx2_scan() {
+  const char* env = std::getenv("GPAVATAR_KNN_CPU_VARIANT");
+  const std::string name = env == nullptr || env[0] == '\0' ? "auto" : env;
+  TORCH_CHECK_VALUE(name == "auto" || name == "avx2" || name == "scalar",
+                    msg("GPAVATAR_KNN_CPU_VARIANT must be auto, avx2 or scalar, got '", name, "'"));
+#if defined(GPA_KNN_CELLS_AVX2)
+  TORCH_CHECK_VALUE(name != "avx2" || cells_cpu::cpu_has_avx2(), "GPAVATAR_KNN_CPU_VARIANT=avx2 needs a CPU with AVX2");
+  return name != "scalar" && cells_cpu::cpu_has_avx2();
+#else
+  TORCH_CHECK_VALUE(name != "avx2", "GPAVATAR_KNN_CPU_VARIANT=avx2 needs an x86-64 build");
+  return false;
+#endif
+}
+
 int cells_per_axis(int64_t M) {
   const int fallback = M < 3072 ? 3 : M < 16384 ? 4 : M < (int64_t{1} << 18) ? 6 : 10;
   return static_cast<int>(env_int("GPAVATAR_KNN_CELLS", fallback, 1, 64));
@@ -211,6 +227,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
       if (left[qi]) rest.push_back(qi);
   } else if (method == Method::kCells) {
     const int G = cells_per_axis(M);
+    const bool avx2 = use_avx2_scan();
     const int64_t cap = env_int("GPAVATAR_KNN_CELL_CAP", INT64_MAX, 0, INT64_MAX);
     std::vector<char> left(B * M, 0);
     for (int64_t b = 0; b < B; ++b) {
@@ -221,7 +238,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
         for (int64_t m = begin; m < end; ++m) {
           const int64_t qi = b * M + m;
           TopK<int64_t, kMaxK> best(k);
-          if (cells_cpu::search(lists, k, q[qi * 3], q[qi * 3 + 1], q[qi * 3 + 2], best)) {
+          if (cells_cpu::search(lists, k, q[qi * 3], q[qi * 3 + 1], q[qi * 3 + 2], best, avx2)) {
             write(qi, best);
           } else {
             left[qi] = 1;

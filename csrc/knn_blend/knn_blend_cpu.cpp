@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "knn_blend/knn_blend.h"
+#include "knn_blend/knn_blend_avx2.h"
 #include "ops.h"
 
 namespace gpavatar {
@@ -131,6 +132,25 @@ bool use_gather_backward() {
 
 namespace {
 
+// GPAVATAR_BLEND_CPU_VARIANT = auto (default: avx2 where the CPU has AVX2 and FMA and
+// H = 64, else scalar) | avx2 | scalar: which CPU forward loop runs (tests run both).
+bool use_avx2_forward(int H) {
+  const char* env = std::getenv("GPAVATAR_BLEND_CPU_VARIANT");
+  const std::string name = env == nullptr || env[0] == '\0' ? "auto" : env;
+  TORCH_CHECK_VALUE(name == "auto" || name == "avx2" || name == "scalar",
+                    msg("GPAVATAR_BLEND_CPU_VARIANT must be auto, avx2 or scalar, got '", name, "'"));
+#if defined(GPA_KNN_BLEND_AVX2)
+  const bool available = avx2::cpu_has_avx2_fma() && H == 64;
+  TORCH_CHECK_VALUE(name != "avx2" || available,
+                    msg("GPAVATAR_BLEND_CPU_VARIANT=avx2 needs a CPU with AVX2 and FMA and H = 64, got H = ", H));
+  return name != "scalar" && available;
+#else
+  TORCH_CHECK_VALUE(name != "avx2", "GPAVATAR_BLEND_CPU_VARIANT=avx2 needs an x86-64 build");
+  (void)H;
+  return false;
+#endif
+}
+
 void check_indices(const at::Tensor& idx, int64_t P) {
   if (idx.numel() == 0) return;
   const auto [lo, hi] = at::aminmax(idx);
@@ -235,8 +255,12 @@ at::Tensor forward_cpu(const at::Tensor& queries, const at::Tensor& points,
   const BlendArgs& a = p.args;
   at::Tensor out = at::empty({a.B, a.M, a.C}, queries.options());
   float* o = out.data_ptr<float>();
+  const bool avx2_path = use_avx2_forward(a.H);
   at::parallel_for(0, a.B * a.M, 16,
                    [&](int64_t begin, int64_t end) {
+#if defined(GPA_KNN_BLEND_AVX2)
+                     if (avx2_path) return avx2::forward_range_h64(a, begin, end, o);
+#endif
                      if (a.H == 64) {
                        forward_range<64>(a, begin, end, o);
                      } else if (a.H == 32) {
