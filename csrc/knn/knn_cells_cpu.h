@@ -145,6 +145,69 @@ __attribute__((target("avx2"))) inline void scan_band_avx2(const float* x, const
   }
 }
 
+// The coordinates of points ids[0 .. nb) (nb <= 8; other lanes 0).
+__attribute__((target("avx2"))) inline void gather_xyz(const float* px, const float* py, const float* pz,
+                                                     const int* ids, int nb, __m256& x, __m256& y, __m256& z) {
+  const __m256i in = _mm256_cmpgt_epi32(_mm256_set1_epi32(nb), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256i at = _mm256_maskload_epi32(ids, in);
+  const __m256 zero = _mm256_setzero_ps(), m = _mm256_castsi256_ps(in);
+  x = _mm256_mask_i32gather_ps(zero, px, at, m, 4);
+  y = _mm256_mask_i32gather_ps(zero, py, at, m, 4);
+  z = _mm256_mask_i32gather_ps(zero, pz, at, m, 4);
+}
+
+// (dx*dx + dy*dy) + dz*dz, rounded after every operation (sum_of_products3).
+__attribute__((target("avx2"))) inline __m256 sum_squares(__m256 dx, __m256 dy, __m256 dz) {
+  return _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(dx, dx), _mm256_mul_ps(dy, dy)), _mm256_mul_ps(dz, dz));
+}
+
+// refine() with 8 parent entries per vector (gathered coordinates; box distances with
+// max_ps, which is max_f's a > b ? a : b, NaN included) and compare masks: the same
+// K-th bound and the same child list, in the parent's order.
+__attribute__((target("avx2"))) inline void refine_avx2(const float* px, const float* py, const float* pz,
+                                                      const int* parent, int64_t n, int K, const float lo[3],
+                                                      const float hi[3], std::vector<int>& out) {
+  const __m256 lo0 = _mm256_set1_ps(lo[0]), lo1 = _mm256_set1_ps(lo[1]), lo2 = _mm256_set1_ps(lo[2]);
+  const __m256 hi0 = _mm256_set1_ps(hi[0]), hi1 = _mm256_set1_ps(hi[1]), hi2 = _mm256_set1_ps(hi[2]);
+  const __m256 zero = _mm256_setzero_ps();
+  alignas(32) float d[8];
+  TopK<int, kMaxK> best(K);
+  for (int64_t start = 0; start < n; start += 8) {
+    const int nb = static_cast<int>(std::min<int64_t>(8, n - start));
+    __m256 x, y, z;
+    gather_xyz(px, py, pz, parent + start, nb, x, y, z);
+    const __m256 d2 = sum_squares(_mm256_max_ps(_mm256_sub_ps(x, lo0), _mm256_sub_ps(hi0, x)),
+                           _mm256_max_ps(_mm256_sub_ps(y, lo1), _mm256_sub_ps(hi1, y)),
+                           _mm256_max_ps(_mm256_sub_ps(z, lo2), _mm256_sub_ps(hi2, z)));
+    const float worst = best.count < best.k ? __builtin_huge_valf() : best.worst;
+    unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(d2, _mm256_set1_ps(worst), _CMP_LT_OQ)));
+    mask &= (1u << nb) - 1u;
+    if (mask == 0) continue;
+    _mm256_store_ps(d, d2);
+    while (mask) {
+      const int t = __builtin_ctz(mask);
+      mask &= mask - 1;
+      best.offer(d[t], parent[start + t]);
+    }
+  }
+  const __m256 bound = _mm256_set1_ps(candidate_bound(best.dist[K - 1]));
+  for (int64_t start = 0; start < n; start += 8) {
+    const int nb = static_cast<int>(std::min<int64_t>(8, n - start));
+    __m256 x, y, z;
+    gather_xyz(px, py, pz, parent + start, nb, x, y, z);
+    const __m256 d2 = sum_squares(_mm256_max_ps(_mm256_max_ps(_mm256_sub_ps(lo0, x), _mm256_sub_ps(x, hi0)), zero),
+                           _mm256_max_ps(_mm256_max_ps(_mm256_sub_ps(lo1, y), _mm256_sub_ps(y, hi1)), zero),
+                           _mm256_max_ps(_mm256_max_ps(_mm256_sub_ps(lo2, z), _mm256_sub_ps(z, hi2)), zero));
+    unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(d2, bound, _CMP_LE_OQ)));
+    mask &= (1u << nb) - 1u;
+    while (mask) {
+      const int t = __builtin_ctz(mask);
+      mask &= mask - 1;
+      out.push_back(parent[start + t]);
+    }
+  }
+}
+
 inline bool cpu_has_avx2() {
   static const bool ok = __builtin_cpu_supports("avx2");
   return ok;
@@ -166,7 +229,7 @@ struct Lists {
 
 // px, py, pz: the points (P each); queries (M, 3) only set the grid's box.
 inline void build(Lists& L, const float* px, const float* py, const float* pz, int64_t P,
-                  const float* queries, int64_t M, int K, int G, int64_t cap) {
+                  const float* queries, int64_t M, int K, int G, int64_t cap, bool avx2 = false) {
   float plo[3], phi[3], qlo[3], qhi[3];
   const float* axes[3] = {px, py, pz};
   for (int a = 0; a < 3; ++a) {
@@ -208,6 +271,12 @@ inline void build(Lists& L, const float* px, const float* py, const float* pz, i
         cell_box(L.geom, G, (((ck + 1) * f - 1) * G + (cj + 1) * f - 1) * G + (ci + 1) * f - 1, lo2, hi2);
         const float box_hi[3] = {hi2[0], hi2[1], hi2[2]};
         const std::vector<int>& from = lists[parent];
+#if defined(GPA_KNN_CELLS_AVX2)
+        if (avx2) {
+          refine_avx2(px, py, pz, from.data(), static_cast<int64_t>(from.size()), K, lo, box_hi, next[c]);
+          continue;
+        }
+#endif
         refine(px, py, pz, from.data(), static_cast<int64_t>(from.size()), K, lo, box_hi, next[c]);
       }
     });

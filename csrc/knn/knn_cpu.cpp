@@ -233,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
     for (int64_t b = 0; b < B; ++b) {
       const float* px = s + b * 3 * P;
       cells_cpu::Lists lists;
-      cells_cpu::build(lists, px, px + P, px + 2 * P, P, q + b * M * 3, M, k, G, cap);
+      cells_cpu::build(lists, px, px + P, px + 2 * P, P, q + b * M * 3, M, k, G, cap, avx2);
       at::parallel_for(0, M, 256, [&](int64_t begin, int64_t end) {
         for (int64_t m = begin; m < end; ++m) {
           const int64_t qi = b * M + m;
