@@ -101,8 +101,8 @@ def profile_once(fn, device, label):
 def run_once(args, device, backend):
     """knn (banded and buffered scans) and knn_blend forward + backward, once each."""
     q, p = _distributions.make_queries("render", 1, args.M, args.P, device=device)
-    for search in ("banded", "buffered"):
-        with env(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_SEARCH=search):
+    for extra in (dict(), dict(GPAVATAR_KNN_CUDA_SEARCH="buffered"), dict(GPAVATAR_KNN_CUDA_BUILD="two_level")):
+        with env(GPAVATAR_KNN="cells", **extra):
             ops.knn(q, p, args.K, backend=backend)
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(args.P, 32, generator=g).to(device).requires_grad_(True)
@@ -147,10 +147,13 @@ def main(argv=None):
         cases = [("brute", backend, dict(GPAVATAR_KNN="brute")), ("grid", backend, dict(GPAVATAR_KNN="grid"))]
         for G in [int(g) for g in args.grids.split(",")]:
             cases.append((f"cells G={G}", backend, dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CELLS=G)))
-        if backend == "cuda":  # the unmeasured variant of the CUDA scan (knn_cells.h: scan_buffered)
+        if backend == "cuda":
+            # The two-level list build (knn_cells.h; the same lists from the parents' lists), at every G;
+            # the buffered scan (measured slower on an H200 at every G) at the default G only.
             for G in [int(g) for g in args.grids.split(",")]:
-                cases.append((f"cells buffered G={G}", backend,
-                              dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CELLS=G, GPAVATAR_KNN_CUDA_SEARCH="buffered")))
+                cases.append((f"cells two_level G={G}", backend,
+                              dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CELLS=G, GPAVATAR_KNN_CUDA_BUILD="two_level")))
+            cases.append(("cells buffered", backend, dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_SEARCH="buffered")))
         cases.append(("cells budget=4 (overflow)", backend, dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CELL_BUDGET=4)))
         cases.append(("auto", backend, dict()))
         if not args.no_triton:
@@ -188,9 +191,10 @@ def main(argv=None):
             with env(GPAVATAR_KNN="cells"):
                 profiles[f"{dist} knn cells"] = profile_once(lambda: ops.knn(q, p, args.K, backend=backend),
                                                              device, f"{dist} knn cells")
-            with env(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_SEARCH="buffered"):
-                profiles[f"{dist} knn cells buffered"] = profile_once(
-                    lambda: ops.knn(q, p, args.K, backend=backend), device, f"{dist} knn cells buffered")
+            for G in (16, 24, 32):
+                with env(GPAVATAR_KNN="cells", GPAVATAR_KNN_CELLS=G, GPAVATAR_KNN_CUDA_BUILD="two_level"):
+                    profiles[f"{dist} knn cells two_level G={G}"] = profile_once(
+                        lambda: ops.knn(q, p, args.K, backend=backend), device, f"{dist} knn cells two_level G={G}")
             H, C = 64, 32
             g = torch.Generator(device="cpu").manual_seed(0)
             feats = torch.randn(args.P, 32, generator=g).to(device)

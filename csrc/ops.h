@@ -72,6 +72,9 @@ Method choose_method(int64_t M, int64_t P, int64_t cells_min_queries = kCellsMin
 // bound and per-query buffer of knn_cells.h; exact too): the CUDA cell scan, and the one the
 // CPU's CUDA-layout path (GPAVATAR_KNN_LAYOUT=cuda) runs.  A ValueError for other values.
 bool cuda_search_buffered();
+// GPAVATAR_KNN_CUDA_BUILD = flat (default) | two_level: how the CUDA path's cell lists are
+// built (knn_cells.h; the same lists either way); also read by GPAVATAR_KNN_LAYOUT=cuda.
+bool cuda_build_two_level();
 // An integer environment variable in [lo, hi] (fallback when unset); a ValueError otherwise.
 int64_t env_int(const char* name, int64_t fallback, int64_t lo, int64_t hi);
 struct GridTensors {

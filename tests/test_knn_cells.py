@@ -209,30 +209,44 @@ def test_bad_environment_is_a_clear_error(monkeypatch):
 # so their arithmetic and layout are tested here without a GPU.  GPAVATAR_KNN_BUFFER (> K) sets
 # the buffered scan's slots per query: K + 1 makes it flush after nearly every append.
 CUDA_SEARCHES = ["banded", "buffered"]
+# GPAVATAR_KNN_CUDA_BUILD=two_level builds each cell's list from its parent's (knn_cells.h);
+# GPAVATAR_KNN_PARENT_CAP forces parents past the cap to the every-point fallback (0: all of
+# them, 40: most), and GPAVATAR_KNN_VERIFY_LISTS=1 makes the CPU layout check that its lists
+# are the flat build's, entry for entry.
+BUILDS = ["flat", "two_level", "two_level:40", "two_level:0"]
+
+
+def build_environment(build):
+    name, _, cap = build.partition(":")
+    env = {"GPAVATAR_KNN_CUDA_BUILD": name}
+    if name == "two_level":
+        env.update(GPAVATAR_KNN_PARENT_CAP=cap or "2048", GPAVATAR_KNN_VERIFY_LISTS="1")
+    return env
 
 
 @pytest.mark.parametrize("search", CUDA_SEARCHES)
 @given(kind=st.sampled_from(["lattice", "sphere", "uniform", "plane", "identical", "tiny", "offset"]),
        B=st.integers(1, 2), P=st.integers(1, 600), K=st.integers(1, 32), G=st.sampled_from([1, 2, 3, 5, 8, 16]),
-       tight_buffer=st.booleans(), seed=st.integers(0, 2**16))
-def test_cuda_layout_matches_the_reference(search, kind, B, P, K, G, tight_buffer, seed):
+       tight_buffer=st.booleans(), build=st.sampled_from(BUILDS), seed=st.integers(0, 2**16))
+def test_cuda_layout_matches_the_reference(search, kind, B, P, K, G, tight_buffer, build, seed):
     g = torch.Generator().manual_seed(seed)
     pts = cloud(kind, B, P, g)
     K = min(K, P)
     extra = {"GPAVATAR_KNN_BUFFER": K + 1} if tight_buffer else {}
     with environment(GPAVATAR_KNN="cells", GPAVATAR_KNN_LAYOUT="cuda", GPAVATAR_KNN_CUDA_SEARCH=search,
-                     GPAVATAR_KNN_CELLS=G, **extra):
+                     GPAVATAR_KNN_CELLS=G, **build_environment(build), **extra):
         check("cpu", "cpu", pts, queries_for(pts, 96, g), K)
 
 
 @pytest.mark.parametrize("search", CUDA_SEARCHES)
 @pytest.mark.parametrize("budget", ["0", "3", "40", "768"])
-def test_cuda_layout_lattice_ties_and_overflow(search, budget, monkeypatch):
+@pytest.mark.parametrize("build", BUILDS[:2])
+def test_cuda_layout_lattice_ties_and_overflow(search, budget, build, monkeypatch):
     """Exact ties between points in different bands, lists beyond the budget (their queries take
     the fallback), a buffer that flushes often."""
     for name, value in (("GPAVATAR_KNN", "cells"), ("GPAVATAR_KNN_LAYOUT", "cuda"),
                         ("GPAVATAR_KNN_CUDA_SEARCH", search), ("GPAVATAR_KNN_CELL_BUDGET", budget),
-                        ("GPAVATAR_KNN_CELLS", "6")):
+                        ("GPAVATAR_KNN_CELLS", "6"), *build_environment(build).items()):
         monkeypatch.setenv(name, value)
     g = torch.Generator().manual_seed(int(budget))
     pts = lattice(2, 1500, g, step=0.0625)
@@ -254,16 +268,23 @@ def test_cuda_layout_on_render_samples(monkeypatch):
     monkeypatch.setenv("GPAVATAR_KNN", "cells")
     monkeypatch.setenv("GPAVATAR_KNN_LAYOUT", "cuda")
     for search in CUDA_SEARCHES:
-        monkeypatch.setenv("GPAVATAR_KNN_CUDA_SEARCH", search)
-        check("cpu", "cpu", pts, q, 8)
+        for build in BUILDS[:2]:
+            monkeypatch.setenv("GPAVATAR_KNN_CUDA_SEARCH", search)
+            for name, value in build_environment(build).items():
+                monkeypatch.setenv(name, value)
+            check("cpu", "cpu", pts, q, 8)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("search", CUDA_SEARCHES)
 @pytest.mark.parametrize("budget", ["3", "768"])
-def test_cuda_searches_match_the_reference(search, budget, monkeypatch):
-    """Both CUDA scans, with and without overflowing lists, bit-identical to the reference."""
+@pytest.mark.parametrize("build", BUILDS)
+def test_cuda_searches_match_the_reference(search, budget, build, monkeypatch):
+    """Both CUDA scans, with and without overflowing lists, both list builds (and parents past
+    the cap), bit-identical to the reference."""
+    for name, value in build_environment(build).items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("GPAVATAR_KNN", "cells")
     monkeypatch.setenv("GPAVATAR_KNN_CUDA_SEARCH", search)
     monkeypatch.setenv("GPAVATAR_KNN_CELL_BUDGET", budget)
@@ -285,6 +306,15 @@ def test_bad_layout_environment_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("GPAVATAR_KNN_CUDA_SEARCH", "fast")
     with pytest.raises(ValueError, match="GPAVATAR_KNN_CUDA_SEARCH must be banded or buffered"):
         ops.knn(q, pts, 4, backend="cpu")
+    monkeypatch.setenv("GPAVATAR_KNN_CUDA_SEARCH", "banded")
+    monkeypatch.setenv("GPAVATAR_KNN_CUDA_BUILD", "tree")
+    with pytest.raises(ValueError, match="GPAVATAR_KNN_CUDA_BUILD must be flat or two_level"):
+        ops.knn(q, pts, 4, backend="cpu")
+    monkeypatch.setenv("GPAVATAR_KNN_CUDA_BUILD", "two_level")
+    monkeypatch.setenv("GPAVATAR_KNN_PARENT_CAP", "5000")
+    with pytest.raises(ValueError, match="GPAVATAR_KNN_PARENT_CAP must be an integer"):
+        ops.knn(q, pts, 4, backend="cpu")
+    monkeypatch.delenv("GPAVATAR_KNN_PARENT_CAP")
     monkeypatch.setenv("GPAVATAR_KNN_CUDA_SEARCH", "buffered")
     monkeypatch.setenv("GPAVATAR_KNN_BUFFER", "4")
     with pytest.raises(ValueError, match="GPAVATAR_KNN_BUFFER must be an integer"):

@@ -70,31 +70,60 @@ __device__ float warp_k_smallest(const float (&own)[Capacity], const int (&own_i
   return kth;
 }
 
-// One warp per (cell, batch element).
+// Where a cell's candidates come from: every point of the batch element (index =
+// position), or its parent's list in shared memory (index order; two-level build).
+struct PointSource {
+  const float* pts;
+  int64_t n;
+  __device__ void load(int64_t s, float& x, float& y, float& z, int& index) const {
+    x = pts[3 * s];
+    y = pts[3 * s + 1];
+    z = pts[3 * s + 2];
+    index = static_cast<int>(s);
+  }
+};
+
+struct EntrySource {
+  const float4* entries;
+  int64_t n;
+  __device__ void load(int64_t s, float& x, float& y, float& z, int& index) const {
+    const float4 e = entries[s];
+    x = e.x;
+    y = e.y;
+    z = e.z;
+    index = __float_as_int(e.w);
+  }
+};
+
+// Lane-local K smallest (value, index) pairs, ascending (n of them).
+template <int Capacity>
+__device__ void keep_k_smallest(float (&own)[Capacity], int (&own_i)[Capacity], int& n, int K, float d, int p) {
+  if (n < K || d < own[n - 1]) {
+    int j = n < K ? n++ : K - 1;
+    while (j > 0 && own[j - 1] > d) {
+      own[j] = own[j - 1];
+      own_i[j] = own_i[j - 1];
+      --j;
+    }
+    own[j] = d;
+    own_i[j] = p;
+  }
+}
+
+// One warp builds the list of (cell, batch element) `slot` from `src`:
 // fill == false: U_C by a warp-wide K-th smallest, bound[cell], count[cell] = |L_C|
 //   and the entries per band;
-// fill == true: the list at offset[cell], band after band (index order within a
-//   band), when it fits in `budget` entries.
-template <int Capacity>
-__global__ void lists_kernel(const float* __restrict__ points,  // [B, P, 3]
-                             const float* __restrict__ geom,    // [B, kCellGeomStride]
-                             int* __restrict__ count,           // [B, G^3]
-                             float* __restrict__ cell_bound,    // [B, G^3]
-                             int* __restrict__ band_count,      // [B, G^3, kCellBands]
-                             float* __restrict__ seeds,         // [B, G^3, K, 4]
-                             const int64_t* __restrict__ offset,  // [B * G^3 + 1] (fill)
-                             float* __restrict__ cand,          // [budget, 4] (fill)
-                             int64_t budget, int64_t P, int G, int K, bool fill) {
-  const int64_t cells = static_cast<int64_t>(G) * G * G;
-  const int64_t b = blockIdx.y;
-  const int64_t cell = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+// fill == true: the list at offset[cell], band after band (source order, which is
+//   index order, within a band), when it fits in `budget` entries.
+template <int Capacity, typename Source>
+__device__ void cell_list_warp(const Source& src, const float* __restrict__ pts, const float* __restrict__ g,
+                               int G, int cell, int64_t slot, int* __restrict__ count,
+                               float* __restrict__ cell_bound, int* __restrict__ band_count,
+                               float* __restrict__ seeds, const int64_t* __restrict__ offset,
+                               float* __restrict__ cand, int64_t budget, int K, bool fill) {
   const int lane = threadIdx.x & 31;
-  if (cell >= cells) return;  // whole warps leave together
-  const float* g = geom + kCellGeomStride * b;
-  const float* pts = points + b * P * 3;
-  const int64_t slot = b * cells + cell;
   float lo[3], hi[3];
-  cell_box(g, G, static_cast<int>(cell), lo, hi);
+  cell_box(g, G, cell, lo, hi);
   float bound;
   int64_t run[kCellBands];
   if (!fill) {
@@ -102,18 +131,11 @@ __global__ void lists_kernel(const float* __restrict__ points,  // [B, P, 3]
     float own[Capacity];
     int own_i[Capacity];
     int n = 0;
-    for (int64_t p = lane; p < P; p += 32) {
-      const float d = box_max_dist2(lo, hi, pts[3 * p], pts[3 * p + 1], pts[3 * p + 2]);
-      if (n < K || d < own[n - 1]) {
-        int j = n < K ? n++ : K - 1;
-        while (j > 0 && own[j - 1] > d) {
-          own[j] = own[j - 1];
-          own_i[j] = own_i[j - 1];
-          --j;
-        }
-        own[j] = d;
-        own_i[j] = static_cast<int>(p);
-      }
+    for (int64_t s = lane; s < src.n; s += 32) {
+      float x, y, z;
+      int p;
+      src.load(s, x, y, z, p);
+      keep_k_smallest<Capacity>(own, own_i, n, K, box_max_dist2(lo, hi, x, y, z), p);
     }
     int seed;
     bound = candidate_bound(warp_k_smallest<Capacity>(own, own_i, n, K, seed));
@@ -136,23 +158,22 @@ __global__ void lists_kernel(const float* __restrict__ points,  // [B, P, 3]
       at += bc[j];
     }
   }
-  for (int64_t base = 0; base < P; base += 32) {
-    const int64_t p = base + lane;
+  for (int64_t base = 0; base < src.n; base += 32) {
+    const int64_t s = base + lane;
     float x = 0.0f, y = 0.0f, z = 0.0f, key = 0.0f;
-    if (p < P) {
-      x = pts[3 * p];
-      y = pts[3 * p + 1];
-      z = pts[3 * p + 2];
+    int p = 0;
+    if (s < src.n) {
+      src.load(s, x, y, z, p);
       key = box_min_dist2(lo, hi, x, y, z);
     }
-    const bool keep = p < P && key <= bound;
+    const bool keep = s < src.n && key <= bound;
     const int band = keep ? band_of(key, bound) : -1;
 #pragma unroll
     for (int j = 0; j < kCellBands; ++j) {
       const unsigned mask = __ballot_sync(kFull, band == j);
       if (fill && band == j) {
         float* e = cand + 4 * (run[j] + __popc(mask & ((1u << lane) - 1u)));
-        reinterpret_cast<float4*>(e)[0] = make_float4(x, y, z, __int_as_float(static_cast<int>(p)));
+        reinterpret_cast<float4*>(e)[0] = make_float4(x, y, z, __int_as_float(p));
       }
       run[j] += __popc(mask);
     }
@@ -166,6 +187,104 @@ __global__ void lists_kernel(const float* __restrict__ points,  // [B, P, 3]
     }
     count[slot] = static_cast<int>(total < 0x7fffffff ? total : 0x7fffffff);
     cell_bound[slot] = bound;
+  }
+}
+
+// One warp per (cell, batch element), every point a candidate.
+template <int Capacity>
+__global__ void lists_kernel(const float* __restrict__ points,  // [B, P, 3]
+                             const float* __restrict__ geom,    // [B, kCellGeomStride]
+                             int* __restrict__ count,           // [B, G^3]
+                             float* __restrict__ cell_bound,    // [B, G^3]
+                             int* __restrict__ band_count,      // [B, G^3, kCellBands]
+                             float* __restrict__ seeds,         // [B, G^3, K, 4]
+                             const int64_t* __restrict__ offset,  // [B * G^3 + 1] (fill)
+                             float* __restrict__ cand,          // [budget, 4] (fill)
+                             int64_t budget, int64_t P, int G, int K, bool fill) {
+  const int64_t cells = static_cast<int64_t>(G) * G * G;
+  const int64_t b = blockIdx.y;
+  const int64_t cell = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (cell >= cells) return;  // whole warps leave together
+  const float* pts = points + b * P * 3;
+  cell_list_warp<Capacity>(PointSource{pts, P}, pts, geom + kCellGeomStride * b, G, static_cast<int>(cell),
+                           b * cells + cell, count, cell_bound, band_count, seeds, offset, cand, budget, K, fill);
+}
+
+// Two-level build (knn_cells.h): one 256-thread block per (parent cell, batch
+// element) puts the parent's list in shared memory (an ordered block-wide
+// compaction: index order), then warp w builds child w's list from it (from every
+// point when the parent's list is longer than parent_cap).  Both passes ("count"
+// and "fill") rebuild the parent's list the same way.
+constexpr int kParentThreads = 32 * kParentChunks;
+
+template <int Capacity>
+__global__ void __launch_bounds__(kParentThreads)
+    lists_two_level_kernel(const float* __restrict__ points, const float* __restrict__ geom,
+                           int* __restrict__ count, float* __restrict__ cell_bound,
+                           int* __restrict__ band_count, float* __restrict__ seeds,
+                           const int64_t* __restrict__ offset, float* __restrict__ cand, int64_t budget,
+                           int64_t P, int G, int K, bool fill, int parent_cap) {
+  __shared__ float4 parent[kParentCap];
+  __shared__ float chunk_kth[kParentChunks];
+  __shared__ int chunk_kept[kParentChunks];
+  const int64_t cells = static_cast<int64_t>(G) * G * G;
+  const int64_t b = blockIdx.y;
+  const int pc = static_cast<int>(blockIdx.x);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const float* g = geom + kCellGeomStride * b;
+  const float* pts = points + b * P * 3;
+  float lo[3], hi[3];
+  parent_box(g, G, pc, lo, hi);
+  // U': the smallest of the chunks' K-th smallest maxdist^2 (chunk = this warp's points).
+  {
+    float own[Capacity];
+    int own_i[Capacity];
+    int n = 0;
+    for (int64_t p = threadIdx.x; p < P; p += kParentThreads)
+      keep_k_smallest<Capacity>(own, own_i, n, K, box_max_dist2(lo, hi, pts[3 * p], pts[3 * p + 1], pts[3 * p + 2]),
+                                static_cast<int>(p));
+    int unused;
+    const float kth = warp_k_smallest<Capacity>(own, own_i, n, K, unused);
+    if (lane == 0) chunk_kth[warp] = kth;
+  }
+  __syncthreads();
+  float u = chunk_kth[0];
+  for (int w = 1; w < kParentChunks; ++w) u = chunk_kth[w] < u ? chunk_kth[w] : u;
+  const float bound = candidate_bound(u);
+  // The parent's list, in index order.
+  int64_t total = 0;
+  for (int64_t base = 0; base < P; base += kParentThreads) {
+    const int64_t p = base + threadIdx.x;
+    float x = 0.0f, y = 0.0f, z = 0.0f;
+    bool keep = false;
+    if (p < P) {
+      x = pts[3 * p];
+      y = pts[3 * p + 1];
+      z = pts[3 * p + 2];
+      keep = box_min_dist2(lo, hi, x, y, z) <= bound;
+    }
+    const unsigned mask = __ballot_sync(kFull, keep);
+    if (lane == 0) chunk_kept[warp] = __popc(mask);
+    __syncthreads();
+    int64_t at = total + __popc(mask & ((1u << lane) - 1u));
+    int64_t step = 0;
+    for (int w = 0; w < kParentChunks; ++w) {
+      at += w < warp ? chunk_kept[w] : 0;
+      step += chunk_kept[w];
+    }
+    if (keep && at < parent_cap) parent[at] = make_float4(x, y, z, __int_as_float(static_cast<int>(p)));
+    total += step;
+    __syncthreads();  // chunk_kept is rewritten next round
+  }
+  const int child = parent_child(G, pc, warp);
+  if (child < 0) return;  // past the grid's edge (no block-wide synchronisation below)
+  const int64_t slot = b * cells + child;
+  if (total <= parent_cap) {
+    cell_list_warp<Capacity>(EntrySource{parent, total}, pts, g, G, child, slot, count, cell_bound, band_count,
+                             seeds, offset, cand, budget, K, fill);
+  } else {
+    cell_list_warp<Capacity>(PointSource{pts, P}, pts, g, G, child, slot, count, cell_bound, band_count, seeds,
+                             offset, cand, budget, K, fill);
   }
 }
 
@@ -258,6 +377,24 @@ int launch_cell_lists_cuda(const CellKnnCuda& a, bool fill, void* stream) {
     geometry_kernel<<<blocks_for(a.B), kThreads, 0, s>>>(a.bounds, a.geom, a.B, a.G);
   }
   const int64_t cells = static_cast<int64_t>(a.G) * a.G * a.G;
+  if (a.two_level) {
+    const int Gp = parent_cells(a.G);
+    const dim3 grid(static_cast<unsigned>(Gp * Gp * Gp), static_cast<unsigned>(a.B));
+    if (a.K <= 8) {
+      lists_two_level_kernel<8><<<grid, kParentThreads, 0, s>>>(a.points, a.geom, a.count, a.cell_bound,
+                                                                a.band_count, a.seeds, a.offset, a.cand, a.budget,
+                                                                a.P, a.G, a.K, fill, a.parent_cap);
+    } else if (a.K <= 16) {
+      lists_two_level_kernel<16><<<grid, kParentThreads, 0, s>>>(a.points, a.geom, a.count, a.cell_bound,
+                                                                 a.band_count, a.seeds, a.offset, a.cand, a.budget,
+                                                                 a.P, a.G, a.K, fill, a.parent_cap);
+    } else {
+      lists_two_level_kernel<kMaxK><<<grid, kParentThreads, 0, s>>>(a.points, a.geom, a.count, a.cell_bound,
+                                                                    a.band_count, a.seeds, a.offset, a.cand,
+                                                                    a.budget, a.P, a.G, a.K, fill, a.parent_cap);
+    }
+    return static_cast<int>(cudaGetLastError());
+  }
   const dim3 grid(static_cast<unsigned>((cells + kWarpsPerBlock - 1) / kWarpsPerBlock),
                   static_cast<unsigned>(a.B));
   const int threads = 32 * kWarpsPerBlock;

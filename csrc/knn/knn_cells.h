@@ -294,6 +294,49 @@ GPA_HD void scan_buffered(const float* entries, const int* band_count, float bou
   select_buffer(buf_d, buf_i, stride, n, best);
 }
 
+// --- Two-level build (GPAVATAR_KNN_CUDA_BUILD=two_level) ---------------------------
+// A parent cell covers up to 2 x 2 x 2 cells (ceil(G / 2) parents per axis).  Its
+// list holds, in index order, the points with mindist^2(parent box, p) <=
+// candidate_bound(U'), where U' is the smallest of kParentChunks K-th smallest
+// maxdist^2 over the chunks of the points (chunk w: p % 256 in [32 w, 32 w + 32),
+// one warp of a 256-thread block each): each chunk's K-th is >= U of the whole
+// box, so U' >= U_parent >= U_C of every child C (a child's maxdist^2 <= its
+// parent's).  A child's list then needs only its parent's list: p in L_C means
+// mindist^2(parent, p) <= mindist^2(C, p) <= bound_C <= candidate_bound(U'), and
+// the K points that define U_C have mindist^2(parent, p) <= maxdist^2(C, p) <= U_C.
+// So the child's U_C, bound and list are those of a scan over every point, in the
+// same (index) order.  A parent list longer than kParentCap entries is not kept:
+// its children scan every point.
+constexpr int kParentChunks = 8;
+constexpr int kParentCap = 2048;  // entries (x, y, z, index bits): 32 KiB of shared memory
+
+// Parents per axis.
+GPA_HD int parent_cells(int G) { return (G + 1) / 2; }
+
+// The box of parent cell `parent` (the union of its children's boxes, slivers included).
+GPA_HD void parent_box(const float* geom, int G, int parent, float lo[3], float hi[3]) {
+  const int Gp = parent_cells(G);
+  const int c[3] = {parent % Gp, (parent / Gp) % Gp, parent / (Gp * Gp)};
+  int first[3], last[3];
+  for (int a = 0; a < 3; ++a) {
+    first[a] = 2 * c[a];
+    last[a] = 2 * c[a] + 1 < G ? 2 * c[a] + 1 : G - 1;
+  }
+  float lo2[3], hi2[3];
+  cell_box(geom, G, (first[2] * G + first[1]) * G + first[0], lo, hi2);
+  cell_box(geom, G, (last[2] * G + last[1]) * G + last[0], lo2, hi);
+}
+
+// Child w (0..7: x, y, z bits) of a parent, or -1 past the grid's edge.
+GPA_HD int parent_child(int G, int parent, int w) {
+  const int Gp = parent_cells(G);
+  const int cx = 2 * (parent % Gp) + (w & 1);
+  const int cy = 2 * ((parent / Gp) % Gp) + ((w >> 1) & 1);
+  const int cz = 2 * (parent / (Gp * Gp)) + ((w >> 2) & 1);
+  if (cx >= G || cy >= G || cz >= G) return -1;
+  return (cz * G + cy) * G + cx;
+}
+
 // Cells per axis of the CUDA path, and its list budget in entries per cell
 // (lists are stored back to back; one that ends past B * G^3 * budget overflows
 // and its queries take the brute-force scan).  The buffered search's slots per
@@ -327,6 +370,8 @@ struct CellKnnCuda {
   int* order;              // [B * M] query indices b * M + m grouped by bucket
   int64_t B, M, P;
   int K, G;
+  bool two_level;          // lists of G^3 cells from the lists of their parents (above)
+  int parent_cap;          // <= kParentCap (smaller in tests: forces the fallback)
 };
 
 // The launch sequence, all on `stream` with no host synchronisation (the

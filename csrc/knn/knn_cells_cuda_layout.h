@@ -38,9 +38,49 @@ struct Lists {
   std::vector<float> entries;     // [total * 4]
 };
 
-// queries (B, M, 3), points (B, P, 3), contiguous.
+// The two-level build's parent lists (knn_cells.h) of batch element b: for each parent
+// cell, its points in index order, or {-1} when the list is longer than parent_cap (the
+// children then take every point), as the CUDA kernel's chunks and compaction give them.
+inline std::vector<std::vector<int>> parent_lists(const float* pts, const float* geom, int64_t P, int K, int G,
+                                                  int parent_cap) {
+  const int Gp = parent_cells(G);
+  std::vector<std::vector<int>> out(static_cast<size_t>(Gp) * Gp * Gp);
+  at::parallel_for(0, static_cast<int64_t>(out.size()), 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> chunk;
+    for (int64_t pc = begin; pc < end; ++pc) {
+      float lo[3], hi[3];
+      parent_box(geom, G, static_cast<int>(pc), lo, hi);
+      float u = __builtin_huge_valf();
+      for (int w = 0; w < kParentChunks; ++w) {
+        chunk.clear();
+        for (int64_t base = 32 * w; base < P; base += 32 * kParentChunks)
+          for (int64_t p = base; p < std::min<int64_t>(base + 32, P); ++p)
+            chunk.push_back(box_max_dist2(lo, hi, pts[3 * p], pts[3 * p + 1], pts[3 * p + 2]));
+        if (static_cast<int>(chunk.size()) < K) continue;  // a K-th of +inf
+        std::nth_element(chunk.begin(), chunk.begin() + (K - 1), chunk.end());
+        u = chunk[K - 1] < u ? chunk[K - 1] : u;
+      }
+      const float bound = candidate_bound(u);
+      std::vector<int>& list = out[pc];
+      for (int64_t p = 0; p < P; ++p)
+        if (box_min_dist2(lo, hi, pts[3 * p], pts[3 * p + 1], pts[3 * p + 2]) <= bound)
+          list.push_back(static_cast<int>(p));
+      if (static_cast<int64_t>(list.size()) > parent_cap) list.assign(1, -1);
+    }
+  });
+  return out;
+}
+
+// The parent of cell c (two-level build).
+inline int parent_of(int G, int c) {
+  const int Gp = parent_cells(G);
+  return (((c / (G * G)) / 2) * Gp + ((c / G) % G) / 2) * Gp + (c % G) / 2;
+}
+
+// queries (B, M, 3), points (B, P, 3), contiguous.  two_level: each cell's candidates
+// come from its parent's list (parent_cap as GPAVATAR_KNN_PARENT_CAP); the same lists.
 inline void build(Lists& L, const float* queries, const float* points, int64_t B, int64_t M, int64_t P,
-                  int K, int G, int64_t per_cell) {
+                  int K, int G, int64_t per_cell, bool two_level = false, int parent_cap = kParentCap) {
   L.G = G;
   L.K = K;
   L.B = B;
@@ -71,18 +111,33 @@ inline void build(Lists& L, const float* queries, const float* points, int64_t B
       }
     cell_grid_geometry(r, r + 3, r + 6, r + 9, G, L.geom.data() + b * kCellGeomStride);
   }
+  // Candidates of each cell: every point, or its parent's list (two-level build).
+  std::vector<std::vector<std::vector<int>>> parents(two_level ? B : 0);
+  for (int64_t b = 0; b < static_cast<int64_t>(parents.size()); ++b)
+    parents[b] = parent_lists(points + b * P * 3, L.geom.data() + b * kCellGeomStride, P, K, G, parent_cap);
+  std::vector<int> all(P);
+  for (int64_t p = 0; p < P; ++p) all[p] = static_cast<int>(p);
+  auto source = [&](int64_t slot) -> const std::vector<int>& {
+    if (!two_level) return all;
+    const std::vector<int>& list = parents[slot / cells][parent_of(G, static_cast<int>(slot % cells))];
+    // (Shorter than K only with NaN points, which the op's checks refuse.)
+    return (list.size() == 1 && list[0] < 0) || static_cast<int>(list.size()) < K ? all : list;
+  };
   // Per cell: the list's bound, seeds and band sizes (pass "count").
   std::vector<int> count(B * cells, 0);
   at::parallel_for(0, B * cells, 8, [&](int64_t begin, int64_t end) {
-    std::vector<std::pair<float, int>> far(P);
+    std::vector<std::pair<float, int>> far;
     for (int64_t slot = begin; slot < end; ++slot) {
       const int64_t b = slot / cells;
       const float* pts = points + b * P * 3;
       float lo[3], hi[3];
       cell_box(L.geom.data() + b * kCellGeomStride, G, static_cast<int>(slot % cells), lo, hi);
-      for (int64_t p = 0; p < P; ++p) {
+      const std::vector<int>& src = source(slot);
+      far.resize(src.size());
+      for (size_t s = 0; s < src.size(); ++s) {
+        const int p = src[s];
         const float d = box_max_dist2(lo, hi, pts[3 * p], pts[3 * p + 1], pts[3 * p + 2]);
-        far[p] = {d == d ? d : __builtin_huge_valf(), static_cast<int>(p)};
+        far[s] = {d == d ? d : __builtin_huge_valf(), p};
       }
       std::partial_sort(far.begin(), far.begin() + K, far.end());
       const float bound = candidate_bound(far[K - 1].first);
@@ -96,7 +151,7 @@ inline void build(Lists& L, const float* queries, const float* points, int64_t B
         e[3] = int_bits_to_float(p);
       }
       int* bc = L.band_count.data() + slot * kCellBands;
-      for (int64_t p = 0; p < P; ++p) {
+      for (const int p : src) {
         const float key = box_min_dist2(lo, hi, pts[3 * p], pts[3 * p + 1], pts[3 * p + 2]);
         if (key <= bound) ++bc[band_of(key, bound)];
       }
@@ -123,14 +178,14 @@ inline void build(Lists& L, const float* queries, const float* points, int64_t B
         run[j] = at;
         at += L.band_count[slot * kCellBands + j];
       }
-      for (int64_t p = 0; p < P; ++p) {
+      for (const int p : source(slot)) {
         const float key = box_min_dist2(lo, hi, pts[3 * p], pts[3 * p + 1], pts[3 * p + 2]);
         if (!(key <= bound)) continue;
         float* e = L.entries.data() + 4 * run[band_of(key, bound)]++;
         e[0] = pts[3 * p];
         e[1] = pts[3 * p + 1];
         e[2] = pts[3 * p + 2];
-        e[3] = int_bits_to_float(static_cast<int>(p));
+        e[3] = int_bits_to_float(p);
       }
     }
   });

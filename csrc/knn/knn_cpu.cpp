@@ -125,6 +125,14 @@ bool cuda_search_buffered() {
   return name == "buffered";
 }
 
+bool cuda_build_two_level() {
+  const char* env = std::getenv("GPAVATAR_KNN_CUDA_BUILD");
+  const std::string name = env == nullptr ? "" : env;
+  TORCH_CHECK_VALUE(name.empty() || name == "flat" || name == "two_level",
+                    msg("GPAVATAR_KNN_CUDA_BUILD must be flat or two_level, got '", name, "'"));
+  return name == "two_level";
+}
+
 namespace {
 
 // Cells per axis of the CPU lists: the build grows as G^3, the scan shrinks with G.
@@ -207,9 +215,19 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
     const int capacity = k <= 8 ? 8 : (k <= 16 ? 16 : kMaxK);
     const int cap = static_cast<int>(env_int("GPAVATAR_KNN_BUFFER", buffer_slots(capacity), k + 1, 1 << 16));
     cuda_layout::Lists lists;
-    cuda_layout::build(lists, q, points.data_ptr<float>(), B, M, P, k,
-                       static_cast<int>(env_int("GPAVATAR_KNN_CELLS", kCudaCells, 1, 32)),
-                       env_int("GPAVATAR_KNN_CELL_BUDGET", kCudaBudgetPerCell, 0, int64_t{1} << 20));
+    const int cuda_cells = static_cast<int>(env_int("GPAVATAR_KNN_CELLS", kCudaCells, 1, 32));
+    const int64_t per_cell = env_int("GPAVATAR_KNN_CELL_BUDGET", kCudaBudgetPerCell, 0, int64_t{1} << 20);
+    const bool two_level = cuda_build_two_level();
+    cuda_layout::build(lists, q, points.data_ptr<float>(), B, M, P, k, cuda_cells, per_cell, two_level,
+                       static_cast<int>(env_int("GPAVATAR_KNN_PARENT_CAP", kParentCap, 0, kParentCap)));
+    if (two_level && env_int("GPAVATAR_KNN_VERIFY_LISTS", 0, 0, 1) == 1) {
+      // Tests: the two-level lists must be those of the flat build, entry for entry.
+      cuda_layout::Lists flat;
+      cuda_layout::build(flat, q, points.data_ptr<float>(), B, M, P, k, cuda_cells, per_cell);
+      TORCH_CHECK(flat.bound == lists.bound && flat.band_count == lists.band_count &&
+                      flat.offset == lists.offset && flat.entries == lists.entries,
+                  "knn: the two-level cell lists differ from the flat build's");
+    }
     std::vector<char> left(B * M, 0);
     at::parallel_for(0, B * M, 256, [&](int64_t begin, int64_t end) {
       for (int64_t qi = begin; qi < end; ++qi) {

@@ -64,6 +64,8 @@ void cell_search(const at::Tensor& queries, const at::Tensor& points, int64_t K,
   a.P = P;
   a.K = static_cast<int>(K);
   a.G = G;
+  a.two_level = cuda_build_two_level();
+  a.parent_cap = static_cast<int>(env_int("GPAVATAR_KNN_PARENT_CAP", kParentCap, 0, kParentCap));
   check_launch(launch_cell_lists_cuda(a, /*fill=*/false, stream), "knn (cell lists)");
   offset.narrow(0, 1, B * cells).copy_(count.to(at::kLong).cumsum(0));
   check_launch(launch_cell_lists_cuda(a, /*fill=*/true, stream), "knn (cell lists)");
