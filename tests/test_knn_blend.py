@@ -539,7 +539,7 @@ def test_full_pass_of_coincident_queries_on_the_cpu_kernel():
 
 # --- The CPU forward's two loops (GPAVATAR_BLEND_CPU_VARIANT) ---------------------------------
 # auto runs the AVX2 + FMA loop (csrc/knn_blend/knn_blend_avx2.h) where the CPU has both and
-# H = 64, the scalar loop of knn_blend.h otherwise; both are checked here on every input.
+# H in {8, 16, 32, 64}, the scalar loop of knn_blend.h otherwise; both are checked here on every input.
 
 def _cpu_variants():
     out = [pytest.param("scalar", id="scalar")]
@@ -577,13 +577,15 @@ def blend_cpu_variant(name):
 @pytest.mark.parametrize("normalize", ["neighbors", "queries"])
 @given(B=st.integers(1, 3), M=st.integers(1, 40), P=st.integers(1, 60), K=st.integers(1, 32),
        per_batch=st.booleans(), dup=st.integers(0, 10), on=st.integers(0, 3), far=st.integers(0, 3),
-       seed=st.integers(0, 2**16))
-def test_cpu_forward_variants_match_the_reference(variant, normalize, B, M, P, K, per_batch, dup, on, far, seed):
-    """H = 64 (the width the AVX2 loop takes) with K up to 32 (four 8-neighbour groups of its
-    embedding), duplicate points, queries on points (zero directions) and far away."""
+       H=st.sampled_from([8, 16, 32, 64]), C=st.sampled_from([3, 8, 13, 32, 45]), seed=st.integers(0, 2**16))
+def test_cpu_forward_variants_match_the_reference(variant, normalize, B, M, P, K, per_batch, dup, on, far, H, C,
+                                                  seed):
+    """Every hidden width the AVX2 loop takes, outputs in blocks of 32, of 8 and one at a time,
+    K up to 32 (four 8-neighbour groups of its embedding), duplicate points, queries on points
+    (zero directions) and far away."""
     with blend_cpu_variant(variant):
-        check_against_reference("cpu", "cpu", B, M, P, min(K, P), normalize=normalize, per_batch=per_batch,
-                                seed=seed, dup=dup, on=on, far=far, backward=False)
+        check_against_reference("cpu", "cpu", B, M, P, min(K, P), H=H, C=C, normalize=normalize,
+                                per_batch=per_batch, seed=seed, dup=dup, on=on, far=far, backward=False)
 
 
 @pytest.mark.parametrize("variant", CPU_VARIANTS)
@@ -614,7 +616,7 @@ def test_cpu_forward_variants_agree_and_bad_names_are_refused():
         with blend_cpu_variant(variant):
             outs.append(ops.knn_blend(q, pts, *params, K=8, backend="cpu").feature)
     assert (outs[0] - outs[1]).abs().max() <= 1e-5 * (1 + outs[0].abs().max())
-    with blend_cpu_variant("avx2"), pytest.raises(ValueError, match="needs a CPU with AVX2 and FMA and H = 64"):
-        ops.knn_blend(q, pts, *make_pef_params(300, 32, 32, 32, B=2, seed=8), K=8, backend="cpu")
+    with blend_cpu_variant("avx2"), pytest.raises(ValueError, match=r"needs a CPU with AVX2 and FMA and H in"):
+        ops.knn_blend(q, pts, *make_pef_params(300, 32, 24, 32, B=2, seed=8), K=8, backend="cpu")
     with blend_cpu_variant("fastest"), pytest.raises(ValueError, match="GPAVATAR_BLEND_CPU_VARIANT must be"):
         ops.knn_blend(q, pts, *params, K=8, backend="cpu")

@@ -6,8 +6,9 @@
 // * The hidden pre-activation h_k = table[row_k] + W1_dir gam_k is summed over the
 //   27 embedding terms in the same order (c = 0..26) with fused multiply-adds, as
 //   the CUDA kernels' compiled loop does (nvcc contracts h += w * gam into FMAs;
-//   the scalar CPU loop is built with -ffp-contract=off and does not).  H = 64
-//   hidden units are 8 vector accumulators that stay in registers.
+//   the scalar CPU loop is built with -ffp-contract=off and does not).  The H =
+//   8 V hidden units (V = 1, 2, 4, 8: H = 8 ... 64; the paper's H = 64, the tiny
+//   preset's 16) are V vector accumulators that stay in registers.
 // * The embedding of all K neighbours of a query is computed together, eight
 //   neighbours per vector: direction() per neighbour (knn_blend.h), then sin and
 //   cos of the three components by polynomials (|r_d| <= 1 for a unit vector, where
@@ -64,12 +65,17 @@ GPA_AVX2_FMA inline __m256 cos_small(__m256 x) {
 // so NaN stays NaN (and -0 stays -0, as relu_f gives).
 GPA_AVX2_FMA inline __m256 relu8(__m256 x) { return _mm256_max_ps(_mm256_setzero_ps(), x); }
 
-// out[qi] for queries [begin, end); H = 64, any C, any K <= kMaxK.
-GPA_AVX2_FMA inline void forward_range_h64(const BlendArgs& a, int64_t begin, int64_t end, float* o) {
-  constexpr int H = 64, V = H / 8;
+// Hidden widths the vector loop is compiled for (H = 8 V).
+inline bool vector_width_supported(int H) { return H == 8 || H == 16 || H == 32 || H == 64; }
+
+// out[qi] for queries [begin, end); H = 8 V, any C, any K <= kMaxK.
+template <int V>
+GPA_AVX2_FMA inline void forward_range(const BlendArgs& a, int64_t begin, int64_t end, float* o) {
+  constexpr int H = 8 * V;
   alignas(32) float gam[kEmbedDim][kMaxK];  // gam[c][k]
   alignas(32) float rx[kMaxK], ry[kMaxK], rz[kMaxK];
   alignas(32) float g_mem[H];
+  static_assert(V >= 1 && V <= 8, "H = 8 V with V in 1..8");
   float w_k[kMaxK];
   const float* rows[kMaxK];
   const int K = a.K, KP = (a.K + 7) & ~7;
@@ -141,6 +147,12 @@ GPA_AVX2_FMA inline void forward_range_h64(const BlendArgs& a, int64_t begin, in
       for (int u = 0; u < 4; ++u)
         _mm256_storeu_ps(out + o0 + 8 * u,
                          _mm256_fmadd_ps(_mm256_loadu_ps(a.b2 + o0 + 8 * u), tot, acc[u]));
+    }
+    for (; o0 + 8 <= a.C; o0 += 8) {  // then one output vector at a time
+      __m256 acc = _mm256_setzero_ps();
+      for (int j = 0; j < H; ++j)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.w2_t + j * a.C + o0), _mm256_broadcast_ss(g_mem + j), acc);
+      _mm256_storeu_ps(out + o0, _mm256_fmadd_ps(_mm256_loadu_ps(a.b2 + o0), tot, acc));
     }
     for (; o0 < a.C; ++o0) {  // the rest one output at a time, same order
       float acc = 0.0f;

@@ -133,16 +133,18 @@ bool use_gather_backward() {
 namespace {
 
 // GPAVATAR_BLEND_CPU_VARIANT = auto (default: avx2 where the CPU has AVX2 and FMA and
-// H = 64, else scalar) | avx2 | scalar: which CPU forward loop runs (tests run both).
+// H is 8, 16, 32 or 64, else scalar) | avx2 | scalar: which CPU forward loop runs (tests
+// run both).
 bool use_avx2_forward(int H) {
   const char* env = std::getenv("GPAVATAR_BLEND_CPU_VARIANT");
   const std::string name = env == nullptr || env[0] == '\0' ? "auto" : env;
   TORCH_CHECK_VALUE(name == "auto" || name == "avx2" || name == "scalar",
                     msg("GPAVATAR_BLEND_CPU_VARIANT must be auto, avx2 or scalar, got '", name, "'"));
 #if defined(GPA_KNN_BLEND_AVX2)
-  const bool available = avx2::cpu_has_avx2_fma() && H == 64;
+  const bool available = avx2::cpu_has_avx2_fma() && avx2::vector_width_supported(H);
   TORCH_CHECK_VALUE(name != "avx2" || available,
-                    msg("GPAVATAR_BLEND_CPU_VARIANT=avx2 needs a CPU with AVX2 and FMA and H = 64, got H = ", H));
+                    msg("GPAVATAR_BLEND_CPU_VARIANT=avx2 needs a CPU with AVX2 and FMA and H in {8, 16, 32, 64}, got H = ",
+                        H));
   return name != "scalar" && available;
 #else
   TORCH_CHECK_VALUE(name != "avx2", "GPAVATAR_BLEND_CPU_VARIANT=avx2 needs an x86-64 build");
@@ -259,7 +261,14 @@ at::Tensor forward_cpu(const at::Tensor& queries, const at::Tensor& points,
   at::parallel_for(0, a.B * a.M, 16,
                    [&](int64_t begin, int64_t end) {
 #if defined(GPA_KNN_BLEND_AVX2)
-                     if (avx2_path) return avx2::forward_range_h64(a, begin, end, o);
+                     if (avx2_path) {
+                       switch (a.H) {
+                         case 8: return avx2::forward_range<1>(a, begin, end, o);
+                         case 16: return avx2::forward_range<2>(a, begin, end, o);
+                         case 32: return avx2::forward_range<4>(a, begin, end, o);
+                         default: return avx2::forward_range<8>(a, begin, end, o);
+                       }
+                     }
 #endif
                      if (a.H == 64) {
                        forward_range<64>(a, begin, end, o);
