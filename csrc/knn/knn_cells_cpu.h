@@ -145,11 +145,19 @@ __attribute__((target("avx2"))) inline void scan_band_avx2(const float* x, const
   }
 }
 
-// The coordinates of points ids[0 .. nb) (nb <= 8; other lanes 0).
+// The coordinates of points ids[start .. start + nb) (nb <= 8; other lanes 0); of points
+// start .. start + nb when ids is null (the coarsest level: every point, contiguous loads).
 __attribute__((target("avx2"))) inline void gather_xyz(const float* px, const float* py, const float* pz,
-                                                     const int* ids, int nb, __m256& x, __m256& y, __m256& z) {
+                                                     const int* ids, int64_t start, int nb, __m256& x, __m256& y,
+                                                     __m256& z) {
   const __m256i in = _mm256_cmpgt_epi32(_mm256_set1_epi32(nb), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  const __m256i at = _mm256_maskload_epi32(ids, in);
+  if (ids == nullptr) {
+    x = _mm256_maskload_ps(px + start, in);
+    y = _mm256_maskload_ps(py + start, in);
+    z = _mm256_maskload_ps(pz + start, in);
+    return;
+  }
+  const __m256i at = _mm256_maskload_epi32(ids + start, in);
   const __m256 zero = _mm256_setzero_ps(), m = _mm256_castsi256_ps(in);
   x = _mm256_mask_i32gather_ps(zero, px, at, m, 4);
   y = _mm256_mask_i32gather_ps(zero, py, at, m, 4);
@@ -161,7 +169,7 @@ __attribute__((target("avx2"))) inline __m256 sum_squares(__m256 dx, __m256 dy, 
   return _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(dx, dx), _mm256_mul_ps(dy, dy)), _mm256_mul_ps(dz, dz));
 }
 
-// refine() with 8 parent entries per vector (gathered coordinates; box distances with
+// refine() with 8 parent entries per vector (parent == nullptr: every point) (gathered coordinates; box distances with
 // max_ps, which is max_f's a > b ? a : b, NaN included) and compare masks: the same
 // K-th bound and the same child list, in the parent's order.
 __attribute__((target("avx2"))) inline void refine_avx2(const float* px, const float* py, const float* pz,
@@ -175,7 +183,7 @@ __attribute__((target("avx2"))) inline void refine_avx2(const float* px, const f
   for (int64_t start = 0; start < n; start += 8) {
     const int nb = static_cast<int>(std::min<int64_t>(8, n - start));
     __m256 x, y, z;
-    gather_xyz(px, py, pz, parent + start, nb, x, y, z);
+    gather_xyz(px, py, pz, parent, start, nb, x, y, z);
     const __m256 d2 = sum_squares(_mm256_max_ps(_mm256_sub_ps(x, lo0), _mm256_sub_ps(hi0, x)),
                            _mm256_max_ps(_mm256_sub_ps(y, lo1), _mm256_sub_ps(hi1, y)),
                            _mm256_max_ps(_mm256_sub_ps(z, lo2), _mm256_sub_ps(hi2, z)));
@@ -187,14 +195,14 @@ __attribute__((target("avx2"))) inline void refine_avx2(const float* px, const f
     while (mask) {
       const int t = __builtin_ctz(mask);
       mask &= mask - 1;
-      best.offer(d[t], parent[start + t]);
+      best.offer(d[t], parent == nullptr ? static_cast<int>(start + t) : parent[start + t]);
     }
   }
   const __m256 bound = _mm256_set1_ps(candidate_bound(best.dist[K - 1]));
   for (int64_t start = 0; start < n; start += 8) {
     const int nb = static_cast<int>(std::min<int64_t>(8, n - start));
     __m256 x, y, z;
-    gather_xyz(px, py, pz, parent + start, nb, x, y, z);
+    gather_xyz(px, py, pz, parent, start, nb, x, y, z);
     const __m256 d2 = sum_squares(_mm256_max_ps(_mm256_max_ps(_mm256_sub_ps(lo0, x), _mm256_sub_ps(x, hi0)), zero),
                            _mm256_max_ps(_mm256_max_ps(_mm256_sub_ps(lo1, y), _mm256_sub_ps(y, hi1)), zero),
                            _mm256_max_ps(_mm256_max_ps(_mm256_sub_ps(lo2, z), _mm256_sub_ps(z, hi2)), zero));
@@ -203,7 +211,7 @@ __attribute__((target("avx2"))) inline void refine_avx2(const float* px, const f
     while (mask) {
       const int t = __builtin_ctz(mask);
       mask &= mask - 1;
-      out.push_back(parent[start + t]);
+      out.push_back(parent == nullptr ? static_cast<int>(start + t) : parent[start + t]);
     }
   }
 }
@@ -273,7 +281,8 @@ inline void build(Lists& L, const float* px, const float* py, const float* pz, i
         const std::vector<int>& from = lists[parent];
 #if defined(GPA_KNN_CELLS_AVX2)
         if (avx2) {
-          refine_avx2(px, py, pz, from.data(), static_cast<int64_t>(from.size()), K, lo, box_hi, next[c]);
+          refine_avx2(px, py, pz, prev == 1 ? nullptr : from.data(), static_cast<int64_t>(from.size()), K, lo,
+                      box_hi, next[c]);
           continue;
         }
 #endif
