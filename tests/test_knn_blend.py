@@ -578,14 +578,13 @@ def blend_cpu_variant(name):
 @given(B=st.integers(1, 3), M=st.integers(1, 40), P=st.integers(1, 60), K=st.integers(1, 32),
        per_batch=st.booleans(), dup=st.integers(0, 10), on=st.integers(0, 3), far=st.integers(0, 3),
        H=st.sampled_from([8, 16, 32, 64]), C=st.sampled_from([3, 8, 13, 32, 45]), seed=st.integers(0, 2**16))
-def test_cpu_forward_variants_match_the_reference(variant, normalize, B, M, P, K, per_batch, dup, on, far, H, C,
-                                                  seed):
-    """Every hidden width the AVX2 loop takes, outputs in blocks of 32, of 8 and one at a time,
-    K up to 32 (four 8-neighbour groups of its embedding), duplicate points, queries on points
-    (zero directions) and far away."""
+def test_cpu_variants_match_the_reference(variant, normalize, B, M, P, K, per_batch, dup, on, far, H, C, seed):
+    """Forward and backward at every hidden width the AVX2 loops take, outputs in blocks of 32,
+    of 8 and one at a time, K up to 32 (four 8-neighbour groups of the embedding), duplicate
+    points, queries on points (zero directions) and far away."""
     with blend_cpu_variant(variant):
         check_against_reference("cpu", "cpu", B, M, P, min(K, P), H=H, C=C, normalize=normalize,
-                                per_batch=per_batch, seed=seed, dup=dup, on=on, far=far, backward=False)
+                                per_batch=per_batch, seed=seed, dup=dup, on=on, far=far)
 
 
 @pytest.mark.parametrize("variant", CPU_VARIANTS)

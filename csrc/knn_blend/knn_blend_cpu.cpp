@@ -133,8 +133,8 @@ bool use_gather_backward() {
 namespace {
 
 // GPAVATAR_BLEND_CPU_VARIANT = auto (default: avx2 where the CPU has AVX2 and FMA and
-// H is 8, 16, 32 or 64, else scalar) | avx2 | scalar: which CPU forward loop runs (tests
-// run both).
+// H is 8, 16, 32 or 64, else scalar) | avx2 | scalar: which CPU loops run, forward and
+// backward (tests run both).
 bool use_avx2_forward(int H) {
   const char* env = std::getenv("GPAVATAR_BLEND_CPU_VARIANT");
   const std::string name = env == nullptr || env[0] == '\0' ? "auto" : env;
@@ -370,8 +370,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const int64_t n = a.B * a.M;
   const int64_t grain = std::max<int64_t>(16, (n + threads - 1) / threads);
 
+  const bool avx2_path = use_avx2_forward(a.H);
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     float* buf = buffers.data() + static_cast<size_t>(at::get_thread_num()) * per_thread;
+#if defined(GPA_KNN_BLEND_AVX2)
+    if (avx2_path) {
+      const float* g = go.data_ptr<float>();
+      switch (a.H) {
+        case 8: return avx2::backward_range<1>(a, g, begin, end, table_size, buf);
+        case 16: return avx2::backward_range<2>(a, g, begin, end, table_size, buf);
+        case 32: return avx2::backward_range<4>(a, g, begin, end, table_size, buf);
+        default: return avx2::backward_range<8>(a, g, begin, end, table_size, buf);
+      }
+    }
+#endif
     if (a.H == 64) {
       backward_range<64>(a, go.data_ptr<float>(), begin, end, table_size, buf);
     } else if (a.H == 32) {
