@@ -12,7 +12,9 @@ noise or none) without either:
   cameras into the graph's static inputs and replays it.  No op inside a frame synchronises with
   the host (the ops run with ``validate=False``; the renderer's sampling is deterministic);
 * ``dtype=torch.bfloat16`` is the fast mode: the super-resolution StyleUNet runs on a bf16,
-  channels-last copy of ``up_renderer`` (cuDNN tensor cores) and the field's matmuls may use TF32;
+  channels-last copy of ``up_renderer`` (cuDNN tensor cores) and the field's matmuls may use TF32
+  (with ``$GPAVATAR_FIELD_FUSED=1`` each field pass on a GPU is the fused ``ops.field_query``,
+  which then runs its products in tf32; ``model.nerf_mlp.field_precision = "bf16"`` asks for bf16);
   ``torch.float32`` keeps TF32 off for matmuls and convolutions (full fp32 arithmetic).
 
 On the CPU (or with ``cuda_graph=False``) a call runs the same stages eagerly: an fp32 frame is

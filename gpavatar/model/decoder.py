@@ -13,6 +13,17 @@ Parameter names follow the official checkpoint under ``nerf_mlp.``:
 ``points_querier.*`` (the PEF), ``feature_layers.{0,2,4}``, ``density_layers.0``,
 ``rgb_layers.{0,2}``.
 
+Fused pass (opt-in until it is measured on a GPU).  With ``$GPAVATAR_FIELD_FUSED=1`` (or the
+``fused_field`` attribute set to True) a pass runs as one fused kernel
+(:func:`gpavatar.ops.field_query`: KNN, then tri-plane + PEF + every layer in one Triton kernel
+writing only alpha and value) when the backend resolves to ``cuda`` or ``triton``, no gradient
+is needed and autocast is off (also CPU tensors with ``backend="triton"`` under
+``TRITON_INTERPRET=1``: the tests); otherwise, and by default (unset / ``auto`` / ``0``), it
+runs the separate ops (``triplane_sample``, ``knn_blend``, the Linear layers), which training
+uses.  ``field_precision`` (None: ``"tf32"`` when
+``torch.backends.cuda.matmul.allow_tf32`` is on, else ``"ieee"``; or ``"tf32x3"``,
+``"bf16"``) sets the fused products' precision.
+
     >>> import torch
     >>> from gpavatar.model.decoder import PointsDecoder
     >>> dec = PointsDecoder(plane_channels=4, num_points=50, point_feature_dim=4, pef_dim=4, hidden=8,
@@ -35,6 +46,7 @@ from torch import nn
 from gpavatar import ops
 from gpavatar.model.pef import PointExpressionField
 from gpavatar.model.renderer import inside_box
+from gpavatar.ops.field_query import fused_setting
 from gpavatar.ops.knn_blend import OFFICIAL_EPS
 from gpavatar.ops.reference import EMBED_DIM, harmonic_embedding
 
@@ -69,6 +81,9 @@ class PointsDecoder(nn.Module):
         self.density_layers = nn.Sequential(nn.Linear(hidden, 1))
         self.rgb_layers = nn.Sequential(nn.Linear(hidden + EMBED_DIM, value_hidden), nn.ReLU(),
                                         nn.Linear(value_hidden, value_dim))
+        # Run-time switches of the fused pass (module docstring); not in the state dict.
+        self.fused_field: Optional[bool] = None
+        self.field_precision: Optional[str] = None
 
     @property
     def backend(self) -> Optional[str]:
@@ -124,7 +139,31 @@ class PointsDecoder(nn.Module):
                  for c, d in zip(coords.split(chunk, dim=1), dirs.split(chunk, dim=1))]
         return torch.cat([a for a, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1)
 
+    def field_weights(self) -> ops.FieldWeights:
+        """The parameters as :class:`gpavatar.ops.FieldWeights` (the tensors themselves, no copies)."""
+        pef, f, r = self.points_querier, self.feature_layers, self.rgb_layers
+        return ops.FieldWeights(pef.points_feature.weight, pef.point_layers[0].weight, pef.point_layers[0].bias,
+                                pef.point_layers[2].weight, pef.point_layers[2].bias, f[0].weight, f[0].bias,
+                                f[2].weight, f[2].bias, f[4].weight, f[4].bias, self.density_layers[0].weight,
+                                self.density_layers[0].bias, r[0].weight, r[0].bias, r[2].weight, r[2].bias)
+
+    def _wants_fused(self, coords: torch.Tensor) -> bool:
+        """The fused_field attribute, else $GPAVATAR_FIELD_FUSED, else off (the fused kernel has not
+        been timed or run on a GPU yet: benchmarks/bench_field.py decides when it becomes the
+        default on CUDA tensors)."""
+        if self.fused_field is not None:
+            return bool(self.fused_field)
+        return bool(fused_setting())
+
     def _query(self, coords, dirs, planes, points, weight_sum, validate=True):
+        if self._wants_fused(coords):
+            # ops.field_query fuses where it can (backend, no grad, no autocast) and otherwise runs
+            # the separate ops below as functions: the same results either way
+            pef = self.points_querier
+            return tuple(ops.field_query(coords, dirs, planes, points, self.field_weights(), pef.K,
+                                         normalize=pef.normalize, eps=pef.eps, weight_sum=weight_sum,
+                                         precision=self.field_precision, fused=True, backend=self.backend,
+                                         validate=validate))
         tri = ops.triplane_sample(planes, coords, "mean", channels_last=True, backend=self.backend, validate=False)
         expr = self.points_querier(coords, points, weight_sum, validate=validate)
         feat = self.feature_layers(torch.cat([tri, expr.to(tri.dtype)], dim=-1))

@@ -1,0 +1,358 @@
+"""``field_query``: one field pass of the decoder (SPEC section 6) as one fused kernel.
+
+For a sample x seen along the ray direction d, with its K nearest FLAME points::
+
+    g     = [triplane_mean(planes, x) (C), PEF(x, points) (PC)]           SPEC 4, 5
+    feat  = L3(relu(L2(relu(L1(g)))))                                     feature_layers.{0,2,4}
+    sigma = softplus_beta=10(density(feat)) * [x strictly inside (-1, 1)^3]
+    alpha = 1 - exp(-sigma)                                               (-expm1(-sigma))
+    value = R2(relu(R1([feat, gamma(normalize(d))])))                     rgb_layers.{0,2}
+    value[..., :3] = sigmoid(value[..., :3]) * 1.002 - 0.001
+
+Unfused, a pass launches the tri-plane op, the PEF op, seven Linear layers and the
+element-wise steps, each writing its (N, width) result to memory.  The fused Triton
+kernel (``kernels/field_query.py``) reads the KNN result (``ops.knn``: dist2, idx)
+and writes only alpha (B, N) and value (B, N, V); its matrix products run on
+``tl.dot``.  With ``normalize="queries"`` (the official PEF) the pass is two steps:
+the per-rank weight sums (``ops.knn_blend_weight_sum``, or ``weight_sum=`` for a
+chunked pass), then the fused query.
+
+    >>> import torch, gpavatar.ops as ops
+    >>> from gpavatar.model.decoder import PointsDecoder
+    >>> dec = PointsDecoder(plane_channels=8, num_points=50, point_feature_dim=8, pef_dim=8, hidden=32,
+    ...                     value_hidden=16, value_dim=8, normalize="neighbors")
+    >>> planes = torch.randn(1, 3, 16, 16, 8)               # channels-last (B, 3, H, W, C)
+    >>> coords, dirs = torch.rand(1, 64, 3) * 2 - 1, torch.randn(1, 64, 3)
+    >>> out = ops.field_query(coords, dirs, planes, torch.rand(1, 50, 3) - 0.5, dec.field_weights(), K=8,
+    ...                       normalize="neighbors")
+    >>> out.alpha.shape, out.value.shape
+    (torch.Size([1, 64]), torch.Size([1, 64, 8]))
+
+When the fused kernel runs (``fused`` below): the backend resolves to ``"triton"``
+or ``"cuda"`` (there is no CUDA-C version: ``"cuda"`` means the extension's KNN and
+this Triton kernel), Triton can run on the tensors (CUDA, or CPU tensors under
+``TRITON_INTERPRET=1``), no input requires grad (with grad enabled), autocast is
+off, every width is <= 256 and K <= 32.  Otherwise -- and for ``fused=False`` or
+``$GPAVATAR_FIELD_FUSED=0`` -- the same pass runs unfused: ``triplane_sample`` +
+``knn_blend`` + ``F.linear`` layers on the same backend, exactly what
+``PointsDecoder`` computed before this op (bit for bit).  The op is forward only:
+training takes the unfused path, whose ops have their own backward.
+
+Precision of the fused products (``precision=``): ``"ieee"`` (fp32, the float32
+contract; ~1e-6 relative to the unfused path), ``"tf32x3"`` (tensor cores, close to
+fp32), ``"tf32"`` (tensor cores, 10-bit mantissas: ~1e-3 relative) or ``"bf16"``
+(the decoder's products on bfloat16 weights and activations with fp32 accumulation,
+the PEF's in tf32: ~1e-2 relative).  Default: ``"tf32"`` when
+``torch.backends.cuda.matmul.allow_tf32`` is on (the real-time fast mode), else
+``"ieee"``.  The unfused path ignores it (its Linear layers follow torch's flags).
+``"ieee"`` runs its products on the CUDA cores through a scratch buffer of 256
+bytes per sample at the paper widths (``kernels/field_query.py`` says why).
+
+NaN: ``coords`` and ``points`` are checked (finite, ``|x| <= 1e6``) when
+``validate``; texels, directions and weights are not, and a NaN in them reaches
+the outputs it reaches on the unfused path.  ``validate=False`` adds no host
+synchronisation (the renderer's real-time path, CUDA graphs).
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from gpavatar.ops import _backend
+from gpavatar.ops import _validation as v
+from gpavatar.ops.knn import MAX_FUSED_K, knn
+from gpavatar.ops.knn_blend import NORMALIZATIONS, knn_blend, knn_blend_weight_sum
+from gpavatar.ops.reference import EMBED_DIM, harmonic_embedding
+from gpavatar.ops.triplane import PLANE_DTYPES, triplane_sample
+
+__all__ = ["field_query", "FieldWeights", "FieldResult", "PRECISIONS", "FUSED_ENV", "fused_setting",
+           "default_precision", "check_field_query_inputs"]
+
+PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
+FUSED_ENV = "GPAVATAR_FIELD_FUSED"
+MAX_FUSED_WIDTH = 256  # kernels/field_query.py MAX_WIDTH (not imported: triton may be absent)
+
+
+class FieldWeights(NamedTuple):
+    """The decoder's parameters (``PointsDecoder.field_weights()``), official names in brackets."""
+    point_features: torch.Tensor  # (P, Cf) or (B, P, Cf)   [points_querier.points_feature.weight]
+    point_w1: torch.Tensor  # (PH, Cf + 27)                  [points_querier.point_layers.0]
+    point_b1: torch.Tensor  # (PH,)
+    point_w2: torch.Tensor  # (PC, PH)                       [points_querier.point_layers.2]
+    point_b2: torch.Tensor  # (PC,)
+    feature_w1: torch.Tensor  # (D, C + PC)                  [feature_layers.0]
+    feature_b1: torch.Tensor  # (D,)
+    feature_w2: torch.Tensor  # (D, D)                       [feature_layers.2]
+    feature_b2: torch.Tensor  # (D,)
+    feature_w3: torch.Tensor  # (D, D)                       [feature_layers.4]
+    feature_b3: torch.Tensor  # (D,)
+    density_w: torch.Tensor  # (1, D)                        [density_layers.0]
+    density_b: torch.Tensor  # (1,)
+    rgb_w1: torch.Tensor  # (VH, D + 27)                     [rgb_layers.0]
+    rgb_b1: torch.Tensor  # (VH,)
+    rgb_w2: torch.Tensor  # (V, VH), V >= 3                  [rgb_layers.2]
+    rgb_b2: torch.Tensor  # (V,)
+
+
+class FieldResult(NamedTuple):
+    alpha: torch.Tensor  # (B, N) float32
+    value: torch.Tensor  # (B, N, V) float32
+
+
+def fused_setting() -> Optional[bool]:
+    """``$GPAVATAR_FIELD_FUSED``: "0" -> False (never fused), "1" -> True (fused wherever the kernel
+    can run), unset / "" / "auto" -> None (the caller's default)."""
+    value = os.environ.get(FUSED_ENV, "")
+    if value in ("", "auto"):
+        return None
+    if value not in ("0", "1"):
+        raise ValueError(f"{FUSED_ENV} must be 0, 1 or auto, got {value!r}")
+    return value == "1"
+
+
+def default_precision() -> str:
+    """"tf32" when ``torch.backends.cuda.matmul.allow_tf32`` is on (the fast mode), else "ieee"."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def check_field_query_inputs(coords, dirs, planes, points, weights, K, knn_result, normalize, eps, weight_sum,
+                             precision) -> int:
+    """Shapes, dtypes, devices and (one host sync each) the values of coords, points and knn; returns K."""
+    v.check_tensor(coords, "coords", "(B, N, 3)", ndim=3, last=3)
+    B, N = coords.shape[0], coords.shape[1]
+    v.check_tensor(dirs, "dirs", f"({B}, {N}, 3)", ndim=3)
+    if dirs.shape != coords.shape:
+        raise ValueError(f"dirs must have the shape of coords ({B}, {N}, 3), got {tuple(dirs.shape)}")
+    v.check_tensor(planes, "planes", "(B, 3, H, W, C) channels-last", ndim=5)
+    if planes.shape[0] != B or planes.shape[1] != 3 or planes.shape[2] < 1 or planes.shape[3] < 1:
+        raise ValueError(f"planes must have shape ({B}, 3, H, W, C) (channels-last, H, W >= 1), "
+                         f"got {tuple(planes.shape)}")
+    v.check_tensor(points, "points", f"({B}, P, 3)", ndim=3, last=3)
+    if points.shape[0] != B:
+        raise ValueError(f"points must have shape ({B}, P, 3) (the batch of coords), got {tuple(points.shape)}")
+    P, C = points.shape[1], planes.shape[4]
+    if not isinstance(weights, FieldWeights):
+        raise TypeError(f"weights must be a FieldWeights (PointsDecoder.field_weights()), got {type(weights).__name__}")
+    w = weights
+    v.check_tensor(w.point_features, "weights.point_features", f"({P}, Cf) or ({B}, {P}, Cf)")
+    pf = w.point_features
+    if not ((pf.dim() == 2 and pf.shape[0] == P) or (pf.dim() == 3 and pf.shape[:2] == (B, P))):
+        raise ValueError(f"weights.point_features must have shape ({P}, Cf) or ({B}, {P}, Cf), got {tuple(pf.shape)}")
+    cf = pf.shape[-1]
+    v.check_tensor(w.point_w1, "weights.point_w1", f"(PH, {cf + EMBED_DIM})", ndim=2, last=cf + EMBED_DIM)
+    PH = w.point_w1.shape[0]
+    v.check_tensor(w.point_w2, "weights.point_w2", f"(PC, {PH})", ndim=2, last=PH)
+    PC = w.point_w2.shape[0]
+    v.check_tensor(w.feature_w1, "weights.feature_w1", f"(D, {C + PC}) (C = {C} plane + {PC} PEF channels)",
+                   ndim=2, last=C + PC)
+    D = w.feature_w1.shape[0]
+    v.check_tensor(w.rgb_w1, "weights.rgb_w1", f"(VH, {D + EMBED_DIM})", ndim=2, last=D + EMBED_DIM)
+    VH = w.rgb_w1.shape[0]
+    v.check_tensor(w.rgb_w2, "weights.rgb_w2", f"(V, {VH}) with V >= 3", ndim=2, last=VH)
+    V = w.rgb_w2.shape[0]
+    if V < 3:
+        raise ValueError(f"weights.rgb_w2 must have shape (V, {VH}) with V >= 3 (RGB first), "
+                         f"got {tuple(w.rgb_w2.shape)}")
+    matrices = {"feature_w2": (D, D), "feature_w3": (D, D), "density_w": (1, D)}
+    for name, shape in matrices.items():
+        t = getattr(w, name)
+        v.check_tensor(t, f"weights.{name}", str(shape), ndim=2)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"weights.{name} must have shape {shape}, got {tuple(t.shape)}")
+    biases = {"point_b1": PH, "point_b2": PC, "feature_b1": D, "feature_b2": D, "feature_b3": D, "density_b": 1,
+              "rgb_b1": VH, "rgb_b2": V}
+    for name, n in biases.items():
+        v.check_tensor(getattr(w, name), f"weights.{name}", f"({n},)", ndim=1, last=n)
+    if normalize not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    v.check_eps(eps)
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}")
+    tensors = {"coords": coords, "dirs": dirs, "planes": planes, "points": points,
+               **{f"weights.{k}": t for k, t in w._asdict().items()}}
+    if knn_result is not None:
+        if not (isinstance(knn_result, tuple) and len(knn_result) == 2):
+            raise TypeError(f"knn must be None or a (dist2, idx) pair from ops.knn, got {type(knn_result).__name__}")
+        dist2, idx = knn_result
+        v.check_tensor(dist2, "knn.dist2", "(B, N, K) float32", ndim=3, dtypes=(torch.float32,))
+        v.check_tensor(idx, "knn.idx", "(B, N, K) int64", ndim=3, dtypes=(torch.int64,))
+        kk = dist2.shape[2]
+        if dist2.shape[:2] != (B, N) or idx.shape != dist2.shape:
+            raise ValueError(f"knn must hold dist2 and idx of shape ({B}, {N}, K), got {tuple(dist2.shape)} and "
+                             f"{tuple(idx.shape)}")
+        if K is not None and v.check_int(K, "K", 1) != kk:
+            raise ValueError(f"K must equal the K of knn ({kk}), got {K}")
+        K = kk
+        tensors.update({"knn.dist2": dist2, "knn.idx": idx})
+    elif K is None:
+        raise ValueError("K is needed when knn is not given")
+    K = v.check_int(K, "K", 1, P, high_name=f"P = {P}")
+    if weight_sum is not None:
+        if normalize != "queries":
+            raise ValueError("weight_sum is only used with normalize='queries'")
+        v.check_tensor(weight_sum, "weight_sum", f"({B}, {K})", ndim=2)
+        if tuple(weight_sum.shape) != (B, K):
+            raise ValueError(f"weight_sum must have shape ({B}, {K}), got {tuple(weight_sum.shape)}")
+        tensors["weight_sum"] = weight_sum
+    v.check_same_device(tensors)
+    v.check_coordinates(coords, "coords")
+    v.check_coordinates(points, "points")
+    if v.checking_values():
+        if weight_sum is not None and weight_sum.numel() and \
+                not bool(((weight_sum > 0) & weight_sum.isfinite()).all()):
+            raise ValueError("weight_sum must hold finite values > 0")
+        if knn_result is not None and knn_result[0].numel():
+            dist2, idx = knn_result
+            if not bool(((idx >= 0) & (idx < P)).all() & ((dist2 >= 0) & dist2.isfinite()).all()):
+                raise ValueError(f"knn must hold indices in [0, {P}) and finite dist2 >= 0 (ops.knn's result)")
+    return K
+
+
+def _needs_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _fusable(name: str, coords, dirs, planes, points, weights: FieldWeights, K: int, knn_result, weight_sum) -> bool:
+    """Whether the fused kernel can compute this call (module docstring)."""
+    if name not in ("cuda", "triton") or not _backend.triton_available():
+        return False
+    dev = coords.device
+    if dev.type != "cuda" and not (dev.type == "cpu" and _backend.triton_interpreted()):
+        return False
+    if torch.is_autocast_enabled(dev.type):
+        return False
+    extra = list(knn_result) if knn_result is not None else []
+    if _needs_grad([coords, dirs, planes, points, weight_sum, *weights, *extra]):
+        return False
+    widths = (planes.shape[4], weights.point_w1.shape[0], weights.point_w2.shape[0], weights.feature_w1.shape[0],
+              weights.rgb_w1.shape[0], weights.rgb_w2.shape[0])
+    return K <= MAX_FUSED_K and max(widths) <= MAX_FUSED_WIDTH and planes.shape[4] >= 1
+
+
+def field_query(coords: torch.Tensor, dirs: torch.Tensor, planes: torch.Tensor, points: torch.Tensor,
+                weights: FieldWeights, K: Optional[int] = None, *, knn: Optional[tuple] = None,
+                normalize: str = "neighbors", eps: float = 1e-8, weight_sum: Optional[torch.Tensor] = None,
+                precision: Optional[str] = None, fused: Optional[bool] = None, backend: Optional[str] = None,
+                validate: bool = True, block_m: Optional[int] = None, num_warps: Optional[int] = None
+                ) -> FieldResult:
+    """Alpha and value of the field at samples (module docstring).
+
+    Args:
+        coords: (B, N, 3) sample positions; dirs: (B, N, 3) ray directions (any length)
+        planes: (B, 3, H, W, C) channels-last tri-planes (float32 / float16 / bfloat16 read as stored)
+        points: (B, P, 3) FLAME points
+        weights: :class:`FieldWeights` (``PointsDecoder.field_weights()``)
+        K: neighbours (1 <= K <= P); may be omitted when ``knn`` is given
+        knn: ``ops.knn(coords, points, K)``'s (dist2, idx), if already computed (else computed here
+            on the same backend); the unfused path recomputes it inside ``knn_blend`` (the same
+            neighbours bit for bit: every backend's KNN is exact)
+        normalize, eps, weight_sum: the PEF's blend (see :func:`gpavatar.ops.knn_blend`)
+        precision: None | "ieee" | "tf32x3" | "tf32" | "bf16" (module docstring)
+        fused: None ($GPAVATAR_FIELD_FUSED: "0" off, else on where possible), True / False
+        backend: "auto" | "cuda" | "triton" | "cpu" | "torch" (default: $GPAVATAR_BACKEND or auto)
+        validate: check shapes and values (values need host syncs; False adds none)
+        block_m, num_warps: the kernel's tile (samples per program) and warps (default: per precision)
+    Returns:
+        FieldResult(alpha (B, N) float32, value (B, N, V) float32).
+    """
+    if validate:
+        K = check_field_query_inputs(coords, dirs, planes, points, weights, K, knn, normalize, eps, weight_sum,
+                                     precision)
+    elif K is None:
+        if knn is None:
+            raise ValueError("K is needed when knn is not given")
+        K = knn[0].shape[2]
+    K = operator.index(K)
+    name = _backend.resolve(backend, coords.device, "field_query")
+    if fused is None:
+        fused = fused_setting() is not False
+    if not (fused and _fusable(name, coords, dirs, planes, points, weights, K, knn, weight_sum)):
+        return _unfused(coords, dirs, planes, points, weights, K, normalize, eps, weight_sum, name)
+
+    f32 = torch.float32
+    c = coords.detach().to(f32).contiguous()
+    p = points.detach().to(f32).contiguous()
+    with torch.no_grad():
+        if knn is None:
+            knn = _knn_op(c, p, K, name)
+        dist2, idx = (t.contiguous() for t in knn)
+        if normalize == "queries" and weight_sum is None:
+            weight_sum = knn_blend_weight_sum(dist2, eps)
+        if weight_sum is not None:
+            weight_sum = weight_sum.to(f32).contiguous()
+        w = weights
+        cf = w.point_features.shape[-1]
+        w1 = w.point_w1.to(f32)
+        with torch.autocast(coords.device.type, enabled=False):
+            table = F.linear(w.point_features.to(f32), w1[:, :cf], w.point_b1.to(f32))
+        table = table.reshape(-1, w1.shape[0]).contiguous()
+        precision = precision or default_precision()
+        mat = torch.bfloat16 if precision == "bf16" else f32
+        layers = [w.feature_w1.to(mat), w.feature_b1, w.feature_w2.to(mat), w.feature_b2, w.feature_w3.to(mat),
+                  w.feature_b3, w.density_w.to(f32), w.density_b, w.rgb_w1.to(mat), w.rgb_b1, w.rgb_w2.to(mat),
+                  w.rgb_b2]
+        layers = [t.to(f32).contiguous() if i % 2 else t.contiguous() for i, t in enumerate(layers)]
+        pl = planes.detach()
+        pl = (pl if pl.dtype in PLANE_DTYPES else pl.to(f32)).contiguous()
+        alpha, value = torch.ops.gpavatar.field_query_forward_triton(
+            c, dirs.detach().to(f32).contiguous(), pl, p, dist2, idx, weight_sum, table,
+            w1[:, cf:].contiguous(), w.point_w2.to(f32).contiguous(), w.point_b2.to(f32).contiguous(), layers,
+            float(eps), precision, int(block_m or 0), int(num_warps or 0))
+    return FieldResult(alpha, value)
+
+
+def _knn_op(coords, points, K, name):
+    return knn(coords, points, K, backend=name, validate=False)
+
+
+def _unfused(coords, dirs, planes, points, w: FieldWeights, K, normalize, eps, weight_sum, backend):
+    """The pass as separate ops (PointsDecoder's computation before the fused kernel, bit for bit); the
+    inputs were validated at the door."""
+    tri = triplane_sample(planes, coords, "mean", channels_last=True, backend=backend, validate=False)
+    expr = knn_blend(coords, points, w.point_features, w.point_w1, w.point_b1, w.point_w2, w.point_b2, K=K,
+                     normalize=normalize, eps=eps, weight_sum=weight_sum, backend=backend, validate=False).feature
+    h = F.relu(F.linear(torch.cat([tri, expr.to(tri.dtype)], dim=-1), w.feature_w1, w.feature_b1))
+    h = F.relu(F.linear(h, w.feature_w2, w.feature_b2))
+    feat = F.linear(h, w.feature_w3, w.feature_b3)
+    sigma = F.softplus(F.linear(feat, w.density_w, w.density_b)[..., 0].float(), beta=10)
+    inside = ((coords > -1.0) & (coords < 1.0)).all(dim=-1)  # renderer.inside_box
+    sigma = sigma * inside.to(sigma.dtype)
+    alpha = -torch.expm1(-sigma)
+    gamma = harmonic_embedding(F.normalize(dirs.to(feat.dtype), dim=-1))
+    raw = F.linear(F.relu(F.linear(torch.cat([feat, gamma], dim=-1), w.rgb_w1, w.rgb_b1)), w.rgb_w2, w.rgb_b2)
+    raw = raw.float()
+    value = torch.cat([torch.sigmoid(raw[..., :3]) * 1.002 - 0.001, raw[..., 3:]], dim=-1)
+    return FieldResult(alpha, value)
+
+
+# --- torch.library registration ------------------------------------------------------------
+#
+#   field_query_forward_triton(coords (B, N, 3), dirs (B, N, 3), planes (B, 3, H, W, C), points (B, P, 3),
+#       dist2 (B, N, K), idx (B, N, K) int64, weight_sum (B, K) | None, table (P or B*P, PH),
+#       w1_dir (PH, 27), w2 (PC, PH), b2 (PC,), layers [12 tensors, kernels/field_query.py],
+#       eps, precision, block_m (0: default), num_warps (0: default)) -> (alpha (B, N), value (B, N, V))
+#
+# Forward only: no autograd formula (field_query sends calls that need gradients to the unfused ops).
+
+
+@torch.library.custom_op("gpavatar::field_query_forward_triton", mutates_args=())
+def _forward_triton(coords: torch.Tensor, dirs: torch.Tensor, planes: torch.Tensor, points: torch.Tensor,
+                    dist2: torch.Tensor, idx: torch.Tensor, weight_sum: Optional[torch.Tensor], table: torch.Tensor,
+                    w1_dir: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, layers: list[torch.Tensor], eps: float,
+                    precision: str, block_m: int, num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from gpavatar.kernels.field_query import field_forward
+
+    return field_forward(coords, dirs, planes, points, dist2, idx, weight_sum, table, w1_dir, w2, b2,
+                         [t.contiguous() for t in layers], eps, precision, block_m or None, num_warps or None)
+
+
+@_forward_triton.register_fake
+def _forward_fake(coords, dirs, planes, points, dist2, idx, weight_sum, table, w1_dir, w2, b2, layers, eps,
+                  precision, block_m, num_warps):
+    B, N = coords.shape[0], coords.shape[1]
+    return coords.new_empty((B, N)), coords.new_empty((B, N, layers[10].shape[0]))
