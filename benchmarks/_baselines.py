@@ -290,7 +290,8 @@ def baseline_pef(model, baseline: str = "torch-fast"):
     baseline ``"torch-fast"`` or ``"pytorch3d"``: the point querier's ``query`` is shadowed by
     :func:`knn_blend_torch_fast` / :func:`knn_blend_pytorch3d` on the same weights, and the KNN
     of a chunked pass's ``"queries"`` sums (``gpavatar.model.decoder``) by the baseline's KNN.
-    Everything else (tri-planes, rays, compositing) runs on whatever ``model.set_backend`` chose."""
+    Everything else (tri-planes, rays, compositing) runs on whatever ``model.set_backend`` chose;
+    the decoder's training passes keep their activations (``checkpoint_layers = False``)."""
     import gpavatar.model.decoder as decoder_module
     from gpavatar.ops.knn import KnnResult
     from gpavatar.ops.knn_blend import KnnBlendResult
@@ -316,12 +317,14 @@ def baseline_pef(model, baseline: str = "torch-fast"):
         def knn(queries, points, K, **_):
             return KnnResult(*knn(queries, points, K))
 
-    pef.query, decoder_module.ops = query, _Ops()
+    # The official code keeps every activation of its training passes (no checkpointing).
+    saved_checkpoint = model.nerf_mlp.checkpoint_layers
+    pef.query, decoder_module.ops, model.nerf_mlp.checkpoint_layers = query, _Ops(), False
     try:
         yield model
     finally:
         del pef.query
-        decoder_module.ops = saved_ops
+        decoder_module.ops, model.nerf_mlp.checkpoint_layers = saved_ops, saved_checkpoint
 
 
 # --- comparing with the exact oracle ----------------------------------------------------------

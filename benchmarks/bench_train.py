@@ -159,7 +159,10 @@ def render_markdown(payload: dict) -> str:
             + " vs best baseline: the fastest baseline row (torch-fast = the official-style path: pure-torch ops + "
             "the PEF of benchmarks/_baselines.py; pytorch3d = the same with knn_points), its ms / this row's ms; "
             "mem vs best: this row's peak / that baseline's peak. loss (step 1): the first step's total loss from "
-            "the same weights and draws (rows agree up to float rounding).")
+            "the same weights and draws (rows agree up to float rounding). Field passes of 65536 samples or more "
+            "checkpoint the decoder's layers on the gpavatar backends (GPAVATAR_FIELD_CHECKPOINT, "
+            "gpavatar/model/decoder.py: the paper preset does, the tiny one does not); the baselines keep "
+            "every activation, as the official code does.")
     return "\n\n".join([title, H.env_markdown(env), H.markdown_table(headers, body), note]) + "\n"
 
 
