@@ -67,7 +67,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from gpavatar.kernels.knn_blend import _load_w1t, _neighbour, _relu, _weights
+from gpavatar.kernels.knn_blend import _blended_hidden, _load_w1t, _relu
 from gpavatar.kernels.triplane import _cell, _corners
 
 __all__ = ["field_forward", "PRECISIONS", "default_blocks", "MAX_WIDTH"]
@@ -212,18 +212,11 @@ def _field_fwd_kernel(
     rows = (tile % n_mblocks) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     q_row = b * N + rows  # [BLOCK_M] int64, flat sample index
-    kcol = tl.arange(0, KP)
 
     # --- PEF: inverse-distance blend of relu(table + W1p_dir gamma), then W2p (knn_blend's math)
     w1t = _load_w1t(pw1_ptr, PH, EP, PHP)  # [EP, PHP]
-    w, total = _weights(dist_ptr, ws_ptr, b, q_row, row_ok, K, eps, HAS_WS, KP)
-    g = tl.zeros((BLOCK_M, PHP), tl.float32)
-    for k in range(0, K):
-        wk = tl.sum(tl.where(kcol[None, :] == k, w, 0.0), 1)  # [BLOCK_M]
-        valid, trow, gamma, h = _neighbour(
-            c_ptr, p_ptr, idx_ptr, tab_ptr, w1t, b, q_row, row_ok, k, K, P, PH,
-            PER_BATCH, EP, PHP, PEF_PREC)
-        g += tl.where(valid[:, None], wk[:, None] * _relu(h), 0.0)
+    g, total = _blended_hidden(c_ptr, p_ptr, idx_ptr, tab_ptr, dist_ptr, ws_ptr, w1t, b, q_row, row_ok, K, P, PH,
+                               eps, PER_BATCH, HAS_WS, BLOCK_M, KP, EP, PHP, PEF_PREC)
     pef = (tl.dot(g, _weight_t(pw2_ptr, PH, 0, 0, PC, PH, PHP, PCP), input_precision=PEF_PREC)
            + _bias(pb2_ptr, 0, PC, PCP) * total[:, None])  # [BLOCK_M, PCP]
 

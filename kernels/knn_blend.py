@@ -130,6 +130,26 @@ def _neighbour(
 
 
 @triton.jit
+def _blended_hidden(
+    q_ptr, p_ptr, idx_ptr, tab_ptr, dist_ptr, ws_ptr, w1t, b, q_row, row_ok, K, P, H, eps,
+    PER_BATCH: tl.constexpr, HAS_WS: tl.constexpr, BLOCK_M: tl.constexpr, KP: tl.constexpr,
+    EP: tl.constexpr, HP: tl.constexpr, DOT: tl.constexpr,
+):
+    """g = sum_k w_k relu(h_k) of a tile [BLOCK_M, HP] (a neighbour outside [0, P) adds
+    nothing) and total = sum_k w_k [BLOCK_M]: the blend before its output layer."""
+    kcol = tl.arange(0, KP)
+    w, total = _weights(dist_ptr, ws_ptr, b, q_row, row_ok, K, eps, HAS_WS, KP)
+    g = tl.zeros((BLOCK_M, HP), tl.float32)
+    for k in range(0, K):
+        wk = tl.sum(tl.where(kcol[None, :] == k, w, 0.0), 1)  # [BLOCK_M]
+        valid, trow, gamma, h = _neighbour(
+            q_ptr, p_ptr, idx_ptr, tab_ptr, w1t, b, q_row, row_ok, k, K, P, H,
+            PER_BATCH, EP, HP, DOT)
+        g += tl.where(valid[:, None], wk[:, None] * _relu(h), 0.0)
+    return g, total
+
+
+@triton.jit
 def _load_w1t(w1_ptr, H, EP: tl.constexpr, HP: tl.constexpr):
     """w1_dir (H, 27) transposed and zero padded to [EP, HP]."""
     e = tl.arange(0, EP)[:, None]
@@ -161,17 +181,10 @@ def _blend_fwd_kernel(
     q_row = b * M + rows  # [BLOCK_M] int64, flat query index
     hcol = tl.arange(0, HP)
     ccol = tl.arange(0, CP)
-    kcol = tl.arange(0, KP)
 
     w1t = _load_w1t(w1_ptr, H, EP, HP)  # [EP, HP]
-    w, total = _weights(dist_ptr, ws_ptr, b, q_row, row_ok, K, eps, HAS_WS, KP)
-    g = tl.zeros((BLOCK_M, HP), tl.float32)
-    for k in range(0, K):
-        wk = tl.sum(tl.where(kcol[None, :] == k, w, 0.0), 1)  # [BLOCK_M]
-        valid, trow, gamma, h = _neighbour(
-            q_ptr, p_ptr, idx_ptr, tab_ptr, w1t, b, q_row, row_ok, k, K, P, H,
-            PER_BATCH, EP, HP, DOT)
-        g += tl.where(valid[:, None], wk[:, None] * _relu(h), 0.0)
+    g, total = _blended_hidden(q_ptr, p_ptr, idx_ptr, tab_ptr, dist_ptr, ws_ptr, w1t, b, q_row, row_ok, K, P, H,
+                               eps, PER_BATCH, HAS_WS, BLOCK_M, KP, EP, HP, DOT)
 
     w2t = tl.load(w2_ptr + ccol[None, :] * H + hcol[:, None],
                   mask=(hcol[:, None] < H) & (ccol[None, :] < C), other=0.0)  # [HP, CP]

@@ -77,3 +77,18 @@ def check_eps(eps) -> float:
     if not (math.isfinite(eps) and 1e-30 <= eps <= 1e30):
         raise ValueError(f"eps must be a finite float in [1e-30, 1e30], got {eps}")
     return eps
+
+
+def check_weight_sum(weight_sum, normalize: str, B: int, K: int, tensors: dict[str, torch.Tensor]) -> None:
+    """The "queries" normalization's per-rank sums: (B, K), finite and > 0 (a host sync, skipped
+    when values are not checked); added to ``tensors`` for the device check."""
+    if weight_sum is None:
+        return
+    if normalize != "queries":
+        raise ValueError("weight_sum is only used with normalize='queries'")
+    check_tensor(weight_sum, "weight_sum", f"({B}, {K})", ndim=2)
+    if tuple(weight_sum.shape) != (B, K):
+        raise ValueError(f"weight_sum must have shape ({B}, {K}), got {tuple(weight_sum.shape)}")
+    tensors["weight_sum"] = weight_sum
+    if weight_sum.numel() and checking_values() and not bool(((weight_sum > 0) & weight_sum.isfinite()).all()):
+        raise ValueError("weight_sum must hold finite values > 0")

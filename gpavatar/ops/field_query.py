@@ -192,20 +192,11 @@ def check_field_query_inputs(coords, dirs, planes, points, weights, K, knn_resul
     elif K is None:
         raise ValueError("K is needed when knn is not given")
     K = v.check_int(K, "K", 1, P, high_name=f"P = {P}")
-    if weight_sum is not None:
-        if normalize != "queries":
-            raise ValueError("weight_sum is only used with normalize='queries'")
-        v.check_tensor(weight_sum, "weight_sum", f"({B}, {K})", ndim=2)
-        if tuple(weight_sum.shape) != (B, K):
-            raise ValueError(f"weight_sum must have shape ({B}, {K}), got {tuple(weight_sum.shape)}")
-        tensors["weight_sum"] = weight_sum
+    v.check_weight_sum(weight_sum, normalize, B, K, tensors)
     v.check_same_device(tensors)
     v.check_coordinates(coords, "coords")
     v.check_coordinates(points, "points")
     if v.checking_values():
-        if weight_sum is not None and weight_sum.numel() and \
-                not bool(((weight_sum > 0) & weight_sum.isfinite()).all()):
-            raise ValueError("weight_sum must hold finite values > 0")
         if knn_result is not None and knn_result[0].numel():
             dist2, idx = knn_result
             if not bool(((idx >= 0) & (idx < P)).all() & ((dist2 >= 0) & dist2.isfinite()).all()):

@@ -102,15 +102,7 @@ def check_knn_blend_inputs(queries, points, point_features, w1, b1, w2, b2, K, n
     v.check_eps(eps)
     tensors = {"queries": queries, "points": points, "point_features": point_features, "w1": w1, "b1": b1,
                "w2": w2, "b2": b2}
-    if weight_sum is not None:
-        if normalize != "queries":
-            raise ValueError("weight_sum is only used with normalize='queries'")
-        v.check_tensor(weight_sum, "weight_sum", f"({B}, {K})", ndim=2)
-        if tuple(weight_sum.shape) != (B, K):
-            raise ValueError(f"weight_sum must have shape ({B}, {K}), got {tuple(weight_sum.shape)}")
-        tensors["weight_sum"] = weight_sum
-        if weight_sum.numel() and v.checking_values() and not bool(((weight_sum > 0) & weight_sum.isfinite()).all()):
-            raise ValueError("weight_sum must hold finite values > 0")
+    v.check_weight_sum(weight_sum, normalize, B, K, tensors)
     v.check_same_device(tensors)
 
 
