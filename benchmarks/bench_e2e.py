@@ -115,14 +115,21 @@ def default_backends(device: torch.device) -> list[str]:
     return ["torch-fast"] + (["pytorch3d"] if BL.pytorch3d_error() is None else []) + fused
 
 
+# A realtime row of backend "cuda+fused" / "triton+fused" runs the decoder's field passes as
+# the fused ops.field_query (PointsDecoder.fused_field = True; opt-in until measured).
+FUSED_SUFFIX = "+fused"
+
+
 def ops_backend(backend: str) -> str:
     """The gpavatar backend a row's ops run on: ``torch`` for the baselines."""
+    backend = backend.removesuffix(FUSED_SUFFIX)
     return "torch" if backend in BASELINES else backend
 
 
 def backend_unavailable(backend: str, device: torch.device) -> str | None:
     import gpavatar.ops as ops
 
+    backend = backend.removesuffix(FUSED_SUFFIX)
     if backend == "pytorch3d":
         why = BL.pytorch3d_error()
         return f"backend 'pytorch3d' is not available: {why}" if why else None
@@ -136,6 +143,7 @@ def backend_unavailable(backend: str, device: torch.device) -> str | None:
 
 def fallback_ops(backend: str) -> list[str]:
     """The model's ops that ``backend`` has no kernel for in this build (they run on torch)."""
+    backend = backend.removesuffix(FUSED_SUFFIX)
     if backend in ("torch", "auto") or backend in BASELINES:
         return []
     names = CPP_OPS if backend in ("cpu", "cuda") else TRITON_OPS + RAY_OPS
@@ -148,8 +156,13 @@ def use_backend(model, backend: str):
     """``model.set_backend`` for a gpavatar backend; for a baseline, the torch ops with the PEF
     replaced by ``_baselines``' (``BL.baseline_pef``, undone on exit)."""
     model.set_backend(ops_backend(backend))
-    with BL.baseline_pef(model, backend) if backend in BASELINES else contextlib.nullcontext():
-        yield
+    saved_fused = model.nerf_mlp.fused_field
+    model.nerf_mlp.fused_field = True if backend.endswith(FUSED_SUFFIX) else saved_fused
+    try:
+        with BL.baseline_pef(model, backend) if backend in BASELINES else contextlib.nullcontext():
+            yield
+    finally:
+        model.nerf_mlp.fused_field = saved_fused
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -366,7 +379,9 @@ def run_row(case, backend, mode, model, inp, device, *, cap=None, images=None, r
         if row["median_ms"]:
             row["fps"] = B * 1e3 / row["median_ms"]
         if case == "realtime":
-            row["stages_ms"] = fn.realtime.profile(inp["points"], inp["transform"], repeats=max(1, min(repeats, 20)))
+            with use_backend(model, backend):
+                row["stages_ms"] = fn.realtime.profile(inp["points"], inp["transform"],
+                                                       repeats=max(1, min(repeats, 20)))
     except Exception as exc:  # keep going: the report records the failure
         H.record_error(row, exc, quiet=("backend ",))
     finally:
@@ -447,7 +462,8 @@ def render_markdown(payload: dict) -> str:
             "no kernel for on that backend. realtime rows: gpavatar.realtime (one CUDA graph per call on a GPU, "
             "eager on the CPU; fp32 = TF32 off, fast = bf16 channels-last super-resolution + TF32 field, no "
             "autocast), compared with the baselines' render rows of the same B and mode; their peak includes the "
-            "warm-up and the CUDA graph's memory pool.")
+            "warm-up and the CUDA graph's memory pool. Backend X+fused: the same with each field pass as the fused "
+            "ops.field_query kernel (GPAVATAR_FIELD_FUSED; products in tf32 in fast mode, ieee in fp32).")
     parts = [title, H.env_markdown(env), H.markdown_table(headers, body), note]
     staged = [r for r in payload["rows"] if r.get("stages_ms")]
     if staged:
@@ -536,6 +552,8 @@ def main(argv=None) -> int:
 
     images: dict = {}
     realtime_backends = [b for b in backends if b not in BASELINES and b != "torch"]
+    if device.type == "cuda":  # and each with the fused field passes
+        realtime_backends += [b + FUSED_SUFFIX for b in realtime_backends if b in ("cuda", "triton")]
     for B in Bs + cfg["realtime_Bs"]:
         if not backends:
             break
