@@ -76,6 +76,21 @@ def make_setup(preset: str, device: torch.device, *, batch: int = 1, sources: in
     return dict(model=model, loss=loss, inputs=inputs, initial=initial, points_kind=kind, seed=seed)
 
 
+# Row variants of a gpavatar backend (GPU rows after the plain ones): "+keep" keeps the decoder's
+# activations (no layer checkpointing), "+bf16" runs forward and loss under bf16 autocast (the
+# trainer's --amp bf16).
+VARIANTS = ("+keep", "+bf16")
+
+
+def split_variant(backend: str) -> tuple[str, bool, bool]:
+    """(backend, keep activations, bf16 autocast) of a row name such as ``cuda+bf16``."""
+    base, *opts = backend.split("+")
+    unknown = [o for o in opts if "+" + o not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown row variant(s) {unknown} of {backend!r}; known: {VARIANTS}")
+    return base, "keep" in opts, "bf16" in opts
+
+
 def make_step(setup: dict, backend: str):
     """A zero-argument training step with ``backend`` from the initial weights, a fresh Adam and a
     fresh generator (the same draws for every backend); returns the step's total loss (a tensor)."""
@@ -84,11 +99,17 @@ def make_step(setup: dict, backend: str):
     model.load_state_dict(setup["initial"])
     optimizer = torch.optim.Adam(model.param_groups(LR), lr=LR, betas=BETAS)
     generator = torch.Generator(device).manual_seed(setup["seed"])
+    backend, keep, bf16 = split_variant(backend)
 
     def step():
-        with use_backend(model, backend):
-            out = model.forward_train(x["images"], x["points"], x["transform"], generator=generator)
-            total = loss_fn(out, x["target"], x["bbox"])["total"]
+        with use_backend(model, backend), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            saved = model.nerf_mlp.checkpoint_layers
+            model.nerf_mlp.checkpoint_layers = False if keep else saved
+            try:
+                out = model.forward_train(x["images"], x["points"], x["transform"], generator=generator)
+                total = loss_fn(out, x["target"], x["bbox"])["total"]
+            finally:
+                model.nerf_mlp.checkpoint_layers = saved
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
@@ -103,10 +124,11 @@ def run_row(setup: dict, backend: str, device: torch.device, *, repeats: int, wa
                peak_mem_bytes=None, resident_bytes=None, loss=None, fallback=None, error=None)
     step = None
     try:
-        why = backend_unavailable(backend, device)
+        base = split_variant(backend)[0]
+        why = backend_unavailable(base, device)
         if why:
             raise RuntimeError(why)
-        row["fallback"] = fallback_ops(backend) or None
+        row["fallback"] = fallback_ops(base) or None
         step = make_step(setup, backend)
         row["loss"] = float(step())  # the first step from the initial weights; creates Adam's state
         for _ in range(max(0, warmup - 1)):
@@ -162,7 +184,8 @@ def render_markdown(payload: dict) -> str:
             "the same weights and draws (rows agree up to float rounding). Field passes of 65536 samples or more "
             "checkpoint the decoder's layers on the gpavatar backends (GPAVATAR_FIELD_CHECKPOINT, "
             "gpavatar/model/decoder.py: the paper preset does, the tiny one does not); the baselines keep "
-            "every activation, as the official code does.")
+            "every activation, as the official code does. Row variants: X+keep = without that checkpointing; "
+            "X+bf16 = forward and loss under bf16 autocast (the trainer's --amp bf16).")
     return "\n\n".join([title, H.env_markdown(env), H.markdown_table(headers, body), note]) + "\n"
 
 
@@ -205,6 +228,8 @@ def main(argv=None) -> int:
     else:
         cfg.update(preset_sizes(preset))
         backends = ordered_backends(args.backends, device)
+        if device.type == "cuda" and args.backends is None and "cuda" in backends:
+            backends += ["cuda" + v for v in VARIANTS]
         try:
             setup = make_setup(preset, device, batch=args.batch, sources=args.sources, seed=args.seed)
             cfg["points"] = setup["points_kind"]
