@@ -216,6 +216,101 @@ __attribute__((target("avx2"))) inline void refine_avx2(const float* px, const f
   }
 }
 
+// The K <= 8 best (distance, index) pairs of a query in two vectors, sorted
+// lexicographically (ties: lower index first), empty lanes (+inf, INT_MAX): an
+// insertion is a compare, a lane shift and two blends, with no data-dependent
+// branch (TopK's insertion loop mispredicts about once per insertion).  Lanes past
+// k - 1 hold displaced entries and are never read.  Holds TopK's K pairs for
+// NaN-free distances (the cell lists never produce NaN: a NaN query is outside the
+// grid, a NaN point in no list).
+struct Best8 {
+  __m256 dist;
+  __m256i idx;
+  int k;
+  float worst;    // dist[k - 1]
+  int worst_idx;  // idx[k - 1]
+};
+
+__attribute__((target("avx2"))) inline void best8_init(Best8& b, int k) {
+  b.dist = _mm256_set1_ps(__builtin_huge_valf());
+  b.idx = _mm256_set1_epi32(0x7fffffff);
+  b.k = k;
+  b.worst = __builtin_huge_valf();
+  b.worst_idx = 0x7fffffff;
+}
+
+__attribute__((target("avx2"))) inline void best8_offer(Best8& b, float d, int i) {
+  if (!(d < b.worst || (d == b.worst && i < b.worst_idx))) return;
+  const __m256 dv = _mm256_set1_ps(d);
+  const __m256i iv = _mm256_set1_epi32(i);
+  // Lanes the new pair goes before: a suffix of the sorted lanes.
+  const __m256 after = _mm256_or_ps(
+      _mm256_cmp_ps(b.dist, dv, _CMP_GT_OQ),
+      _mm256_and_ps(_mm256_cmp_ps(b.dist, dv, _CMP_EQ_OQ), _mm256_castsi256_ps(_mm256_cmpgt_epi32(b.idx, iv))));
+  const __m256i right = _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6);
+  const __m256 shifted_d = _mm256_permutevar8x32_ps(b.dist, right);
+  const __m256i shifted_i = _mm256_permutevar8x32_epi32(b.idx, right);
+  // Lane j takes lane j - 1 where lane j - 1 also moves, the new pair at the first moving lane.
+  const __m256 prev = _mm256_blend_ps(_mm256_permutevar8x32_ps(after, right), _mm256_setzero_ps(), 1);
+  const __m256 moved_d = _mm256_blendv_ps(dv, shifted_d, prev);
+  const __m256i moved_i = _mm256_castps_si256(
+      _mm256_blendv_ps(_mm256_castsi256_ps(iv), _mm256_castsi256_ps(shifted_i), prev));
+  b.dist = _mm256_blendv_ps(b.dist, moved_d, after);
+  b.idx = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(b.idx), _mm256_castsi256_ps(moved_i), after));
+  const __m256i last = _mm256_set1_epi32(b.k - 1);
+  b.worst = _mm256_cvtss_f32(_mm256_permutevar8x32_ps(b.dist, last));
+  b.worst_idx = _mm256_cvtsi256_si32(_mm256_permutevar8x32_epi32(b.idx, last));
+}
+
+// scan_band_avx2 into a Best8.
+__attribute__((target("avx2"))) inline void scan_band_best8(const float* x, const float* y, const float* z,
+                                                          const int* id, int64_t len, float qx, float qy, float qz,
+                                                          float limit, Best8& best) {
+  const __m256 vx = _mm256_set1_ps(qx), vy = _mm256_set1_ps(qy), vz = _mm256_set1_ps(qz);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  alignas(32) float d[8];
+  for (int64_t start = 0; start < len; start += 8) {
+    const int nb = static_cast<int>(std::min<int64_t>(8, len - start));
+    __m256 px, py, pz;
+    if (nb == 8) {
+      px = _mm256_loadu_ps(x + start);
+      py = _mm256_loadu_ps(y + start);
+      pz = _mm256_loadu_ps(z + start);
+    } else {
+      const __m256i in = _mm256_cmpgt_epi32(_mm256_set1_epi32(nb), lane);
+      px = _mm256_maskload_ps(x + start, in);
+      py = _mm256_maskload_ps(y + start, in);
+      pz = _mm256_maskload_ps(z + start, in);
+    }
+    const __m256 dx = _mm256_sub_ps(vx, px), dy = _mm256_sub_ps(vy, py), dz = _mm256_sub_ps(vz, pz);
+    const __m256 d2 = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(dx, dx), _mm256_mul_ps(dy, dy)),
+                                    _mm256_mul_ps(dz, dz));
+    const float worst = best.worst < limit ? best.worst : limit;
+    unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(d2, _mm256_set1_ps(worst), _CMP_LE_OQ)));
+    mask &= (1u << nb) - 1u;
+    if (mask == 0) continue;
+    _mm256_store_ps(d, d2);
+    while (mask) {
+      const int t = __builtin_ctz(mask);
+      mask &= mask - 1;
+      if (d[t] <= limit) best8_offer(best, d[t], id[start + t]);
+    }
+  }
+}
+
+__attribute__((target("avx2"))) inline void best8_store(const Best8& b, TopK<int64_t, kMaxK>& best) {
+  alignas(32) float d[8];
+  alignas(32) int i[8];
+  _mm256_store_ps(d, b.dist);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(i), b.idx);
+  for (int j = 0; j < b.k; ++j) {
+    best.dist[j] = d[j];
+    best.idx[j] = i[j];
+  }
+  best.count = b.k;
+  best.worst = d[b.k - 1];
+}
+
 inline bool cpu_has_avx2() {
   static const bool ok = __builtin_cpu_supports("avx2");
   return ok;
@@ -387,6 +482,23 @@ inline bool search(const Lists& L, int K, float qx, float qy, float qz, TopK<int
   const float reach = std::sqrt(squared_distance(qx, qy, qz, centre[0], centre[1], centre[2])) * (1.0f + 1e-5f);
   const int64_t* starts = L.band_start.data() + static_cast<int64_t>(cell) * (kBands + 1);
   const float* lows = L.band_lo.data() + static_cast<int64_t>(cell) * kBands;
+#if defined(GPA_KNN_CELLS_AVX2)
+  if (avx2 && K <= 8) {  // the top-K in two vectors (Best8)
+    Best8 b8;
+    best8_init(b8, K);
+    for (int j = 0; j < kBands; ++j) {
+      const float bound = b8.worst < limit ? b8.worst : limit;
+      const float gap = lows[j] - reach;
+      if (gap > 0.0f && gap * gap > candidate_bound(bound)) break;
+      const int64_t at = starts[j], n = starts[j + 1] - at;
+      if (n > 0)
+        scan_band_best8(L.x.data() + at, L.y.data() + at, L.z.data() + at, L.index.data() + at, n, qx, qy, qz,
+                        limit, b8);
+    }
+    best8_store(b8, best);
+    return true;
+  }
+#endif
   for (int j = 0; j < kBands; ++j) {
     const float bound = best.count == best.k && best.worst < limit ? best.worst : limit;
     const float gap = lows[j] - reach;
