@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -107,9 +108,11 @@ inline void scan_band(const float* x, const float* y, const float* z, const int*
 // (dx*dx + dy*dy) + dz*dz rounded after every operation, no FMA) and a compare
 // mask, so only the lanes at or below the current bound reach the list (the
 // scalar loop walks the whole block once any lane passes).
+// Best: TopK<int64_t, kMaxK> or Best8 (below).
+template <typename Best>
 __attribute__((target("avx2"))) inline void scan_band_avx2(const float* x, const float* y, const float* z,
                                                          const int* id, int64_t len, float qx, float qy,
-                                                         float qz, float limit, TopK<int64_t, kMaxK>& best) {
+                                                         float qz, float limit, Best& best) {
   const __m256 vx = _mm256_set1_ps(qx), vy = _mm256_set1_ps(qy), vz = _mm256_set1_ps(qz);
   alignas(32) float d[8];
   int64_t start = 0;
@@ -227,14 +230,16 @@ struct Best8 {
   __m256 dist;
   __m256i idx;
   int k;
+  int count;      // = k: the empty lanes' +inf admits anything, as TopK's count < k does
   float worst;    // dist[k - 1]
   int worst_idx;  // idx[k - 1]
+  void offer_unordered(float d, int64_t i);
 };
 
 __attribute__((target("avx2"))) inline void best8_init(Best8& b, int k) {
   b.dist = _mm256_set1_ps(__builtin_huge_valf());
   b.idx = _mm256_set1_epi32(0x7fffffff);
-  b.k = k;
+  b.k = b.count = k;
   b.worst = __builtin_huge_valf();
   b.worst_idx = 0x7fffffff;
 }
@@ -262,40 +267,8 @@ __attribute__((target("avx2"))) inline void best8_offer(Best8& b, float d, int i
   b.worst_idx = _mm256_cvtsi256_si32(_mm256_permutevar8x32_epi32(b.idx, last));
 }
 
-// scan_band_avx2 into a Best8.
-__attribute__((target("avx2"))) inline void scan_band_best8(const float* x, const float* y, const float* z,
-                                                          const int* id, int64_t len, float qx, float qy, float qz,
-                                                          float limit, Best8& best) {
-  const __m256 vx = _mm256_set1_ps(qx), vy = _mm256_set1_ps(qy), vz = _mm256_set1_ps(qz);
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  alignas(32) float d[8];
-  for (int64_t start = 0; start < len; start += 8) {
-    const int nb = static_cast<int>(std::min<int64_t>(8, len - start));
-    __m256 px, py, pz;
-    if (nb == 8) {
-      px = _mm256_loadu_ps(x + start);
-      py = _mm256_loadu_ps(y + start);
-      pz = _mm256_loadu_ps(z + start);
-    } else {
-      const __m256i in = _mm256_cmpgt_epi32(_mm256_set1_epi32(nb), lane);
-      px = _mm256_maskload_ps(x + start, in);
-      py = _mm256_maskload_ps(y + start, in);
-      pz = _mm256_maskload_ps(z + start, in);
-    }
-    const __m256 dx = _mm256_sub_ps(vx, px), dy = _mm256_sub_ps(vy, py), dz = _mm256_sub_ps(vz, pz);
-    const __m256 d2 = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(dx, dx), _mm256_mul_ps(dy, dy)),
-                                    _mm256_mul_ps(dz, dz));
-    const float worst = best.worst < limit ? best.worst : limit;
-    unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(d2, _mm256_set1_ps(worst), _CMP_LE_OQ)));
-    mask &= (1u << nb) - 1u;
-    if (mask == 0) continue;
-    _mm256_store_ps(d, d2);
-    while (mask) {
-      const int t = __builtin_ctz(mask);
-      mask &= mask - 1;
-      if (d[t] <= limit) best8_offer(best, d[t], id[start + t]);
-    }
-  }
+__attribute__((target("avx2"))) inline void Best8::offer_unordered(float d, int64_t i) {
+  best8_offer(*this, d, static_cast<int>(i));
 }
 
 __attribute__((target("avx2"))) inline void best8_store(const Best8& b, TopK<int64_t, kMaxK>& best) {
@@ -466,6 +439,32 @@ inline void build(Lists& L, const float* px, const float* py, const float* pz, i
   });
 }
 
+// The bands of a cell's list for one query, stopping before the first band that cannot
+// improve its K best (Best8 only with the AVX2 scan).
+template <typename Best>
+inline void scan_bands(const Lists& L, int cell, float qx, float qy, float qz, float limit, float reach, Best& best,
+                       bool avx2) {
+  const int64_t* starts = L.band_start.data() + static_cast<int64_t>(cell) * (kBands + 1);
+  const float* lows = L.band_lo.data() + static_cast<int64_t>(cell) * kBands;
+  for (int j = 0; j < kBands; ++j) {
+    const float bound = best.count == best.k && best.worst < limit ? best.worst : limit;
+    const float gap = lows[j] - reach;
+    if (gap > 0.0f && gap * gap > candidate_bound(bound)) break;
+    const int64_t at = starts[j], n = starts[j + 1] - at;
+    if (n == 0) continue;
+#if defined(GPA_KNN_CELLS_AVX2)
+    if (avx2) {
+      scan_band_avx2(L.x.data() + at, L.y.data() + at, L.z.data() + at, L.index.data() + at, n, qx, qy, qz,
+                     limit, best);
+      continue;
+    }
+#endif
+    if constexpr (std::is_same_v<Best, TopK<int64_t, kMaxK>>)
+      scan_band(L.x.data() + at, L.y.data() + at, L.z.data() + at, L.index.data() + at, n, qx, qy, qz, limit,
+                best);
+  }
+}
+
 // The K nearest points of query (qx, qy, qz) from its cell's list; false when
 // the query is outside the grid or its list overflowed (the caller falls back).
 inline bool search(const Lists& L, int K, float qx, float qy, float qz, TopK<int64_t, kMaxK>& best,
@@ -480,41 +479,16 @@ inline bool search(const Lists& L, int K, float qx, float qy, float qz, TopK<int
     limit = d > limit ? d : limit;
   }
   const float reach = std::sqrt(squared_distance(qx, qy, qz, centre[0], centre[1], centre[2])) * (1.0f + 1e-5f);
-  const int64_t* starts = L.band_start.data() + static_cast<int64_t>(cell) * (kBands + 1);
-  const float* lows = L.band_lo.data() + static_cast<int64_t>(cell) * kBands;
 #if defined(GPA_KNN_CELLS_AVX2)
   if (avx2 && K <= 8) {  // the top-K in two vectors (Best8)
     Best8 b8;
     best8_init(b8, K);
-    for (int j = 0; j < kBands; ++j) {
-      const float bound = b8.worst < limit ? b8.worst : limit;
-      const float gap = lows[j] - reach;
-      if (gap > 0.0f && gap * gap > candidate_bound(bound)) break;
-      const int64_t at = starts[j], n = starts[j + 1] - at;
-      if (n > 0)
-        scan_band_best8(L.x.data() + at, L.y.data() + at, L.z.data() + at, L.index.data() + at, n, qx, qy, qz,
-                        limit, b8);
-    }
+    scan_bands(L, cell, qx, qy, qz, limit, reach, b8, true);
     best8_store(b8, best);
     return true;
   }
 #endif
-  for (int j = 0; j < kBands; ++j) {
-    const float bound = best.count == best.k && best.worst < limit ? best.worst : limit;
-    const float gap = lows[j] - reach;
-    if (gap > 0.0f && gap * gap > candidate_bound(bound)) break;
-    const int64_t at = starts[j], n = starts[j + 1] - at;
-    if (n == 0) continue;
-#if defined(GPA_KNN_CELLS_AVX2)
-    if (avx2) {
-      scan_band_avx2(L.x.data() + at, L.y.data() + at, L.z.data() + at, L.index.data() + at, n, qx, qy, qz,
-                     limit, best);
-      continue;
-    }
-#endif
-    scan_band(L.x.data() + at, L.y.data() + at, L.z.data() + at, L.index.data() + at, n, qx, qy, qz, limit,
-              best);
-  }
+  scan_bands(L, cell, qx, qy, qz, limit, reach, best, avx2);
   return true;
 }
 
