@@ -104,55 +104,18 @@ inline void scan_band(const float* x, const float* y, const float* z, const int*
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define GPA_KNN_CELLS_AVX2 1
-// scan_band with 8-wide distances (the same arithmetic: differences, then
-// (dx*dx + dy*dy) + dz*dz rounded after every operation, no FMA) and a compare
-// mask, so only the lanes at or below the current bound reach the list (the
-// scalar loop walks the whole block once any lane passes).
-// Best: TopK<int64_t, kMaxK> or Best8 (below).
-template <typename Best>
-__attribute__((target("avx2"))) inline void scan_band_avx2(const float* x, const float* y, const float* z,
-                                                         const int* id, int64_t len, float qx, float qy,
-                                                         float qz, float limit, Best& best) {
-  const __m256 vx = _mm256_set1_ps(qx), vy = _mm256_set1_ps(qy), vz = _mm256_set1_ps(qz);
-  alignas(32) float d[8];
-  int64_t start = 0;
-  for (; start < len; start += 8) {
-    const int nb = static_cast<int>(std::min<int64_t>(8, len - start));
-    __m256 px, py, pz;
-    if (nb == 8) {
-      px = _mm256_loadu_ps(x + start);
-      py = _mm256_loadu_ps(y + start);
-      pz = _mm256_loadu_ps(z + start);
-    } else {
-      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-      const __m256i in = _mm256_cmpgt_epi32(_mm256_set1_epi32(nb), lane);
-      px = _mm256_maskload_ps(x + start, in);
-      py = _mm256_maskload_ps(y + start, in);
-      pz = _mm256_maskload_ps(z + start, in);
-    }
-    const __m256 dx = _mm256_sub_ps(vx, px), dy = _mm256_sub_ps(vy, py), dz = _mm256_sub_ps(vz, pz);
-    const __m256 d2 = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(dx, dx), _mm256_mul_ps(dy, dy)),
-                                    _mm256_mul_ps(dz, dz));
-    const float worst = best.count < best.k ? limit : (best.worst < limit ? best.worst : limit);
-    unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(d2, _mm256_set1_ps(worst), _CMP_LE_OQ)));
-    mask &= (1u << nb) - 1u;
-    if (mask == 0) continue;
-    _mm256_store_ps(d, d2);
-    while (mask) {
-      const int t = __builtin_ctz(mask);
-      mask &= mask - 1;
-      // Bands break the index order: an equal distance with a lower index must still
-      // displace the held K-th entry (offer_unordered).
-      if (d[t] <= limit) best.offer_unordered(d[t], id[start + t]);
-    }
-  }
-}
-
 // The coordinates of points ids[start .. start + nb) (nb <= 8; other lanes 0); of points
-// start .. start + nb when ids is null (the coarsest level: every point, contiguous loads).
+// start .. start + nb when ids is null (contiguous loads: a band of a list, or every point
+// at the coarsest level of the build).
 __attribute__((target("avx2"))) inline void gather_xyz(const float* px, const float* py, const float* pz,
                                                      const int* ids, int64_t start, int nb, __m256& x, __m256& y,
                                                      __m256& z) {
+  if (ids == nullptr && nb == 8) {
+    x = _mm256_loadu_ps(px + start);
+    y = _mm256_loadu_ps(py + start);
+    z = _mm256_loadu_ps(pz + start);
+    return;
+  }
   const __m256i in = _mm256_cmpgt_epi32(_mm256_set1_epi32(nb), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   if (ids == nullptr) {
     x = _mm256_maskload_ps(px + start, in);
@@ -172,8 +135,39 @@ __attribute__((target("avx2"))) inline __m256 sum_squares(__m256 dx, __m256 dy, 
   return _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(dx, dx), _mm256_mul_ps(dy, dy)), _mm256_mul_ps(dz, dz));
 }
 
-// refine() with 8 parent entries per vector (parent == nullptr: every point) (gathered coordinates; box distances with
-// max_ps, which is max_f's a > b ? a : b, NaN included) and compare masks: the same
+// scan_band with 8-wide distances (the same arithmetic: differences, then
+// (dx*dx + dy*dy) + dz*dz rounded after every operation, no FMA) and a compare
+// mask, so only the lanes at or below the current bound reach the list (the
+// scalar loop walks the whole block once any lane passes).
+// Best: TopK<int64_t, kMaxK> or Best8 (below).
+template <typename Best>
+__attribute__((target("avx2"))) inline void scan_band_avx2(const float* x, const float* y, const float* z,
+                                                         const int* id, int64_t len, float qx, float qy,
+                                                         float qz, float limit, Best& best) {
+  const __m256 vx = _mm256_set1_ps(qx), vy = _mm256_set1_ps(qy), vz = _mm256_set1_ps(qz);
+  alignas(32) float d[8];
+  for (int64_t start = 0; start < len; start += 8) {
+    const int nb = static_cast<int>(std::min<int64_t>(8, len - start));
+    __m256 px, py, pz;
+    gather_xyz(x, y, z, nullptr, start, nb, px, py, pz);
+    const __m256 d2 = sum_squares(_mm256_sub_ps(vx, px), _mm256_sub_ps(vy, py), _mm256_sub_ps(vz, pz));
+    const float worst = best.count < best.k ? limit : (best.worst < limit ? best.worst : limit);
+    unsigned mask = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(d2, _mm256_set1_ps(worst), _CMP_LE_OQ)));
+    mask &= (1u << nb) - 1u;
+    if (mask == 0) continue;
+    _mm256_store_ps(d, d2);
+    while (mask) {
+      const int t = __builtin_ctz(mask);
+      mask &= mask - 1;
+      // Bands break the index order: an equal distance with a lower index must still
+      // displace the held K-th entry (offer_unordered).
+      if (d[t] <= limit) best.offer_unordered(d[t], id[start + t]);
+    }
+  }
+}
+
+// refine() with 8 parent entries per vector (parent == nullptr: every point; box distances
+// with max_ps, which is max_f's a > b ? a : b, NaN included) and compare masks: the same
 // K-th bound and the same child list, in the parent's order.
 __attribute__((target("avx2"))) inline void refine_avx2(const float* px, const float* py, const float* pz,
                                                       const int* parent, int64_t n, int K, const float lo[3],

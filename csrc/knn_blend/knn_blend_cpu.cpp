@@ -135,7 +135,7 @@ namespace {
 // GPAVATAR_BLEND_CPU_VARIANT = auto (default: avx2 where the CPU has AVX2 and FMA and
 // H is 8, 16, 32 or 64, else scalar) | avx2 | scalar: which CPU loops run, forward and
 // backward (tests run both).
-bool use_avx2_forward(int H) {
+bool use_avx2_loops(int H) {
   const char* env = std::getenv("GPAVATAR_BLEND_CPU_VARIANT");
   const std::string name = env == nullptr || env[0] == '\0' ? "auto" : env;
   TORCH_CHECK_VALUE(name == "auto" || name == "avx2" || name == "scalar",
@@ -257,7 +257,7 @@ at::Tensor forward_cpu(const at::Tensor& queries, const at::Tensor& points,
   const BlendArgs& a = p.args;
   at::Tensor out = at::empty({a.B, a.M, a.C}, queries.options());
   float* o = out.data_ptr<float>();
-  const bool avx2_path = use_avx2_forward(a.H);
+  const bool avx2_path = use_avx2_loops(a.H);
   at::parallel_for(0, a.B * a.M, 16,
                    [&](int64_t begin, int64_t end) {
 #if defined(GPA_KNN_BLEND_AVX2)
@@ -370,7 +370,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const int64_t n = a.B * a.M;
   const int64_t grain = std::max<int64_t>(16, (n + threads - 1) / threads);
 
-  const bool avx2_path = use_avx2_forward(a.H);
+  const bool avx2_path = use_avx2_loops(a.H);
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     float* buf = buffers.data() + static_cast<size_t>(at::get_thread_num()) * per_thread;
 #if defined(GPA_KNN_BLEND_AVX2)
