@@ -110,7 +110,7 @@ def run_once(args, device, backend):
     b1 = torch.zeros(64, device=device, requires_grad=True)
     w2 = (torch.randn(32, 64, generator=g) * 0.1).to(device).requires_grad_(True)
     b2 = torch.zeros(32, device=device, requires_grad=True)
-    for backward in ("buffers", "gather"):
+    for backward in ("buffers", "gather", "tiles"):
         with env(GPAVATAR_BLEND_BACKWARD=backward):
             out = ops.knn_blend(q, p, feats, w1, b1, w2, b2, K=args.K, backend=backend).feature
             out.square().sum().backward()
@@ -203,11 +203,12 @@ def main(argv=None):
             w2 = (torch.randn(C, H, generator=g) * 0.1).to(device)
             b2 = torch.zeros(C).to(device)
             params = [t.clone().requires_grad_(True) for t in (feats, w1, b1, w2, b2)]
-            ref_out = None
+            ref_out = ref_grads = None
             variants = [("default", backend, dict(GPAVATAR_BLEND_CUDA_VARIANT="default")),
                         ("occupancy", backend, dict(GPAVATAR_BLEND_CUDA_VARIANT="occupancy")),
                         ("generic", backend, dict(GPAVATAR_BLEND_CUDA_VARIANT="generic")),
-                        ("gather backward", backend, dict(GPAVATAR_BLEND_BACKWARD="gather"))]
+                        ("gather backward", backend, dict(GPAVATAR_BLEND_BACKWARD="gather")),
+                        ("tiles backward", backend, dict(GPAVATAR_BLEND_BACKWARD="tiles"))]
             if not args.no_triton:
                 variants += [(f"triton {d}", "triton", dict(GPAVATAR_TRITON_DOT_PRECISION=d))
                              for d in ("ieee", "tf32", "tf32x3")]
@@ -216,21 +217,27 @@ def main(argv=None):
 
                 def blend_fwd_bwd():
                     out = ops.knn_blend(q, p, *params, K=args.K, backend=be).feature
-                    torch.autograd.grad(out, params, torch.ones_like(out))
+                    return torch.autograd.grad(out, params, torch.ones_like(out))
 
                 try:
                     with env(**extra):
                         out = blend().feature
                         ref_out = out if ref_out is None else ref_out
                         err = float((out - ref_out).abs().max())
+                        grads = blend_fwd_bwd()
+                        ref_grads = grads if ref_grads is None else ref_grads
+                        # gradients: relative to each one's largest entry (sums over M * K terms)
+                        grad_err = max(float((a - b).abs().max() / (1 + b.abs().max())) for a, b in zip(grads, ref_grads))
                         ms = timed(blend, device)
                         ms_bwd = timed(blend_fwd_bwd, device, repeats=10)
-                        if variant in ("default", "triton tf32", "gather backward"):
+                        if variant in ("default", "triton tf32", "tiles backward"):
                             tag = f"{dist} knn_blend {variant}"
                             profiles[f"{tag} fwd"] = profile_once(blend, device, f"{tag} fwd")
                             profiles[f"{tag} fwd+bwd"] = profile_once(blend_fwd_bwd, device, f"{tag} fwd+bwd")
                     tol = 2e-2 if variant == "triton tf32" else 1e-4
                     status = "ok" if err <= tol * (1 + float(ref_out.abs().max())) else f"differs from default by {err:.2e}"
+                    if status == "ok" and grad_err > (2e-2 if variant == "triton tf32" else 1e-3):
+                        status = f"gradients differ from default by {grad_err:.2e} (relative)"
                     failures += status != "ok"
                     for case, t in ((f"knn_blend fwd ({variant})", ms), (f"knn_blend fwd+bwd ({variant})", ms_bwd)):
                         rows.append(dict(dist=dist, method=case, backend=be, ms=round(t, 4), status=status))

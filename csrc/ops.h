@@ -106,8 +106,10 @@ struct GatherPlan {
   int64_t rows = 0, max_chunks = 0;
 };
 GatherPlan make_gather_plan(const Prepared& p, const at::Tensor& grad_out);
-// GPAVATAR_BLEND_BACKWARD = buffers (default) | gather: which backward the CPU/CUDA kernels run.
-bool use_gather_backward();
+// GPAVATAR_BLEND_BACKWARD = buffers (default) | gather | tiles: which backward the CPU/CUDA
+// kernels run (tiles: knn_blend_tiles.h, where tiles_supported; buffers elsewhere).
+enum class BackwardMethod { kBuffers, kGather, kTiles };
+BackwardMethod blend_backward_method();
 void check_inputs(const at::Tensor& queries, const at::Tensor& points, const at::Tensor& dist2,
                   const at::Tensor& idx, const at::Tensor& table, const at::Tensor& w1_dir,
                   const at::Tensor& w2, const at::Tensor& b2,

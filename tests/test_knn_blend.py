@@ -358,32 +358,54 @@ CPP_DEVICES = [pytest.param(d, id=d, marks=[pytest.mark.cuda] if d == "cuda" els
 
 
 @pytest.mark.parametrize("device", CPP_DEVICES)
+@pytest.mark.parametrize("method", ["gather", "tiles"])
 @pytest.mark.parametrize("normalize", ["neighbors", "queries"])
 @pytest.mark.parametrize("per_batch", [False, True])
 @pytest.mark.parametrize("P", [5, 300])
-def test_gather_backward_matches_the_reference(device, normalize, per_batch, P, monkeypatch):
+def test_pair_backwards_match_the_reference(device, method, normalize, per_batch, P, monkeypatch):
     """GPAVATAR_BLEND_BACKWARD=gather: pairs grouped by table row and summed in chunks (no
-    per-neighbour buffers, no atomics).  P = 5 puts hundreds of pairs on each row (several
-    chunks per row); on the CPU it runs the CUDA kernels' pair order and sums."""
-    monkeypatch.setenv("GPAVATAR_BLEND_BACKWARD", "gather")
+    per-neighbour buffers, no atomics); =tiles: one pass over tiles of 16 queries (grad_table
+    added per pair, grad_w1 in block shares).  P = 5 puts hundreds of pairs on each row
+    (several gather chunks per row); 300 queries are 19 tiles, the last one partial, over 3
+    blocks on the CPU.  On the CPU each runs the CUDA kernels' order, layout and sums."""
+    monkeypatch.setenv("GPAVATAR_BLEND_BACKWARD", method)
     check_against_reference(device, device, 2, 300, P, min(8, P), per_batch=per_batch, normalize=normalize,
                             dup=1 if P > 5 else 0, on=3)
 
 
 @pytest.mark.parametrize("device", CPP_DEVICES)
-def test_gather_backward_agrees_with_the_buffers(device, monkeypatch):
-    """Both C++/CUDA backwards on one input: the same gradients to float32 rounding."""
+@given(B=st.integers(1, 3), M=st.integers(1, 70), P=st.integers(1, 40), K=st.integers(1, 8),
+       per_batch=st.booleans(), queries=st.booleans(), seed=st.integers(0, 2**16))
+def test_tiles_backward_random_shapes(device, B, M, P, K, per_batch, queries, seed):
+    """The tiled backward at every K <= 8 (empty pair slots), partial tiles and tiles that
+    span two batch elements."""
+    with env("GPAVATAR_BLEND_BACKWARD", "tiles"):
+        check_against_reference(device, device, B, M, P, min(K, P), per_batch=per_batch,
+                                normalize="queries" if queries else "neighbors", seed=seed, dup=1)
+
+
+@pytest.mark.parametrize("device", CPP_DEVICES)
+def test_pair_backwards_agree_with_the_buffers(device, monkeypatch):
+    """Every C++/CUDA backward on one input: the same gradients to float32 rounding; the
+    tiled one falls back to the buffers where it does not apply (H != 64 or K > 8)."""
     pts = make_points(2, 200, seed=11, device=device)
     q = make_queries(2, 500, pts, seed=12, device=device)
     params = make_pef_params(200, 32, 64, 32, B=2, seed=13, device=device)
     grad_out = torch.randn(2, 500, 32, generator=torch.Generator().manual_seed(14)).to(device)
     _, _, _, g_buffers = run(device, q, pts, params, 8, grad_out=grad_out)
-    monkeypatch.setenv("GPAVATAR_BLEND_BACKWARD", "gather")
-    _, _, _, g_gather = run(device, q, pts, params, 8, grad_out=grad_out)
-    for a, b in zip(g_gather, g_buffers):
-        assert (a - b).abs().max() <= 1e-5 * (1 + b.abs().max())
+    for method in ("gather", "tiles"):
+        monkeypatch.setenv("GPAVATAR_BLEND_BACKWARD", method)
+        _, _, _, g_pairs = run(device, q, pts, params, 8, grad_out=grad_out)
+        for a, b in zip(g_pairs, g_buffers):
+            assert (a - b).abs().max() <= 1e-5 * (1 + b.abs().max()), method
+    monkeypatch.setenv("GPAVATAR_BLEND_BACKWARD", "tiles")
+    _, _, _, g_tiles12 = run(device, q, pts, params, 12, grad_out=grad_out)  # K > 8: the buffers
+    monkeypatch.setenv("GPAVATAR_BLEND_BACKWARD", "buffers")
+    _, _, _, g_buffers12 = run(device, q, pts, params, 12, grad_out=grad_out)
+    for a, b in zip(g_tiles12, g_buffers12):
+        assert torch.equal(a, b) or device == "cuda"
     monkeypatch.setenv("GPAVATAR_BLEND_BACKWARD", "atomics")
-    with pytest.raises(ValueError, match="GPAVATAR_BLEND_BACKWARD must be buffers or gather"):
+    with pytest.raises(ValueError, match="GPAVATAR_BLEND_BACKWARD must be buffers, gather or tiles"):
         run(device, q, pts, params, 8, grad_out=grad_out)
 
 
@@ -561,16 +583,21 @@ CPU_VARIANTS = _cpu_variants() if "cpu" in ops.available_backends("cpu") else []
 
 
 @contextmanager
-def blend_cpu_variant(name):
-    old = os.environ.get("GPAVATAR_BLEND_CPU_VARIANT")
-    os.environ["GPAVATAR_BLEND_CPU_VARIANT"] = name
+def env(name, value):
+    """os.environ[name] = value inside the block (hypothesis tests cannot take monkeypatch)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            del os.environ["GPAVATAR_BLEND_CPU_VARIANT"]
+            del os.environ[name]
         else:
-            os.environ["GPAVATAR_BLEND_CPU_VARIANT"] = old
+            os.environ[name] = old
+
+
+def blend_cpu_variant(name):
+    return env("GPAVATAR_BLEND_CPU_VARIANT", name)
 
 
 @pytest.mark.parametrize("variant", CPU_VARIANTS)

@@ -9,6 +9,7 @@
 
 
 #include "knn_blend/knn_blend.h"
+#include "knn_blend/knn_blend_tiles.h"
 
 namespace gpavatar {
 namespace knn_blend {
@@ -236,6 +237,29 @@ __global__ void gather_reduce_kernel(const int64_t* __restrict__ chunk_start, in
   grad_table[t] = sum;
 }
 
+// --- The tiled backward (knn_blend_tiles.h) -----------------------------------------
+
+__global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSM)
+    tiles_backward_kernel(BlendArgs a, const float* __restrict__ grad_out, float* __restrict__ hidden,
+                          float* __restrict__ total, float* __restrict__ grad_table, float* __restrict__ part_w1) {
+  extern __shared__ __align__(16) float sh[];
+  const int t = threadIdx.x;
+  tile_stage_weights(a, t, kTileThreads, sh);
+  float acc[kEmbedDim];
+#pragma unroll
+  for (int c = 0; c < kEmbedDim; ++c) acc[c] = 0.0f;
+  const int64_t tiles = tile_count(a);
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    __syncthreads();  // the previous tile's phase C is done with gamma and delta
+    tile_pair_terms(a, tile, t, sh, total);
+    __syncthreads();
+    tile_hidden_backward(a, grad_out, tile, t, sh, hidden, grad_table);
+    __syncthreads();
+    tile_w1_accumulate(t, sh, acc);
+  }
+  tile_w1_store(t, acc, part_w1 + static_cast<int64_t>(blockIdx.x) * 2 * kEmbedDim * kTileH);
+}
+
 // GPAVATAR_BLEND_CUDA_VARIANT selects how the H = 64, C = 32 case is compiled
 // (the same arithmetic in each; only the default has been measured, on an H200):
 //   default    sizes fixed at compile time, accumulators in registers (~220 per
@@ -306,6 +330,21 @@ int launch_knn_blend_gather_reduce_cuda(const int64_t* chunk_start, int64_t rows
   if (n == 0) return 0;
   gather_reduce_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, static_cast<cudaStream_t>(stream)>>>(
       chunk_start, rows, H, part_table, grad_table);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int launch_knn_blend_tiles_backward_cuda(const BlendArgs& a, const float* grad_out, int multiprocessors,
+                                         float* hidden, float* total, float* grad_table, float* part_w1,
+                                         void* stream) {
+  if (!tiles_supported(a)) return static_cast<int>(cudaErrorInvalidValue);
+  const size_t smem = sizeof(float) * kTileSharedFloats;
+  // Every call: the attribute belongs to the current device (cheap, no synchronisation).
+  const cudaError_t attr = cudaFuncSetAttribute(
+      tiles_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (attr != cudaSuccess) return static_cast<int>(attr);
+  const int64_t blocks = tile_blocks(tile_count(a), multiprocessors);
+  tiles_backward_kernel<<<static_cast<unsigned>(blocks), kTileThreads, smem, static_cast<cudaStream_t>(stream)>>>(
+      a, grad_out, hidden, total, grad_table, part_w1);
   return static_cast<int>(cudaGetLastError());
 }
 

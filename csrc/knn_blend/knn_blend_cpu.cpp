@@ -9,6 +9,7 @@
 
 #include "knn_blend/knn_blend.h"
 #include "knn_blend/knn_blend_avx2.h"
+#include "knn_blend/knn_blend_tiles.h"
 #include "ops.h"
 
 namespace gpavatar {
@@ -122,12 +123,14 @@ GatherPlan make_gather_plan(const Prepared& p, const at::Tensor& grad_out) {
   return plan;
 }
 
-bool use_gather_backward() {
+BackwardMethod blend_backward_method() {
   const char* env = std::getenv("GPAVATAR_BLEND_BACKWARD");
   const std::string name = env == nullptr || env[0] == '\0' ? "buffers" : env;
-  TORCH_CHECK_VALUE(name == "buffers" || name == "gather",
-                    msg("GPAVATAR_BLEND_BACKWARD must be buffers or gather, got '", name, "'"));
-  return name == "gather";
+  TORCH_CHECK_VALUE(name == "buffers" || name == "gather" || name == "tiles",
+                    msg("GPAVATAR_BLEND_BACKWARD must be buffers, gather or tiles, got '", name, "'"));
+  return name == "gather" ? BackwardMethod::kGather
+         : name == "tiles" ? BackwardMethod::kTiles
+                           : BackwardMethod::kBuffers;
 }
 
 namespace {
@@ -350,6 +353,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_gather_cpu(c
   return {grad_table, part_w1.sum(0).t().contiguous(), grad_w2, grad_b2};
 }
 
+// The tiled backward of knn_blend_tiles.h on the CPU: the CUDA kernel's blocks, tiles,
+// phases and shared-memory layout, each phase run for every thread in turn (tests of that
+// code without a GPU; GPAVATAR_BLEND_BACKWARD=tiles).  Serial: a test path.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_tiles_cpu(const at::Tensor& grad_out,
+                                                                             const Prepared& p) {
+  const BlendArgs& a = p.args;
+  const int64_t tiles = tile_count(a);
+  const int64_t blocks = tile_blocks(tiles, /*multiprocessors=*/1);
+  auto opts = p.queries.options();
+  at::Tensor grad_table = at::zeros({p.table.size(0), a.H}, opts);
+  at::Tensor hidden = at::empty({a.B * a.M, a.H}, opts);
+  at::Tensor total = at::empty({a.B * a.M}, opts);
+  at::Tensor part_w1 = at::empty({2 * blocks, kEmbedDim, a.H}, opts);
+  const float* go = grad_out.data_ptr<float>();
+  std::vector<float> sh(kTileSharedFloats);
+  std::vector<float> acc(static_cast<size_t>(kTileThreads) * kEmbedDim);
+  for (int64_t block = 0; block < blocks; ++block) {
+    for (int t = 0; t < kTileThreads; ++t) tile_stage_weights(a, t, kTileThreads, sh.data());
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t tile = block; tile < tiles; tile += blocks) {
+      for (int t = 0; t < kTileThreads; ++t) tile_pair_terms(a, tile, t, sh.data(), total.data_ptr<float>());
+      for (int t = 0; t < kTileThreads; ++t)
+        tile_hidden_backward(a, go, tile, t, sh.data(), hidden.data_ptr<float>(), grad_table.data_ptr<float>());
+      for (int t = 0; t < kTileThreads; ++t)
+        tile_w1_accumulate(t, sh.data(), *reinterpret_cast<float(*)[kEmbedDim]>(acc.data() + t * kEmbedDim));
+    }
+    for (int t = 0; t < kTileThreads; ++t)
+      tile_w1_store(t, *reinterpret_cast<const float(*)[kEmbedDim]>(acc.data() + t * kEmbedDim),
+                    part_w1.data_ptr<float>() + block * 2 * kEmbedDim * a.H);
+  }
+  const at::Tensor g2 = grad_out.reshape({a.B * a.M, a.C});
+  return {grad_table, part_w1.sum(0).t().contiguous(), at::mm(g2.t(), hidden), at::mv(g2.t(), total)};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& queries, const at::Tensor& points,
     const at::Tensor& dist2, const at::Tensor& idx, const at::Tensor& table,
@@ -360,7 +397,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   check_grad_out(grad_out, p);
   check_indices(p.idx, p.args.P);
   const at::Tensor go = grad_out.contiguous();
-  if (use_gather_backward()) return backward_gather_cpu(go, p);
+  const BackwardMethod method = blend_backward_method();
+  if (method == BackwardMethod::kGather) return backward_gather_cpu(go, p);
+  if (method == BackwardMethod::kTiles && tiles_supported(p.args)) return backward_tiles_cpu(go, p);
   const BlendArgs& a = p.args;
   const int64_t rows = table.size(0);
   const int64_t table_size = rows * a.H, w1_size = kEmbedDim * a.H, w2_size = a.C * a.H;

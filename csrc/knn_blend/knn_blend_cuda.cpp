@@ -10,6 +10,7 @@
 #include <string>
 
 #include "knn_blend/knn_blend.h"
+#include "knn_blend/knn_blend_tiles.h"
 #include "cuda_check.h"
 #include "ops.h"
 
@@ -75,7 +76,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   const BlendArgs& a = p.args;
   const at::Tensor go = grad_out.contiguous();
   auto opts = queries.options();
-  if (use_gather_backward() && a.B * a.M > 0) {
+  const BackwardMethod method = blend_backward_method();
+  if (method == BackwardMethod::kTiles && tiles_supported(a) && a.B * a.M > 0) {
+    // One pass, nothing per neighbour stored: grad_table by atomics, grad_w1 in block shares.
+    auto stream = at::cuda::getCurrentCUDAStream().stream();
+    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    at::Tensor grad_table = at::zeros({table.size(0), a.H}, opts);
+    at::Tensor hidden = at::empty({a.B * a.M, a.H}, opts);
+    at::Tensor total = at::empty({a.B * a.M}, opts);
+    at::Tensor part_w1 = at::empty({2 * tile_blocks(tile_count(a), sms), kEmbedDim, a.H}, opts);
+    check_launch(launch_knn_blend_tiles_backward_cuda(a, go.data_ptr<float>(), sms, hidden.data_ptr<float>(),
+                                                      total.data_ptr<float>(), grad_table.data_ptr<float>(),
+                                                      part_w1.data_ptr<float>(), stream),
+                 "knn_blend backward (tiles)");
+    const at::Tensor go2 = go.reshape({a.B * a.M, a.C});
+    return {grad_table, part_w1.sum(0).t().contiguous(), at::mm(go2.t(), hidden), at::mv(go2.t(), total)};
+  }
+  if (method == BackwardMethod::kGather && a.B * a.M > 0) {
     // Pairs grouped by table row, chunk sums, no per-pair buffers, no atomics (knn_blend.h).
     auto stream = at::cuda::getCurrentCUDAStream().stream();
     const GatherPlan plan = make_gather_plan(p, go);

@@ -1,0 +1,260 @@
+// The tiled knn_blend backward (GPAVATAR_BLEND_BACKWARD=tiles) for the paper's sizes
+// (H = 64, K <= 8): one pass over the queries, nothing stored per neighbour.
+//
+// A block of kTileThreads threads loops over tiles of kTileQueries consecutive
+// queries (qi = b * M + m); a tile's pairs are p = q * kTileK + k (k >= K: empty).
+//   A (thread = pair):  w_k, gamma_k and the table row of pair p into shared memory
+//                       (gamma c-major: gamma[c][p]); the query's sum_k w_k.
+//   B (thread = query q, unit group u0 = 8 units): the 8 x 8 block h[k][u] =
+//                       table[row][u0 + u] + sum_c w1_dir_t[c][u0 + u] gamma[c][p]
+//                       (c = 0..26 in order: hidden_unit's sum), then
+//                       g[u] += w_k relu(h)        -> hidden (B*M, H), for grad_w2 / grad_b2,
+//                       delta = w_k v[u] [h > 0]   -> grad_table[row] (added: atomics on the
+//                       GPU) and delta[j][p] in shared memory;  v = W2^T grad_out.
+//   C (thread = unit j, half of the pairs): grad_w1[c][j] += delta[j][p] gamma[c][p]
+//                       over its pairs in order, kept across the block's tiles; the
+//                       block writes one share per half (the caller sums them in order).
+// The phases are separated by block barriers on the GPU; the CPU runs each phase
+// for every thread in turn (the same functions, the same shared-memory layout).
+#pragma once
+
+#include "knn_blend/knn_blend.h"
+
+#if defined(__CUDA_ARCH__)
+#define GPA_UNROLL _Pragma("unroll")
+#else
+#define GPA_UNROLL
+#endif
+
+namespace gpavatar {
+namespace knn_blend {
+
+constexpr int kTileQueries = 16;
+constexpr int kTileK = 8;                                 // K <= 8
+constexpr int kTileH = 64;                                // H = 64
+constexpr int kTilePairs = kTileQueries * kTileK;         // 128
+constexpr int kTileUnits = 8;                             // hidden units per thread in B
+constexpr int kTileGroups = kTileH / kTileUnits;          // 8
+constexpr int kTileThreads = kTileQueries * kTileGroups;  // 128 (= kTilePairs = 2 * kTileH)
+constexpr int kTileDeltaStride = kTilePairs + 4;          // delta row stride (no bank conflicts)
+constexpr int kTileHalf = kTilePairs / 2;                 // pairs per thread in C
+
+// Shared-memory layout, in floats.
+constexpr int kTileW1 = 0;                                  // [27][64] w1_dir_t
+constexpr int kTileGamma = kTileW1 + kEmbedDim * kTileH;    // [27][kTilePairs]
+constexpr int kTileWeight = kTileGamma + kEmbedDim * kTilePairs;  // [kTilePairs]
+constexpr int kTileRow = kTileWeight + kTilePairs;          // [kTilePairs] table row bits (-1: none)
+constexpr int kTileDelta = kTileRow + kTilePairs;           // [64][kTileDeltaStride]
+constexpr int kTileSharedFloats = kTileDelta + kTileH * kTileDeltaStride;
+
+GPA_HD bool tiles_supported(const BlendArgs& a) { return a.H == kTileH && a.K <= kTileK; }
+
+GPA_HD int64_t tile_count(const BlendArgs& a) { return (a.B * a.M + kTileQueries - 1) / kTileQueries; }
+
+// Resident blocks per multiprocessor the CUDA kernel is compiled for (55.5 KiB of shared
+// memory, <= 168 registers each), and the blocks it launches: each loops over tiles
+// block, block + blocks, ... and writes 2 shares of grad_w1.
+constexpr int kTileBlocksPerSM = 3;
+GPA_HD int64_t tile_blocks(int64_t tiles, int multiprocessors) {
+  const int64_t most = static_cast<int64_t>(multiprocessors) * kTileBlocksPerSM;
+  return tiles < 1 ? 1 : (tiles < most ? tiles : most);
+}
+
+// w_k of neighbour k of query qi, the value neighbor_weights gives (the same sums in the
+// same order); total = sum_k w_k.
+GPA_HD float neighbor_weight(const BlendArgs& a, int64_t qi, int k, float& total) {
+  const int64_t b = qi / a.M;
+  const float* d = a.dist2 + qi * a.K;
+  float wk = 0.0f;
+  total = 0.0f;
+  if (a.weight_sum != nullptr) {
+    for (int j = 0; j < a.K; ++j) {
+      const float w = inverse_distance(d[j], a.eps) / a.weight_sum[b * a.K + j];
+      total += w;
+      if (j == k) wk = w;
+    }
+  } else {
+    float sum = 0.0f;
+    for (int j = 0; j < a.K; ++j) sum += inverse_distance(d[j], a.eps);
+    for (int j = 0; j < a.K; ++j) {
+      const float w = inverse_distance(d[j], a.eps) / sum;
+      total += w;
+      if (j == k) wk = w;
+    }
+  }
+  return wk;
+}
+
+// Once per block: w1_dir_t into shared memory (thread t of n).
+GPA_HD void tile_stage_weights(const BlendArgs& a, int t, int n, float* sh) {
+  for (int e = t; e < kEmbedDim * kTileH; e += n) sh[kTileW1 + e] = a.w1_dir_t[e];
+}
+
+// Phase A, thread t = pair p.  Writes total[qi] (thread k = 0 of each query).
+GPA_HD void tile_pair_terms(const BlendArgs& a, int64_t tile, int t, float* sh, float* total) {
+  const int q = t / kTileK, k = t - q * kTileK;
+  const int64_t qi = tile * kTileQueries + q;
+  float gamma[kEmbedDim];
+  float weight = 0.0f;
+  int row = -1;
+  if (qi < a.B * a.M && k < a.K) {
+    float sum_w;
+    weight = neighbor_weight(a, qi, k, sum_w);
+    if (k == 0) total[qi] = sum_w;
+    const float* r = neighbor_embedding(a, qi, k, gamma);
+    if (r != nullptr) row = static_cast<int>((r - a.table) / kTileH);
+  }
+  if (row < 0) {
+    weight = 0.0f;
+    for (int c = 0; c < kEmbedDim; ++c) gamma[c] = 0.0f;
+  }
+  GPA_UNROLL
+  for (int c = 0; c < kEmbedDim; ++c) sh[kTileGamma + c * kTilePairs + t] = gamma[c];
+  sh[kTileWeight + t] = weight;
+  sh[kTileRow + t] = int_bits_to_float(row);
+}
+
+// n consecutive floats (n = 4 or 8) at s (16-byte aligned shared memory) into / from r.
+template <int N>
+GPA_HD void load_floats(const float* s, float (&r)[N]) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+  for (int i = 0; i < N; i += 4) {
+    const float4 v = *reinterpret_cast<const float4*>(s + i);
+    r[i] = v.x;
+    r[i + 1] = v.y;
+    r[i + 2] = v.z;
+    r[i + 3] = v.w;
+  }
+#else
+  for (int i = 0; i < N; ++i) r[i] = s[i];
+#endif
+}
+
+GPA_HD void store_floats4(float* s, float a, float b, float c, float d) {
+#if defined(__CUDA_ARCH__)
+  *reinterpret_cast<float4*>(s) = make_float4(a, b, c, d);
+#else
+  s[0] = a;
+  s[1] = b;
+  s[2] = c;
+  s[3] = d;
+#endif
+}
+
+// dst[0 .. 8) += d: grad_table (allocated by the caller, 32-byte aligned; atomics on the GPU).
+GPA_HD void tile_add_row(float* dst, const float (&d)[kTileUnits]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float4*>(dst), make_float4(d[0], d[1], d[2], d[3]));
+  atomicAdd(reinterpret_cast<float4*>(dst) + 1, make_float4(d[4], d[5], d[6], d[7]));
+#elif defined(__CUDA_ARCH__)
+#pragma unroll
+  for (int u = 0; u < kTileUnits; ++u) atomicAdd(dst + u, d[u]);
+#else
+  for (int u = 0; u < kTileUnits; ++u) dst[u] += d[u];
+#endif
+}
+
+// Phase B, thread t = (unit group t / kTileQueries, query t % kTileQueries).
+GPA_HD void tile_hidden_backward(const BlendArgs& a, const float* grad_out, int64_t tile, int t, float* sh,
+                                 float* hidden, float* grad_table) {
+  const int q = t % kTileQueries, u0 = (t / kTileQueries) * kTileUnits;
+  const int64_t qi = tile * kTileQueries + q;
+  const bool live = qi < a.B * a.M;
+  // v = W2^T grad_out for this thread's units (hidden_gradient's order).
+  float v[kTileUnits];
+  GPA_UNROLL
+  for (int u = 0; u < kTileUnits; ++u) v[u] = 0.0f;
+  if (live) {
+    for (int o = 0; o < a.C; ++o) {
+      const float go = grad_out[qi * a.C + o];
+      const float* w = a.w2 + o * kTileH + u0;
+      GPA_UNROLL
+      for (int u = 0; u < kTileUnits; ++u) v[u] += w[u] * go;
+    }
+  }
+  const float* gam = sh + kTileGamma + q * kTileK;
+  const float* w1 = sh + kTileW1 + u0;
+  // h[k][u] = table[row_k][u0 + u] + sum_c w1_dir_t[c][u0 + u] gamma[c][p_k]
+  float h[kTileK][kTileUnits];
+  GPA_UNROLL
+  for (int k = 0; k < kTileK; ++k) {
+    const int row = float_bits_to_int(sh[kTileRow + q * kTileK + k]);
+    const float* tr = a.table + static_cast<int64_t>(row < 0 ? 0 : row) * kTileH + u0;
+    GPA_UNROLL
+    for (int u = 0; u < kTileUnits; ++u) h[k][u] = row < 0 ? 0.0f : tr[u];
+  }
+  for (int c = 0; c < kEmbedDim; ++c) {
+    float gc[kTileK], wc[kTileUnits];
+    load_floats(gam + c * kTilePairs, gc);
+    load_floats(w1 + c * kTileH, wc);
+    GPA_UNROLL
+    for (int k = 0; k < kTileK; ++k) {
+      GPA_UNROLL
+      for (int u = 0; u < kTileUnits; ++u) h[k][u] += wc[u] * gc[k];
+    }
+  }
+  // g (forward order over k), delta in place of h, its rows added to grad_table.
+  float g[kTileUnits];
+  GPA_UNROLL
+  for (int u = 0; u < kTileUnits; ++u) g[u] = 0.0f;
+  GPA_UNROLL
+  for (int k = 0; k < kTileK; ++k) {
+    const int row = float_bits_to_int(sh[kTileRow + q * kTileK + k]);
+    const float w = sh[kTileWeight + q * kTileK + k];
+    GPA_UNROLL
+    for (int u = 0; u < kTileUnits; ++u) {
+      const float hk = h[k][u];
+      if (row >= 0) g[u] += w * relu_f(hk);
+      h[k][u] = row >= 0 && relu_passes(hk) ? w * v[u] : 0.0f;
+    }
+    if (row >= 0) tile_add_row(grad_table + static_cast<int64_t>(row) * kTileH + u0, h[k]);
+  }
+  float* dl = sh + kTileDelta + u0 * kTileDeltaStride + q * kTileK;
+  GPA_UNROLL
+  for (int u = 0; u < kTileUnits; ++u) {
+    store_floats4(dl + u * kTileDeltaStride, h[0][u], h[1][u], h[2][u], h[3][u]);
+    store_floats4(dl + u * kTileDeltaStride + 4, h[4][u], h[5][u], h[6][u], h[7][u]);
+  }
+  if (live) {
+    GPA_UNROLL
+    for (int u = 0; u < kTileUnits; ++u) hidden[qi * kTileH + u0 + u] = g[u];
+  }
+}
+
+// Phase C, thread t = (half t / kTileH, unit j = t % kTileH): acc[c] += delta[j][p] gamma[c][p]
+// over the half's pairs in order.
+GPA_HD void tile_w1_accumulate(int t, const float* sh, float (&acc)[kEmbedDim]) {
+  const int j = t % kTileH, p0 = (t / kTileH) * kTileHalf;
+  const float* dl = sh + kTileDelta + j * kTileDeltaStride + p0;
+  const float* gam = sh + kTileGamma + p0;
+  for (int p = 0; p < kTileHalf; p += 4) {
+    float d[4];
+    load_floats(dl + p, d);
+    GPA_UNROLL
+    for (int c = 0; c < kEmbedDim; ++c) {
+      float gc[4];
+      load_floats(gam + c * kTilePairs + p, gc);
+      GPA_UNROLL
+      for (int e = 0; e < 4; ++e) acc[c] += d[e] * gc[e];
+    }
+  }
+}
+
+// The block's share of grad_w1 (27, H) from thread t's accumulators: part[half][c][j].
+GPA_HD void tile_w1_store(int t, const float (&acc)[kEmbedDim], float* part) {
+  const int j = t % kTileH, half = t / kTileH;
+  GPA_UNROLL
+  for (int c = 0; c < kEmbedDim; ++c) part[(half * kEmbedDim + c) * kTileH + j] = acc[c];
+}
+
+#if defined(WITH_CUDA)
+// grad_table (rows, H) zeroed by the caller; hidden (B*M, H), total (B*M);
+// part_w1 (2 * tile_blocks, 27, H).
+int launch_knn_blend_tiles_backward_cuda(const BlendArgs& args, const float* grad_out, int multiprocessors,
+                                         float* hidden, float* total, float* grad_table, float* part_w1,
+                                         void* stream);
+#endif
+
+}  // namespace knn_blend
+}  // namespace gpavatar
