@@ -111,7 +111,7 @@ def run_once(args, device, backend):
     w2 = (torch.randn(32, 64, generator=g) * 0.1).to(device).requires_grad_(True)
     b2 = torch.zeros(32, device=device, requires_grad=True)
     for backward in ("buffers", "gather", "tiles"):
-        with env(GPAVATAR_BLEND_BACKWARD=backward):
+        with env(GPAVATAR_BLEND_BACKWARD=backward, GPAVATAR_BLEND_FORWARD="tiles" if backward == "tiles" else "queries"):
             out = ops.knn_blend(q, p, feats, w1, b1, w2, b2, K=args.K, backend=backend).feature
             out.square().sum().backward()
     if device.type == "cuda":
@@ -208,7 +208,7 @@ def main(argv=None):
                         ("occupancy", backend, dict(GPAVATAR_BLEND_CUDA_VARIANT="occupancy")),
                         ("generic", backend, dict(GPAVATAR_BLEND_CUDA_VARIANT="generic")),
                         ("gather backward", backend, dict(GPAVATAR_BLEND_BACKWARD="gather")),
-                        ("tiles backward", backend, dict(GPAVATAR_BLEND_BACKWARD="tiles"))]
+                        ("tiles", backend, dict(GPAVATAR_BLEND_FORWARD="tiles", GPAVATAR_BLEND_BACKWARD="tiles"))]
             if not args.no_triton:
                 variants += [(f"triton {d}", "triton", dict(GPAVATAR_TRITON_DOT_PRECISION=d))
                              for d in ("ieee", "tf32", "tf32x3")]
@@ -230,7 +230,7 @@ def main(argv=None):
                         grad_err = max(float((a - b).abs().max() / (1 + b.abs().max())) for a, b in zip(grads, ref_grads))
                         ms = timed(blend, device)
                         ms_bwd = timed(blend_fwd_bwd, device, repeats=10)
-                        if variant in ("default", "triton tf32", "tiles backward"):
+                        if variant in ("default", "triton tf32", "tiles"):
                             tag = f"{dist} knn_blend {variant}"
                             profiles[f"{tag} fwd"] = profile_once(blend, device, f"{tag} fwd")
                             profiles[f"{tag} fwd+bwd"] = profile_once(blend_fwd_bwd, device, f"{tag} fwd+bwd")

@@ -109,6 +109,9 @@ GatherPlan make_gather_plan(const Prepared& p, const at::Tensor& grad_out);
 // GPAVATAR_BLEND_BACKWARD = buffers (default) | gather | tiles: which backward the CPU/CUDA
 // kernels run (tiles: knn_blend_tiles.h, where tiles_supported; buffers elsewhere).
 enum class BackwardMethod { kBuffers, kGather, kTiles };
+// GPAVATAR_BLEND_FORWARD = queries (default: one thread per query) | tiles (knn_blend_tiles.h,
+// where tiles_forward_supported).
+bool use_tiles_forward();
 BackwardMethod blend_backward_method();
 void check_inputs(const at::Tensor& queries, const at::Tensor& points, const at::Tensor& dist2,
                   const at::Tensor& idx, const at::Tensor& table, const at::Tensor& w1_dir,

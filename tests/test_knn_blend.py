@@ -385,6 +385,44 @@ def test_tiles_backward_random_shapes(device, B, M, P, K, per_batch, queries, se
 
 
 @pytest.mark.parametrize("device", CPP_DEVICES)
+@given(B=st.integers(1, 3), M=st.integers(1, 70), P=st.integers(1, 40), K=st.integers(1, 8),
+       per_batch=st.booleans(), queries=st.booleans(), on=st.integers(0, 3), seed=st.integers(0, 2**16))
+def test_tiles_forward_random_shapes(device, B, M, P, K, per_batch, queries, on, seed):
+    """GPAVATAR_BLEND_FORWARD=tiles against the reference, and against the per-query kernel:
+    the same sums in the same order, so on the CPU (no FMA contraction in either) the same
+    bits."""
+    K = min(K, P)
+    normalize = "queries" if queries else "neighbors"
+    with env("GPAVATAR_BLEND_FORWARD", "tiles"):
+        check_against_reference(device, device, B, M, P, K, per_batch=per_batch, normalize=normalize,
+                                seed=seed, dup=1, on=on, backward=False)
+    pts = make_points(B, P, seed=seed, device=device)
+    q = make_queries(B, M, pts, seed=seed + 1, on_points=on, device=device)
+    params = make_pef_params(P, 32, 64, 32, B=B if per_batch else None, seed=seed + 2, device=device)
+    with env("GPAVATAR_BLEND_FORWARD", "tiles"):
+        tiled = run(device, q, pts, params, K, normalize)[0]
+    with env("GPAVATAR_BLEND_FORWARD", "queries"), blend_cpu_variant("scalar"):
+        per_query = run(device, q, pts, params, K, normalize)[0]
+    if device == "cpu":
+        assert torch.equal(tiled, per_query)
+    else:
+        torch.testing.assert_close(tiled, per_query, rtol=1e-6, atol=1e-6)
+
+
+def test_tiles_forward_falls_back_and_checks_its_name(monkeypatch):
+    """Where the tiled forward does not apply (H != 64, C != 32, K > 8) the per-query kernel
+    runs; a bad name is refused."""
+    if "cpu" not in ops.available_backends("cpu"):
+        pytest.skip("extension not built")
+    monkeypatch.setenv("GPAVATAR_BLEND_FORWARD", "tiles")
+    check_against_reference("cpu", "cpu", 2, 50, 30, 12, backward=False)
+    check_against_reference("cpu", "cpu", 2, 50, 30, 8, H=32, C=16, backward=False)
+    monkeypatch.setenv("GPAVATAR_BLEND_FORWARD", "warps")
+    with pytest.raises(ValueError, match="GPAVATAR_BLEND_FORWARD must be queries or tiles"):
+        check_against_reference("cpu", "cpu", 1, 5, 10, 4, backward=False)
+
+
+@pytest.mark.parametrize("device", CPP_DEVICES)
 def test_pair_backwards_agree_with_the_buffers(device, monkeypatch):
     """Every C++/CUDA backward on one input: the same gradients to float32 rounding; the
     tiled one falls back to the buffers where it does not apply (H != 64 or K > 8)."""

@@ -237,7 +237,23 @@ __global__ void gather_reduce_kernel(const int64_t* __restrict__ chunk_start, in
   grad_table[t] = sum;
 }
 
-// --- The tiled backward (knn_blend_tiles.h) -----------------------------------------
+// --- The tiled kernels (knn_blend_tiles.h) ------------------------------------------
+
+__global__ void __launch_bounds__(kTileThreads, kTileForwardBlocksPerSM)
+    tiles_forward_kernel(BlendArgs a, float* __restrict__ out) {
+  extern __shared__ __align__(16) float sh[];
+  const int t = threadIdx.x;
+  tile_stage_forward_weights(a, t, kTileThreads, sh);
+  const int64_t tiles = tile_count(a);
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    __syncthreads();  // the previous tile's output phase is done with g
+    tile_pair_terms(a, tile, t, sh);
+    __syncthreads();
+    tile_hidden_forward(a, t, sh);
+    __syncthreads();
+    tile_output(a, tile, t, sh, out);
+  }
+}
 
 __global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSM)
     tiles_backward_kernel(BlendArgs a, const float* __restrict__ grad_out, float* __restrict__ hidden,
@@ -251,9 +267,9 @@ __global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSM)
   const int64_t tiles = tile_count(a);
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     __syncthreads();  // the previous tile's phase C is done with gamma and delta
-    tile_pair_terms(a, tile, t, sh, total);
+    tile_pair_terms(a, tile, t, sh);
     __syncthreads();
-    tile_hidden_backward(a, grad_out, tile, t, sh, hidden, grad_table);
+    tile_hidden_backward(a, grad_out, tile, t, sh, hidden, total, grad_table);
     __syncthreads();
     tile_w1_accumulate(t, sh, acc);
   }
@@ -333,14 +349,30 @@ int launch_knn_blend_gather_reduce_cuda(const int64_t* chunk_start, int64_t rows
   return static_cast<int>(cudaGetLastError());
 }
 
+// Dynamic shared memory past 48 KiB needs the attribute; set on every call (it belongs to
+// the current device; cheap, no synchronisation).
+template <typename Kernel>
+cudaError_t allow_shared(Kernel kernel, size_t bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
+int launch_knn_blend_tiles_forward_cuda(const BlendArgs& a, int multiprocessors, float* out, void* stream) {
+  if (!tiles_forward_supported(a)) return static_cast<int>(cudaErrorInvalidValue);
+  if (a.B * a.M == 0) return 0;
+  const size_t smem = sizeof(float) * kTileForwardFloats;
+  const cudaError_t attr = allow_shared(tiles_forward_kernel, smem);
+  if (attr != cudaSuccess) return static_cast<int>(attr);
+  const int64_t blocks = tile_blocks(tile_count(a), multiprocessors, kTileForwardBlocksPerSM);
+  tiles_forward_kernel<<<static_cast<unsigned>(blocks), kTileThreads, smem, static_cast<cudaStream_t>(stream)>>>(a, out);
+  return static_cast<int>(cudaGetLastError());
+}
+
 int launch_knn_blend_tiles_backward_cuda(const BlendArgs& a, const float* grad_out, int multiprocessors,
                                          float* hidden, float* total, float* grad_table, float* part_w1,
                                          void* stream) {
   if (!tiles_supported(a)) return static_cast<int>(cudaErrorInvalidValue);
   const size_t smem = sizeof(float) * kTileSharedFloats;
-  // Every call: the attribute belongs to the current device (cheap, no synchronisation).
-  const cudaError_t attr = cudaFuncSetAttribute(
-      tiles_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  const cudaError_t attr = allow_shared(tiles_backward_kernel, smem);
   if (attr != cudaSuccess) return static_cast<int>(attr);
   const int64_t blocks = tile_blocks(tile_count(a), multiprocessors);
   tiles_backward_kernel<<<static_cast<unsigned>(blocks), kTileThreads, smem, static_cast<cudaStream_t>(stream)>>>(

@@ -123,6 +123,14 @@ GatherPlan make_gather_plan(const Prepared& p, const at::Tensor& grad_out) {
   return plan;
 }
 
+bool use_tiles_forward() {
+  const char* env = std::getenv("GPAVATAR_BLEND_FORWARD");
+  const std::string name = env == nullptr || env[0] == '\0' ? "queries" : env;
+  TORCH_CHECK_VALUE(name == "queries" || name == "tiles",
+                    msg("GPAVATAR_BLEND_FORWARD must be queries or tiles, got '", name, "'"));
+  return name == "tiles";
+}
+
 BackwardMethod blend_backward_method() {
   const char* env = std::getenv("GPAVATAR_BLEND_BACKWARD");
   const std::string name = env == nullptr || env[0] == '\0' ? "buffers" : env;
@@ -249,12 +257,66 @@ GPA_CPU_CLONES void backward_range(const BlendArgs& a, const float* grad_out, in
   }
 }
 
+// The tiled kernels of knn_blend_tiles.h on the CPU: the CUDA kernels' blocks, tiles,
+// phases and shared-memory layout, each phase run for every thread in turn (tests of that
+// code without a GPU; GPAVATAR_BLEND_FORWARD / GPAVATAR_BLEND_BACKWARD=tiles).  Serial: a
+// test path.
+at::Tensor forward_tiles_cpu(const Prepared& p) {
+  const BlendArgs& a = p.args;
+  const int64_t tiles = tile_count(a);
+  const int64_t blocks = tile_blocks(tiles, /*multiprocessors=*/1, kTileForwardBlocksPerSM);
+  at::Tensor out = at::empty({a.B, a.M, a.C}, p.queries.options());
+  std::vector<float> sh(kTileForwardFloats);
+  for (int64_t block = 0; block < blocks; ++block) {
+    for (int t = 0; t < kTileThreads; ++t) tile_stage_forward_weights(a, t, kTileThreads, sh.data());
+    for (int64_t tile = block; tile < tiles; tile += blocks) {
+      for (int t = 0; t < kTileThreads; ++t) tile_pair_terms(a, tile, t, sh.data());
+      for (int t = 0; t < kTileThreads; ++t) tile_hidden_forward(a, t, sh.data());
+      for (int t = 0; t < kTileThreads; ++t) tile_output(a, tile, t, sh.data(), out.data_ptr<float>());
+    }
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_tiles_cpu(const at::Tensor& grad_out,
+                                                                             const Prepared& p) {
+  const BlendArgs& a = p.args;
+  const int64_t tiles = tile_count(a);
+  const int64_t blocks = tile_blocks(tiles, /*multiprocessors=*/1);
+  auto opts = p.queries.options();
+  at::Tensor grad_table = at::zeros({p.table.size(0), a.H}, opts);
+  at::Tensor hidden = at::empty({a.B * a.M, a.H}, opts);
+  at::Tensor total = at::empty({a.B * a.M}, opts);
+  at::Tensor part_w1 = at::empty({2 * blocks, kEmbedDim, a.H}, opts);
+  const float* go = grad_out.data_ptr<float>();
+  std::vector<float> sh(kTileSharedFloats);
+  std::vector<float> acc(static_cast<size_t>(kTileThreads) * kEmbedDim);
+  for (int64_t block = 0; block < blocks; ++block) {
+    for (int t = 0; t < kTileThreads; ++t) tile_stage_weights(a, t, kTileThreads, sh.data());
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t tile = block; tile < tiles; tile += blocks) {
+      for (int t = 0; t < kTileThreads; ++t) tile_pair_terms(a, tile, t, sh.data());
+      for (int t = 0; t < kTileThreads; ++t)
+        tile_hidden_backward(a, go, tile, t, sh.data(), hidden.data_ptr<float>(), total.data_ptr<float>(),
+                             grad_table.data_ptr<float>());
+      for (int t = 0; t < kTileThreads; ++t)
+        tile_w1_accumulate(t, sh.data(), *reinterpret_cast<float(*)[kEmbedDim]>(acc.data() + t * kEmbedDim));
+    }
+    for (int t = 0; t < kTileThreads; ++t)
+      tile_w1_store(t, *reinterpret_cast<const float(*)[kEmbedDim]>(acc.data() + t * kEmbedDim),
+                    part_w1.data_ptr<float>() + block * 2 * kEmbedDim * a.H);
+  }
+  const at::Tensor g2 = grad_out.reshape({a.B * a.M, a.C});
+  return {grad_table, part_w1.sum(0).t().contiguous(), at::mm(g2.t(), hidden), at::mv(g2.t(), total)};
+}
+
 at::Tensor forward_cpu(const at::Tensor& queries, const at::Tensor& points,
                        const at::Tensor& dist2, const at::Tensor& idx, const at::Tensor& table,
                        const at::Tensor& w1_dir, const at::Tensor& w2, const at::Tensor& b2,
                        const std::optional<at::Tensor>& weight_sum, double eps) {
   Prepared p = prepare(queries, points, dist2, idx, table, w1_dir, w2, b2, weight_sum, eps);
   check_indices(p.idx, p.args.P);
+  if (use_tiles_forward() && tiles_forward_supported(p.args)) return forward_tiles_cpu(p);
   p.w2_t = p.w2.t().contiguous();  // project_output_t reads (H, C)
   p.args.w2_t = p.w2_t.data_ptr<float>();
   const BlendArgs& a = p.args;
@@ -351,40 +413,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_gather_cpu(c
   at::Tensor grad_w2 = at::mm(go.t(), hidden);
   at::Tensor grad_b2 = at::mv(go.t(), total);
   return {grad_table, part_w1.sum(0).t().contiguous(), grad_w2, grad_b2};
-}
-
-// The tiled backward of knn_blend_tiles.h on the CPU: the CUDA kernel's blocks, tiles,
-// phases and shared-memory layout, each phase run for every thread in turn (tests of that
-// code without a GPU; GPAVATAR_BLEND_BACKWARD=tiles).  Serial: a test path.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_tiles_cpu(const at::Tensor& grad_out,
-                                                                             const Prepared& p) {
-  const BlendArgs& a = p.args;
-  const int64_t tiles = tile_count(a);
-  const int64_t blocks = tile_blocks(tiles, /*multiprocessors=*/1);
-  auto opts = p.queries.options();
-  at::Tensor grad_table = at::zeros({p.table.size(0), a.H}, opts);
-  at::Tensor hidden = at::empty({a.B * a.M, a.H}, opts);
-  at::Tensor total = at::empty({a.B * a.M}, opts);
-  at::Tensor part_w1 = at::empty({2 * blocks, kEmbedDim, a.H}, opts);
-  const float* go = grad_out.data_ptr<float>();
-  std::vector<float> sh(kTileSharedFloats);
-  std::vector<float> acc(static_cast<size_t>(kTileThreads) * kEmbedDim);
-  for (int64_t block = 0; block < blocks; ++block) {
-    for (int t = 0; t < kTileThreads; ++t) tile_stage_weights(a, t, kTileThreads, sh.data());
-    std::fill(acc.begin(), acc.end(), 0.0f);
-    for (int64_t tile = block; tile < tiles; tile += blocks) {
-      for (int t = 0; t < kTileThreads; ++t) tile_pair_terms(a, tile, t, sh.data(), total.data_ptr<float>());
-      for (int t = 0; t < kTileThreads; ++t)
-        tile_hidden_backward(a, go, tile, t, sh.data(), hidden.data_ptr<float>(), grad_table.data_ptr<float>());
-      for (int t = 0; t < kTileThreads; ++t)
-        tile_w1_accumulate(t, sh.data(), *reinterpret_cast<float(*)[kEmbedDim]>(acc.data() + t * kEmbedDim));
-    }
-    for (int t = 0; t < kTileThreads; ++t)
-      tile_w1_store(t, *reinterpret_cast<const float(*)[kEmbedDim]>(acc.data() + t * kEmbedDim),
-                    part_w1.data_ptr<float>() + block * 2 * kEmbedDim * a.H);
-  }
-  const at::Tensor g2 = grad_out.reshape({a.B * a.M, a.C});
-  return {grad_table, part_w1.sum(0).t().contiguous(), at::mm(g2.t(), hidden), at::mv(g2.t(), total)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(

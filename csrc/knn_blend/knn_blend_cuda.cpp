@@ -58,6 +58,12 @@ at::Tensor forward_cuda(const at::Tensor& queries, const at::Tensor& points,
   const Prepared p =
       prepare_cuda(queries, points, dist2, idx, table, w1_dir, w2, b2, weight_sum, eps);
   at::Tensor out = at::empty({p.args.B, p.args.M, p.args.C}, queries.options());
+  if (use_tiles_forward() && tiles_forward_supported(p.args)) {
+    check_launch(launch_knn_blend_tiles_forward_cuda(p.args, at::cuda::getCurrentDeviceProperties()->multiProcessorCount,
+                                                     out.data_ptr<float>(), at::cuda::getCurrentCUDAStream().stream()),
+                 "knn_blend forward (tiles)");
+    return out;
+  }
   check_launch(launch_knn_blend_forward_cuda(p.args, out.data_ptr<float>(),
                                              at::cuda::getCurrentCUDAStream().stream()),
                "knn_blend forward");

@@ -1,5 +1,6 @@
-// The tiled knn_blend backward (GPAVATAR_BLEND_BACKWARD=tiles) for the paper's sizes
-// (H = 64, K <= 8): one pass over the queries, nothing stored per neighbour.
+// The tiled knn_blend kernels for the paper's sizes (H = 64, K <= 8; the forward also
+// C = 32): GPAVATAR_BLEND_FORWARD=tiles, GPAVATAR_BLEND_BACKWARD=tiles.  One pass over the
+// queries, nothing stored per neighbour.
 //
 // A block of kTileThreads threads loops over tiles of kTileQueries consecutive
 // queries (qi = b * M + m); a tile's pairs are p = q * kTileK + k (k >= K: empty).
@@ -7,13 +8,17 @@
 //                       (gamma c-major: gamma[c][p]); the query's sum_k w_k.
 //   B (thread = query q, unit group u0 = 8 units): the 8 x 8 block h[k][u] =
 //                       table[row][u0 + u] + sum_c w1_dir_t[c][u0 + u] gamma[c][p]
-//                       (c = 0..26 in order: hidden_unit's sum), then
-//                       g[u] += w_k relu(h)        -> hidden (B*M, H), for grad_w2 / grad_b2,
-//                       delta = w_k v[u] [h > 0]   -> grad_table[row] (added: atomics on the
-//                       GPU) and delta[j][p] in shared memory;  v = W2^T grad_out.
-//   C (thread = unit j, half of the pairs): grad_w1[c][j] += delta[j][p] gamma[c][p]
-//                       over its pairs in order, kept across the block's tiles; the
-//                       block writes one share per half (the caller sums them in order).
+//                       (c = 0..26 in order: hidden_unit's sum), then g[u] += w_k relu(h)
+//                       (in k order, like the per-query kernels).
+//   forward, O (thread = query, 4 outputs): out = W2 g + b2 sum_k w_k from g in shared
+//                       memory (project_output's order): the per-query kernel's numbers.
+//   backward, B also:   hidden (B*M, H) = g for grad_w2 / grad_b2, and
+//                       delta = w_k v[u] [h > 0] (v = W2^T grad_out) added to
+//                       grad_table[row] (atomics on the GPU) and kept as delta[j][p] in
+//                       shared memory;
+//   backward, C (thread = unit j, half of the pairs): grad_w1[c][j] += delta[j][p]
+//                       gamma[c][p] over its pairs in order, kept across the block's
+//                       tiles; the block writes one share per half (the caller sums them).
 // The phases are separated by block barriers on the GPU; the CPU runs each phase
 // for every thread in turn (the same functions, the same shared-memory layout).
 #pragma once
@@ -39,24 +44,36 @@ constexpr int kTileThreads = kTileQueries * kTileGroups;  // 128 (= kTilePairs =
 constexpr int kTileDeltaStride = kTilePairs + 4;          // delta row stride (no bank conflicts)
 constexpr int kTileHalf = kTilePairs / 2;                 // pairs per thread in C
 
-// Shared-memory layout, in floats.
+// Shared-memory layout, in floats (every region 16-byte aligned).
 constexpr int kTileW1 = 0;                                  // [27][64] w1_dir_t
 constexpr int kTileGamma = kTileW1 + kEmbedDim * kTileH;    // [27][kTilePairs]
 constexpr int kTileWeight = kTileGamma + kEmbedDim * kTilePairs;  // [kTilePairs]
 constexpr int kTileRow = kTileWeight + kTilePairs;          // [kTilePairs] table row bits (-1: none)
-constexpr int kTileDelta = kTileRow + kTilePairs;           // [64][kTileDeltaStride]
+constexpr int kTileTotal = kTileRow + kTilePairs;           // [kTileQueries] sum_k w_k
+constexpr int kTileDelta = kTileTotal + kTileQueries;       // backward: [64][kTileDeltaStride]
 constexpr int kTileSharedFloats = kTileDelta + kTileH * kTileDeltaStride;
+// The forward uses the delta region for g [kTileQueries][kTileGStride], w2^T [64][32] and b2.
+constexpr int kTileC = 32;
+constexpr int kTileGStride = kTileH + 4;
+constexpr int kTileG = kTileDelta;
+constexpr int kTileW2t = kTileG + kTileQueries * kTileGStride;
+constexpr int kTileB2 = kTileW2t + kTileH * kTileC;
+constexpr int kTileForwardFloats = kTileB2 + kTileC;
+constexpr int kTileOutputs = kTileC / (kTileThreads / kTileQueries);  // outputs per thread: 4
 
 GPA_HD bool tiles_supported(const BlendArgs& a) { return a.H == kTileH && a.K <= kTileK; }
+GPA_HD bool tiles_forward_supported(const BlendArgs& a) { return tiles_supported(a) && a.C == kTileC; }
 
 GPA_HD int64_t tile_count(const BlendArgs& a) { return (a.B * a.M + kTileQueries - 1) / kTileQueries; }
 
-// Resident blocks per multiprocessor the CUDA kernel is compiled for (55.5 KiB of shared
-// memory, <= 168 registers each), and the blocks it launches: each loops over tiles
-// block, block + blocks, ... and writes 2 shares of grad_w1.
+// Resident blocks per multiprocessor the CUDA kernels are compiled for (backward: 55.5 KiB
+// of shared memory and <= 168 registers each; forward: 34 KiB, <= 128 registers), and the
+// blocks they launch: each loops over tiles block, block + blocks, ... (a backward block
+// writes 2 shares of grad_w1).
 constexpr int kTileBlocksPerSM = 3;
-GPA_HD int64_t tile_blocks(int64_t tiles, int multiprocessors) {
-  const int64_t most = static_cast<int64_t>(multiprocessors) * kTileBlocksPerSM;
+constexpr int kTileForwardBlocksPerSM = 4;
+GPA_HD int64_t tile_blocks(int64_t tiles, int multiprocessors, int per_multiprocessor = kTileBlocksPerSM) {
+  const int64_t most = static_cast<int64_t>(multiprocessors) * per_multiprocessor;
   return tiles < 1 ? 1 : (tiles < most ? tiles : most);
 }
 
@@ -90,8 +107,19 @@ GPA_HD void tile_stage_weights(const BlendArgs& a, int t, int n, float* sh) {
   for (int e = t; e < kEmbedDim * kTileH; e += n) sh[kTileW1 + e] = a.w1_dir_t[e];
 }
 
-// Phase A, thread t = pair p.  Writes total[qi] (thread k = 0 of each query).
-GPA_HD void tile_pair_terms(const BlendArgs& a, int64_t tile, int t, float* sh, float* total) {
+// Once per block of the forward: also w2^T and b2.
+GPA_HD void tile_stage_forward_weights(const BlendArgs& a, int t, int n, float* sh) {
+  tile_stage_weights(a, t, n, sh);
+  for (int e = t; e < kTileH * kTileC; e += n) {
+    const int j = e / kTileC, o = e - j * kTileC;
+    sh[kTileW2t + e] = a.w2[o * kTileH + j];
+  }
+  for (int o = t; o < kTileC; o += n) sh[kTileB2 + o] = a.b2[o];
+}
+
+// Phase A, thread t = pair p (q = t / 8, k = t % 8); thread k = 0 of a query also writes
+// its sum_k w_k.
+GPA_HD void tile_pair_terms(const BlendArgs& a, int64_t tile, int t, float* sh) {
   const int q = t / kTileK, k = t - q * kTileK;
   const int64_t qi = tile * kTileQueries + q;
   float gamma[kEmbedDim];
@@ -100,7 +128,7 @@ GPA_HD void tile_pair_terms(const BlendArgs& a, int64_t tile, int t, float* sh, 
   if (qi < a.B * a.M && k < a.K) {
     float sum_w;
     weight = neighbor_weight(a, qi, k, sum_w);
-    if (k == 0) total[qi] = sum_w;
+    if (k == 0) sh[kTileTotal + q] = sum_w;
     const float* r = neighbor_embedding(a, qi, k, gamma);
     if (r != nullptr) row = static_cast<int>((r - a.table) / kTileH);
   }
@@ -155,12 +183,88 @@ GPA_HD void tile_add_row(float* dst, const float (&d)[kTileUnits]) {
 #endif
 }
 
-// Phase B, thread t = (unit group t / kTileQueries, query t % kTileQueries).
+// Phase B, thread t = (unit group t / kTileQueries, query q = t % kTileQueries):
+// h[k][u] = table[row_k][u0 + u] + sum_c w1_dir_t[c][u0 + u] gamma[c][p_k] (hidden_unit's sum).
+GPA_HD void tile_hidden(const BlendArgs& a, int t, const float* sh, float (&h)[kTileK][kTileUnits]) {
+  const int q = t % kTileQueries, u0 = (t / kTileQueries) * kTileUnits;
+  GPA_UNROLL
+  for (int k = 0; k < kTileK; ++k) {
+    const int row = float_bits_to_int(sh[kTileRow + q * kTileK + k]);
+    const float* tr = a.table + static_cast<int64_t>(row < 0 ? 0 : row) * kTileH + u0;
+    GPA_UNROLL
+    for (int u = 0; u < kTileUnits; ++u) h[k][u] = row < 0 ? 0.0f : tr[u];
+  }
+  const float* gam = sh + kTileGamma + q * kTileK;
+  const float* w1 = sh + kTileW1 + u0;
+  for (int c = 0; c < kEmbedDim; ++c) {
+    float gc[kTileK], wc[kTileUnits];
+    load_floats(gam + c * kTilePairs, gc);
+    load_floats(w1 + c * kTileH, wc);
+    GPA_UNROLL
+    for (int k = 0; k < kTileK; ++k) {
+      GPA_UNROLL
+      for (int u = 0; u < kTileUnits; ++u) h[k][u] += wc[u] * gc[k];
+    }
+  }
+}
+
+// Phase B of the forward: g = sum_k w_k relu(h_k) (the forward's order) into shared memory.
+GPA_HD void tile_hidden_forward(const BlendArgs& a, int t, float* sh) {
+  const int q = t % kTileQueries, u0 = (t / kTileQueries) * kTileUnits;
+  float h[kTileK][kTileUnits];
+  tile_hidden(a, t, sh, h);
+  float g[kTileUnits];
+  GPA_UNROLL
+  for (int u = 0; u < kTileUnits; ++u) g[u] = 0.0f;
+  GPA_UNROLL
+  for (int k = 0; k < kTileK; ++k) {
+    const int row = float_bits_to_int(sh[kTileRow + q * kTileK + k]);
+    const float w = sh[kTileWeight + q * kTileK + k];
+    GPA_UNROLL
+    for (int u = 0; u < kTileUnits; ++u) {
+      if (row >= 0) g[u] += w * relu_f(h[k][u]);
+    }
+  }
+  float* gs = sh + kTileG + q * kTileGStride + u0;
+  store_floats4(gs, g[0], g[1], g[2], g[3]);
+  store_floats4(gs + 4, g[4], g[5], g[6], g[7]);
+}
+
+// The forward's output, thread t = (query t / 8, outputs o0 = 4 (t % 8) .. o0 + 4):
+// out[o] = sum_j w2[o][j] g[j] + b2[o] sum_k w_k (project_output's order).
+GPA_HD void tile_output(const BlendArgs& a, int64_t tile, int t, const float* sh, float* out) {
+  constexpr int kPerQuery = kTileThreads / kTileQueries;
+  const int q = t / kPerQuery, o0 = (t % kPerQuery) * kTileOutputs;
+  const int64_t qi = tile * kTileQueries + q;
+  if (qi >= a.B * a.M) return;
+  const float* g = sh + kTileG + q * kTileGStride;
+  float acc[kTileOutputs];
+  GPA_UNROLL
+  for (int i = 0; i < kTileOutputs; ++i) acc[i] = 0.0f;
+  for (int j = 0; j < kTileH; j += 4) {
+    float gj[4];
+    load_floats(g + j, gj);
+    GPA_UNROLL
+    for (int e = 0; e < 4; ++e) {
+      float w[kTileOutputs];
+      load_floats(sh + kTileW2t + (j + e) * kTileC + o0, w);
+      GPA_UNROLL
+      for (int i = 0; i < kTileOutputs; ++i) acc[i] += w[i] * gj[e];
+    }
+  }
+  const float total = sh[kTileTotal + q];
+  float* o = out + qi * kTileC + o0;
+  store_floats4(o, acc[0] + sh[kTileB2 + o0] * total, acc[1] + sh[kTileB2 + o0 + 1] * total,
+                acc[2] + sh[kTileB2 + o0 + 2] * total, acc[3] + sh[kTileB2 + o0 + 3] * total);
+}
+
+// Phase B of the backward (same threads): also writes total[qi] and hidden[qi] (g).
 GPA_HD void tile_hidden_backward(const BlendArgs& a, const float* grad_out, int64_t tile, int t, float* sh,
-                                 float* hidden, float* grad_table) {
+                                 float* hidden, float* total, float* grad_table) {
   const int q = t % kTileQueries, u0 = (t / kTileQueries) * kTileUnits;
   const int64_t qi = tile * kTileQueries + q;
   const bool live = qi < a.B * a.M;
+  if (live && u0 == 0) total[qi] = sh[kTileTotal + q];
   // v = W2^T grad_out for this thread's units (hidden_gradient's order).
   float v[kTileUnits];
   GPA_UNROLL
@@ -173,27 +277,8 @@ GPA_HD void tile_hidden_backward(const BlendArgs& a, const float* grad_out, int6
       for (int u = 0; u < kTileUnits; ++u) v[u] += w[u] * go;
     }
   }
-  const float* gam = sh + kTileGamma + q * kTileK;
-  const float* w1 = sh + kTileW1 + u0;
-  // h[k][u] = table[row_k][u0 + u] + sum_c w1_dir_t[c][u0 + u] gamma[c][p_k]
   float h[kTileK][kTileUnits];
-  GPA_UNROLL
-  for (int k = 0; k < kTileK; ++k) {
-    const int row = float_bits_to_int(sh[kTileRow + q * kTileK + k]);
-    const float* tr = a.table + static_cast<int64_t>(row < 0 ? 0 : row) * kTileH + u0;
-    GPA_UNROLL
-    for (int u = 0; u < kTileUnits; ++u) h[k][u] = row < 0 ? 0.0f : tr[u];
-  }
-  for (int c = 0; c < kEmbedDim; ++c) {
-    float gc[kTileK], wc[kTileUnits];
-    load_floats(gam + c * kTilePairs, gc);
-    load_floats(w1 + c * kTileH, wc);
-    GPA_UNROLL
-    for (int k = 0; k < kTileK; ++k) {
-      GPA_UNROLL
-      for (int u = 0; u < kTileUnits; ++u) h[k][u] += wc[u] * gc[k];
-    }
-  }
+  tile_hidden(a, t, sh, h);
   // g (forward order over k), delta in place of h, its rows added to grad_table.
   float g[kTileUnits];
   GPA_UNROLL
@@ -249,6 +334,8 @@ GPA_HD void tile_w1_store(int t, const float (&acc)[kEmbedDim], float* part) {
 }
 
 #if defined(WITH_CUDA)
+// out (B, M, 32) (16-byte aligned).
+int launch_knn_blend_tiles_forward_cuda(const BlendArgs& args, int multiprocessors, float* out, void* stream);
 // grad_table (rows, H) zeroed by the caller; hidden (B*M, H), total (B*M);
 // part_w1 (2 * tile_blocks, 27, H).
 int launch_knn_blend_tiles_backward_cuda(const BlendArgs& args, const float* grad_out, int multiprocessors,
