@@ -60,6 +60,11 @@ constexpr int kTileW2t = kTileG + kTileQueries * kTileGStride;
 constexpr int kTileB2 = kTileW2t + kTileH * kTileC;
 constexpr int kTileForwardFloats = kTileB2 + kTileC;
 constexpr int kTileOutputs = kTileC / (kTileThreads / kTileQueries);  // outputs per thread: 4
+static_assert(kTileThreads == kTilePairs && kTileThreads == 2 * kTileH && kTileOutputs == 4,
+              "phase A takes one thread per pair, phase C two per unit, the output 4 floats per thread");
+static_assert(kTileGamma % 4 == 0 && kTileDelta % 4 == 0 && kTileW2t % 4 == 0 && kTileDeltaStride % 4 == 0 &&
+                  kTileGStride % 4 == 0,
+              "float4 accesses need 16-byte aligned regions and rows");
 
 GPA_HD bool tiles_supported(const BlendArgs& a) { return a.H == kTileH && a.K <= kTileK; }
 GPA_HD bool tiles_forward_supported(const BlendArgs& a) { return tiles_supported(a) && a.C == kTileC; }
