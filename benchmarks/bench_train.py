@@ -34,6 +34,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -78,17 +79,35 @@ def make_setup(preset: str, device: torch.device, *, batch: int = 1, sources: in
 
 # Row variants of a gpavatar backend (GPU rows after the plain ones): "+keep" keeps the decoder's
 # activations (no layer checkpointing), "+bf16" runs forward and loss under bf16 autocast (the
-# trainer's --amp bf16).
-VARIANTS = ("+keep", "+bf16")
+# trainer's --amp bf16), "+tiles" runs the C++/CUDA blend's tiled kernels
+# (GPAVATAR_BLEND_FORWARD / GPAVATAR_BLEND_BACKWARD=tiles; opt-in until measured).
+VARIANTS = ("+keep", "+bf16", "+tiles")
+TILES_ENV = {"GPAVATAR_BLEND_FORWARD": "tiles", "GPAVATAR_BLEND_BACKWARD": "tiles"}
 
 
-def split_variant(backend: str) -> tuple[str, bool, bool]:
-    """(backend, keep activations, bf16 autocast) of a row name such as ``cuda+bf16``."""
+def split_variant(backend: str) -> tuple[str, bool, bool, bool]:
+    """(backend, keep activations, bf16 autocast, tiled blend) of a row name such as ``cuda+bf16``."""
     base, *opts = backend.split("+")
     unknown = [o for o in opts if "+" + o not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown row variant(s) {unknown} of {backend!r}; known: {VARIANTS}")
-    return base, "keep" in opts, "bf16" in opts
+    return base, "keep" in opts, "bf16" in opts, "tiles" in opts
+
+
+@contextlib.contextmanager
+def blend_env(tiles: bool):
+    """The tiled blend switches set inside the block (restored after) when ``tiles``."""
+    saved = {k: os.environ.get(k) for k in TILES_ENV}
+    if tiles:
+        os.environ.update(TILES_ENV)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def make_step(setup: dict, backend: str):
@@ -99,10 +118,11 @@ def make_step(setup: dict, backend: str):
     model.load_state_dict(setup["initial"])
     optimizer = torch.optim.Adam(model.param_groups(LR), lr=LR, betas=BETAS)
     generator = torch.Generator(device).manual_seed(setup["seed"])
-    backend, keep, bf16 = split_variant(backend)
+    backend, keep, bf16, tiles = split_variant(backend)
 
     def step():
-        with use_backend(model, backend), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with use_backend(model, backend), blend_env(tiles), \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             saved = model.nerf_mlp.checkpoint_layers
             model.nerf_mlp.checkpoint_layers = False if keep else saved
             try:
@@ -185,7 +205,8 @@ def render_markdown(payload: dict) -> str:
             "checkpoint the decoder's layers on the gpavatar backends (GPAVATAR_FIELD_CHECKPOINT, "
             "gpavatar/model/decoder.py: the paper preset does, the tiny one does not); the baselines keep "
             "every activation, as the official code does. Row variants: X+keep = without that checkpointing; "
-            "X+bf16 = forward and loss under bf16 autocast (the trainer's --amp bf16).")
+            "X+bf16 = forward and loss under bf16 autocast (the trainer's --amp bf16); X+tiles = the C++/CUDA "
+            "blend's tiled forward and backward (GPAVATAR_BLEND_FORWARD / GPAVATAR_BLEND_BACKWARD=tiles).")
     return "\n\n".join([title, H.env_markdown(env), H.markdown_table(headers, body), note]) + "\n"
 
 
