@@ -1,0 +1,123 @@
+"""A model of the CUDA cell search's work (no GPU needed): for warps of 32 queries in bucket
+order, how many list entries each lane scans before its band stop, how many it inserts into
+its top-K, how many steps the warp runs (its slowest lane) and in how many of them some lane
+inserts (the divergent path).
+
+    python benchmarks/knn_search_model.py --dist render --grids 12,16,24 --warps 200
+
+The lists follow knn_cells.h (U_C, the admission bound, 16 distance bands, index order within
+a band) in float64, so the counts are those of the kernel up to rounding at the boundaries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _distributions  # noqa: E402
+
+BANDS = 16
+
+
+def grid(q: np.ndarray, p: np.ndarray, G: int):
+    """lo and cell size of knn_cells.h's grid (points' box joined with the clipped queries' box)."""
+    plo, phi, qlo, qhi = p.min(0), p.max(0), q.min(0), q.max(0)
+    reach = (phi - plo).max()
+    lo = np.minimum(plo, np.maximum(qlo, plo - reach))
+    hi = np.maximum(phi, np.minimum(qhi, phi + reach))
+    return lo, (hi - lo) / G
+
+
+def cell_list(p: np.ndarray, lo, cell, G: int, c: int, K: int):
+    """(indices, bands, band floors) of cell c's list, in scan order."""
+    ix = np.array([c % G, (c // G) % G, c // (G * G)])
+    blo, bhi = lo + ix * cell - 1e-3 * cell, lo + (ix + 1) * cell + 1e-3 * cell
+    max_d = (np.maximum(p - blo, bhi - p) ** 2).sum(1)
+    bound = np.partition(max_d, K - 1)[K - 1] * (1 + 1e-5)
+    key = (np.maximum(np.maximum(blo - p, p - bhi), 0) ** 2).sum(1)
+    keep = np.nonzero(key <= bound)[0]
+    floors = bound * np.arange(BANDS) ** 2 / BANDS**2
+    band = np.searchsorted(floors, key[keep], side="right") - 1
+    o = np.lexsort((keep, band))
+    return keep[o], band[o], floors
+
+
+def scan(d: np.ndarray, band: np.ndarray, floors: np.ndarray, K: int):
+    """(entries scanned, insert flags) of scan_banded for one query."""
+    ins = np.zeros(len(d), bool)
+    heap: list[float] = []  # the K smallest so far, negated
+    for s in range(len(d)):
+        worst = -heap[0] if len(heap) == K else np.inf
+        if (s == 0 or band[s] != band[s - 1]) and floors[band[s]] > worst:
+            return s, ins
+        if d[s] < worst:
+            ins[s] = True
+            (heapq.heapreplace if len(heap) == K else heapq.heappush)(heap, -d[s])
+    return len(d), ins
+
+
+def model(q: np.ndarray, p: np.ndarray, G: int, K: int, warps: int, seed: int = 0) -> dict:
+    lo, cell = grid(q, p, G)
+    c3 = np.clip(((q - lo) / cell).astype(int), 0, G - 1)
+    cid = (c3[:, 2] * G + c3[:, 1]) * G + c3[:, 0]
+    order = np.argsort(cid, kind="stable")
+    lists: dict[int, tuple] = {}
+    starts = np.random.default_rng(seed).integers(0, len(q) // 32, warps) * 32
+    scanned = inserts = steps = insert_steps = lanes = 0
+    lengths = []
+    for s0 in starts:
+        runs: dict[int, list[int]] = {}
+        for qi in order[s0:s0 + 32]:
+            runs.setdefault(int(cid[qi]), []).append(qi)
+        # Lanes of other cells run the same loop over their own list (no serialisation): the
+        # warp's steps are its slowest lane's, an insert step is a position where some lane inserts.
+        longest, insert_at = 0, np.zeros(0, bool)
+        for c, members in runs.items():
+            if c not in lists:
+                lists[c] = cell_list(p, lo, cell, G, c, K)
+            idx, band, floors = lists[c]
+            lengths.append(len(idx))
+            for qi in members:
+                n, ins = scan(((p[idx] - q[qi]) ** 2).sum(1), band, floors, K)
+                scanned, inserts, lanes = scanned + n, inserts + int(ins[:n].sum()), lanes + 1
+                longest = max(longest, n)
+                if len(insert_at) < n:
+                    insert_at = np.concatenate([insert_at, np.zeros(n - len(insert_at), bool)])
+                insert_at[:n] |= ins[:n]
+        steps += longest
+        insert_steps += int(insert_at.sum())
+    return dict(G=G, list=float(np.mean(lengths)), scanned=scanned / lanes, inserts=inserts / lanes,
+                warp_steps=steps / warps, insert_steps=insert_steps / warps,
+                lane_use=scanned / lanes / (steps / warps))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dist", default="render")
+    ap.add_argument("--M", type=int, default=524288)
+    ap.add_argument("--P", type=int, default=5023)
+    ap.add_argument("--K", type=int, default=8)
+    ap.add_argument("--grids", default="12,16,24")
+    ap.add_argument("--warps", type=int, default=200)
+    args = ap.parse_args(argv)
+    q, p = _distributions.make_queries(args.dist, 1, args.M, args.P, device=torch.device("cpu"))
+    q, p = q[0].double().numpy(), p[0].double().numpy()
+    print(f"{args.dist}: M={args.M} P={args.P} K={args.K}, {args.warps} warps of 32 queries in bucket order\n")
+    print("| G | mean list | scanned / lane | inserts / lane | warp steps | steps with an insert | lane use |")
+    print("|---|---|---|---|---|---|---|")
+    for G in (int(g) for g in args.grids.split(",")):
+        r = model(q, p, G, args.K, args.warps)
+        print(f"| {G} | {r['list']:.0f} | {r['scanned']:.0f} | {r['inserts']:.1f} | {r['warp_steps']:.0f} | "
+              f"{r['insert_steps']:.0f} | {r['lane_use']:.0%} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
