@@ -117,6 +117,26 @@ def time_fn(
 
 
 @contextlib.contextmanager
+def environ(**values):
+    """Set environment variables inside the block (None: unset), restored afterwards (the
+    switches the C++ and Triton code read on every call)."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = str(v)
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
 def _quiet_stderr():
     """Silence file descriptor 2 (the profiler's C++ start/stop log lines)."""
     try:

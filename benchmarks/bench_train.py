@@ -34,7 +34,6 @@ Usage::
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
@@ -94,22 +93,6 @@ def split_variant(backend: str) -> tuple[str, bool, bool, bool]:
     return base, "keep" in opts, "bf16" in opts, "tiles" in opts
 
 
-@contextlib.contextmanager
-def blend_env(tiles: bool):
-    """The tiled blend switches set inside the block (restored after) when ``tiles``."""
-    saved = {k: os.environ.get(k) for k in TILES_ENV}
-    if tiles:
-        os.environ.update(TILES_ENV)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def make_step(setup: dict, backend: str):
     """A zero-argument training step with ``backend`` from the initial weights, a fresh Adam and a
     fresh generator (the same draws for every backend); returns the step's total loss (a tensor)."""
@@ -121,7 +104,7 @@ def make_step(setup: dict, backend: str):
     backend, keep, bf16, tiles = split_variant(backend)
 
     def step():
-        with use_backend(model, backend), blend_env(tiles), \
+        with use_backend(model, backend), H.environ(**(TILES_ENV if tiles else {})), \
                 torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             saved = model.nerf_mlp.checkpoint_layers
             model.nerf_mlp.checkpoint_layers = False if keep else saved

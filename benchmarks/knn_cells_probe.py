@@ -17,7 +17,6 @@ afterwards.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -29,27 +28,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _baselines  # noqa: E402
+import _harness  # noqa: E402
 import _distributions  # noqa: E402
 
 import gpavatar.ops as ops  # noqa: E402
 
 
-@contextlib.contextmanager
-def env(**values):
-    old = {k: os.environ.get(k) for k in values}
-    try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = str(v)
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+env = _harness.environ
 
 
 def timed(fn, device, warmup=3, repeats=20, max_seconds=2.0):
@@ -101,7 +86,8 @@ def profile_once(fn, device, label):
 def run_once(args, device, backend):
     """knn (banded and buffered scans) and knn_blend forward + backward, once each."""
     q, p = _distributions.make_queries("render", 1, args.M, args.P, device=device)
-    for extra in (dict(), dict(GPAVATAR_KNN_CUDA_SEARCH="buffered"), dict(GPAVATAR_KNN_CUDA_BUILD="two_level")):
+    for extra in (dict(), dict(GPAVATAR_KNN_CUDA_SEARCH="buffered"), dict(GPAVATAR_KNN_CUDA_SEARCH="unrolled"),
+                  dict(GPAVATAR_KNN_CUDA_BUILD="two_level")):
         with env(GPAVATAR_KNN="cells", **extra):
             ops.knn(q, p, args.K, backend=backend)
     g = torch.Generator().manual_seed(0)
@@ -154,6 +140,12 @@ def main(argv=None):
                 cases.append((f"cells two_level G={G}", backend,
                               dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CELLS=G, GPAVATAR_KNN_CUDA_BUILD="two_level")))
             cases.append(("cells buffered", backend, dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_SEARCH="buffered")))
+            # the prefetching scan (unmeasured), alone and with the two-level build at the larger grids
+            cases.append(("cells unrolled", backend, dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_SEARCH="unrolled")))
+            for G in [int(g) for g in args.grids.split(",") if int(g) >= 24]:
+                cases.append((f"cells two_level unrolled G={G}", backend,
+                              dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CELLS=G, GPAVATAR_KNN_CUDA_BUILD="two_level",
+                                   GPAVATAR_KNN_CUDA_SEARCH="unrolled")))
         cases.append(("cells budget=4 (overflow)", backend, dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CELL_BUDGET=4)))
         cases.append(("auto", backend, dict()))
         if not args.no_triton:

@@ -68,10 +68,12 @@ enum class Method { kBrute, kGrid, kCells };
 // captured in a CUDA graph; the grid's build reads its size back to the host).
 Method choose_method(int64_t M, int64_t P, int64_t cells_min_queries = kCellsMinQueries,
                      Method small = Method::kGrid);
-// GPAVATAR_KNN_CUDA_SEARCH = banded (default: the faster on an H200) | buffered (the seed
-// bound and per-query buffer of knn_cells.h; exact too): the CUDA cell scan, and the one the
-// CPU's CUDA-layout path (GPAVATAR_KNN_LAYOUT=cuda) runs.  A ValueError for other values.
+// GPAVATAR_KNN_CUDA_SEARCH = banded (default: the faster on an H200) | unrolled (banded with
+// the next entry's load issued before the current entry is offered; not yet measured) | buffered (the seed bound and per-query buffer
+// of knn_cells.h; exact too): the CUDA cell scan, and the one the CPU's CUDA-layout path
+// (GPAVATAR_KNN_LAYOUT=cuda) runs.  A ValueError for other values.
 bool cuda_search_buffered();
+bool cuda_search_unrolled();
 // GPAVATAR_KNN_CUDA_BUILD = flat (default) | two_level: how the CUDA path's cell lists are
 // built (knn_cells.h; the same lists either way); also read by GPAVATAR_KNN_LAYOUT=cuda.
 bool cuda_build_two_level();

@@ -208,7 +208,7 @@ def test_bad_environment_is_a_clear_error(monkeypatch):
 # the CUDA search kernels call (scan_banded; scan_buffered with GPAVATAR_KNN_CUDA_SEARCH=buffered),
 # so their arithmetic and layout are tested here without a GPU.  GPAVATAR_KNN_BUFFER (> K) sets
 # the buffered scan's slots per query: K + 1 makes it flush after nearly every append.
-CUDA_SEARCHES = ["banded", "buffered"]
+CUDA_SEARCHES = ["banded", "unrolled", "buffered"]
 # GPAVATAR_KNN_CUDA_BUILD=two_level builds each cell's list from its parent's (knn_cells.h);
 # GPAVATAR_KNN_PARENT_CAP forces parents past the cap to the every-point fallback (0: all of
 # them, 40: most), and GPAVATAR_KNN_VERIFY_LISTS=1 makes the CPU layout check that its lists
@@ -304,7 +304,7 @@ def test_bad_layout_environment_is_a_clear_error(monkeypatch):
         ops.knn(q, pts, 4, backend="cpu")
     monkeypatch.setenv("GPAVATAR_KNN_LAYOUT", "cuda")
     monkeypatch.setenv("GPAVATAR_KNN_CUDA_SEARCH", "fast")
-    with pytest.raises(ValueError, match="GPAVATAR_KNN_CUDA_SEARCH must be banded or buffered"):
+    with pytest.raises(ValueError, match="GPAVATAR_KNN_CUDA_SEARCH must be banded, unrolled or buffered"):
         ops.knn(q, pts, 4, backend="cpu")
     monkeypatch.setenv("GPAVATAR_KNN_CUDA_SEARCH", "banded")
     monkeypatch.setenv("GPAVATAR_KNN_CUDA_BUILD", "tree")

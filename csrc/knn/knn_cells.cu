@@ -19,6 +19,9 @@
 //           query in bucket order: the threads of a warp share a cell and read
 //           the same entries (broadcast loads from L1); each stops at the first
 //           band that cannot improve its K neighbours (knn_cells.h).
+//           GPAVATAR_KNN_CUDA_SEARCH=unrolled loads the next entry before offering
+//           the current one (the plain loop waits on every load: one LDG.128 and
+//           its use per entry in the sm_90 code).
 #include <cuda_runtime.h>
 
 #include "knn/knn.h"
@@ -323,9 +326,9 @@ __global__ void bucket_scatter_kernel(const int* __restrict__ bucket_of,
 
 // One thread per query in bucket order.  Buffered: scan_buffered with each
 // thread's buffer in shared memory (Cap slots, interleaved across the block's
-// threads: conflict-free); else scan_banded.
-template <int Capacity, bool Buffered, int Cap, int Threads>
-__global__ void __launch_bounds__(Threads)
+// threads: conflict-free); else scan_banded (Prefetch: the next entry loaded early).
+template <int Capacity, bool Buffered, int Cap, int Threads, bool Prefetch = false>
+__global__ void __launch_bounds__(Threads, Prefetch && Capacity <= 8 ? 3 : 1)
     search_kernel(const float* __restrict__ queries, const float* __restrict__ points,
                   const int* __restrict__ order, const int* __restrict__ bucket_of,
                   const int64_t* __restrict__ offset, const float* __restrict__ cand,
@@ -357,8 +360,8 @@ __global__ void __launch_bounds__(Threads)
                   seeds + 4 * slot * K, qx, qy, qz, buf_d + threadIdx.x, buf_i + threadIdx.x, Threads,
                   Cap, best);
   } else {
-    scan_banded(cand + 4 * offset[slot], band_count + slot * kCellBands, cell_bound[slot], qx, qy,
-                qz, best);
+    scan_banded<Capacity, Prefetch>(cand + 4 * offset[slot], band_count + slot * kCellBands, cell_bound[slot], qx,
+                                  qy, qz, best);
   }
 #pragma unroll
   for (int j = 0; j < Capacity; ++j) {
@@ -429,10 +432,10 @@ int launch_cell_bucket_cuda(const CellKnnCuda& a, bool scatter, void* stream) {
   return static_cast<int>(cudaGetLastError());
 }
 
-template <int Capacity, bool Buffered, int Cap, int Threads>
+template <int Capacity, bool Buffered, int Cap, int Threads, bool Prefetch = false>
 void launch_search(const CellKnnCuda& a, cudaStream_t s) {
   const int64_t n = a.B * a.M;
-  search_kernel<Capacity, Buffered, Cap, Threads><<<static_cast<unsigned>((n + Threads - 1) / Threads), Threads,
+  search_kernel<Capacity, Buffered, Cap, Threads, Prefetch><<<static_cast<unsigned>((n + Threads - 1) / Threads), Threads,
                                                       0, s>>>(
       a.queries, a.points, a.order, a.query_cell, a.offset, a.cand, a.cell_bound, a.band_count, a.seeds,
       a.dist2, a.idx, a.B, a.M, a.P, a.G, a.K);
@@ -443,11 +446,17 @@ int launch_cell_search_cuda(const CellKnnCuda& a, void* stream) {
   if (a.B == 0 || a.M == 0) return 0;
   // Buffered: buffer_slots(Capacity) slots per thread, 32 KiB of shared memory or less per block.
   if (a.K <= 8) {
-    a.buffered ? launch_search<8, true, 32, 128>(a, s) : launch_search<8, false, 1, kThreads>(a, s);
+    a.buffered   ? launch_search<8, true, 32, 128>(a, s)
+    : a.unrolled ? launch_search<8, false, 1, kThreads, true>(a, s)
+                 : launch_search<8, false, 1, kThreads>(a, s);
   } else if (a.K <= 16) {
-    a.buffered ? launch_search<16, true, 48, 64>(a, s) : launch_search<16, false, 1, kThreads>(a, s);
+    a.buffered   ? launch_search<16, true, 48, 64>(a, s)
+    : a.unrolled ? launch_search<16, false, 1, kThreads, true>(a, s)
+                 : launch_search<16, false, 1, kThreads>(a, s);
   } else {
-    a.buffered ? launch_search<kMaxK, true, 64, 64>(a, s) : launch_search<kMaxK, false, 1, kThreads>(a, s);
+    a.buffered   ? launch_search<kMaxK, true, 64, 64>(a, s)
+    : a.unrolled ? launch_search<kMaxK, false, 1, kThreads, true>(a, s)
+                 : launch_search<kMaxK, false, 1, kThreads>(a, s);
   }
   return static_cast<int>(cudaGetLastError());
 }

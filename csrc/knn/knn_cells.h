@@ -218,15 +218,43 @@ GPA_HD float entry_distance(const float* entries, int64_t s, float qx, float qy,
 #endif
 }
 
+// One list entry (x, y, z, index bits): one 16-byte load on the GPU.
+struct ListEntry {
+  float x, y, z;
+  int index;
+};
+
+GPA_HD ListEntry load_entry(const float* entries, int64_t s) {
+#if defined(__CUDA_ARCH__)
+  const float4 e = __ldg(reinterpret_cast<const float4*>(entries) + s);
+  return {e.x, e.y, e.z, __float_as_int(e.w)};
+#else
+  const float* e = entries + 4 * s;
+  return {e[0], e[1], e[2], float_bits_to_int(e[3])};
+#endif
+}
+
 // Scans a banded list (entries of 4 floats: x, y, z, index bits) for a query,
-// stopping at the first band that cannot hold a neighbour.
-template <int Capacity>
+// stopping at the first band that cannot hold a neighbour.  Prefetch
+// (GPAVATAR_KNN_CUDA_SEARCH=unrolled): the next entry of the band is loaded
+// before the current one is offered, so a load is in flight while the thread
+// works (the plain loop waits on every entry's load); the offers are the same,
+// in the same order.
+template <int Capacity, bool Prefetch = false>
 GPA_HD void scan_banded(const float* entries, const int* band_count, float bound, float qx, float qy,
                         float qz, TopKRegs<Capacity>& best) {
   int64_t s = 0;
   for (int j = 0; j < kCellBands; ++j) {
     if (band_floor(bound, j) > best.worst) break;
     const int64_t end = s + band_count[j];
+    if (Prefetch && s < end) {
+      ListEntry next = load_entry(entries, s);
+      for (; s < end; ++s) {
+        const ListEntry e = next;
+        if (s + 1 < end) next = load_entry(entries, s + 1);
+        best.offer(squared_distance(qx, qy, qz, e.x, e.y, e.z), e.index);
+      }
+    }
     for (; s < end; ++s) {
       int i;
       const float d = entry_distance(entries, s, qx, qy, qz, i);
@@ -361,6 +389,7 @@ struct CellKnnCuda {
   float* cell_bound;       // [B * G^3] admission bound of each list
   float* seeds;            // [B * G^3 * K * 4] the K points that define U_C (x, y, z, index bits)
   bool buffered;           // the search: scan_buffered (true) or scan_banded
+  bool unrolled;           // scan_banded with the next entry prefetched
   int* band_count;         // [B * G^3 * kCellBands] entries per band
   int64_t budget;          // entries
   int* query_cell;         // [B * M] cell of each query, G^3 for the brute-force bucket

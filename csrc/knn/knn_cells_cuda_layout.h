@@ -194,8 +194,8 @@ inline void build(Lists& L, const float* queries, const float* points, int64_t B
 // The K nearest of query qi = b * M + m into (dist, idx); false when the CUDA
 // path would give it to the brute-force bucket (outside the grid, overflow).
 template <int Capacity>
-bool search(const Lists& L, int64_t b, float qx, float qy, float qz, bool buffered, int cap, float* dist,
-            int64_t* idx) {
+bool search(const Lists& L, int64_t b, float qx, float qy, float qz, bool buffered, bool unrolled, int cap,
+            float* dist, int64_t* idx) {
   const int c = query_cell(L.geom.data() + b * kCellGeomStride, L.G, qx, qy, qz);
   if (c < 0) return false;
   const int64_t slot = b * L.cells + c;
@@ -208,6 +208,8 @@ bool search(const Lists& L, int64_t b, float qx, float qy, float qz, bool buffer
     std::vector<int> buf_i(cap);
     scan_buffered(entries, bc, L.bound[slot], L.seeds.data() + 4 * slot * L.K, qx, qy, qz, buf_d.data(),
                   buf_i.data(), 1, cap, best);
+  } else if (unrolled) {
+    scan_banded<Capacity, true>(entries, bc, L.bound[slot], qx, qy, qz, best);
   } else {
     scan_banded(entries, bc, L.bound[slot], qx, qy, qz, best);
   }

@@ -117,13 +117,16 @@ int64_t env_int(const char* name, int64_t fallback, int64_t lo, int64_t hi) {
   return v;
 }
 
-bool cuda_search_buffered() {
+std::string cuda_search_name() {
   const char* env = std::getenv("GPAVATAR_KNN_CUDA_SEARCH");
   const std::string name = env == nullptr ? "" : env;
-  TORCH_CHECK_VALUE(name.empty() || name == "banded" || name == "buffered",
-                    msg("GPAVATAR_KNN_CUDA_SEARCH must be banded or buffered, got '", name, "'"));
-  return name == "buffered";
+  TORCH_CHECK_VALUE(name.empty() || name == "banded" || name == "unrolled" || name == "buffered",
+                    msg("GPAVATAR_KNN_CUDA_SEARCH must be banded, unrolled or buffered, got '", name, "'"));
+  return name;
 }
+
+bool cuda_search_buffered() { return cuda_search_name() == "buffered"; }
+bool cuda_search_unrolled() { return cuda_search_name() == "unrolled"; }
 
 bool cuda_build_two_level() {
   const char* env = std::getenv("GPAVATAR_KNN_CUDA_BUILD");
@@ -211,7 +214,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
                     msg("GPAVATAR_KNN_LAYOUT must be cpu or cuda, got '", layout, "'"));
   if (method == Method::kCells && layout == "cuda") {
     // The CUDA pipeline's lists and scans (knn_cells_cuda_layout.h): tests and diagnostics.
-    const bool buffered = cuda_search_buffered();
+    const bool buffered = cuda_search_buffered(), unrolled = cuda_search_unrolled();
     const int capacity = k <= 8 ? 8 : (k <= 16 ? 16 : kMaxK);
     const int cap = static_cast<int>(env_int("GPAVATAR_KNN_BUFFER", buffer_slots(capacity), k + 1, 1 << 16));
     cuda_layout::Lists lists;
@@ -235,9 +238,9 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
         float* d = out_d + qi * k;
         int64_t* i = out_i + qi * k;
         const bool ok =
-            capacity == 8 ? cuda_layout::search<8>(lists, qi / M, x, y, z, buffered, cap, d, i)
-            : capacity == 16 ? cuda_layout::search<16>(lists, qi / M, x, y, z, buffered, cap, d, i)
-                             : cuda_layout::search<kMaxK>(lists, qi / M, x, y, z, buffered, cap, d, i);
+            capacity == 8 ? cuda_layout::search<8>(lists, qi / M, x, y, z, buffered, unrolled, cap, d, i)
+            : capacity == 16 ? cuda_layout::search<16>(lists, qi / M, x, y, z, buffered, unrolled, cap, d, i)
+                             : cuda_layout::search<kMaxK>(lists, qi / M, x, y, z, buffered, unrolled, cap, d, i);
         if (!ok) left[qi] = 1;
       }
     });

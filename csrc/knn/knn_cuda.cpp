@@ -53,6 +53,7 @@ void cell_search(const at::Tensor& queries, const at::Tensor& points, int64_t K,
   a.band_count = band_count.data_ptr<int>();
   a.seeds = seeds.data_ptr<float>();
   a.buffered = cuda_search_buffered();
+  a.unrolled = cuda_search_unrolled();
   a.budget = B * cells * per_cell;
   a.query_cell = bucket_of.data_ptr<int>();
   a.bucket_count = bucket_count.data_ptr<int>();

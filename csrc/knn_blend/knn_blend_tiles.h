@@ -213,12 +213,11 @@ GPA_HD void tile_hidden(const BlendArgs& a, int t, const float* sh, float (&h)[k
   }
 }
 
-// Phase B of the forward: g = sum_k w_k relu(h_k) (the forward's order) into shared memory.
-GPA_HD void tile_hidden_forward(const BlendArgs& a, int t, float* sh) {
-  const int q = t % kTileQueries, u0 = (t / kTileQueries) * kTileUnits;
-  float h[kTileK][kTileUnits];
-  tile_hidden(a, t, sh, h);
-  float g[kTileUnits];
+// g[u] = sum_k w_k relu(h[k][u]) over the query's neighbours in k order (the per-query
+// kernels' order); Delta: also h[k][u] := delta = w_k v[u] [h > 0] (0 for an empty slot).
+template <bool Delta>
+GPA_HD void tile_blend(const float* sh, int q, const float (&v)[kTileUnits], float (&h)[kTileK][kTileUnits],
+                       float (&g)[kTileUnits]) {
   GPA_UNROLL
   for (int u = 0; u < kTileUnits; ++u) g[u] = 0.0f;
   GPA_UNROLL
@@ -227,9 +226,21 @@ GPA_HD void tile_hidden_forward(const BlendArgs& a, int t, float* sh) {
     const float w = sh[kTileWeight + q * kTileK + k];
     GPA_UNROLL
     for (int u = 0; u < kTileUnits; ++u) {
-      if (row >= 0) g[u] += w * relu_f(h[k][u]);
+      const float hk = h[k][u];
+      if (row >= 0) g[u] += w * relu_f(hk);
+      if (Delta) h[k][u] = row >= 0 && relu_passes(hk) ? w * v[u] : 0.0f;
     }
   }
+}
+
+// Phase B of the forward: g = sum_k w_k relu(h_k) (the forward's order) into shared memory.
+GPA_HD void tile_hidden_forward(const BlendArgs& a, int t, float* sh) {
+  const int q = t % kTileQueries, u0 = (t / kTileQueries) * kTileUnits;
+  float h[kTileK][kTileUnits];
+  tile_hidden(a, t, sh, h);
+  float g[kTileUnits];
+  const float no_v[kTileUnits] = {};
+  tile_blend<false>(sh, q, no_v, h, g);
   float* gs = sh + kTileG + q * kTileGStride + u0;
   store_floats4(gs, g[0], g[1], g[2], g[3]);
   store_floats4(gs + 4, g[4], g[5], g[6], g[7]);
@@ -284,20 +295,11 @@ GPA_HD void tile_hidden_backward(const BlendArgs& a, const float* grad_out, int6
   }
   float h[kTileK][kTileUnits];
   tile_hidden(a, t, sh, h);
-  // g (forward order over k), delta in place of h, its rows added to grad_table.
   float g[kTileUnits];
-  GPA_UNROLL
-  for (int u = 0; u < kTileUnits; ++u) g[u] = 0.0f;
+  tile_blend<true>(sh, q, v, h, g);
   GPA_UNROLL
   for (int k = 0; k < kTileK; ++k) {
     const int row = float_bits_to_int(sh[kTileRow + q * kTileK + k]);
-    const float w = sh[kTileWeight + q * kTileK + k];
-    GPA_UNROLL
-    for (int u = 0; u < kTileUnits; ++u) {
-      const float hk = h[k][u];
-      if (row >= 0) g[u] += w * relu_f(hk);
-      h[k][u] = row >= 0 && relu_passes(hk) ? w * v[u] : 0.0f;
-    }
     if (row >= 0) tile_add_row(grad_table + static_cast<int64_t>(row) * kTileH + u0, h[k]);
   }
   float* dl = sh + kTileDelta + u0 * kTileDeltaStride + q * kTileK;
