@@ -6,6 +6,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 
@@ -50,15 +51,23 @@ Prepared prepare_cuda(const at::Tensor& queries, const at::Tensor& points, const
   return p;
 }
 
+// The tiled kernels read table rows 16 bytes at a time: a table that does not start on a
+// 16-byte boundary (a view into a larger tensor) is copied first.
+void align_table(Prepared& p) {
+  if (reinterpret_cast<uintptr_t>(p.args.table) % 16 == 0) return;
+  p.table = p.table.clone();
+  p.args.table = p.table.data_ptr<float>();
+}
+
 at::Tensor forward_cuda(const at::Tensor& queries, const at::Tensor& points,
                         const at::Tensor& dist2, const at::Tensor& idx, const at::Tensor& table,
                         const at::Tensor& w1_dir, const at::Tensor& w2, const at::Tensor& b2,
                         const std::optional<at::Tensor>& weight_sum, double eps) {
   const c10::cuda::CUDAGuard guard(queries.device());
-  const Prepared p =
-      prepare_cuda(queries, points, dist2, idx, table, w1_dir, w2, b2, weight_sum, eps);
+  Prepared p = prepare_cuda(queries, points, dist2, idx, table, w1_dir, w2, b2, weight_sum, eps);
   at::Tensor out = at::empty({p.args.B, p.args.M, p.args.C}, queries.options());
   if (use_tiles_forward() && tiles_forward_supported(p.args)) {
+    align_table(p);
     check_launch(launch_knn_blend_tiles_forward_cuda(p.args, at::cuda::getCurrentDeviceProperties()->multiProcessorCount,
                                                      out.data_ptr<float>(), at::cuda::getCurrentCUDAStream().stream()),
                  "knn_blend forward (tiles)");
@@ -76,13 +85,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
     const at::Tensor& w1_dir, const at::Tensor& w2, const std::optional<at::Tensor>& weight_sum,
     double eps) {
   const c10::cuda::CUDAGuard guard(queries.device());
-  const Prepared p =
-      prepare_cuda(queries, points, dist2, idx, table, w1_dir, w2, at::Tensor(), weight_sum, eps);
+  Prepared p = prepare_cuda(queries, points, dist2, idx, table, w1_dir, w2, at::Tensor(), weight_sum, eps);
   check_grad_out(grad_out, p);
+  const BackwardMethod method = blend_backward_method();
+  if (method == BackwardMethod::kTiles) align_table(p);
   const BlendArgs& a = p.args;
   const at::Tensor go = grad_out.contiguous();
   auto opts = queries.options();
-  const BackwardMethod method = blend_backward_method();
   if (method == BackwardMethod::kTiles && tiles_supported(a) && a.B * a.M > 0) {
     // One pass, nothing per neighbour stored: grad_table by atomics, grad_w1 in block shares.
     auto stream = at::cuda::getCurrentCUDAStream().stream();

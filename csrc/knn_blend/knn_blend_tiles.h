@@ -164,6 +164,24 @@ GPA_HD void load_floats(const float* s, float (&r)[N]) {
 #endif
 }
 
+// 8 floats of a table row (32-byte aligned: the CUDA callers align the table) through the
+// read-only cache.
+GPA_HD void load_table_floats(const float* t, float (&r)[kTileUnits]) {
+#if defined(__CUDA_ARCH__)
+  const float4 a = __ldg(reinterpret_cast<const float4*>(t)), b = __ldg(reinterpret_cast<const float4*>(t) + 1);
+  r[0] = a.x;
+  r[1] = a.y;
+  r[2] = a.z;
+  r[3] = a.w;
+  r[4] = b.x;
+  r[5] = b.y;
+  r[6] = b.z;
+  r[7] = b.w;
+#else
+  for (int u = 0; u < kTileUnits; ++u) r[u] = t[u];
+#endif
+}
+
 GPA_HD void store_floats4(float* s, float a, float b, float c, float d) {
 #if defined(__CUDA_ARCH__)
   *reinterpret_cast<float4*>(s) = make_float4(a, b, c, d);
@@ -194,8 +212,10 @@ GPA_HD void tile_hidden(const BlendArgs& a, int t, const float* sh, float (&h)[k
   const int q = t % kTileQueries, u0 = (t / kTileQueries) * kTileUnits;
   GPA_UNROLL
   for (int k = 0; k < kTileK; ++k) {
+    // Row 0 stands in for an empty slot (loaded, then zeroed: no branch around the loads).
     const int row = float_bits_to_int(sh[kTileRow + q * kTileK + k]);
-    const float* tr = a.table + static_cast<int64_t>(row < 0 ? 0 : row) * kTileH + u0;
+    float tr[kTileUnits];
+    load_table_floats(a.table + static_cast<int64_t>(row < 0 ? 0 : row) * kTileH + u0, tr);
     GPA_UNROLL
     for (int u = 0; u < kTileUnits; ++u) h[k][u] = row < 0 ? 0.0f : tr[u];
   }
