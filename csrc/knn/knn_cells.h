@@ -29,6 +29,8 @@
 // brute-force scan: still exact, just slower.
 #pragma once
 
+#include <cmath>
+
 #include "knn/knn.h"
 
 namespace gpavatar {
@@ -367,10 +369,17 @@ GPA_HD int parent_child(int G, int parent, int w) {
 
 // Cells per axis of the CUDA path, and its list budget in entries per cell
 // (lists are stored back to back; one that ends past B * G^3 * budget overflows
-// and its queries take the brute-force scan).  The buffered search's slots per
+// and its queries take the brute-force scan): 768 at G = 16, scaled like the mean
+// list length at P = 5023 (x 0.43 per doubling of G on render and uniform samples:
+// 483 / 277 / 208 entries at G = 16 / 24 / 32, benchmarks/knn_search_model.py), so a
+// finer grid does not allocate 400 MB at G = 32.  The buffered search's slots per
 // query (> K).
 constexpr int kCudaCells = 16;
 constexpr int64_t kCudaBudgetPerCell = 768;
+inline int64_t cuda_budget_per_cell(int G) {
+  const double scaled = static_cast<double>(kCudaBudgetPerCell) * std::pow(16.0 / G, 1.2);
+  return scaled < 256.0 ? 256 : static_cast<int64_t>(scaled);
+}
 GPA_HD int buffer_slots(int capacity) { return capacity <= 8 ? 32 : (capacity <= 16 ? 48 : 64); }
 
 #if defined(WITH_CUDA)

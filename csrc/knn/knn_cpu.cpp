@@ -219,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
     const int cap = static_cast<int>(env_int("GPAVATAR_KNN_BUFFER", buffer_slots(capacity), k + 1, 1 << 16));
     cuda_layout::Lists lists;
     const int cuda_cells = static_cast<int>(env_int("GPAVATAR_KNN_CELLS", kCudaCells, 1, 32));
-    const int64_t per_cell = env_int("GPAVATAR_KNN_CELL_BUDGET", kCudaBudgetPerCell, 0, int64_t{1} << 20);
+    const int64_t per_cell = env_int("GPAVATAR_KNN_CELL_BUDGET", cuda_budget_per_cell(cuda_cells), 0, int64_t{1} << 20);
     const bool two_level = cuda_build_two_level();
     cuda_layout::build(lists, q, points.data_ptr<float>(), B, M, P, k, cuda_cells, per_cell, two_level,
                        static_cast<int>(env_int("GPAVATAR_KNN_PARENT_CAP", kParentCap, 0, kParentCap)));

@@ -21,7 +21,7 @@ void cell_search(const at::Tensor& queries, const at::Tensor& points, int64_t K,
   TORCH_CHECK_VALUE(B * M < (int64_t{1} << 31), msg("knn: B * M must be < 2^31 on CUDA, got ", B * M));
   const int G = static_cast<int>(env_int("GPAVATAR_KNN_CELLS", kCudaCells, 1, 32));
   const int64_t cells = static_cast<int64_t>(G) * G * G;
-  const int64_t per_cell = env_int("GPAVATAR_KNN_CELL_BUDGET", kCudaBudgetPerCell, 0, int64_t{1} << 20);
+  const int64_t per_cell = env_int("GPAVATAR_KNN_CELL_BUDGET", cuda_budget_per_cell(G), 0, int64_t{1} << 20);
   const auto f32 = queries.options();
   const auto i32 = f32.dtype(at::kInt);
   const auto i64 = f32.dtype(at::kLong);
