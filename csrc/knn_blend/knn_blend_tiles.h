@@ -60,8 +60,9 @@ constexpr int kTileW2t = kTileG + kTileQueries * kTileGStride;
 constexpr int kTileB2 = kTileW2t + kTileH * kTileC;
 constexpr int kTileForwardFloats = kTileB2 + kTileC;
 constexpr int kTileOutputs = kTileC / (kTileThreads / kTileQueries);  // outputs per thread: 4
-static_assert(kTileThreads == kTilePairs && kTileThreads == 2 * kTileH && kTileOutputs == 4,
-              "phase A takes one thread per pair, phase C two per unit, the output 4 floats per thread");
+static_assert(kTileThreads == kTilePairs && kTileThreads == 2 * kTileH && kTileOutputs == 4 && 32 % kTileK == 0,
+              "phase A takes one thread per pair (a query's slots: adjacent lanes of one warp), phase C two per unit, "
+              "the output 4 floats per thread");
 static_assert(kTileGamma % 4 == 0 && kTileDelta % 4 == 0 && kTileW2t % 4 == 0 && kTileDeltaStride % 4 == 0 &&
                   kTileGStride % 4 == 0,
               "float4 accesses need 16-byte aligned regions and rows");
@@ -82,29 +83,42 @@ GPA_HD int64_t tile_blocks(int64_t tiles, int multiprocessors, int per_multiproc
   return tiles < 1 ? 1 : (tiles < most ? tiles : most);
 }
 
-// w_k of neighbour k of query qi, the value neighbor_weights gives (the same sums in the
-// same order); total = sum_k w_k.
-GPA_HD float neighbor_weight(const BlendArgs& a, int64_t qi, int k, float& total) {
-  const int64_t b = qi / a.M;
-  const float* d = a.dist2 + qi * a.K;
-  float wk = 0.0f;
-  total = 0.0f;
+// The unnormalized weight of slot k of query qi: 1 / (d_k + eps), divided by
+// weight_sum[b, k] under the "queries" normalization (then it is w_k); 0 for an empty slot.
+GPA_HD float slot_weight(const BlendArgs& a, int64_t qi, int k) {
+  if (qi >= a.B * a.M || k >= a.K) return 0.0f;
+  const float u = inverse_distance(a.dist2[qi * a.K + k], a.eps);
+  return a.weight_sum != nullptr ? u / a.weight_sum[(qi / a.M) * a.K + k] : u;
+}
+
+// w_k from the query's slot weights u[0..K) (slot_weight; uk = u[k]), the value
+// neighbor_weights gives (the same sums in the same order); total = sum_k w_k when wanted.
+GPA_HD float weight_from_slots(const BlendArgs& a, const float (&u)[kTileK], float uk, float* total) {
   if (a.weight_sum != nullptr) {
-    for (int j = 0; j < a.K; ++j) {
-      const float w = inverse_distance(d[j], a.eps) / a.weight_sum[b * a.K + j];
-      total += w;
-      if (j == k) wk = w;
+    if (total != nullptr) {
+      float t = 0.0f;
+      GPA_UNROLL
+      for (int j = 0; j < kTileK; ++j) {
+        if (j < a.K) t += u[j];
+      }
+      *total = t;
     }
-  } else {
-    float sum = 0.0f;
-    for (int j = 0; j < a.K; ++j) sum += inverse_distance(d[j], a.eps);
-    for (int j = 0; j < a.K; ++j) {
-      const float w = inverse_distance(d[j], a.eps) / sum;
-      total += w;
-      if (j == k) wk = w;
-    }
+    return uk;
   }
-  return wk;
+  float sum = 0.0f;
+  GPA_UNROLL
+  for (int j = 0; j < kTileK; ++j) {
+    if (j < a.K) sum += u[j];
+  }
+  if (total != nullptr) {
+    float t = 0.0f;
+    GPA_UNROLL
+    for (int j = 0; j < kTileK; ++j) {
+      if (j < a.K) t += u[j] / sum;
+    }
+    *total = t;
+  }
+  return uk / sum;
 }
 
 // Once per block: w1_dir_t into shared memory (thread t of n).
@@ -123,16 +137,27 @@ GPA_HD void tile_stage_forward_weights(const BlendArgs& a, int t, int n, float* 
 }
 
 // Phase A, thread t = pair p (q = t / 8, k = t % 8); thread k = 0 of a query also writes
-// its sum_k w_k.
+// its sum_k w_k.  Each thread computes its own slot's weight; the query's 8 threads are 8
+// adjacent lanes of one warp, which exchange them with shuffles on the GPU (every thread of
+// the block calls this: the shuffles need the whole warp), while the CPU recomputes them.
 GPA_HD void tile_pair_terms(const BlendArgs& a, int64_t tile, int t, float* sh) {
   const int q = t / kTileK, k = t - q * kTileK;
   const int64_t qi = tile * kTileQueries + q;
+  float u[kTileK];
+  const float own = slot_weight(a, qi, k);
+#if defined(__CUDA_ARCH__)
+  const int base = (threadIdx.x & 31) & ~(kTileK - 1);
+#pragma unroll
+  for (int j = 0; j < kTileK; ++j) u[j] = __shfl_sync(0xffffffffu, own, base + j);
+#else
+  for (int j = 0; j < kTileK; ++j) u[j] = slot_weight(a, qi, j);
+#endif
   float gamma[kEmbedDim];
   float weight = 0.0f;
   int row = -1;
   if (qi < a.B * a.M && k < a.K) {
     float sum_w;
-    weight = neighbor_weight(a, qi, k, sum_w);
+    weight = weight_from_slots(a, u, own, k == 0 ? &sum_w : nullptr);
     if (k == 0) sh[kTileTotal + q] = sum_w;
     const float* r = neighbor_embedding(a, qi, k, gamma);
     if (r != nullptr) row = static_cast<int>((r - a.table) / kTileH);
