@@ -6,7 +6,10 @@ K=8, and ``triplane_sample`` forward+backward (both reductions, both plane
 gradient modes, float32 / bfloat16 planes, C = 32 and 33, points inside, on
 the border and far outside), and the ray ops + composite chain (forward and
 backward) with one backend (default ``cuda``), and compares
-with the reference so a kernel that silently reads garbage is also caught.  The PyTorch caching
+with the reference so a kernel that silently reads garbage is also caught.  Then the opt-in
+kernel variants once each on a smaller input (``VARIANTS``: the prefetching cell scan, the
+two-level list build with and without parents past the cap, the tiled blend forward and
+backward).  The PyTorch caching
 allocator is disabled (``PYTORCH_NO_CUDA_MEMORY_CACHING=1``) so that every
 tensor is its own allocation and out-of-bounds accesses are visible to memcheck.
 
@@ -27,6 +30,7 @@ os.environ.setdefault("PYTORCH_NO_CUDA_MEMORY_CACHING", "1")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _harness  # noqa: E402
 from bench_knn_blend import PARAMS, make_inputs  # noqa: E402
 
 TOL = 1e-3
@@ -77,6 +81,50 @@ def run_knn_methods(backend: str, device: torch.device, B=2, M=12000, P=500, K=8
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    return failures
+
+
+# The opt-in CUDA variants (environment switches) run_variants covers.
+VARIANTS = (
+    ("knn search unrolled", dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_SEARCH="unrolled")),
+    ("knn build two_level", dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_BUILD="two_level")),
+    ("knn build two_level cap 40", dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_BUILD="two_level",
+                                        GPAVATAR_KNN_PARENT_CAP="40")),
+    ("blend tiles", dict(GPAVATAR_BLEND_FORWARD="tiles", GPAVATAR_BLEND_BACKWARD="tiles")),
+)
+
+
+def run_variants(backend: str, device: torch.device, B=2, M=3000, P=500, K=8) -> list[str]:
+    """Each of VARIANTS on one input: knn bit-identical to brute force, knn_blend forward and
+    backward ("queries" normalization, per-batch features: a partial last tile) against the
+    reference."""
+    import gpavatar.ops as ops
+    from gpavatar.ops.reference import knn_blend_reference
+
+    inp = make_inputs(B, M - 5, P, K, device=device, seed=4)
+    q, p = inp["queries"], inp["points"]
+    with _harness.environ(GPAVATAR_KNN="brute"):
+        rd, ri = ops.knn(q, p, K, backend=backend)
+    params = {k: inp[k].detach().clone() for k in PARAMS}
+    params["point_features"] = params["point_features"].expand(B, -1, -1).contiguous()
+    ref = None
+    failures = []
+    for name, extra in VARIANTS:
+        with _harness.environ(**extra):
+            d, i = ops.knn(q, p, K, backend=backend)
+            ps = [params[k].detach().clone().requires_grad_(True) for k in PARAMS]
+            out = ops.knn_blend(q, p, *ps, K, normalize="queries", backend=backend)
+            got = [out[0], *torch.autograd.grad(out[0], ps, inp["grad_out"])]
+        _sync(device)
+        if ref is None:
+            ps = [params[k].detach().clone().requires_grad_(True) for k in PARAMS]
+            out = knn_blend_reference(q, p, *ps, K, normalize="queries")
+            ref = [out[0], *torch.autograd.grad(out[0], ps, inp["grad_out"])]
+        same = bool(torch.equal(i, ri)) and bool(torch.equal(d, rd))
+        err = max(_maxerr(a, r) / (1.0 + r.abs().max().item()) for a, r in zip(got, ref))
+        print(f"variant {name:28s} knn bit-identical: {same}  knn_blend max_rel_err={err:.2e}")
+        if not same or err > TOL:
+            failures.append(f"variant {name}: knn identical {same}, knn_blend error {err:.2e}")
     return failures
 
 
@@ -202,6 +250,7 @@ def main(argv=None) -> int:
         print("no CUDA device", file=sys.stderr)
         return 1
     failures = run(args.backend, device)
+    failures += run_variants(args.backend, device)
     _sync(device)
     for f in failures:
         print("MISMATCH:", f)
