@@ -15,7 +15,8 @@
 # scripts to run, space-separated), SKIP_MEMCHECK (any value), REPORT_BUDGET_S,
 # GPAVATAR_PREBUILT (skip the build when the extension in place imports and runs: one built
 # elsewhere for this torch and Python), CUDA_TESTS (test files of the CUDA step, default
-# tests) and CUDA_TESTS_CAP (its seconds), PROBE (run benchmarks/knn_cells_probe.py),
+# tests) and CUDA_TESTS_CAP (its seconds), PROBE (run benchmarks/knn_cells_probe.py; PROBE_ARGS:
+# its extra arguments, e.g. "--dist render --grids 16,24,32"; PROBE_CAP: its seconds, default 150),
 # NCU (profile the KNN kernels with Nsight Compute: benchmarks/profile_knn_ncu.sh),
 # SKIP_TESTS_ALL (no whole-suite step at the end).
 set -euo pipefail
@@ -113,8 +114,10 @@ run_step tests_cuda "${CUDA_TESTS_CAP:-120}" "$OUTDIR/tests_cuda.log" "$PY" -m p
 
 # --- (b') the exact-KNN probe: every method bit-identical to brute force, timed ------
 if [[ -n "${PROBE:-}" ]]; then
-    run_step knn_cells_probe 150 "$OUTDIR/knn_cells_probe.log" "$PY" benchmarks/knn_cells_probe.py \
-        --device cuda --json "$OUTDIR/knn_cells_probe.json" --markdown "$OUTDIR/knn_cells_probe.md"
+    read -r -a PROBE_EXTRA <<< "${PROBE_ARGS:-}"
+    run_step knn_cells_probe "${PROBE_CAP:-150}" "$OUTDIR/knn_cells_probe.log" "$PY" benchmarks/knn_cells_probe.py \
+        --device cuda --json "$OUTDIR/knn_cells_probe.json" --markdown "$OUTDIR/knn_cells_probe.md" \
+        ${PROBE_EXTRA[@]+"${PROBE_EXTRA[@]}"}
 fi
 
 # --- (c) compute-sanitizer memcheck -------------------------------------------
