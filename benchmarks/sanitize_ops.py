@@ -48,8 +48,6 @@ def _sync(device):
 def run_knn_methods(backend: str, device: torch.device, B=2, M=12000, P=500, K=8) -> list[str]:
     """Every exact KNN method (grid, cell lists at two grid sizes, the cell lists' overflow
     fallback) against brute force, bit for bit, on queries of which some lie far outside."""
-    import os
-
     import gpavatar.ops as ops
 
     g = torch.Generator().manual_seed(3)
@@ -58,29 +56,19 @@ def run_knn_methods(backend: str, device: torch.device, B=2, M=12000, P=500, K=8
     p = (torch.randn(B, P, 3, generator=g) * 0.3).clamp(-0.9, 0.9)
     p[:, 1] = p[:, 0]  # a duplicate point
     q, p = q.to(device), p.to(device)
-    saved = {k: os.environ.get(k) for k in ("GPAVATAR_KNN", "GPAVATAR_KNN_CELLS", "GPAVATAR_KNN_CELL_BUDGET")}
     failures = []
-    try:
-        os.environ["GPAVATAR_KNN"] = "brute"
+    with _harness.environ(GPAVATAR_KNN="brute", GPAVATAR_KNN_CELLS=None, GPAVATAR_KNN_CELL_BUDGET=None):
         rd, ri = ops.knn(q, p, K, backend=backend)
-        for name, extra in (("grid", {"GPAVATAR_KNN": "grid"}), ("cells", {"GPAVATAR_KNN": "cells"}),
-                            ("cells G=5", {"GPAVATAR_KNN": "cells", "GPAVATAR_KNN_CELLS": "5"}),
-                            ("cells overflow", {"GPAVATAR_KNN": "cells", "GPAVATAR_KNN_CELL_BUDGET": "3"})):
-            os.environ.pop("GPAVATAR_KNN_CELLS", None)
-            os.environ.pop("GPAVATAR_KNN_CELL_BUDGET", None)
-            os.environ.update(extra)
+    for name, extra in (("grid", {"GPAVATAR_KNN": "grid"}), ("cells", {"GPAVATAR_KNN": "cells"}),
+                        ("cells G=5", {"GPAVATAR_KNN": "cells", "GPAVATAR_KNN_CELLS": "5"}),
+                        ("cells overflow", {"GPAVATAR_KNN": "cells", "GPAVATAR_KNN_CELL_BUDGET": "3"})):
+        with _harness.environ(**{"GPAVATAR_KNN_CELLS": None, "GPAVATAR_KNN_CELL_BUDGET": None, **extra}):
             d, i = ops.knn(q, p, K, backend=backend)
-            _sync(device)
-            same = bool(torch.equal(i, ri)) and bool(torch.equal(d, rd))
-            print(f"knn {name:20s} bit-identical to brute force: {same}")
-            if not same:
-                failures.append(f"knn {name} differs from brute force")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _sync(device)
+        same = bool(torch.equal(i, ri)) and bool(torch.equal(d, rd))
+        print(f"knn {name:20s} bit-identical to brute force: {same}")
+        if not same:
+            failures.append(f"knn {name} differs from brute force")
     return failures
 
 
