@@ -116,7 +116,7 @@ def default_backends(device: torch.device) -> list[str]:
 
 
 # A realtime row of backend "cuda+fused" / "triton+fused" runs the decoder's field passes as
-# the fused ops.field_query (PointsDecoder.fused_field = True; opt-in until measured).
+# the fused ops.field_query (PointsDecoder.fused_field = True; opt-in, slower on an H200).
 FUSED_SUFFIX = "+fused"
 
 

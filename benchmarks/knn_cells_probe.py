@@ -87,7 +87,7 @@ def run_once(args, device, backend):
     """knn (banded and buffered scans) and knn_blend forward + backward, once each."""
     q, p = _distributions.make_queries("render", 1, args.M, args.P, device=device)
     for extra in (dict(), dict(GPAVATAR_KNN_CUDA_SEARCH="buffered"), dict(GPAVATAR_KNN_CUDA_SEARCH="unrolled"),
-                  dict(GPAVATAR_KNN_CUDA_BUILD="two_level")):
+                  dict(GPAVATAR_KNN_CUDA_BUILD="flat")):
         with env(GPAVATAR_KNN="cells", **extra):
             ops.knn(q, p, args.K, backend=backend)
     g = torch.Generator().manual_seed(0)
@@ -132,7 +132,8 @@ def main(argv=None):
             ref_d, ref_i = ops.knn(q, p, args.K, backend=backend)
         cases = [("brute", backend, dict(GPAVATAR_KNN="brute")), ("grid", backend, dict(GPAVATAR_KNN="grid"))]
         for G in [int(g) for g in args.grids.split(",")]:
-            cases.append((f"cells G={G}", backend, dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CELLS=G)))
+            cases.append((f"cells G={G}", backend, dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CELLS=G,
+                                                        GPAVATAR_KNN_CUDA_BUILD="flat")))
         if backend == "cuda":
             # The two-level list build (knn_cells.h; the same lists from the parents' lists), at every G;
             # the buffered scan (measured slower on an H200 at every G) at the default G only.
@@ -140,7 +141,7 @@ def main(argv=None):
                 cases.append((f"cells two_level G={G}", backend,
                               dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CELLS=G, GPAVATAR_KNN_CUDA_BUILD="two_level")))
             cases.append(("cells buffered", backend, dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_SEARCH="buffered")))
-            # the prefetching scan (unmeasured), alone and with the two-level build at the larger grids
+            # the prefetching scan (no faster on an H200), alone and with the two-level build at the larger grids
             cases.append(("cells unrolled", backend, dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_SEARCH="unrolled")))
             for G in [int(g) for g in args.grids.split(",") if int(g) >= 24]:
                 cases.append((f"cells two_level unrolled G={G}", backend,
@@ -196,11 +197,14 @@ def main(argv=None):
             b2 = torch.zeros(C).to(device)
             params = [t.clone().requires_grad_(True) for t in (feats, w1, b1, w2, b2)]
             ref_out = ref_grads = None
-            variants = [("default", backend, dict(GPAVATAR_BLEND_CUDA_VARIANT="default")),
-                        ("occupancy", backend, dict(GPAVATAR_BLEND_CUDA_VARIANT="occupancy")),
-                        ("generic", backend, dict(GPAVATAR_BLEND_CUDA_VARIANT="generic")),
-                        ("gather backward", backend, dict(GPAVATAR_BLEND_BACKWARD="gather")),
-                        ("tiles", backend, dict(GPAVATAR_BLEND_FORWARD="tiles", GPAVATAR_BLEND_BACKWARD="tiles"))]
+            per_query = dict(GPAVATAR_BLEND_FORWARD="queries", GPAVATAR_BLEND_BACKWARD="buffers")
+            variants = [("queries+buffers", backend, dict(GPAVATAR_BLEND_CUDA_VARIANT="default", **per_query)),
+                        ("occupancy", backend, dict(GPAVATAR_BLEND_CUDA_VARIANT="occupancy", **per_query)),
+                        ("generic", backend, dict(GPAVATAR_BLEND_CUDA_VARIANT="generic", **per_query)),
+                        ("gather backward", backend, dict(GPAVATAR_BLEND_FORWARD="queries",
+                                                          GPAVATAR_BLEND_BACKWARD="gather")),
+                        ("tiles", backend, dict(GPAVATAR_BLEND_FORWARD="tiles", GPAVATAR_BLEND_BACKWARD="tiles")),
+                        ("auto", backend, dict())]
             if not args.no_triton:
                 variants += [(f"triton {d}", "triton", dict(GPAVATAR_TRITON_DOT_PRECISION=d))
                              for d in ("ieee", "tf32", "tf32x3")]
@@ -222,7 +226,7 @@ def main(argv=None):
                         grad_err = max(float((a - b).abs().max() / (1 + b.abs().max())) for a, b in zip(grads, ref_grads))
                         ms = timed(blend, device)
                         ms_bwd = timed(blend_fwd_bwd, device, repeats=10)
-                        if variant in ("default", "triton tf32", "tiles"):
+                        if variant in ("queries+buffers", "triton tf32", "tiles"):
                             tag = f"{dist} knn_blend {variant}"
                             profiles[f"{tag} fwd"] = profile_once(blend, device, f"{tag} fwd")
                             profiles[f"{tag} fwd+bwd"] = profile_once(blend_fwd_bwd, device, f"{tag} fwd+bwd")

@@ -72,13 +72,14 @@ def run_knn_methods(backend: str, device: torch.device, B=2, M=12000, P=500, K=8
     return failures
 
 
-# The opt-in CUDA variants (environment switches) run_variants covers.
+# The CUDA variants besides the defaults (environment switches) run_variants covers.
 VARIANTS = (
     ("knn search unrolled", dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_SEARCH="unrolled")),
-    ("knn build two_level", dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_BUILD="two_level")),
+    ("knn build flat", dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_BUILD="flat")),
     ("knn build two_level cap 40", dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_BUILD="two_level",
                                         GPAVATAR_KNN_PARENT_CAP="40")),
-    ("blend tiles", dict(GPAVATAR_BLEND_FORWARD="tiles", GPAVATAR_BLEND_BACKWARD="tiles")),
+    ("blend queries + buffers", dict(GPAVATAR_BLEND_FORWARD="queries", GPAVATAR_BLEND_BACKWARD="buffers")),
+    ("blend gather", dict(GPAVATAR_BLEND_BACKWARD="gather")),
 )
 
 

@@ -69,13 +69,15 @@ enum class Method { kBrute, kGrid, kCells };
 Method choose_method(int64_t M, int64_t P, int64_t cells_min_queries = kCellsMinQueries,
                      Method small = Method::kGrid);
 // GPAVATAR_KNN_CUDA_SEARCH = banded (default: the faster on an H200) | unrolled (banded with
-// the next entry's load issued before the current entry is offered; not yet measured) | buffered (the seed bound and per-query buffer
-// of knn_cells.h; exact too): the CUDA cell scan, and the one the CPU's CUDA-layout path
+// the next entry's load issued before the current entry is offered: 1.61 ms against 1.62 on an
+// H200, no gain) | buffered (the seed bound and per-query buffer of knn_cells.h; exact too): the CUDA cell scan, and the one the CPU's CUDA-layout path
 // (GPAVATAR_KNN_LAYOUT=cuda) runs.  A ValueError for other values.
 bool cuda_search_buffered();
 bool cuda_search_unrolled();
-// GPAVATAR_KNN_CUDA_BUILD = flat (default) | two_level: how the CUDA path's cell lists are
-// built (knn_cells.h; the same lists either way); also read by GPAVATAR_KNN_LAYOUT=cuda.
+// GPAVATAR_KNN_CUDA_BUILD = two_level (default: the lists of 16^3 cells from their 8^3 parents'
+// lists; 1.48 ms against 1.62 for the flat build on an H200, render samples, M = 524288,
+// P = 5023) | flat: how the CUDA path's cell lists are built (knn_cells.h; the same lists
+// either way); also read by GPAVATAR_KNN_LAYOUT=cuda.
 bool cuda_build_two_level();
 // An integer environment variable in [lo, hi] (fallback when unset); a ValueError otherwise.
 int64_t env_int(const char* name, int64_t fallback, int64_t lo, int64_t hi);
@@ -108,13 +110,18 @@ struct GatherPlan {
   int64_t rows = 0, max_chunks = 0;
 };
 GatherPlan make_gather_plan(const Prepared& p, const at::Tensor& grad_out);
-// GPAVATAR_BLEND_BACKWARD = buffers (default) | gather | tiles: which backward the CPU/CUDA
-// kernels run (tiles: knn_blend_tiles.h, where tiles_supported; buffers elsewhere).
+// GPAVATAR_BLEND_BACKWARD = auto (default) | buffers | gather | tiles: which backward the
+// CPU/CUDA kernels run (tiles: knn_blend_tiles.h, where tiles_supported; buffers elsewhere).
+// auto: tiles on CUDA (an H200 measured 2.4 ms for the tiles kernel against 7.2 ms for the
+// buffers kernel + 1.9 ms of index_add at the paper size), gather there under
+// torch.use_deterministic_algorithms(True) (no atomics), buffers on the CPU (the tiles' CPU
+// mirror is a serial test of their arithmetic).
 enum class BackwardMethod { kBuffers, kGather, kTiles };
-// GPAVATAR_BLEND_FORWARD = queries (default: one thread per query) | tiles (knn_blend_tiles.h,
-// where tiles_forward_supported).
-bool use_tiles_forward();
-BackwardMethod blend_backward_method();
+// GPAVATAR_BLEND_FORWARD = auto (default: tiles on CUDA, queries on the CPU) | queries (one
+// thread per query) | tiles (knn_blend_tiles.h, where tiles_forward_supported; the same
+// numbers as queries, bit for bit on the CPU).
+bool use_tiles_forward(bool on_cuda);
+BackwardMethod blend_backward_method(bool on_cuda);
 void check_inputs(const at::Tensor& queries, const at::Tensor& points, const at::Tensor& dist2,
                   const at::Tensor& idx, const at::Tensor& table, const at::Tensor& w1_dir,
                   const at::Tensor& w2, const at::Tensor& b2,

@@ -479,7 +479,7 @@ def test_cuda_paper_size_every_precision(launches, normalize):
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_cuda_fused_pass_is_graph_capturable(launches, monkeypatch):
-    """On CUDA the decoder does not fuse by default (opt-in until measured); with
+    """On CUDA the decoder does not fuse by default (opt-in: slower on an H200); with
     $GPAVATAR_FIELD_FUSED=1 and validate=False a pass makes no host sync and captures in a CUDA
     graph whose replays (new samples copied in) equal eager passes."""
     dec, (coords, dirs, planes, points) = _paper_case(N=65536)

@@ -445,7 +445,7 @@ def test_tiles_forward_falls_back_and_checks_its_name(monkeypatch):
     check_against_reference("cpu", "cpu", 2, 50, 30, 12, backward=False)
     check_against_reference("cpu", "cpu", 2, 50, 30, 8, H=32, C=16, backward=False)
     monkeypatch.setenv("GPAVATAR_BLEND_FORWARD", "warps")
-    with pytest.raises(ValueError, match="GPAVATAR_BLEND_FORWARD must be queries or tiles"):
+    with pytest.raises(ValueError, match="GPAVATAR_BLEND_FORWARD must be auto, queries or tiles"):
         check_against_reference("cpu", "cpu", 1, 5, 10, 4, backward=False)
 
 
@@ -457,6 +457,7 @@ def test_pair_backwards_agree_with_the_buffers(device, monkeypatch):
     q = make_queries(2, 500, pts, seed=12, device=device)
     params = make_pef_params(200, 32, 64, 32, B=2, seed=13, device=device)
     grad_out = torch.randn(2, 500, 32, generator=torch.Generator().manual_seed(14)).to(device)
+    monkeypatch.setenv("GPAVATAR_BLEND_BACKWARD", "buffers")
     _, _, _, g_buffers = run(device, q, pts, params, 8, grad_out=grad_out)
     for method in ("gather", "tiles"):
         monkeypatch.setenv("GPAVATAR_BLEND_BACKWARD", method)
@@ -470,8 +471,47 @@ def test_pair_backwards_agree_with_the_buffers(device, monkeypatch):
     for a, b in zip(g_tiles12, g_buffers12):
         assert torch.equal(a, b) or device == "cuda"
     monkeypatch.setenv("GPAVATAR_BLEND_BACKWARD", "atomics")
-    with pytest.raises(ValueError, match="GPAVATAR_BLEND_BACKWARD must be buffers, gather or tiles"):
+    with pytest.raises(ValueError, match="GPAVATAR_BLEND_BACKWARD must be auto, buffers, gather or tiles"):
         run(device, q, pts, params, 8, grad_out=grad_out)
+
+
+@pytest.mark.parametrize("device", CPP_DEVICES)
+def test_auto_methods_are_the_documented_ones(device, monkeypatch):
+    """GPAVATAR_BLEND_FORWARD / _BACKWARD unset (= auto): on the CPU the per-query forward and the
+    buffers backward; on CUDA the tiles, and the gather backward (no atomics: the same bits on
+    every run) under torch.use_deterministic_algorithms(True)."""
+    pts = make_points(2, 200, seed=21, device=device)
+    q = make_queries(2, 300, pts, seed=22, device=device)
+    params = make_pef_params(200, 32, 64, 32, seed=23, device=device)
+    grad_out = torch.randn(2, 300, 32, generator=torch.Generator().manual_seed(24)).to(device)
+
+    def outputs(forward=None, backward=None):
+        for name, value in (("GPAVATAR_BLEND_FORWARD", forward), ("GPAVATAR_BLEND_BACKWARD", backward)):
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+        out, _, _, grads = run(device, q, pts, params, 8, grad_out=grad_out)
+        return [out, *grads]
+
+    auto = outputs()
+    again = outputs("auto", "auto")  # CUDA: the grad_table atomics may sum in another order
+    assert all(torch.equal(a, b) for a, b in zip(auto[:1] if device == "cuda" else auto, again))
+    forward, backward = ("tiles", "tiles") if device == "cuda" else ("queries", "buffers")
+    expected = outputs(forward, backward)
+    assert torch.equal(auto[0], expected[0])
+    for a, b in zip(auto[1:], expected[1:]):
+        assert torch.equal(a, b) if device == "cpu" else (a - b).abs().max() <= 1e-5 * (1 + b.abs().max())
+    if device == "cuda":
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True, warn_only=True)  # cuBLAS would want CUBLAS_WORKSPACE_CONFIG
+        try:
+            first, second = outputs(), outputs()
+        finally:
+            torch.use_deterministic_algorithms(previous)
+        gather = outputs(backward="gather")
+        for a, b, c in zip(first[1:], second[1:], gather[1:]):
+            assert torch.equal(a, b) and torch.equal(a, c)
 
 
 TRITON_DEVICES = [pytest.param(d, id=d, marks=[pytest.mark.cuda] if d == "cuda" else [])

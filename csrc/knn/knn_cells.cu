@@ -11,7 +11,7 @@
 //           search) written at the cell's offset band after band.  The offsets
 //           are an exclusive prefix sum of the counts over the whole batch; a list
 //           that does not fit in the budget is marked as overflowing.
-//           GPAVATAR_KNN_CUDA_BUILD=two_level: one block per parent cell (2 x 2 x 2
+//           GPAVATAR_KNN_CUDA_BUILD=two_level (the default): one block per parent cell (2 x 2 x 2
 //           cells) puts the parent's list in shared memory and each warp builds
 //           one child's list from it (the same lists; knn_cells.h).
 //   search: the queries' cells (outside the grid or overflowing: the brute-force

@@ -133,7 +133,7 @@ bool cuda_build_two_level() {
   const std::string name = env == nullptr ? "" : env;
   TORCH_CHECK_VALUE(name.empty() || name == "flat" || name == "two_level",
                     msg("GPAVATAR_KNN_CUDA_BUILD must be flat or two_level, got '", name, "'"));
-  return name == "two_level";
+  return name != "flat";
 }
 
 namespace {

@@ -123,19 +123,25 @@ GatherPlan make_gather_plan(const Prepared& p, const at::Tensor& grad_out) {
   return plan;
 }
 
-bool use_tiles_forward() {
+bool use_tiles_forward(bool on_cuda) {
   const char* env = std::getenv("GPAVATAR_BLEND_FORWARD");
-  const std::string name = env == nullptr || env[0] == '\0' ? "queries" : env;
-  TORCH_CHECK_VALUE(name == "queries" || name == "tiles",
-                    msg("GPAVATAR_BLEND_FORWARD must be queries or tiles, got '", name, "'"));
-  return name == "tiles";
+  const std::string name = env == nullptr || env[0] == '\0' ? "auto" : env;
+  TORCH_CHECK_VALUE(name == "auto" || name == "queries" || name == "tiles",
+                    msg("GPAVATAR_BLEND_FORWARD must be auto, queries or tiles, got '", name, "'"));
+  return name == "tiles" || (name == "auto" && on_cuda);
 }
 
-BackwardMethod blend_backward_method() {
+BackwardMethod blend_backward_method(bool on_cuda) {
   const char* env = std::getenv("GPAVATAR_BLEND_BACKWARD");
-  const std::string name = env == nullptr || env[0] == '\0' ? "buffers" : env;
-  TORCH_CHECK_VALUE(name == "buffers" || name == "gather" || name == "tiles",
-                    msg("GPAVATAR_BLEND_BACKWARD must be buffers, gather or tiles, got '", name, "'"));
+  const std::string name = env == nullptr || env[0] == '\0' ? "auto" : env;
+  TORCH_CHECK_VALUE(name == "auto" || name == "buffers" || name == "gather" || name == "tiles",
+                    msg("GPAVATAR_BLEND_BACKWARD must be auto, buffers, gather or tiles, got '", name, "'"));
+  if (name == "auto") {
+    if (!on_cuda) return BackwardMethod::kBuffers;
+    // The tiles' grad_table atomics make the sums' order vary between runs; the gather
+    // backward has none and is what torch.use_deterministic_algorithms(True) gets.
+    return at::globalContext().deterministicAlgorithms() ? BackwardMethod::kGather : BackwardMethod::kTiles;
+  }
   return name == "gather" ? BackwardMethod::kGather
          : name == "tiles" ? BackwardMethod::kTiles
                            : BackwardMethod::kBuffers;
@@ -316,7 +322,7 @@ at::Tensor forward_cpu(const at::Tensor& queries, const at::Tensor& points,
                        const std::optional<at::Tensor>& weight_sum, double eps) {
   Prepared p = prepare(queries, points, dist2, idx, table, w1_dir, w2, b2, weight_sum, eps);
   check_indices(p.idx, p.args.P);
-  if (use_tiles_forward() && tiles_forward_supported(p.args)) return forward_tiles_cpu(p);
+  if (use_tiles_forward(false) && tiles_forward_supported(p.args)) return forward_tiles_cpu(p);
   p.w2_t = p.w2.t().contiguous();  // project_output_t reads (H, C)
   p.args.w2_t = p.w2_t.data_ptr<float>();
   const BlendArgs& a = p.args;
@@ -425,7 +431,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   check_grad_out(grad_out, p);
   check_indices(p.idx, p.args.P);
   const at::Tensor go = grad_out.contiguous();
-  const BackwardMethod method = blend_backward_method();
+  const BackwardMethod method = blend_backward_method(false);
   if (method == BackwardMethod::kGather) return backward_gather_cpu(go, p);
   if (method == BackwardMethod::kTiles && tiles_supported(p.args)) return backward_tiles_cpu(go, p);
   const BlendArgs& a = p.args;

@@ -66,7 +66,7 @@ at::Tensor forward_cuda(const at::Tensor& queries, const at::Tensor& points,
   const c10::cuda::CUDAGuard guard(queries.device());
   Prepared p = prepare_cuda(queries, points, dist2, idx, table, w1_dir, w2, b2, weight_sum, eps);
   at::Tensor out = at::empty({p.args.B, p.args.M, p.args.C}, queries.options());
-  if (use_tiles_forward() && tiles_forward_supported(p.args)) {
+  if (use_tiles_forward(true) && tiles_forward_supported(p.args)) {
     align_table(p);
     check_launch(launch_knn_blend_tiles_forward_cuda(p.args, at::cuda::getCurrentDeviceProperties()->multiProcessorCount,
                                                      out.data_ptr<float>(), at::cuda::getCurrentCUDAStream().stream()),
@@ -87,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cuda(
   const c10::cuda::CUDAGuard guard(queries.device());
   Prepared p = prepare_cuda(queries, points, dist2, idx, table, w1_dir, w2, at::Tensor(), weight_sum, eps);
   check_grad_out(grad_out, p);
-  const BackwardMethod method = blend_backward_method();
+  const BackwardMethod method = blend_backward_method(true);
   if (method == BackwardMethod::kTiles) align_table(p);
   const BlendArgs& a = p.args;
   const at::Tensor go = grad_out.contiguous();

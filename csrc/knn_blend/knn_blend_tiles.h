@@ -1,6 +1,7 @@
 // The tiled knn_blend kernels for the paper's sizes (H = 64, K <= 8; the forward also
-// C = 32): GPAVATAR_BLEND_FORWARD=tiles, GPAVATAR_BLEND_BACKWARD=tiles.  One pass over the
-// queries, nothing stored per neighbour.
+// C = 32): the CUDA default (GPAVATAR_BLEND_FORWARD / GPAVATAR_BLEND_BACKWARD = auto or
+// tiles; on an H200 at the paper size 0.80 ms forward, 2.39 ms backward).  One pass over
+// the queries, nothing stored per neighbour.
 //
 // A block of kTileThreads threads loops over tiles of kTileQueries consecutive
 // queries (qi = b * M + m); a tile's pairs are p = q * kTileK + k (k >= K: empty).

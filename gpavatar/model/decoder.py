@@ -13,7 +13,8 @@ Parameter names follow the official checkpoint under ``nerf_mlp.``:
 ``points_querier.*`` (the PEF), ``feature_layers.{0,2,4}``, ``density_layers.0``,
 ``rgb_layers.{0,2}``.
 
-Fused pass (opt-in until it is measured on a GPU).  With ``$GPAVATAR_FIELD_FUSED=1`` (or the
+Fused pass (opt-in: slower on an H200, a real-time frame 15.0 ms fused against 12.1 ms
+unfused in fast mode, 65 against 21.6 ms in fp32; benchmarks/results/bench_e2e_h200.md).  With ``$GPAVATAR_FIELD_FUSED=1`` (or the
 ``fused_field`` attribute set to True) a pass runs as one fused kernel
 (:func:`gpavatar.ops.field_query`: KNN, then tri-plane + PEF + every layer in one Triton kernel
 writing only alpha and value) when the backend resolves to ``cuda`` or ``triton``, no gradient
