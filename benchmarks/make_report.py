@@ -86,7 +86,7 @@ def verdict(step: dict) -> str:
 def load_benches(outdir: str, steps: list[dict]) -> dict:
     benches = {}
     for s in steps:
-        if not s["step"].startswith("bench_"):
+        if not s["step"].startswith(("bench_", "profile_")):
             continue
         name = s["step"]
         entry = {"json": None, "markdown": None}

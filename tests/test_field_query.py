@@ -116,6 +116,51 @@ def test_fused_matches_unfused(launches, widths, normalize):
 
 
 @requires_triton
+def official_layers(dec, tri, expr, coords, dirs):
+    """The official decoder layers written out as modules and concatenations (SPEC section 6)."""
+    import torch.nn.functional as F
+
+    from gpavatar.model.renderer import inside_box
+    from gpavatar.ops.reference import harmonic_embedding
+
+    feat = dec.feature_layers(torch.cat([tri, expr], dim=-1))
+    sigma = F.softplus(dec.density_layers(feat)[..., 0], beta=10) * inside_box(coords).to(feat.dtype)
+    gamma = harmonic_embedding(F.normalize(dirs, dim=-1))
+    raw = dec.rgb_layers(torch.cat([feat, gamma], dim=-1))
+    return -torch.expm1(-sigma), torch.cat([torch.sigmoid(raw[..., :3]) * 1.002 - 0.001, raw[..., 3:]], dim=-1)
+
+
+@pytest.mark.parametrize("widths", sorted(WIDTHS))
+def test_folded_layers_are_the_official_layers(widths):
+    """field_layers folds the last feature layer into the density and rgb heads and accumulates the
+    direction embedding in place: the official function to float32 rounding (the pass casts the
+    density and the values to float32; the rest runs in float64 here), values and every parameter's
+    gradient (a wrong column split, bias or fold order is off by O(1))."""
+    from gpavatar.ops.field_query import field_layers
+
+    dec = make_decoder(widths).double()
+    coords, dirs, planes, _ = (t.double() for t in make_inputs(dec, N=80))
+    g = torch.Generator().manual_seed(3)
+    tri = torch.randn(*coords.shape[:2], dec.plane_channels, generator=g, dtype=torch.float64)
+    expr = torch.randn(*coords.shape[:2], dec.points_querier.point_layers[2].out_features, generator=g,
+                       dtype=torch.float64)
+    params = [p for n, p in dec.named_parameters() if not n.startswith("points_querier")]
+    results = []
+    for fn in (lambda: field_layers(tri, expr, coords, dirs, dec.field_weights()),
+               lambda: official_layers(dec, tri, expr, coords, dirs)):
+        alpha, value = fn()
+        grads = torch.autograd.grad((alpha * 3).sum() + (value * torch.linspace(-1, 1, value.shape[-1],
+                                                                                  dtype=value.dtype)).sum(), params)
+        results.append((alpha, value, grads))
+    (a, v, ga), (ra, rv, rga) = results
+    torch.testing.assert_close(a, ra.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(v, rv.float(), rtol=1e-6, atol=1e-6)
+    for (name, _), x, y in zip([(n, p) for n, p in dec.named_parameters() if not n.startswith("points_querier")],
+                               ga, rga):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5 * (1 + float(y.abs().max())),
+                                   msg=lambda m, name=name: f"grad {name}: {m}")
+
+
 def test_saturated_density(launches):
     """sigma ~ 20 (beta x >> 20: softplus is x; exp(beta x) would overflow): alpha rounds to 1."""
     dec = make_decoder("tiny")

@@ -50,16 +50,14 @@ import os
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gpavatar import ops
 from gpavatar.model.pef import PointExpressionField
-from gpavatar.model.renderer import inside_box
-from gpavatar.ops.field_query import fused_setting
+from gpavatar.ops.field_query import field_layers, fused_setting
 from gpavatar.ops.knn_blend import OFFICIAL_EPS
-from gpavatar.ops.reference import EMBED_DIM, harmonic_embedding
+from gpavatar.ops.reference import EMBED_DIM
 
 CHECKPOINT_ENV = "GPAVATAR_FIELD_CHECKPOINT"
 # Passes of this many samples (B x N) or more checkpoint their layers by default: at the tiny
@@ -167,9 +165,8 @@ class PointsDecoder(nn.Module):
                                 self.density_layers[0].bias, r[0].weight, r[0].bias, r[2].weight, r[2].bias)
 
     def _wants_fused(self, coords: torch.Tensor) -> bool:
-        """The fused_field attribute, else $GPAVATAR_FIELD_FUSED, else off (the fused kernel has not
-        been timed or run on a GPU yet: benchmarks/bench_field.py decides when it becomes the
-        default on CUDA tensors)."""
+        """The fused_field attribute, else $GPAVATAR_FIELD_FUSED, else off (on an H200 the fused
+        kernel made a real-time frame slower: benchmarks/results/bench_e2e_h200.md)."""
         if self.fused_field is not None:
             return bool(self.fused_field)
         return bool(fused_setting())
@@ -204,12 +201,7 @@ class PointsDecoder(nn.Module):
         return value == "1"
 
     def _layers(self, tri, expr, coords, dirs):
-        """The decoder's layers on the tri-plane and PEF features of a pass: (alpha, value)."""
-        feat = self.feature_layers(torch.cat([tri, expr.to(tri.dtype)], dim=-1))
-        sigma = F.softplus(self.density_layers(feat)[..., 0].float(), beta=10)
-        sigma = sigma * inside_box(coords).to(sigma.dtype)
-        alpha = -torch.expm1(-sigma)
-        gamma = harmonic_embedding(F.normalize(dirs.to(feat.dtype), dim=-1))
-        raw = self.rgb_layers(torch.cat([feat, gamma], dim=-1)).float()
-        value = torch.cat([torch.sigmoid(raw[..., :3]) * 1.002 - 0.001, raw[..., 3:]], dim=-1)
-        return alpha, value
+        """The decoder's layers on the tri-plane and PEF features of a pass: (alpha, value)
+        (:func:`gpavatar.ops.field_query.field_layers`: the official layers with the last feature
+        layer folded into the density and rgb heads)."""
+        return tuple(field_layers(tri, expr, coords, dirs, self.field_weights()))

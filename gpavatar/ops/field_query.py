@@ -307,16 +307,36 @@ def _unfused(coords, dirs, planes, points, w: FieldWeights, K, normalize, eps, w
     tri = triplane_sample(planes, coords, "mean", channels_last=True, backend=backend, validate=False)
     expr = knn_blend(coords, points, w.point_features, w.point_w1, w.point_b1, w.point_w2, w.point_b2, K=K,
                      normalize=normalize, eps=eps, weight_sum=weight_sum, backend=backend, validate=False).feature
+    return field_layers(tri, expr, coords, dirs, w)
+
+
+def field_layers(tri: torch.Tensor, expr: torch.Tensor, coords: torch.Tensor, dirs: torch.Tensor,
+                 w: FieldWeights) -> FieldResult:
+    """The decoder's layers on one pass's tri-plane (B, N, C) and PEF (B, N, pef_dim) features:
+    ``feature_layers``, ``density_layers``, softplus, the box mask, alpha, the direction
+    embedding, ``rgb_layers`` and the sigmoid remap (PointsDecoder and the unfused op share it).
+
+    The last feature layer has no activation and feeds only two linear maps, ``density_layers``
+    and the feature columns of ``rgb_layers[0]``: they are folded into it, one product of the
+    second hidden layer to (density, rgb hidden) whose weights are W_out = [w_d; W_rf] W_3 and
+    bias [b_d; b_r1] + [w_d; W_rf] b_3, and the direction embedding's share is accumulated into
+    the rgb columns in place.  The (N, hidden) feature and its (N, hidden + 27) concatenation with
+    the embedding are never written (at the paper's 2^19 samples per pass they were the largest
+    tensors of the field).  The same function as the official layers, up to float rounding."""
     h = F.relu(F.linear(torch.cat([tri, expr.to(tri.dtype)], dim=-1), w.feature_w1, w.feature_b1))
     h = F.relu(F.linear(h, w.feature_w2, w.feature_b2))
-    feat = F.linear(h, w.feature_w3, w.feature_b3)
-    sigma = F.softplus(F.linear(feat, w.density_w, w.density_b)[..., 0].float(), beta=10)
+    hidden = w.feature_w3.shape[0]
+    heads = torch.cat([w.density_w, w.rgb_w1[:, :hidden]])  # (1 + value_hidden, hidden)
+    out = F.linear(h, heads @ w.feature_w3, torch.cat([w.density_b, w.rgb_b1]) + heads @ w.feature_b3)
+    gamma = harmonic_embedding(F.normalize(dirs.to(out.dtype), dim=-1))
+    rows = out.reshape(-1, out.shape[-1])  # a view: out is a fresh contiguous product
+    # In place, before anything reads `out` (autograd saves the density column below).
+    rows[:, 1:].addmm_(gamma.reshape(-1, gamma.shape[-1]), w.rgb_w1[:, hidden:].t().to(out.dtype))
+    sigma = F.softplus(out[..., 0].float(), beta=10)
     inside = ((coords > -1.0) & (coords < 1.0)).all(dim=-1)  # renderer.inside_box
     sigma = sigma * inside.to(sigma.dtype)
     alpha = -torch.expm1(-sigma)
-    gamma = harmonic_embedding(F.normalize(dirs.to(feat.dtype), dim=-1))
-    raw = F.linear(F.relu(F.linear(torch.cat([feat, gamma], dim=-1), w.rgb_w1, w.rgb_b1)), w.rgb_w2, w.rgb_b2)
-    raw = raw.float()
+    raw = F.linear(F.relu(out[..., 1:]), w.rgb_w2, w.rgb_b2).float()
     value = torch.cat([torch.sigmoid(raw[..., :3]) * 1.002 - 0.001, raw[..., 3:]], dim=-1)
     return FieldResult(alpha, value)
 

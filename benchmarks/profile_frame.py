@@ -1,0 +1,136 @@
+"""Where a real-time frame's time goes, kernel by kernel (paper preset on a GPU, random weights).
+
+One frame of ``gpavatar.realtime`` (B = 1, eager: the same kernels as the CUDA graph replays,
+plus the eager input checks) is run under ``torch.profiler`` in each mode; every device kernel's
+time is summed by name and grouped into the frame's parts (KNN, PEF blend, tri-plane sampling,
+matrix products, convolutions, elementwise, ...).  On the CPU (tiny preset by default) the rows
+are the operators' self CPU times.
+
+    python benchmarks/profile_frame.py --device cuda --json frame.json --markdown frame.md
+
+This is a diagnosis, not a benchmark: the profiler adds its own overhead; ``bench_e2e.py``
+gives the frame times.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections import defaultdict
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _harness as H  # noqa: E402
+from bench_e2e import PRESETS, make_inputs, make_model  # noqa: E402
+
+MODES = {"fp32": torch.float32, "fast": torch.bfloat16}
+
+# (group, pattern) in order: the first pattern that matches a kernel's name names its group.
+GROUPS = (
+    ("knn", r"gpavatar::knn(::|$)|knn_kernel|knn_grid"),
+    ("pef blend", r"knn_blend"),
+    ("triplane", r"triplane"),
+    ("rays / composite", r"gpavatar::(rays|composite)|composite|merge_samples|sample_pdf"),
+    ("triton", r"^triton_|_kernel_0d1d"),
+    ("matrix products", r"gemm|xmma|cutlass|sm\d+_.*(mma|gemm)|ampere_|hopper_|nvjet|^aten::(addmm|bmm|mm|matmul)$"),
+    ("convolutions", r"conv|cudnn|implicit_convolve|wgrad|dgrad|fprop|pool"),
+    ("reductions", r"reduce_kernel|DeviceScan|DeviceReduce|cub::"),
+    ("copies / casts", r"copy|Memcpy|Memset|cast|CatArray|fill|Fill"),
+    ("elementwise", r"elementwise|vectorized|unrolled|index|gather|scatter|upsample|interpolate|grid_sampler"
+                    r"|^aten::(add|sub|mul|div|sin|cos|exp|leaky_relu|relu|sigmoid|softplus|where|clamp|neg|pow)_?$"),
+)
+
+
+def group_of(name: str) -> str:
+    for group, pattern in GROUPS:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            return group
+    return "other"
+
+
+def profile_frame(frame, device: torch.device) -> list[dict]:
+    """Rows (kernel, group, calls, ms) of one call of ``frame`` (after two warm-up calls), the
+    largest first: device kernels on a GPU, operators' self CPU time on the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    frame()
+    frame()
+    H._sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        frame()
+        H._sync(device)
+    rows: dict[str, dict] = {}
+    for event in prof.key_averages():
+        if device.type == "cuda":
+            if event.device_type.name != "CUDA":
+                continue
+            us = getattr(event, "self_device_time_total", None)
+            if us is None:
+                us = getattr(event, "self_cuda_time_total", 0)
+        else:
+            us = event.self_cpu_time_total
+        if us <= 0:
+            continue
+        row = rows.setdefault(event.key, dict(kernel=event.key, group=group_of(event.key), calls=0, ms=0.0))
+        row["calls"] += event.count
+        row["ms"] += us / 1e3
+    return sorted(rows.values(), key=lambda r: -r["ms"])
+
+
+def main(argv=None) -> int:
+    ap = H.benchmark_parser(__doc__.split("\n\n")[0], None)
+    ap.add_argument("--preset", choices=PRESETS, default=None, help="default: paper on cuda, tiny on cpu")
+    ap.add_argument("--modes", default="fast,fp32", help="comma list of " + ",".join(MODES))
+    ap.add_argument("--top", type=int, default=30, help="kernels listed per mode (default 30)")
+    args = ap.parse_args(argv)
+    device = H.resolve_device(args.device)
+    if device is None:
+        return 2
+    modes = args.modes.split(",")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        print(f"error: unknown mode(s) {unknown}; known: {list(MODES)}", file=sys.stderr)
+        return 2
+    preset = args.preset or ("paper" if device.type == "cuda" else "tiny")
+    model = make_model(preset, device, seed=args.seed)
+    inp = make_inputs(model, 1, device, seed=args.seed)
+    payload = dict(benchmark="profile_frame", env=H.env_info(device), config=dict(preset=preset, modes=modes),
+                   modes={}, error=None)
+    parts = [f"## one real-time frame, kernel by kernel ({preset} preset, B = 1) on {H.device_label(payload['env'])}",
+             "", H.env_markdown(payload["env"]), ""]
+    for mode in modes:
+        renderer = model.realtime(inp["avatar"], batch=1, dtype=MODES[mode], cuda_graph=False)
+
+        def frame():
+            with torch.no_grad():
+                return renderer(inp["points"], inp["transform"])
+
+        rows = profile_frame(frame, device)
+        total = sum(r["ms"] for r in rows)
+        groups: dict[str, list] = defaultdict(lambda: [0, 0.0])
+        for r in rows:
+            groups[r["group"]][0] += r["calls"]
+            groups[r["group"]][1] += r["ms"]
+        payload["modes"][mode] = dict(total_ms=total, groups={g: dict(calls=c, ms=ms) for g, (c, ms) in groups.items()},
+                                      kernels=rows)
+        what = "device time of its kernels" if device.type == "cuda" else "self CPU time of its operators"
+        parts += [f"### {mode}: {total:.3f} ms of {what}", "",
+                  H.markdown_table(["group", "calls", "ms", "share"],
+                                   [[g, c, f"{ms:.3f}", f"{100 * ms / total:.1f} %"]
+                                    for g, (c, ms) in sorted(groups.items(), key=lambda kv: -kv[1][1])]), "",
+                  H.markdown_table(["kernel", "group", "calls", "ms"],
+                                   [[r["kernel"][:100], r["group"], r["calls"], f"{r['ms']:.4f}"]
+                                    for r in rows[:args.top]]), ""]
+        del renderer
+        H.release(device)
+    parts.append("Eager frame (cuda_graph=False: the graph replays these kernels without the launch gaps), "
+                 "one call after two warm-ups, under torch.profiler; groups by kernel name (profile_frame.GROUPS).")
+    return H.emit_report(payload, "\n".join(parts) + "\n", args.json, args.markdown)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

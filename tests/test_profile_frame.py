@@ -1,0 +1,42 @@
+"""benchmarks/profile_frame.py: kernel names land in the frame's parts, and one CPU run of the
+tiny preset writes a profile whose groups add up to its total."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import profile_frame  # noqa: E402
+
+
+@pytest.mark.parametrize("name,group", [
+    ("void gpavatar::knn::(anonymous namespace)::search_kernel<8, false, 1, 256, false>(float co", "knn"),
+    ("gpavatar::knn", "knn"),
+    ("gpavatar::knn_blend::(anonymous namespace)::tiles_forward_kernel(gpavatar::knn_blend::Blen", "pef blend"),
+    ("gpavatar::knn_blend_forward", "pef blend"),
+    ("void gpavatar::triplane::(anonymous namespace)::forward_kernel<32>(float const*", "triplane"),
+    ("sm80_xmma_gemm_f32f32_f32f32_f32_tn_n_tilesize32x32x8_stage3", "matrix products"),
+    ("aten::addmm", "matrix products"),
+    ("void cudnn::engines_precompiled::nchwToNhwcKernel<float, float, float, false, true>", "convolutions"),
+    ("Memcpy DtoH (Device -> Pinned)", "copies / casts"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::AbsFunctor<float>", "elementwise"),
+    ("aten::leaky_relu", "elementwise"),
+    ("something new", "other"),
+])
+def test_kernel_groups(name, group):
+    assert profile_frame.group_of(name) == group
+
+
+def test_cpu_profile_adds_up(tmp_path):
+    pytest.importorskip("gpavatar.ops")
+    out = tmp_path / "frame.json"
+    assert profile_frame.main(["--device", "cpu", "--modes", "fast", "--top", "5", "--json", str(out)]) == 0
+    mode = json.loads(out.read_text())["modes"]["fast"]
+    assert mode["total_ms"] > 0
+    assert abs(sum(g["ms"] for g in mode["groups"].values()) - mode["total_ms"]) < 1e-6 * mode["total_ms"] + 1e-9
+    assert {"knn", "pef blend", "convolutions"} <= set(mode["groups"])
+    with pytest.raises(SystemExit):
+        profile_frame.main(["--device", "cpu", "--modes", "fast", "--preset", "nope"])
