@@ -322,7 +322,8 @@ def field_layers(tri: torch.Tensor, expr: torch.Tensor, coords: torch.Tensor, di
     bias [b_d; b_r1] + [w_d; W_rf] b_3, and the direction embedding's share is accumulated into
     the rgb columns in place.  The (N, hidden) feature and its (N, hidden + 27) concatenation with
     the embedding are never written (at the paper's 2^19 samples per pass they were the largest
-    tensors of the field).  The same function as the official layers, up to float rounding."""
+    tensors of the field), and the RGB channels are remapped in place.  The same function as the
+    official layers, up to float rounding."""
     h = F.relu(F.linear(torch.cat([tri, expr.to(tri.dtype)], dim=-1), w.feature_w1, w.feature_b1))
     h = F.relu(F.linear(h, w.feature_w2, w.feature_b2))
     hidden = w.feature_w3.shape[0]
@@ -336,8 +337,9 @@ def field_layers(tri: torch.Tensor, expr: torch.Tensor, coords: torch.Tensor, di
     inside = ((coords > -1.0) & (coords < 1.0)).all(dim=-1)  # renderer.inside_box
     sigma = sigma * inside.to(sigma.dtype)
     alpha = -torch.expm1(-sigma)
-    raw = F.linear(F.relu(out[..., 1:]), w.rgb_w2, w.rgb_b2).float()
-    value = torch.cat([torch.sigmoid(raw[..., :3]) * 1.002 - 0.001, raw[..., 3:]], dim=-1)
+    value = F.linear(F.relu(out[..., 1:]), w.rgb_w2, w.rgb_b2).float()
+    # The RGB remap in place (a fresh product; its backward needs neither it nor the slice).
+    value[..., :3] = torch.sigmoid(value[..., :3]) * 1.002 - 0.001
     return FieldResult(alpha, value)
 
 
