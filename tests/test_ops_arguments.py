@@ -56,3 +56,22 @@ def test_bools_and_non_integers_are_refused(bad):
     for call, message in calls:
         with pytest.raises(TypeError, match=message):
             call()
+
+
+def test_check_coordinates_of_several_tensors_names_the_first_bad_one():
+    """One host sync for all the tensors of a call; the error names the first offending one
+    (NaN, inf, beyond MAX_ABS_COORD, float64 beyond float32's range); empty tensors pass."""
+    from gpavatar.ops import _validation as v
+
+    good, empty = torch.zeros(4, 3), torch.zeros(0, 3)
+    v.check_coordinates(good, "a", empty, "b", good.double(), "c")
+    for bad in (float("nan"), float("inf"), 2 * v.MAX_ABS_COORD):
+        t = good.clone()
+        t[2, 1] = bad
+        with pytest.raises(ValueError, match="^b must hold finite coordinates"):
+            v.check_coordinates(good, "a", t, "b", t, "c")
+        with pytest.raises(ValueError, match="^a must hold finite coordinates"):
+            v.check_coordinates(t, "a", good, "b")
+    huge = torch.full((2, 3), 1e300, dtype=torch.float64)
+    with pytest.raises(ValueError, match="^points must hold finite coordinates"):
+        v.check_coordinates(good, "queries", huge, "points")

@@ -44,14 +44,19 @@ def checking_values() -> bool:
     return not torch.compiler.is_compiling()
 
 
-def check_coordinates(t: torch.Tensor, name: str) -> None:
-    """Finite and within +-MAX_ABS_COORD (one reduction, one host sync)."""
-    if t.numel() == 0 or not checking_values():
+def check_coordinates(t: torch.Tensor, name: str, *more) -> None:
+    """Each tensor finite and within +-MAX_ABS_COORD: ``check_coordinates(t, "t")`` or
+    ``check_coordinates(a, "a", b, "b", ...)`` (tensors on one device) -- one reduction per tensor
+    and one host sync for all of them; the error names the first offending tensor."""
+    pairs = [(t, name)] + list(zip(more[0::2], more[1::2]))
+    pairs = [(x, n) for x, n in pairs if x.numel()]
+    if not pairs or not checking_values():
         return
-    worst = t.detach().abs().amax()
-    if not bool(worst <= MAX_ABS_COORD):  # NaN compares False
-        raise ValueError(f"{name} must hold finite coordinates with |x| <= {MAX_ABS_COORD:g}; "
-                         f"got max |x| = {worst.item():g}")
+    worst = torch.stack([x.detach().abs().amax().float() for x, _ in pairs]).tolist()  # the one sync
+    for (_, n), value in zip(pairs, worst):
+        if not value <= MAX_ABS_COORD:  # NaN compares False
+            raise ValueError(f"{n} must hold finite coordinates with |x| <= {MAX_ABS_COORD:g}; "
+                             f"got max |x| = {value:g}")
 
 
 def as_int(value, name: str) -> int:

@@ -44,8 +44,7 @@ def check_knn_inputs(queries, points, K, op: str = "knn") -> None:
                          f"got {queries.shape[0]} and {points.shape[0]}")
     v.check_same_device({"queries": queries, "points": points})
     v.check_int(K, "K", 1, points.shape[1], high_name=f"P = {points.shape[1]}")
-    v.check_coordinates(queries, "queries")
-    v.check_coordinates(points, "points")
+    v.check_coordinates(queries, "queries", points, "points")
 
 
 def choose_backend(backend, device, K: int, op: str) -> str:

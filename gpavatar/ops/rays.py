@@ -104,8 +104,7 @@ def ray_box(origins: torch.Tensor, dirs: torch.Tensor, box_min: float = -1.0, bo
                                  f"got {value}")
         if not float(box_min) < float(box_max):
             raise ValueError(f"box_min must be < box_max, got {box_min} and {box_max}")
-        v.check_coordinates(origins, "origins")
-        v.check_coordinates(dirs, "dirs")
+        v.check_coordinates(origins, "origins", dirs, "dirs")
     name = _resolve(backend, origins.device, "ray_box")
     o, d = _f32(origins), _f32(dirs)
     if name == "torch" or o.shape[0] == 0:
@@ -132,8 +131,7 @@ def stratified_depths(t0: torch.Tensor, t1: torch.Tensor, S: int, jitter: bool =
         if not isinstance(jitter, bool):
             raise TypeError(f"jitter must be a bool, got {type(jitter).__name__}")
         _check_generator(generator, t0.device)
-        v.check_coordinates(t0, "t0")
-        v.check_coordinates(t1, "t1")
+        v.check_coordinates(t0, "t0", t1, "t1")
     S = operator.index(S)  # numpy integers too
     name = _resolve(backend, t0.device, "stratified_depths")
     a, b = _f32(t0), _f32(t1)
