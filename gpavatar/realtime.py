@@ -15,7 +15,9 @@ noise or none) without either:
   channels-last copy of ``up_renderer`` (cuDNN tensor cores) and the field's matmuls may use TF32
   (with ``$GPAVATAR_FIELD_FUSED=1`` each field pass on a GPU is the fused ``ops.field_query``,
   which then runs its products in tf32; ``model.nerf_mlp.field_precision = "bf16"`` asks for bf16);
-  ``torch.float32`` keeps TF32 off for matmuls and convolutions (full fp32 arithmetic).
+  ``field_dtype=torch.bfloat16`` also runs the field passes' layers under bf16 autocast (opt-in, not
+  yet timed on a GPU); ``torch.float32`` keeps TF32 off for matmuls and convolutions (full fp32
+  arithmetic).
 
 On the CPU (or with ``cuda_graph=False``) a call runs the same stages eagerly: an fp32 frame is
 :meth:`GPAvatar.render`'s frame (the same ops in the same order).
@@ -106,6 +108,10 @@ class RealtimeRenderer:
         cuda_graph: capture a CUDA graph (default: when the avatar is on a GPU)
         warmup: eager frames on a side stream before the capture (kernel compilation, autotuning)
         check_values: check every call's points and transform values (one host sync per call)
+        field_dtype: ``torch.bfloat16`` runs both field passes' layers under bf16 autocast (fast
+            mode only; the KNN, PEF blend and tri-plane ops stay fp32, alpha and value are fp32);
+            None / ``torch.float32``: fp32 layers (TF32 products in fast mode).  Opt-in: not yet
+            timed on a GPU (``bench_e2e.py`` realtime rows ``cuda+bf16field``)
 
     Call: ``points`` (B, P, 3) FLAME vertices x flame_scale, ``transform`` (B, 3, 4) world-to-camera
     [R|T], any float dtype and device (copied to float32 on the avatar's device) -> dict like
@@ -114,7 +120,8 @@ class RealtimeRenderer:
     """
 
     def __init__(self, model: GPAvatar, avatar: Avatar, *, batch: int = 1, dtype: torch.dtype = torch.float32,
-                 cuda_graph: Optional[bool] = None, warmup: int = 3, check_values: bool = False):
+                 cuda_graph: Optional[bool] = None, warmup: int = 3, check_values: bool = False,
+                 field_dtype: Optional[torch.dtype] = None):
         if not isinstance(model, GPAvatar):
             raise TypeError(f"model must be a GPAvatar, got {type(model).__name__}")
         if not isinstance(avatar, Avatar):
@@ -127,8 +134,14 @@ class RealtimeRenderer:
             raise ValueError(f"dtype must be torch.float32 or torch.bfloat16 (fast mode), got {dtype}")
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"warmup must be an int >= 1, got {warmup!r}")
+        if field_dtype not in (None, torch.float32, torch.bfloat16):
+            raise ValueError(f"field_dtype must be None, torch.float32 or torch.bfloat16, got {field_dtype}")
+        if field_dtype == torch.bfloat16 and dtype != torch.bfloat16:
+            raise ValueError("field_dtype=torch.bfloat16 needs the fast mode (dtype=torch.bfloat16); "
+                             "dtype=torch.float32 keeps the whole frame in fp32")
         self.model, self.batch, self.dtype = model, batch, dtype
         self.fast = dtype == torch.bfloat16
+        self.field_bf16 = field_dtype == torch.bfloat16
         self.noise = _frame_noise(model)
         self.device = avatar.planes.device
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
@@ -157,15 +170,22 @@ class RealtimeRenderer:
             s["field"] = model.field(self.avatar, s["points"], validate=False)
             s["rays"], s["coarse_t"] = renderer.coarse_samples(s["transform"], validate=False)
 
+        def field_autocast():
+            # no weight-cast cache: a cache filled during a CUDA graph capture would outlive it
+            return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.field_bf16,
+                                  cache_enabled=False)
+
         def field_coarse(s):
-            s["alpha_c"], s["value_c"], _ = renderer.query(s["field"], s["rays"], s["coarse_t"], "coarse")
+            with field_autocast():
+                s["alpha_c"], s["value_c"], _ = renderer.query(s["field"], s["rays"], s["coarse_t"], "coarse")
 
         def importance(s):
             coarse, s["fine_t"] = renderer.fine_samples(s["coarse_t"], s["alpha_c"], s["value_c"])
             s["coarse_color"] = coarse.color
 
         def field_fine(s):
-            s["alpha_f"], s["value_f"], _ = renderer.query(s["field"], s["rays"], s["fine_t"], "fine")
+            with field_autocast():
+                s["alpha_f"], s["value_f"], _ = renderer.query(s["field"], s["rays"], s["fine_t"], "fine")
 
         def compositing(s):
             s["out"] = renderer.composite_samples(s["coarse_t"], s["alpha_c"], s["value_c"], s["fine_t"], s["alpha_f"],

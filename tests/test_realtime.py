@@ -88,6 +88,23 @@ def test_cpu_fast_mode_close_to_fp32(tiny):
     assert model.up_renderer.final_linear.weight.dtype == torch.float32
 
 
+def test_cpu_bf16_field_layers(tiny):
+    """field_dtype=torch.bfloat16 (fast mode): the field layers under bf16 autocast change the feature
+    images (so the switch takes effect) but keep the frame within 35 dB of fp32; alpha and values stay
+    float32; the fp32 mode refuses it."""
+    model, avatar = tiny
+    points, transform = frame_inputs(2, seed=6)
+    ref = model.realtime(avatar, batch=2)(points, transform)
+    out = model.realtime(avatar, batch=2, dtype=torch.bfloat16, field_dtype=torch.bfloat16)(points, transform)
+    assert out["fine"].dtype == torch.float32 and out["coarse_alphas"].dtype == torch.float32
+    assert not torch.equal(out["fine"], ref["fine"])
+    assert psnr(out["fine"], ref["fine"]) >= 35 and psnr(out["image"], ref["image"]) >= 35
+    with pytest.raises(ValueError, match="field_dtype=torch.bfloat16 needs the fast mode"):
+        model.realtime(avatar, field_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="field_dtype must be"):
+        model.realtime(avatar, dtype=torch.bfloat16, field_dtype=torch.float16)
+
+
 def test_cpu_profile_stages(tiny):
     model, avatar = tiny
     points, transform = frame_inputs(1, seed=2)
@@ -149,13 +166,17 @@ def _cuda_tiny():
     return model, avatar
 
 
+MODES = [pytest.param(torch.float32, None, id="fp32"), pytest.param(torch.bfloat16, None, id="fast"),
+         pytest.param(torch.bfloat16, torch.bfloat16, id="fast-bf16field")]
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "fast"])
-def test_cuda_frame_has_no_host_sync(dtype):
+@pytest.mark.parametrize("dtype,field_dtype", MODES)
+def test_cuda_frame_has_no_host_sync(dtype, field_dtype):
     """An eager frame of the real-time stages with sync debugging set to "error": any host sync raises
     (the capture would fail on it)."""
     model, avatar = _cuda_tiny()
-    rt = model.realtime(avatar, batch=2, dtype=dtype, cuda_graph=False)
+    rt = model.realtime(avatar, batch=2, dtype=dtype, cuda_graph=False, field_dtype=field_dtype)
     points, transform = frame_inputs(2, seed=0, device="cuda")
     rt(points, transform)  # first call: kernel compilation / autotuning may sync
     torch.cuda.synchronize()
@@ -168,16 +189,16 @@ def test_cuda_frame_has_no_host_sync(dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "fast"])
+@pytest.mark.parametrize("dtype,field_dtype", MODES)
 @pytest.mark.parametrize("B", [1, 2])
-def test_cuda_graph_replay_equals_eager(dtype, B):
+def test_cuda_graph_replay_equals_eager(dtype, field_dtype, B):
     """Graph replays with new inputs copied in give the eager frame of the same renderer, and the returned
     tensors are the graph's static outputs.  The kernels are the same, so the frames should agree bit for
     bit; the tolerances only allow a library (cuBLAS / cuDNN) picking another algorithm inside a capture:
     1e-4 in fp32, and for the fast mode's bf16 image 2^-7 (one bf16 rounding of values in [0, 1])."""
     model, avatar = _cuda_tiny()
-    graph = model.realtime(avatar, batch=B, dtype=dtype)
-    eager = model.realtime(avatar, batch=B, dtype=dtype, cuda_graph=False)
+    graph = model.realtime(avatar, batch=B, dtype=dtype, field_dtype=field_dtype)
+    eager = model.realtime(avatar, batch=B, dtype=dtype, cuda_graph=False, field_dtype=field_dtype)
     assert graph.cuda_graph
     first = None
     for seed in range(3):
@@ -185,7 +206,7 @@ def test_cuda_graph_replay_equals_eager(dtype, B):
         out = graph(points, transform)
         ref = eager(points, transform)
         for key in OUTPUTS:
-            tol = 2.0 ** -7 if (key == "image" and dtype == torch.bfloat16) else 1e-4
+            tol = 2.0 ** -7 if (key == "image" and dtype == torch.bfloat16) or field_dtype == torch.bfloat16 else 1e-4
             torch.testing.assert_close(out[key], ref[key], rtol=tol, atol=tol, msg=key)
         if first is None:
             first = out["image"]
