@@ -45,7 +45,8 @@ export PYTHONUNBUFFERED=1
 # oracle is not timed (add --oracle via BENCH_ARGS to time it).
 # bench_e2e on cuda defaults to the paper preset, B = 1 and 4, torch-fast + every backend,
 # fp32 + fast.
-# profile_frame: one real-time frame under torch.profiler, kernel by kernel (a diagnosis).
+# profile_frame: one real-time frame under torch.profiler, kernel by kernel (a diagnosis);
+# BENCH_ARGS=--train (with BENCHES_ONLY=benchmarks/profile_frame.py) profiles a training step.
 # bench_field on cuda: one field pass at the paper size, unfused (fp32, tf32) vs the fused
 # ops.field_query (ieee, tf32x3, tf32, bf16; pass and kernel-only rows); its tile sweep:
 # BENCHES_ONLY=benchmarks/bench_field.py BENCH_ARGS=--sweep.

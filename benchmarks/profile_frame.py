@@ -7,6 +7,7 @@ matrix products, convolutions, elementwise, ...).  On the CPU (tiny preset by de
 are the operators' self CPU times.
 
     python benchmarks/profile_frame.py --device cuda --json frame.json --markdown frame.md
+    python benchmarks/profile_frame.py --device cuda --train    # one training step instead
 
 This is a diagnosis, not a benchmark: the profiler adds its own overhead; ``bench_e2e.py``
 gives the frame times.
@@ -30,6 +31,7 @@ MODES = {"fp32": torch.float32, "fast": torch.bfloat16}
 
 # (group, pattern) in order: the first pattern that matches a kernel's name names its group.
 GROUPS = (
+    ("optimizer", r"multi_tensor|adam|foreach"),
     ("knn", r"gpavatar::knn(::|$)|knn_kernel|knn_grid"),
     ("pef blend", r"knn_blend"),
     ("triplane", r"triplane"),
@@ -81,11 +83,24 @@ def profile_frame(frame, device: torch.device) -> list[dict]:
     return sorted(rows.values(), key=lambda r: -r["ms"])
 
 
+def _frame_fn(model, inp: dict, dtype: torch.dtype):
+    renderer = model.realtime(inp["avatar"], batch=1, dtype=dtype, cuda_graph=False)
+
+    def frame():
+        with torch.no_grad():
+            return renderer(inp["points"], inp["transform"])
+
+    return frame
+
+
 def main(argv=None) -> int:
     ap = H.benchmark_parser(__doc__.split("\n\n")[0], None)
     ap.add_argument("--preset", choices=PRESETS, default=None, help="default: paper on cuda, tiny on cpu")
     ap.add_argument("--modes", default="fast,fp32", help="comma list of " + ",".join(MODES))
     ap.add_argument("--top", type=int, default=30, help="kernels listed per mode (default 30)")
+    ap.add_argument("--train", action="store_true",
+                    help="profile one training step of bench_train.py (forward_train + losses + backward + Adam, "
+                         "2 sources) with the device's gpavatar backend instead of the frames")
     args = ap.parse_args(argv)
     device = H.resolve_device(args.device)
     if device is None:
@@ -96,19 +111,21 @@ def main(argv=None) -> int:
         print(f"error: unknown mode(s) {unknown}; known: {list(MODES)}", file=sys.stderr)
         return 2
     preset = args.preset or ("paper" if device.type == "cuda" else "tiny")
-    model = make_model(preset, device, seed=args.seed)
-    inp = make_inputs(model, 1, device, seed=args.seed)
-    payload = dict(benchmark="profile_frame", env=H.env_info(device), config=dict(preset=preset, modes=modes),
-                   modes={}, error=None)
-    parts = [f"## one real-time frame, kernel by kernel ({preset} preset, B = 1) on {H.device_label(payload['env'])}",
+    payload = dict(benchmark="profile_frame", env=H.env_info(device),
+                   config=dict(preset=preset, modes=["train"] if args.train else modes), modes={}, error=None)
+    what_ran = "one training step" if args.train else "one real-time frame"
+    parts = [f"## {what_ran}, kernel by kernel ({preset} preset, B = 1) on {H.device_label(payload['env'])}",
              "", H.env_markdown(payload["env"]), ""]
-    for mode in modes:
-        renderer = model.realtime(inp["avatar"], batch=1, dtype=MODES[mode], cuda_graph=False)
+    if args.train:
+        from bench_train import make_setup, make_step
 
-        def frame():
-            with torch.no_grad():
-                return renderer(inp["points"], inp["transform"])
-
+        step = make_step(make_setup(preset, device, seed=args.seed), device.type)
+        runs = [("train", step)]
+    else:
+        model = make_model(preset, device, seed=args.seed)
+        inp = make_inputs(model, 1, device, seed=args.seed)
+        runs = [(mode, _frame_fn(model, inp, MODES[mode])) for mode in modes]
+    for mode, frame in runs:
         rows = profile_frame(frame, device)
         total = sum(r["ms"] for r in rows)
         groups: dict[str, list] = defaultdict(lambda: [0, 0.0])
@@ -125,10 +142,11 @@ def main(argv=None) -> int:
                   H.markdown_table(["kernel", "group", "calls", "ms"],
                                    [[r["kernel"][:100], r["group"], r["calls"], f"{r['ms']:.4f}"]
                                     for r in rows[:args.top]]), ""]
-        del renderer
         H.release(device)
-    parts.append("Eager frame (cuda_graph=False: the graph replays these kernels without the launch gaps), "
-                 "one call after two warm-ups, under torch.profiler; groups by kernel name (profile_frame.GROUPS).")
+    parts.append("One training step (bench_train.make_step: forward_train + GPAvatarLoss + backward + Adam)"
+                 if args.train else
+                 "Eager frame (cuda_graph=False: the graph replays these kernels without the launch gaps)")
+    parts[-1] += ", one call after two warm-ups, under torch.profiler; groups by kernel name (profile_frame.GROUPS)."
     return H.emit_report(payload, "\n".join(parts) + "\n", args.json, args.markdown)
 
 

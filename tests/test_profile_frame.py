@@ -40,3 +40,11 @@ def test_cpu_profile_adds_up(tmp_path):
     assert {"knn", "pef blend", "convolutions"} <= set(mode["groups"])
     with pytest.raises(SystemExit):
         profile_frame.main(["--device", "cpu", "--modes", "fast", "--preset", "nope"])
+
+
+def test_cpu_training_step_profile(tmp_path):
+    pytest.importorskip("gpavatar.ops")
+    out = tmp_path / "train.json"
+    assert profile_frame.main(["--device", "cpu", "--train", "--top", "3", "--json", str(out)]) == 0
+    groups = json.loads(out.read_text())["modes"]["train"]["groups"]
+    assert {"optimizer", "convolutions", "pef blend", "knn"} <= set(groups)
