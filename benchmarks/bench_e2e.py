@@ -121,18 +121,29 @@ FUSED_SUFFIX = "+fused"
 # A realtime row of backend "cuda+bf16field" runs the field passes' layers under bf16 autocast
 # (RealtimeRenderer(field_dtype=torch.bfloat16); fast mode only).
 BF16_FIELD_SUFFIX = "+bf16field"
+# A realtime row of backend "cuda+upsample" runs the super-resolution's 2x upsampling with the
+# Triton kernel (GPAVATAR_UPSAMPLE=triton; the fast mode's bf16 channels-last network only).
+UPSAMPLE_SUFFIX = "+upsample"
+ROW_SUFFIXES = (FUSED_SUFFIX, BF16_FIELD_SUFFIX, UPSAMPLE_SUFFIX)
+
+
+def base_backend(backend: str) -> str:
+    """A row's backend without its realtime variant suffix (``cuda+fused`` -> ``cuda``)."""
+    for suffix in ROW_SUFFIXES:
+        backend = backend.removesuffix(suffix)
+    return backend
 
 
 def ops_backend(backend: str) -> str:
     """The gpavatar backend a row's ops run on: ``torch`` for the baselines."""
-    backend = backend.removesuffix(FUSED_SUFFIX).removesuffix(BF16_FIELD_SUFFIX)
+    backend = base_backend(backend)
     return "torch" if backend in BASELINES else backend
 
 
 def backend_unavailable(backend: str, device: torch.device) -> str | None:
     import gpavatar.ops as ops
 
-    backend = backend.removesuffix(FUSED_SUFFIX).removesuffix(BF16_FIELD_SUFFIX)
+    backend = base_backend(backend)
     if backend == "pytorch3d":
         why = BL.pytorch3d_error()
         return f"backend 'pytorch3d' is not available: {why}" if why else None
@@ -146,7 +157,7 @@ def backend_unavailable(backend: str, device: torch.device) -> str | None:
 
 def fallback_ops(backend: str) -> list[str]:
     """The model's ops that ``backend`` has no kernel for in this build (they run on torch)."""
-    backend = backend.removesuffix(FUSED_SUFFIX).removesuffix(BF16_FIELD_SUFFIX)
+    backend = base_backend(backend)
     if backend in ("torch", "auto") or backend in BASELINES:
         return []
     names = CPP_OPS if backend in ("cpu", "cuda") else TRITON_OPS + RAY_OPS
@@ -327,12 +338,13 @@ def realtime_fn(model, inp: dict, backend: str, mode: str):
     avatar, points, transform = inp["avatar"], inp["points"], inp["transform"]
     # bf16 field layers are a fast-mode option (the fp32 frame of such a row is the plain one: its PSNR reference)
     options = dict(field_dtype=torch.bfloat16) if backend.endswith(BF16_FIELD_SUFFIX) and mode == "fast" else {}
-    with torch.no_grad(), use_backend(model, backend):
+    switches = dict(GPAVATAR_UPSAMPLE="triton") if backend.endswith(UPSAMPLE_SUFFIX) else {}
+    with torch.no_grad(), use_backend(model, backend), H.environ(**switches):
         rt = model.realtime(avatar, batch=inp["B"], dtype=MODE_DTYPES[mode], **options)
         rt(points, transform)  # warm-up and, on a GPU, the capture
 
     def fn():
-        with use_backend(model, backend):  # the eager (CPU) path dispatches per call
+        with use_backend(model, backend), H.environ(**switches):  # the eager (CPU) path dispatches per call
             return rt(points, transform)
 
     fn.realtime = rt
@@ -470,7 +482,8 @@ def render_markdown(payload: dict) -> str:
             "warm-up and the CUDA graph's memory pool. Backend X+fused: the same with each field pass as the fused "
             "ops.field_query kernel (GPAVATAR_FIELD_FUSED; products in tf32 in fast mode, ieee in fp32). Backend "
             "X+bf16field (fast mode): the field passes' layers under bf16 autocast (RealtimeRenderer(field_dtype="
-            "torch.bfloat16)).")
+            "torch.bfloat16)). Backend X+upsample (fast mode): the super-resolution's 2x upsampling by the Triton "
+            "kernel (GPAVATAR_UPSAMPLE=triton).")
     parts = [title, H.env_markdown(env), H.markdown_table(headers, body), note]
     staged = [r for r in payload["rows"] if r.get("stages_ms")]
     if staged:
@@ -561,7 +574,8 @@ def main(argv=None) -> int:
     realtime_backends = [b for b in backends if b not in BASELINES and b != "torch"]
     if device.type == "cuda":  # and each with the fused field passes, and (fast mode) bf16 field layers
         base = [b for b in realtime_backends if b in ("cuda", "triton")]
-        realtime_backends += [b + FUSED_SUFFIX for b in base] + [b + BF16_FIELD_SUFFIX for b in base[:1]]
+        realtime_backends += ([b + FUSED_SUFFIX for b in base] + [b + BF16_FIELD_SUFFIX for b in base[:1]]
+                              + [b + UPSAMPLE_SUFFIX for b in base[:1]])
     for B in Bs + cfg["realtime_Bs"]:
         if not backends:
             break
@@ -588,8 +602,8 @@ def main(argv=None) -> int:
                 continue
             for mode in (modes if case in IMAGE_CASES else ["fp32"]):
                 for b in (realtime_backends if case == "realtime" else backends):
-                    if b.endswith(BF16_FIELD_SUFFIX) and mode != "fast":
-                        continue  # bf16 field layers are a fast-mode option
+                    if b.endswith((BF16_FIELD_SUFFIX, UPSAMPLE_SUFFIX)) and mode != "fast":
+                        continue  # fast-mode options (the fp32 network is NCHW: F.interpolate)
                     print(f"[bench_e2e] B={B} {case} / {b} / {mode} ...", file=sys.stderr, flush=True)
                     payload["rows"].append(run_row(case, b, mode, model, inp, device, cap=cap, images=images,
                                                    repeats=repeats, warmup=warmup, max_seconds=max_seconds,

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpavatar.ops.upsample import upsample2x
+
 from gpavatar.model.stylegan import (
     LEAKY_SLOPE,
     NOISE_MODES,
@@ -53,7 +55,7 @@ def _lrelu(x: torch.Tensor) -> torch.Tensor:
 
 def _resample(x: torch.Tensor, mode: str) -> torch.Tensor:
     if mode == "up":
-        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        return upsample2x(x)
     if x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0:
         return F.avg_pool2d(x, 2)  # identical to bilinear x0.5 (align_corners=False) for even sizes
     return F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False)

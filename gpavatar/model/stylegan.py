@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpavatar.ops.upsample import upsample2x
+
 NOISE_MODES = ("fresh", "stored", "off")
 """Allowed values of the ``noise`` argument of the decoder and of ``StyleUNet``."""
 
@@ -128,7 +130,7 @@ class ModulatedConv2d(nn.Module):
         if self.demodulate:
             weight = weight * torch.rsqrt(weight.pow(2).sum(dim=(2, 3, 4), keepdim=True) + self.eps)
         if self.sample_mode == "upsample":
-            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+            x = upsample2x(x)
         if B <= 1:  # a plain convolution; B == 0 (empty batch) gives an empty output
             return F.conv2d(x, weight[0] if B == 1 else self.weight[0], padding=k // 2)
         H, W = x.shape[-2:]
@@ -185,7 +187,7 @@ class ToRGB(nn.Module):
         out = out + self.bias.to(out.dtype)
         if skip is not None:
             if self.upsample:
-                skip = F.interpolate(skip, scale_factor=2, mode="bilinear", align_corners=False)
+                skip = upsample2x(skip)
             out = out + skip
         return out
 
