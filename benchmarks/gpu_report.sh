@@ -14,8 +14,8 @@
 # BENCH_ARGS (extra arguments for every benchmark script), BENCHES_ONLY (the benchmark
 # scripts to run, space-separated), SKIP_MEMCHECK (any value), REPORT_BUDGET_S,
 # GPAVATAR_PREBUILT (skip the build when the extension in place imports and runs: one built
-# elsewhere for this torch and Python), CUDA_TESTS (test files of the CUDA step, default
-# tests) and CUDA_TESTS_CAP (its seconds), PROBE (run benchmarks/knn_cells_probe.py; PROBE_ARGS:
+# elsewhere for this torch and Python, e.g. by benchmarks/prebuild_device_ext.sh), CUDA_TESTS
+# (test files of the CUDA step, default tests) and CUDA_TESTS_CAP (its seconds), PROBE (run benchmarks/knn_cells_probe.py; PROBE_ARGS:
 # its extra arguments, e.g. "--dist render --grids 16,24,32"; PROBE_CAP: its seconds, default 150),
 # NCU (profile the KNN kernels with Nsight Compute: benchmarks/profile_knn_ncu.sh),
 # SKIP_TESTS_ALL (no whole-suite step at the end).
