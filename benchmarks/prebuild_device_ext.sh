@@ -10,7 +10,7 @@
 # copies the tracked and untracked-not-ignored files to $BUILD_DIR (default /tmp/prebuild<ver>)
 # and builds there for TORCH_CUDA_ARCH_LIST=ARCH; the result is copied next to this checkout's
 # own build, gpavatar/_C.cpython-<ver>-x86_64-linux-gnu.so (git ignores it: name it in the
-# device call's `carry`).  About 7 minutes on 2 cores.
+# device call's `carry`).  A few minutes on 2 cores.
 set -euo pipefail
 PYVER="${1:-3.12}"
 TORCH="${2:-2.11.0}"
