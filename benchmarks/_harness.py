@@ -48,6 +48,33 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def kernel_times(fn: Callable[[], Any], device: torch.device, warmup: int = 1) -> list[tuple[str, int, float]]:
+    """(name, calls, ms) of one call of ``fn`` under torch.profiler after ``warmup`` calls, the
+    largest first: each CUDA kernel's device time on a GPU, each operator's self CPU time on the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    rows = []
+    for event in prof.key_averages():
+        if device.type == "cuda":
+            if event.device_type.name != "CUDA":
+                continue
+            us = getattr(event, "self_device_time_total", None)
+            if us is None:
+                us = getattr(event, "self_cuda_time_total", 0)
+        else:
+            us = event.self_cpu_time_total
+        if us > 0:
+            rows.append((event.key, event.count, us / 1e3))
+    return sorted(rows, key=lambda r: -r[2])
+
+
 def _percentile(values: Sequence[float], q: float) -> float:
     """Linear-interpolated percentile (``q`` in [0, 100]) of ``values``."""
     xs = sorted(values)

@@ -61,22 +61,7 @@ def timed(fn, device, warmup=3, repeats=20, max_seconds=2.0):
 
 def profile_once(fn, device, label):
     """Per-kernel device times of one call (torch.profiler), as rows (name, calls, ms)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    fn()
-    with profile(activities=acts) as prof:
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    rows = []
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None)
-        if t is None:
-            t = getattr(e, "cuda_time_total", 0)
-        if device.type == "cuda" and t > 0 and e.device_type.name == "CUDA":
-            rows.append((e.key[:90], e.count, t / 1e3))
-    rows.sort(key=lambda r: -r[2])
+    rows = [(name[:90], calls, ms) for name, calls, ms in _harness.kernel_times(fn, device)]
     print(f"\n== kernels of one call: {label} ==")
     for name, n, ms in rows[:20]:
         print(f"  {ms:8.4f} ms  x{n:<3d} {name}")

@@ -56,31 +56,8 @@ def group_of(name: str) -> str:
 def profile_frame(frame, device: torch.device) -> list[dict]:
     """Rows (kernel, group, calls, ms) of one call of ``frame`` (after two warm-up calls), the
     largest first: device kernels on a GPU, operators' self CPU time on the CPU."""
-    from torch.profiler import ProfilerActivity, profile
-
-    frame()
-    frame()
-    H._sync(device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        frame()
-        H._sync(device)
-    rows: dict[str, dict] = {}
-    for event in prof.key_averages():
-        if device.type == "cuda":
-            if event.device_type.name != "CUDA":
-                continue
-            us = getattr(event, "self_device_time_total", None)
-            if us is None:
-                us = getattr(event, "self_cuda_time_total", 0)
-        else:
-            us = event.self_cpu_time_total
-        if us <= 0:
-            continue
-        row = rows.setdefault(event.key, dict(kernel=event.key, group=group_of(event.key), calls=0, ms=0.0))
-        row["calls"] += event.count
-        row["ms"] += us / 1e3
-    return sorted(rows.values(), key=lambda r: -r["ms"])
+    return [dict(kernel=name, group=group_of(name), calls=calls, ms=ms)
+            for name, calls, ms in H.kernel_times(frame, device, warmup=2)]
 
 
 def _frame_fn(model, inp: dict, dtype: torch.dtype):
@@ -119,14 +96,14 @@ def main(argv=None) -> int:
     if args.train:
         from bench_train import make_setup, make_step
 
-        step = make_step(make_setup(preset, device, seed=args.seed), device.type)
-        runs = [("train", step)]
+        runs = [("train", lambda: make_step(make_setup(preset, device, seed=args.seed), device.type))]
     else:
         model = make_model(preset, device, seed=args.seed)
         inp = make_inputs(model, 1, device, seed=args.seed)
-        runs = [(mode, _frame_fn(model, inp, MODES[mode])) for mode in modes]
-    for mode, frame in runs:
-        rows = profile_frame(frame, device)
+        # one renderer at a time: each is made when its mode is profiled and dropped after it
+        runs = [(mode, lambda mode=mode: _frame_fn(model, inp, MODES[mode])) for mode in modes]
+    for mode, make in runs:
+        rows = profile_frame(make(), device)
         total = sum(r["ms"] for r in rows)
         groups: dict[str, list] = defaultdict(lambda: [0, 0.0])
         for r in rows:
