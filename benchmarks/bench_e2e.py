@@ -124,14 +124,21 @@ BF16_FIELD_SUFFIX = "+bf16field"
 # A realtime row of backend "cuda+upsample" runs the super-resolution's 2x upsampling with the
 # Triton kernel (GPAVATAR_UPSAMPLE=triton; the fast mode's bf16 channels-last network only).
 UPSAMPLE_SUFFIX = "+upsample"
-ROW_SUFFIXES = (FUSED_SUFFIX, BF16_FIELD_SUFFIX, UPSAMPLE_SUFFIX)
+# A realtime row of backend "cuda+layers" runs the decoder's layers of each field pass as one Triton
+# kernel (GPAVATAR_FIELD_LAYERS=triton; ops.field_query.field_layers); suffixes stack
+# ("cuda+layers+bf16field+upsample": every opt-in of the fast mode at once).
+LAYERS_SUFFIX = "+layers"
+FAST_ONLY_SUFFIXES = (BF16_FIELD_SUFFIX, UPSAMPLE_SUFFIX)
 
 
 def base_backend(backend: str) -> str:
-    """A row's backend without its realtime variant suffix (``cuda+fused`` -> ``cuda``)."""
-    for suffix in ROW_SUFFIXES:
-        backend = backend.removesuffix(suffix)
-    return backend
+    """A row's backend without its realtime variant suffixes (``cuda+fused`` -> ``cuda``)."""
+    return backend.split("+")[0]
+
+
+def has_variant(backend: str, suffix: str) -> bool:
+    """Whether a row's backend carries the realtime variant ``suffix`` (e.g. ``+layers``)."""
+    return suffix[1:] in backend.split("+")[1:]
 
 
 def ops_backend(backend: str) -> str:
@@ -171,7 +178,7 @@ def use_backend(model, backend: str):
     replaced by ``_baselines``' (``BL.baseline_pef``, undone on exit)."""
     model.set_backend(ops_backend(backend))
     saved_fused = model.nerf_mlp.fused_field
-    model.nerf_mlp.fused_field = True if backend.endswith(FUSED_SUFFIX) else saved_fused
+    model.nerf_mlp.fused_field = True if has_variant(backend, FUSED_SUFFIX) else saved_fused
     try:
         with BL.baseline_pef(model, backend) if backend in BASELINES else contextlib.nullcontext():
             yield
@@ -337,8 +344,10 @@ def realtime_fn(model, inp: dict, backend: str, mode: str):
         raise ValueError(f"case 'realtime' runs the fused backends only, got {backend!r}")
     avatar, points, transform = inp["avatar"], inp["points"], inp["transform"]
     # bf16 field layers are a fast-mode option (the fp32 frame of such a row is the plain one: its PSNR reference)
-    options = dict(field_dtype=torch.bfloat16) if backend.endswith(BF16_FIELD_SUFFIX) and mode == "fast" else {}
-    switches = dict(GPAVATAR_UPSAMPLE="triton") if backend.endswith(UPSAMPLE_SUFFIX) else {}
+    options = dict(field_dtype=torch.bfloat16) if has_variant(backend, BF16_FIELD_SUFFIX) and mode == "fast" else {}
+    switches = dict(GPAVATAR_UPSAMPLE="triton") if has_variant(backend, UPSAMPLE_SUFFIX) else {}
+    if has_variant(backend, LAYERS_SUFFIX):
+        switches["GPAVATAR_FIELD_LAYERS"] = "triton"
     with torch.no_grad(), use_backend(model, backend), H.environ(**switches):
         rt = model.realtime(avatar, batch=inp["B"], dtype=MODE_DTYPES[mode], **options)
         rt(points, transform)  # warm-up and, on a GPU, the capture
@@ -483,7 +492,9 @@ def render_markdown(payload: dict) -> str:
             "ops.field_query kernel (GPAVATAR_FIELD_FUSED; products in tf32 in fast mode, ieee in fp32). Backend "
             "X+bf16field (fast mode): the field passes' layers under bf16 autocast (RealtimeRenderer(field_dtype="
             "torch.bfloat16)). Backend X+upsample (fast mode): the super-resolution's 2x upsampling by the Triton "
-            "kernel (GPAVATAR_UPSAMPLE=triton).")
+            "kernel (GPAVATAR_UPSAMPLE=triton). Backend X+layers: each field pass's decoder layers as one Triton "
+            "kernel (GPAVATAR_FIELD_LAYERS=triton: tf32 products in fast mode, bf16 with +bf16field, ieee in fp32); "
+            "suffixes stack.")
     parts = [title, H.env_markdown(env), H.markdown_table(headers, body), note]
     staged = [r for r in payload["rows"] if r.get("stages_ms")]
     if staged:
@@ -575,7 +586,8 @@ def main(argv=None) -> int:
     if device.type == "cuda":  # and each with the fused field passes, and (fast mode) bf16 field layers
         base = [b for b in realtime_backends if b in ("cuda", "triton")]
         realtime_backends += ([b + FUSED_SUFFIX for b in base] + [b + BF16_FIELD_SUFFIX for b in base[:1]]
-                              + [b + UPSAMPLE_SUFFIX for b in base[:1]])
+                              + [b + UPSAMPLE_SUFFIX for b in base[:1]] + [b + LAYERS_SUFFIX for b in base[:1]]
+                              + [b + LAYERS_SUFFIX + BF16_FIELD_SUFFIX + UPSAMPLE_SUFFIX for b in base[:1]])
     for B in Bs + cfg["realtime_Bs"]:
         if not backends:
             break
@@ -602,7 +614,7 @@ def main(argv=None) -> int:
                 continue
             for mode in (modes if case in IMAGE_CASES else ["fp32"]):
                 for b in (realtime_backends if case == "realtime" else backends):
-                    if b.endswith((BF16_FIELD_SUFFIX, UPSAMPLE_SUFFIX)) and mode != "fast":
+                    if any(has_variant(b, x) for x in FAST_ONLY_SUFFIXES) and mode != "fast":
                         continue  # fast-mode options (the fp32 network is NCHW: F.interpolate)
                     print(f"[bench_e2e] B={B} {case} / {b} / {mode} ...", file=sys.stderr, flush=True)
                     payload["rows"].append(run_row(case, b, mode, model, inp, device, cap=cap, images=images,

@@ -17,7 +17,13 @@ Rows (``case`` / ``variant``):
 * ``kernel`` / ``fused <p>``    -- ``ops.field_query`` with the KNN and weight sums precomputed:
   the kernel alone (plus its per-call weight table);
 * ``knn`` / ``knn``             -- ``ops.knn`` alone (what every pass pays before the kernel);
-* ``--sweep``: ``kernel`` rows for BLOCK_M x num_warps in SWEEP (tile tuning on a GPU).
+* ``pass`` / ``layers <p>``     -- ``PointsDecoder`` with the tri-plane and PEF ops and the decoder's
+  layers as one Triton kernel (``fused_layers``; ``ops.field_query.field_layers``), p in ieee, tf32,
+  bf16 (tf32 and bf16 with TF32 allowed; bf16 under bf16 autocast);
+* ``layers`` / ``torch <p>``    -- the decoder's layers alone on precomputed tri-plane and PEF
+  features, as torch ops (p: fp32, tf32, bf16 autocast), and ``layers`` / ``layers <p>`` as the kernel;
+* ``--sweep``: ``kernel`` rows for BLOCK_M x num_warps in SWEEP (tile tuning on a GPU), and
+  ``layers`` rows for LAYERS_SWEEP.
 
 Every row is checked against the unfused fp32 pass over all samples before timing: alpha within
 TOL[p] absolute, value within TOL[p] of each channel's largest |value|; a fused row must have
@@ -58,6 +64,8 @@ PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
 BASELINES = ("unfused fp32", "unfused tf32")
 TOL = {"fp32": 1e-4, "tf32": 2e-2, "ieee": 1e-4, "tf32x3": 1e-3, "bf16": 5e-2}  # see the module docstring
 SWEEP = ((32, 4), (64, 4), (64, 8), (128, 8))  # (BLOCK_M, num_warps)
+LAYERS_PRECISIONS = ("ieee", "tf32", "bf16")
+LAYERS_SWEEP = ((64, 4), (64, 8), (128, 8), (256, 8))  # (BLOCK_M, num_warps) of the layers kernel
 
 
 def widths() -> dict:
@@ -110,20 +118,36 @@ def _tf32(on: bool):
 
 @contextlib.contextmanager
 def count_launches(calls: list):
-    """Counts the fused kernel's launches (the custom op imports field_forward at each call)."""
+    """Counts the fused and the layers kernels' launches (the custom ops import field_forward /
+    field_layers_forward at each call)."""
+    import gpavatar.kernels.field_layers as layers_module
     import gpavatar.kernels.field_query as kernel_module
 
-    real = kernel_module.field_forward
+    spied = [(kernel_module, "field_forward"), (layers_module, "field_layers_forward")]
+    reals = [getattr(m, name) for m, name in spied]
 
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def spy(real):
+        def fn(*args, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
+        return fn
 
-    kernel_module.field_forward = spy
+    for (m, name), real in zip(spied, reals):
+        setattr(m, name, spy(real))
     try:
         yield
     finally:
-        kernel_module.field_forward = real
+        for (m, name), real in zip(spied, reals):
+            setattr(m, name, real)
+
+
+@contextlib.contextmanager
+def _layers_precision(precision: str, device: torch.device):
+    """The torch flags under which the layers (torch or kernel) run at ``precision``: TF32 allowed for
+    tf32 and bf16, bf16 autocast for bf16."""
+    with _tf32(precision in ("tf32", "bf16")), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                                 enabled=precision == "bf16"):
+        yield
 
 
 def make_case_fn(case: str, variant: str, inp: dict, block: tuple | None = None):
@@ -137,12 +161,36 @@ def make_case_fn(case: str, variant: str, inp: dict, block: tuple | None = None)
                 return tuple(ops.knn(coords, points, inp["K"], backend=dec.backend, validate=False))
         return fn
     kind, precision = variant.split()
+    if case == "pass" and kind == "layers":
+        def fn():
+            dec.fused_field, dec.fused_layers = False, True
+            try:
+                with torch.no_grad(), _layers_precision(precision, coords.device):
+                    return dec(coords, dirs, planes, points, validate=False)
+            finally:
+                dec.fused_layers = None
+        return fn
     if case == "pass":
         def fn():
             dec.fused_field = kind == "fused"
             dec.field_precision = precision if kind == "fused" else None
             with torch.no_grad(), _tf32(precision == "tf32"):
                 return dec(coords, dirs, planes, points, validate=False)
+        return fn
+    if case == "layers":
+        from gpavatar.ops.field_query import field_layers
+
+        with torch.no_grad():
+            tri = ops.triplane_sample(planes, coords, "mean", channels_last=True, backend=dec.backend,
+                                      validate=False)
+            expr = dec.points_querier(coords, points, validate=False)
+        weights = dec.field_weights()
+        block_m, num_warps = block or (None, None)
+
+        def fn():
+            with torch.no_grad(), _layers_precision(precision, coords.device):
+                return tuple(field_layers(tri, expr, coords, dirs, weights, kernel=kind == "layers",
+                                          block_m=block_m, num_warps=num_warps))
         return fn
     if case != "kernel" or kind != "fused":
         raise ValueError(f"unknown case {case!r} / variant {variant!r}")
@@ -177,8 +225,8 @@ def run_row(case, variant, inp, ref, device, *, block=None, repeats, warmup, max
             calls: list = []
             with count_launches(calls):
                 out = fn()
-            if variant.startswith("fused") and not calls:
-                raise RuntimeError("the fused kernel did not run (the pass fell back to the unfused ops)")
+            if variant.startswith(("fused", "layers")) and not calls:
+                raise RuntimeError("the kernel did not run (the pass fell back to the unfused ops)")
             row["max_err"], row["correct"] = check(out, ref, variant.split()[1])
             del out
         row.update(H.measure(fn, device, repeats=repeats, warmup=warmup, max_seconds=max_seconds,
@@ -219,7 +267,8 @@ def render_markdown(payload: dict) -> str:
                      H.error_status(r) or ("ok" if r["correct"] in (True, None) else "MISMATCH")])
     notes = ["Times: median (p20-p80) over repeats; peak mem: above the pre-call level (inputs and weights "
              "excluded). pass = KNN + weight sums + field (the decoder's call); kernel = ops.field_query with "
-             "the KNN precomputed. max err: against the unfused fp32 pass, alpha absolute and value relative to "
+             "the KNN precomputed; layers = the decoder's layers alone on precomputed tri-plane and PEF "
+             "features (torch ops, or the layers kernel). max err: against the unfused fp32 pass, alpha absolute and value relative to "
              f"each channel's max |value|; tolerances {TOL}. vs fp32 / vs best: the unfused fp32 row's / the "
              "fastest unfused row's ms over this row's."]
     skipped = payload.get("skipped") or {}
@@ -267,8 +316,14 @@ def main(argv=None) -> int:
         payload["skipped"].update({f"fused {p}": why for p in precisions})
     else:
         plan += [(case, f"fused {p}", None) for case in ("pass", "kernel") for p in precisions]
+        # the layers kernel at the asked precisions it has, each after the torch layers at the same flags
+        layers = [p for p in precisions if p in LAYERS_PRECISIONS]
+        plan += [("pass", f"layers {p}", None) for p in layers]
+        plan += [("layers", f"{kind} {p}", None) for kernel_p in layers
+                 for kind, p in (("torch", "fp32" if kernel_p == "ieee" else kernel_p), ("layers", kernel_p))]
         if args.sweep:
             plan += [("kernel", f"fused {p}", block) for p in precisions for block in SWEEP]
+            plan += [("layers", f"layers {p}", block) for p in ("tf32", "bf16") for block in LAYERS_SWEEP]
     with torch.no_grad(), _tf32(False):
         ref = make_case_fn("pass", "unfused fp32", inp)()
     for case, variant, block in plan:

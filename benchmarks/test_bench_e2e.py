@@ -108,6 +108,15 @@ def test_cuda(benchmark, request, case, mode, backend):
     benchmark.pedantic(synced, rounds=10, iterations=1, warmup_rounds=2)
 
 
+def test_row_variants():
+    """Realtime variant suffixes stack and strip; baseline names (with '-') are not split."""
+    from bench_e2e import base_backend, has_variant
+
+    assert base_backend("cuda+layers+bf16field+upsample") == "cuda" and base_backend("torch-fast") == "torch-fast"
+    assert has_variant("cuda+layers+bf16field", "+layers") and has_variant("cuda+layers+bf16field", "+bf16field")
+    assert not has_variant("cuda+fused", "+layers") and not has_variant("cuda", "+fused")
+
+
 def test_head_points_in_box():
     """Both point sources are FLAME-sized clouds inside the render box."""
     for source in ("procedural", "random"):

@@ -88,4 +88,7 @@ def test_script_interpreter(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     payload = json.loads(path.read_text())
     _check_payload(payload, fused_ran=True)
-    assert {r["variant"] for r in payload["rows"]} == {"unfused fp32", "knn", "fused ieee", "fused bf16"}
+    assert {r["variant"] for r in payload["rows"]} == {"unfused fp32", "knn", "fused ieee", "fused bf16", "layers ieee",
+                                                       "layers bf16", "torch fp32", "torch bf16"}
+    assert {(r["case"], r["variant"]) for r in payload["rows"] if r["variant"].startswith("layers")} == {
+        ("pass", "layers ieee"), ("pass", "layers bf16"), ("layers", "layers ieee"), ("layers", "layers bf16")}

@@ -101,6 +101,9 @@ class PointsDecoder(nn.Module):
         self.fused_field: Optional[bool] = None
         self.field_precision: Optional[str] = None
         self.checkpoint_layers: Optional[bool] = None
+        # The decoder's layers as one Triton kernel (ops.field_query.field_layers' ``kernel``): None
+        # follows $GPAVATAR_FIELD_LAYERS; forward only (passes that need grad run the torch layers).
+        self.fused_layers: Optional[bool] = None
 
     @property
     def backend(self) -> Optional[str]:
@@ -204,4 +207,4 @@ class PointsDecoder(nn.Module):
         """The decoder's layers on the tri-plane and PEF features of a pass: (alpha, value)
         (:func:`gpavatar.ops.field_query.field_layers`: the official layers with the last feature
         layer folded into the density and rgb heads)."""
-        return tuple(field_layers(tri, expr, coords, dirs, self.field_weights()))
+        return tuple(field_layers(tri, expr, coords, dirs, self.field_weights(), kernel=self.fused_layers))

@@ -70,11 +70,12 @@ from gpavatar.ops.knn_blend import NORMALIZATIONS, knn_blend, knn_blend_weight_s
 from gpavatar.ops.reference import EMBED_DIM, harmonic_embedding
 from gpavatar.ops.triplane import PLANE_DTYPES, triplane_sample
 
-__all__ = ["field_query", "FieldWeights", "FieldResult", "PRECISIONS", "FUSED_ENV", "fused_setting",
-           "default_precision", "check_field_query_inputs"]
+__all__ = ["field_query", "field_layers", "FieldWeights", "FieldResult", "PRECISIONS", "FUSED_ENV", "LAYERS_ENV",
+           "fused_setting", "layers_setting", "layers_precision", "default_precision", "check_field_query_inputs"]
 
 PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
 FUSED_ENV = "GPAVATAR_FIELD_FUSED"
+LAYERS_ENV = "GPAVATAR_FIELD_LAYERS"
 MAX_FUSED_WIDTH = 256  # kernels/field_query.py MAX_WIDTH (not imported: triton may be absent)
 
 
@@ -310,8 +311,54 @@ def _unfused(coords, dirs, planes, points, w: FieldWeights, K, normalize, eps, w
     return field_layers(tri, expr, coords, dirs, w)
 
 
+def layers_setting() -> str:
+    """``$GPAVATAR_FIELD_LAYERS``: "torch" (the separate layers), "triton" (the fused layers kernel
+    wherever it can run: see :func:`field_layers`), unset / "" / "auto" -> "auto" (today: torch)."""
+    value = os.environ.get(LAYERS_ENV, "") or "auto"
+    if value not in ("auto", "torch", "triton"):
+        raise ValueError(f"{LAYERS_ENV} must be auto, torch or triton, got {value!r}")
+    return value
+
+
+def layers_precision(device: torch.device) -> Optional[str]:
+    """The products' precision the layers kernel takes on ``device`` for the torch flags in force:
+    "bf16" under bfloat16 autocast, "tf32" when ``torch.backends.cuda.matmul.allow_tf32`` is on,
+    else "ieee"; None under another autocast dtype (the kernel has no float16 mode)."""
+    if torch.is_autocast_enabled(device.type):
+        return "bf16" if torch.get_autocast_dtype(device.type) == torch.bfloat16 else None
+    return default_precision()
+
+
+def _layers_kernel(kernel: Optional[bool], tri, expr, coords, dirs, w: FieldWeights) -> Optional[str]:
+    """The layers kernel's precision if it computes this call, else None (field_layers' docstring)."""
+    if kernel is None:
+        kernel = layers_setting() == "triton"
+    if not kernel or not _backend.triton_available():
+        return None
+    dev = tri.device
+    if dev.type != "cuda" and not (dev.type == "cpu" and _backend.triton_interpreted()):
+        return None
+    layer_weights = (w.feature_w1, w.feature_b1, w.feature_w2, w.feature_b2, w.feature_w3, w.feature_b3,
+                     w.density_w, w.density_b, w.rgb_w1, w.rgb_b1, w.rgb_w2, w.rgb_b2)
+    if _needs_grad([tri, expr, coords, dirs, *layer_weights]):
+        return None
+    widths = (tri.shape[-1], expr.shape[-1], w.feature_w1.shape[0], w.rgb_w1.shape[0], w.rgb_w2.shape[0])
+    if max(widths) > MAX_FUSED_WIDTH or min(widths) < 1:
+        return None
+    return layers_precision(dev)
+
+
+def _folded_heads(w: FieldWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """feature_layers.4 folded into density_layers.0 and rgb_layers.0's feature columns: the
+    (1 + VH, D) weight and (1 + VH,) bias of one product of the second hidden layer."""
+    hidden = w.feature_w3.shape[0]
+    heads = torch.cat([w.density_w, w.rgb_w1[:, :hidden]])  # (1 + value_hidden, hidden)
+    return heads @ w.feature_w3, torch.cat([w.density_b, w.rgb_b1]) + heads @ w.feature_b3
+
+
 def field_layers(tri: torch.Tensor, expr: torch.Tensor, coords: torch.Tensor, dirs: torch.Tensor,
-                 w: FieldWeights) -> FieldResult:
+                 w: FieldWeights, *, kernel: Optional[bool] = None, block_m: Optional[int] = None,
+                 num_warps: Optional[int] = None) -> FieldResult:
     """The decoder's layers on one pass's tri-plane (B, N, C) and PEF (B, N, pef_dim) features:
     ``feature_layers``, ``density_layers``, softplus, the box mask, alpha, the direction
     embedding, ``rgb_layers`` and the sigmoid remap (PointsDecoder and the unfused op share it).
@@ -323,12 +370,23 @@ def field_layers(tri: torch.Tensor, expr: torch.Tensor, coords: torch.Tensor, di
     the rgb columns in place.  The (N, hidden) feature and its (N, hidden + 27) concatenation with
     the embedding are never written (at the paper's 2^19 samples per pass they were the largest
     tensors of the field), and the RGB channels are remapped in place.  The same function as the
-    official layers, up to float rounding."""
+    official layers, up to float rounding.
+
+    ``kernel`` (None: ``$GPAVATAR_FIELD_LAYERS``, "triton" -> True, else False): run the layers as
+    one Triton kernel (``kernels/field_layers.py``: only alpha and value reach memory) where it
+    can -- Triton runs on the tensors (CUDA, or CPU under ``TRITON_INTERPRET=1``), nothing needs
+    grad, every width is <= 256 and autocast, if on, is bfloat16.  Its products follow the torch
+    flags (:func:`layers_precision`: bf16 under bf16 autocast, tf32 with TF32 matmuls allowed,
+    else fp32 "ieee"); elsewhere the torch layers below run.  Opt-in: not yet timed on a GPU.
+    ``block_m``, ``num_warps``: the kernel's tile (rows per program) and warps (default: per precision,
+    ``kernels/field_layers.py``)."""
+    precision = _layers_kernel(kernel, tri, expr, coords, dirs, w)
+    if precision is not None:
+        return _layers_triton(tri, expr, coords, dirs, w, precision, int(block_m or 0), int(num_warps or 0))
     h = F.relu(F.linear(torch.cat([tri, expr.to(tri.dtype)], dim=-1), w.feature_w1, w.feature_b1))
     h = F.relu(F.linear(h, w.feature_w2, w.feature_b2))
     hidden = w.feature_w3.shape[0]
-    heads = torch.cat([w.density_w, w.rgb_w1[:, :hidden]])  # (1 + value_hidden, hidden)
-    out = F.linear(h, heads @ w.feature_w3, torch.cat([w.density_b, w.rgb_b1]) + heads @ w.feature_b3)
+    out = F.linear(h, *_folded_heads(w))
     gamma = harmonic_embedding(F.normalize(dirs.to(out.dtype), dim=-1))
     rows = out.reshape(-1, out.shape[-1])  # a view: out is a fresh contiguous product
     # In place, before anything reads `out` (autograd saves the density column below).
@@ -341,6 +399,27 @@ def field_layers(tri: torch.Tensor, expr: torch.Tensor, coords: torch.Tensor, di
     # The RGB remap in place (a fresh product; its backward needs neither it nor the slice).
     value[..., :3] = torch.sigmoid(value[..., :3]) * 1.002 - 0.001
     return FieldResult(alpha, value)
+
+
+def _layers_triton(tri, expr, coords, dirs, w: FieldWeights, precision: str, block_m: int,
+                   num_warps: int) -> FieldResult:
+    lead = tri.shape[:-1]
+    f32 = torch.float32
+    with torch.no_grad(), torch.autocast(tri.device.type, enabled=False):
+        wo, bo = _folded_heads(FieldWeights(*(t.to(f32) for t in w)))
+
+        def rows(t, width):
+            t = t.detach()
+            return (t if t.dtype in PLANE_DTYPES else t.to(f32)).reshape(-1, width).contiguous()
+
+        def weight(t):
+            return t.detach().to(f32).contiguous()
+
+        alpha, value = torch.ops.gpavatar.field_layers_forward_triton(
+            rows(tri, tri.shape[-1]), rows(expr, expr.shape[-1]), rows(coords, 3).to(f32), rows(dirs, 3).to(f32),
+            [weight(t) for t in (w.feature_w1, w.feature_b1, w.feature_w2, w.feature_b2, wo, bo, w.rgb_w1,
+                                 w.rgb_w2, w.rgb_b2)], precision, block_m, num_warps)
+    return FieldResult(alpha.reshape(lead), value.reshape(*lead, value.shape[-1]))
 
 
 # --- torch.library registration ------------------------------------------------------------
@@ -369,3 +448,25 @@ def _forward_fake(coords, dirs, planes, points, dist2, idx, weight_sum, table, w
                   precision, block_m, num_warps):
     B, N = coords.shape[0], coords.shape[1]
     return coords.new_empty((B, N)), coords.new_empty((B, N, layers[10].shape[0]))
+
+
+#   field_layers_forward_triton(tri (R, C), pef (R, PC), coords (R, 3), dirs (R, 3),
+#       weights [W1, b1, W2, b2, Wo, bo, W1r, W2r, b2r] (kernels/field_layers.py), precision,
+#       block_m (0: default), num_warps (0: default))
+#       -> (alpha (R,), value (R, V))   forward only (field_layers sends calls that need grad to torch)
+
+
+@torch.library.custom_op("gpavatar::field_layers_forward_triton", mutates_args=())
+def _layers_forward_triton(tri: torch.Tensor, pef: torch.Tensor, coords: torch.Tensor, dirs: torch.Tensor,
+                           weights: list[torch.Tensor], precision: str, block_m: int,
+                           num_warps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from gpavatar.kernels.field_layers import field_layers_forward
+
+    return field_layers_forward(tri, pef, coords, dirs, *weights, precision=precision, block_m=block_m or None,
+                                num_warps=num_warps or None)
+
+
+@_layers_forward_triton.register_fake
+def _layers_forward_fake(tri, pef, coords, dirs, weights, precision, block_m, num_warps):
+    R = tri.shape[0]
+    return tri.new_empty((R,), dtype=torch.float32), tri.new_empty((R, weights[7].shape[0]), dtype=torch.float32)

@@ -1,0 +1,365 @@
+"""The decoder's layers as one Triton kernel (``field_layers(..., kernel=True)``, issue 15) against
+the torch layers (``kernel=False``), which tests/test_field_query.py checks against the official
+modules.
+
+CPU: the kernel runs under TRITON_INTERPRET=1 (conftest) on CPU tensors.  Every comparison counts
+the kernel's launches, so a test cannot pass by comparing the torch layers with themselves.
+
+Tolerances.  "ieee" (and tf32, which the interpreter computes in fp32): the same float32 math in
+another order (the first layer as two products, the density as a row sum, 16-wide K chunks):
+rtol 1e-5, atol 1e-5 (a dropped bias or a wrong column moves outputs by >= 1e-2 here).  "bf16":
+operands rounded to 8-bit mantissas, four products deep: within BF16_SCALE of each output's
+scale, like tests/test_field_query.py.
+"""
+
+import pytest
+import torch
+from conftest import HAS_CUDA
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gpavatar.model.decoder import PointsDecoder
+from gpavatar.ops._backend import triton_available
+from gpavatar.ops.field_query import LAYERS_ENV, field_layers, layers_precision, layers_setting
+
+requires_triton = pytest.mark.skipif(not triton_available(), reason="needs triton")
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+BF16_SCALE = 3e-2
+# widths: plane C, PEF out PC, feature D, value hidden VH, value V
+WIDTHS = {
+    "paper": dict(C=32, PC=32, D=128, VH=64, V=32),
+    "tiny": dict(C=8, PC=8, D=32, VH=16, V=8),
+    "odd": dict(C=5, PC=7, D=24, VH=10, V=3),
+}
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The layers kernel's launches, by precision (the custom op imports field_layers_forward per call)."""
+    calls = []
+    if not triton_available():
+        return calls
+    import gpavatar.kernels.field_layers as kernel_module
+
+    real = kernel_module.field_layers_forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["precision"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernel_module, "field_layers_forward", spy)
+    return calls
+
+
+def make_decoder(C, PC, D, VH, V, seed=0, device="cpu"):
+    torch.manual_seed(seed)
+    dec = PointsDecoder(plane_channels=C, num_points=16, point_feature_dim=4, pef_dim=PC, hidden=D,
+                        value_hidden=VH, value_dim=V)
+    with torch.no_grad():
+        dec.density_layers[0].weight.mul_(100.0)  # both softplus branches (beta x > 20 is x > 2)
+        dec.density_layers[0].bias.fill_(1.0)
+        for p in dec.parameters():  # non-trivial biases everywhere (a dropped one must show)
+            if p.dim() == 1:
+                p.add_(0.1)
+    return dec.to(device).eval().requires_grad_(False)
+
+
+def make_inputs(dec, B=2, N=70, seed=1, device="cpu"):
+    """tri / PEF features, samples in [-1.3, 1.3]^3 (about half outside the box, six on its faces),
+    random directions (one of length 0)."""
+    g = torch.Generator().manual_seed(seed)
+    tri = torch.randn(B, N, dec.plane_channels, generator=g)
+    expr = torch.randn(B, N, dec.points_querier.point_layers[2].out_features, generator=g)
+    coords = torch.rand(B, N, 3, generator=g) * 2.6 - 1.3
+    for i in range(min(6, N)):  # on a face of the box, otherwise inside: outside (the test is strict)
+        coords[:, i] = coords[:, i].clamp(-0.9, 0.9)
+        coords[:, i, i // 2] = 1.0 if i % 2 else -1.0
+    dirs = torch.randn(B, N, 3, generator=g)
+    dirs[0, -1] = 0.0  # F.normalize keeps a zero direction zero
+    return [t.to(device) for t in (tri, expr, coords, dirs)]
+
+
+def center_density(dec, args):
+    """Shift the density bias so that half the samples' raw density is above 1 (softplus's x branch
+    from 2 on: both branches are reached whatever the widths)."""
+    tri, expr = args[0], args[1]
+    with torch.no_grad():
+        raw = dec.density_layers(dec.feature_layers(torch.cat([tri, expr], dim=-1)))[..., 0]
+        dec.density_layers[0].bias.add_(1.0 - raw.median())
+
+
+def both(dec, args):
+    w = dec.field_weights()
+    with torch.no_grad():
+        return field_layers(*args, w, kernel=True), field_layers(*args, w, kernel=False)
+
+
+def assert_same_nan(out, ref, **tol):
+    assert torch.equal(out.isnan(), ref.isnan()), (int(out.isnan().sum()), int(ref.isnan().sum()))
+    keep = ~ref.isnan()
+    torch.testing.assert_close(out[keep], ref[keep], **tol)
+
+
+@requires_triton
+@pytest.mark.parametrize("widths", sorted(WIDTHS))
+def test_kernel_matches_torch_layers(launches, widths):
+    dec = make_decoder(**WIDTHS[widths])
+    args = make_inputs(dec)
+    center_density(dec, args)
+    (alpha, value), (ref_alpha, ref_value) = both(dec, args)
+    assert launches == ["ieee"]
+    assert alpha.shape == ref_alpha.shape and value.shape == ref_value.shape
+    assert alpha.dtype == value.dtype == torch.float32
+    torch.testing.assert_close(alpha, ref_alpha, **TOL)
+    torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-5 * float(ref_value.abs().max()))
+    # both softplus branches, alpha 0 outside the box and on its faces, a real spread of values
+    assert float(ref_alpha.max()) > 0.865 and bool((ref_alpha[:, :6] == 0).all())
+    assert float(ref_value[..., 3:].abs().max() if ref_value.shape[-1] > 3 else 1.0) > 0.1
+
+
+@requires_triton
+@settings(max_examples=12, deadline=None)
+@given(C=st.integers(1, 20), PC=st.integers(1, 20), D=st.integers(2, 40), VH=st.integers(1, 20),
+       V=st.integers(3, 20), B=st.integers(1, 2), N=st.integers(1, 150), seed=st.integers(0, 2 ** 16))
+def test_random_widths_and_sizes(C, PC, D, VH, V, B, N, seed):
+    """Any widths (padding to tl.dot's 16 and the halves of D), any row count (partial tiles, one row)."""
+    dec = make_decoder(C, PC, D, VH, V, seed=seed)
+    args = make_inputs(dec, B=B, N=N, seed=seed)
+    (alpha, value), (ref_alpha, ref_value) = both(dec, args)
+    torch.testing.assert_close(alpha, ref_alpha, **TOL)
+    torch.testing.assert_close(value, ref_value, rtol=1e-5, atol=1e-5 * (1 + float(ref_value.abs().max())))
+
+
+@requires_triton
+def test_empty_pass(launches):
+    dec = make_decoder(**WIDTHS["tiny"])
+    args = [t[:, :0] for t in make_inputs(dec)]
+    (alpha, value), (ref_alpha, ref_value) = both(dec, args)
+    assert alpha.shape == ref_alpha.shape == (2, 0) and value.shape == ref_value.shape == (2, 0, 8)
+
+
+@requires_triton
+@pytest.mark.parametrize("where", ["tri", "expr", "dir", "feature_b2", "rgb_w2", "density_b", "feature_w3"])
+def test_nan_reaches_what_it_reaches_in_torch(launches, where):
+    """A NaN reaches exactly the outputs it reaches in the torch layers: a row's features or direction
+    only that row (a direction only its values), a weight every sample (its alpha or its channel)."""
+    dec = make_decoder(**WIDTHS["tiny"])
+    tri, expr, coords, dirs = make_inputs(dec)
+    if where in ("tri", "expr", "dir"):
+        {"tri": tri, "expr": expr, "dir": dirs}[where][1, 20, 1] = float("nan")
+    else:
+        with torch.no_grad():
+            mod, name = {"feature_b2": ("feature_layers.2", "bias"), "rgb_w2": ("rgb_layers.2", "weight"),
+                         "density_b": ("density_layers.0", "bias"), "feature_w3": ("feature_layers.4", "weight")}[where]
+            getattr(dec.get_submodule(mod), name).view(-1)[1 % getattr(dec.get_submodule(mod), name).numel()] = \
+                float("nan")
+    (alpha, value), (ref_alpha, ref_value) = both(dec, (tri, expr, coords, dirs))
+    assert launches and bool(ref_value.isnan().any() | ref_alpha.isnan().any())
+    assert_same_nan(alpha, ref_alpha, **TOL)
+    assert_same_nan(value, ref_value, rtol=1e-5, atol=1e-4)
+
+
+@requires_triton
+def test_saturated_density_and_far_rows(launches):
+    """raw density >> 2 (softplus is x; exp would overflow) rounds alpha to 1; rows far outside the
+    box get alpha 0."""
+    dec = make_decoder(**WIDTHS["tiny"])
+    with torch.no_grad():
+        dec.density_layers[0].bias.fill_(25.0)
+    tri, expr, coords, dirs = make_inputs(dec)
+    coords[0, 10:20] = 1e6
+    (alpha, value), (ref_alpha, ref_value) = both(dec, (tri, expr, coords, dirs))
+    assert float(ref_alpha.max()) == 1.0 and bool((ref_alpha[0, 10:20] == 0).all())
+    torch.testing.assert_close(alpha, ref_alpha, **TOL)
+    torch.testing.assert_close(value, ref_value, **TOL)
+
+
+@requires_triton
+def test_bf16_autocast(launches):
+    """Under bfloat16 autocast the kernel runs its products in bf16 (the interpreter: bf16-rounded
+    operands, fp32 products): within BF16_SCALE of the fp32 layers, like the torch layers under the
+    same autocast; float16 autocast runs the torch layers (the kernel has no float16 mode)."""
+    dec = make_decoder(**WIDTHS["paper"])
+    args = make_inputs(dec)
+    w = dec.field_weights()
+    with torch.no_grad():
+        ref_alpha, ref_value = field_layers(*args, w, kernel=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            alpha, value = field_layers(*args, w, kernel=True)
+            t_alpha, t_value = field_layers(*args, w, kernel=False)
+        assert launches == ["bf16"]
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert layers_precision(torch.device("cpu")) is None
+            field_layers(*args, w, kernel=True)
+    assert launches == ["bf16"]
+    scale = ref_value.abs().amax(dim=(0, 1))
+    for a, v in ((alpha, value), (t_alpha, t_value)):
+        assert a.dtype == v.dtype == torch.float32
+        assert float((a - ref_alpha).abs().max()) <= BF16_SCALE
+        assert bool(((v - ref_value).abs() <= BF16_SCALE * scale).all())
+    assert float((value - ref_value).abs().max()) > 1e-5  # bf16 really rounds
+
+
+@requires_triton
+def test_when_the_kernel_runs(launches, monkeypatch):
+    """$GPAVATAR_FIELD_LAYERS: unset / auto -> torch (opt-in until timed on a GPU), triton -> the
+    kernel, a bad value is refused; the argument overrides it; gradients, or a CPU without the
+    interpreter, take the torch layers; tf32 follows torch's flag."""
+    dec = make_decoder(**WIDTHS["tiny"])
+    args = make_inputs(dec)
+    w = dec.field_weights()
+    monkeypatch.delenv(LAYERS_ENV, raising=False)
+    assert layers_setting() == "auto"
+    with torch.no_grad():
+        ref = field_layers(*args, w)
+        assert launches == []
+        monkeypatch.setenv(LAYERS_ENV, "triton")
+        field_layers(*args, w)
+        assert launches == ["ieee"]
+        field_layers(*args, w, kernel=False)
+        assert launches == ["ieee"]
+        saved = torch.backends.cuda.matmul.allow_tf32
+        try:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            out = field_layers(*args, w)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = saved
+        assert launches == ["ieee", "tf32"]
+        torch.testing.assert_close(out.value, ref.value, rtol=1e-5, atol=1e-4)  # fp32 under the interpreter
+        monkeypatch.setattr("gpavatar.ops._backend.triton_interpreted", lambda: False)
+        field_layers(*args, w)
+        assert launches == ["ieee", "tf32"]
+        monkeypatch.undo()
+    monkeypatch.setenv(LAYERS_ENV, "triton")
+    dec.requires_grad_(True)
+    alpha, value = field_layers(*args, dec.field_weights())
+    assert launches == ["ieee", "tf32"] and alpha.requires_grad
+    (alpha.sum() + value.sum()).backward()
+    assert dec.feature_layers[0].weight.grad is not None
+    monkeypatch.setenv(LAYERS_ENV, "fast")
+    with pytest.raises(ValueError, match=LAYERS_ENV):
+        field_layers(*args, w)
+
+
+@requires_triton
+def test_decoder_switch(launches, monkeypatch):
+    """PointsDecoder.fused_layers (None: the variable) runs the kernel in a whole pass (tri-plane and
+    PEF by their ops) with the module path's results, chunked passes too."""
+    monkeypatch.delenv(LAYERS_ENV, raising=False)
+    dec = make_decoder(**WIDTHS["tiny"])
+    g = torch.Generator().manual_seed(2)
+    points = torch.rand(1, 16, 3, generator=g) * 1.6 - 0.8
+    coords = torch.rand(1, 50, 3, generator=g) * 2.4 - 1.2
+    args = (coords, torch.randn(1, 50, 3, generator=g), torch.randn(1, 3, 8, 10, 8, generator=g), points)
+    with torch.no_grad():
+        ref_alpha, ref_value = dec(*args)
+        assert launches == []
+        dec.fused_layers = True
+        alpha, value = dec(*args)
+        chunked = dec(*args, chunk=20)
+        dec.fused_layers = None
+        monkeypatch.setenv(LAYERS_ENV, "triton")
+        dec(*args)
+    assert launches == ["ieee"] * 5
+    for a, v in ((alpha, value), chunked):
+        torch.testing.assert_close(a, ref_alpha, **TOL)
+        torch.testing.assert_close(v, ref_value, **TOL)
+
+
+# --- sm_90 code (no GPU needed) ---------------------------------------------------------------
+
+_COMPILE = r"""
+import os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import gpavatar.kernels.field_layers as fl
+
+fn = fl._layers_fwd_kernel
+widths = dict(CP=32, PCP=32, DH=64, VHP=64, VP=32, EP=32, SW=64)  # the paper preset
+ints = ("R", "C", "PC", "D", "VH", "V")
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+for precision in ("ieee", "tf32", "bf16"):
+    block_m, num_warps = fl.default_blocks(precision, type("cuda", (), {"type": "cuda"})())
+    sig = {n: "*fp32" if n.endswith("_ptr") else "i32" if n in ints else "constexpr" for n in fn.arg_names}
+    const = dict(widths, BLOCK_M=block_m, PREC=precision, INTERPRET=False)
+    src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in const.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=num_warps, enable_fp_fusion=False))
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(kernel.asm["ptx"])
+    info = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                          capture_output=True, text=True)
+    spill = re.search(r"(\d+) bytes spill stores", info.stdout + info.stderr)
+    print(precision, block_m, num_warps, spill.group(1) if spill else "?", flush=True)
+"""
+
+
+@pytest.mark.slow
+@requires_triton
+def test_kernel_compiles_for_sm90_without_spills(tmp_path):
+    """The interpreter never compiles the kernel: compile it for sm_90 with triton's own ptxas (no GPU
+    needed) at each precision's default tile and bound the register spills (measured here: 0 bytes
+    for ieee, tf32 and bf16; 128 x 4 spilled 1-1.6 KB)."""
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("triton's bundled ptxas is not there")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    result = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines()]
+    assert [r[0] for r in rows] == ["ieee", "tf32", "bf16"]
+    for precision, block_m, num_warps, spill in rows:
+        assert spill != "?" and int(spill) <= 64, (precision, block_m, num_warps, spill)
+
+
+# --- CUDA ---------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_paper_size(launches):
+    """GPU, paper widths, 2^19 rows: ieee within fp32 rounding of the torch layers (TF32 off), tf32
+    within 1e-2 and bf16 within BF16_SCALE of each output's scale; graph-capturable (no host sync)."""
+    dec = make_decoder(**WIDTHS["paper"], device="cuda")
+    args = make_inputs(dec, B=1, N=524288, device="cuda")
+    w = dec.field_weights()
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with torch.no_grad():
+            ref_alpha, ref_value = field_layers(*args, w, kernel=False)
+            scale = ref_value.abs().amax(dim=(0, 1))
+            alpha, value = field_layers(*args, w, kernel=True)
+            torch.testing.assert_close(alpha, ref_alpha, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(value, ref_value, rtol=1e-4, atol=1e-5 * float(scale.max()))
+            torch.backends.cuda.matmul.allow_tf32 = True
+            for tol, ctx in ((1e-2, torch.autocast("cuda", enabled=False)),
+                             (BF16_SCALE, torch.autocast("cuda", dtype=torch.bfloat16))):
+                with ctx:
+                    alpha, value = field_layers(*args, w, kernel=True)
+                assert float((alpha - ref_alpha).abs().max()) <= tol
+                assert bool(((value - ref_value).abs() <= tol * scale).all())
+            assert launches == ["ieee", "tf32", "bf16"]
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                field_layers(*args, w, kernel=True)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            static = [a.clone() for a in args]
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = field_layers(*static, w, kernel=True)
+            static[0].copy_(args[0].flip(1))
+            graph.replay()
+            ref = field_layers(args[0].flip(1), *args[1:], w, kernel=True)
+            torch.testing.assert_close(out.value, ref.value)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
