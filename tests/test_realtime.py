@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from gpavatar.model import GPAvatar
+from gpavatar.ops._backend import triton_available
 from gpavatar.realtime import REPORTED_STAGES, RealtimeRenderer, precision
 
 from conftest import HAS_CUDA
@@ -103,6 +104,27 @@ def test_cpu_bf16_field_layers(tiny):
         model.realtime(avatar, field_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="field_dtype must be"):
         model.realtime(avatar, dtype=torch.bfloat16, field_dtype=torch.float16)
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+def test_cpu_layers_kernel_frames(tiny, monkeypatch):
+    """GPAVATAR_FIELD_LAYERS=triton (the decoder's layers as one Triton kernel, the interpreter here):
+    every output within fp32 rounding of the torch layers' frame, in both modes; the kernel ran."""
+    import gpavatar.kernels.field_layers as kernel_module
+
+    model, avatar = tiny
+    points, transform = frame_inputs(2, seed=7)
+    refs = {dtype: model.realtime(avatar, batch=2, dtype=dtype)(points, transform)
+            for dtype in (torch.float32, torch.bfloat16)}
+    calls = []
+    real = kernel_module.field_layers_forward
+    monkeypatch.setattr(kernel_module, "field_layers_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("GPAVATAR_FIELD_LAYERS", "triton")
+    for dtype, ref in refs.items():
+        out = model.realtime(avatar, batch=2, dtype=dtype)(points, transform)
+        for key in OUTPUTS:
+            torch.testing.assert_close(out[key], ref[key], rtol=1e-4, atol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
+    assert len(calls) == 4  # two passes per frame
 
 
 def test_cpu_profile_stages(tiny):
