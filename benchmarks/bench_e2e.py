@@ -128,7 +128,10 @@ UPSAMPLE_SUFFIX = "+upsample"
 # kernel (GPAVATAR_FIELD_LAYERS=triton; ops.field_query.field_layers); suffixes stack
 # ("cuda+layers+bf16field+upsample": every opt-in of the fast mode at once).
 LAYERS_SUFFIX = "+layers"
-FAST_ONLY_SUFFIXES = (BF16_FIELD_SUFFIX, UPSAMPLE_SUFFIX)
+# A realtime row of backend "cuda+tc" runs the PEF blend's forward on the tensor cores
+# (GPAVATAR_BLEND_TENSOR_CORES=1: tf32 in fast mode, bf16 with +bf16field; fast mode only).
+TC_SUFFIX = "+tc"
+FAST_ONLY_SUFFIXES = (BF16_FIELD_SUFFIX, UPSAMPLE_SUFFIX, TC_SUFFIX)
 
 
 def base_backend(backend: str) -> str:
@@ -348,6 +351,8 @@ def realtime_fn(model, inp: dict, backend: str, mode: str):
     switches = dict(GPAVATAR_UPSAMPLE="triton") if has_variant(backend, UPSAMPLE_SUFFIX) else {}
     if has_variant(backend, LAYERS_SUFFIX):
         switches["GPAVATAR_FIELD_LAYERS"] = "triton"
+    if has_variant(backend, TC_SUFFIX):
+        switches["GPAVATAR_BLEND_TENSOR_CORES"] = "1"
     with torch.no_grad(), use_backend(model, backend), H.environ(**switches):
         rt = model.realtime(avatar, batch=inp["B"], dtype=MODE_DTYPES[mode], **options)
         rt(points, transform)  # warm-up and, on a GPU, the capture
@@ -493,8 +498,9 @@ def render_markdown(payload: dict) -> str:
             "X+bf16field (fast mode): the field passes' layers under bf16 autocast (RealtimeRenderer(field_dtype="
             "torch.bfloat16)). Backend X+upsample (fast mode): the super-resolution's 2x upsampling by the Triton "
             "kernel (GPAVATAR_UPSAMPLE=triton). Backend X+layers: each field pass's decoder layers as one Triton "
-            "kernel (GPAVATAR_FIELD_LAYERS=triton: tf32 products in fast mode, bf16 with +bf16field, ieee in fp32); "
-            "suffixes stack.")
+            "kernel (GPAVATAR_FIELD_LAYERS=triton: tf32 products in fast mode, bf16 with +bf16field, ieee in fp32). "
+            "Backend X+tc (fast mode): the PEF blend's forward on the tensor cores (GPAVATAR_BLEND_TENSOR_CORES=1). "
+            "Suffixes stack.")
     parts = [title, H.env_markdown(env), H.markdown_table(headers, body), note]
     staged = [r for r in payload["rows"] if r.get("stages_ms")]
     if staged:
@@ -586,8 +592,9 @@ def main(argv=None) -> int:
     if device.type == "cuda":  # and each with the fused field passes, and (fast mode) bf16 field layers
         base = [b for b in realtime_backends if b in ("cuda", "triton")]
         realtime_backends += ([b + FUSED_SUFFIX for b in base] + [b + BF16_FIELD_SUFFIX for b in base[:1]]
-                              + [b + UPSAMPLE_SUFFIX for b in base[:1]] + [b + LAYERS_SUFFIX for b in base[:1]]
-                              + [b + LAYERS_SUFFIX + BF16_FIELD_SUFFIX + UPSAMPLE_SUFFIX for b in base[:1]])
+                              + [b + v for b in base[:1] for v in (
+                                  UPSAMPLE_SUFFIX, LAYERS_SUFFIX, TC_SUFFIX, LAYERS_SUFFIX + TC_SUFFIX,
+                                  LAYERS_SUFFIX + TC_SUFFIX + BF16_FIELD_SUFFIX + UPSAMPLE_SUFFIX)])
     for B in Bs + cfg["realtime_Bs"]:
         if not backends:
             break

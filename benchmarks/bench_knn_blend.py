@@ -15,7 +15,10 @@ distances + topk + the official blend, its distance method picked by timing ``mm
 else the reason is recorded), then every gpavatar backend usable on the device
 (``gpavatar.ops.available_backends`` without ``torch``; Triton never on the CPU).  The exact
 oracle (``torch`` = ``gpavatar.ops.reference``, float64 sort keys) is slow and is timed only
-with ``--oracle``.
+with ``--oracle``.  On a GPU a ``cuda+tc`` row follows (``knn_blend`` cases): the same op with
+the blend forward's products on the tensor cores (``GPAVATAR_BLEND_TENSOR_CORES=1`` with TF32
+allowed: the stacked Triton kernel; the backward stays fp32), checked with RTOL_TC instead of
+RTOL for its features and gradients.
 
 Every time and peak-memory ratio is against the **fastest baseline present** in the same run
 for the same distribution and case (``vs best baseline``: baseline ms / row ms, higher is
@@ -58,6 +61,8 @@ SIZES = {
 DIMS = dict(Cf=32, H=64, C=32)  # PEF feature / hidden / output widths
 N_CHECK = 512  # queries used for the correctness check
 ATOL, RTOL = 1e-4, 1e-3  # error is flagged when |a-b| > ATOL + RTOL * max|ref|
+RTOL_TC = 2e-2  # the "+tc" rows (tf32 products: 10-bit mantissas)
+TC_SUFFIX = "+tc"
 CASES = ("knn", "knn_blend", "knn_blend+bwd")
 BASELINES = ("torch-fast", "pytorch3d")
 ORACLE = "torch"
@@ -94,8 +99,24 @@ def kind_of(backend: str) -> str:
     return "baseline" if backend in BASELINES else "oracle" if backend == ORACLE else "gpavatar"
 
 
+def _tensor_cores(fn):
+    """``fn`` with the blend's tensor-core forward switched on (the "+tc" rows)."""
+    def wrapped(*args, **kwargs):
+        saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            with H.environ(GPAVATAR_BLEND_TENSOR_CORES="1"):
+                return fn(*args, **kwargs)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = saved
+    return wrapped
+
+
 def _impl(backend: str, opts: dict | None):
     """(knn(q, p, K) -> (dist2, idx), knn_blend(q, p, *params, K, normalize) -> (feature, dist2, idx))."""
+    if backend.endswith(TC_SUFFIX):
+        knn, blend = _impl(backend.removesuffix(TC_SUFFIX), opts)
+        return _tensor_cores(knn), _tensor_cores(blend)
     opts = dict(opts or {})
     if backend == "torch-fast":
         method, budget = opts.get("method", "mm"), opts.get("memory_budget")
@@ -148,13 +169,13 @@ def make_case_fn(case: str, backend: str, inp: dict, normalize: str = "neighbors
     raise ValueError(f"unknown case {case!r}; choose from {CASES}")
 
 
-def _err(a: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
-    """(max abs error, error / (ATOL + RTOL * max|ref|)) -- the second > 1 flags a mismatch."""
+def _err(a: torch.Tensor, ref: torch.Tensor, rtol: float = RTOL) -> tuple[float, float]:
+    """(max abs error, error / (ATOL + rtol * max|ref|)) -- the second > 1 flags a mismatch."""
     a, ref = a.detach().double(), ref.detach().double()
     if a.shape != ref.shape:
         raise ValueError(f"shape {tuple(a.shape)} != reference {tuple(ref.shape)}")
     e = (a - ref).abs().max().item() if a.numel() else 0.0
-    scale = ATOL + RTOL * (ref.abs().max().item() if ref.numel() else 0.0)
+    scale = ATOL + rtol * (ref.abs().max().item() if ref.numel() else 0.0)
     return e, e / scale
 
 
@@ -193,7 +214,8 @@ def check_case(case: str, backend: str, inp: dict, normalize: str = "neighbors",
         got_g = torch.autograd.grad(got, [g1[k] for k in PARAMS], grad_out)
         ref_g = torch.autograd.grad(ref, [g2[k] for k in PARAMS], grad_out)
         pairs += [(got.detach()[keep], ref.detach()[keep])] + list(zip(got_g, ref_g))
-    errs = [_err(a, b) for a, b in pairs]
+    rtol = RTOL_TC if backend.endswith(TC_SUFFIX) else RTOL
+    errs = [_err(a, b, rtol) for a, b in pairs]
     ok = max(s for _, s in errs) <= 1.0 and (not bool(differ.any()) if exact_required else near_ties)
     return dict(max_abs_err=max(e for e, _ in errs), idx_mismatch=differ.double().mean().item(), correct=ok)
 
@@ -298,6 +320,8 @@ def choose_backends(device: torch.device, args, payload: dict) -> list[str]:
 
         backends += [b for b in ops.available_backends(device)
                      if b != ORACLE and not (b == "triton" and device.type != "cuda")]
+        if device.type == "cuda" and "cuda" in backends:
+            backends.insert(backends.index("cuda") + 1, "cuda" + TC_SUFFIX)
     except Exception as exc:
         payload["error"] = f"cannot import gpavatar.ops: {type(exc).__name__}: {exc}"
         return []
@@ -343,6 +367,8 @@ def main(argv=None) -> int:
                                                                              inp["K"], memory_budget=budget)
         for case in CASES:
             for b in backends:
+                if case == "knn" and b.endswith(TC_SUFFIX):
+                    continue  # the KNN has no products: the same row as without the suffix
                 print(f"[bench_knn_blend] {dist} {case} / {b} ...", file=sys.stderr, flush=True)
                 payload["rows"].append(run_row(case, b, inp, device, repeats=repeats, warmup=warmup,
                                                max_seconds=args.max_seconds, normalize=args.normalize,

@@ -227,3 +227,34 @@ def test_script_smoke(tmp_path):
             assert r["speedup_vs_best"] == 1.0
     text = md.read_text()
     assert "vs best baseline" in text and "### `render`" in text and "### `clustered`" in text
+
+
+_TC_ROWS = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import gpavatar.kernels.knn_blend as kernel_module
+from bench_knn_blend import check_case, make_inputs
+
+calls = []
+real = kernel_module.knn_blend_forward_stacked
+kernel_module.knn_blend_forward_stacked = lambda *a, **k: calls.append(1) or real(*a, **k)
+inp = make_inputs(1, 64, 300, 8, 32, 64, 32, dist="render")
+for case in ("knn_blend", "knn_blend+bwd"):
+    row = check_case(case, "triton+tc", inp)
+    print(case, len(calls), row["correct"], row["idx_mismatch"], flush=True)
+"""
+
+
+def test_tensor_core_rows_run_the_stacked_kernel():
+    """A "+tc" row runs the stacked forward (counted; the Triton interpreter in a subprocess) and passes
+    its check against the oracle, forward and backward."""
+    pytest.importorskip("triton")
+    import subprocess
+
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "-c", _TC_ROWS, os.path.dirname(os.path.abspath(__file__))], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (c1, n1, ok1, mis1), (c2, n2, ok2, mis2) = [line.split() for line in result.stdout.splitlines()]
+    assert (c1, c2) == ("knn_blend", "knn_blend+bwd") and 0 < int(n1) < int(n2)
+    assert ok1 == ok2 == "True" and float(mis1) == float(mis2) == 0.0

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["knn_blend_forward", "knn_blend_backward"]
+__all__ = ["knn_blend_forward", "knn_blend_backward", "knn_blend_forward_stacked", "STACKED_PRECISIONS"]
 
 EMBED = 27  # embedding width
 EP = 32  # embedding width padded to a power of two
@@ -259,6 +259,96 @@ def _blend_bwd_kernel(
     tl.store(gb2_ptr + pid * C + ccol, acc_b2, mask=ccol < C)
 
 
+@triton.jit
+def _stacked_dot(x, wt, PREC: tl.constexpr, INTERPRET: tl.constexpr):
+    """x [R, KP] times wt [KP, NP] in fp32 ("ieee" / "tf32") or on bf16 operands ("bf16": the
+    interpreter rounds them to bf16 and multiplies in fp32, its bf16 dot being unusable)."""
+    if PREC == "bf16":
+        if INTERPRET:
+            out = tl.dot(x.to(tl.bfloat16).to(tl.float32), wt.to(tl.bfloat16).to(tl.float32),
+                         input_precision="ieee")
+        else:
+            out = tl.dot(x.to(tl.bfloat16), wt.to(tl.bfloat16), out_dtype=tl.float32)
+    else:
+        out = tl.dot(x, wt, input_precision=PREC)
+    return out
+
+
+@triton.jit
+def _blend_stacked_fwd_kernel(
+    q_ptr,  # [B, M, 3]
+    p_ptr,  # [B, P, 3]
+    dist_ptr,  # [B, M, K]
+    idx_ptr,  # [B, M, K] int64
+    tab_ptr,  # [P or B*P, H]
+    w1_ptr,  # [H, 27]
+    w2_ptr,  # [C, H]
+    b2_ptr,  # [C]
+    ws_ptr,  # [B, K] (unused unless HAS_WS)
+    out_ptr,  # [B, M, C] (out)
+    M, P, K, H, C, eps,
+    PER_BATCH: tl.constexpr, HAS_WS: tl.constexpr,
+    BQ: tl.constexpr, KP: tl.constexpr, HP: tl.constexpr, CP: tl.constexpr, EP: tl.constexpr,
+    PREC: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """The forward with every (query, neighbour) pair of a tile stacked as one row: BQ queries x KP
+    slots = R rows, one [R, EP] x [EP, HP] product for the direction halves of the hidden units
+    (tensor cores in "tf32" / "bf16"), the gathered table rows, the weighted ReLU summed over each
+    query's KP rows, then one [BQ, HP] x [HP, CP] product."""
+    R: tl.constexpr = BQ * KP
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BQ + tl.arange(0, BQ)
+    row_ok = rows < M
+    q_row = b * M + rows  # [BQ] int64, flat query index
+    kcol = tl.arange(0, KP)
+    hcol = tl.arange(0, HP)
+    ccol = tl.arange(0, CP)
+
+    w, total = _weights(dist_ptr, ws_ptr, b, q_row, row_ok, K, eps, HAS_WS, KP)  # [BQ, KP], [BQ]
+    kmask = row_ok[:, None] & (kcol[None, :] < K)
+    nb = tl.load(idx_ptr + q_row[:, None] * K + kcol[None, :], mask=kmask, other=-1)  # [BQ, KP] int64
+    valid = kmask & (nb >= 0) & (nb < P)
+    nb = tl.where(valid, nb, 0)
+    p_off = (b * P + nb) * 3
+    q_off = q_row[:, None] * 3
+    dx = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0) - tl.load(p_ptr + p_off, mask=valid, other=0.0)
+    dy = (tl.load(q_ptr + q_off + 1, mask=row_ok[:, None], other=0.0)
+          - tl.load(p_ptr + p_off + 1, mask=valid, other=0.0))
+    dz = (tl.load(q_ptr + q_off + 2, mask=row_ok[:, None], other=0.0)
+          - tl.load(p_ptr + p_off + 2, mask=valid, other=0.0))
+    den = _clamp_min(tl.sqrt_rn((dx * dx + dy * dy) + dz * dz), 1e-12)
+    rx = tl.reshape(tl.div_rn(dx, den), (R,))[:, None]  # [R, 1]
+    ry = tl.reshape(tl.div_rn(dy, den), (R,))[:, None]
+    rz = tl.reshape(tl.div_rn(dz, den), (R,))[:, None]
+    vrow = tl.reshape(valid, (R,))
+    c = tl.arange(0, EP)[None, :]  # [1, EP] embedding column
+    cc = c % 12
+    axis = cc // 4
+    freq = (1 << (cc % 4)).to(tl.float32)
+    a = tl.where(axis == 0, rx, tl.where(axis == 1, ry, rz)) * freq  # [R, EP]
+    trig = tl.where(c < 12, tl.sin(a), tl.cos(a))
+    lin = tl.where(c == 24, rx, tl.where(c == 25, ry, rz))
+    gamma = tl.where(vrow[:, None], tl.where(c < 24, trig, tl.where(c < 27, lin, 0.0)), 0.0)
+
+    if PER_BATCH:
+        trow = tl.reshape(b * P + nb, (R,))
+    else:
+        trow = tl.reshape(nb, (R,))
+    tab = tl.load(tab_ptr + trow[:, None] * H + hcol[None, :], mask=vrow[:, None] & (hcol[None, :] < H), other=0.0)
+    h = tab + _stacked_dot(gamma, _load_w1t(w1_ptr, H, EP, HP), PREC, INTERPRET)  # [R, HP]
+    wrow = tl.reshape(w, (R,))
+    contrib = tl.where(vrow[:, None], wrow[:, None] * _relu(h), 0.0)
+    g = tl.sum(tl.reshape(contrib, (BQ, KP, HP)), 1)  # [BQ, HP]
+
+    w2t = tl.load(w2_ptr + ccol[None, :] * H + hcol[:, None],
+                  mask=(hcol[:, None] < H) & (ccol[None, :] < C), other=0.0)  # [HP, CP]
+    b2 = tl.load(b2_ptr + ccol, mask=ccol < C, other=0.0)  # [CP]
+    out = _stacked_dot(g, w2t, PREC, INTERPRET) + b2[None, :] * total[:, None]
+    omask = row_ok[:, None] & (ccol[None, :] < C)
+    tl.store(out_ptr + q_row[:, None] * C + ccol[None, :], out, mask=omask)
+
+
 DOT_PRECISIONS = ("ieee", "tf32", "tf32x3")
 
 
@@ -349,3 +439,38 @@ def knn_blend_backward(grad_out, queries, points, dist2, idx, table, w1_dir, w2,
     torch.sum(part_w2, 0, out=grad_w2)
     torch.sum(part_b2, 0, out=grad_b2)
     return grad_table, grad_w1, grad_w2, grad_b2
+
+
+STACKED_PRECISIONS = ("ieee", "tf32", "bf16")
+
+
+def stacked_blocks(K: int, device: torch.device) -> tuple[int, int]:
+    """(queries per program BQ, num_warps) of the stacked forward: BQ * KP = 128 rows (KP the padded
+    K), 8 warps on a GPU (sm_90 ptxas: 220 registers, no spills; 4 warps: 255; BQ 32: spills); untimed (``benchmarks/bench_knn_blend.py`` rows ``cuda+tc``)."""
+    KP = max(2, triton.next_power_of_2(K))
+    return max(1, 128 // KP), 8
+
+
+def knn_blend_forward_stacked(queries, points, dist2, idx, table, w1_dir, w2, b2, weight_sum, eps,
+                              precision="ieee", block_q=None, num_warps=None):
+    """out (B, M, C) float32 of the blend by the stacked kernel (_blend_stacked_fwd_kernel) at
+    ``precision`` (STACKED_PRECISIONS); inputs already validated."""
+    B, M, _ = queries.shape
+    P = points.shape[1]
+    K = dist2.shape[2]
+    H = table.shape[1]
+    C = w2.shape[0]
+    out = torch.zeros((B, M, C), dtype=torch.float32, device=queries.device)
+    if B == 0 or M == 0:
+        return out
+    KP, HP, CP, _ = _sizes(K, H, C)
+    default_q, default_w = stacked_blocks(K, queries.device)
+    block_q = block_q or default_q
+    has_ws = weight_sum is not None
+    _blend_stacked_fwd_kernel[(triton.cdiv(M, block_q), B)](
+        queries, points, dist2, idx, table, w1_dir, w2, b2, weight_sum if has_ws else dist2, out,
+        M, P, K, H, C, float(eps),
+        PER_BATCH=table.shape[0] != P, HAS_WS=has_ws, BQ=block_q, KP=KP, HP=HP, CP=CP, EP=EP, PREC=precision,
+        INTERPRET=queries.device.type != "cuda", num_warps=num_warps or default_w,
+    )
+    return out

@@ -563,6 +563,172 @@ def test_triton_bad_dot_precision_is_a_clear_error(monkeypatch):
         dot_precision()
 
 
+# --- the stacked tensor-core forward (GPAVATAR_BLEND_TENSOR_CORES) ------------------------------
+
+
+@contextmanager
+def stacked_launches(monkeypatch):
+    """Sets GPAVATAR_BLEND_TENSOR_CORES=1 and yields the stacked kernel's launches (precisions)."""
+    import gpavatar.kernels.knn_blend as kernel_module
+
+    calls = []
+    real = kernel_module.knn_blend_forward_stacked
+
+    def spy(*args, **kwargs):
+        calls.append(args[10] if len(args) > 10 else kwargs.get("precision", "ieee"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernel_module, "knn_blend_forward_stacked", spy)
+    monkeypatch.setenv("GPAVATAR_BLEND_TENSOR_CORES", "1")
+    try:
+        yield calls
+    finally:
+        monkeypatch.delenv("GPAVATAR_BLEND_TENSOR_CORES")
+
+
+@pytest.mark.skipif("triton" not in ops.available_backends("cpu"), reason="needs triton (interpreter)")
+@pytest.mark.parametrize("normalize", ["neighbors", "queries"])
+@given(B=st.integers(1, 3), M=st.integers(1, 40), P=st.integers(1, 60), K=st.integers(1, 32),
+       per_batch=st.booleans(), H=st.sampled_from([8, 20, 64]), C=st.sampled_from([3, 16, 32]),
+       on=st.integers(0, 3), seed=st.integers(0, 2**16))
+def test_stacked_forward_matches_reference(normalize, B, M, P, K, per_batch, H, C, on, seed):
+    """Every (query, neighbour) pair a row of one product: the reference's features at fp32 (the
+    interpreter), any K (padded slots), any widths, both normalizations; gradients through the fp32
+    backward."""
+    mp = pytest.MonkeyPatch()
+    try:
+        with stacked_launches(mp) as calls:
+            check_against_reference("cpu", "triton", B, M, P, min(K, P), H=H, C=C, normalize=normalize,
+                                    per_batch=per_batch, seed=seed, on=on)
+    finally:
+        mp.undo()
+    assert calls == ["ieee"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("normalize", ["neighbors", "queries"])
+def test_cuda_stacked_forward(normalize, monkeypatch):
+    """GPU, paper sizes: tf32 (TF32 allowed) within 2e-2 and bf16 (autocast) within 3e-2 of the fp32
+    kernels' features, relative to the largest; with TF32 off the fp32 kernels run."""
+    pts = make_points(1, 5023, seed=17, device="cuda")
+    q = make_queries(1, 65536, pts, seed=18, device="cuda")
+    params = make_pef_params(5023, 32, 64, 32, seed=19, device="cuda")
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        ref = run("cuda", q, pts, params, 8, normalize)[0]
+        with stacked_launches(monkeypatch) as calls:
+            run("cuda", q, pts, params, 8, normalize)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            tf32 = run("cuda", q, pts, params, 8, normalize)[0]
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                bf16 = run("cuda", q, pts, params, 8, normalize)[0]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    assert calls == ["tf32", "bf16"]
+    scale = float(ref.abs().max())
+    assert float((tf32 - ref).abs().max()) <= 2e-2 * scale
+    assert float((bf16 - ref).abs().max()) <= 3e-2 * scale
+
+
+@pytest.mark.skipif("triton" not in ops.available_backends("cpu"), reason="needs triton (interpreter)")
+@pytest.mark.parametrize("where", ["point_features", "w1", "b2"])
+def test_stacked_forward_nan_like_the_reference(where, monkeypatch):
+    """A NaN in a point's feature reaches the queries that use that point; in w1 / b2 every query."""
+    pts = make_points(1, 60, seed=11)
+    q = make_queries(1, 50, pts, seed=12)
+    params = list(make_pef_params(60, 8, 16, 8, seed=13))
+    i = {"point_features": 0, "w1": 1, "b2": 4}[where]
+    params[i] = params[i].clone()
+    params[i].view(-1)[3] = float("nan")
+    ref = run("reference", q, pts, params, 8)[0]
+    with stacked_launches(monkeypatch) as calls:
+        out = run("triton", q, pts, params, 8)[0]
+    assert calls == ["ieee"] and bool(ref.isnan().any())
+    assert torch.equal(out.isnan(), ref.isnan())
+    torch.testing.assert_close(out[~ref.isnan()], ref[~ref.isnan()], **FWD)
+
+
+@pytest.mark.skipif("triton" not in ops.available_backends("cpu"), reason="needs triton (interpreter)")
+def test_stacked_forward_switch_and_precisions(monkeypatch):
+    """Off by default and for backends other than cuda / triton; bf16 under bf16 autocast (within
+    bf16's error of fp32), tf32 when torch allows TF32 (fp32 under the interpreter); another autocast
+    dtype runs the fp32 kernels; a bad value is refused."""
+    from gpavatar.ops.knn_blend import stacked_precision
+
+    pts = make_points(1, 200, seed=14)
+    q = make_queries(1, 120, pts, seed=15)
+    params = make_pef_params(200, 32, 64, 32, seed=16)
+    ref = run("reference", q, pts, params, 8)[0]
+    assert stacked_precision("triton", q.device) is None
+    with stacked_launches(monkeypatch) as calls:
+        run("cpu", q, pts, params, 8)
+        assert calls == [] and stacked_precision("cpu", q.device) is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = run("triton", q, pts, params, 8)[0]
+        with torch.autocast("cpu", dtype=torch.float16):
+            run("triton", q, pts, params, 8)
+        saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            tf32 = run("triton", q, pts, params, 8)[0]
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = saved
+        assert calls == ["bf16", "tf32"]
+    assert bf16.dtype == torch.float32 and 0 < float((bf16 - ref).abs().max()) <= 3e-2 * float(ref.abs().max())
+    torch.testing.assert_close(tf32, ref, **FWD)
+    monkeypatch.setenv("GPAVATAR_BLEND_TENSOR_CORES", "yes")
+    with pytest.raises(ValueError, match="GPAVATAR_BLEND_TENSOR_CORES must be 0 or 1"):
+        run("triton", q, pts, params, 8)
+
+
+_STACKED_COMPILE = r"""
+import os, re, subprocess, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import gpavatar.kernels.knn_blend as kb
+
+fn = kb._blend_stacked_fwd_kernel
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+bq, num_warps = kb.stacked_blocks(8, None)
+for precision in ("tf32", "bf16"):
+    sig = {n: ("*i64" if n == "idx_ptr" else "*fp32") if n.endswith("_ptr") else "fp32" if n == "eps"
+           else "i32" if n in ("M", "P", "K", "H", "C") else "constexpr" for n in fn.arg_names}
+    const = dict(PER_BATCH=False, HAS_WS=True, BQ=bq, KP=8, HP=64, CP=32, EP=32, PREC=precision, INTERPRET=False)
+    src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in const.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(kernel.asm["ptx"])
+    info = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True,
+                          text=True)
+    spill = re.search(r"(\d+) bytes spill stores", info.stdout + info.stderr)
+    print(precision, spill.group(1) if spill else "?", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("triton" not in ops.available_backends("cpu"), reason="needs triton")
+def test_stacked_forward_compiles_for_sm90_without_spills(tmp_path):
+    """Compiled for sm_90 with triton's ptxas (no GPU needed) at the paper's sizes (K 8, H 64, C 32) and
+    the default tile: no register spills (measured 0; 32 queries x 4 warps spilled 1.8 KB)."""
+    import subprocess
+    import sys
+
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("triton's bundled ptxas is not there")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    result = subprocess.run([sys.executable, "-c", _STACKED_COMPILE], env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines()]
+    assert [r[0] for r in rows] == ["tf32", "bf16"] and all(r[1] == "0" for r in rows), rows
+
+
 # --- the official 1 / d² (issue 12) -----------------------------------------------------------
 
 

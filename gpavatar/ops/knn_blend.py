@@ -31,6 +31,13 @@ Gradients: to ``point_features``, ``w1``, ``b1``, ``w2``, ``b2`` on every
 backend; to ``queries`` and ``points`` only on the ``torch`` backend (fused
 backends raise ``NotImplementedError`` if those require grad).
 
+Tensor cores (opt-in, ``$GPAVATAR_BLEND_TENSOR_CORES=1``): on the ``cuda`` and ``triton``
+backends the forward then runs the stacked Triton kernel (``kernels/knn_blend.py``: every
+(query, neighbour) pair of a tile is a row of one product) with its products in tf32 when
+``torch.backends.cuda.matmul.allow_tf32`` is on, in bf16 under bfloat16 autocast (the real-time
+fast mode), and the fp32 kernels otherwise; ~1e-3 (tf32) / ~1e-2 (bf16) relative to the fp32
+features.  The backward stays the fp32 one.  Not yet timed on a GPU.
+
 NaN: ``queries``, ``points`` (finite, ``|x| <= 1e6``) and ``weight_sum`` (finite,
 > 0) are checked when ``validate``; features and weights are not, and a NaN in
 them reaches exactly the outputs it reaches in the reference on every backend
@@ -43,11 +50,14 @@ no query used are NaN, where the reference leaves them 0.
 from __future__ import annotations
 
 import operator
+import os
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
+from gpavatar import _extension
+from gpavatar.ops import _backend
 from gpavatar.ops import _validation as v
 from gpavatar.ops._library import register_forward_backward
 from gpavatar.ops.knn import check_knn_inputs, choose_backend, reference_dtype
@@ -63,6 +73,11 @@ NORMALIZATIONS = ("neighbors", "queries")
 # *positions* on the torch backend overflow float32 (d u / d d² = -u²) within 1e-19 of a point.
 OFFICIAL_EPS = 1e-30
 MAX_CUDA_HIDDEN, MAX_CUDA_OUT = 128, 64
+# "1": the forward of the cuda / triton backends runs the stacked Triton kernel (kernels/knn_blend.py:
+# every (query, neighbour) pair a row of one tensor-core product) when torch's flags allow reduced
+# precision: bf16 under bfloat16 autocast, tf32 with TF32 matmuls allowed (the real-time fast mode);
+# else, and by default ("0"), the fp32 kernels.  Opt-in: not yet timed on a GPU.
+TENSOR_CORES_ENV = "GPAVATAR_BLEND_TENSOR_CORES"
 
 
 class KnnBlendResult(NamedTuple):
@@ -78,6 +93,31 @@ def knn_blend_weight_sum(dist2: torch.Tensor, eps: float = 1e-8) -> torch.Tensor
     ``weight_sum`` to get the ``"queries"`` normalization of the whole pass.
     """
     return (1.0 / (dist2 + eps)).sum(dim=1)
+
+
+def tensor_cores_setting() -> bool:
+    """``$GPAVATAR_BLEND_TENSOR_CORES``: "1" on, unset / "" / "0" off; a ValueError otherwise."""
+    value = os.environ.get(TENSOR_CORES_ENV, "") or "0"
+    if value not in ("0", "1"):
+        raise ValueError(f"{TENSOR_CORES_ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+def stacked_precision(name: str, device: torch.device) -> Optional[str]:
+    """The stacked kernel's precision for a call on backend ``name`` and ``device``, or None when the
+    fp32 kernels run (see TENSOR_CORES_ENV).  Under the Triton interpreter (CPU tensors, tests) it
+    also runs at fp32 ("ieee")."""
+    if name not in ("cuda", "triton") or not tensor_cores_setting() or not _backend.triton_available():
+        return None
+    if device.type == "cuda":
+        if torch.is_autocast_enabled("cuda"):
+            return "bf16" if torch.get_autocast_dtype("cuda") == torch.bfloat16 else None
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else None
+    if device.type == "cpu" and _backend.triton_interpreted():
+        if torch.is_autocast_enabled("cpu"):
+            return "bf16" if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return None
 
 
 def check_knn_blend_inputs(queries, points, point_features, w1, b1, w2, b2, K, normalize, eps,
@@ -166,6 +206,11 @@ def knn_blend(queries: torch.Tensor, points: torch.Tensor, point_features: torch
     # under autocast (the kernels' contract).
     with torch.autocast(queries.device.type, enabled=False):
         table = F.linear(point_features.to(f32), w1[:, :cf], b1.to(f32)).reshape(-1, H)
+    precision = stacked_precision(name, queries.device)
+    if precision is not None:
+        feature = torch.ops.gpavatar.knn_blend_forward_stacked_triton(
+            q, p, dist2, idx, table, w1[:, cf:], w2.to(f32), b2.to(f32), weight_sum, float(eps), precision)
+        return KnnBlendResult(feature, dist2, idx)
     blend_op = (torch.ops.gpavatar.knn_blend_forward if name in ("cpu", "cuda")
                 else torch.ops.gpavatar.knn_blend_forward_triton)
     feature = blend_op(q, p, dist2, idx, table, w1[:, cf:], w2.to(f32), b2.to(f32), weight_sum, float(eps))
@@ -226,3 +271,38 @@ def _backward_triton(grad_out: torch.Tensor, queries: torch.Tensor, points: torc
 
 
 register_forward_backward("knn_blend", _forward_fake, _backward_fake, _make_backward, _setup_context)
+
+
+# The stacked forward (TENSOR_CORES_ENV): the same backward as the fp32 forwards (the C++ op where the
+# extension has it, else Triton's), which recomputes the blend in fp32 from the saved inputs.
+@torch.library.custom_op("gpavatar::knn_blend_forward_stacked_triton", mutates_args=())
+def _forward_stacked(queries: torch.Tensor, points: torch.Tensor, dist2: torch.Tensor, idx: torch.Tensor,
+                     table: torch.Tensor, w1_dir: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                     weight_sum: Optional[torch.Tensor], eps: float, precision: str) -> torch.Tensor:
+    from gpavatar.kernels.knn_blend import knn_blend_forward_stacked
+
+    return knn_blend_forward_stacked(queries, points, dist2, idx, table.contiguous(), w1_dir.contiguous(),
+                                     w2.contiguous(), b2.contiguous(), weight_sum, eps, precision)
+
+
+@_forward_stacked.register_fake
+def _forward_stacked_fake(queries, points, dist2, idx, table, w1_dir, w2, b2, weight_sum, eps, precision):
+    return _forward_fake(queries, points, dist2, idx, table, w1_dir, w2, b2, weight_sum, eps)
+
+
+def _register_stacked() -> None:
+    cpp = _extension.available() and hasattr(torch.ops.gpavatar, "knn_blend_backward")
+    backward = _make_backward(torch.ops.gpavatar.knn_blend_backward if cpp
+                              else torch.ops.gpavatar.knn_blend_backward_triton)
+
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs[:10], output)
+
+    def stacked_backward(ctx, grad_out):
+        return backward(ctx, grad_out) + (None,)
+
+    torch.library.register_autograd("gpavatar::knn_blend_forward_stacked_triton", stacked_backward,
+                                    setup_context=setup_context)
+
+
+_register_stacked()
