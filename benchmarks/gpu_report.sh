@@ -18,7 +18,9 @@
 # (test files of the CUDA step, default tests) and CUDA_TESTS_CAP (its seconds), PROBE (run benchmarks/knn_cells_probe.py; PROBE_ARGS:
 # its extra arguments, e.g. "--dist render --grids 16,24,32"; PROBE_CAP: its seconds, default 150),
 # NCU (profile the KNN kernels with Nsight Compute: benchmarks/profile_knn_ncu.sh),
-# SKIP_TESTS_ALL (no whole-suite step at the end).
+# SKIP_TESTS_ALL (no whole-suite step at the end), ARGS_<script name> (extra arguments of one
+# benchmark script, e.g. ARGS_bench_field="--precisions tf32,bf16 --sweep") and CAP_<script name>
+# (its seconds, default 240).
 set -euo pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -149,8 +151,11 @@ fi
 read -r -a EXTRA_ARGS <<< "${BENCH_ARGS:-}"
 for bench in "${BENCHES[@]}"; do
     name="$(basename "$bench" .py)"
-    run_step "$name" 240 "$OUTDIR/$name.log" "$PY" "$bench" --device cuda \
-        --json "$OUTDIR/$name.json" --markdown "$OUTDIR/$name.md" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}
+    own_var="ARGS_$name" cap_var="CAP_$name"
+    read -r -a OWN_ARGS <<< "${!own_var:-}"
+    run_step "$name" "${!cap_var:-240}" "$OUTDIR/$name.log" "$PY" "$bench" --device cuda \
+        --json "$OUTDIR/$name.json" --markdown "$OUTDIR/$name.md" ${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"} \
+        ${OWN_ARGS[@]+"${OWN_ARGS[@]}"}
 done
 
 # --- (b, continued) the whole test suite --------------------------------------

@@ -27,13 +27,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _harness as H  # noqa: E402
 from bench_e2e import PRESETS, make_inputs, make_model  # noqa: E402
 
-MODES = {"fp32": torch.float32, "fast": torch.bfloat16}
+MODES = {"fp32": torch.float32, "fast": torch.bfloat16, "fast+opt-ins": torch.bfloat16}
+# The switches of the "fast+opt-ins" mode: every opt-in fast-mode kernel not yet timed on a GPU.
+OPT_INS = dict(GPAVATAR_FIELD_LAYERS="triton", GPAVATAR_BLEND_TENSOR_CORES="1", GPAVATAR_UPSAMPLE="triton")
 
 # (group, pattern) in order: the first pattern that matches a kernel's name names its group.
 GROUPS = (
     ("optimizer", r"multi_tensor|adam|foreach"),
     ("knn", r"gpavatar::knn(::|$)|knn_kernel|knn_grid"),
-    ("pef blend", r"knn_blend"),
+    ("pef blend", r"knn_blend|blend_stacked"),
+    ("field layers", r"layers_fwd_kernel"),
     ("triplane", r"triplane"),
     ("rays / composite", r"gpavatar::(rays|composite)|composite|merge_samples|sample_pdf"),
     ("triton", r"^triton_|_kernel_0d1d"),
@@ -60,11 +63,13 @@ def profile_frame(frame, device: torch.device) -> list[dict]:
             for name, calls, ms in H.kernel_times(frame, device, warmup=2)]
 
 
-def _frame_fn(model, inp: dict, dtype: torch.dtype):
-    renderer = model.realtime(inp["avatar"], batch=1, dtype=dtype, cuda_graph=False)
+def _frame_fn(model, inp: dict, mode: str):
+    switches = OPT_INS if mode.endswith("+opt-ins") else {}
+    with H.environ(**switches):
+        renderer = model.realtime(inp["avatar"], batch=1, dtype=MODES[mode], cuda_graph=False)
 
     def frame():
-        with torch.no_grad():
+        with torch.no_grad(), H.environ(**switches):
             return renderer(inp["points"], inp["transform"])
 
     return frame
@@ -73,7 +78,8 @@ def _frame_fn(model, inp: dict, dtype: torch.dtype):
 def main(argv=None) -> int:
     ap = H.benchmark_parser(__doc__.split("\n\n")[0], None)
     ap.add_argument("--preset", choices=PRESETS, default=None, help="default: paper on cuda, tiny on cpu")
-    ap.add_argument("--modes", default="fast,fp32", help="comma list of " + ",".join(MODES))
+    ap.add_argument("--modes", default="fast,fp32", help="comma list of " + ",".join(MODES)
+                    + f" (fast+opt-ins: the fast mode with {OPT_INS})")
     ap.add_argument("--top", type=int, default=30, help="kernels listed per mode (default 30)")
     ap.add_argument("--train", action="store_true",
                     help="profile one training step of bench_train.py (forward_train + losses + backward + Adam, "
@@ -101,7 +107,7 @@ def main(argv=None) -> int:
         model = make_model(preset, device, seed=args.seed)
         inp = make_inputs(model, 1, device, seed=args.seed)
         # one renderer at a time: each is made when its mode is profiled and dropped after it
-        runs = [(mode, lambda mode=mode: _frame_fn(model, inp, MODES[mode])) for mode in modes]
+        runs = [(mode, lambda mode=mode: _frame_fn(model, inp, mode)) for mode in modes]
     for mode, make in runs:
         rows = profile_frame(make(), device)
         total = sum(r["ms"] for r in rows)

@@ -2,6 +2,7 @@
 tiny preset writes a profile whose groups add up to its total."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import profile_frame  # noqa: E402
     ("gpavatar::knn", "knn"),
     ("gpavatar::knn_blend::(anonymous namespace)::tiles_forward_kernel(gpavatar::knn_blend::Blen", "pef blend"),
     ("gpavatar::knn_blend_forward", "pef blend"),
+    ("_blend_stacked_fwd_kernel", "pef blend"),
+    ("_layers_fwd_kernel", "field layers"),
     ("void gpavatar::triplane::(anonymous namespace)::forward_kernel<32>(float const*", "triplane"),
     ("sm80_xmma_gemm_f32f32_f32f32_f32_tn_n_tilesize32x32x8_stage3", "matrix products"),
     ("aten::addmm", "matrix products"),
@@ -40,6 +43,16 @@ def test_cpu_profile_adds_up(tmp_path):
     assert {"knn", "pef blend", "convolutions"} <= set(mode["groups"])
     with pytest.raises(SystemExit):
         profile_frame.main(["--device", "cpu", "--modes", "fast", "--preset", "nope"])
+
+
+def test_cpu_opt_ins_mode(tmp_path, monkeypatch):
+    """"fast+opt-ins" profiles the fast frame with the opt-in kernels' switches set for the frame only."""
+    pytest.importorskip("gpavatar.ops")
+    monkeypatch.delenv("GPAVATAR_FIELD_LAYERS", raising=False)
+    out = tmp_path / "frame.json"
+    assert profile_frame.main(["--device", "cpu", "--modes", "fast+opt-ins", "--top", "5", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["modes"]["fast+opt-ins"]["total_ms"] > 0
+    assert "GPAVATAR_FIELD_LAYERS" not in os.environ
 
 
 def test_cpu_training_step_profile(tmp_path):
