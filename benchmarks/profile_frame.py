@@ -29,7 +29,8 @@ from bench_e2e import PRESETS, make_inputs, make_model  # noqa: E402
 
 MODES = {"fp32": torch.float32, "fast": torch.bfloat16, "fast+opt-ins": torch.bfloat16}
 # The switches of the "fast+opt-ins" mode: every opt-in fast-mode kernel not yet timed on a GPU.
-OPT_INS = dict(GPAVATAR_FIELD_LAYERS="triton", GPAVATAR_BLEND_TENSOR_CORES="1", GPAVATAR_UPSAMPLE="triton")
+OPT_INS = dict(GPAVATAR_FIELD_LAYERS="triton", GPAVATAR_BLEND_TENSOR_CORES="1", GPAVATAR_UPSAMPLE="triton",
+               GPAVATAR_KNN_SHARE="1")
 
 # (group, pattern) in order: the first pattern that matches a kernel's name names its group.
 GROUPS = (

@@ -39,6 +39,8 @@ void check_same_device(const at::Tensor& a, const char* name_a, const at::Tensor
 
 TORCH_LIBRARY(gpavatar, m) {
   m.def("knn(Tensor queries, Tensor points, int K) -> (Tensor dist2, Tensor idx)");
+  m.def("knn_index(Tensor points, Tensor query_box, int K) -> Tensor[]");
+  m.def("knn_search(Tensor queries, Tensor points, int K, Tensor[] index) -> (Tensor dist2, Tensor idx)");
   m.def(
       "knn_blend_forward(Tensor queries, Tensor points, Tensor dist2, Tensor idx, "
       "Tensor table, Tensor w1_dir, Tensor w2, Tensor b2, Tensor? weight_sum, float eps) "

@@ -49,6 +49,11 @@ void check_contiguous_float(const at::Tensor& t, const char* name, int64_t dim, 
 
 namespace knn {
 void check_inputs(const at::Tensor& queries, const at::Tensor& points, int64_t K);
+// knn_index's inputs: points (B, P, 3), query_box (B, 6) on their device, K.
+void check_index_inputs(const at::Tensor& points, const at::Tensor& query_box, int64_t K);
+// knn_search's index (the 6 tensors of knn_index: geom, offset, cand, cell_bound, band_count,
+// seeds) against these queries, points and K; returns G, the cells per axis.
+int check_index(at::TensorList index, const at::Tensor& queries, const at::Tensor& points, int64_t K);
 
 // The spatial grid of knn_grid.h, built with tensor ops on the points' device.
 constexpr int64_t kGridMinPoints = 256;  // below this brute force is cheaper

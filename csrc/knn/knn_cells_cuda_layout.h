@@ -79,8 +79,11 @@ inline int parent_of(int G, int c) {
 
 // queries (B, M, 3), points (B, P, 3), contiguous.  two_level: each cell's candidates
 // come from its parent's list (parent_cap as GPAVATAR_KNN_PARENT_CAP); the same lists.
+// query_box (B, 6: lo xyz, hi xyz), when given, replaces the queries' bounding box (an
+// index built once for several query sets: knn_index).
 inline void build(Lists& L, const float* queries, const float* points, int64_t B, int64_t M, int64_t P,
-                  int K, int G, int64_t per_cell, bool two_level = false, int parent_cap = kParentCap) {
+                  int K, int G, int64_t per_cell, bool two_level = false, int parent_cap = kParentCap,
+                  const float* query_box = nullptr) {
   L.G = G;
   L.K = K;
   L.B = B;
@@ -103,12 +106,16 @@ inline void build(Lists& L, const float* queries, const float* points, int64_t B
         r[a] = nan_min(r[a], v);
         r[3 + a] = nan_max(r[3 + a], v);
       }
-    for (int64_t m = 0; m < M; ++m)
-      for (int a = 0; a < 3; ++a) {
-        const float v = queries[(b * M + m) * 3 + a];
-        r[6 + a] = nan_min(r[6 + a], v);
-        r[9 + a] = nan_max(r[9 + a], v);
-      }
+    if (query_box != nullptr) {
+      for (int a = 0; a < 6; ++a) r[6 + a] = query_box[b * 6 + a];
+    } else {
+      for (int64_t m = 0; m < M; ++m)
+        for (int a = 0; a < 3; ++a) {
+          const float v = queries[(b * M + m) * 3 + a];
+          r[6 + a] = nan_min(r[6 + a], v);
+          r[9 + a] = nan_max(r[9 + a], v);
+        }
+    }
     cell_grid_geometry(r, r + 3, r + 6, r + 9, G, L.geom.data() + b * kCellGeomStride);
   }
   // Candidates of each cell: every point, or its parent's list (two-level build).
@@ -191,22 +198,39 @@ inline void build(Lists& L, const float* queries, const float* points, int64_t B
   });
 }
 
+// Read-only pointers to lists (a Lists' vectors, or knn_index's tensors).
+struct View {
+  int G = 0, K = 0;
+  int64_t cells = 0, budget = 0;
+  const float* geom;
+  const float* bound;
+  const int* band_count;
+  const float* seeds;
+  const int64_t* offset;
+  const float* entries;
+};
+
+inline View view(const Lists& L) {
+  return View{L.G, L.K, L.cells, L.budget, L.geom.data(), L.bound.data(), L.band_count.data(), L.seeds.data(),
+              L.offset.data(), L.entries.data()};
+}
+
 // The K nearest of query qi = b * M + m into (dist, idx); false when the CUDA
 // path would give it to the brute-force bucket (outside the grid, overflow).
 template <int Capacity>
-bool search(const Lists& L, int64_t b, float qx, float qy, float qz, bool buffered, bool unrolled, int cap,
+bool search(const View& L, int64_t b, float qx, float qy, float qz, bool buffered, bool unrolled, int cap,
             float* dist, int64_t* idx) {
-  const int c = query_cell(L.geom.data() + b * kCellGeomStride, L.G, qx, qy, qz);
+  const int c = query_cell(L.geom + b * kCellGeomStride, L.G, qx, qy, qz);
   if (c < 0) return false;
   const int64_t slot = b * L.cells + c;
   if (L.offset[slot + 1] > L.budget) return false;
   TopKRegs<Capacity> best(L.K);
-  const float* entries = L.entries.data() + 4 * L.offset[slot];
-  const int* bc = L.band_count.data() + slot * kCellBands;
+  const float* entries = L.entries + 4 * L.offset[slot];
+  const int* bc = L.band_count + slot * kCellBands;
   if (buffered) {
     std::vector<float> buf_d(cap);
     std::vector<int> buf_i(cap);
-    scan_buffered(entries, bc, L.bound[slot], L.seeds.data() + 4 * slot * L.K, qx, qy, qz, buf_d.data(),
+    scan_buffered(entries, bc, L.bound[slot], L.seeds + 4 * slot * L.K, qx, qy, qz, buf_d.data(),
                   buf_i.data(), 1, cap, best);
   } else if (unrolled) {
     scan_banded<Capacity, true>(entries, bc, L.bound[slot], qx, qy, qz, best);

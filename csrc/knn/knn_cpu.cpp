@@ -39,6 +39,41 @@ void check_inputs(const at::Tensor& queries, const at::Tensor& points, int64_t K
                     points.size(1), ", got K = ", K));
 }
 
+void check_index_inputs(const at::Tensor& points, const at::Tensor& query_box, int64_t K) {
+  check_float_tensor(points, "points", 3, "(B, P, 3)");
+  TORCH_CHECK_VALUE(points.size(2) == 3, msg("points must have shape (B, P, 3), got ", shape_of(points)));
+  check_float_tensor(query_box, "query_box", 2, "(B, 6)");
+  check_same_device(points, "points", query_box, "query_box");
+  TORCH_CHECK_VALUE(query_box.size(0) == points.size(0) && query_box.size(1) == 6,
+                    msg("query_box must have shape (", points.size(0), ", 6), got ", shape_of(query_box)));
+  TORCH_CHECK_VALUE(K >= 1 && K <= kMaxK, msg("K must be in [1, ", kMaxK, "], got ", K));
+  TORCH_CHECK_VALUE(K <= points.size(1), msg("K must be <= the number of points P = ",
+                    points.size(1), ", got K = ", K));
+}
+
+int check_index(at::TensorList index, const at::Tensor& queries, const at::Tensor& points, int64_t K) {
+  const int64_t B = points.size(0);
+  TORCH_CHECK_VALUE(index.size() == 6, msg("index must be the 6 tensors of knn_index, got ", index.size()));
+  const char* names[6] = {"geom", "offset", "cand", "cell_bound", "band_count", "seeds"};
+  const c10::ScalarType types[6] = {at::kFloat, at::kLong, at::kFloat, at::kFloat, at::kInt, at::kFloat};
+  for (int i = 0; i < 6; ++i) {
+    TORCH_CHECK_VALUE(index[i].device() == queries.device() && index[i].scalar_type() == types[i] &&
+                          index[i].is_contiguous(),
+                      msg("index: ", names[i], " must be a contiguous ", c10::toString(types[i]), " tensor on ",
+                          queries.device(), " (knn_index's output)"));
+  }
+  const int64_t cells = B > 0 ? index[3].numel() / B : 0;
+  int G = 0;
+  while (static_cast<int64_t>(G + 1) * (G + 1) * (G + 1) <= cells) ++G;
+  const bool ok = B > 0 && static_cast<int64_t>(G) * G * G == cells && index[3].numel() == B * cells &&
+                  index[0].numel() == B * kCellGeomStride && index[1].numel() == B * cells + 1 &&
+                  index[2].dim() == 2 && index[2].size(1) == 4 && index[4].numel() == B * cells * kCellBands &&
+                  index[5].numel() == B * cells * K * 4;
+  TORCH_CHECK_VALUE(ok || B == 0, msg("index does not match these points (B = ", B, ") and K = ", K,
+                                      ": build it with knn_index(points, query_box, K)"));
+  return G;
+}
+
 GridTensors build_grid(const at::Tensor& points) {
   const int64_t B = points.size(0), P = points.size(1);
   GridTensors g;
@@ -181,7 +216,88 @@ void brute_force(const float* px, const float* py, const float* pz, int64_t P, f
   }
 }
 
+// The CUDA-layout scans (GPAVATAR_KNN_CUDA_SEARCH) of every query over `lists`; the queries
+// the CUDA path gives to its brute-force bucket are appended to `rest` (in order).
+void search_view(const cuda_layout::View& lists, const float* q, int64_t B, int64_t M, int k, float* out_d,
+                 int64_t* out_i, std::vector<int64_t>& rest) {
+  const bool buffered = cuda_search_buffered(), unrolled = cuda_search_unrolled();
+  const int capacity = k <= 8 ? 8 : (k <= 16 ? 16 : kMaxK);
+  const int cap = static_cast<int>(env_int("GPAVATAR_KNN_BUFFER", buffer_slots(capacity), k + 1, 1 << 16));
+  std::vector<char> left(B * M, 0);
+  at::parallel_for(0, B * M, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t qi = begin; qi < end; ++qi) {
+      const float x = q[qi * 3], y = q[qi * 3 + 1], z = q[qi * 3 + 2];
+      float* d = out_d + qi * k;
+      int64_t* i = out_i + qi * k;
+      const bool ok =
+          capacity == 8 ? cuda_layout::search<8>(lists, qi / M, x, y, z, buffered, unrolled, cap, d, i)
+          : capacity == 16 ? cuda_layout::search<16>(lists, qi / M, x, y, z, buffered, unrolled, cap, d, i)
+                           : cuda_layout::search<kMaxK>(lists, qi / M, x, y, z, buffered, unrolled, cap, d, i);
+      if (!ok) left[qi] = 1;
+    }
+  });
+  for (int64_t qi = 0; qi < B * M; ++qi)
+    if (left[qi]) rest.push_back(qi);
+}
+
 }  // namespace
+
+// knn_index / knn_search on the CPU: the CUDA layout's lists (knn_cells_cuda_layout.h) as tensors,
+// for tests of the shared index (the CPU's own knn builds its lists per call).
+std::vector<at::Tensor> knn_index_cpu(const at::Tensor& points_in, const at::Tensor& query_box_in, int64_t K) {
+  check_index_inputs(points_in, query_box_in, K);
+  const at::Tensor points = points_in.contiguous();
+  const at::Tensor query_box = query_box_in.to(at::kFloat).contiguous();
+  const int64_t B = points.size(0), P = points.size(1);
+  const int G = static_cast<int>(env_int("GPAVATAR_KNN_CELLS", kCudaCells, 1, 32));
+  const int64_t per_cell = env_int("GPAVATAR_KNN_CELL_BUDGET", cuda_budget_per_cell(G), 0, int64_t{1} << 20);
+  cuda_layout::Lists L;
+  cuda_layout::build(L, nullptr, points.data_ptr<float>(), B, 0, P, static_cast<int>(K), G, per_cell,
+                     cuda_build_two_level(),
+                     static_cast<int>(env_int("GPAVATAR_KNN_PARENT_CAP", kParentCap, 0, kParentCap)),
+                     query_box.data_ptr<float>());
+  const auto f32 = points.options();
+  auto from = [](const auto& v, at::TensorOptions o) {
+    return at::from_blob(const_cast<void*>(static_cast<const void*>(v.data())), {static_cast<int64_t>(v.size())},
+                         o).clone();
+  };
+  at::Tensor cand = at::zeros({L.budget, 4}, f32);
+  if (!L.entries.empty()) cand.view({-1}).narrow(0, 0, static_cast<int64_t>(L.entries.size())).copy_(from(L.entries, f32));
+  return {from(L.geom, f32), from(L.offset, f32.dtype(at::kLong)), cand, from(L.bound, f32),
+          from(L.band_count, f32.dtype(at::kInt)), from(L.seeds, f32)};
+}
+
+std::tuple<at::Tensor, at::Tensor> knn_search_cpu(const at::Tensor& queries_in, const at::Tensor& points_in,
+                                                  int64_t K, at::TensorList index) {
+  check_inputs(queries_in, points_in, K);
+  const int G = check_index(index, queries_in, points_in, K);
+  const at::Tensor queries = queries_in.contiguous();
+  const at::Tensor points = points_in.contiguous();
+  const int64_t B = queries.size(0), M = queries.size(1), P = points.size(1);
+  at::Tensor dist2 = at::empty({B, M, K}, queries.options());
+  at::Tensor idx = at::empty({B, M, K}, queries.options().dtype(at::kLong));
+  if (B == 0 || M == 0) return {dist2, idx};
+  const int64_t cells = static_cast<int64_t>(G) * G * G;
+  const cuda_layout::View view{G, static_cast<int>(K), cells, index[2].size(0), index[0].data_ptr<float>(),
+                               index[3].data_ptr<float>(), index[4].data_ptr<int>(), index[5].data_ptr<float>(),
+                               index[1].data_ptr<int64_t>(), index[2].data_ptr<float>()};
+  const float* q = queries.data_ptr<float>();
+  float* out_d = dist2.data_ptr<float>();
+  int64_t* out_i = idx.data_ptr<int64_t>();
+  std::vector<int64_t> rest;
+  search_view(view, q, B, M, static_cast<int>(K), out_d, out_i, rest);
+  const float* pts = points.data_ptr<float>();
+  at::parallel_for(0, static_cast<int64_t>(rest.size()), 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {  // the brute-force bucket
+      const int64_t qi = rest[r];
+      TopK<int64_t, kMaxK> best(static_cast<int>(K));
+      scan_all(pts + (qi / M) * P * 3, P, q[qi * 3], q[qi * 3 + 1], q[qi * 3 + 2], best);
+      std::copy(best.dist, best.dist + K, out_d + qi * K);
+      std::copy(best.idx, best.idx + K, out_i + qi * K);
+    }
+  });
+  return {dist2, idx};
+}
 
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
                                            const at::Tensor& points_in, int64_t K) {
@@ -214,9 +330,6 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
                     msg("GPAVATAR_KNN_LAYOUT must be cpu or cuda, got '", layout, "'"));
   if (method == Method::kCells && layout == "cuda") {
     // The CUDA pipeline's lists and scans (knn_cells_cuda_layout.h): tests and diagnostics.
-    const bool buffered = cuda_search_buffered(), unrolled = cuda_search_unrolled();
-    const int capacity = k <= 8 ? 8 : (k <= 16 ? 16 : kMaxK);
-    const int cap = static_cast<int>(env_int("GPAVATAR_KNN_BUFFER", buffer_slots(capacity), k + 1, 1 << 16));
     cuda_layout::Lists lists;
     const int cuda_cells = static_cast<int>(env_int("GPAVATAR_KNN_CELLS", kCudaCells, 1, 32));
     const int64_t per_cell = env_int("GPAVATAR_KNN_CELL_BUDGET", cuda_budget_per_cell(cuda_cells), 0, int64_t{1} << 20);
@@ -231,21 +344,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
                       flat.offset == lists.offset && flat.entries == lists.entries,
                   "knn: the two-level cell lists differ from the flat build's");
     }
-    std::vector<char> left(B * M, 0);
-    at::parallel_for(0, B * M, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t qi = begin; qi < end; ++qi) {
-        const float x = q[qi * 3], y = q[qi * 3 + 1], z = q[qi * 3 + 2];
-        float* d = out_d + qi * k;
-        int64_t* i = out_i + qi * k;
-        const bool ok =
-            capacity == 8 ? cuda_layout::search<8>(lists, qi / M, x, y, z, buffered, unrolled, cap, d, i)
-            : capacity == 16 ? cuda_layout::search<16>(lists, qi / M, x, y, z, buffered, unrolled, cap, d, i)
-                             : cuda_layout::search<kMaxK>(lists, qi / M, x, y, z, buffered, unrolled, cap, d, i);
-        if (!ok) left[qi] = 1;
-      }
-    });
-    for (int64_t qi = 0; qi < B * M; ++qi)
-      if (left[qi]) rest.push_back(qi);
+    search_view(cuda_layout::view(lists), q, B, M, k, out_d, out_i, rest);
   } else if (method == Method::kCells) {
     const int G = cells_per_axis(M);
     const bool avx2 = use_avx2_scan();
@@ -301,4 +400,8 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
 }  // namespace knn
 }  // namespace gpavatar
 
-TORCH_LIBRARY_IMPL(gpavatar, CPU, m) { m.impl("knn", &gpavatar::knn::knn_cpu); }
+TORCH_LIBRARY_IMPL(gpavatar, CPU, m) {
+  m.impl("knn", &gpavatar::knn::knn_cpu);
+  m.impl("knn_index", &gpavatar::knn::knn_index_cpu);
+  m.impl("knn_search", &gpavatar::knn::knn_search_cpu);
+}

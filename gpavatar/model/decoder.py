@@ -131,7 +131,8 @@ class PointsDecoder(nn.Module):
                              f"{tuple(planes.shape)} and points {tuple(getattr(points, 'shape', ()))}")
 
     def forward(self, coords: torch.Tensor, dirs: torch.Tensor, planes: torch.Tensor, points: torch.Tensor,
-                chunk: int = 0, *, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                chunk: int = 0, *, validate: bool = True,
+                knn_index: Optional[ops.KnnIndex] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Alpha (B, N) and value (B, N, value_dim), both float32.
 
         Args:
@@ -143,19 +144,20 @@ class PointsDecoder(nn.Module):
                 on the chunking (up to float summation order).
             validate: check the values of coords and points in the PEF (host syncs); False when
                 the caller has checked them (the renderer's real-time path)
+            knn_index: ``ops.knn_index(points, K)`` shared by several passes (:meth:`knn_index`), or None
         """
         self._check(coords, dirs, planes, points)
         B, N, _ = coords.shape
         if chunk <= 0 or chunk >= N:
-            return self._query(coords, dirs, planes, points, None, validate)
+            return self._query(coords, dirs, planes, points, None, validate, knn_index)
         weight_sum = None
         pef = self.points_querier
         if pef.normalize == "queries":
             with torch.no_grad():
                 weight_sum = sum(ops.knn_blend_weight_sum(ops.knn(c, points, pef.K, backend=pef.backend,
-                                                                  validate=validate).dist2, pef.eps)
+                                                                  validate=validate, index=knn_index).dist2, pef.eps)
                                  for c in coords.split(chunk, dim=1))
-        parts = [self._query(c, d, planes, points, weight_sum, validate)
+        parts = [self._query(c, d, planes, points, weight_sum, validate, knn_index)
                  for c, d in zip(coords.split(chunk, dim=1), dirs.split(chunk, dim=1))]
         return torch.cat([a for a, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1)
 
@@ -174,7 +176,16 @@ class PointsDecoder(nn.Module):
             return bool(self.fused_field)
         return bool(fused_setting())
 
-    def _query(self, coords, dirs, planes, points, weight_sum, validate=True):
+    def knn_index(self, points: torch.Tensor, coords: torch.Tensor) -> Optional[ops.KnnIndex]:
+        """The PEF's KNN lists of ``points`` over the box of ``coords`` (``ops.knn_index``), to share
+        between passes (the model's field with ``$GPAVATAR_KNN_SHARE=1``); None where the backend
+        builds no such lists or the pass is small (< 8192 samples: CUDA scans every point)."""
+        pef = self.points_querier
+        if coords.shape[1] < 8192:
+            return None
+        return ops.knn_index(points, pef.K, queries=coords, backend=pef.backend, validate=False)
+
+    def _query(self, coords, dirs, planes, points, weight_sum, validate=True, knn_index=None):
         if self._wants_fused(coords):
             # ops.field_query fuses where it can (backend, no grad, no autocast) and otherwise runs
             # the separate ops below as functions: the same results either way
@@ -182,9 +193,12 @@ class PointsDecoder(nn.Module):
             return tuple(ops.field_query(coords, dirs, planes, points, self.field_weights(), pef.K,
                                          normalize=pef.normalize, eps=pef.eps, weight_sum=weight_sum,
                                          precision=self.field_precision, fused=True, backend=self.backend,
-                                         validate=validate))
+                                         validate=validate, knn_index=knn_index))
         tri = ops.triplane_sample(planes, coords, "mean", channels_last=True, backend=self.backend, validate=False)
-        expr = self.points_querier(coords, points, weight_sum, validate=validate)
+        if knn_index is None:
+            expr = self.points_querier(coords, points, weight_sum, validate=validate)
+        else:
+            expr = self.points_querier(coords, points, weight_sum, validate=validate, index=knn_index)
         if self._checkpoints(tri, expr):
             return checkpoint(self._layers, tri, expr, coords, dirs, use_reentrant=False)
         return self._layers(tri, expr, coords, dirs)

@@ -40,6 +40,7 @@ from gpavatar.model.mta import MultiTriplaneAttention
 from gpavatar.model.renderer import VolumeRenderer, check_transform
 from gpavatar.model.style_unet import StyleUNet
 from gpavatar.ops._validation import checking_values
+from gpavatar.ops.knn import share_setting
 
 
 @dataclass
@@ -175,11 +176,21 @@ class GPAvatar(CheckpointMixin, nn.Module):
     def field(self, avatar: Avatar, points: torch.Tensor, *, validate: bool = True):
         """The field callable the renderer queries: (coords, dirs) -> (alpha, value, None).
         ``validate=False`` skips the value checks of coords and points (host syncs) for callers
-        that checked them (the real-time path)."""
+        that checked them (the real-time path).  With ``$GPAVATAR_KNN_SHARE=1`` the first call
+        builds the PEF's KNN lists of ``points`` over its samples' box (``ops.knn_index``) and every
+        call searches them: the fine pass skips its own build (its samples lie on the coarse pass's
+        rays; any outside the box are still exact, by the brute-force scan)."""
         planes, chunk = avatar.planes, self.config.query_chunk
+        shared: dict[str, Any] = {"index": None, "built": not share_setting()}
 
         def query(coords: torch.Tensor, dirs: torch.Tensor):
-            if validate:
+            if not shared["built"]:
+                shared["built"] = True
+                shared["index"] = self.nerf_mlp.knn_index(points, coords)
+            if shared["index"] is not None:
+                alpha, value = self.nerf_mlp(coords, dirs, planes, points, chunk=chunk, validate=validate,
+                                             knn_index=shared["index"])
+            elif validate:
                 alpha, value = self.nerf_mlp(coords, dirs, planes, points, chunk=chunk)
             else:
                 alpha, value = self.nerf_mlp(coords, dirs, planes, points, chunk=chunk, validate=False)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from gpavatar.ops import knn_blend
+from gpavatar.ops.knn import KnnIndex
 from gpavatar.ops.knn_blend import NORMALIZATIONS, KnnBlendResult
 from gpavatar.ops.reference import EMBED_DIM
 
@@ -53,7 +54,8 @@ class PointExpressionField(nn.Module):
         )
 
     def query(self, queries: torch.Tensor, points: torch.Tensor,
-              weight_sum: Optional[torch.Tensor] = None, validate: bool = True) -> KnnBlendResult:
+              weight_sum: Optional[torch.Tensor] = None, validate: bool = True,
+              index: Optional[KnnIndex] = None) -> KnnBlendResult:
         """Features, squared distances and indices of the neighbours.
 
         Args:
@@ -61,17 +63,21 @@ class PointExpressionField(nn.Module):
             weight_sum: (B, K) sums for the "queries" normalization of a chunked pass
             validate: check the inputs (their values need a host sync; False when the caller
                 has checked them, e.g. the renderer's real-time path)
+            index: ``ops.knn_index(points, K)`` shared by several calls (or None)
         Returns:
             KnnBlendResult(feature (B, M, C), dist2 (B, M, K), idx (B, M, K))
         """
         first, second = self.point_layers[0], self.point_layers[2]
         return knn_blend(queries, points, self.points_feature.weight, first.weight, first.bias, second.weight,
                          second.bias, K=self.K, normalize=self.normalize, eps=self.eps, weight_sum=weight_sum,
-                         backend=self.backend, validate=validate)
+                         backend=self.backend, validate=validate, index=index)
 
     def forward(self, queries: torch.Tensor, points: torch.Tensor,
-                weight_sum: Optional[torch.Tensor] = None, *, validate: bool = True) -> torch.Tensor:
+                weight_sum: Optional[torch.Tensor] = None, *, validate: bool = True,
+                index: Optional[KnnIndex] = None) -> torch.Tensor:
         """(B, M, 3), (B, P, 3) -> (B, M, C)."""
+        if index is not None:
+            return self.query(queries, points, weight_sum, validate=validate, index=index).feature
         if validate:  # the three-argument call: ``query`` may be shadowed by one without ``validate``
             return self.query(queries, points, weight_sum).feature
         return self.query(queries, points, weight_sum, validate=False).feature

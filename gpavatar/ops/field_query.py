@@ -65,7 +65,7 @@ import torch.nn.functional as F
 
 from gpavatar.ops import _backend
 from gpavatar.ops import _validation as v
-from gpavatar.ops.knn import MAX_FUSED_K, knn
+from gpavatar.ops.knn import MAX_FUSED_K, KnnResult, check_index, knn, search_op
 from gpavatar.ops.knn_blend import NORMALIZATIONS, knn_blend, knn_blend_weight_sum
 from gpavatar.ops.reference import EMBED_DIM, harmonic_embedding
 from gpavatar.ops.triplane import PLANE_DTYPES, triplane_sample
@@ -230,8 +230,8 @@ def field_query(coords: torch.Tensor, dirs: torch.Tensor, planes: torch.Tensor, 
                 weights: FieldWeights, K: Optional[int] = None, *, knn: Optional[tuple] = None,
                 normalize: str = "neighbors", eps: float = 1e-8, weight_sum: Optional[torch.Tensor] = None,
                 precision: Optional[str] = None, fused: Optional[bool] = None, backend: Optional[str] = None,
-                validate: bool = True, block_m: Optional[int] = None, num_warps: Optional[int] = None
-                ) -> FieldResult:
+                validate: bool = True, block_m: Optional[int] = None, num_warps: Optional[int] = None,
+                knn_index=None) -> FieldResult:
     """Alpha and value of the field at samples (module docstring).
 
     Args:
@@ -249,6 +249,7 @@ def field_query(coords: torch.Tensor, dirs: torch.Tensor, planes: torch.Tensor, 
         backend: "auto" | "cuda" | "triton" | "cpu" | "torch" (default: $GPAVATAR_BACKEND or auto)
         validate: check shapes and values (values need host syncs; False adds none)
         block_m, num_warps: the kernel's tile (samples per program) and warps (default: per precision)
+        knn_index: ``ops.knn_index(points, K)`` the KNN searches instead of building its lists (or None)
     Returns:
         FieldResult(alpha (B, N) float32, value (B, N, V) float32).
     """
@@ -264,14 +265,14 @@ def field_query(coords: torch.Tensor, dirs: torch.Tensor, planes: torch.Tensor, 
     if fused is None:
         fused = fused_setting() is not False
     if not (fused and _fusable(name, coords, dirs, planes, points, weights, K, knn, weight_sum)):
-        return _unfused(coords, dirs, planes, points, weights, K, normalize, eps, weight_sum, name)
+        return _unfused(coords, dirs, planes, points, weights, K, normalize, eps, weight_sum, name, knn_index)
 
     f32 = torch.float32
     c = coords.detach().to(f32).contiguous()
     p = points.detach().to(f32).contiguous()
     with torch.no_grad():
         if knn is None:
-            knn = _knn_op(c, p, K, name)
+            knn = _knn_op(c, p, K, name, points, knn_index)
         dist2, idx = (t.contiguous() for t in knn)
         if normalize == "queries" and weight_sum is None:
             weight_sum = knn_blend_weight_sum(dist2, eps)
@@ -298,16 +299,20 @@ def field_query(coords: torch.Tensor, dirs: torch.Tensor, planes: torch.Tensor, 
     return FieldResult(alpha, value)
 
 
-def _knn_op(coords, points, K, name):
+def _knn_op(coords, points, K, name, original_points=None, index=None):
+    if index is not None:
+        check_index(index, original_points, K)
+        return KnnResult(*search_op(coords, points, K, name, index))
     return knn(coords, points, K, backend=name, validate=False)
 
 
-def _unfused(coords, dirs, planes, points, w: FieldWeights, K, normalize, eps, weight_sum, backend):
+def _unfused(coords, dirs, planes, points, w: FieldWeights, K, normalize, eps, weight_sum, backend, knn_index=None):
     """The pass as separate ops (PointsDecoder's computation before the fused kernel, bit for bit); the
     inputs were validated at the door."""
     tri = triplane_sample(planes, coords, "mean", channels_last=True, backend=backend, validate=False)
     expr = knn_blend(coords, points, w.point_features, w.point_w1, w.point_b1, w.point_w2, w.point_b2, K=K,
-                     normalize=normalize, eps=eps, weight_sum=weight_sum, backend=backend, validate=False).feature
+                     normalize=normalize, eps=eps, weight_sum=weight_sum, backend=backend, validate=False,
+                     index=knn_index).feature
     return field_layers(tri, expr, coords, dirs, w)
 
 

@@ -36,6 +36,27 @@ class KnnResult(NamedTuple):
     idx: torch.Tensor  # (B, M, K) int64
 
 
+class KnnIndex(NamedTuple):
+    """The cell lists of ``points`` (:func:`knn_index`), searched by ``knn(..., index=)``."""
+    tensors: tuple  # the extension's knn_index output: geom, offset, cand, cell_bound, band_count, seeds
+    points: torch.Tensor  # the points it was built from (checked at each use)
+    version: int  # points._version when it was built (an in-place change makes it stale)
+    K: int
+
+
+SHARE_ENV = "GPAVATAR_KNN_SHARE"
+
+
+def share_setting() -> bool:
+    """``$GPAVATAR_KNN_SHARE``: "1" -> the model's field builds one :func:`knn_index` per frame and
+    both passes search it; unset / "" / "0" -> each pass builds its own lists (the default until a
+    GPU run times it).  A ValueError for other values."""
+    value = os.environ.get(SHARE_ENV, "") or "0"
+    if value not in ("0", "1"):
+        raise ValueError(f"{SHARE_ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def check_knn_inputs(queries, points, K, op: str = "knn") -> None:
     v.check_tensor(queries, "queries", "(B, M, 3)", ndim=3, last=3)
     v.check_tensor(points, "points", "(B, P, 3)", ndim=3, last=3)
@@ -67,8 +88,90 @@ def _env_backend():
     return os.environ.get("GPAVATAR_BACKEND")
 
 
+def _index_applies(name: str, device: torch.device, P: int) -> bool:
+    """Whether ``name``'s knn searches cell lists that an index can hold: the extension's CUDA path
+    (the lists from 8192 queries; GPAVATAR_KNN auto or cells), and the CPU's CUDA-layout path
+    (GPAVATAR_KNN_LAYOUT=cuda: tests)."""
+    if name not in ("cpu", "cuda") or not hasattr(torch.ops.gpavatar, "knn_index"):
+        return False
+    method = os.environ.get("GPAVATAR_KNN", "") or "auto"
+    if os.environ.get("GPAVATAR_KNN_GRID", "").startswith("0") or method not in ("auto", "cells"):
+        return False
+    if method == "auto" and P < 256:  # brute force (knn.h kGridMinPoints)
+        return False
+    return name == "cuda" or os.environ.get("GPAVATAR_KNN_LAYOUT") == "cuda"
+
+
+def knn_index(points: torch.Tensor, K: int, *, queries: torch.Tensor | None = None,
+              box: tuple[float, float] | None = None, backend: str | None = None,
+              validate: bool = True) -> KnnIndex | None:
+    """The cell lists of ``points`` for K neighbours, once, for several :func:`knn` calls (``index=``):
+    the two field passes of a frame share their points.  The grid covers the points' box joined with
+    ``queries``' box (their amin / amax on the device: no host sync), or with ``box`` = (lo, hi) on
+    every axis; a later query outside it is still exact (the brute-force scan), just slower.
+
+    Returns None where ``backend`` has no such lists (the torch and Triton backends, the CPU's own
+    layout, fewer than 256 points): ``knn`` ignores ``index=None``.  Every backend's result is the
+    same with or without an index (exact KNN)."""
+    if validate:
+        v.check_tensor(points, "points", "(B, P, 3)", ndim=3, last=3)
+        v.check_int(K, "K", 1, points.shape[1], high_name=f"P = {points.shape[1]}")
+        if queries is not None:
+            v.check_tensor(queries, "queries", "(B, M, 3)", ndim=3, last=3)
+            if queries.shape[0] != points.shape[0] or queries.device != points.device:
+                raise ValueError(f"knn_index: queries must have the batch size and device of points, got "
+                                 f"{tuple(queries.shape)} on {queries.device} and {tuple(points.shape)} on "
+                                 f"{points.device}")
+            v.check_coordinates(queries, "queries", points, "points")
+        else:
+            v.check_coordinates(points, "points")
+        if box is not None and not (len(box) == 2 and float(box[0]) <= float(box[1])):
+            raise ValueError(f"box must be (lo, hi) with lo <= hi, got {box!r}")
+    K = operator.index(K)
+    name = choose_backend(backend, points.device, K, "knn_index")
+    B, P = points.shape[0], points.shape[1]
+    if not _index_applies(name, points.device, P) or B == 0 or K > MAX_FUSED_K:
+        return None
+    p = points.detach().to(torch.float32).contiguous()
+    with torch.no_grad():
+        if queries is not None and queries.shape[1] > 0:
+            q = queries.detach().to(torch.float32)
+            query_box = torch.cat([q.amin(1), q.amax(1)], 1)
+        elif box is not None:
+            lo, hi = float(box[0]), float(box[1])
+            query_box = torch.tensor([lo] * 3 + [hi] * 3, device=p.device).expand(B, 6)
+        else:
+            query_box = torch.cat([p.amin(1), p.amax(1)], 1)
+        tensors = torch.ops.gpavatar.knn_index(p, query_box.contiguous(), K)
+    return KnnIndex(tuple(tensors), points, points._version, K)
+
+
+def check_index(index: KnnIndex, points: torch.Tensor, K: int) -> None:
+    """A ValueError unless ``index`` was built by :func:`knn_index` from these points (same storage,
+    shape and device, unchanged since) for this K."""
+    if not isinstance(index, KnnIndex):
+        raise TypeError(f"index must be a KnnIndex from knn_index (or None), got {type(index).__name__}")
+    built = index.points
+    same = (built.device == points.device and built.shape == points.shape and built.data_ptr() == points.data_ptr()
+            and built.stride() == points.stride())
+    if not same:
+        raise ValueError("index was built from other points: build it with knn_index(points, K) for these points")
+    if points._version != index.version:
+        raise ValueError("index is stale: its points changed in place since knn_index built it")
+    if index.K != K:
+        raise ValueError(f"index was built for K = {index.K}, got K = {K}")
+
+
+def search_op(q: torch.Tensor, p: torch.Tensor, K: int, name: str, index: KnnIndex | None):
+    """The knn custom op of backend ``name`` on float32 contiguous q, p: the index's search when one is
+    given for a backend with cell lists, else the backend's knn."""
+    if index is not None and name in ("cpu", "cuda"):
+        return torch.ops.gpavatar.knn_search(q, p, K, list(index.tensors))
+    return torch.ops.gpavatar.knn(q, p, K) if name in ("cpu", "cuda") else torch.ops.gpavatar.knn_triton(q, p, K)
+
+
 def knn(queries: torch.Tensor, points: torch.Tensor, K: int, *, backend: str | None = None,
-        validate: bool = True) -> KnnResult:
+        validate: bool = True, index: KnnIndex | None = None) -> KnnResult:
     """K nearest points by squared Euclidean distance, sorted ascending.
 
     Args:
@@ -77,20 +180,23 @@ def knn(queries: torch.Tensor, points: torch.Tensor, K: int, *, backend: str | N
         K: 1 <= K <= P (<= 32 on fused backends); an int or a numpy integer
         backend: "auto" | "cuda" | "triton" | "cpu" | "torch" (default: $GPAVATAR_BACKEND or auto)
         validate: check shapes and values (values need one host sync and are skipped under torch.compile)
+        index: :func:`knn_index` of these points and K (or None): searched instead of building the
+            cell lists again (the same result)
     Returns:
         KnnResult(dist2 (B, M, K), idx (B, M, K) int64)
     """
     if validate:
         check_knn_inputs(queries, points, K)
     K = operator.index(K)  # numpy integers too (validation refused bools and non-integers)
+    if index is not None:
+        check_index(index, points, K)
     name = choose_backend(backend, queries.device, K, "knn")
     if name == "torch" or queries.shape[0] == 0 or queries.shape[1] == 0:
         dtype = reference_dtype(queries, name)
         return KnnResult(*knn_reference(queries.to(dtype), points.to(dtype), K))
     q = queries.to(torch.float32).contiguous()
     p = points.to(torch.float32).contiguous()
-    op = torch.ops.gpavatar.knn if name in ("cpu", "cuda") else torch.ops.gpavatar.knn_triton
-    return KnnResult(*op(q, p, K))
+    return KnnResult(*search_op(q, p, K, name, index))
 
 
 # --- torch.library registration ------------------------------------------------------------
@@ -102,7 +208,7 @@ def _knn_fake(queries, points, K):
 
 
 def _knn_setup_context(ctx, inputs, output):
-    queries, points, _ = inputs
+    queries, points = inputs[0], inputs[1]
     ctx.save_for_backward(queries, points, output[1])
 
 
@@ -123,6 +229,19 @@ def _knn_backward(ctx, grad_dist2, grad_idx):
     return grad_queries, grad_points, None
 
 
+def _knn_search_setup_context(ctx, inputs, output):
+    _knn_setup_context(ctx, inputs, output)
+    ctx.index_size = len(inputs[3])
+
+
+def _knn_search_backward(ctx, grad_dist2, grad_idx):
+    return _knn_backward(ctx, grad_dist2, grad_idx) + ([None] * ctx.index_size,)
+
+
+def _knn_search_fake(queries, points, K, index):
+    return _knn_fake(queries, points, K)
+
+
 @torch.library.custom_op("gpavatar::knn_triton", mutates_args=())
 def _knn_triton(queries: torch.Tensor, points: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor]:
     from gpavatar.kernels.knn import knn as triton_knn
@@ -135,6 +254,11 @@ def _register() -> None:
     for name in names:
         torch.library.register_fake(name)(_knn_fake)
         torch.library.register_autograd(name, _knn_backward, setup_context=_knn_setup_context)
+    # hasattr: an extension built before the index ops existed (a stale in-place build) lacks them
+    if _extension.available() and hasattr(torch.ops.gpavatar, "knn_search"):
+        torch.library.register_fake("gpavatar::knn_search")(_knn_search_fake)
+        torch.library.register_autograd("gpavatar::knn_search", _knn_search_backward,
+                                        setup_context=_knn_search_setup_context)
 
 
 _register()

@@ -60,7 +60,7 @@ from gpavatar import _extension
 from gpavatar.ops import _backend
 from gpavatar.ops import _validation as v
 from gpavatar.ops._library import register_forward_backward
-from gpavatar.ops.knn import check_knn_inputs, choose_backend, reference_dtype
+from gpavatar.ops.knn import KnnIndex, check_index, check_knn_inputs, choose_backend, reference_dtype, search_op
 from gpavatar.ops.reference import EMBED_DIM, knn_blend_reference
 
 NORMALIZATIONS = ("neighbors", "queries")
@@ -149,7 +149,7 @@ def check_knn_blend_inputs(queries, points, point_features, w1, b1, w2, b2, K, n
 def knn_blend(queries: torch.Tensor, points: torch.Tensor, point_features: torch.Tensor, w1: torch.Tensor,
               b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, K: int = 8, *, normalize: str = "neighbors",
               eps: float = 1e-8, weight_sum: Optional[torch.Tensor] = None, backend: Optional[str] = None,
-              validate: bool = True) -> KnnBlendResult:
+              validate: bool = True, index: Optional[KnnIndex] = None) -> KnnBlendResult:
     """Fused KNN + per-neighbour MLP + inverse-distance blend.
 
     Args:
@@ -166,6 +166,8 @@ def knn_blend(queries: torch.Tensor, points: torch.Tensor, point_features: torch
         weight_sum: (B, K) precomputed "queries" normalizer (see knn_blend_weight_sum)
         backend: "auto" | "cuda" | "triton" | "cpu" | "torch"
         validate: check shapes and values (values need one host sync and are skipped under torch.compile)
+        index: ``ops.knn_index(points, K)`` (or None): the KNN searches it instead of building its
+            cell lists again (the same neighbours)
     Returns:
         KnnBlendResult(feature (B, M, C), dist2 (B, M, K), idx (B, M, K) int64).
         Fused backends compute in float32 and return float32.
@@ -174,6 +176,8 @@ def knn_blend(queries: torch.Tensor, points: torch.Tensor, point_features: torch
         check_knn_blend_inputs(queries, points, point_features, w1, b1, w2, b2, K, normalize, eps, weight_sum)
     H, C = w1.shape[0], w2.shape[0]
     K = operator.index(K)  # numpy integers too (validation refused bools and non-integers)
+    if index is not None:
+        check_index(index, points, K)
     name = choose_backend(backend, queries.device, K, "knn_blend")
     if name == "cuda" and (H > MAX_CUDA_HIDDEN or C > MAX_CUDA_OUT):
         if backend in (None, "auto"):
@@ -193,9 +197,8 @@ def knn_blend(queries: torch.Tensor, points: torch.Tensor, point_features: torch
     f32 = torch.float32
     q = queries.detach().to(f32).contiguous()
     p = points.detach().to(f32).contiguous()
-    knn_op = torch.ops.gpavatar.knn if name in ("cpu", "cuda") else torch.ops.gpavatar.knn_triton
     with torch.no_grad():
-        dist2, idx = knn_op(q, p, K)
+        dist2, idx = search_op(q, p, K, name, index)
         if normalize == "queries" and weight_sum is None:
             weight_sum = knn_blend_weight_sum(dist2, eps)
     if weight_sum is not None:
