@@ -172,3 +172,13 @@ def test_model_frames_share_the_index(cuda_layout, monkeypatch):
     monkeypatch.setenv("GPAVATAR_KNN_SHARE", "yes")
     with pytest.raises(ValueError, match="GPAVATAR_KNN_SHARE must be 0 or 1"):
         model.render(avatar, points, camera)
+
+
+@requires_ext
+def test_opcheck(cuda_layout):
+    """knn_search's registration (schema, fake, autograd) passes torch.library.opcheck."""
+    pts = make_points(1, 300, seed=12)
+    q = make_queries(1, 60, pts, seed=13)
+    index = ops.knn_index(pts, 8, queries=q, backend="cpu")
+    torch.library.opcheck(torch.ops.gpavatar.knn_search, (q, pts, 8, list(index.tensors)),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
