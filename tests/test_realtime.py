@@ -259,10 +259,10 @@ def test_cuda_graph_equals_render_at_paper_size():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("switches", [dict(GPAVATAR_FIELD_LAYERS="triton"), dict(GPAVATAR_BLEND_TENSOR_CORES="1"),
-                                      dict(GPAVATAR_UPSAMPLE="triton"),
+                                      dict(GPAVATAR_UPSAMPLE="triton"), dict(GPAVATAR_KNN_SHARE="1"),
                                       dict(GPAVATAR_FIELD_LAYERS="triton", GPAVATAR_BLEND_TENSOR_CORES="1",
-                                           GPAVATAR_UPSAMPLE="triton", field_dtype="bf16")],
-                         ids=["layers", "tc", "upsample", "all+bf16field"])
+                                           GPAVATAR_UPSAMPLE="triton", GPAVATAR_KNN_SHARE="1", field_dtype="bf16")],
+                         ids=["layers", "tc", "upsample", "share", "all+bf16field"])
 def test_cuda_fast_mode_opt_ins_at_paper_size(switches, monkeypatch):
     """Paper preset, fast mode with each opt-in Triton kernel (and all of them with bf16 field layers):
     the graph frame keeps PSNR >= 35 dB against the fp32 frame and equals the eager frame of the same
