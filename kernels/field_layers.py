@@ -35,7 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gpavatar.kernels.field_query import EP, PRECISIONS, _bias, _expm1, _halves, _harmonic, _linear, _log1p, _pad
+from gpavatar.kernels.field_query import (EP, PRECISIONS, _bias, _direction_embedding, _halves, _linear, _pad,
+                                          _store_alpha, _store_value)
 from gpavatar.kernels.knn_blend import _relu
 
 __all__ = ["field_layers_forward", "PRECISIONS", "default_blocks", "MAX_WIDTH"]
@@ -87,34 +88,17 @@ def _layers_fwd_kernel(
     # --- density (row 0 of the folded heads) -> alpha
     raw_sigma = (tl.sum(g_a * _bias(wo_ptr, 0, D, DH), 1) + tl.sum(g_b * _bias(wo_ptr, DH, D, DH), 1)
                  + tl.load(bo_ptr))  # [BLOCK_M]
-    beta_x = raw_sigma * 10.0
-    safe_x = tl.where(beta_x > 20.0, 0.0, beta_x)  # the unused branch does not overflow (NaN stays)
-    soft = tl.where(beta_x > 20.0, raw_sigma, tl.div_rn(_log1p(tl.exp(safe_x), INTERPRET), 10.0))
-    x = tl.load(c_ptr + rows * 3, mask=row_ok, other=0.0)
-    y = tl.load(c_ptr + rows * 3 + 1, mask=row_ok, other=0.0)
-    z = tl.load(c_ptr + rows * 3 + 2, mask=row_ok, other=0.0)
-    inside = (x > -1.0) & (x < 1.0) & (y > -1.0) & (y < 1.0) & (z > -1.0) & (z < 1.0)
-    alpha = -_expm1(-(soft * inside.to(tl.float32)), INTERPRET)
-    tl.store(alpha_ptr + rows, alpha, mask=row_ok)
+    _store_alpha(raw_sigma, c_ptr, alpha_ptr, rows, row_ok, INTERPRET)
 
     # --- rgb_layers: the folded feature columns (rows 1 .. VH of the heads) + the direction embedding
-    dx = tl.load(d_ptr + rows * 3, mask=row_ok, other=0.0)
-    dy = tl.load(d_ptr + rows * 3 + 1, mask=row_ok, other=0.0)
-    dz = tl.load(d_ptr + rows * 3 + 2, mask=row_ok, other=0.0)
-    norm = tl.sqrt_rn((dx * dx + dy * dy) + dz * dz)
-    norm = tl.where(norm < 1e-12, 1e-12, norm)  # F.normalize's clamp_min (NaN stays NaN)
-    gdir = _harmonic(tl.div_rn(dx, norm)[:, None], tl.div_rn(dy, norm)[:, None], tl.div_rn(dz, norm)[:, None],
-                     EP)
+    gdir = _direction_embedding(d_ptr, rows, row_ok, EP)
     hr = (_halves(g_a, g_b, wo_ptr, D, 1, 0, 1 + VH, D, scr, BLOCK_M, DH, VHP, SW, PREC, INTERPRET)
           + _linear(gdir, rw1_ptr, D + 27, 0, D, VH, 27, scr, BLOCK_M, EP, VHP, SW, PREC, INTERPRET)
           + _bias(bo_ptr, 1, 1 + VH, VHP))
     hr = _relu(hr)
     raw = (_linear(hr, rw2_ptr, VH, 0, 0, V, VH, scr, BLOCK_M, VHP, VP, SW, PREC, INTERPRET)
            + _bias(rb2_ptr, 0, V, VP))
-    vcol = tl.arange(0, VP)[None, :]
-    rgb = tl.div_rn(1.0, 1.0 + tl.exp(-raw)) * 1.002 - 0.001
-    value = tl.where(vcol < 3, rgb, raw)
-    tl.store(value_ptr + rows[:, None] * V + vcol, value, mask=row_ok[:, None] & (vcol < V))
+    _store_value(raw, value_ptr, rows, row_ok, V, VP)
 
 
 def default_blocks(precision: str, device: torch.device) -> tuple[int, int]:

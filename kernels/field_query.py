@@ -67,7 +67,7 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from gpavatar.kernels.knn_blend import _blended_hidden, _load_w1t, _relu
+from gpavatar.kernels.knn_blend import _blended_hidden, _harmonic, _load_w1t, _relu
 from gpavatar.kernels.triplane import _cell, _corners
 
 __all__ = ["field_forward", "PRECISIONS", "default_blocks", "MAX_WIDTH"]
@@ -166,16 +166,39 @@ def _halves(x_a, x_b, w_ptr, stride, row0, col0, n_rows, n_cols, scr, BLOCK_M: t
 
 
 @triton.jit
-def _harmonic(rx, ry, rz, EP: tl.constexpr):
-    """gamma(r) [BLOCK_M, EP] of unit vectors r ([BLOCK_M, 1] each); columns >= 27 are 0."""
-    c = tl.arange(0, EP)[None, :]
-    cc = c % 12
-    axis = cc // 4
-    freq = (1 << (cc % 4)).to(tl.float32)
-    a = tl.where(axis == 0, rx, tl.where(axis == 1, ry, rz)) * freq
-    trig = tl.where(c < 12, tl.sin(a), tl.cos(a))
-    lin = tl.where(c == 24, rx, tl.where(c == 25, ry, rz))
-    return tl.where(c < 24, trig, tl.where(c < 27, lin, 0.0))
+def _store_alpha(raw_sigma, c_ptr, alpha_ptr, q_row, row_ok, INTERPRET: tl.constexpr):
+    """alpha = -expm1(-softplus_beta=10(raw_sigma) * [x strictly inside (-1, 1)^3]) of the rows q_row
+    (torch's softplus: x for beta x > 20; the inside mask multiplies, so NaN stays NaN)."""
+    beta_x = raw_sigma * 10.0
+    safe_x = tl.where(beta_x > 20.0, 0.0, beta_x)  # the unused branch does not overflow (NaN stays)
+    soft = tl.where(beta_x > 20.0, raw_sigma, tl.div_rn(_log1p(tl.exp(safe_x), INTERPRET), 10.0))
+    x = tl.load(c_ptr + q_row * 3, mask=row_ok, other=0.0)
+    y = tl.load(c_ptr + q_row * 3 + 1, mask=row_ok, other=0.0)
+    z = tl.load(c_ptr + q_row * 3 + 2, mask=row_ok, other=0.0)
+    inside = (x > -1.0) & (x < 1.0) & (y > -1.0) & (y < 1.0) & (z > -1.0) & (z < 1.0)
+    alpha = -_expm1(-(soft * inside.to(tl.float32)), INTERPRET)
+    tl.store(alpha_ptr + q_row, alpha, mask=row_ok)
+
+
+@triton.jit
+def _direction_embedding(d_ptr, q_row, row_ok, EP: tl.constexpr):
+    """gamma(d / max(|d|, 1e-12)) [BLOCK_M, EP] of the rows' ray directions (F.normalize's clamp;
+    NaN stays NaN)."""
+    dx = tl.load(d_ptr + q_row * 3, mask=row_ok, other=0.0)
+    dy = tl.load(d_ptr + q_row * 3 + 1, mask=row_ok, other=0.0)
+    dz = tl.load(d_ptr + q_row * 3 + 2, mask=row_ok, other=0.0)
+    norm = tl.sqrt_rn((dx * dx + dy * dy) + dz * dz)
+    norm = tl.where(norm < 1e-12, 1e-12, norm)
+    return _harmonic(tl.div_rn(dx, norm)[:, None], tl.div_rn(dy, norm)[:, None], tl.div_rn(dz, norm)[:, None], EP)
+
+
+@triton.jit
+def _store_value(raw, value_ptr, q_row, row_ok, V, VP: tl.constexpr):
+    """value = raw with its first three channels remapped: sigmoid(raw) * 1.002 - 0.001."""
+    vcol = tl.arange(0, VP)[None, :]
+    rgb = tl.div_rn(1.0, 1.0 + tl.exp(-raw)) * 1.002 - 0.001
+    value = tl.where(vcol < 3, rgb, raw)
+    tl.store(value_ptr + q_row[:, None] * V + vcol, value, mask=row_ok[:, None] & (vcol < V))
 
 
 @triton.jit
@@ -253,35 +276,17 @@ def _field_fwd_kernel(
     # --- density -> alpha
     raw_sigma = (tl.sum(feat_a * _bias(dw_ptr, 0, D, DH), 1) + tl.sum(feat_b * _bias(dw_ptr, DH, D, DH), 1)
                  + tl.load(db_ptr))  # [BLOCK_M]
-    beta_x = raw_sigma * 10.0
-    safe_x = tl.where(beta_x > 20.0, 0.0, beta_x)  # the unused branch does not overflow (NaN stays)
-    soft = tl.where(beta_x > 20.0, raw_sigma, tl.div_rn(_log1p(tl.exp(safe_x), INTERPRET), 10.0))
-    x = tl.load(c_ptr + q_row * 3, mask=row_ok, other=0.0)
-    y = tl.load(c_ptr + q_row * 3 + 1, mask=row_ok, other=0.0)
-    z = tl.load(c_ptr + q_row * 3 + 2, mask=row_ok, other=0.0)
-    inside = (x > -1.0) & (x < 1.0) & (y > -1.0) & (y < 1.0) & (z > -1.0) & (z < 1.0)
-    sigma = soft * inside.to(tl.float32)
-    alpha = -_expm1(-sigma, INTERPRET)
-    tl.store(alpha_ptr + q_row, alpha, mask=row_ok)
+    _store_alpha(raw_sigma, c_ptr, alpha_ptr, q_row, row_ok, INTERPRET)
 
     # --- direction embedding -> rgb_layers
-    dx = tl.load(d_ptr + q_row * 3, mask=row_ok, other=0.0)
-    dy = tl.load(d_ptr + q_row * 3 + 1, mask=row_ok, other=0.0)
-    dz = tl.load(d_ptr + q_row * 3 + 2, mask=row_ok, other=0.0)
-    norm = tl.sqrt_rn((dx * dx + dy * dy) + dz * dz)
-    norm = tl.where(norm < 1e-12, 1e-12, norm)  # F.normalize's clamp_min (NaN stays NaN)
-    gdir = _harmonic(tl.div_rn(dx, norm)[:, None], tl.div_rn(dy, norm)[:, None], tl.div_rn(dz, norm)[:, None],
-                     EP)
+    gdir = _direction_embedding(d_ptr, q_row, row_ok, EP)
     r = (_halves(feat_a, feat_b, rw1_ptr, D + 27, 0, 0, VH, D, scr, BLOCK_M, DH, VHP, SW, PREC, INTERPRET)
          + _linear(gdir, rw1_ptr, D + 27, 0, D, VH, 27, scr, BLOCK_M, EP, VHP, SW, PREC, INTERPRET)
          + _bias(rb1_ptr, 0, VH, VHP))
     r = _relu(r)
     raw = (_linear(r, rw2_ptr, VH, 0, 0, V, VH, scr, BLOCK_M, VHP, VP, SW, PREC, INTERPRET)
            + _bias(rb2_ptr, 0, V, VP))
-    vcol = tl.arange(0, VP)[None, :]
-    rgb = tl.div_rn(1.0, 1.0 + tl.exp(-raw)) * 1.002 - 0.001
-    value = tl.where(vcol < 3, rgb, raw)
-    tl.store(value_ptr + q_row[:, None] * V + vcol, value, mask=row_ok[:, None] & (vcol < V))
+    _store_value(raw, value_ptr, q_row, row_ok, V, VP)
 
 
 def _pad(n: int, least: int = 16) -> int:

@@ -62,6 +62,20 @@ def _clamp_min(x, floor):
 
 
 @triton.jit
+def _harmonic(rx, ry, rz, EP: tl.constexpr):
+    """gamma(r) [ROWS, EP] of unit vectors r ([ROWS, 1] each): [sin(r_a 2^j)] (columns a * 4 + j),
+    [cos(r_a 2^j)] (12 + a * 4 + j), r (24 .. 26); columns >= 27 are 0."""
+    c = tl.arange(0, EP)[None, :]
+    cc = c % 12
+    axis = cc // 4
+    freq = (1 << (cc % 4)).to(tl.float32)
+    a = tl.where(axis == 0, rx, tl.where(axis == 1, ry, rz)) * freq
+    trig = tl.where(c < 12, tl.sin(a), tl.cos(a))
+    lin = tl.where(c == 24, rx, tl.where(c == 25, ry, rz))
+    return tl.where(c < 24, trig, tl.where(c < 27, lin, 0.0))
+
+
+@triton.jit
 def _weights(
     dist_ptr,  # [B, M, K] float32
     ws_ptr,  # [B, K] float32 (only read when HAS_WS)
@@ -108,15 +122,7 @@ def _neighbour(
     ry = tl.div_rn(dy, den)[:, None]
     rz = tl.div_rn(dz, den)[:, None]
 
-    c = tl.arange(0, EP)[None, :]  # [1, EP] embedding column
-    cc = c % 12
-    axis = cc // 4
-    freq = (1 << (cc % 4)).to(tl.float32)
-    a = tl.where(axis == 0, rx, tl.where(axis == 1, ry, rz)) * freq  # [BLOCK_M, EP]
-    trig = tl.where(c < 12, tl.sin(a), tl.cos(a))
-    lin = tl.where(c == 24, rx, tl.where(c == 25, ry, rz))
-    gamma = tl.where(c < 24, trig, tl.where(c < 27, lin, 0.0))
-    gamma = tl.where(valid[:, None], gamma, 0.0)
+    gamma = tl.where(valid[:, None], _harmonic(rx, ry, rz, EP), 0.0)
 
     if PER_BATCH:
         trow = b * P + nb
@@ -322,14 +328,7 @@ def _blend_stacked_fwd_kernel(
     ry = tl.reshape(tl.div_rn(dy, den), (R,))[:, None]
     rz = tl.reshape(tl.div_rn(dz, den), (R,))[:, None]
     vrow = tl.reshape(valid, (R,))
-    c = tl.arange(0, EP)[None, :]  # [1, EP] embedding column
-    cc = c % 12
-    axis = cc // 4
-    freq = (1 << (cc % 4)).to(tl.float32)
-    a = tl.where(axis == 0, rx, tl.where(axis == 1, ry, rz)) * freq  # [R, EP]
-    trig = tl.where(c < 12, tl.sin(a), tl.cos(a))
-    lin = tl.where(c == 24, rx, tl.where(c == 25, ry, rz))
-    gamma = tl.where(vrow[:, None], tl.where(c < 24, trig, tl.where(c < 27, lin, 0.0)), 0.0)
+    gamma = tl.where(vrow[:, None], _harmonic(rx, ry, rz, EP), 0.0)  # [R, EP]
 
     if PER_BATCH:
         trow = tl.reshape(b * P + nb, (R,))
