@@ -134,6 +134,9 @@ TC_SUFFIX = "+tc"
 # A realtime row of backend "cuda+share" builds the PEF's KNN lists once per frame for both field
 # passes (GPAVATAR_KNN_SHARE=1; ops.knn_index).
 SHARE_SUFFIX = "+share"
+# "+g24": the CUDA KNN's grid at 24 cells per axis (GPAVATAR_KNN_CELLS=24: shorter lists, a longer
+# build; with +share the build is paid once per frame).
+G24_SUFFIX = "+g24"
 FAST_ONLY_SUFFIXES = (BF16_FIELD_SUFFIX, UPSAMPLE_SUFFIX, TC_SUFFIX)
 
 
@@ -358,6 +361,8 @@ def realtime_fn(model, inp: dict, backend: str, mode: str):
         switches["GPAVATAR_BLEND_TENSOR_CORES"] = "1"
     if has_variant(backend, SHARE_SUFFIX):
         switches["GPAVATAR_KNN_SHARE"] = "1"
+    if has_variant(backend, G24_SUFFIX):
+        switches["GPAVATAR_KNN_CELLS"] = "24"
     with torch.no_grad(), use_backend(model, backend), H.environ(**switches):
         rt = model.realtime(avatar, batch=inp["B"], dtype=MODE_DTYPES[mode], **options)
         rt(points, transform)  # warm-up and, on a GPU, the capture
@@ -505,7 +510,8 @@ def render_markdown(payload: dict) -> str:
             "kernel (GPAVATAR_UPSAMPLE=triton). Backend X+layers: each field pass's decoder layers as one Triton "
             "kernel (GPAVATAR_FIELD_LAYERS=triton: tf32 products in fast mode, bf16 with +bf16field, ieee in fp32). "
             "Backend X+tc (fast mode): the PEF blend's forward on the tensor cores (GPAVATAR_BLEND_TENSOR_CORES=1). "
-            "Backend X+share: one KNN index per frame for both passes (GPAVATAR_KNN_SHARE=1). "
+            "Backend X+share: one KNN index per frame for both passes (GPAVATAR_KNN_SHARE=1); X+g24: the CUDA "
+            "KNN grid at 24 cells per axis (GPAVATAR_KNN_CELLS=24). "
             "Suffixes stack.")
     parts = [title, H.env_markdown(env), H.markdown_table(headers, body), note]
     staged = [r for r in payload["rows"] if r.get("stages_ms")]
@@ -599,7 +605,8 @@ def main(argv=None) -> int:
         base = [b for b in realtime_backends if b in ("cuda", "triton")]
         realtime_backends += ([b + FUSED_SUFFIX for b in base] + [b + BF16_FIELD_SUFFIX for b in base[:1]]
                               + [b + v for b in base[:1] for v in (
-                                  UPSAMPLE_SUFFIX, LAYERS_SUFFIX, TC_SUFFIX, SHARE_SUFFIX, LAYERS_SUFFIX + TC_SUFFIX,
+                                  UPSAMPLE_SUFFIX, LAYERS_SUFFIX, TC_SUFFIX, SHARE_SUFFIX, SHARE_SUFFIX + G24_SUFFIX,
+                                  LAYERS_SUFFIX + TC_SUFFIX,
                                   LAYERS_SUFFIX + TC_SUFFIX + SHARE_SUFFIX + UPSAMPLE_SUFFIX,
                                   LAYERS_SUFFIX + TC_SUFFIX + SHARE_SUFFIX + BF16_FIELD_SUFFIX + UPSAMPLE_SUFFIX)])
     for B in Bs + cfg["realtime_Bs"]:
