@@ -164,6 +164,23 @@ def _load_w1t(w1_ptr, H, EP: tl.constexpr, HP: tl.constexpr):
 
 
 @triton.jit
+def _output_layer(w2_ptr, b2_ptr, H, C, HP: tl.constexpr, CP: tl.constexpr):
+    """w2 (C, H) transposed and zero padded to [HP, CP], and b2 padded to [CP]."""
+    hcol = tl.arange(0, HP)
+    ccol = tl.arange(0, CP)
+    w2t = tl.load(w2_ptr + ccol[None, :] * H + hcol[:, None], mask=(hcol[:, None] < H) & (ccol[None, :] < C),
+                  other=0.0)
+    return w2t, tl.load(b2_ptr + ccol, mask=ccol < C, other=0.0)
+
+
+@triton.jit
+def _store_out(out_ptr, out, q_row, row_ok, C, CP: tl.constexpr):
+    """The rows q_row of out (B * M, C) from a [ROWS, CP] tile."""
+    ccol = tl.arange(0, CP)
+    tl.store(out_ptr + q_row[:, None] * C + ccol[None, :], out, mask=row_ok[:, None] & (ccol[None, :] < C))
+
+
+@triton.jit
 def _blend_fwd_kernel(
     q_ptr,  # [B, M, 3]
     p_ptr,  # [B, P, 3]
@@ -185,19 +202,13 @@ def _blend_fwd_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     q_row = b * M + rows  # [BLOCK_M] int64, flat query index
-    hcol = tl.arange(0, HP)
-    ccol = tl.arange(0, CP)
 
     w1t = _load_w1t(w1_ptr, H, EP, HP)  # [EP, HP]
     g, total = _blended_hidden(q_ptr, p_ptr, idx_ptr, tab_ptr, dist_ptr, ws_ptr, w1t, b, q_row, row_ok, K, P, H,
                                eps, PER_BATCH, HAS_WS, BLOCK_M, KP, EP, HP, DOT)
 
-    w2t = tl.load(w2_ptr + ccol[None, :] * H + hcol[:, None],
-                  mask=(hcol[:, None] < H) & (ccol[None, :] < C), other=0.0)  # [HP, CP]
-    b2 = tl.load(b2_ptr + ccol, mask=ccol < C, other=0.0)  # [CP]
-    out = tl.dot(g, w2t, input_precision=DOT) + b2[None, :] * total[:, None]
-    omask = row_ok[:, None] & (ccol[None, :] < C)
-    tl.store(out_ptr + q_row[:, None] * C + ccol[None, :], out, mask=omask)
+    w2t, b2 = _output_layer(w2_ptr, b2_ptr, H, C, HP, CP)
+    _store_out(out_ptr, tl.dot(g, w2t, input_precision=DOT) + b2[None, :] * total[:, None], q_row, row_ok, C, CP)
 
 
 @triton.jit
@@ -309,7 +320,6 @@ def _blend_stacked_fwd_kernel(
     q_row = b * M + rows  # [BQ] int64, flat query index
     kcol = tl.arange(0, KP)
     hcol = tl.arange(0, HP)
-    ccol = tl.arange(0, CP)
 
     w, total = _weights(dist_ptr, ws_ptr, b, q_row, row_ok, K, eps, HAS_WS, KP)  # [BQ, KP], [BQ]
     kmask = row_ok[:, None] & (kcol[None, :] < K)
@@ -340,12 +350,8 @@ def _blend_stacked_fwd_kernel(
     contrib = tl.where(vrow[:, None], wrow[:, None] * _relu(h), 0.0)
     g = tl.sum(tl.reshape(contrib, (BQ, KP, HP)), 1)  # [BQ, HP]
 
-    w2t = tl.load(w2_ptr + ccol[None, :] * H + hcol[:, None],
-                  mask=(hcol[:, None] < H) & (ccol[None, :] < C), other=0.0)  # [HP, CP]
-    b2 = tl.load(b2_ptr + ccol, mask=ccol < C, other=0.0)  # [CP]
-    out = _stacked_dot(g, w2t, PREC, INTERPRET) + b2[None, :] * total[:, None]
-    omask = row_ok[:, None] & (ccol[None, :] < C)
-    tl.store(out_ptr + q_row[:, None] * C + ccol[None, :], out, mask=omask)
+    w2t, b2 = _output_layer(w2_ptr, b2_ptr, H, C, HP, CP)
+    _store_out(out_ptr, _stacked_dot(g, w2t, PREC, INTERPRET) + b2[None, :] * total[:, None], q_row, row_ok, C, CP)
 
 
 DOT_PRECISIONS = ("ieee", "tf32", "tf32x3")

@@ -425,59 +425,28 @@ def test_bad_inputs(change, exc, words):
 
 # --- the GPU build, without a GPU ---------------------------------------------------------------
 
-_COMPILE = r"""
-import os, re, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import gpavatar.kernels.field_query as fq
-
-fn = fq._field_fwd_kernel
-widths = dict(KP=8, CP=32, PHP=64, PCP=32, DH=64, VHP=64, VP=32, EP=32, SW=64)  # the paper preset
-ints = ("N", "P", "K", "PLH", "PLW", "C", "PH", "PC", "D", "VH", "V", "n_mblocks")
-ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-for precision in fq.PRECISIONS:
-    block_m, num_warps = fq.default_blocks(precision, type("cuda", (), {"type": "cuda"})())
-    bf16 = ("fw1_ptr", "fw2_ptr", "fw3_ptr", "rw1_ptr", "rw2_ptr") if precision == "bf16" else ()
-    sig = {n: ("*i64" if n == "idx_ptr" else "*bf16" if n in bf16 else "*fp32") if n.endswith("_ptr")
-           else "fp32" if n == "eps" else "i32" if n in ints else "constexpr" for n in fn.arg_names}
-    const = dict(widths, PER_BATCH=False, HAS_WS=True, BLOCK_M=block_m, PREC=precision,
-                 PEF_PREC="tf32" if precision == "bf16" else precision, INTERPRET=False)
-    src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in const.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=num_warps, enable_fp_fusion=False))
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(kernel.asm["ptx"])
-    info = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
-                          capture_output=True, text=True)
-    spill = re.search(r"(\d+) bytes spill stores", info.stdout + info.stderr)
-    print(precision, block_m, num_warps, spill.group(1) if spill else "?", flush=True)
-"""
-
-
 @pytest.mark.slow
 @requires_triton
 def test_kernel_compiles_for_sm90_without_large_spills(tmp_path):
-    """The interpreter never compiles the kernel: compile it for sm_90 (Hopper, the H100 / H200 the
-    benchmarks run on) with triton's own ptxas, no GPU needed, in every precision at its default tile,
-    and bound ptxas's register spills.  Measured here: ieee 92, tf32x3 160, tf32 272, bf16 212 bytes
-    per thread; the bound (1 KB) catches the 1.4-50 KB of the layouts that were rejected."""
-    import os
-    import subprocess
-    import sys
+    """Compiled for sm_90 (tests/_sm90.py) in every precision at its default tile: ptxas's register
+    spills bounded.  Measured here: ieee 92, tf32x3 160, tf32 272, bf16 212 bytes per thread; the bound
+    (1 KB) catches the 1.4-50 KB of the layouts that were rejected."""
+    import gpavatar.kernels.field_query as fq
+    from _sm90 import job, sm90_spills
 
-    import triton
-
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("triton's bundled ptxas is not there")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    result = subprocess.run([sys.executable, "-c", _COMPILE], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line.split() for line in result.stdout.splitlines()]
-    assert [r[0] for r in rows] == ["ieee", "tf32x3", "tf32", "bf16"]
-    for precision, block_m, num_warps, spill in rows:
-        assert spill != "?" and int(spill) <= 1024, (precision, block_m, num_warps, spill)
+    widths = dict(KP=8, CP=32, PHP=64, PCP=32, DH=64, VHP=64, VP=32, EP=32, SW=64)  # the paper preset
+    cuda = type("cuda", (), {"type": "cuda"})()
+    jobs = []
+    for precision in fq.PRECISIONS:
+        block_m, num_warps = fq.default_blocks(precision, cuda)
+        bf16 = ("fw1_ptr", "fw2_ptr", "fw3_ptr", "rw1_ptr", "rw2_ptr") if precision == "bf16" else ()
+        types = dict({n: "*bf16" for n in bf16}, idx_ptr="*i64", eps="fp32")
+        jobs.append(job("gpavatar.kernels.field_query", "_field_fwd_kernel",
+                        dict(widths, PER_BATCH=False, HAS_WS=True, BLOCK_M=block_m, PREC=precision,
+                             PEF_PREC="tf32" if precision == "bf16" else precision, INTERPRET=False),
+                        num_warps, types, fp_fusion=False))
+    spills = sm90_spills(jobs, tmp_path)
+    assert max(spills) <= 1024, dict(zip(fq.PRECISIONS, spills))
 
 
 # --- CUDA -------------------------------------------------------------------------------------

@@ -683,50 +683,20 @@ def test_stacked_forward_switch_and_precisions(monkeypatch):
         run("triton", q, pts, params, 8)
 
 
-_STACKED_COMPILE = r"""
-import os, re, subprocess, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-import gpavatar.kernels.knn_blend as kb
-
-fn = kb._blend_stacked_fwd_kernel
-ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-bq, num_warps = kb.stacked_blocks(8, None)
-for precision in ("tf32", "bf16"):
-    sig = {n: ("*i64" if n == "idx_ptr" else "*fp32") if n.endswith("_ptr") else "fp32" if n == "eps"
-           else "i32" if n in ("M", "P", "K", "H", "C") else "constexpr" for n in fn.arg_names}
-    const = dict(PER_BATCH=False, HAS_WS=True, BQ=bq, KP=8, HP=64, CP=32, EP=32, PREC=precision, INTERPRET=False)
-    src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in const.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(kernel.asm["ptx"])
-    info = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True,
-                          text=True)
-    spill = re.search(r"(\d+) bytes spill stores", info.stdout + info.stderr)
-    print(precision, spill.group(1) if spill else "?", flush=True)
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.skipif("triton" not in ops.available_backends("cpu"), reason="needs triton")
 def test_stacked_forward_compiles_for_sm90_without_spills(tmp_path):
-    """Compiled for sm_90 with triton's ptxas (no GPU needed) at the paper's sizes (K 8, H 64, C 32) and
-    the default tile: no register spills (measured 0; 32 queries x 4 warps spilled 1.8 KB)."""
-    import subprocess
-    import sys
+    """Compiled for sm_90 (tests/_sm90.py) at the paper's sizes (K 8, H 64, C 32) and the default tile:
+    no register spills (measured 0; 32 queries x 4 warps spilled 1.8 KB)."""
+    import gpavatar.kernels.knn_blend as kb
+    from _sm90 import job, sm90_spills
 
-    import triton
-
-    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
-        pytest.skip("triton's bundled ptxas is not there")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    result = subprocess.run([sys.executable, "-c", _STACKED_COMPILE], env=env, capture_output=True, text=True,
-                            timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line.split() for line in result.stdout.splitlines()]
-    assert [r[0] for r in rows] == ["tf32", "bf16"] and all(r[1] == "0" for r in rows), rows
+    bq, num_warps = kb.stacked_blocks(8, None)
+    types = dict(idx_ptr="*i64", eps="fp32")
+    jobs = [job("gpavatar.kernels.knn_blend", "_blend_stacked_fwd_kernel",
+                dict(PER_BATCH=False, HAS_WS=True, BQ=bq, KP=8, HP=64, CP=32, EP=32, PREC=p, INTERPRET=False),
+                num_warps, types) for p in ("tf32", "bf16")]
+    assert sm90_spills(jobs, tmp_path) == [0, 0]
 
 
 # --- the official 1 / d² (issue 12) -----------------------------------------------------------
