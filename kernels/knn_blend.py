@@ -312,7 +312,6 @@ def _blend_stacked_fwd_kernel(
     slots = R rows, one [R, EP] x [EP, HP] product for the direction halves of the hidden units
     (tensor cores in "tf32" / "bf16"), the gathered table rows, the weighted ReLU summed over each
     query's KP rows, then one [BQ, HP] x [HP, CP] product."""
-    R: tl.constexpr = BQ * KP
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     rows = pid_m * BQ + tl.arange(0, BQ)
@@ -334,19 +333,19 @@ def _blend_stacked_fwd_kernel(
     dz = (tl.load(q_ptr + q_off + 2, mask=row_ok[:, None], other=0.0)
           - tl.load(p_ptr + p_off + 2, mask=valid, other=0.0))
     den = _clamp_min(tl.sqrt_rn((dx * dx + dy * dy) + dz * dz), 1e-12)
-    rx = tl.reshape(tl.div_rn(dx, den), (R,))[:, None]  # [R, 1]
-    ry = tl.reshape(tl.div_rn(dy, den), (R,))[:, None]
-    rz = tl.reshape(tl.div_rn(dz, den), (R,))[:, None]
-    vrow = tl.reshape(valid, (R,))
+    rx = tl.reshape(tl.div_rn(dx, den), (BQ * KP,))[:, None]  # [BQ * KP, 1]
+    ry = tl.reshape(tl.div_rn(dy, den), (BQ * KP,))[:, None]
+    rz = tl.reshape(tl.div_rn(dz, den), (BQ * KP,))[:, None]
+    vrow = tl.reshape(valid, (BQ * KP,))
     gamma = tl.where(vrow[:, None], _harmonic(rx, ry, rz, EP), 0.0)  # [R, EP]
 
     if PER_BATCH:
-        trow = tl.reshape(b * P + nb, (R,))
+        trow = tl.reshape(b * P + nb, (BQ * KP,))
     else:
-        trow = tl.reshape(nb, (R,))
+        trow = tl.reshape(nb, (BQ * KP,))
     tab = tl.load(tab_ptr + trow[:, None] * H + hcol[None, :], mask=vrow[:, None] & (hcol[None, :] < H), other=0.0)
     h = tab + _stacked_dot(gamma, _load_w1t(w1_ptr, H, EP, HP), PREC, INTERPRET)  # [R, HP]
-    wrow = tl.reshape(w, (R,))
+    wrow = tl.reshape(w, (BQ * KP,))
     contrib = tl.where(vrow[:, None], wrow[:, None] * _relu(h), 0.0)
     g = tl.sum(tl.reshape(contrib, (BQ, KP, HP)), 1)  # [BQ, HP]
 
