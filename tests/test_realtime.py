@@ -237,16 +237,23 @@ def test_cuda_graph_replay_equals_eager(dtype, field_dtype, B):
         assert out["image"].data_ptr() == first.data_ptr()
 
 
-@pytest.mark.cuda
-def test_cuda_graph_equals_render_at_paper_size():
-    """Paper preset (render 128², 32 + 32 samples, output 512²): the fp32 graph renders model.render's
-    frame (TF32 off for both), and the fast mode keeps PSNR >= 35 dB against it (the issue's target)."""
+@pytest.fixture(scope="module")
+def paper_cuda():
+    """The paper preset on the GPU (random weights), an avatar from one 512² source and one frame's
+    points and camera, built once for the paper-size tests."""
     if not HAS_CUDA:
         pytest.skip("needs a CUDA GPU")
     model = make_model("paper", "cuda")
     with torch.no_grad():
         avatar = model.build_avatar(torch.rand(1, 1, 3, 512, 512, device="cuda"))
-    points, transform = frame_inputs(1, seed=3, device="cuda")
+    return (model, avatar, *frame_inputs(1, seed=3, device="cuda"))
+
+
+@pytest.mark.cuda
+def test_cuda_graph_equals_render_at_paper_size(paper_cuda):
+    """Paper preset (render 128², 32 + 32 samples, output 512²): the fp32 graph renders model.render's
+    frame (TF32 off for both), and the fast mode keeps PSNR >= 35 dB against it (the issue's target)."""
+    model, avatar, points, transform = paper_cuda
     with torch.no_grad(), precision(False):
         ref = model.render(avatar, points, transform)
     out = model.realtime(avatar)(points, transform)
@@ -263,16 +270,11 @@ def test_cuda_graph_equals_render_at_paper_size():
                                       dict(GPAVATAR_FIELD_LAYERS="triton", GPAVATAR_BLEND_TENSOR_CORES="1",
                                            GPAVATAR_UPSAMPLE="triton", GPAVATAR_KNN_SHARE="1", field_dtype="bf16")],
                          ids=["layers", "tc", "upsample", "share", "all+bf16field"])
-def test_cuda_fast_mode_opt_ins_at_paper_size(switches, monkeypatch):
+def test_cuda_fast_mode_opt_ins_at_paper_size(paper_cuda, switches, monkeypatch):
     """Paper preset, fast mode with each opt-in Triton kernel (and all of them with bf16 field layers):
     the graph frame keeps PSNR >= 35 dB against the fp32 frame and equals the eager frame of the same
     renderer (to one bf16 rounding of the image)."""
-    if not HAS_CUDA:
-        pytest.skip("needs a CUDA GPU")
-    model = make_model("paper", "cuda")
-    with torch.no_grad():
-        avatar = model.build_avatar(torch.rand(1, 1, 3, 512, 512, device="cuda"))
-    points, transform = frame_inputs(1, seed=3, device="cuda")
+    model, avatar, points, transform = paper_cuda
     ref = model.realtime(avatar)(points, transform)["image"].clone()
     switches = dict(switches)
     field_dtype = torch.bfloat16 if switches.pop("field_dtype", None) else None

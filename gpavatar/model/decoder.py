@@ -56,6 +56,7 @@ from torch.utils.checkpoint import checkpoint
 from gpavatar import ops
 from gpavatar.model.pef import PointExpressionField
 from gpavatar.ops.field_query import field_layers, fused_setting
+from gpavatar.ops.knn import INDEX_MIN_QUERIES
 from gpavatar.ops.knn_blend import OFFICIAL_EPS
 from gpavatar.ops.reference import EMBED_DIM
 
@@ -179,9 +180,9 @@ class PointsDecoder(nn.Module):
     def knn_index(self, points: torch.Tensor, coords: torch.Tensor) -> Optional[ops.KnnIndex]:
         """The PEF's KNN lists of ``points`` over the box of ``coords`` (``ops.knn_index``), to share
         between passes (the model's field with ``$GPAVATAR_KNN_SHARE=1``); None where the backend
-        builds no such lists or the pass is small (< 8192 samples: CUDA scans every point)."""
+        builds no such lists or the pass is small (< INDEX_MIN_QUERIES samples: CUDA scans every point)."""
         pef = self.points_querier
-        if coords.shape[1] < 8192:
+        if coords.shape[1] < INDEX_MIN_QUERIES:
             return None
         return ops.knn_index(points, pef.K, queries=coords, backend=pef.backend, validate=False)
 

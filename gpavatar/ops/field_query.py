@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from gpavatar.ops import _backend
 from gpavatar.ops import _validation as v
 from gpavatar.ops.knn import MAX_FUSED_K, KnnResult, check_index, knn, search_op
-from gpavatar.ops.knn_blend import NORMALIZATIONS, knn_blend, knn_blend_weight_sum
+from gpavatar.ops.knn_blend import NORMALIZATIONS, flags_precision, knn_blend, knn_blend_weight_sum
 from gpavatar.ops.reference import EMBED_DIM, harmonic_embedding
 from gpavatar.ops.triplane import PLANE_DTYPES, triplane_sample
 
@@ -326,12 +326,10 @@ def layers_setting() -> str:
 
 
 def layers_precision(device: torch.device) -> Optional[str]:
-    """The products' precision the layers kernel takes on ``device`` for the torch flags in force:
-    "bf16" under bfloat16 autocast, "tf32" when ``torch.backends.cuda.matmul.allow_tf32`` is on,
-    else "ieee"; None under another autocast dtype (the kernel has no float16 mode)."""
-    if torch.is_autocast_enabled(device.type):
-        return "bf16" if torch.get_autocast_dtype(device.type) == torch.bfloat16 else None
-    return default_precision()
+    """The products' precision the layers kernel takes on ``device``: :func:`gpavatar.ops.knn_blend.
+    flags_precision` (bf16 under bfloat16 autocast, tf32 with TF32 matmuls allowed, else "ieee"; None
+    under another autocast dtype)."""
+    return flags_precision(device)
 
 
 def _layers_kernel(kernel: Optional[bool], tri, expr, coords, dirs, w: FieldWeights) -> Optional[str]:

@@ -45,6 +45,11 @@ class KnnIndex(NamedTuple):
 
 
 SHARE_ENV = "GPAVATAR_KNN_SHARE"
+# The C++ knn's automatic choice (csrc/ops.h): brute force below INDEX_MIN_POINTS points
+# (kGridMinPoints), the CUDA cell lists from INDEX_MIN_QUERIES queries per batch element
+# (kCellsMinQueries; below, CUDA scans every point and an index would not pay for its build).
+INDEX_MIN_POINTS = 256
+INDEX_MIN_QUERIES = 8192
 
 
 def share_setting() -> bool:
@@ -97,7 +102,7 @@ def _index_applies(name: str, device: torch.device, P: int) -> bool:
     method = os.environ.get("GPAVATAR_KNN", "") or "auto"
     if os.environ.get("GPAVATAR_KNN_GRID", "").startswith("0") or method not in ("auto", "cells"):
         return False
-    if method == "auto" and P < 256:  # brute force (knn.h kGridMinPoints)
+    if method == "auto" and P < INDEX_MIN_POINTS:  # brute force
         return False
     return name == "cuda" or os.environ.get("GPAVATAR_KNN_LAYOUT") == "cuda"
 

@@ -103,20 +103,27 @@ def tensor_cores_setting() -> bool:
     return value == "1"
 
 
+def flags_precision(device: torch.device) -> Optional[str]:
+    """The reduced-precision products the torch flags in force allow on ``device``: "bf16" under
+    bfloat16 autocast, None under another autocast dtype (the Triton kernels have no float16 mode),
+    "tf32" when ``torch.backends.cuda.matmul.allow_tf32`` is on, else "ieee" (fp32).  The stacked
+    blend and the layers kernel (``ops.field_query.field_layers``) both follow it."""
+    if torch.is_autocast_enabled(device.type):
+        return "bf16" if torch.get_autocast_dtype(device.type) == torch.bfloat16 else None
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
 def stacked_precision(name: str, device: torch.device) -> Optional[str]:
     """The stacked kernel's precision for a call on backend ``name`` and ``device``, or None when the
-    fp32 kernels run (see TENSOR_CORES_ENV).  Under the Triton interpreter (CPU tensors, tests) it
-    also runs at fp32 ("ieee")."""
+    fp32 kernels run (see TENSOR_CORES_ENV): :func:`flags_precision`, except that fp32 on a GPU runs
+    the fp32 CUDA kernels.  Under the Triton interpreter (CPU tensors, tests) it also runs at fp32."""
     if name not in ("cuda", "triton") or not tensor_cores_setting() or not _backend.triton_available():
         return None
     if device.type == "cuda":
-        if torch.is_autocast_enabled("cuda"):
-            return "bf16" if torch.get_autocast_dtype("cuda") == torch.bfloat16 else None
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else None
+        precision = flags_precision(device)
+        return None if precision == "ieee" else precision
     if device.type == "cpu" and _backend.triton_interpreted():
-        if torch.is_autocast_enabled("cpu"):
-            return "bf16" if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
-        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+        return flags_precision(device)
     return None
 
 
