@@ -56,6 +56,7 @@ for the blends) like ``gpavatar.ops.knn`` / ``knn_blend``; only torch ops are us
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from typing import Callable, Optional
 
@@ -291,8 +292,9 @@ def baseline_pef(model, baseline: str = "torch-fast"):
     :func:`knn_blend_torch_fast` / :func:`knn_blend_pytorch3d` on the same weights, and the KNN
     of a chunked pass's ``"queries"`` sums (``gpavatar.model.decoder``) by the baseline's KNN.
     Everything else (tri-planes, rays, compositing) runs on whatever ``model.set_backend`` chose;
-    the decoder's training passes keep their activations (``checkpoint_layers = False``)."""
+    training keeps every activation (``checkpoint_layers = False``, ``$GPAVATAR_RECOMPUTE=0``)."""
     import gpavatar.model.decoder as decoder_module
+    from gpavatar.model.recompute import RECOMPUTE_ENV
     from gpavatar.ops.knn import KnnResult
     from gpavatar.ops.knn_blend import KnnBlendResult
 
@@ -317,14 +319,21 @@ def baseline_pef(model, baseline: str = "torch-fast"):
         def knn(queries, points, K, **_):
             return KnnResult(*knn(queries, points, K))
 
-    # The official code keeps every activation of its training passes (no checkpointing).
+    # The official code keeps every activation of its training passes (no checkpointing, no
+    # recomputation: gpavatar.model.recompute).
     saved_checkpoint = model.nerf_mlp.checkpoint_layers
+    saved_recompute = os.environ.get(RECOMPUTE_ENV)
     pef.query, decoder_module.ops, model.nerf_mlp.checkpoint_layers = query, _Ops(), False
+    os.environ[RECOMPUTE_ENV] = "0"
     try:
         yield model
     finally:
         del pef.query
         decoder_module.ops, model.nerf_mlp.checkpoint_layers = saved_ops, saved_checkpoint
+        if saved_recompute is None:
+            os.environ.pop(RECOMPUTE_ENV, None)
+        else:
+            os.environ[RECOMPUTE_ENV] = saved_recompute
 
 
 # --- comparing with the exact oracle ----------------------------------------------------------

@@ -45,6 +45,7 @@ import _harness as H  # noqa: E402
 if H.REPO_ROOT not in sys.path:  # an installed gpavatar still takes precedence
     sys.path.append(H.REPO_ROOT)
 
+from gpavatar.model.recompute import RECOMPUTE_ENV  # noqa: E402
 from bench_e2e import (BASELINES, CAMERA, PRESETS, SIZE_ALIASES, api_error,  # noqa: E402
                        backend_unavailable, fallback_ops, head_points, ordered_backends, preset_sizes,
                        use_backend)
@@ -76,8 +77,8 @@ def make_setup(preset: str, device: torch.device, *, batch: int = 1, sources: in
     return dict(model=model, loss=loss, inputs=inputs, initial=initial, points_kind=kind, seed=seed)
 
 
-# Row variants of a gpavatar backend (GPU rows after the plain ones): "+keep" keeps the decoder's
-# activations (no layer checkpointing), "+bf16" runs forward and loss under bf16 autocast (the
+# Row variants of a gpavatar backend (GPU rows after the plain ones): "+keep" keeps every activation
+# (no layer checkpointing, $GPAVATAR_RECOMPUTE=0: gpavatar.model.recompute), "+bf16" runs forward and loss under bf16 autocast (the
 # trainer's --amp bf16), "+buffers" runs the C++/CUDA blend's per-query forward and buffers
 # backward (GPAVATAR_BLEND_FORWARD=queries, GPAVATAR_BLEND_BACKWARD=buffers: the CUDA default
 # before the tiled kernels were measured faster).
@@ -105,7 +106,8 @@ def make_step(setup: dict, backend: str):
     backend, keep, bf16, buffers = split_variant(backend)
 
     def step():
-        with use_backend(model, backend), H.environ(**(BUFFERS_ENV if buffers else {})), \
+        env = dict(BUFFERS_ENV if buffers else {}, **({RECOMPUTE_ENV: "0"} if keep else {}))
+        with use_backend(model, backend), H.environ(**env), \
                 torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             saved = model.nerf_mlp.checkpoint_layers
             model.nerf_mlp.checkpoint_layers = False if keep else saved
@@ -186,9 +188,11 @@ def render_markdown(payload: dict) -> str:
             "the PEF of benchmarks/_baselines.py; pytorch3d = the same with knn_points), its ms / this row's ms; "
             "mem vs best: this row's peak / that baseline's peak. loss (step 1): the first step's total loss from "
             "the same weights and draws (rows agree up to float rounding). Field passes of 65536 samples or more "
-            "checkpoint the decoder's layers on the gpavatar backends (GPAVATAR_FIELD_CHECKPOINT, "
-            "gpavatar/model/decoder.py: the paper preset does, the tiny one does not); the baselines keep "
-            "every activation, as the official code does. Row variants: X+keep = without that checkpointing; "
+            "checkpoint the decoder's tri-plane sampling and layers on the gpavatar backends "
+            "(GPAVATAR_FIELD_CHECKPOINT, gpavatar/model/decoder.py: the paper preset does, the tiny one does "
+            "not), and the MTA token MLPs and the up-sampling convolutions' inputs are recomputed in the "
+            "backward (GPAVATAR_RECOMPUTE, gpavatar/model/recompute.py); the baselines keep every activation, "
+            "as the official code does. Row variants: X+keep = without that checkpointing and recomputation; "
             "X+bf16 = forward and loss under bf16 autocast (the trainer's --amp bf16); X+buffers = the C++/CUDA "
             "blend's per-query forward and buffers backward (GPAVATAR_BLEND_FORWARD=queries, "
             "GPAVATAR_BLEND_BACKWARD=buffers), the default before the tiled kernels.")

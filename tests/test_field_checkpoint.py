@@ -5,6 +5,7 @@ activations, the size rule of the default, and the switches."""
 import pytest
 import torch
 
+from gpavatar import ops
 from gpavatar.model.decoder import CHECKPOINT_ENV, CHECKPOINT_MIN_SAMPLES, PointsDecoder
 
 
@@ -54,27 +55,49 @@ def test_checkpointed_pass_is_bit_identical_and_saves_less():
 def test_default_checkpoints_large_passes_only(monkeypatch):
     monkeypatch.delenv(CHECKPOINT_ENV, raising=False)
     dec = make(N=8)[0]
-    tri = torch.zeros(1, 100, 8)
-    big = torch.zeros(2, CHECKPOINT_MIN_SAMPLES // 2, 8)
-    assert not dec._checkpoints(tri, tri)
-    assert dec._checkpoints(big, big)
+    planes, expr = torch.zeros(1, 3, 4, 4, 8), torch.zeros(1, 100, 8)
+    small, big = 100, CHECKPOINT_MIN_SAMPLES
+    assert not dec._checkpoints(planes, expr, small)
+    assert not dec._checkpoints(planes, expr, big - 1)
+    assert dec._checkpoints(planes, expr, big)
     with torch.no_grad():
-        assert not dec._checkpoints(big, big)  # inference never checkpoints
+        assert not dec._checkpoints(planes, expr, big)  # inference never checkpoints
     monkeypatch.setenv(CHECKPOINT_ENV, "1")
-    assert dec._checkpoints(tri, tri)
+    assert dec._checkpoints(planes, expr, small)
     monkeypatch.setenv(CHECKPOINT_ENV, "0")
-    assert not dec._checkpoints(big, big)
+    assert not dec._checkpoints(planes, expr, big)
     dec.checkpoint_layers = True  # the attribute wins over the variable
-    assert dec._checkpoints(tri, tri)
+    assert dec._checkpoints(planes, expr, small)
     dec.checkpoint_layers = None
     monkeypatch.setenv(CHECKPOINT_ENV, "yes")
     with pytest.raises(ValueError, match="GPAVATAR_FIELD_CHECKPOINT must be 0, 1 or auto"):
-        dec._checkpoints(tri, tri)
+        dec._checkpoints(planes, expr, small)
 
 
 def test_frozen_decoder_and_inputs_do_not_checkpoint():
     dec = make(N=8)[0]
     dec.requires_grad_(False)
-    tri = torch.zeros(1, CHECKPOINT_MIN_SAMPLES, 8)
-    assert not dec._checkpoints(tri, tri)
-    assert dec._checkpoints(tri.requires_grad_(), tri)
+    planes, expr = torch.zeros(1, 3, 4, 4, 8), torch.zeros(1, 100, 8)
+    assert not dec._checkpoints(planes, expr, CHECKPOINT_MIN_SAMPLES)
+    assert dec._checkpoints(planes.requires_grad_(), expr, CHECKPOINT_MIN_SAMPLES)
+    assert dec._checkpoints(planes.detach(), expr.requires_grad_(), CHECKPOINT_MIN_SAMPLES)
+
+
+def saved_bytes(fn):
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        fn()
+    return sum(sizes)
+
+
+def test_checkpoint_recomputes_the_triplane_features():
+    """The checkpointed pass keeps its inputs (planes, coords, dirs, the PEF features) and what the
+    PEF op keeps, not the (N, C) tri-plane features: the backward samples them again."""
+    N = 2000
+    dec, planes, coords, dirs, points = make(N=N)
+    _, _, saved = train_pass(dec, planes, coords, dirs, points, True)
+    pef = saved_bytes(lambda: dec.points_querier(coords, points))
+    inputs = 4 * (planes.numel() + 2 * coords.numel() + N * 8)
+    tri = 4 * N * 8
+    assert saved < pef + inputs + tri / 2, (saved, pef, inputs, tri)

@@ -25,13 +25,16 @@ uses.  ``field_precision`` (None: ``"tf32"`` when
 ``torch.backends.cuda.matmul.allow_tf32`` is on, else ``"ieee"``; or ``"tf32x3"``,
 ``"bf16"``) sets the fused products' precision.
 
-Training pass.  When a gradient is needed, the layers after the tri-plane and PEF features
+Training pass.  When a gradient is needed, the tri-plane sampling and the layers after it
 (``feature_layers``, density, ``rgb_layers``) run under activation checkpointing: the pass
-keeps only its (N, C + Cp) features, coordinates and directions, and the backward recomputes
-the layers (a few matrix products) instead of holding their ~1000 floats per sample (about 2
-GiB per paper-size pass).  The gradients are those of the plain pass (the same arithmetic
-again).  ``checkpoint_layers`` (True / False; None: ``$GPAVATAR_FIELD_CHECKPOINT`` = 1 / 0, or
-unset / ``auto``: passes of at least 65536 samples) chooses.
+keeps only its (N, Cp) PEF features, coordinates and directions, and the backward samples the
+tri-planes and recomputes the layers (a few matrix products) instead of holding their ~1000
+floats per sample (about 2 GiB per paper-size pass).  A pass is checkpointed in segments of
+``checkpoint_segment`` samples (2^17), so the backward holds the recomputed activations of one
+segment at a time.  The outputs and gradients are those of the plain pass (the same arithmetic
+again; a pass of several segments sums its weight gradients segment by segment).  ``checkpoint_layers`` (True / False; None:
+``$GPAVATAR_FIELD_CHECKPOINT`` = 1 / 0, or unset / ``auto``: passes of at least 65536 samples)
+chooses.
 
     >>> import torch
     >>> from gpavatar.model.decoder import PointsDecoder
@@ -65,6 +68,10 @@ CHECKPOINT_ENV = "GPAVATAR_FIELD_CHECKPOINT"
 # preset's 2 x 2048 samples the recompute costs more (7 % of a CPU training step) than the
 # memory it saves (11 % of the peak).
 CHECKPOINT_MIN_SAMPLES = 1 << 16
+# Samples (B x N) per checkpointed segment of a pass: the backward recomputes ~500 floats a
+# sample of one segment at a time (256 MiB here; a whole 2^19-sample paper pass was 1 GiB, the
+# peak of a training step).
+CHECKPOINT_SEGMENT = 1 << 17
 
 
 class PointsDecoder(nn.Module):
@@ -102,6 +109,7 @@ class PointsDecoder(nn.Module):
         self.fused_field: Optional[bool] = None
         self.field_precision: Optional[str] = None
         self.checkpoint_layers: Optional[bool] = None
+        self.checkpoint_segment = CHECKPOINT_SEGMENT
         # The decoder's layers as one Triton kernel (ops.field_query.field_layers' ``kernel``): None
         # follows $GPAVATAR_FIELD_LAYERS; forward only (passes that need grad run the torch layers).
         self.fused_layers: Optional[bool] = None
@@ -195,18 +203,27 @@ class PointsDecoder(nn.Module):
                                          normalize=pef.normalize, eps=pef.eps, weight_sum=weight_sum,
                                          precision=self.field_precision, fused=True, backend=self.backend,
                                          validate=validate, knn_index=knn_index))
-        tri = ops.triplane_sample(planes, coords, "mean", channels_last=True, backend=self.backend, validate=False)
         if knn_index is None:
             expr = self.points_querier(coords, points, weight_sum, validate=validate)
         else:
             expr = self.points_querier(coords, points, weight_sum, validate=validate, index=knn_index)
-        if self._checkpoints(tri, expr):
-            return checkpoint(self._layers, tri, expr, coords, dirs, use_reentrant=False)
-        return self._layers(tri, expr, coords, dirs)
+        B, N = coords.shape[:2]
+        if not self._checkpoints(planes, expr, B * N):
+            return self._sample_layers(planes, expr, coords, dirs)
+        # The tri-plane features are sampled again in the backward too (cheap, C floats a sample),
+        # and the pass is checkpointed in segments: the backward holds one segment's recomputed
+        # activations at a time.
+        n = max(1, self.checkpoint_segment // max(1, B))
+        parts = [checkpoint(self._sample_layers, planes, e, c, d, use_reentrant=False)
+                 for e, c, d in zip(expr.split(n, dim=1), coords.split(n, dim=1), dirs.split(n, dim=1))]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([a for a, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1)
 
-    def _checkpoints(self, tri: torch.Tensor, expr: torch.Tensor) -> bool:
-        """Whether this pass recomputes its layers in the backward (see ``checkpoint_layers``)."""
-        if not torch.is_grad_enabled() or not (tri.requires_grad or expr.requires_grad
+    def _checkpoints(self, planes: torch.Tensor, expr: torch.Tensor, samples: int) -> bool:
+        """Whether this pass of ``samples`` (B x N) samples recomputes its tri-plane features and
+        layers in the backward (see ``checkpoint_layers``)."""
+        if not torch.is_grad_enabled() or not (planes.requires_grad or expr.requires_grad
                                                or any(p.requires_grad for p in self.parameters())):
             return False
         if self.checkpoint_layers is not None:
@@ -215,11 +232,12 @@ class PointsDecoder(nn.Module):
         if value not in ("", "auto", "0", "1"):
             raise ValueError(f"{CHECKPOINT_ENV} must be 0, 1 or auto, got {value!r}")
         if value in ("", "auto"):  # where the activations are large (the paper's 2^19-sample passes)
-            return tri.shape[0] * tri.shape[1] >= CHECKPOINT_MIN_SAMPLES
+            return samples >= CHECKPOINT_MIN_SAMPLES
         return value == "1"
 
-    def _layers(self, tri, expr, coords, dirs):
-        """The decoder's layers on the tri-plane and PEF features of a pass: (alpha, value)
-        (:func:`gpavatar.ops.field_query.field_layers`: the official layers with the last feature
-        layer folded into the density and rgb heads)."""
+    def _sample_layers(self, planes, expr, coords, dirs):
+        """The tri-plane features of a pass, then the decoder's layers on them and the PEF
+        features: (alpha, value) (:func:`gpavatar.ops.field_query.field_layers`: the official
+        layers with the last feature layer folded into the density and rgb heads)."""
+        tri = ops.triplane_sample(planes, coords, "mean", channels_last=True, backend=self.backend, validate=False)
         return tuple(field_layers(tri, expr, coords, dirs, self.field_weights(), kernel=self.fused_layers))

@@ -15,7 +15,10 @@ official checkpoint (``attn_module.``): ``scale`` (1,), ``to_q_.{0,1,3,5}.*``,
 ``to_k_.{0,1,3,5}.*``.
 
 The work is done in chunks of texel rows, channels-last, so memory beyond the
-inputs and the output is bounded by ``chunk_bytes`` whatever the plane size.
+inputs and the output is bounded by ``chunk_bytes`` whatever the plane size.  While
+a gradient is recorded each chunk runs under activation checkpointing
+(:mod:`gpavatar.model.recompute`): the backward runs its token MLPs again instead
+of keeping their ~12 intermediates of (B, 3, h, W, V or 1, C) floats.
 
     >>> import torch
     >>> from gpavatar.model.mta import MultiTriplaneAttention
@@ -32,6 +35,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from gpavatar.model.recompute import checkpointed
 
 
 def _token_mlp(channels: int) -> nn.Sequential:
@@ -78,6 +83,15 @@ class MultiTriplaneAttention(nn.Module):
         if query.device != key.device:
             raise ValueError(f"query and key must be on the same device, got {query.device} and {key.device}")
 
+    def _attend(self, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One chunk of texel rows: query (1|B, 3, C, h, W), key (B, V, 3, C, h, W) -> fused
+        (B, 3, h, W, C) and the weights (B, 3, h, W, V)."""
+        k = key.permute(0, 2, 4, 5, 1, 3)  # (B, 3, h, W, V, C)
+        q = self.to_q_(query.permute(0, 1, 3, 4, 2))  # (1|B, 3, h, W, C)
+        logits = torch.einsum("...c,...vc->...v", q, self.to_k_(k)) * self.scale
+        weights = logits.softmax(dim=-1)
+        return torch.einsum("...v,...vc->...c", weights, k), weights
+
     def forward(self, query: torch.Tensor, key: torch.Tensor, return_attention: bool = False):
         """query (1 or B, 1, 3, C, H, W), key (B, V, 3, C, H, W) -> (B, 3, C, H, W)
         [, attention (B, 3, V, H, W)]."""
@@ -90,11 +104,9 @@ class MultiTriplaneAttention(nn.Module):
         rows = max(1, min(H, self.chunk_bytes // max(1, per_row)))
         for y0 in range(0, H, rows):
             y1 = min(H, y0 + rows)
-            k = key[..., y0:y1, :].permute(0, 2, 4, 5, 1, 3)  # (B, 3, h, W, V, C)
-            q = self.to_q_(query[:, 0, :, :, y0:y1, :].permute(0, 1, 3, 4, 2))  # (1|B, 3, h, W, C)
-            logits = torch.einsum("...c,...vc->...v", q, self.to_k_(k)) * self.scale
-            weights = logits.softmax(dim=-1)  # (B, 3, h, W, V)
-            out[:, :, y0:y1] = torch.einsum("...v,...vc->...c", weights, k)
+            # Training keeps only the chunk's inputs; the backward runs the token MLPs again.
+            fused, weights = checkpointed(self._attend, query[:, 0, :, :, y0:y1, :], key[..., y0:y1, :])
+            out[:, :, y0:y1] = fused
             if attention is not None:
                 attention[:, :, y0:y1] = weights
         out = out.permute(0, 1, 4, 2, 3)

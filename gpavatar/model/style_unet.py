@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpavatar.model.recompute import upsampled
 from gpavatar.ops.upsample import upsample2x
 
 from gpavatar.model.stylegan import (
@@ -49,8 +50,10 @@ def unet_channels(narrow: float = 1.0) -> dict[int, int]:
     return {r: max(1, c // 2) for r, c in decoder_channels(narrow).items()}
 
 
-def _lrelu(x: torch.Tensor) -> torch.Tensor:
-    return F.leaky_relu(x, LEAKY_SLOPE)
+def _lrelu_(x: torch.Tensor) -> torch.Tensor:
+    """LeakyReLU in place: only on fresh tensors no other node needs (a convolution's output), so
+    autograd keeps the output, which the next layer keeps anyway, instead of a second tensor."""
+    return F.leaky_relu(x, LEAKY_SLOPE, inplace=True)
 
 
 def _resample(x: torch.Tensor, mode: str) -> torch.Tensor:
@@ -80,8 +83,10 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_channels, out_channels, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = _resample(_lrelu(self.conv1(x)), self.mode)
-        h = _lrelu(self.conv2(h))
+        h = _lrelu_(self.conv1(x))
+        if self.mode == "up":  # the backward up-samples h and x again (gpavatar.model.recompute)
+            return _lrelu_(upsampled(self.conv2, h)) + upsampled(self.skip, x)
+        h = _lrelu_(self.conv2(_resample(h, self.mode)))
         return h + self.skip(_resample(x, self.mode))
 
     def extra_repr(self) -> str:
@@ -91,7 +96,7 @@ class ResBlock(nn.Module):
 def _sft_branch(channels: int, out_channels: int) -> nn.Sequential:
     """3x3 conv c -> c, LeakyReLU 0.2, 3x3 conv c -> out (section 4.4: out = 2c = ch_g; differs only when a
     ``narrow`` setting makes ch_g odd or 1, where out = ch_g keeps the SFT product well-defined)."""
-    return nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.LeakyReLU(LEAKY_SLOPE),
+    return nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.LeakyReLU(LEAKY_SLOPE, inplace=True),
                          nn.Conv2d(channels, out_channels, 3, padding=1))
 
 
@@ -173,14 +178,14 @@ class StyleUNet(nn.Module):
         """U-Net half: x (B, in_dim, S, S) with S = out_size (or in_size) -> z (B, F) and the
         2(L - 2) SFT conditions [scale_0, shift_0, ...], level i at (B, ch_g[2^(i+3)], 2^(i+3), 2^(i+3))."""
         if isinstance(self.conv_body_first, nn.ModuleList):
-            f = self.conv_body_first[1](_lrelu(self.conv_body_first[0](x)))
+            f = self.conv_body_first[1](_lrelu_(self.conv_body_first[0](x)))
         else:
-            f = _lrelu(self.conv_body_first(x))
+            f = _lrelu_(self.conv_body_first(x))
         skips = []
         for block in self.conv_body_down:
             f = block(f)
             skips.insert(0, f)
-        f = _lrelu(self.final_conv(f))
+        f = _lrelu_(self.final_conv(f))
         z = self.final_linear(f.flatten(1))
         conditions = []
         for i, block in enumerate(self.conv_body_up):

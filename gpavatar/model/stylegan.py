@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpavatar.model.recompute import upsampled
 from gpavatar.ops.upsample import upsample2x
 
 NOISE_MODES = ("fresh", "stored", "off")
@@ -129,13 +130,18 @@ class ModulatedConv2d(nn.Module):
         weight = self.weight * scale.view(B, 1, C_in, 1, 1)  # (B, C_out, C_in, k, k)
         if self.demodulate:
             weight = weight * torch.rsqrt(weight.pow(2).sum(dim=(2, 3, 4), keepdim=True) + self.eps)
+
+        def conv(x: torch.Tensor) -> torch.Tensor:
+            if B <= 1:  # a plain convolution; B == 0 (empty batch) gives an empty output
+                return F.conv2d(x, weight[0] if B == 1 else self.weight[0], padding=k // 2)
+            H, W = x.shape[-2:]
+            out = F.conv2d(x.reshape(1, B * C_in, H, W), weight.reshape(B * C_out, C_in, k, k), padding=k // 2,
+                           groups=B)
+            return out.view(B, C_out, out.shape[-2], out.shape[-1])
+
         if self.sample_mode == "upsample":
-            x = upsample2x(x)
-        if B <= 1:  # a plain convolution; B == 0 (empty batch) gives an empty output
-            return F.conv2d(x, weight[0] if B == 1 else self.weight[0], padding=k // 2)
-        H, W = x.shape[-2:]
-        out = F.conv2d(x.reshape(1, B * C_in, H, W), weight.reshape(B * C_out, C_in, k, k), padding=k // 2, groups=B)
-        return out.view(B, C_out, out.shape[-2], out.shape[-1])
+            return upsampled(conv, x)  # the backward up-samples x again (gpavatar.model.recompute)
+        return conv(x)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -165,7 +171,8 @@ class StyleConv(nn.Module):
         h = self.modulated_conv(x, style) * math.sqrt(2)
         if noise is not None:
             h = h + (self.weight * noise).to(h.dtype)
-        return F.leaky_relu(h + self.bias.to(h.dtype), LEAKY_SLOPE)
+        # In place on the fresh pre-activation: autograd keeps the output, not a second tensor.
+        return F.leaky_relu(h + self.bias.to(h.dtype), LEAKY_SLOPE, inplace=True)
 
 
 class ToRGB(nn.Module):
