@@ -1,12 +1,17 @@
 """Training memory: activations the backward recomputes instead of keeping.
 
-A paper-preset training step keeps about 3.8 GB of activations for its backward
-(benchmarks/bench_train.py).  Three kinds of them cost little to make again and are dropped
-while a gradient is being recorded:
+A paper-preset training step kept about 3.8 GB of activations for its backward
+(benchmarks/bench_train.py).  Those that cost little to make again are dropped while a
+gradient is being recorded:
 
-* :func:`upsampled`: a convolution of a bilinearly up-sampled map (the StyleGAN decoder's
-  up-sampling StyleConvs, the U-Net's up ResBlocks) keeps its input, four times the map it was
-  up-sampled from.  It keeps the small map instead and up-samples it again in the backward.
+* :func:`recomputed` ``(make, args, fn)``: ``fn(make(*args))`` without keeping ``make``'s
+  output (nor its intermediates) for the backward: the tensors ``fn`` saves that view it are
+  made again from ``args``.  Used for
+  - :func:`upsampled`: a convolution of a bilinearly up-sampled map (the StyleGAN decoder's
+    up-sampling StyleConvs, the U-Net's up ResBlocks) kept its input, four times the map it was
+    up-sampled from;
+  - the modulated convolutions' per-sample weights (B, C_out, C_in, 3, 3): 18 MiB twice for each
+    512-channel layer of the encoder's two sources (``gpavatar.model.stylegan``).
 * :func:`checkpointed`: ``torch.utils.checkpoint`` of a cheap block with large intermediates
   (the MTA token MLPs: six (V·3·H·W, C) tensors per source set).
 * the field decoder samples its tri-plane features again inside its layer checkpoint
@@ -54,22 +59,23 @@ def _bilinear2x(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
 
 
-class _Upsampled:
-    """What a saved view of the up-sampled map is packed as: its source and its geometry."""
+class _Recomputed:
+    """What a saved view of ``make(*args)`` is packed as: the recipe and the view's geometry."""
 
-    __slots__ = ("source", "version", "size", "stride", "offset")
+    __slots__ = ("make", "args", "versions", "size", "stride", "offset")
 
-    def __init__(self, source: torch.Tensor, size, stride, offset: int):
-        self.source, self.version = source, source._version
+    def __init__(self, make: Callable[..., torch.Tensor], args: tuple, size, stride, offset: int):
+        self.make, self.args = make, args
+        self.versions = tuple(a._version for a in args)
         self.size, self.stride, self.offset = size, stride, offset
 
     def unpack(self) -> torch.Tensor:
-        if self.source._version != self.version:
-            raise RuntimeError("the input of an up-sampling convolution was modified in place after the forward; "
-                               "its backward cannot up-sample it again (set GPAVATAR_RECOMPUTE=0)")
+        if tuple(a._version for a in self.args) != self.versions:
+            raise RuntimeError("an input of a recomputed activation was modified in place after the forward; "
+                               "the backward cannot make the activation again (set GPAVATAR_RECOMPUTE=0)")
         with torch.no_grad():
-            up = _bilinear2x(self.source)
-        return up.as_strided(self.size, self.stride, self.offset)
+            made = self.make(*self.args)
+        return made.as_strided(self.size, self.stride, self.offset)
 
 
 class _Packed:
@@ -83,40 +89,55 @@ class _Packed:
 
 def _enclosing_hooks():
     """The (pack, unpack) pair of the innermost enclosing ``saved_tensors_hooks`` block, or None
-    (hooks do not nest: a block's hooks replace the enclosing ones, so :func:`upsampled` forwards
-    the tensors it keeps to them, e.g. ``torch.autograd.graph.save_on_cpu``)."""
+    (hooks do not nest: a block's hooks replace the enclosing ones, so :func:`recomputed`
+    forwards the tensors it keeps to them: :func:`checkpointed` and ``save_on_cpu`` blocks around
+    it still see them)."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     return None if top is None else top(False)
 
 
-def upsampled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``fn(upsample2x(x))``; while a gradient is recorded (and ``$GPAVATAR_RECOMPUTE`` is not 0)
-    the tensors ``fn`` saves that view the up-sampled map are not kept: the backward up-samples
-    ``x`` again (the same bits: the up-sampling is deterministic).  ``x`` must not be modified in
-    place before the backward (checked)."""
+def recomputed(make: Callable[..., torch.Tensor], args: tuple, fn: Callable[[torch.Tensor], Any], *,
+               make_saves: bool = True) -> Any:
+    """``fn(make(*args))``; while a gradient is recorded (and ``$GPAVATAR_RECOMPUTE`` is not 0),
+    neither ``make``'s intermediates nor the tensors ``fn`` saves that view ``make``'s output
+    are kept: the backward runs ``make(*args)`` again (the same bits: it must be deterministic and
+    return a fresh tensor, not a view of an argument).  The gradient still reaches ``args``.  The
+    tensor ``args`` must not be modified in place before the backward (checked).  ``make_saves=False``
+    declares that ``make``'s own backward keeps nothing (a bilinear resize): it then runs outside a
+    checkpoint, which would keep ``args``."""
     if not _recording():
-        return fn(upsample2x(x))
-    up = _bilinear2x(x)
-    storage = up.untyped_storage()
+        return fn(make(*args))
+    if make_saves and any(a.requires_grad for a in args):
+        made = checkpoint(make, *args, use_reentrant=False)
+    else:
+        made = make(*args)
+    storage = made.untyped_storage()
     ptr, nbytes = storage.data_ptr(), storage.nbytes()
-    source = x.detach()
-
-    outer = _enclosing_hooks()  # the hooks of an enclosing block still see the other tensors
+    recipe_args = tuple(a.detach() for a in args)
+    outer = _enclosing_hooks()
 
     def pack(t: torch.Tensor) -> Any:
         s = t.untyped_storage()
-        if nbytes and s.data_ptr() == ptr and s.nbytes() == nbytes and t.dtype == up.dtype \
-                and t.device == up.device:
-            return _Upsampled(source, t.size(), t.stride(), t.storage_offset())
+        if nbytes and s.data_ptr() == ptr and s.nbytes() == nbytes and t.dtype == made.dtype \
+                and t.device == made.device:
+            return _Recomputed(make, recipe_args, t.size(), t.stride(), t.storage_offset())
         return t if outer is None else _Packed(outer[0](t))
 
     def unpack(p: Any) -> torch.Tensor:
-        if isinstance(p, _Upsampled):
+        if isinstance(p, _Recomputed):
             return p.unpack()
         return p if outer is None else outer[1](p.value)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        return fn(up)
+        return fn(made)
+
+
+def upsampled(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Any:
+    """``fn(upsample2x(x))`` where the backward up-samples ``x`` again instead of keeping the x2
+    map (:func:`recomputed`); outside training, the plain call."""
+    if not _recording():
+        return fn(upsample2x(x))
+    return recomputed(_bilinear2x, (x,), fn, make_saves=False)
 
 
 def checkpointed(fn: Callable[..., Any], *args: Any) -> Any:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpavatar.model.recompute import upsampled
+from gpavatar.model.recompute import recomputed, upsampled
 from gpavatar.ops.upsample import upsample2x
 
 NOISE_MODES = ("fresh", "stored", "off")
@@ -122,26 +122,37 @@ class ModulatedConv2d(nn.Module):
         nn.init.kaiming_normal_(self.modulation.weight, a=0, mode="fan_in", nonlinearity="linear")
         nn.init.ones_(self.modulation.bias)
 
+    def modulated_weight(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """W' (B, C_out, C_in, k, k) from ``weight`` (the parameter) and the modulation output
+        ``scale`` (B, C_in)."""
+        B, C_in = scale.shape
+        # Type promotion keeps the per-sample weights in the parameter dtype (float32 under autocast).
+        weight = weight * scale.view(B, 1, C_in, 1, 1)
+        if self.demodulate:
+            weight = weight * torch.rsqrt(weight.pow(2).sum(dim=(2, 3, 4), keepdim=True) + self.eps)
+        return weight
+
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
         B, C_in = x.shape[:2]
         k, C_out = self.kernel_size, self.out_channels
         scale = self.modulation(style)  # (B, C_in)
-        # Type promotion keeps the per-sample weights in the parameter dtype (float32 under autocast).
-        weight = self.weight * scale.view(B, 1, C_in, 1, 1)  # (B, C_out, C_in, k, k)
-        if self.demodulate:
-            weight = weight * torch.rsqrt(weight.pow(2).sum(dim=(2, 3, 4), keepdim=True) + self.eps)
+        if B == 0:  # an empty batch gives an empty output
+            return F.conv2d(upsample2x(x) if self.sample_mode == "upsample" else x, self.weight[0], padding=k // 2)
 
-        def conv(x: torch.Tensor) -> torch.Tensor:
-            if B <= 1:  # a plain convolution; B == 0 (empty batch) gives an empty output
-                return F.conv2d(x, weight[0] if B == 1 else self.weight[0], padding=k // 2)
+        def conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            if B == 1:  # a plain convolution
+                return F.conv2d(x, weight[0], padding=k // 2)
             H, W = x.shape[-2:]
             out = F.conv2d(x.reshape(1, B * C_in, H, W), weight.reshape(B * C_out, C_in, k, k), padding=k // 2,
                            groups=B)
             return out.view(B, C_out, out.shape[-2], out.shape[-1])
 
+        # Training keeps neither the per-sample weights nor an up-sampled input: the backward makes
+        # them again (gpavatar.model.recompute).
         if self.sample_mode == "upsample":
-            return upsampled(conv, x)  # the backward up-samples x again (gpavatar.model.recompute)
-        return conv(x)
+            return recomputed(self.modulated_weight, (self.weight, scale),
+                              lambda w: upsampled(lambda u: conv(u, w), x))
+        return recomputed(self.modulated_weight, (self.weight, scale), lambda w: conv(x, w))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
