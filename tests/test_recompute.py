@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from gpavatar.model import GPAvatar
 from gpavatar.model.mta import MultiTriplaneAttention
-from gpavatar.model.recompute import RECOMPUTE_ENV, checkpointed, recompute_setting, upsampled
+from gpavatar.model.recompute import RECOMPUTE_ENV, checkpointed, recompute_setting, recomputed, upsampled
 from gpavatar.model.style_unet import ResBlock, StyleUNet
 from gpavatar.model.stylegan import ModulatedConv2d, StyleConv
 
@@ -75,6 +75,38 @@ def test_modulated_conv(batch, channels_last, sample_mode, monkeypatch):
     up = 0 if (channels_last and batch > 1) or sample_mode is None else 8 * batch * 8 * 14 * 18
     weights = 2 * 8 * batch * 6 * 8 * 3 * 3
     assert recomputed[2] <= kept[2] - up - weights, (recomputed[2], kept[2], up, weights)
+
+
+def test_modulated_conv_under_bf16_autocast(monkeypatch):
+    """Recomputed weights and maps under bf16 autocast: the same results."""
+    torch.manual_seed(8)
+    conv = ModulatedConv2d(8, 6, 3, num_style_feat=5, sample_mode="upsample")
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    style = torch.randn(2, 5, requires_grad=True)
+
+    def fn(x, style):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return conv(x.to(torch.bfloat16), style).float()
+
+    kept = run(fn, (x, style), list(conv.parameters()), False, monkeypatch)
+    recomputed = run(fn, (x, style), list(conv.parameters()), True, monkeypatch)
+    assert_same(kept, recomputed)
+
+
+def test_recomputation_runs_under_the_forwards_autocast_state(monkeypatch):
+    """A product (bf16 under CPU autocast) made again in the backward, which runs without autocast:
+    the recomputed tensor is the forward's bf16 one (x's gradient is it)."""
+    monkeypatch.setenv(RECOMPUTE_ENV, "1")
+    a = torch.randn(5, 7, requires_grad=True)
+    b = torch.randn(7, 3)
+    x = torch.randn(5, 3, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = recomputed(lambda a, b: a @ b, (a, b), lambda m: m * x)
+        ref = (a @ b) * x
+    assert torch.equal(y, ref)
+    (gx,) = torch.autograd.grad(y.float().sum(), (x,))
+    (rx,) = torch.autograd.grad(ref.float().sum(), (x,))
+    assert torch.equal(gx, rx)
 
 
 def test_upsampling_conv_gradcheck(monkeypatch):

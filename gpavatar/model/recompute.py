@@ -62,10 +62,10 @@ def _bilinear2x(x: torch.Tensor) -> torch.Tensor:
 class _Recomputed:
     """What a saved view of ``make(*args)`` is packed as: the recipe and the view's geometry."""
 
-    __slots__ = ("make", "args", "versions", "size", "stride", "offset")
+    __slots__ = ("make", "args", "versions", "autocast", "size", "stride", "offset")
 
-    def __init__(self, make: Callable[..., torch.Tensor], args: tuple, size, stride, offset: int):
-        self.make, self.args = make, args
+    def __init__(self, make: Callable[..., torch.Tensor], args: tuple, autocast: tuple, size, stride, offset: int):
+        self.make, self.args, self.autocast = make, args, autocast
         self.versions = tuple(a._version for a in args)
         self.size, self.stride, self.offset = size, stride, offset
 
@@ -73,7 +73,8 @@ class _Recomputed:
         if tuple(a._version for a in self.args) != self.versions:
             raise RuntimeError("an input of a recomputed activation was modified in place after the forward; "
                                "the backward cannot make the activation again (set GPAVATAR_RECOMPUTE=0)")
-        with torch.no_grad():
+        device_type, enabled, dtype = self.autocast  # the forward's autocast state, not the backward's
+        with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
             made = self.make(*self.args)
         return made.as_strided(self.size, self.stride, self.offset)
 
@@ -114,13 +115,15 @@ def recomputed(make: Callable[..., torch.Tensor], args: tuple, fn: Callable[[tor
     storage = made.untyped_storage()
     ptr, nbytes = storage.data_ptr(), storage.nbytes()
     recipe_args = tuple(a.detach() for a in args)
+    device_type = made.device.type
+    autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
     outer = _enclosing_hooks()
 
     def pack(t: torch.Tensor) -> Any:
         s = t.untyped_storage()
         if nbytes and s.data_ptr() == ptr and s.nbytes() == nbytes and t.dtype == made.dtype \
                 and t.device == made.device:
-            return _Recomputed(make, recipe_args, t.size(), t.stride(), t.storage_offset())
+            return _Recomputed(make, recipe_args, autocast, t.size(), t.stride(), t.storage_offset())
         return t if outer is None else _Packed(outer[0](t))
 
     def unpack(p: Any) -> torch.Tensor:
