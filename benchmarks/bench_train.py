@@ -34,6 +34,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -95,9 +96,11 @@ def split_variant(backend: str) -> tuple[str, bool, bool, bool]:
     return base, "keep" in opts, "bf16" in opts, "buffers" in opts
 
 
-def make_step(setup: dict, backend: str):
+def make_step(setup: dict, backend: str, pack_hook=None):
     """A zero-argument training step with ``backend`` from the initial weights, a fresh Adam and a
-    fresh generator (the same draws for every backend); returns the step's total loss (a tensor)."""
+    fresh generator (the same draws for every backend); returns the step's total loss (a tensor).
+    ``pack_hook``: a saved-tensor pack hook around the forward and the loss (see
+    :func:`saved_activations`)."""
     model, loss_fn, x = setup["model"], setup["loss"], setup["inputs"]
     device = x["images"].device
     model.load_state_dict(setup["initial"])
@@ -112,8 +115,10 @@ def make_step(setup: dict, backend: str):
             saved = model.nerf_mlp.checkpoint_layers
             model.nerf_mlp.checkpoint_layers = False if keep else saved
             try:
-                out = model.forward_train(x["images"], x["points"], x["transform"], generator=generator)
-                total = loss_fn(out, x["target"], x["bbox"])["total"]
+                with (torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t) if pack_hook
+                      else contextlib.nullcontext()):
+                    out = model.forward_train(x["images"], x["points"], x["transform"], generator=generator)
+                    total = loss_fn(out, x["target"], x["bbox"])["total"]
             finally:
                 model.nerf_mlp.checkpoint_layers = saved
             optimizer.zero_grad(set_to_none=True)
@@ -124,10 +129,51 @@ def make_step(setup: dict, backend: str):
     return step
 
 
+def saved_activations(setup: dict, backend: str) -> tuple[int, dict[str, int]]:
+    """The activations one step keeps for its backward: bytes of the distinct storages autograd
+    saves during the forward and the loss (parameters excluded; what a checkpoint or a
+    recomputing helper drops is not saved), in total and by top-level module.  Independent of
+    the device: the CPU figure is the GPU's (same dtypes and shapes)."""
+    model, loss_fn = setup["model"], setup["loss"]
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    stack: list[str] = []
+    seen: dict[int, tuple[str, int]] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in params and s.data_ptr() not in seen:
+            seen[s.data_ptr()] = (stack[-1] if stack else "other", s.nbytes())
+        return t
+
+    def enter(label: str):
+        def hook(module, args) -> None:
+            stack.append(label)
+        return hook
+
+    def leave(module, args, output) -> None:  # returns None: the output stays
+        stack.pop()
+
+    handles = []
+    for prefix, root in (("", model), ("loss", loss_fn)):
+        for name, module in root.named_children():
+            handles.append(module.register_forward_pre_hook(enter(f"{prefix}.{name}" if prefix else name)))
+            handles.append(module.register_forward_hook(leave))
+    try:
+        make_step(setup, backend, pack_hook=pack)()
+    finally:
+        for h in handles:
+            h.remove()
+    by_module: dict[str, int] = {}
+    for label, n in seen.values():
+        by_module[label] = by_module.get(label, 0) + n
+    return sum(by_module.values()), dict(sorted(by_module.items(), key=lambda kv: -kv[1]))
+
+
 def run_row(setup: dict, backend: str, device: torch.device, *, repeats: int, warmup: int, max_seconds: float,
             min_repeats: int = 3) -> dict:
     row = dict(case=CASE, backend=backend, median_ms=None, p20_ms=None, p80_ms=None, repeats=0, steps_per_s=None,
-               peak_mem_bytes=None, resident_bytes=None, loss=None, fallback=None, error=None)
+               peak_mem_bytes=None, resident_bytes=None, saved_bytes=None, saved_by_module=None, loss=None,
+               fallback=None, error=None)
     step = None
     try:
         base = split_variant(backend)[0]
@@ -143,6 +189,7 @@ def run_row(setup: dict, backend: str, device: torch.device, *, repeats: int, wa
             torch.cuda.synchronize(device)
             row["resident_bytes"] = torch.cuda.memory_allocated(device)
         row["peak_mem_bytes"] = H.peak_memory(step, device)
+        row["saved_bytes"], row["saved_by_module"] = saved_activations(setup, backend)
         row.update(H.time_fn(step, device, repeats=repeats, warmup=0, max_seconds=max_seconds,
                              min_repeats=min_repeats))
         if row["median_ms"]:
@@ -167,7 +214,7 @@ def render_markdown(payload: dict) -> str:
              f"{cfg.get('n_coarse')} + {cfg.get('n_fine')} samples, output {cfg.get('output_size')}²; points: "
              f"{cfg.get('points') or '-'}")
     headers = ["backend", "median ms", "p20-p80 ms", "steps/s", "vs best baseline", "peak MiB", "mem vs best",
-               "resident MiB", "loss (step 1)", "status"]
+               "saved MiB", "resident MiB", "loss (step 1)", "status"]
     body = []
     for r in payload["rows"]:
         spread = f"{H.fmt_ms(r['p20_ms'])}-{H.fmt_ms(r['p80_ms'])}" if r["p20_ms"] is not None else "-"
@@ -177,13 +224,17 @@ def render_markdown(payload: dict) -> str:
                      "-" if r["steps_per_s"] is None else f"{r['steps_per_s']:.2f}",
                      H.fmt_ratio(r.get("speedup_vs_best")) + (f" ({r['best_baseline']})" if r.get("best_baseline")
                                                               else ""),
-                     _fmt_mib(r["peak_mem_bytes"]), H.fmt_ratio(r.get("mem_vs_best")), _fmt_mib(r["resident_bytes"]),
+                     _fmt_mib(r["peak_mem_bytes"]), H.fmt_ratio(r.get("mem_vs_best")), _fmt_mib(r.get("saved_bytes")),
+                     _fmt_mib(r["resident_bytes"]),
                      "-" if r["loss"] is None else f"{r['loss']:.6g}", status])
     note = ("Step: forward_train (jittered sampling, fresh noise) + GPAvatarLoss + backward + Adam, as "
             "Trainer.train_step without data loading and logging. Times: median over steps (p20-p80). Peak MiB: "
             + ("CUDA max_memory_allocated during one step above the memory held before it; resident = that held "
                "memory (parameters, Adam state, inputs)." if cfg["device"].startswith("cuda") else
-               "CPU tensor memory of one step from torch.profiler allocation events (no malloc/stack).")
+               "CPU tensor memory of one step from torch.profiler allocation events (no malloc/stack; CPU "
+               "convolutions add im2col workspaces a GPU does not have).")
+            + " Saved MiB: the activations the step keeps for its backward (distinct storages autograd saves "
+            "in the forward and the loss, parameters excluded; the same on every device; by module in the JSON)."
             + " vs best baseline: the fastest baseline row (torch-fast = the official-style path: pure-torch ops + "
             "the PEF of benchmarks/_baselines.py; pytorch3d = the same with knn_points), its ms / this row's ms; "
             "mem vs best: this row's peak / that baseline's peak. loss (step 1): the first step's total loss from "

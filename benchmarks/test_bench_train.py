@@ -93,4 +93,9 @@ def test_script_smoke(tmp_path):
         # same weights, same draws: the first step's loss agrees (up to the KNN / float summation order)
         assert r["loss"] == pytest.approx(rows[0]["loss"], rel=1e-4)
     assert rows[0]["speedup_vs_best"] == 1.0 and rows[0]["best_baseline"] == "torch-fast"
-    assert "| torch-fast" in md.read_text()
+    assert "| torch-fast" in md.read_text() and "saved MiB" in md.read_text()
+    for r in rows:  # the activations kept for the backward, by top-level module
+        assert r["saved_bytes"] > 0 and sum(r["saved_by_module"].values()) == r["saved_bytes"]
+        assert {"style_tplane", "nerf_mlp", "up_renderer"} <= set(r["saved_by_module"])
+    if len(rows) > 1:  # the fused backend recomputes (gpavatar.model.recompute), the baseline keeps everything
+        assert rows[1]["saved_by_module"]["up_renderer"] < rows[0]["saved_by_module"]["up_renderer"]
