@@ -13,6 +13,7 @@ from gpavatar.model.mta import MultiTriplaneAttention
 from gpavatar.model.recompute import RECOMPUTE_ENV, checkpointed, recompute_setting, recomputed, upsampled
 from gpavatar.model.style_unet import ResBlock, StyleUNet
 from gpavatar.model.stylegan import ModulatedConv2d, StyleConv
+from conftest import requires_cuda
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,7 +40,7 @@ def run(fn, inputs, params, recompute, monkeypatch):
         out = fn(*inputs)
     out = out if isinstance(out, torch.Tensor) else torch.cat([o.flatten() for o in out])
     g = torch.Generator().manual_seed(7)
-    (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum().backward()
+    (out * torch.randn(out.shape, generator=g, dtype=out.dtype).to(out.device)).sum().backward()
     grads = [None if t.grad is None else t.grad.clone() for t in list(inputs) + list(params)]
     return out.detach(), grads, sum(saved)
 
@@ -55,17 +56,31 @@ def assert_same(a, b):
     assert len(reached) >= 0.8 * len(grads_a) and all(bool(x.abs().sum() > 0) for x in reached)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda])]
+
+
+@pytest.fixture
+def deterministic():
+    """cuDNN's weight gradients may sum in any order: two runs compare bit for bit only with the
+    deterministic algorithms."""
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch", [1, 3])  # B = 1: a plain convolution; B > 1: grouped (a reshaped view)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("sample_mode", ["upsample", None])
-def test_modulated_conv(batch, channels_last, sample_mode, monkeypatch):
+def test_modulated_conv(batch, channels_last, sample_mode, device, deterministic, monkeypatch):
     torch.manual_seed(0)
-    conv = ModulatedConv2d(8, 6, 3, num_style_feat=5, sample_mode=sample_mode).double()
-    x = torch.randn(batch, 8, 7, 9, dtype=torch.float64)
+    conv = ModulatedConv2d(8, 6, 3, num_style_feat=5, sample_mode=sample_mode).double().to(device)
+    x = torch.randn(batch, 8, 7, 9, dtype=torch.float64, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
-    style = torch.randn(batch, 5, dtype=torch.float64, requires_grad=True)
+    style = torch.randn(batch, 5, dtype=torch.float64, device=device, requires_grad=True)
     params = list(conv.parameters())
     kept = run(conv, (x, style), params, False, monkeypatch)
     recomputed = run(conv, (x, style), params, True, monkeypatch)
@@ -202,11 +217,12 @@ def test_setting(monkeypatch):
         recompute_setting()
 
 
-def test_mta_checkpointed_chunks(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_mta_checkpointed_chunks(device, monkeypatch):
     torch.manual_seed(3)
-    mta = MultiTriplaneAttention(8, chunk_bytes=4 * 2 * 3 * 6 * 300).double()  # 3 rows per chunk
-    query = torch.randn(1, 1, 3, 8, 10, 6, dtype=torch.float64, requires_grad=True)
-    key = torch.randn(2, 3, 3, 8, 10, 6, dtype=torch.float64, requires_grad=True)
+    mta = MultiTriplaneAttention(8, chunk_bytes=4 * 2 * 3 * 6 * 300).double().to(device)  # 3 rows per chunk
+    query = torch.randn(1, 1, 3, 8, 10, 6, dtype=torch.float64, device=device, requires_grad=True)
+    key = torch.randn(2, 3, 3, 8, 10, 6, dtype=torch.float64, device=device, requires_grad=True)
     params = [p for p in mta.parameters() if p.requires_grad]
     kept = run(mta, (query, key), params, False, monkeypatch)
     recomputed = run(mta, (query, key), params, True, monkeypatch)
@@ -217,14 +233,15 @@ def test_mta_checkpointed_chunks(monkeypatch):
     assert_same(run(fn, (query, key), params, False, monkeypatch), run(fn, (query, key), params, True, monkeypatch))
 
 
-def test_style_unet_in_place_activations_and_recompute(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_style_unet_in_place_activations_and_recompute(device, deterministic, monkeypatch):
     """Whole StyleUNets (SFT, the decoder; with and without an input resize and a down first
     block): the same image and gradients as the all-kept run, and fewer saved bytes (at these
     narrow widths the per-sample modulated weights are a large share; 0.82 of the bytes at 64²)."""
     torch.manual_seed(4)
     for in_size, out_size, x_size, limit in ((64, 64, 64, 0.85), (64, 32, 64, 0.95), (32, 32, 16, 0.95)):
-        net = StyleUNet(in_size, out_size, 3, 5, num_style_feat=16, num_mlp=1, narrow=1 / 64).double()
-        x = torch.rand(2, 3, x_size, x_size, dtype=torch.float64, requires_grad=True)
+        net = StyleUNet(in_size, out_size, 3, 5, num_style_feat=16, num_mlp=1, narrow=1 / 64).double().to(device)
+        x = torch.rand(2, 3, x_size, x_size, dtype=torch.float64, device=device, requires_grad=True)
         fn = lambda x: net(x, noise="off")  # noqa: E731
         kept = run(fn, (x,), list(net.parameters()), False, monkeypatch)
         recomputed = run(fn, (x,), list(net.parameters()), True, monkeypatch)
