@@ -79,8 +79,8 @@ def make_setup(preset: str, device: torch.device, *, batch: int = 1, sources: in
 
 
 # Row variants of a gpavatar backend (GPU rows after the plain ones): "+keep" keeps every activation
-# (no layer checkpointing, $GPAVATAR_RECOMPUTE=0: gpavatar.model.recompute), "+bf16" runs forward and loss under bf16 autocast (the
-# trainer's --amp bf16), "+buffers" runs the C++/CUDA blend's per-query forward and buffers
+# (no layer checkpointing, $GPAVATAR_RECOMPUTE=0: gpavatar.model.recompute), "+bf16" runs forward
+# and loss under bf16 autocast (the trainer's --amp bf16), "+buffers" runs the C++/CUDA blend's per-query forward and buffers
 # backward (GPAVATAR_BLEND_FORWARD=queries, GPAVATAR_BLEND_BACKWARD=buffers: the CUDA default
 # before the tiled kernels were measured faster).
 VARIANTS = ("+keep", "+bf16", "+buffers")

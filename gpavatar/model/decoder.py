@@ -32,9 +32,9 @@ tri-planes and recomputes the layers (a few matrix products) instead of holding 
 floats per sample (about 2 GiB per paper-size pass).  A pass is checkpointed in segments of
 ``checkpoint_segment`` samples (2^17), so the backward holds the recomputed activations of one
 segment at a time.  The outputs and gradients are those of the plain pass (the same arithmetic
-again; a pass of several segments sums its weight gradients segment by segment).  ``checkpoint_layers`` (True / False; None:
-``$GPAVATAR_FIELD_CHECKPOINT`` = 1 / 0, or unset / ``auto``: passes of at least 65536 samples)
-chooses.
+again; a pass of several segments sums its weight gradients segment by segment).
+``checkpoint_layers`` (True / False; None: ``$GPAVATAR_FIELD_CHECKPOINT`` = 1 / 0, or unset /
+``auto``: passes of at least 65536 samples) chooses.
 
     >>> import torch
     >>> from gpavatar.model.decoder import PointsDecoder
