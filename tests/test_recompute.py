@@ -106,6 +106,20 @@ def test_modulated_conv_under_bf16_autocast(monkeypatch):
     kept = run(fn, (x, style), list(conv.parameters()), False, monkeypatch)
     recomputed = run(fn, (x, style), list(conv.parameters()), True, monkeypatch)
     assert_same(kept, recomputed)
+    # Kept neither the bf16 x2 map nor any per-sample weights (float32, or the bf16 copy the
+    # convolution uses): nothing of their sizes is saved.
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        fn(x, style)
+    assert sizes and not {2 * 8 * 12 * 12, 2 * 6 * 8 * 9} & set(sizes), sizes
+    assert recomputed[2] < kept[2] / 5
+    # The same numbers as the convolution's own autocast cast of float32 weights.
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        h = F.interpolate(x.to(torch.bfloat16), scale_factor=2, mode="bilinear")
+        w = conv.weight * conv.modulation(style).view(2, 1, 8, 1, 1)
+        w = w * torch.rsqrt(w.pow(2).sum(dim=(2, 3, 4), keepdim=True) + conv.eps)
+        ref = torch.cat([F.conv2d(h[b:b + 1], w[b], padding=1) for b in range(2)]).float()
+    assert torch.equal(recomputed[0], ref)
 
 
 def test_recomputation_runs_under_the_forwards_autocast_state(monkeypatch):

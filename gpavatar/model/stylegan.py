@@ -124,12 +124,17 @@ class ModulatedConv2d(nn.Module):
 
     def modulated_weight(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """W' (B, C_out, C_in, k, k) from ``weight`` (the parameter) and the modulation output
-        ``scale`` (B, C_in)."""
+        ``scale`` (B, C_in); in the autocast dtype under autocast."""
         B, C_in = scale.shape
         # Type promotion keeps the per-sample weights in the parameter dtype (float32 under autocast).
         weight = weight * scale.view(B, 1, C_in, 1, 1)
         if self.demodulate:
             weight = weight * torch.rsqrt(weight.pow(2).sum(dim=(2, 3, 4), keepdim=True) + self.eps)
+        device_type = weight.device.type
+        if torch.is_autocast_enabled(device_type):
+            # The convolution's own autocast cast, made here: training then recomputes the cast copy
+            # (the tensor the convolution keeps) instead of keeping it.
+            weight = weight.to(torch.get_autocast_dtype(device_type))
         return weight
 
     def forward(self, x: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
