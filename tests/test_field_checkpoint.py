@@ -101,3 +101,41 @@ def test_checkpoint_recomputes_the_triplane_features():
     inputs = 4 * (planes.numel() + 2 * coords.numel() + N * 8)
     tri = 4 * N * 8
     assert saved < pef + inputs + tri / 2, (saved, pef, inputs, tri)
+
+
+@pytest.mark.parametrize("segment", [64, 100, 299, 300])
+def test_segmented_checkpoint_matches_the_whole_pass(segment):
+    """A pass checkpointed in segments of ``checkpoint_segment`` samples (the last one shorter):
+    the outputs of the whole pass, and its gradients up to the summation order over segments."""
+    dec, planes, coords, dirs, points = make(N=300)
+    dec.checkpoint_segment = 1 << 30
+    out_w, grads_w, _ = train_pass(dec, planes, coords, dirs, points, True)
+    dec.checkpoint_segment = segment
+    out_s, grads_s, _ = train_pass(dec, planes, coords, dirs, points, True)
+    torch.testing.assert_close(out_s, out_w, rtol=1e-6, atol=1e-7)
+    for a, b in zip(grads_s, grads_w):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_segments_follow_the_batch():
+    """With B > 1 a segment holds checkpoint_segment // B samples of every batch element."""
+    dec, planes, coords, dirs, points = make(N=120)
+    planes2 = torch.cat([planes.detach(), planes.detach().flip(2)]).requires_grad_()
+    coords2, dirs2, points2 = (torch.cat([t, t.flip(1)]) for t in (coords, dirs, points))
+    calls = []
+    original = dec._sample_layers
+
+    def spy(planes, expr, coords, dirs):
+        calls.append(tuple(coords.shape))
+        return original(planes, expr, coords, dirs)
+
+    dec._sample_layers = spy
+    dec.checkpoint_layers, dec.checkpoint_segment = True, 100
+    alpha, value = dec(coords2, dirs2, planes2, points2)
+    assert calls == [(2, 50, 3), (2, 50, 3), (2, 20, 3)]
+    assert alpha.shape == (2, 120) and value.shape == (2, 120, 8)
+    del dec._sample_layers
+    dec.checkpoint_segment = 1 << 30
+    ref_alpha, ref_value = dec(coords2, dirs2, planes2, points2)
+    torch.testing.assert_close(alpha, ref_alpha, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(value, ref_value, rtol=1e-6, atol=1e-7)

@@ -30,7 +30,7 @@ Training pass.  When a gradient is needed, the tri-plane sampling and the layers
 keeps only its (N, Cp) PEF features, coordinates and directions, and the backward samples the
 tri-planes and recomputes the layers (a few matrix products) instead of holding their ~1000
 floats per sample (about 2 GiB per paper-size pass).  A pass is checkpointed in segments of
-``checkpoint_segment`` samples (2^17), so the backward holds the recomputed activations of one
+``checkpoint_segment`` samples (2^18), so the backward holds the recomputed activations of one
 segment at a time.  The outputs and gradients are those of the plain pass (the same arithmetic
 again; a pass of several segments sums its weight gradients segment by segment).
 ``checkpoint_layers`` (True / False; None: ``$GPAVATAR_FIELD_CHECKPOINT`` = 1 / 0, or unset /
@@ -69,9 +69,10 @@ CHECKPOINT_ENV = "GPAVATAR_FIELD_CHECKPOINT"
 # memory it saves (11 % of the peak).
 CHECKPOINT_MIN_SAMPLES = 1 << 16
 # Samples (B x N) per checkpointed segment of a pass: the backward recomputes ~500 floats a
-# sample of one segment at a time (256 MiB here; a whole 2^19-sample paper pass was 1 GiB, the
-# peak of a training step).
-CHECKPOINT_SEGMENT = 1 << 17
+# sample of one segment at a time (512 MiB at 2^18; a whole 2^19-sample paper pass, 1 GiB, was
+# the peak of a training step).  Each segment adds ~100 small ops to a step of ~8500: two per
+# paper pass keep that peak below the super-resolution's.
+CHECKPOINT_SEGMENT = 1 << 18
 
 
 class PointsDecoder(nn.Module):
