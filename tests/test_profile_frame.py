@@ -41,6 +41,8 @@ def test_cpu_profile_adds_up(tmp_path):
     assert mode["total_ms"] > 0
     assert abs(sum(g["ms"] for g in mode["groups"].values()) - mode["total_ms"]) < 1e-6 * mode["total_ms"] + 1e-9
     assert {"knn", "pef blend", "convolutions"} <= set(mode["groups"])
+    # the unprofiled call's time and the number of operator calls (kernel launches on a GPU)
+    assert mode["wall_ms"] > 0 and mode["launches"] == sum(g["calls"] for g in mode["groups"].values()) > 10
     with pytest.raises(SystemExit):
         profile_frame.main(["--device", "cpu", "--modes", "fast", "--preset", "nope"])
 
