@@ -29,6 +29,7 @@ which the next layer keeps anyway, instead of a second tensor (the official code
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -59,24 +60,42 @@ def _bilinear2x(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
 
 
+class _Recipe:
+    """``make`` and its arguments, kept once per :func:`recomputed` call for every saved view of
+    its output.  The arguments go through the enclosing block's hooks like any saved tensor (a
+    ``save_on_cpu`` block moves them, a counting block counts them); their versions are checked
+    when those hooks give the same tensors back."""
+
+    __slots__ = ("make", "args", "refs", "versions", "unpack_outer", "autocast")
+
+    def __init__(self, make: Callable[..., torch.Tensor], args: tuple, outer, autocast: tuple):
+        self.make, self.autocast = make, autocast
+        self.refs = tuple(weakref.ref(a) for a in args)
+        self.versions = tuple(a._version for a in args)
+        self.args = args if outer is None else tuple(outer[0](a) for a in args)
+        self.unpack_outer = None if outer is None else outer[1]
+
+    def run(self) -> torch.Tensor:
+        args = self.args if self.unpack_outer is None else tuple(self.unpack_outer(a) for a in self.args)
+        for a, ref, version in zip(args, self.refs, self.versions):
+            if a is ref() and a._version != version:
+                raise RuntimeError("an input of a recomputed activation was modified in place after the forward; "
+                                   "the backward cannot make the activation again (set GPAVATAR_RECOMPUTE=0)")
+        device_type, enabled, dtype = self.autocast  # the forward's autocast state, not the backward's
+        with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            return self.make(*args)
+
+
 class _Recomputed:
     """What a saved view of ``make(*args)`` is packed as: the recipe and the view's geometry."""
 
-    __slots__ = ("make", "args", "versions", "autocast", "size", "stride", "offset")
+    __slots__ = ("recipe", "size", "stride", "offset")
 
-    def __init__(self, make: Callable[..., torch.Tensor], args: tuple, autocast: tuple, size, stride, offset: int):
-        self.make, self.args, self.autocast = make, args, autocast
-        self.versions = tuple(a._version for a in args)
-        self.size, self.stride, self.offset = size, stride, offset
+    def __init__(self, recipe: _Recipe, size, stride, offset: int):
+        self.recipe, self.size, self.stride, self.offset = recipe, size, stride, offset
 
     def unpack(self) -> torch.Tensor:
-        if tuple(a._version for a in self.args) != self.versions:
-            raise RuntimeError("an input of a recomputed activation was modified in place after the forward; "
-                               "the backward cannot make the activation again (set GPAVATAR_RECOMPUTE=0)")
-        device_type, enabled, dtype = self.autocast  # the forward's autocast state, not the backward's
-        with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            made = self.make(*self.args)
-        return made.as_strided(self.size, self.stride, self.offset)
+        return self.recipe.run().as_strided(self.size, self.stride, self.offset)
 
 
 class _Packed:
@@ -113,17 +132,18 @@ def recomputed(make: Callable[..., torch.Tensor], args: tuple, fn: Callable[[tor
     else:
         made = make(*args)
     storage = made.untyped_storage()
-    ptr, nbytes = storage.data_ptr(), storage.nbytes()
-    recipe_args = tuple(a.detach() for a in args)
-    device_type = made.device.type
-    autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+    ptr, nbytes, dtype, device = storage.data_ptr(), storage.nbytes(), made.dtype, made.device
+    autocast = (device.type, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
     outer = _enclosing_hooks()
+    # The recipe is made (its arguments packed) at the first saved view, once for all of them.
+    state: dict[str, Any] = {"args": tuple(a.detach() for a in args), "recipe": None}
 
     def pack(t: torch.Tensor) -> Any:
         s = t.untyped_storage()
-        if nbytes and s.data_ptr() == ptr and s.nbytes() == nbytes and t.dtype == made.dtype \
-                and t.device == made.device:
-            return _Recomputed(make, recipe_args, autocast, t.size(), t.stride(), t.storage_offset())
+        if nbytes and s.data_ptr() == ptr and s.nbytes() == nbytes and t.dtype == dtype and t.device == device:
+            if state["recipe"] is None:
+                state["recipe"] = _Recipe(make, state.pop("args"), outer, autocast)
+            return _Recomputed(state["recipe"], t.size(), t.stride(), t.storage_offset())
         return t if outer is None else _Packed(outer[0](t))
 
     def unpack(p: Any) -> torch.Tensor:

@@ -65,6 +65,7 @@ import torch
 from torch import nn
 
 from gpavatar import ops
+from gpavatar.model.recompute import recomputed
 from gpavatar.ops import _validation as v
 
 __all__ = ["VolumeRenderer", "RayBatch", "inside_box", "pixel_grid", "camera_rays"]
@@ -260,8 +261,10 @@ class VolumeRenderer(nn.Module):
         HW = Hs * Ws
         depths, order = ops.merge_samples(coarse_t, fine_t, **internal)
         alphas = ops.merge_values(alpha_c, alpha_f.to(alpha_c.dtype), order)
-        values = ops.merge_values(value_c, value_f.to(value_c.dtype), order)
-        fine = ops.composite(alphas, values, depths, **internal)
+        # Training keeps the passes' values (the coarse composite keeps value_c anyway), not their
+        # merged copy: the backward merges them again (gpavatar.model.recompute).
+        fine = recomputed(lambda a, b: ops.merge_values(a, b, order), (value_c, value_f.to(value_c.dtype)),
+                          lambda values: ops.composite(alphas, values, depths, **internal), make_saves=False)
 
         opacity = fine.opacity
         # The official fill: one scalar for the whole batch (not each ray's own maximum).
