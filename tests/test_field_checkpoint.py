@@ -5,6 +5,7 @@ activations, the size rule of the default, and the switches."""
 import pytest
 import torch
 
+from _saved import saved_bytes
 from gpavatar import ops
 from gpavatar.model.decoder import CHECKPOINT_ENV, CHECKPOINT_MIN_SAMPLES, PointsDecoder
 
@@ -25,17 +26,10 @@ def train_pass(dec, planes, coords, dirs, points, checkpoint):
     dec.checkpoint_layers = checkpoint
     dec.zero_grad()
     planes.grad = None
-    saved = []
-
-    def pack(t):
-        saved.append(t.numel() * t.element_size())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        alpha, value = dec(coords, dirs, planes, points)
+    (alpha, value), saved = saved_bytes(lambda: dec(coords, dirs, planes, points))
     (alpha.square().sum() + (value * torch.linspace(-1, 1, value.shape[-1])).sum()).backward()
     grads = [p.grad.clone() for p in dec.parameters()] + [planes.grad.clone()]
-    return (alpha.detach(), value.detach()), grads, sum(saved)
+    return (alpha.detach(), value.detach()), grads, saved
 
 
 def test_checkpointed_pass_is_bit_identical_and_saves_less():
@@ -83,21 +77,13 @@ def test_frozen_decoder_and_inputs_do_not_checkpoint():
     assert dec._checkpoints(planes.detach(), expr.requires_grad_(), CHECKPOINT_MIN_SAMPLES)
 
 
-def saved_bytes(fn):
-    sizes = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
-                                                  lambda t: t):
-        fn()
-    return sum(sizes)
-
-
 def test_checkpoint_recomputes_the_triplane_features():
     """The checkpointed pass keeps its inputs (planes, coords, dirs, the PEF features) and what the
     PEF op keeps, not the (N, C) tri-plane features: the backward samples them again."""
     N = 2000
     dec, planes, coords, dirs, points = make(N=N)
     _, _, saved = train_pass(dec, planes, coords, dirs, points, True)
-    pef = saved_bytes(lambda: dec.points_querier(coords, points))
+    _, pef = saved_bytes(lambda: dec.points_querier(coords, points))
     inputs = 4 * (planes.numel() + 2 * coords.numel() + N * 8)
     tri = 4 * N * 8
     assert saved < pef + inputs + tri / 2, (saved, pef, inputs, tri)

@@ -13,6 +13,7 @@ from gpavatar.model.mta import MultiTriplaneAttention
 from gpavatar.model.recompute import RECOMPUTE_ENV, checkpointed, recompute_setting, recomputed, upsampled
 from gpavatar.model.style_unet import ResBlock, StyleUNet
 from gpavatar.model.stylegan import ModulatedConv2d, StyleConv
+from _saved import saved_bytes
 from conftest import requires_cuda
 
 
@@ -25,24 +26,17 @@ def one_thread():
 
 
 def run(fn, inputs, params, recompute, monkeypatch):
-    """Output, gradients of inputs and params, and the bytes autograd saved (outermost hooks:
-    tensors a recomputing helper packs itself are not counted)."""
+    """Output, gradients of inputs and params, and the bytes autograd saved (a recomputing
+    helper's recipe arguments included: they pass through the counting hooks)."""
     monkeypatch.setenv(RECOMPUTE_ENV, "1" if recompute else "0")
     for t in list(inputs) + list(params):
         t.grad = None
-    saved = []
-
-    def pack(t):
-        saved.append(t.numel() * t.element_size())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(*inputs)
+    out, saved = saved_bytes(lambda: fn(*inputs))
     out = out if isinstance(out, torch.Tensor) else torch.cat([o.flatten() for o in out])
     g = torch.Generator().manual_seed(7)
     (out * torch.randn(out.shape, generator=g, dtype=out.dtype).to(out.device)).sum().backward()
     grads = [None if t.grad is None else t.grad.clone() for t in list(inputs) + list(params)]
-    return out.detach(), grads, sum(saved)
+    return out.detach(), grads, saved
 
 
 def assert_same(a, b):

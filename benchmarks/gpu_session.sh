@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One prepared device run, lean enough for a 15-minute device session:
+#
+#   bash benchmarks/gpu_session.sh opt-ins OUTDIR   (about 9 minutes)
+#       times the fast mode's opt-in kernels against the defaults:
+#         GPAVATAR_FIELD_LAYERS=triton        the decoder's layers as one Triton kernel
+#         GPAVATAR_BLEND_TENSOR_CORES=1       the PEF blend's forward on the tensor cores
+#         GPAVATAR_KNN_SHARE=1                one KNN index per frame for both field passes
+#         GPAVATAR_UPSAMPLE=triton            the super-resolution's 2x upsampling in Triton
+#         field_dtype=torch.bfloat16          the field layers under bf16 autocast
+#       the CUDA tests of these kernels; bench_e2e's realtime rows (B = 1 and the B = 8 throughput
+#       row, every variant; the render rows give the baseline); profile_frame of the fast frame with
+#       and without the opt-ins; bench_field's layers rows and tile sweep; bench_knn_blend's cuda+tc
+#       rows on the render distribution.  Promote a switch to the default only where these numbers
+#       show it faster.
+#
+#   bash benchmarks/gpu_session.sh train OUTDIR     (about 5 minutes)
+#       the training step: bench_train's torch-fast (the official-style path), cuda, cuda+keep (no
+#       checkpointing or recomputation: gpavatar/model/recompute.py) and cuda+bf16 (--amp bf16)
+#       rows (time, peak memory, the activations kept for the backward), and profile_frame --train
+#       (kernel by kernel, and how busy the device is: a host-bound step shows well under 100 %);
+#       the CUDA tests of the recomputation and the field checkpoint.
+#
+# On the device, OUTDIR under /tmp, then tar it to $OUT.  Runs benchmarks/gpu_report.sh with these
+# settings (GPAVATAR_PREBUILT=1 when the extension was built by benchmarks/prebuild_device_ext.sh
+# and carried along); every setting below can be overridden from the environment.
+set -euo pipefail
+if [[ $# -ne 2 || ( "$1" != opt-ins && "$1" != train ) ]]; then
+    echo "usage: $0 opt-ins|train OUTDIR" >&2
+    exit 2
+fi
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [[ "$1" == opt-ins ]]; then
+    export CUDA_TESTS="${CUDA_TESTS:-tests/test_field_layers.py tests/test_knn_index.py tests/test_knn_blend.py tests/test_realtime.py}"
+    export CUDA_TESTS_CAP="${CUDA_TESTS_CAP:-150}"
+    export BENCHES_ONLY="${BENCHES_ONLY:-benchmarks/bench_e2e.py benchmarks/profile_frame.py benchmarks/bench_field.py benchmarks/bench_knn_blend.py}"
+    export ARGS_bench_e2e="${ARGS_bench_e2e:---batch 1 --cases render,realtime}" CAP_bench_e2e="${CAP_bench_e2e:-240}"
+    export ARGS_profile_frame="${ARGS_profile_frame:---modes fast,fast+opt-ins}" CAP_profile_frame="${CAP_profile_frame:-60}"
+    export ARGS_bench_field="${ARGS_bench_field:---precisions tf32,bf16 --sweep}" CAP_bench_field="${CAP_bench_field:-120}"
+    export ARGS_bench_knn_blend="${ARGS_bench_knn_blend:---dist render}" CAP_bench_knn_blend="${CAP_bench_knn_blend:-90}"
+else
+    export CUDA_TESTS="${CUDA_TESTS:-tests/test_recompute.py tests/test_field_checkpoint.py}"
+    export CUDA_TESTS_CAP="${CUDA_TESTS_CAP:-60}"
+    export BENCHES_ONLY="${BENCHES_ONLY:-benchmarks/bench_train.py benchmarks/profile_frame.py}"
+    export ARGS_bench_train="${ARGS_bench_train:---backends torch-fast,cuda,cuda+keep,cuda+bf16 --repeats 5}"
+    export CAP_bench_train="${CAP_bench_train:-200}"
+    export ARGS_profile_frame="${ARGS_profile_frame:---train}" CAP_profile_frame="${CAP_profile_frame:-90}"
+fi
+export SKIP_TESTS_ALL="${SKIP_TESTS_ALL:-1}" SKIP_MEMCHECK="${SKIP_MEMCHECK:-1}"
+exec bash benchmarks/gpu_report.sh "$2"
