@@ -4,6 +4,9 @@ are the same bits as with everything kept ($GPAVATAR_RECOMPUTE=0)."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -191,6 +194,40 @@ def test_enclosing_hooks_see_the_other_saved_tensors(monkeypatch):
     ref = torch.autograd.grad(F.conv2d(F.interpolate(x, scale_factor=2, mode="bilinear"), w, padding=1)
                               .square().sum(), (x, w))
     assert torch.equal(x.grad, ref[0]) and torch.equal(w.grad, ref[1])
+
+
+def test_the_made_tensor_is_freed_before_the_backward(monkeypatch):
+    """Nothing (hooks, recipe) keeps the x2 map or the per-sample weights alive after the forward:
+    the memory is free until the backward makes them again."""
+    monkeypatch.setenv(RECOMPUTE_ENV, "1")
+    w = torch.randn(2, 3, 3, 3, requires_grad=True)
+    x = torch.randn(1, 3, 4, 4, requires_grad=True)
+    refs = []
+
+    def conv(u):
+        refs.append(weakref.ref(u))
+        return F.conv2d(u, w, padding=1)
+
+    y = upsampled(conv, x)
+    gc.collect()
+    assert refs[0]() is None
+    y.sum().backward()
+    assert x.grad is not None and w.grad is not None
+
+    mod = ModulatedConv2d(3, 2, 3, num_style_feat=4)
+    made = []
+    original = mod.modulated_weight
+
+    def spy(weight, scale):
+        out = original(weight, scale)
+        made.append(weakref.ref(out))
+        return out
+
+    mod.modulated_weight = spy
+    y = mod(torch.randn(2, 3, 4, 4), torch.randn(2, 4))
+    gc.collect()
+    assert made and made[0]() is None
+    y.sum().backward()
 
 
 def test_input_modified_in_place_after_the_forward_is_refused(monkeypatch):
