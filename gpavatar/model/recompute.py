@@ -113,7 +113,12 @@ def _enclosing_hooks():
     forwards the tensors it keeps to them: :func:`checkpointed` and ``save_on_cpu`` blocks around
     it still see them)."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return None if top is None else top(False)
+    if top is None:
+        return None
+    try:
+        return top(False)  # ignore_is_tracing (torch.utils.checkpoint's call)
+    except TypeError:  # a torch without that argument
+        return top()
 
 
 def recomputed(make: Callable[..., torch.Tensor], args: tuple, fn: Callable[[torch.Tensor], Any], *,
