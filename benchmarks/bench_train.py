@@ -23,8 +23,11 @@ same up to float rounding: a check that the rows train the same model.
 Per row: one warm-up step (it also creates Adam's state), peak memory of one step above the
 memory held before it (parameters, Adam state; CUDA ``max_memory_allocated``, CPU: tensor
 allocations from ``torch.profiler``), then the median (p20-p80) of ``--repeats`` timed steps (CUDA
-events on a GPU, ``perf_counter`` on the CPU).  Speed-up and memory ratios are against the fastest
-baseline row of the run.  A backend that raises gets its error in the row; the script goes on.
+events on a GPU, ``perf_counter`` on the CPU), and the activations one more step keeps for its
+backward (``saved_bytes``: the distinct storages autograd saves in the forward and the loss, by
+top-level module in ``saved_by_module``; the same bytes on every device).  Speed-up and memory
+ratios are against the fastest baseline row of the run.  A backend that raises gets its error in
+the row; the script goes on.
 
 Usage::
 

@@ -12,12 +12,19 @@ import torch
 import torch.nn.functional as F
 
 from gpavatar.model import GPAvatar
+from gpavatar.model import recompute
 from gpavatar.model.mta import MultiTriplaneAttention
 from gpavatar.model.recompute import RECOMPUTE_ENV, checkpointed, recompute_setting, recomputed, upsampled
 from gpavatar.model.style_unet import ResBlock, StyleUNet
 from gpavatar.model.stylegan import ModulatedConv2d, StyleConv
 from _saved import saved_bytes
 from conftest import requires_cuda
+
+
+@pytest.fixture(autouse=True)
+def recompute_small(monkeypatch):
+    """These tensors are tiny: recompute them whatever their size (RECOMPUTE_MIN_BYTES = 0)."""
+    monkeypatch.setattr(recompute, "RECOMPUTE_MIN_BYTES", 0)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -261,6 +268,24 @@ def test_no_grad_and_disabled_paths_are_plain(monkeypatch):
         y = upsampled(lambda u: u * 2, x)
     assert torch.equal(y, 2 * F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False))
     assert checkpointed(lambda a, b: a + b, x, x).equal(2 * x)
+
+
+def test_small_activations_are_kept(monkeypatch):
+    """Below RECOMPUTE_MIN_BYTES the plain call runs (no hooks, no checkpoint): the x2 map and the
+    weights are saved as usual; at the threshold they are recomputed."""
+    monkeypatch.setenv(RECOMPUTE_ENV, "1")
+    conv = ModulatedConv2d(8, 6, 3, num_style_feat=5, sample_mode="upsample")
+    x, style = torch.randn(2, 8, 6, 6), torch.randn(2, 5)
+    up, weights = 4 * 2 * 8 * 12 * 12, 4 * 2 * 6 * 8 * 9
+    for limit, kept in ((up + 1, True), (weights, False)):  # weights < up
+        monkeypatch.setattr(recompute, "RECOMPUTE_MIN_BYTES", limit)
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * 4) or t, lambda t: t):
+            conv(x, style)
+        assert (up in sizes) is kept and (weights in sizes) is kept, (limit, sizes)
+    assert not recompute.worth_recomputing(recompute.RECOMPUTE_MIN_BYTES - 1)
+    with torch.no_grad():
+        assert not recompute.worth_recomputing(recompute.RECOMPUTE_MIN_BYTES)
 
 
 def test_setting(monkeypatch):

@@ -39,6 +39,10 @@ from torch.utils.checkpoint import checkpoint
 from gpavatar.ops.upsample import upsample2x
 
 RECOMPUTE_ENV = "GPAVATAR_RECOMPUTE"
+# Activations smaller than this are kept: recomputing them saves little and its bookkeeping
+# (hooks, a checkpoint frame: tens of microseconds of Python each) would cost a step of small
+# tensors (the tiny preset) a fifth of its time.
+RECOMPUTE_MIN_BYTES = 1 << 20
 
 
 def recompute_setting() -> bool:
@@ -160,10 +164,17 @@ def recomputed(make: Callable[..., torch.Tensor], args: tuple, fn: Callable[[tor
         return fn(made)
 
 
+def worth_recomputing(nbytes: int) -> bool:
+    """A gradient is being recorded, recomputation is on and an activation of ``nbytes`` is large
+    enough (``RECOMPUTE_MIN_BYTES``) to be made again rather than kept."""
+    return nbytes >= RECOMPUTE_MIN_BYTES and _recording()
+
+
 def upsampled(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Any:
     """``fn(upsample2x(x))`` where the backward up-samples ``x`` again instead of keeping the x2
-    map (:func:`recomputed`); outside training, the plain call."""
-    if not _recording():
+    map (:func:`recomputed`); outside training, or for a map under ``RECOMPUTE_MIN_BYTES``, the
+    plain call."""
+    if not worth_recomputing(4 * x.numel() * x.element_size()):
         return fn(upsample2x(x))
     return recomputed(_bilinear2x, (x,), fn, make_saves=False)
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpavatar.model.recompute import recomputed, upsampled
+from gpavatar.model.recompute import recomputed, upsampled, worth_recomputing
 from gpavatar.ops.upsample import upsample2x
 
 NOISE_MODES = ("fresh", "stored", "off")
@@ -152,12 +152,13 @@ class ModulatedConv2d(nn.Module):
                            groups=B)
             return out.view(B, C_out, out.shape[-2], out.shape[-1])
 
-        # Training keeps neither the per-sample weights nor an up-sampled input: the backward makes
+        # Training keeps neither large per-sample weights nor an up-sampled input: the backward makes
         # them again (gpavatar.model.recompute).
-        if self.sample_mode == "upsample":
-            return recomputed(self.modulated_weight, (self.weight, scale),
-                              lambda w: upsampled(lambda u: conv(u, w), x))
-        return recomputed(self.modulated_weight, (self.weight, scale), lambda w: conv(x, w))
+        run = (lambda w: upsampled(lambda u: conv(u, w), x)) if self.sample_mode == "upsample" else \
+            (lambda w: conv(x, w))
+        if worth_recomputing(B * self.weight[0].numel() * self.weight.element_size()):
+            return recomputed(self.modulated_weight, (self.weight, scale), run)
+        return run(self.modulated_weight(self.weight, scale))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
