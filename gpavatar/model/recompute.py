@@ -1,6 +1,6 @@
 """Training memory: activations the backward recomputes instead of keeping.
 
-A paper-preset training step kept about 3.8 GB of activations for its backward
+A paper-preset training step kept about 3.7 GiB of activations for its backward
 (benchmarks/bench_train.py).  Those that cost little to make again are dropped while a
 gradient is being recorded:
 
