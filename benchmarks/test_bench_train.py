@@ -97,5 +97,9 @@ def test_script_smoke(tmp_path):
     for r in rows:  # the activations kept for the backward, by top-level module
         assert r["saved_bytes"] > 0 and sum(r["saved_by_module"].values()) == r["saved_bytes"]
         assert {"style_tplane", "nerf_mlp", "up_renderer"} <= set(r["saved_by_module"])
-    if len(rows) > 1:  # the fused backend recomputes (gpavatar.model.recompute), the baseline keeps everything
-        assert rows[1]["saved_by_module"]["up_renderer"] < rows[0]["saved_by_module"]["up_renderer"]
+    if len(rows) > 1:  # the fused backend recomputes (gpavatar.model.recompute), the baseline keeps everything;
+        # at the tiny preset the StyleUNets' maps and weights are under RECOMPUTE_MIN_BYTES and kept, the MTA
+        # chunks and the fine composite's merged values are recomputed whatever their size
+        fused, baseline = rows[1]["saved_by_module"], rows[0]["saved_by_module"]
+        assert fused["attn_module"] < baseline["attn_module"] and fused["renderer"] < baseline["renderer"]
+        assert rows[1]["saved_bytes"] < rows[0]["saved_bytes"]
