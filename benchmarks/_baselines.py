@@ -56,13 +56,14 @@ for the blends) like ``gpavatar.ops.knn`` / ``knn_blend``; only torch ops are us
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from _harness import environ
 
 __all__ = ["DISTANCE_METHODS", "default_memory_budget", "knn_torch_fast", "pick_distance_method",
            "blend_official", "knn_blend_torch_fast", "pytorch3d_error", "knn_pytorch3d",
@@ -322,18 +323,13 @@ def baseline_pef(model, baseline: str = "torch-fast"):
     # The official code keeps every activation of its training passes (no checkpointing, no
     # recomputation: gpavatar.model.recompute).
     saved_checkpoint = model.nerf_mlp.checkpoint_layers
-    saved_recompute = os.environ.get(RECOMPUTE_ENV)
     pef.query, decoder_module.ops, model.nerf_mlp.checkpoint_layers = query, _Ops(), False
-    os.environ[RECOMPUTE_ENV] = "0"
     try:
-        yield model
+        with environ(**{RECOMPUTE_ENV: "0"}):
+            yield model
     finally:
         del pef.query
         decoder_module.ops, model.nerf_mlp.checkpoint_layers = saved_ops, saved_checkpoint
-        if saved_recompute is None:
-            os.environ.pop(RECOMPUTE_ENV, None)
-        else:
-            os.environ[RECOMPUTE_ENV] = saved_recompute
 
 
 # --- comparing with the exact oracle ----------------------------------------------------------

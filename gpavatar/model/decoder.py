@@ -49,7 +49,6 @@ again; a pass of several segments sums its weight gradients segment by segment).
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -58,6 +57,7 @@ from torch.utils.checkpoint import checkpoint
 
 from gpavatar import ops
 from gpavatar.model.pef import PointExpressionField
+from gpavatar.ops._backend import env_switch
 from gpavatar.ops.field_query import field_layers, fused_setting
 from gpavatar.ops.knn import INDEX_MIN_QUERIES
 from gpavatar.ops.knn_blend import OFFICIAL_EPS
@@ -229,12 +229,10 @@ class PointsDecoder(nn.Module):
             return False
         if self.checkpoint_layers is not None:
             return bool(self.checkpoint_layers)
-        value = os.environ.get(CHECKPOINT_ENV, "")
-        if value not in ("", "auto", "0", "1"):
-            raise ValueError(f"{CHECKPOINT_ENV} must be 0, 1 or auto, got {value!r}")
-        if value in ("", "auto"):  # where the activations are large (the paper's 2^19-sample passes)
+        setting = env_switch(CHECKPOINT_ENV)
+        if setting is None:  # where the activations are large (the paper's 2^19-sample passes)
             return samples >= CHECKPOINT_MIN_SAMPLES
-        return value == "1"
+        return setting
 
     def _sample_layers(self, planes, expr, coords, dirs):
         """The tri-plane features of a pass, then the decoder's layers on them and the PEF

@@ -28,15 +28,14 @@ which the next layer keeps anyway, instead of a second tensor (the official code
 
 from __future__ import annotations
 
-import os
 import weakref
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from gpavatar.ops.upsample import upsample2x
+from gpavatar.ops._backend import env_switch
+from gpavatar.ops.upsample import upsample2x, upsample2x_torch
 
 RECOMPUTE_ENV = "GPAVATAR_RECOMPUTE"
 # Activations smaller than this are kept: recomputing them saves little and its bookkeeping
@@ -47,21 +46,12 @@ RECOMPUTE_MIN_BYTES = 1 << 20
 
 def recompute_setting() -> bool:
     """``$GPAVATAR_RECOMPUTE``: "1" / unset / "auto" -> True, "0" -> False."""
-    value = os.environ.get(RECOMPUTE_ENV, "")
-    if value not in ("", "auto", "0", "1"):
-        raise ValueError(f"{RECOMPUTE_ENV} must be 0, 1 or auto, got {value!r}")
-    return value != "0"
+    return env_switch(RECOMPUTE_ENV) is not False
 
 
 def _recording() -> bool:
     """A gradient is being recorded and recomputation is on."""
     return torch.is_grad_enabled() and recompute_setting()
-
-
-def _bilinear2x(x: torch.Tensor) -> torch.Tensor:
-    """``upsample2x``'s torch path, in the forward and in the backward's recomputation alike (its
-    Triton kernel is an inference opt-in and may round differently)."""
-    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
 
 
 class _Recipe:
@@ -176,7 +166,9 @@ def upsampled(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Any:
     plain call."""
     if not worth_recomputing(4 * x.numel() * x.element_size()):
         return fn(upsample2x(x))
-    return recomputed(_bilinear2x, (x,), fn, make_saves=False)
+    # The torch path in the forward and in the backward's recomputation alike (the Triton kernel is
+    # an inference opt-in and may round differently).
+    return recomputed(upsample2x_torch, (x,), fn, make_saves=False)
 
 
 def checkpointed(fn: Callable[..., Any], *args: Any) -> Any:

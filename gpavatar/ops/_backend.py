@@ -37,6 +37,17 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def env_switch(name: str) -> bool | None:
+    """An on / off / automatic switch from the environment: "1" -> True, "0" -> False, unset / ""
+    / "auto" -> None (the caller's default); a ValueError naming ``name`` for anything else."""
+    value = os.environ.get(name, "")
+    if value in ("", "auto"):
+        return None
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0, 1 or auto, got {value!r}")
+    return value == "1"
+
+
 def available_backends(device: torch.device | str) -> list[str]:
     """Backends usable for tensors on ``device`` (always includes ``"torch"``)."""
     device = torch.device(device)

@@ -65,6 +65,7 @@ import torch.nn.functional as F
 
 from gpavatar.ops import _backend
 from gpavatar.ops import _validation as v
+from gpavatar.ops._backend import env_switch
 from gpavatar.ops.knn import MAX_FUSED_K, KnnResult, check_index, knn, search_op
 from gpavatar.ops.knn_blend import NORMALIZATIONS, flags_precision, knn_blend, knn_blend_weight_sum
 from gpavatar.ops.reference import EMBED_DIM, harmonic_embedding
@@ -108,12 +109,7 @@ class FieldResult(NamedTuple):
 def fused_setting() -> Optional[bool]:
     """``$GPAVATAR_FIELD_FUSED``: "0" -> False (never fused), "1" -> True (fused wherever the kernel
     can run), unset / "" / "auto" -> None (the caller's default)."""
-    value = os.environ.get(FUSED_ENV, "")
-    if value in ("", "auto"):
-        return None
-    if value not in ("0", "1"):
-        raise ValueError(f"{FUSED_ENV} must be 0, 1 or auto, got {value!r}")
-    return value == "1"
+    return env_switch(FUSED_ENV)
 
 
 def default_precision() -> str:

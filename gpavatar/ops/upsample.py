@@ -36,6 +36,11 @@ def _triton_applies(x: torch.Tensor) -> bool:
             and (x.is_cuda or (x.device.type == "cpu" and triton_interpreted())))
 
 
+def upsample2x_torch(x: torch.Tensor) -> torch.Tensor:
+    """``upsample2x``'s torch path, ``F.interpolate`` (any tensor, differentiable)."""
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+
+
 def upsample2x(x: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) -> (N, C, 2H, 2W), bilinear, align_corners=False (see the module docstring)."""
     if upsample_method() == "triton" and _triton_applies(x):
@@ -44,4 +49,4 @@ def upsample2x(x: torch.Tensor) -> torch.Tensor:
         N, C, H, W = x.shape
         y = torch.empty((N, C, 2 * H, 2 * W), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
         return kernel(x, y)
-    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+    return upsample2x_torch(x)
