@@ -86,17 +86,25 @@ def make_setup(preset: str, device: torch.device, *, batch: int = 1, sources: in
 # and loss under bf16 autocast (the trainer's --amp bf16), "+buffers" runs the C++/CUDA blend's per-query forward and buffers
 # backward (GPAVATAR_BLEND_FORWARD=queries, GPAVATAR_BLEND_BACKWARD=buffers: the CUDA default
 # before the tiled kernels were measured faster).
-VARIANTS = ("+keep", "+bf16", "+buffers")
+# "+graph" replays the step from CUDA graphs (gpavatar.train.graphed.GraphedTrainStep, the trainer's
+# --cuda-graph: fused Adam, one launch per step; GPU only).
+VARIANTS = ("+keep", "+bf16", "+buffers", "+graph")
 BUFFERS_ENV = {"GPAVATAR_BLEND_FORWARD": "queries", "GPAVATAR_BLEND_BACKWARD": "buffers"}
 
 
 def split_variant(backend: str) -> tuple[str, bool, bool, bool]:
-    """(backend, keep activations, bf16 autocast, per-query blend) of a row name such as ``cuda+bf16``."""
+    """(backend, keep activations, bf16 autocast, per-query blend) of a row name such as ``cuda+bf16``
+    (``+graph``: :func:`graphed_variant`)."""
     base, *opts = backend.split("+")
     unknown = [o for o in opts if "+" + o not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown row variant(s) {unknown} of {backend!r}; known: {VARIANTS}")
     return base, "keep" in opts, "bf16" in opts, "buffers" in opts
+
+
+def graphed_variant(backend: str) -> bool:
+    """Whether the row replays its step from CUDA graphs (``+graph``)."""
+    return "graph" in backend.split("+")[1:]
 
 
 def make_step(setup: dict, backend: str, pack_hook=None):
@@ -107,9 +115,14 @@ def make_step(setup: dict, backend: str, pack_hook=None):
     model, loss_fn, x = setup["model"], setup["loss"], setup["inputs"]
     device = x["images"].device
     model.load_state_dict(setup["initial"])
-    optimizer = torch.optim.Adam(model.param_groups(LR), lr=LR, betas=BETAS)
+    graphed = graphed_variant(backend)
+    optimizer = torch.optim.Adam(model.param_groups(LR), lr=LR, betas=BETAS, **({"fused": True} if graphed else {}))
     generator = torch.Generator(device).manual_seed(setup["seed"])
     backend, keep, bf16, buffers = split_variant(backend)
+    if graphed:
+        if pack_hook is not None or keep or buffers:
+            raise ValueError("+graph rows take no saved-tensor hook, +keep or +buffers")
+        return _graphed_step(model, loss_fn, x, optimizer, generator, backend, bf16)
 
     def step():
         env = dict(BUFFERS_ENV if buffers else {}, **({RECOMPUTE_ENV: "0"} if keep else {}))
@@ -130,6 +143,27 @@ def make_step(setup: dict, backend: str, pack_hook=None):
         return total.detach()
 
     return step
+
+
+def _graphed_step(model, loss_fn, x, optimizer, generator, backend: str, bf16: bool):
+    """The step of :func:`make_step` replayed from CUDA graphs (captured at the first call)."""
+    from gpavatar.train.graphed import GraphedTrainStep
+    from gpavatar.train.trainer import _TrainStep
+
+    graphed = GraphedTrainStep(_TrainStep(model), loss_fn, optimizer, generator, amp="bf16" if bf16 else None)
+
+    def step():
+        with use_backend(model, backend):
+            terms = graphed(x["images"], x["points"], x["transform"], x["target"], x["bbox"], single_source=False)
+        return terms["total"].clone()
+
+    step.optimizer = optimizer
+    return step
+
+
+def _adam_state(step, param) -> list[torch.Tensor]:
+    """The Adam state tensors of ``param`` in a graphed step's optimizer."""
+    return [t for t in step.optimizer.state.get(param, {}).values() if isinstance(t, torch.Tensor)]
 
 
 def saved_activations(setup: dict, backend: str) -> tuple[int, dict[str, int]]:
@@ -185,14 +219,27 @@ def run_row(setup: dict, backend: str, device: torch.device, *, repeats: int, wa
             raise RuntimeError(why)
         row["fallback"] = fallback_ops(base) or None
         step = make_step(setup, backend)
+        graphed = graphed_variant(backend)
+        if graphed and device.type == "cuda":
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
         row["loss"] = float(step())  # the first step from the initial weights; creates Adam's state
         for _ in range(max(0, warmup - 1)):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             row["resident_bytes"] = torch.cuda.memory_allocated(device)
-        row["peak_mem_bytes"] = H.peak_memory(step, device)
-        row["saved_bytes"], row["saved_by_module"] = saved_activations(setup, backend)
+        if graphed and device.type == "cuda":
+            # The graph holds its activations and gradients in its pool for good: the "peak" is that
+            # pool (memory held after the capture, less Adam's state), the resident memory the rest.
+            adam = sum(t.untyped_storage().nbytes() for p in setup["model"].parameters() for t in
+                       _adam_state(step, p))
+            row["peak_mem_bytes"] = row["resident_bytes"] - before - adam
+            row["resident_bytes"] = before + adam
+        else:
+            row["peak_mem_bytes"] = H.peak_memory(step, device)
+        if not graphed_variant(backend):  # a graph keeps its activations in its pool: nothing to count
+            row["saved_bytes"], row["saved_by_module"] = saved_activations(setup, backend)
         row.update(H.time_fn(step, device, repeats=repeats, warmup=0, max_seconds=max_seconds,
                              min_repeats=min_repeats))
         if row["median_ms"]:
@@ -249,7 +296,9 @@ def render_markdown(payload: dict) -> str:
             "as the official code does. Row variants: X+keep = without that checkpointing and recomputation; "
             "X+bf16 = forward and loss under bf16 autocast (the trainer's --amp bf16); X+buffers = the C++/CUDA "
             "blend's per-query forward and buffers backward (GPAVATAR_BLEND_FORWARD=queries, "
-            "GPAVATAR_BLEND_BACKWARD=buffers), the default before the tiled kernels.")
+            "GPAVATAR_BLEND_BACKWARD=buffers), the default before the tiled kernels; X+graph = the step replayed "
+            "from CUDA graphs (gpavatar.train.graphed.GraphedTrainStep, the trainer's --cuda-graph: fused Adam, "
+            "one launch per step; its peak is the graph's memory pool, its first call captures).")
     return "\n\n".join([title, H.env_markdown(env), H.markdown_table(headers, body), note]) + "\n"
 
 

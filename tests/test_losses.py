@@ -9,6 +9,8 @@ import doctest
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -182,6 +184,46 @@ def test_crop_box_empty_box_falls_back_to_full_image():
     # a box thinner than a pixel truncates to an empty one too
     tiny = crop_box(image[:1], torch.tensor([[0.51, 0.5, 0.52, 0.6]]), size=10)
     torch.testing.assert_close(tiny, expected[:1])
+
+
+@settings(max_examples=60, deadline=None)
+@given(H=st.integers(1, 40), W=st.integers(1, 40), size=st.integers(1, 24),
+       box=st.lists(st.floats(-0.2, 1.2, allow_nan=False), min_size=4, max_size=4),
+       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16))
+def test_crop_box_matches_slice_and_interpolate(H, W, size, box, dtype, seed):
+    """The separable crop map equals slicing the box on the host and F.interpolate(antialias)
+    for boxes that shrink, enlarge or keep the size, at the edges, empty and outside the image."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(2, 3, H, W, generator=g, dtype=dtype)
+    bbox = torch.tensor([box, [0.0, 0.0, 1.0, 1.0]], dtype=dtype)
+    crops = crop_box(images, bbox, size=size)
+    assert crops.shape == (2, 3, size, size) and crops.dtype == dtype
+    for b in range(2):
+        x1, y1, x2, y2 = (int(min(max(float(v), 0.0), 1.0) * n)
+                          for v, n in zip(bbox[b].tolist(), (W, H, W, H)))
+        part = images[b, :, y1:y2, x1:x2] if (x2 > x1 and y2 > y1) else images[b]
+        expected = F.interpolate(part[None], size=(size, size), mode="bilinear", align_corners=False,
+                                 antialias=True)[0]
+        tol = 1e-12 if dtype == torch.float64 else 2e-6
+        torch.testing.assert_close(crops[b], expected, rtol=0, atol=tol)
+
+
+def test_crop_box_gradient_and_no_host_sync():
+    """The crop's gradient is F.interpolate's on the sliced box (float64), and the crop reads no
+    value on the host (its shapes do not depend on the box: CUDA-graph capturable)."""
+    from gpavatar.train.graphed import host_syncs
+
+    images = torch.rand(1, 2, 12, 10, dtype=torch.float64, requires_grad=True)
+    bbox = torch.tensor([[0.1, 0.25, 0.75, 0.9]], dtype=torch.float64)
+    weights = torch.rand(1, 2, 7, 7, dtype=torch.float64)
+    with host_syncs() as syncs:
+        out = crop_box(images, bbox, size=7)
+    assert syncs == []
+    (grad,) = torch.autograd.grad((out * weights).sum(), images)
+    sliced = images.detach().clone().requires_grad_(True)
+    ref = F.interpolate(sliced[:, :, 3:10, 1:7], size=(7, 7), mode="bilinear", align_corners=False, antialias=True)
+    (ref_grad,) = torch.autograd.grad((ref * weights).sum(), sliced)
+    torch.testing.assert_close(grad, ref_grad, rtol=0, atol=1e-12)
 
 
 def test_crop_box_bad_inputs():

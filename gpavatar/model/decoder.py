@@ -53,10 +53,10 @@ from typing import Optional
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from gpavatar import ops
 from gpavatar.model.pef import PointExpressionField
+from gpavatar.model.recompute import deterministic_checkpoint
 from gpavatar.ops._backend import env_switch
 from gpavatar.ops.field_query import field_layers, fused_setting
 from gpavatar.ops.knn import INDEX_MIN_QUERIES
@@ -215,7 +215,7 @@ class PointsDecoder(nn.Module):
         # and the pass is checkpointed in segments: the backward holds one segment's recomputed
         # activations at a time.
         n = max(1, self.checkpoint_segment // max(1, B))
-        parts = [checkpoint(self._sample_layers, planes, e, c, d, use_reentrant=False)
+        parts = [deterministic_checkpoint(self._sample_layers, planes, e, c, d)
                  for e, c, d in zip(expr.split(n, dim=1), coords.split(n, dim=1), dirs.split(n, dim=1))]
         if len(parts) == 1:
             return parts[0]

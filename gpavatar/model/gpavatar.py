@@ -254,17 +254,25 @@ class GPAvatar(CheckpointMixin, nn.Module):
         """build_avatar + render in one call (inference semantics; see :meth:`forward_train`)."""
         return self.render(self.build_avatar(images), points, transform, **render_kwargs)
 
+    def draw_single_source(self, generator: Optional[torch.Generator] = None) -> bool:
+        """The training step's coin: True (only the first source, no MTA) with probability
+        ``single_source_prob``; one uniform draw from ``generator`` (default: the global RNG)."""
+        draw = (torch.rand((), generator=generator, device=generator.device) if generator is not None
+                else torch.rand(()))
+        return bool(draw < self.config.single_source_prob)
+
     def forward_train(self, images: torch.Tensor, points: torch.Tensor, transform: torch.Tensor, *,
-                      generator: Optional[torch.Generator] = None) -> dict[str, Any]:
+                      generator: Optional[torch.Generator] = None,
+                      single_source: Optional[bool] = None) -> dict[str, Any]:
         """One training forward with the official semantics.
 
         With probability ``single_source_prob`` (0.3; one draw per call, i.e. per step for the
         whole local batch) only the first source is kept and MTA is skipped; the sampling is
         stratified (jittered). Returns :meth:`render`'s dict plus ``single_source`` (bool).
+        ``single_source``: the coin already drawn (:meth:`draw_single_source`, e.g. outside a
+        step captured as a CUDA graph: the draw is read on the host); None draws it here.
         """
-        draw = (torch.rand((), generator=generator, device=generator.device) if generator is not None
-                else torch.rand(()))
-        single = bool(draw < self.config.single_source_prob)
+        single = self.draw_single_source(generator) if single_source is None else bool(single_source)
         avatar = self.build_avatar(images, single_source=single, generator=generator)
         out = self.render(avatar, points, transform, stratified=True, generator=generator)
         out["single_source"] = single

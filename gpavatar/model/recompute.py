@@ -127,7 +127,7 @@ def recomputed(make: Callable[..., torch.Tensor], args: tuple, fn: Callable[[tor
     if not _recording():
         return fn(make(*args))
     if make_saves and any(a.requires_grad for a in args):
-        made = checkpoint(make, *args, use_reentrant=False)
+        made = checkpoint(make, *args, use_reentrant=False, preserve_rng_state=False)
     else:
         made = make(*args)
     storage = made.untyped_storage()
@@ -173,7 +173,15 @@ def upsampled(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Any:
 
 def checkpointed(fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)``, under ``torch.utils.checkpoint`` while a gradient is recorded (and
-    ``$GPAVATAR_RECOMPUTE`` is not 0): only ``args`` are kept, the backward runs ``fn`` again."""
+    ``$GPAVATAR_RECOMPUTE`` is not 0): only ``args`` are kept, the backward runs ``fn`` again
+    (:func:`deterministic_checkpoint`: ``fn`` draws no random numbers)."""
     if not _recording():
         return fn(*args)
-    return checkpoint(fn, *args, use_reentrant=False)
+    return deterministic_checkpoint(fn, *args)
+
+
+def deterministic_checkpoint(fn: Callable[..., Any], *args: Any) -> Any:
+    """``torch.utils.checkpoint`` (non-reentrant) of a ``fn`` that draws no random numbers: the RNG
+    states are not saved and restored around the recomputation (reading a CUDA generator's state
+    is not allowed while a CUDA graph is captured, and costs two state copies per call)."""
+    return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)

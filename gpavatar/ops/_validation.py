@@ -3,9 +3,11 @@ the expected shape / dtype / device and what was given."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -39,9 +41,27 @@ def check_same_device(tensors: dict[str, torch.Tensor]) -> torch.device:
     return first.device
 
 
+_unchecked = threading.local()
+
+
+@contextlib.contextmanager
+def values_unchecked() -> Iterator[None]:
+    """Skip the value checks that read tensors on the host (shape, dtype and device checks stay)
+    in this thread: for code that must not sync (a step captured as a CUDA graph)."""
+    depth = getattr(_unchecked, "depth", 0)
+    _unchecked.depth = depth + 1
+    try:
+        yield
+    finally:
+        _unchecked.depth = depth
+
+
 def checking_values() -> bool:
-    """Value checks need a host sync; under torch.compile they are skipped (shape checks stay)."""
-    return not torch.compiler.is_compiling()
+    """Value checks need a host sync; they are skipped under torch.compile, while the current CUDA
+    stream is being captured into a graph, and inside :func:`values_unchecked` (shape checks stay)."""
+    if torch.compiler.is_compiling() or getattr(_unchecked, "depth", 0):
+        return False
+    return not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
 
 
 def check_coordinates(t: torch.Tensor, name: str, *more) -> None:

@@ -83,6 +83,9 @@ def add_parser(commands) -> None:
                    help="comma list of steps where the LR is multiplied by 0.2; '' for none "
                         "(default: 130000,160000)")
     p.add_argument("--amp", choices=("off", "bf16"), default=None, help="bf16 autocast (default: off)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="replay each step from CUDA graphs (one launch per step, fused Adam; one GPU process; "
+                        "not resumed: give it again; default: eager steps)")
     p.add_argument("--workers", type=_number(int, 0), default=None, help="DataLoader workers (default: 0)")
     p.add_argument("--seed", type=_number(int, 0), default=None,
                    help="seeds model init, perceptual network, data order and all draws (default: 0)")
@@ -184,7 +187,7 @@ def _run(args) -> int:
     paper_sized = _is_paper_sized(config)
     saved = saved_state["train_config"] if saved_state else None
     values, origin, changes = resolve_options(args, saved, paper_sized)
-    train_config = TrainConfig(**values)
+    train_config = TrainConfig(**values, cuda_graph=bool(args.cuda_graph))
     flame = dataset_flame(args.data, CAMERA["flame_scale"])
     dataset = OfficialDataset(args.data, "train", n_sources=2, resize=config.image_size, flame=flame,
                               seed=train_config.seed)

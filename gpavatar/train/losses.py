@@ -164,11 +164,36 @@ class PerceptualDistance(nn.Module):
         return total
 
 
-def _box_pixels(bbox: torch.Tensor, height: int, width: int) -> list[tuple[int, int, int, int]]:
-    """Integer (x1, y1, x2, y2) per image: clamp to [0, 1], scale, truncate."""
-    scale = bbox.new_tensor([width, height, width, height])
+def _box_pixels(bbox: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Integer (x1, y1, x2, y2) per image, (B, 4) int64 on bbox's device: clamp to [0, 1], scale,
+    truncate; an empty box (x2 <= x1 or y2 <= y1) becomes the whole image.  No host sync."""
+    scale = torch.tensor([width, height, width, height], dtype=bbox.dtype, device=bbox.device)
     pixels = (bbox.detach().clamp(0.0, 1.0) * scale).to(torch.int64)  # values >= 0: truncation = floor
-    return [tuple(int(v) for v in row) for row in pixels.tolist()]
+    whole = torch.tensor([0, 0, width, height], dtype=torch.int64, device=bbox.device)
+    empty = (pixels[:, 2] <= pixels[:, 0]) | (pixels[:, 3] <= pixels[:, 1])
+    return torch.where(empty[:, None], whole, pixels)
+
+
+def _resize_weights(start: torch.Tensor, stop: torch.Tensor, length: int, size: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """(B, size, length) weights of the antialiased bilinear resize (``F.interpolate(...,
+    mode="bilinear", align_corners=False, antialias=True)``) of the index range
+    [start, stop) (per image, int64 (B,)) of an axis of ``length`` samples to ``size`` samples:
+    row i holds output i's triangle-filter taps at their positions on the whole axis, zero outside
+    the range.  The same taps as torch's kernel: centre s (i + 1/2) with s = n / size (n = stop -
+    start), support max(s, 1), taps j in [trunc(centre - support + 1/2), trunc(centre + support +
+    1/2)) clipped to [0, n), weight max(0, 1 - |j - centre + 1/2| / max(s, 1)), normalized."""
+    n = (stop - start).to(torch.float64)[:, None, None]  # (B, 1, 1); the taps in float64, then cast
+    scale = n / size
+    support = scale.clamp_min(1.0)
+    centre = scale * (torch.arange(size, dtype=torch.float64, device=start.device)[None, :, None] + 0.5)
+    j = torch.arange(length, dtype=torch.float64, device=start.device)[None, None, :] - start[:, None, None]
+    lo = (centre - support + 0.5).trunc().clamp_min(0.0)
+    hi = torch.minimum((centre + support + 0.5).trunc(), n)
+    taps = (1.0 - ((j - centre + 0.5) / support).abs()).clamp_min(0.0)
+    taps = torch.where((j >= lo) & (j < hi), taps, 0.0)
+    total = taps.sum(dim=-1, keepdim=True)
+    return (taps / torch.where(total == 0, 1.0, total)).to(dtype)
 
 
 def crop_box(images: torch.Tensor, bbox: torch.Tensor, size: int = 256) -> torch.Tensor:
@@ -179,6 +204,13 @@ def crop_box(images: torch.Tensor, bbox: torch.Tensor, size: int = 256) -> torch
     truncated to int; the crop is rows y1:y2, columns x1:x2, resized with bilinear
     interpolation, antialias, align_corners False. An empty box (x2 <= x1 or y2 <= y1, which
     crashes the official code) falls back to the full image.
+
+    The crop and resize are one separable linear map per image (``Wy @ image @ Wx^T``, the
+    resize's taps placed at the box's rows and columns: :func:`_resize_weights`), so the box is
+    never read on the host: shapes do not depend on it and the training step can be captured as a
+    CUDA graph.  Equal to ``F.interpolate(image[:, y1:y2, x1:x2], (size, size), mode="bilinear",
+    antialias=True)`` up to float rounding.  Runs in float32 at least (float64 stays float64), with
+    autocast off.
 
     >>> crop_box(torch.rand(2, 3, 64, 64), torch.tensor([[0.25, 0.25, 0.75, 0.75]] * 2), 32).shape
     torch.Size([2, 3, 32, 32])
@@ -199,12 +231,14 @@ def crop_box(images: torch.Tensor, bbox: torch.Tensor, size: int = 256) -> torch
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be a positive int, got {size!r}")
     H, W = images.shape[-2:]
-    crops = []
-    for image, (x1, y1, x2, y2) in zip(images, _box_pixels(bbox, H, W)):
-        crop = image[:, y1:y2, x1:x2] if (x2 > x1 and y2 > y1) else image
-        crops.append(F.interpolate(crop[None], size=(size, size), mode="bilinear", align_corners=False,
-                                   antialias=True))
-    return torch.cat(crops)
+    dtype = torch.promote_types(images.dtype, torch.float32)
+    box = _box_pixels(bbox.to(images.device), H, W)
+    with torch.autocast(images.device.type, enabled=False):
+        wy = _resize_weights(box[:, 1], box[:, 3], H, size, dtype)  # (B, size, H)
+        wx = _resize_weights(box[:, 0], box[:, 2], W, size, dtype)  # (B, size, W)
+        # columns first, then rows (torch's antialiased kernel resizes the width first too)
+        rows = torch.matmul(images.to(dtype), wx.transpose(1, 2)[:, None])  # (B, C, H, size)
+        return torch.matmul(wy[:, None], rows)  # (B, C, size, size)
 
 
 def _resize(images: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -54,7 +54,9 @@ class TrainConfig:
     log_every / save_every: in steps; save_minutes: also save when this much wall time has
     passed since the last save (0: off); amp: "off" | "bf16"; seed: model init, perceptual
     trunk, data order, source draws, sampling jitter and noise (each process adds its rank
-    to the draws).
+    to the draws); cuda_graph: replay each step from CUDA graphs
+    (:class:`gpavatar.train.graphed.GraphedTrainStep`: one launch per step, fused Adam; one GPU
+    process; a run-time choice, not resumed).
     """
 
     steps: int = 205_000
@@ -69,6 +71,7 @@ class TrainConfig:
     save_minutes: float = 10.0
     amp: str = "off"
     seed: int = 0
+    cuda_graph: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "log_every", "save_every"):
@@ -79,6 +82,8 @@ class TrainConfig:
             raise ValueError(f"workers must be an int >= 0, got {self.workers!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        if not isinstance(self.cuda_graph, bool):
+            raise ValueError(f"cuda_graph must be a bool, got {self.cuda_graph!r}")
         if self.amp not in ("off", "bf16"):
             raise ValueError(f"amp must be 'off' or 'bf16', got {self.amp!r}")
         for name in ("lr", "gamma"):

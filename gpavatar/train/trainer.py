@@ -68,8 +68,8 @@ class _TrainStep(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images, points, transform, generator):
-        return self.model.forward_train(images, points, transform, generator=generator)
+    def forward(self, images, points, transform, generator, single_source=None):
+        return self.model.forward_train(images, points, transform, generator=generator, single_source=single_source)
 
 
 class Trainer:
@@ -120,9 +120,25 @@ class Trainer:
         if loss is None:
             loss = GPAvatarLoss(crop_size=crop, seed=derived_seed(c.seed, "perceptual"))
         self.loss = loss.to(self.device)
-        self.optimizer = torch.optim.Adam(self.model.param_groups(c.lr), lr=c.lr, betas=c.betas)
+        self.graphed = None  # GraphedTrainStep with config.cuda_graph
+        if c.cuda_graph:
+            from gpavatar.train.graphed import graphs_supported
+
+            why = graphs_supported() or (None if self.device.type == "cuda" else
+                                         f"cuda_graph needs a CUDA device, got {self.device}")
+            if why is None and self.context.world_size > 1:
+                why = "cuda_graph runs in one process (DDP's gradient hooks are not captured)"
+            if why:
+                raise ValueError(why)
+        self.optimizer = torch.optim.Adam(self.model.param_groups(c.lr), lr=c.lr, betas=c.betas,
+                                          **({"fused": True} if c.cuda_graph else {}))
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(c.milestones), gamma=c.gamma)
         self.generator = torch.Generator(self.device).manual_seed(c.seed + self.context.rank)
+        if c.cuda_graph:
+            from gpavatar.train.graphed import GraphedTrainStep
+
+            self.graphed = GraphedTrainStep(self.step_module, self.loss, self.optimizer, self.generator,
+                                            amp="bf16" if c.amp == "bf16" else None)
         self.step = 0
         self.saved_step: Optional[int] = None  # step of the newest last.pt this trainer wrote or loaded
         self.resume_notes: list[str] = []  # what a resume changed or could not restore
@@ -155,6 +171,8 @@ class Trainer:
         self._generator_at_step, self._in_step = self.generator.get_state(), True
         images, points = batch["f_images"].to(dev), batch["d_points"].to(dev)
         transform, target, bbox = batch["d_transforms"].to(dev), batch["d_images"].to(dev), batch["d_bbox"].to(dev)
+        if self.graphed is not None:
+            return self._graphed_step(images, points, transform, target, bbox)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.config.amp == "bf16"):
             out = self.step_module(images, points, transform, self.generator)
             terms = self.loss(out, target, bbox)
@@ -171,6 +189,23 @@ class Trainer:
         self._updating = self._in_step = False
         logged = {k: float(v.detach()) for k, v in terms.items()}
         logged["single_source"] = float(out["single_source"])
+        return logged
+
+    def _graphed_step(self, images, points, transform, target, bbox) -> dict[str, float]:
+        """train_step from the CUDA graphs: the coin on the host, then one replay; a non-finite
+        loss skipped the update inside the graph and raises here (the state is the step's start)."""
+        single = self.model.draw_single_source(self.generator)
+        self._updating = True
+        terms = self.graphed(images, points, transform, target, bbox, single_source=single)
+        logged = {k: float(v) for k, v in terms.items()}  # the step's one sync
+        if not math.isfinite(logged["total"]):
+            self._updating = False
+            raise FloatingPointError(f"non-finite loss at step {self.step} (update skipped): "
+                                     + ", ".join(f"{k}={v:.4g}" for k, v in logged.items()))
+        self.scheduler.step()
+        self.step += 1
+        self._updating = self._in_step = False
+        logged["single_source"] = float(single)
         return logged
 
     def fit(self, steps: Optional[int] = None, progress: Optional[bool] = None, print_lines: bool = False,
@@ -360,6 +395,13 @@ class Trainer:
             raise CheckpointError(f"{source}: the optimizer state does not fit this model: {error}") from error
         notes += apply_schedule_changes(self.optimizer, self.scheduler, fresh, self.config.milestones,
                                         self.config.gamma)
+        if self.graphed is not None:  # the optimizer's state tensors were replaced: capture again
+            for group in self.optimizer.param_groups:
+                group["fused"], group["foreach"], group["capturable"] = True, None, False
+            for p, st in self.optimizer.state.items():
+                if isinstance(st.get("step"), torch.Tensor):
+                    st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
+            self.graphed.reset()
         self.generator.set_state(state["generator"].cpu())
         self._generator_at_step, self._in_step, self._updating = self.generator.get_state(), False, False
         self.step = self.saved_step = int(state["step"])

@@ -1,0 +1,245 @@
+"""A training step replayed from CUDA graphs, and a detector of host syncs.
+
+Eager, a training step of the paper preset launches a few thousand kernels, each paying Python,
+dispatcher and launch costs on the host; where the host is slower than the device, the device
+waits.  :class:`GraphedTrainStep` captures the whole step -- ``forward_train`` -> loss ->
+``backward`` -> Adam -- as one CUDA graph per branch of the step's coin (all sources with MTA /
+first source only) and replays it: one launch per step.
+
+What makes the step capturable (nothing in it reads a tensor on the host):
+
+* the coin is drawn before the replay (:meth:`GPAvatar.draw_single_source`, from the same
+  generator as ``forward_train``: the same draws as the eager step) and picks the graph;
+* value checks are skipped while a stream is captured (``ops._validation.checking_values``);
+* the face-box crop of the loss is a fixed-shape linear map (``losses.crop_box``);
+* checkpoints do not save RNG states (``recompute.deterministic_checkpoint``);
+* the random draws of the step (sampling jitter, StyleGAN noise) come from ``generator``, which
+  is registered with each graph: a replay advances it as the eager step would;
+* Adam is fused (``torch.optim.Adam(..., fused=True)``); a non-finite loss sets its ``found_inf``
+  inside the graph, so the update is skipped (the parameters, moments and step counts stay) and
+  the caller raises after the replay, as the eager trainer raises before its update.
+
+Before a capture, ``warmup`` eager steps run on a side stream (cuDNN / Triton autotuning, Adam's
+state) and everything they changed is put back (parameters and buffers, Adam's state, the
+generator), so a graphed run makes the same updates as an eager one with a fused Adam, up to float
+rounding.  Hyperparameters are baked into a graph: when a group's lr, betas, eps or weight decay
+changes (a scheduler milestone, a resumed run), the graphs are captured again.  Inputs of another
+shape get their own graph.  Single process only (DDP's hooks are not captured).
+
+:func:`host_syncs` lists the operations of a block that read device values on the host (what a
+capture refuses); the tests run it on the CPU over a whole step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gpavatar.ops._validation import values_unchecked
+
+__all__ = ["GraphedTrainStep", "host_syncs", "graphs_supported"]
+
+# Operators that read a tensor's values on the host (or whose output shape depends on them).
+SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2",
+                      "unique_consecutive", "unique_dim", "equal", "is_nonzero", "allclose", "repeat_interleave"})
+INPUT_NAMES = ("images", "points", "transform", "target", "bbox")
+
+
+def _caller() -> str:
+    """file:line of the innermost gpavatar frame (outside this module) on the stack."""
+    for frame in reversed(traceback.extract_stack()[:-2]):
+        if "gpavatar" in frame.filename and not frame.filename.endswith("graphed.py"):
+            return f"{frame.filename.rsplit('gpavatar', 1)[-1].lstrip('/')}:{frame.lineno}"
+    return "?"
+
+
+class _SyncRecorder(TorchDispatchMode):
+    def __init__(self, found: list[str]):
+        super().__init__()
+        self.found = found
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name in SYNC_OPS:
+            self.found.append(f"{name} at {_caller()}")
+        elif name == "index" and len(args) > 1 and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())):
+            self.found.append(f"index by a boolean mask at {_caller()}")
+        elif name in ("_to_copy", "copy_") and isinstance(args[0], torch.Tensor):
+            src = args[1] if name == "copy_" else args[0]
+            dst = args[0].device if name == "copy_" else kwargs.get("device") or args[0].device
+            if isinstance(src, torch.Tensor) and src.device.type != "cpu" and torch.device(dst).type == "cpu":
+                self.found.append(f"copy to the host at {_caller()}")
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def host_syncs() -> Iterator[list[str]]:
+    """Records, in the list it yields, each operation of the block that needs a tensor's values on
+    the host (``item``, ``bool(t)``, ``tolist``, ``nonzero``, boolean-mask indexing, copies from a
+    device to the CPU, ...), as ``"name at file:line"``.  On the CPU it finds the same calls that
+    would sync on a GPU (except device-to-host copies, which it sees only there)."""
+    found: list[str] = []
+    saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+
+    def wrap(name: str, method):
+        def recorded(self, *args, **kwargs):
+            found.append(f"{name} at {_caller()}")
+            return method(self, *args, **kwargs)
+        return recorded
+
+    for name, method in saved.items():
+        setattr(torch.Tensor, name, wrap(name, method))
+    try:
+        with _SyncRecorder(found):
+            yield found
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def graphs_supported() -> Optional[str]:
+    """None when this torch and machine can capture a training step, else why not."""
+    if not torch.cuda.is_available():
+        return "CUDA graphs need a CUDA device"
+    if not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+        return f"torch {torch.__version__} cannot register a generator with a CUDA graph (torch >= 2.6 can)"
+    return None
+
+
+class _Captured:
+    def __init__(self, graph, inputs: dict[str, torch.Tensor], terms: dict[str, torch.Tensor]):
+        self.graph, self.inputs, self.terms = graph, inputs, terms
+
+
+class GraphedTrainStep:
+    """Replays ``step_module(images, points, transform, generator, single_source=...)`` -> ``loss``
+    -> backward -> ``optimizer.step()`` from CUDA graphs (see the module docstring).
+
+    Args:
+        step_module: a module whose forward takes ``(images, points, transform, generator,
+            single_source=bool)`` and returns ``forward_train``'s dict (the trainer's ``_TrainStep``)
+        loss: the loss module (``GPAvatarLoss``): ``loss(out, target, bbox)`` -> dict with ``total``
+        optimizer: a ``torch.optim.Adam`` with ``fused=True`` over CUDA parameters
+        generator: the CUDA generator of the step's random draws
+        amp: "bf16" runs forward and loss under bf16 autocast (weight cache off), None in fp32
+        warmup: eager steps before each capture (undone afterwards)
+
+    Calling it with a step's inputs and the coin returns the static dict of loss terms (0-d
+    tensors, overwritten by the next call): read them before calling again.  The update is
+    skipped when ``total`` is not finite (check it after the call).
+    """
+
+    def __init__(self, step_module: nn.Module, loss: nn.Module, optimizer: torch.optim.Optimizer,
+                 generator: torch.Generator, *, amp: Optional[str] = None, warmup: int = 2):
+        why = graphs_supported()
+        if why:
+            raise RuntimeError(why)
+        if not isinstance(optimizer, torch.optim.Adam) or not all(g.get("fused") for g in optimizer.param_groups):
+            raise ValueError("GraphedTrainStep needs torch.optim.Adam(..., fused=True): its update can be skipped "
+                             "inside the graph when the loss is not finite")
+        if generator.device.type != "cuda":
+            raise ValueError(f"generator must be a CUDA generator, got one on {generator.device}")
+        if amp not in (None, "bf16"):
+            raise ValueError(f"amp must be None or 'bf16', got {amp!r}")
+        self.step_module, self.loss, self.optimizer, self.generator = step_module, loss, optimizer, generator
+        self.amp, self.warmup = amp, int(warmup)
+        self._graphs: dict[Any, _Captured] = {}
+        self._hyper: Any = None
+        self._pool = None
+        self.captures = 0  # graphs captured so far (a recapture after a hyperparameter change counts)
+
+    def reset(self) -> None:
+        """Drop the graphs (after the optimizer's state or the parameters were replaced, e.g. by a
+        checkpoint load): the next call captures again."""
+        self._graphs.clear()
+        self._pool, self._hyper = None, None
+
+    def _hyperparameters(self) -> tuple:
+        return tuple((g["lr"], tuple(g["betas"]), g["eps"], g["weight_decay"]) for g in self.optimizer.param_groups)
+
+    def __call__(self, images: torch.Tensor, points: torch.Tensor, transform: torch.Tensor, target: torch.Tensor,
+                 bbox: torch.Tensor, *, single_source: bool) -> dict[str, torch.Tensor]:
+        inputs = dict(zip(INPUT_NAMES, (images, points, transform, target, bbox)))
+        hyper = self._hyperparameters()
+        if hyper != self._hyper:
+            self.reset()
+            self._hyper = hyper
+        key = (bool(single_source),) + tuple((tuple(t.shape), t.dtype) for t in inputs.values())
+        captured = self._graphs.get(key)
+        if captured is None:
+            captured = self._graphs[key] = self._capture(inputs, bool(single_source))
+        for name, t in inputs.items():
+            captured.inputs[name].copy_(t, non_blocking=True)
+        captured.graph.replay()
+        return captured.terms
+
+    # -- one eager or captured step ----------------------------------------------------------------
+    def _step(self, x: dict[str, torch.Tensor], single: bool) -> dict[str, torch.Tensor]:
+        with values_unchecked(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp == "bf16",
+                                                 cache_enabled=False):
+            out = self.step_module(x["images"], x["points"], x["transform"], self.generator, single_source=single)
+            terms = self.loss(out, x["target"], x["bbox"])
+        total = terms["total"]
+        found_inf = (~torch.isfinite(total.detach())).to(torch.float32).reshape(1)
+        total.backward()
+        self.optimizer.found_inf = found_inf
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
+        return {k: v.detach() for k, v in terms.items()}
+
+    def _capture(self, inputs: dict[str, torch.Tensor], single: bool) -> _Captured:
+        device = inputs["images"].device
+        static = {name: t.detach().clone() for name, t in inputs.items()}
+        undo = self._snapshot()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._step(static, single)
+        torch.cuda.current_stream(device).wait_stream(side)
+        undo()
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(self.generator)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        before = self.generator.get_state()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            terms = self._step(static, single)
+        self.generator.set_state(before)  # the capture ran nothing: the first replay draws what eager would
+        self.captures += 1
+        return _Captured(graph, static, terms)
+
+    def _snapshot(self):
+        """A function that puts back what warm-up steps change: the parameters and buffers of the
+        step module and the loss, Adam's state (state made by the warm-up is zeroed: Adam's fresh
+        state) and the generator."""
+        modules = (self.step_module, self.loss)
+        tensors = [t for m in modules for t in list(m.parameters()) + list(m.buffers())]
+        values = [t.detach().clone() for t in tensors]
+        state = {id(p): {k: v.detach().clone() for k, v in s.items() if isinstance(v, torch.Tensor)}
+                 for p, s in self.optimizer.state.items()}
+        rng = self.generator.get_state()
+
+        def undo() -> None:
+            with torch.no_grad():
+                for t, v in zip(tensors, values):
+                    t.copy_(v)
+                for p, s in self.optimizer.state.items():
+                    kept = state.get(id(p))
+                    for k, v in s.items():
+                        if isinstance(v, torch.Tensor):
+                            v.copy_(kept[k]) if kept is not None and k in kept else v.zero_()
+            self.generator.set_state(rng)
+
+        return undo

@@ -1,0 +1,200 @@
+"""The training step as CUDA graphs (gpavatar.train.graphed): on the CPU, that a whole step reads
+nothing on the host once value checks are off (what a capture needs) and that the detector finds
+what it should; on a GPU, that replayed steps make the eager steps' updates, skip non-finite ones
+and capture again when a hyperparameter changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import requires_cuda
+from gpavatar.model import GPAvatar
+from gpavatar.ops._validation import check_coordinates, checking_values, values_unchecked
+from gpavatar.train.graphed import GraphedTrainStep, graphs_supported, host_syncs
+from gpavatar.train.losses import GPAvatarLoss
+from gpavatar.train.trainer import TrainConfig, _TrainStep
+
+SMALL = dict(render_size=8, n_coarse=6, n_fine=6)
+
+
+def _setup(device: str, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = GPAvatar("tiny", **SMALL, **overrides).train()
+    loss = GPAvatarLoss(crop_size=32, seed=seed).to(device)
+    g = torch.Generator().manual_seed(seed)
+    c = model.config
+    x = dict(images=torch.rand(1, 2, 3, c.image_size, c.image_size, generator=g).to(device),
+             points=(torch.rand(1, c.num_points, 3, generator=g) - 0.5).to(device),
+             transform=torch.tensor([[[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, -9]]], device=device),
+             target=torch.rand(1, 3, c.output_size, c.output_size, generator=g).to(device),
+             bbox=torch.tensor([[0.25, 0.2, 0.75, 0.8]], device=device))
+    return model, loss, x
+
+
+# ------------------------------------------------------------------------------ CPU
+
+def test_host_syncs_finds_reads_and_nothing_else():
+    t = torch.arange(6.0)
+    with host_syncs() as syncs:
+        y = (t * 2).sum() + t.mean()
+        (t + 1)[t > 2.0]  # boolean mask: nonzero underneath
+    assert len(syncs) == 1 and "boolean mask" in syncs[0]
+    with host_syncs() as syncs:
+        float(y)
+        bool(t[0] > 0)
+        t.tolist()
+        t.nonzero()
+    assert [s.split(" at ")[0] for s in syncs] == ["_local_scalar_dense", "_local_scalar_dense", "tolist", "nonzero"]
+    assert t.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]  # the patch is gone
+
+
+def test_values_unchecked_skips_value_checks_only():
+    bad = torch.tensor([[float("nan"), 0.0, 0.0]])
+    with pytest.raises(ValueError, match="finite"):
+        check_coordinates(bad, "coords")
+    with values_unchecked():
+        assert not checking_values()
+        check_coordinates(bad, "coords")  # skipped
+        with values_unchecked():
+            pass
+        assert not checking_values()  # nested blocks restore the outer one
+    assert checking_values()
+
+
+@pytest.mark.parametrize("single", [False, True])
+def test_a_whole_training_step_reads_nothing_on_the_host(single):
+    """forward_train (coin given) + GPAvatarLoss + backward: no host sync once value checks are off
+    (the model's input checks are the only reads, and the detector sees them when they run)."""
+    model, loss, x = _setup("cpu")
+    step = _TrainStep(model)
+    g = torch.Generator().manual_seed(1)
+    with host_syncs() as checked:
+        step(x["images"], x["points"], x["transform"], g, single_source=single)
+    assert checked, "the input value checks read on the host: the detector must see them"
+    with values_unchecked(), host_syncs() as syncs:
+        out = step(x["images"], x["points"], x["transform"], g, single_source=single)
+        total = loss(out, x["target"], x["bbox"])["total"]
+        total.backward()
+    assert syncs == []
+    assert out["single_source"] is single
+
+
+def test_the_coin_drawn_before_the_step_gives_the_same_step():
+    model, _, x = _setup("cpu", single_source_prob=0.5)
+    outs = []
+    for given in (False, True):
+        g = torch.Generator().manual_seed(7)
+        single = model.draw_single_source(g) if given else None
+        outs.append(model.forward_train(x["images"], x["points"], x["transform"], generator=g, single_source=single))
+    assert outs[0]["single_source"] == outs[1]["single_source"]
+    assert torch.equal(outs[0]["image"], outs[1]["image"])
+
+
+def test_checkpoints_do_not_read_the_rng_state(monkeypatch):
+    """The field and MTA checkpoints draw nothing random: they must not save RNG states (reading
+    a CUDA generator's state is refused while a graph is captured)."""
+    model, loss, x = _setup("cpu")
+    model.nerf_mlp.checkpoint_layers = True
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint read the RNG state")
+
+    monkeypatch.setattr(torch, "get_rng_state", refuse)
+    out = model.forward_train(x["images"], x["points"], x["transform"], generator=torch.Generator().manual_seed(0),
+                              single_source=False)
+    loss(out, x["target"], x["bbox"])["total"].backward()
+
+
+def test_graphs_refused_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert "CUDA" in graphs_supported()
+    model, loss, _ = _setup("cpu")
+    opt = torch.optim.Adam(model.parameters(), fused=True)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        GraphedTrainStep(_TrainStep(model), loss, opt, torch.Generator())
+    with pytest.raises(ValueError, match="cuda_graph must be a bool"):
+        TrainConfig(cuda_graph=1)
+
+
+def test_trainer_refuses_cuda_graph_on_the_cpu(tmp_path):
+    from gpavatar.train.trainer import Trainer
+
+    class One(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+    with pytest.raises(ValueError, match="CUDA"):
+        Trainer(GPAvatar("tiny", **SMALL), One(), tmp_path, TrainConfig(batch_size=1, cuda_graph=True), device="cpu")
+
+
+# ------------------------------------------------------------------------------ GPU
+
+def _eager_steps(model, loss, x, n, lr=1e-4, seed=3):
+    opt = torch.optim.Adam(model.param_groups(lr), lr=lr, betas=(0.0, 0.99), fused=True)
+    g = torch.Generator("cuda").manual_seed(seed)
+    totals = []
+    for _ in range(n):
+        out = model.forward_train(x["images"], x["points"], x["transform"], generator=g, single_source=False)
+        total = loss(out, x["target"], x["bbox"])["total"]
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        totals.append(float(total))
+    return totals
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_replayed_steps_make_the_eager_updates():
+    model, loss, x = _setup("cuda")
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    eager = _eager_steps(model, loss, x, 3)
+    after_eager = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(initial)
+    opt = torch.optim.Adam(model.param_groups(1e-4), lr=1e-4, betas=(0.0, 0.99), fused=True)
+    g = torch.Generator("cuda").manual_seed(3)
+    step = GraphedTrainStep(_TrainStep(model), loss, opt, g)
+    graphed = [float(step(*(x[k] for k in ("images", "points", "transform", "target", "bbox")),
+                          single_source=False)["total"]) for _ in range(3)]
+    assert step.captures == 1
+    # same draws (the generator is registered with the graph), same arithmetic up to atomics' order
+    torch.testing.assert_close(torch.tensor(graphed), torch.tensor(eager), rtol=1e-4, atol=1e-6)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, after_eager[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_a_non_finite_loss_skips_the_update_inside_the_graph():
+    model, loss, x = _setup("cuda")
+    opt = torch.optim.Adam(model.param_groups(1e-4), lr=1e-4, betas=(0.0, 0.99), fused=True)
+    step = GraphedTrainStep(_TrainStep(model), loss, opt, torch.Generator("cuda").manual_seed(0))
+    args = [x[k] for k in ("images", "points", "transform", "target", "bbox")]
+    step(*args, single_source=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    steps = [s["step"].clone() for s in opt.state.values()]
+    bad = dict(x, target=torch.full_like(x["target"], float("nan")))
+    terms = step(*(bad[k] for k in ("images", "points", "transform", "target", "bbox")), single_source=False)
+    assert not torch.isfinite(terms["total"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(torch.equal(s["step"], b) for s, b in zip(opt.state.values(), steps))
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_a_new_lr_captures_again():
+    model, loss, x = _setup("cuda")
+    opt = torch.optim.Adam(model.param_groups(1e-4), lr=1e-4, betas=(0.0, 0.99), fused=True)
+    step = GraphedTrainStep(_TrainStep(model), loss, opt, torch.Generator("cuda").manual_seed(0))
+    args = [x[k] for k in ("images", "points", "transform", "target", "bbox")]
+    step(*args, single_source=False)
+    step(*args, single_source=True)
+    assert step.captures == 2
+    for group in opt.param_groups:
+        group["lr"] *= 0.2
+    step(*args, single_source=False)
+    assert step.captures == 3
