@@ -68,6 +68,10 @@ class _SyncRecorder(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if name in SYNC_OPS:
             self.found.append(f"{name} at {_caller()}")
+        elif name in ("lift_fresh", "lift_fresh_copy"):
+            # torch.tensor(data) / new_tensor: on a GPU, a copy from pageable host memory that
+            # synchronizes the stream (refused while a graph is captured)
+            self.found.append(f"tensor from host data at {_caller()}")
         elif name == "index" and len(args) > 1 and any(
                 isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())):
             self.found.append(f"index by a boolean mask at {_caller()}")
@@ -83,7 +87,8 @@ class _SyncRecorder(TorchDispatchMode):
 def host_syncs() -> Iterator[list[str]]:
     """Records, in the list it yields, each operation of the block that needs a tensor's values on
     the host (``item``, ``bool(t)``, ``tolist``, ``nonzero``, boolean-mask indexing, copies from a
-    device to the CPU, ...), as ``"name at file:line"``.  On the CPU it finds the same calls that
+    device to the CPU, ...) or makes a tensor from host data (``torch.tensor(...)``: a synchronous
+    copy to a GPU), as ``"name at file:line"``.  On the CPU it finds the same calls that
     would sync on a GPU (except device-to-host copies, which it sees only there)."""
     found: list[str] = []
     saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}

@@ -167,9 +167,11 @@ class PerceptualDistance(nn.Module):
 def _box_pixels(bbox: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Integer (x1, y1, x2, y2) per image, (B, 4) int64 on bbox's device: clamp to [0, 1], scale,
     truncate; an empty box (x2 <= x1 or y2 <= y1) becomes the whole image.  No host sync."""
-    scale = torch.tensor([width, height, width, height], dtype=bbox.dtype, device=bbox.device)
+    # [W, H, W, H] made on the device (a tensor from host data would be a synchronous copy)
+    is_x = torch.arange(4, device=bbox.device) % 2 == 0
+    scale = torch.where(is_x, float(width), float(height)).to(bbox.dtype)
     pixels = (bbox.detach().clamp(0.0, 1.0) * scale).to(torch.int64)  # values >= 0: truncation = floor
-    whole = torch.tensor([0, 0, width, height], dtype=torch.int64, device=bbox.device)
+    whole = torch.where(is_x, width, height) * (torch.arange(4, device=bbox.device) >= 2)  # [0, 0, W, H]
     empty = (pixels[:, 2] <= pixels[:, 0]) | (pixels[:, 3] <= pixels[:, 1])
     return torch.where(empty[:, None], whole, pixels)
 
