@@ -17,10 +17,10 @@
 #   bash benchmarks/gpu_session.sh train OUTDIR     (about 6 minutes)
 #       the training step: the CUDA tests of the step replayed from CUDA graphs (tests/test_graphed.py,
 #       first: if they fail, the +graph rows say why), the recomputation and the field checkpoint;
-#       bench_train's torch-fast (the official-style path), cuda, cuda+graph (the trainer's
-#       --cuda-graph), cuda+keep (no checkpointing or recomputation: gpavatar/model/recompute.py),
-#       cuda+bf16 (--amp bf16) and cuda+bf16+graph rows (time, peak memory, the activations kept for
-#       the backward), and profile_frame --train (kernel by kernel, and how busy the device is: a
+#       bench_train's torch-fast (the official-style path), cuda, cuda+keep (no checkpointing or
+#       recomputation: gpavatar/model/recompute.py), cuda+bf16 (--amp bf16), then cuda+graph (the
+#       trainer's --cuda-graph) and cuda+bf16+graph rows, last in case a failed capture upsets the
+#       device (time, peak memory, the activations kept for the backward), and profile_frame --train (kernel by kernel, and how busy the device is: a
 #       host-bound step shows well under 100 %, and the +graph rows then gain the difference).
 #
 # On the device, OUTDIR under /tmp, then tar it to $OUT.  Runs benchmarks/gpu_report.sh with these
@@ -44,7 +44,7 @@ else
     export CUDA_TESTS="${CUDA_TESTS:-tests/test_graphed.py tests/test_recompute.py tests/test_field_checkpoint.py}"
     export CUDA_TESTS_CAP="${CUDA_TESTS_CAP:-90}"
     export BENCHES_ONLY="${BENCHES_ONLY:-benchmarks/bench_train.py benchmarks/profile_frame.py}"
-    export ARGS_bench_train="${ARGS_bench_train:---backends torch-fast,cuda,cuda+graph,cuda+keep,cuda+bf16,cuda+bf16+graph --repeats 5}"
+    export ARGS_bench_train="${ARGS_bench_train:---backends torch-fast,cuda,cuda+keep,cuda+bf16,cuda+graph,cuda+bf16+graph --repeats 5}"
     export CAP_bench_train="${CAP_bench_train:-240}"
     export ARGS_profile_frame="${ARGS_profile_frame:---train}" CAP_profile_frame="${CAP_profile_frame:-90}"
 fi

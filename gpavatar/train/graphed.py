@@ -119,8 +119,12 @@ def graphs_supported() -> Optional[str]:
 
 
 class _Captured:
-    def __init__(self, graph, inputs: dict[str, torch.Tensor], terms: dict[str, torch.Tensor]):
-        self.graph, self.inputs, self.terms = graph, inputs, terms
+    def __init__(self, graph, inputs: dict[str, torch.Tensor], terms: dict[str, torch.Tensor],
+                 grads: list[torch.Tensor]):
+        # The graphs share one memory pool and replay in any order: what a graph writes and later
+        # reads within a replay is its own; its gradients are held here so that a later capture
+        # (which first sets .grad to None) cannot take their memory.
+        self.graph, self.inputs, self.terms, self.grads = graph, inputs, terms, grads
 
 
 class GraphedTrainStep:
@@ -223,7 +227,8 @@ class GraphedTrainStep:
             terms = self._step(static, single)
         self.generator.set_state(before)  # the capture ran nothing: the first replay draws what eager would
         self.captures += 1
-        return _Captured(graph, static, terms)
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        return _Captured(graph, static, terms, grads)
 
     def _snapshot(self):
         """A function that puts back what warm-up steps change: the parameters and buffers of the

@@ -316,14 +316,18 @@ class GPAvatarLoss(nn.Module):
         small_target = _resize(target, *coarse.shape[-2:])
         pairs = [(coarse, small_target), (fine, small_target), (image, target)]
 
-        percep = sum(self.percep_loss(x, gt) for x, gt in pairs) / 3
+        # Same-sized pairs share one pass of the perceptual network (fewer, larger convolutions): P
+        # averages over the batch, so P on the B coarse and B fine samples together is the mean of
+        # P(coarse, g) and P(fine, g); the three face-box crops (all crop_size) go through it together.
+        percep = (2 * self.percep_loss(torch.cat([coarse, fine]), torch.cat([small_target, small_target]))
+                  + self.percep_loss(image, target)) / 3
         img = sum((x - gt).abs().mean() for x, gt in pairs)
-        box = 0.0
-        for x, gt in pairs:
-            dtype = torch.promote_types(x.dtype, gt.dtype)  # a bf16 render never rounds the target
-            crops = crop_box(torch.cat([x.to(dtype), gt.to(dtype)], dim=1), bbox, self.crop_size)
-            crop_x, crop_gt = crops[:, :3], crops[:, 3:]
-            box = box + self.box_percep_weight * self.percep_loss(crop_x, crop_gt) + (crop_x - crop_gt).abs().mean()
+        both = [torch.cat([x, gt.to(torch.promote_types(x.dtype, gt.dtype))], dim=1) for x, gt in pairs]
+        crops = torch.cat([crop_box(torch.cat(both[:2]), bbox.repeat(2, 1), self.crop_size),  # a bf16 render
+                           crop_box(both[2], bbox, self.crop_size)])                       # never rounds gt
+        crop_x, crop_gt = crops[:, :3], crops[:, 3:]
+        # each of the 3 pairs' P and L1 is a mean over its B samples: 3 x the mean over all 3B
+        box = 3 * (self.box_percep_weight * self.percep_loss(crop_x, crop_gt) + (crop_x - crop_gt).abs().mean())
         density = torch.linalg.vector_norm(out["coarse_alphas"].flatten())
 
         terms = {"percep_loss": self.percep_weight * percep, "img_loss": self.img_weight * img,
