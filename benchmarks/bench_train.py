@@ -116,7 +116,7 @@ def make_step(setup: dict, backend: str, pack_hook=None):
     device = x["images"].device
     model.load_state_dict(setup["initial"])
     graphed = graphed_variant(backend)
-    optimizer = torch.optim.Adam(model.param_groups(LR), lr=LR, betas=BETAS, **({"fused": True} if graphed else {}))
+    optimizer = torch.optim.Adam(model.param_groups(LR), lr=LR, betas=BETAS, **({"fused": True, "capturable": True} if graphed else {}))
     generator = torch.Generator(device).manual_seed(setup["seed"])
     backend, keep, bf16, buffers = split_variant(backend)
     if graphed:

@@ -112,9 +112,12 @@ def test_graphs_refused_without_cuda():
         pytest.skip("this machine has a GPU")
     assert "CUDA" in graphs_supported()
     model, loss, _ = _setup("cpu")
-    opt = torch.optim.Adam(model.parameters(), fused=True)
-    with pytest.raises(RuntimeError, match="CUDA"):
+    with pytest.raises(ValueError, match="fused=True, capturable=True"):
+        GraphedTrainStep(_TrainStep(model), loss, torch.optim.Adam(model.parameters(), fused=True), torch.Generator())
+    opt = torch.optim.Adam(model.parameters(), fused=True, capturable=True)
+    with pytest.raises(ValueError, match="CUDA generator"):
         GraphedTrainStep(_TrainStep(model), loss, opt, torch.Generator())
+
     with pytest.raises(ValueError, match="cuda_graph must be a bool"):
         TrainConfig(cuda_graph=1)
 
@@ -154,7 +157,7 @@ def test_replayed_steps_make_the_eager_updates():
     eager = _eager_steps(model, loss, x, 3)
     after_eager = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(initial)
-    opt = torch.optim.Adam(model.param_groups(1e-4), lr=1e-4, betas=(0.0, 0.99), fused=True)
+    opt = torch.optim.Adam(model.param_groups(1e-4), lr=1e-4, betas=(0.0, 0.99), fused=True, capturable=True)
     g = torch.Generator("cuda").manual_seed(3)
     step = GraphedTrainStep(_TrainStep(model), loss, opt, g)
     graphed = [float(step(*(x[k] for k in ("images", "points", "transform", "target", "bbox")),
@@ -170,7 +173,7 @@ def test_replayed_steps_make_the_eager_updates():
 @requires_cuda
 def test_a_non_finite_loss_skips_the_update_inside_the_graph():
     model, loss, x = _setup("cuda")
-    opt = torch.optim.Adam(model.param_groups(1e-4), lr=1e-4, betas=(0.0, 0.99), fused=True)
+    opt = torch.optim.Adam(model.param_groups(1e-4), lr=1e-4, betas=(0.0, 0.99), fused=True, capturable=True)
     step = GraphedTrainStep(_TrainStep(model), loss, opt, torch.Generator("cuda").manual_seed(0))
     args = [x[k] for k in ("images", "points", "transform", "target", "bbox")]
     step(*args, single_source=False)
@@ -188,7 +191,7 @@ def test_a_non_finite_loss_skips_the_update_inside_the_graph():
 @requires_cuda
 def test_a_new_lr_captures_again():
     model, loss, x = _setup("cuda")
-    opt = torch.optim.Adam(model.param_groups(1e-4), lr=1e-4, betas=(0.0, 0.99), fused=True)
+    opt = torch.optim.Adam(model.param_groups(1e-4), lr=1e-4, betas=(0.0, 0.99), fused=True, capturable=True)
     step = GraphedTrainStep(_TrainStep(model), loss, opt, torch.Generator("cuda").manual_seed(0))
     args = [x[k] for k in ("images", "points", "transform", "target", "bbox")]
     step(*args, single_source=False)

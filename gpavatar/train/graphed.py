@@ -15,7 +15,8 @@ What makes the step capturable (nothing in it reads a tensor on the host):
 * checkpoints do not save RNG states (``recompute.deterministic_checkpoint``);
 * the random draws of the step (sampling jitter, StyleGAN noise) come from ``generator``, which
   is registered with each graph: a replay advances it as the eager step would;
-* Adam is fused (``torch.optim.Adam(..., fused=True)``); a non-finite loss sets its ``found_inf``
+* Adam is fused and capturable (``torch.optim.Adam(..., fused=True, capturable=True)``: its step
+  counts live on the device); a non-finite loss sets its ``found_inf``
   inside the graph, so the update is skipped (the parameters, moments and step counts stay) and
   the caller raises after the replay, as the eager trainer raises before its update.
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import traceback
+import warnings
 from typing import Any, Iterator, Optional
 
 import torch
@@ -135,7 +137,7 @@ class GraphedTrainStep:
         step_module: a module whose forward takes ``(images, points, transform, generator,
             single_source=bool)`` and returns ``forward_train``'s dict (the trainer's ``_TrainStep``)
         loss: the loss module (``GPAvatarLoss``): ``loss(out, target, bbox)`` -> dict with ``total``
-        optimizer: a ``torch.optim.Adam`` with ``fused=True`` over CUDA parameters
+        optimizer: a ``torch.optim.Adam`` with ``fused=True, capturable=True`` over CUDA parameters
         generator: the CUDA generator of the step's random draws
         amp: "bf16" runs forward and loss under bf16 autocast (weight cache off), None in fp32
         warmup: eager steps before each capture (undone afterwards)
@@ -147,16 +149,18 @@ class GraphedTrainStep:
 
     def __init__(self, step_module: nn.Module, loss: nn.Module, optimizer: torch.optim.Optimizer,
                  generator: torch.Generator, *, amp: Optional[str] = None, warmup: int = 2):
-        why = graphs_supported()
-        if why:
-            raise RuntimeError(why)
-        if not isinstance(optimizer, torch.optim.Adam) or not all(g.get("fused") for g in optimizer.param_groups):
-            raise ValueError("GraphedTrainStep needs torch.optim.Adam(..., fused=True): its update can be skipped "
-                             "inside the graph when the loss is not finite")
+        if not isinstance(optimizer, torch.optim.Adam) or not all(g.get("fused") and g.get("capturable")
+                                                                   for g in optimizer.param_groups):
+            raise ValueError("GraphedTrainStep needs torch.optim.Adam(..., fused=True, capturable=True): a step "
+                             "is captured only when capturable, and the fused update can be skipped inside the "
+                             "graph when the loss is not finite")
         if generator.device.type != "cuda":
             raise ValueError(f"generator must be a CUDA generator, got one on {generator.device}")
         if amp not in (None, "bf16"):
             raise ValueError(f"amp must be None or 'bf16', got {amp!r}")
+        why = graphs_supported()
+        if why:
+            raise RuntimeError(why)
         self.step_module, self.loss, self.optimizer, self.generator = step_module, loss, optimizer, generator
         self.amp, self.warmup = amp, int(warmup)
         self._graphs: dict[Any, _Captured] = {}
@@ -211,7 +215,9 @@ class GraphedTrainStep:
         undo = self._snapshot()
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), warnings.catch_warnings():
+            # a capturable optimizer warns once when it steps outside a capture: these steps are undone
+            warnings.filterwarnings("ignore", message=".*capturable=True.*")
             for _ in range(self.warmup):
                 self.optimizer.zero_grad(set_to_none=True)
                 self._step(static, single)

@@ -131,7 +131,7 @@ class Trainer:
             if why:
                 raise ValueError(why)
         self.optimizer = torch.optim.Adam(self.model.param_groups(c.lr), lr=c.lr, betas=c.betas,
-                                          **({"fused": True} if c.cuda_graph else {}))
+                                          **({"fused": True, "capturable": True} if c.cuda_graph else {}))
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(c.milestones), gamma=c.gamma)
         self.generator = torch.Generator(self.device).manual_seed(c.seed + self.context.rank)
         if c.cuda_graph:
@@ -397,7 +397,7 @@ class Trainer:
                                         self.config.gamma)
         if self.graphed is not None:  # the optimizer's state tensors were replaced: capture again
             for group in self.optimizer.param_groups:
-                group["fused"], group["foreach"], group["capturable"] = True, None, False
+                group["fused"], group["foreach"], group["capturable"] = True, None, True
             for p, st in self.optimizer.state.items():
                 if isinstance(st.get("step"), torch.Tensor):
                     st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
