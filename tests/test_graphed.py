@@ -11,7 +11,7 @@ import torch
 from conftest import requires_cuda
 from gpavatar.model import GPAvatar
 from gpavatar.ops._validation import check_coordinates, checking_values, values_unchecked
-from gpavatar.train.graphed import GraphedTrainStep, graphs_supported, host_syncs
+from gpavatar.train.graphed import EagerGraphs, GraphedTrainStep, graphs_supported, host_syncs
 from gpavatar.train.losses import GPAvatarLoss
 from gpavatar.train.trainer import TrainConfig, _TrainStep
 
@@ -112,12 +112,8 @@ def test_graphs_refused_without_cuda():
         pytest.skip("this machine has a GPU")
     assert "CUDA" in graphs_supported()
     model, loss, _ = _setup("cpu")
-    with pytest.raises(ValueError, match="fused=True, capturable=True"):
-        GraphedTrainStep(_TrainStep(model), loss, torch.optim.Adam(model.parameters(), fused=True), torch.Generator())
-    opt = torch.optim.Adam(model.parameters(), fused=True, capturable=True)
-    with pytest.raises(ValueError, match="CUDA generator"):
-        GraphedTrainStep(_TrainStep(model), loss, opt, torch.Generator())
-
+    with pytest.raises(RuntimeError, match="CUDA"):
+        GraphedTrainStep(_TrainStep(model), loss, _adam(model), torch.Generator())
     with pytest.raises(ValueError, match="cuda_graph must be a bool"):
         TrainConfig(cuda_graph=1)
 
@@ -131,6 +127,110 @@ def test_trainer_refuses_cuda_graph_on_the_cpu(tmp_path):
 
     with pytest.raises(ValueError, match="CUDA"):
         Trainer(GPAvatar("tiny", **SMALL), One(), tmp_path, TrainConfig(batch_size=1, cuda_graph=True), device="cpu")
+
+
+ARGS = ("images", "points", "transform", "target", "bbox")
+
+
+def _adam(model, lr=1e-4):
+    return torch.optim.Adam(model.param_groups(lr), lr=lr, betas=(0.0, 0.99), fused=True, capturable=True)
+
+
+def _eager_reference(model, loss, x, singles, seed=3):
+    """The plain steps GraphedTrainStep stands for (fused capturable Adam, coin given)."""
+    opt = _adam(model)
+    g = torch.Generator(x["images"].device).manual_seed(seed)
+    totals = []
+    for single in singles:
+        out = model.forward_train(x["images"], x["points"], x["transform"], generator=g, single_source=single)
+        total = loss(out, x["target"], x["bbox"])["total"]
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        totals.append(total.detach())
+    return torch.stack(totals), opt
+
+
+def test_graphed_step_logic_matches_the_eager_steps_bit_for_bit():
+    """Everything around the capture, run eagerly (EagerGraphs): the warm-up steps are undone
+    completely (parameters, Adam's state, the generator), so the replayed steps are the eager
+    ones bit for bit; one graph per coin."""
+    singles = [False, True, False]
+    model, loss, x = _setup("cpu")
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    want, want_opt = _eager_reference(model, loss, x, singles)
+    want_state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(initial)
+    opt = _adam(model)
+    step = GraphedTrainStep(_TrainStep(model), loss, opt, torch.Generator().manual_seed(3), graphs=EagerGraphs())
+    got = torch.stack([step(*(x[k] for k in ARGS), single_source=s)["total"].clone() for s in singles])
+    assert step.captures == 2  # one per coin
+    assert torch.equal(got, want)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, want_state[k]), k
+    for p, q in zip(opt.state.values(), want_opt.state.values()):
+        assert all(torch.equal(p[k], q[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+
+
+def test_graphed_step_skips_a_non_finite_update_and_recaptures_on_new_hyperparameters():
+    model, loss, x = _setup("cpu")
+    opt = _adam(model)
+    step = GraphedTrainStep(_TrainStep(model), loss, opt, torch.Generator().manual_seed(0), graphs=EagerGraphs())
+    step(*(x[k] for k in ARGS), single_source=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = [{k: t.clone() for k, t in st.items()} for st in opt.state.values()]
+    bad = dict(x, target=torch.full_like(x["target"], float("nan")))
+    assert not torch.isfinite(step(*(bad[k] for k in ARGS), single_source=False)["total"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for st, kept in zip(opt.state.values(), moments):
+        assert all(torch.equal(st[k], kept[k]) for k in kept)
+    assert step.captures == 1
+    for group in opt.param_groups:
+        group["lr"] *= 0.2
+    step(*(x[k] for k in ARGS), single_source=False)
+    assert step.captures == 2  # baked-in hyperparameters: captured again
+    small = {k: x[k] for k in ARGS}
+    small["target"] = torch.rand(1, 3, 32, 32)
+    with pytest.raises(ValueError):  # another shape is another graph; this one the loss refuses
+        step(*(small[k] for k in ARGS), single_source=False)
+    assert step.captures == 2
+
+
+def test_graphed_step_arguments():
+    model, loss, _ = _setup("cpu")
+    with pytest.raises(ValueError, match="fused=True, capturable=True"):
+        GraphedTrainStep(_TrainStep(model), loss, torch.optim.Adam(model.parameters(), fused=True), torch.Generator())
+    with pytest.raises(ValueError, match="amp"):
+        GraphedTrainStep(_TrainStep(model), loss, _adam(model), torch.Generator(), amp="fp16", graphs=EagerGraphs())
+
+
+def test_trainer_graphed_path_logs_what_the_eager_path_logs(tmp_path):
+    """Trainer._graphed_step (coin on the host, one replay, scheduler, step count) on the CPU with
+    EagerGraphs gives the eager trainer's losses, with the same fused capturable Adam."""
+    from gpavatar.data.official import OfficialDataset, dataset_flame
+    from gpavatar.data.synthetic import make_synthetic_dataset
+    from gpavatar.train.trainer import Trainer
+
+    root = tmp_path / "synth"
+    make_synthetic_dataset(root, n_identities=2, frames_per_identity=4, size=64, samples=1)
+    logs = []
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        data = OfficialDataset(root, "train", n_sources=2, resize=64, flame=dataset_flame(str(root), 5.0), seed=0)
+        t = Trainer(GPAvatar("tiny", **SMALL), data, tmp_path / f"run{graphed}",
+                    TrainConfig(steps=3, batch_size=2, log_every=1, save_every=10), device="cpu")
+        t.optimizer = torch.optim.Adam(t.model.param_groups(1e-4), lr=1e-4, betas=(0.0, 0.99), fused=True,
+                                       capturable=True)
+        t.scheduler = torch.optim.lr_scheduler.MultiStepLR(t.optimizer, [2], gamma=0.5)
+        if graphed:
+            t.graphed = GraphedTrainStep(t.step_module, t.loss, t.optimizer, t.generator, graphs=EagerGraphs())
+        t.fit(progress=False)
+        logs.append((tmp_path / f"run{graphed}" / "log.jsonl").read_text().splitlines())
+        if graphed:
+            assert t.graphed.captures >= 2  # the lr milestone at step 2 captured again
+    drop = lambda line: {k: v for k, v in __import__("json").loads(line).items() if k != "s_per_step"}  # noqa: E731
+    assert [drop(a) for a in logs[0]] == [drop(b) for b in logs[1]]
 
 
 # ------------------------------------------------------------------------------ GPU

@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import traceback
 import warnings
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -44,7 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpavatar.ops._validation import values_unchecked
 
-__all__ = ["GraphedTrainStep", "host_syncs", "graphs_supported"]
+__all__ = ["GraphedTrainStep", "CudaGraphs", "EagerGraphs", "host_syncs", "graphs_supported"]
 
 # Operators that read a tensor's values on the host (or whose output shape depends on them).
 SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2",
@@ -121,12 +121,62 @@ def graphs_supported() -> Optional[str]:
 
 
 class _Captured:
-    def __init__(self, graph, inputs: dict[str, torch.Tensor], terms: dict[str, torch.Tensor],
+    def __init__(self, replay: Callable[[], dict[str, torch.Tensor]], inputs: dict[str, torch.Tensor],
                  grads: list[torch.Tensor]):
         # The graphs share one memory pool and replay in any order: what a graph writes and later
         # reads within a replay is its own; its gradients are held here so that a later capture
         # (which first sets .grad to None) cannot take their memory.
-        self.graph, self.inputs, self.terms, self.grads = graph, inputs, terms, grads
+        self.replay, self.inputs, self.grads = replay, inputs, grads
+
+
+class CudaGraphs:
+    """How :class:`GraphedTrainStep` warms up and captures on a GPU: warm-up steps on a side
+    stream, then ``fn`` captured into a CUDA graph (one memory pool per instance, shared by its
+    graphs) with ``generator`` registered; the replay returns the graph's static outputs.
+    (:class:`EagerGraphs` is the same protocol without a GPU, for tests.)"""
+
+    def __init__(self):
+        self.pool = None
+
+    @contextlib.contextmanager
+    def warmup_stream(self, device: torch.device) -> Iterator[None]:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        try:
+            with torch.cuda.stream(side):
+                yield
+        finally:
+            torch.cuda.current_stream(device).wait_stream(side)
+
+    def capture(self, fn: Callable[[], dict[str, torch.Tensor]], generator: torch.Generator
+                ) -> Callable[[], dict[str, torch.Tensor]]:
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(generator)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        before = generator.get_state()
+        # thread_local: a DataLoader's pin-memory thread may allocate pinned memory meanwhile
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            out = fn()
+        generator.set_state(before)  # a capture runs nothing: the first replay draws what eager would
+
+        def replay() -> dict[str, torch.Tensor]:
+            graph.replay()
+            return out
+
+        return replay
+
+
+class EagerGraphs:
+    """The :class:`CudaGraphs` protocol run eagerly: "capturing" records ``fn`` and each replay
+    calls it.  It exercises everything around the capture (warm-up and its undoing, one graph per
+    coin and shape, recapture on new hyperparameters, the skipped update) on any device."""
+
+    def warmup_stream(self, device: torch.device):
+        return contextlib.nullcontext()
+
+    def capture(self, fn, generator):
+        return fn
 
 
 class GraphedTrainStep:
@@ -137,10 +187,11 @@ class GraphedTrainStep:
         step_module: a module whose forward takes ``(images, points, transform, generator,
             single_source=bool)`` and returns ``forward_train``'s dict (the trainer's ``_TrainStep``)
         loss: the loss module (``GPAvatarLoss``): ``loss(out, target, bbox)`` -> dict with ``total``
-        optimizer: a ``torch.optim.Adam`` with ``fused=True, capturable=True`` over CUDA parameters
-        generator: the CUDA generator of the step's random draws
+        optimizer: a ``torch.optim.Adam`` with ``fused=True, capturable=True`` over the parameters
+        generator: the generator of the step's random draws, on the parameters' device (CUDA)
         amp: "bf16" runs forward and loss under bf16 autocast (weight cache off), None in fp32
         warmup: eager steps before each capture (undone afterwards)
+        graphs: :class:`CudaGraphs` (default; needs a GPU) or :class:`EagerGraphs` (tests)
 
     Calling it with a step's inputs and the coin returns the static dict of loss terms (0-d
     tensors, overwritten by the next call): read them before calling again.  The update is
@@ -148,31 +199,38 @@ class GraphedTrainStep:
     """
 
     def __init__(self, step_module: nn.Module, loss: nn.Module, optimizer: torch.optim.Optimizer,
-                 generator: torch.Generator, *, amp: Optional[str] = None, warmup: int = 2):
+                 generator: torch.Generator, *, amp: Optional[str] = None, warmup: int = 2,
+                 graphs: Optional[CudaGraphs | EagerGraphs] = None):
         if not isinstance(optimizer, torch.optim.Adam) or not all(g.get("fused") and g.get("capturable")
                                                                    for g in optimizer.param_groups):
             raise ValueError("GraphedTrainStep needs torch.optim.Adam(..., fused=True, capturable=True): a step "
                              "is captured only when capturable, and the fused update can be skipped inside the "
                              "graph when the loss is not finite")
-        if generator.device.type != "cuda":
-            raise ValueError(f"generator must be a CUDA generator, got one on {generator.device}")
+        devices = {p.device for g in optimizer.param_groups for p in g["params"]}
+        if devices != {generator.device}:
+            raise ValueError(f"generator must be on the parameters' device {sorted(map(str, devices))}, "
+                             f"got one on {generator.device}")
         if amp not in (None, "bf16"):
             raise ValueError(f"amp must be None or 'bf16', got {amp!r}")
-        why = graphs_supported()
-        if why:
-            raise RuntimeError(why)
+        if graphs is None:
+            why = graphs_supported() or (None if generator.device.type == "cuda" else
+                                         f"CUDA graphs need CUDA parameters, got {generator.device}")
+            if why:
+                raise RuntimeError(why)
+            graphs = CudaGraphs()
         self.step_module, self.loss, self.optimizer, self.generator = step_module, loss, optimizer, generator
-        self.amp, self.warmup = amp, int(warmup)
+        self.amp, self.warmup, self.graphs = amp, int(warmup), graphs
         self._graphs: dict[Any, _Captured] = {}
         self._hyper: Any = None
-        self._pool = None
         self.captures = 0  # graphs captured so far (a recapture after a hyperparameter change counts)
 
     def reset(self) -> None:
         """Drop the graphs (after the optimizer's state or the parameters were replaced, e.g. by a
         checkpoint load): the next call captures again."""
         self._graphs.clear()
-        self._pool, self._hyper = None, None
+        self._hyper = None
+        if isinstance(self.graphs, CudaGraphs):
+            self.graphs = CudaGraphs()  # a fresh pool: the old graphs' memory goes with them
 
     def _hyperparameters(self) -> tuple:
         return tuple((g["lr"], tuple(g["betas"]), g["eps"], g["weight_decay"]) for g in self.optimizer.param_groups)
@@ -190,17 +248,18 @@ class GraphedTrainStep:
             captured = self._graphs[key] = self._capture(inputs, bool(single_source))
         for name, t in inputs.items():
             captured.inputs[name].copy_(t, non_blocking=True)
-        captured.graph.replay()
-        return captured.terms
+        return captured.replay()
 
     # -- one eager or captured step ----------------------------------------------------------------
     def _step(self, x: dict[str, torch.Tensor], single: bool) -> dict[str, torch.Tensor]:
-        with values_unchecked(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp == "bf16",
+        device_type = x["images"].device.type
+        with values_unchecked(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.amp == "bf16",
                                                  cache_enabled=False):
             out = self.step_module(x["images"], x["points"], x["transform"], self.generator, single_source=single)
             terms = self.loss(out, x["target"], x["bbox"])
         total = terms["total"]
-        found_inf = (~torch.isfinite(total.detach())).to(torch.float32).reshape(1)
+        # 0-d, as the fused Adam takes it (GradScaler's form): 1 skips the update and the step count
+        found_inf = (~torch.isfinite(total.detach())).to(torch.float32)
         total.backward()
         self.optimizer.found_inf = found_inf
         try:
@@ -210,31 +269,27 @@ class GraphedTrainStep:
         return {k: v.detach() for k, v in terms.items()}
 
     def _capture(self, inputs: dict[str, torch.Tensor], single: bool) -> _Captured:
-        device = inputs["images"].device
         static = {name: t.detach().clone() for name, t in inputs.items()}
         undo = self._snapshot()
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side), warnings.catch_warnings():
-            # a capturable optimizer warns once when it steps outside a capture: these steps are undone
-            warnings.filterwarnings("ignore", message=".*capturable=True.*")
-            for _ in range(self.warmup):
-                self.optimizer.zero_grad(set_to_none=True)
-                self._step(static, single)
-        torch.cuda.current_stream(device).wait_stream(side)
-        undo()
+        try:
+            with self.graphs.warmup_stream(static["images"].device), warnings.catch_warnings():
+                # a capturable optimizer warns once when it steps outside a capture: these steps are undone
+                warnings.filterwarnings("ignore", message=".*capturable=True.*")
+                for _ in range(self.warmup):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self._step(static, single)
+        finally:  # also when a warm-up step raises: the state is the step's start
+            undo()
         self.optimizer.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(self.generator)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        before = self.generator.get_state()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            terms = self._step(static, single)
-        self.generator.set_state(before)  # the capture ran nothing: the first replay draws what eager would
+
+        def step() -> dict[str, torch.Tensor]:
+            self.optimizer.zero_grad(set_to_none=True)  # captured: no kernel; eager: the step's own grads
+            return self._step(static, single)
+
+        replay = self.graphs.capture(step, self.generator)
         self.captures += 1
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        return _Captured(graph, static, terms, grads)
+        return _Captured(replay, static, grads)
 
     def _snapshot(self):
         """A function that puts back what warm-up steps change: the parameters and buffers of the
