@@ -235,8 +235,10 @@ class GraphedTrainStep:
     def _hyperparameters(self) -> tuple:
         return tuple((g["lr"], tuple(g["betas"]), g["eps"], g["weight_decay"]) for g in self.optimizer.param_groups)
 
-    def __call__(self, images: torch.Tensor, points: torch.Tensor, transform: torch.Tensor, target: torch.Tensor,
-                 bbox: torch.Tensor, *, single_source: bool) -> dict[str, torch.Tensor]:
+    def prepare(self, images: torch.Tensor, points: torch.Tensor, transform: torch.Tensor, target: torch.Tensor,
+                bbox: torch.Tensor, *, single_source: bool) -> _Captured:
+        """The graph for these inputs' shapes, this coin and the current hyperparameters, captured
+        now if there is none (the state is left as it was: a capture that fails changes nothing)."""
         inputs = dict(zip(INPUT_NAMES, (images, points, transform, target, bbox)))
         hyper = self._hyperparameters()
         if hyper != self._hyper:
@@ -246,7 +248,12 @@ class GraphedTrainStep:
         captured = self._graphs.get(key)
         if captured is None:
             captured = self._graphs[key] = self._capture(inputs, bool(single_source))
-        for name, t in inputs.items():
+        return captured
+
+    def __call__(self, images: torch.Tensor, points: torch.Tensor, transform: torch.Tensor, target: torch.Tensor,
+                 bbox: torch.Tensor, *, single_source: bool) -> dict[str, torch.Tensor]:
+        captured = self.prepare(images, points, transform, target, bbox, single_source=single_source)
+        for name, t in zip(INPUT_NAMES, (images, points, transform, target, bbox)):
             captured.inputs[name].copy_(t, non_blocking=True)
         return captured.replay()
 

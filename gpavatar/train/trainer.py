@@ -195,6 +195,9 @@ class Trainer:
         """train_step from the CUDA graphs: the coin on the host, then one replay; a non-finite
         loss skipped the update inside the graph and raises here (the state is the step's start)."""
         single = self.model.draw_single_source(self.generator)
+        # a capture (first step, new hyperparameters) changes nothing when it fails: only the replay
+        # is an update
+        self.graphed.prepare(images, points, transform, target, bbox, single_source=single)
         self._updating = True
         terms = self.graphed(images, points, transform, target, bbox, single_source=single)
         logged = {k: float(v) for k, v in terms.items()}  # the step's one sync
