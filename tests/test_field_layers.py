@@ -329,3 +329,59 @@ def test_cuda_paper_size(launches):
             torch.testing.assert_close(out.value, ref.value)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("widths", sorted(WIDTHS))
+def test_training_form_gives_the_inference_bits_and_writes_little_in_backward(widths):
+    """With a gradient recorded, field_layers runs a form whose backward makes no zero-filled
+    slice gradients and no clones of in-place updates; its outputs are the inference form's bits,
+    and its gradients those of the official layers (float64, against autograd through them)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from gpavatar.ops.reference import harmonic_embedding
+
+    dec = make_decoder(**WIDTHS[widths]).double().requires_grad_(True)
+    tri, expr, coords, dirs = (t.double() for t in make_inputs(dec))
+    center_density(dec, (tri, expr))
+    w = dec.field_weights()
+    with torch.no_grad():
+        inference = field_layers(tri, expr, coords, dirs, w, kernel=False)
+    tri.requires_grad_(True)
+    alpha, value = field_layers(tri, expr, coords, dirs, w, kernel=False)
+    assert torch.equal(alpha, inference.alpha) and torch.equal(value, inference.value)
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dim() and out.numel() // max(1, out.shape[-1]) == alpha.numel():
+                self.names.append(func.overloadpacket.__name__)  # per-sample tensors only
+            return out
+
+    g_alpha, g_value = torch.randn_like(alpha), torch.randn_like(value)
+    with Ops() as ops:
+        grads = torch.autograd.grad((alpha * g_alpha).sum() + (value * g_value).sum(), [tri, *dec.parameters()],
+                                    allow_unused=True)
+    # (the weights' slices may: they are small)
+    wasteful = {"new_zeros", "zeros", "slice_backward", "select_backward", "clone", "copy_"} & set(ops.names)
+    assert not wasteful, wasteful
+
+    # the official layers (feature_layers, density_layers, rgb_layers on [feat, gamma]), by autograd
+    tri_ref = tri.detach().clone().requires_grad_(True)
+    feat = dec.feature_layers(torch.cat([tri_ref, expr], dim=-1))
+    inside = ((coords > -1) & (coords < 1)).all(-1).float()
+    # (float32 outputs, the field's contract: rounded where field_layers rounds them)
+    a_ref = -torch.expm1(-torch.nn.functional.softplus(dec.density_layers(feat)[..., 0].float(), beta=10) * inside)
+    gamma = harmonic_embedding(torch.nn.functional.normalize(dirs, dim=-1))
+    v_ref = dec.rgb_layers(torch.cat([feat, gamma], dim=-1)).float()
+    v_ref = torch.cat([torch.sigmoid(v_ref[..., :3]) * 1.002 - 0.001, v_ref[..., 3:]], dim=-1)
+    ref = torch.autograd.grad((a_ref * g_alpha).sum() + (v_ref * g_value).sum(), [tri_ref, *dec.parameters()],
+                              allow_unused=True)
+    for got, want in zip(grads, ref):
+        if want is None:
+            assert got is None or not got.abs().max()
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)

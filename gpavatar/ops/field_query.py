@@ -368,8 +368,10 @@ def field_layers(tri: torch.Tensor, expr: torch.Tensor, coords: torch.Tensor, di
     bias [b_d; b_r1] + [w_d; W_rf] b_3, and the direction embedding's share is accumulated into
     the rgb columns in place.  The (N, hidden) feature and its (N, hidden + 27) concatenation with
     the embedding are never written (at the paper's 2^19 samples per pass they were the largest
-    tensors of the field), and the RGB channels are remapped in place.  The same function as the
-    official layers, up to float rounding.
+    tensors of the field), and the RGB channels are remapped in place.  While a gradient is recorded
+    the same arithmetic runs in a form whose backward writes little (``split`` and out-of-place
+    updates instead of slices and in-place updates of views: no zero-filled or cloned (N, ·)
+    gradients; the same bits).  The same function as the official layers, up to float rounding.
 
     ``kernel`` (None: ``$GPAVATAR_FIELD_LAYERS``, "triton" -> True, else False): run the layers as
     one Triton kernel (``kernels/field_layers.py``: only alpha and value reach memory) where it
@@ -388,16 +390,27 @@ def field_layers(tri: torch.Tensor, expr: torch.Tensor, coords: torch.Tensor, di
     out = F.linear(h, *_folded_heads(w))
     gamma = harmonic_embedding(F.normalize(dirs.to(out.dtype), dim=-1))
     rows = out.reshape(-1, out.shape[-1])  # a view: out is a fresh contiguous product
-    # In place, before anything reads `out` (autograd saves the density column below).
-    rows[:, 1:].addmm_(gamma.reshape(-1, gamma.shape[-1]), w.rgb_w1[:, hidden:].t().to(out.dtype))
-    sigma = F.softplus(out[..., 0].float(), beta=10)
+    w_dir = w.rgb_w1[:, hidden:].t().to(out.dtype)
     inside = ((coords > -1.0) & (coords < 1.0)).all(dim=-1)  # renderer.inside_box
-    sigma = sigma * inside.to(sigma.dtype)
-    alpha = -torch.expm1(-sigma)
-    value = F.linear(F.relu(out[..., 1:]), w.rgb_w2, w.rgb_b2).float()
-    # The RGB remap in place (a fresh product; its backward needs neither it nor the slice).
-    value[..., :3] = torch.sigmoid(value[..., :3]) * 1.002 - 0.001
-    return FieldResult(alpha, value)
+    if not (torch.is_grad_enabled() and out.requires_grad):
+        # Inference: the direction embedding's share accumulated into the rgb columns in place and
+        # the RGB channels remapped in place: nothing but the products is written.
+        rows[:, 1:].addmm_(gamma.reshape(-1, gamma.shape[-1]), w_dir)
+        sigma = F.softplus(out[..., 0].float(), beta=10) * inside.to(torch.float32)
+        value = F.linear(F.relu(out[..., 1:]), w.rgb_w2, w.rgb_b2).float()
+        value[..., :3] = torch.sigmoid(value[..., :3]) * 1.002 - 0.001
+        return FieldResult(-torch.expm1(-sigma), value)
+    # Training: the same arithmetic in a form whose backward writes little.  `split`'s backward is
+    # one concatenation of the parts' gradients, where slicing `out` twice made a zero-filled
+    # (N, 1 + VH) gradient per slice and added them, and the in-place updates of a view (the
+    # embedding's share, the remap) cloned and copied the whole gradient in the backward.
+    density, rgb = rows.split([1, rows.shape[-1] - 1], dim=-1)
+    rgb = torch.addmm(rgb, gamma.reshape(-1, gamma.shape[-1]), w_dir)
+    sigma = F.softplus(density.reshape(out.shape[:-1]).float(), beta=10) * inside.to(torch.float32)
+    value = F.linear(F.relu(rgb), w.rgb_w2, w.rgb_b2).float()
+    remapped, rest = value.split([3, value.shape[-1] - 3], dim=-1)
+    value = torch.cat([torch.sigmoid(remapped) * 1.002 - 0.001, rest], dim=-1)
+    return FieldResult(-torch.expm1(-sigma), value.reshape(*out.shape[:-1], value.shape[-1]))
 
 
 def _layers_triton(tri, expr, coords, dirs, w: FieldWeights, precision: str, block_m: int,
