@@ -376,3 +376,48 @@ def test_shapes_and_finiteness(batch, narrow, sizes, activation, noise):
     assert out.shape == (batch, 3, out_size, out_size) and torch.isfinite(out).all()
     if activation:
         assert out.min() > -0.001 and out.max() < 1.001
+
+
+@settings(max_examples=20, deadline=None)
+@given(B=st.integers(1, 3), C_in=st.integers(1, 12), C_out=st.integers(1, 12), size=st.integers(1, 9),
+       k=st.sampled_from([1, 3]), demodulate=st.booleans(), upsample=st.booleans(), seed=st.integers(0, 2**16))
+def test_modulated_conv_input_form_equals_weight_form(B, C_in, C_out, size, k, demodulate, upsample, seed):
+    """conv(x s, W) d (the input form) is the official per-sample-weight form, values and every
+    gradient, in float64; the size rule picks the form that touches fewer numbers."""
+    torch.manual_seed(seed)
+    conv = ModulatedConv2d(C_in, C_out, k, num_style_feat=4, demodulate=demodulate,
+                           sample_mode="upsample" if upsample else None).double()
+    x = torch.randn(B, C_in, size, size + 1, dtype=torch.float64, requires_grad=True)
+    style = torch.randn(B, 4, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(B, C_out, size * (1 + upsample), (size + 1) * (1 + upsample), dtype=torch.float64)
+    results = []
+    for inputs_form in (False, True):
+        conv.modulate_inputs = inputs_form
+        out = conv(x, style)
+        results.append([out, *torch.autograd.grad((out * grad).sum(), [x, style, *conv.parameters()])])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    conv.modulate_inputs = None
+    pixels = size * (size + 1)
+    expected = C_in * pixels + C_out * pixels * (4 if upsample else 1) < C_out * C_in * k * k
+    assert conv._inputs_form(x) is expected
+
+
+def test_modulated_conv_input_form_in_the_decoders_and_under_autocast():
+    """The decoders' wide low-resolution layers take the input form (no (B, C_out, C_in, 3, 3)
+    weights are made or kept); under bf16 autocast it returns what the weight form returns, in
+    bf16, within bf16 rounding."""
+    conv = ModulatedConv2d(64, 64, 3, num_style_feat=8)  # 8 x 8 map: 64 x 64 x 9 weights a sample
+    x, style = torch.randn(2, 64, 8, 8), torch.randn(2, 8)
+    assert conv._inputs_form(x) and not conv._inputs_form(torch.randn(2, 64, 64, 64))
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(tuple(t.shape)) or t, lambda t: t):
+        conv(x, style)
+    assert (2, 64, 64, 3, 3) not in sizes and (128, 64, 3, 3) not in sizes, sizes
+    outs = []
+    for inputs_form in (False, True):
+        conv.modulate_inputs = inputs_form
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            outs.append(conv(x.to(torch.bfloat16), style))
+    assert outs[0].dtype == outs[1].dtype == torch.bfloat16
+    torch.testing.assert_close(outs[1].float(), outs[0].float(), rtol=3e-2, atol=3e-2 * outs[0].abs().max().item())

@@ -103,6 +103,15 @@ class ModulatedConv2d(nn.Module):
     ``modulation`` Linear(F -> C_in), weight ~ N(0, 1/F), bias = 1.
 
     forward: x (B, C_in, H, W), style (B, F) -> (B, C_out, H', W') with H' = 2H when up-sampling.
+
+    Two forms of the same function.  The official one modulates the weight per sample: W' (B,
+    C_out, C_in, k, k) = W s (demodulated), a grouped convolution.  The other modulates the input
+    and the output instead: ``conv(x s, W) d`` with d = rsqrt(s^2 @ sum_k W^2 + eps) (B, C_out)
+    (StyleGAN2-ADA's non-fused modulation), never making the per-sample weights.  A call takes the
+    one that touches fewer numbers per sample: the input form where C_in H W + C_out H' W' <
+    C_out C_in k^2 (the decoders' low-resolution, wide layers: 512 x 512 x 9 weights a sample for
+    an 8 x 8 map), the weight form elsewhere.  ``modulate_inputs`` (True / False) forces one.  The
+    two agree up to float rounding.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, num_style_feat: int = 512,
@@ -121,6 +130,32 @@ class ModulatedConv2d(nn.Module):
         self.modulation = nn.Linear(num_style_feat, in_channels, bias=True)
         nn.init.kaiming_normal_(self.modulation.weight, a=0, mode="fan_in", nonlinearity="linear")
         nn.init.ones_(self.modulation.bias)
+        self.modulate_inputs: Optional[bool] = None  # None: the form that touches fewer numbers (above)
+
+    def _inputs_form(self, x: torch.Tensor) -> bool:
+        if self.modulate_inputs is not None:
+            return bool(self.modulate_inputs)
+        H, W = x.shape[-2:]
+        out_pixels = 4 * H * W if self.sample_mode == "upsample" else H * W
+        return self.in_channels * H * W + self.out_channels * out_pixels < \
+            self.out_channels * self.in_channels * self.kernel_size ** 2
+
+    def _modulated_inputs(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """conv(x s, W) d: the input form of the module docstring."""
+        B, C_in = scale.shape
+        weight = self.weight[0]  # (C_out, C_in, k, k)
+        # the per-channel scale before the (linear, per-channel) up-sampling: on the smaller map
+        h = x * scale.view(B, C_in, 1, 1).to(x.dtype)
+        k = self.kernel_size
+        if self.sample_mode == "upsample":
+            out = upsampled(lambda u: F.conv2d(u, weight, padding=k // 2), h)
+        else:
+            out = F.conv2d(h, weight, padding=k // 2)
+        if not self.demodulate:
+            return out
+        # sum_{i, k} (W[o, i, k] s[b, i])^2 = (s^2 @ sum_k W^2)[b, o]
+        energy = scale.pow(2) @ weight.pow(2).sum(dim=(2, 3)).t()
+        return out * torch.rsqrt(energy + self.eps).view(B, -1, 1, 1).to(out.dtype)
 
     def modulated_weight(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """W' (B, C_out, C_in, k, k) from ``weight`` (the parameter) and the modulation output
@@ -143,6 +178,8 @@ class ModulatedConv2d(nn.Module):
         scale = self.modulation(style)  # (B, C_in)
         if B == 0:  # an empty batch gives an empty output
             return F.conv2d(upsample2x(x) if self.sample_mode == "upsample" else x, self.weight[0], padding=k // 2)
+        if self._inputs_form(x):
+            return self._modulated_inputs(x, scale)
 
         def conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             if B == 1:  # a plain convolution
