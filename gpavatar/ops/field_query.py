@@ -405,9 +405,10 @@ def field_layers(tri: torch.Tensor, expr: torch.Tensor, coords: torch.Tensor, di
     # (N, 1 + VH) gradient per slice and added them, and the in-place updates of a view (the
     # embedding's share, the remap) cloned and copied the whole gradient in the backward.
     density, rgb = rows.split([1, rows.shape[-1] - 1], dim=-1)
-    rgb = torch.addmm(rgb, gamma.reshape(-1, gamma.shape[-1]), w_dir)
     sigma = F.softplus(density.reshape(out.shape[:-1]).float(), beta=10) * inside.to(torch.float32)
-    value = F.linear(F.relu(rgb), w.rgb_w2, w.rgb_b2).float()
+    # (no name holds the pre-activation: it is freed as soon as the ReLU has run)
+    value = F.linear(F.relu(torch.addmm(rgb, gamma.reshape(-1, gamma.shape[-1]), w_dir)), w.rgb_w2,
+                     w.rgb_b2).float()
     remapped, rest = value.split([3, value.shape[-1] - 3], dim=-1)
     value = torch.cat([torch.sigmoid(remapped) * 1.002 - 0.001, rest], dim=-1)
     return FieldResult(-torch.expm1(-sigma), value.reshape(*out.shape[:-1], value.shape[-1]))
