@@ -280,3 +280,27 @@ def test_trainer_with_cuda_graph_trains_saves_and_resumes(tmp_path):
     assert resumed.load()
     resumed.fit(progress=False)
     assert resumed.step == 4 and resumed.graphed.captures >= 1
+
+
+def test_a_resumed_trainer_keeps_its_own_adam(tmp_path):
+    """A checkpoint of a run with the fused capturable Adam (--cuda-graph) resumes in an eager
+    trainer with that trainer's Adam (step counts back on the host), and the other way round."""
+    from gpavatar.data.official import OfficialDataset, dataset_flame
+    from gpavatar.data.synthetic import make_synthetic_dataset
+    from gpavatar.train.trainer import Trainer
+
+    root = tmp_path / "synth"
+    make_synthetic_dataset(root, n_identities=2, frames_per_identity=4, size=64, samples=1)
+    data = OfficialDataset(root, "train", n_sources=2, resize=64, flame=dataset_flame(str(root), 5.0), seed=0)
+    config = TrainConfig(steps=1, batch_size=2, save_every=1)
+    first = Trainer(GPAvatar("tiny", **SMALL), data, tmp_path / "a", config, device="cpu")
+    first.optimizer = torch.optim.Adam(first.model.param_groups(1e-4), lr=1e-4, fused=True, capturable=True)
+    first.scheduler = torch.optim.lr_scheduler.MultiStepLR(first.optimizer, [5])
+    first.fit(progress=False)
+    eager = Trainer(GPAvatar("tiny", **SMALL), data, tmp_path / "a", TrainConfig(steps=2, batch_size=2), device="cpu")
+    assert eager.load()
+    group = eager.optimizer.param_groups[0]
+    assert not group["fused"] and not group["capturable"]
+    assert all(st["step"].device.type == "cpu" and float(st["step"]) == 1 for st in eager.optimizer.state.values())
+    eager.fit(progress=False)
+    assert eager.step == 2

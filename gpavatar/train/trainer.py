@@ -381,6 +381,8 @@ class Trainer:
             raise CheckpointError(f"{source} was trained with a different model config (fields {changed}); "
                                   f"use another output folder or --no-resume")
         fresh = fresh_hyperparameters(self.optimizer)
+        # this trainer's Adam implementation (fused and capturable with cuda_graph), whatever the saved run used
+        own = {k: self.optimizer.param_groups[0].get(k) for k in ("fused", "foreach", "capturable")}
         self.model.load_checked_state_dict(state["model"], source=source)
         notes = []
         if "loss" in state:
@@ -398,12 +400,13 @@ class Trainer:
             raise CheckpointError(f"{source}: the optimizer state does not fit this model: {error}") from error
         notes += apply_schedule_changes(self.optimizer, self.scheduler, fresh, self.config.milestones,
                                         self.config.gamma)
+        for group in self.optimizer.param_groups:
+            group.update(own)
+        on_device = bool(own["fused"] or own["capturable"])  # where Adam keeps its step counts
+        for p, st in self.optimizer.state.items():
+            if isinstance(st.get("step"), torch.Tensor):
+                st["step"] = st["step"].to(device=p.device if on_device else "cpu", dtype=torch.float32)
         if self.graphed is not None:  # the optimizer's state tensors were replaced: capture again
-            for group in self.optimizer.param_groups:
-                group["fused"], group["foreach"], group["capturable"] = True, None, True
-            for p, st in self.optimizer.state.items():
-                if isinstance(st.get("step"), torch.Tensor):
-                    st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
             self.graphed.reset()
         self.generator.set_state(state["generator"].cpu())
         self._generator_at_step, self._in_step, self._updating = self.generator.get_state(), False, False
