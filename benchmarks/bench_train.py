@@ -238,7 +238,7 @@ def run_row(setup: dict, backend: str, device: torch.device, *, repeats: int, wa
             row["resident_bytes"] = before + adam
         else:
             row["peak_mem_bytes"] = H.peak_memory(step, device)
-        if not graphed_variant(backend):  # a graph keeps its activations in its pool: nothing to count
+        if not graphed:  # a graph keeps its activations in its pool: nothing to count
             row["saved_bytes"], row["saved_by_module"] = saved_activations(setup, backend)
         row.update(H.time_fn(step, device, repeats=repeats, warmup=0, max_seconds=max_seconds,
                              min_repeats=min_repeats))

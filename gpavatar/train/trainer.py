@@ -120,25 +120,21 @@ class Trainer:
         if loss is None:
             loss = GPAvatarLoss(crop_size=crop, seed=derived_seed(c.seed, "perceptual"))
         self.loss = loss.to(self.device)
-        self.graphed = None  # GraphedTrainStep with config.cuda_graph
-        if c.cuda_graph:
-            from gpavatar.train.graphed import graphs_supported
-
-            why = graphs_supported() or (None if self.device.type == "cuda" else
-                                         f"cuda_graph needs a CUDA device, got {self.device}")
-            if why is None and self.context.world_size > 1:
-                why = "cuda_graph runs in one process (DDP's gradient hooks are not captured)"
-            if why:
-                raise ValueError(why)
+        if c.cuda_graph and self.context.world_size > 1:
+            raise ValueError("cuda_graph runs in one process (DDP's gradient hooks are not captured)")
         self.optimizer = torch.optim.Adam(self.model.param_groups(c.lr), lr=c.lr, betas=c.betas,
                                           **({"fused": True, "capturable": True} if c.cuda_graph else {}))
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, list(c.milestones), gamma=c.gamma)
         self.generator = torch.Generator(self.device).manual_seed(c.seed + self.context.rank)
+        self.graphed = None  # GraphedTrainStep with config.cuda_graph
         if c.cuda_graph:
             from gpavatar.train.graphed import GraphedTrainStep
 
-            self.graphed = GraphedTrainStep(self.step_module, self.loss, self.optimizer, self.generator,
-                                            amp="bf16" if c.amp == "bf16" else None)
+            try:  # it refuses a machine or device without CUDA graphs
+                self.graphed = GraphedTrainStep(self.step_module, self.loss, self.optimizer, self.generator,
+                                                amp="bf16" if c.amp == "bf16" else None)
+            except RuntimeError as error:
+                raise ValueError(f"cuda_graph: {error}") from error
         self.step = 0
         self.saved_step: Optional[int] = None  # step of the newest last.pt this trainer wrote or loaded
         self.resume_notes: list[str] = []  # what a resume changed or could not restore
