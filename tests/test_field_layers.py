@@ -385,3 +385,74 @@ def test_training_form_gives_the_inference_bits_and_writes_little_in_backward(wi
             assert got is None or not got.abs().max()
         else:
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+# ------------------------------------------------------------------ the ReLU epilogue (CUDA inference)
+
+@settings(max_examples=25, deadline=None)
+@given(lead=st.lists(st.integers(0, 5), min_size=0, max_size=2), n_in=st.integers(1, 40),
+       n_out=st.integers(1, 40), transposed=st.booleans(), seed=st.integers(0, 2**16))
+def test_linear_relu_with_the_epilogue_is_relu_of_linear(lead, n_in, n_out, transposed, seed):
+    """linear_relu's one-product form (forced here on the CPU, where torch._addmm_activation is the
+    product and a ReLU) reshapes any leading shape, empty and non-contiguous inputs included, and
+    gives relu(linear) bit for bit."""
+    from gpavatar.ops.field_query import linear_relu
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, n_in, 3, generator=g)[..., 1] if transposed else torch.randn(*lead, n_in, generator=g)
+    w, b = torch.randn(n_out, n_in, generator=g), torch.randn(n_out, generator=g)
+    ref = torch.relu(torch.nn.functional.linear(x, w, b))
+    out = linear_relu(x, w, b, epilogue=True)
+    assert out.shape == ref.shape and torch.equal(out, ref)
+    assert torch.equal(linear_relu(x, w, b), ref)  # the CPU default: the two ops
+
+
+def test_relu_epilogue_only_for_cuda_inference_without_autocast():
+    from gpavatar.ops.field_query import relu_epilogue
+
+    x, w, b = torch.randn(4, 3), torch.randn(2, 3), torch.randn(2)
+    assert not relu_epilogue(x, w, b)  # the CPU
+    if not HAS_CUDA:
+        return
+    x, w, b = x.cuda(), w.cuda(), b.cuda()
+    assert relu_epilogue(x, w, b)
+    assert not relu_epilogue(x, w, None) and not relu_epilogue(x.double(), w, b)
+    assert not relu_epilogue(x, w.requires_grad_(True), b)
+    with torch.no_grad():
+        assert relu_epilogue(x, w, b)  # requires_grad, but no gradient recorded
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert not relu_epilogue(x, w.detach(), b)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_inference_layers_use_the_epilogue_and_match_the_two_ops():
+    """On CUDA a no-grad field_layers runs its two hidden layers as _addmm_activation (no separate
+    ReLU of a hidden layer) and matches the layers with separate ReLUs (TF32 off)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    dec = make_decoder(**WIDTHS[sorted(WIDTHS)[0]], device="cuda")
+    tri, expr, coords, dirs = make_inputs(dec, device="cuda")
+    w = dec.field_weights()
+
+    class Names(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad(), Names() as seen:
+            alpha, value = field_layers(tri, expr, coords, dirs, w, kernel=False)
+        assert seen.names.count("_addmm_activation") == 2
+        w_grad = type(w)(*(t.detach().clone().requires_grad_(True) for t in w))
+        ref_alpha, ref_value = field_layers(tri, expr, coords, dirs, w_grad, kernel=False)  # the two-op form
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    torch.testing.assert_close(alpha, ref_alpha.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(value, ref_value.detach(), rtol=1e-5, atol=1e-6)

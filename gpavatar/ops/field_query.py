@@ -72,7 +72,8 @@ from gpavatar.ops.reference import EMBED_DIM, harmonic_embedding
 from gpavatar.ops.triplane import PLANE_DTYPES, triplane_sample
 
 __all__ = ["field_query", "field_layers", "FieldWeights", "FieldResult", "PRECISIONS", "FUSED_ENV", "LAYERS_ENV",
-           "fused_setting", "layers_setting", "layers_precision", "default_precision", "check_field_query_inputs"]
+           "fused_setting", "layers_setting", "layers_precision", "default_precision", "check_field_query_inputs",
+           "linear_relu", "relu_epilogue"]
 
 PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
 FUSED_ENV = "GPAVATAR_FIELD_FUSED"
@@ -347,6 +348,30 @@ def _layers_kernel(kernel: Optional[bool], tri, expr, coords, dirs, w: FieldWeig
     return layers_precision(dev)
 
 
+def relu_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether :func:`linear_relu` runs as one product with the ReLU in its epilogue: a CUDA tensor,
+    nothing that needs grad (``torch._addmm_activation`` has no autograd formula), no autocast on
+    the device (it is not on autocast's lists) and one dtype for the three tensors."""
+    return (x.device.type == "cuda" and hasattr(torch, "_addmm_activation") and bias is not None
+            and bias.dim() == 1 and x.dtype == weight.dtype == bias.dtype and x.dim() >= 1
+            and not _needs_grad([x, weight, bias]) and not torch.is_autocast_enabled(x.device.type))
+
+
+def linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *,
+                epilogue: Optional[bool] = None) -> torch.Tensor:
+    """``relu(F.linear(x, weight, bias))``.  Where :func:`relu_epilogue` allows (CUDA inference) it is
+    one cuBLASLt product whose epilogue adds the bias and applies the ReLU, so the (N, out) result is
+    written once instead of written, read and written again by a separate ReLU kernel (two ReLUs of
+    (2^19, 128) floats a field pass at the paper sizes); elsewhere the two ops.  The same function;
+    on CUDA the library may pick another kernel (rounding-level differences).  ``epilogue``
+    (None: :func:`relu_epilogue`) forces the choice (``torch._addmm_activation`` also runs on the
+    CPU, where it is the product and a ReLU: the tests)."""
+    if relu_epilogue(x, weight, bias) if epilogue is None else epilogue:
+        rows = x.reshape(-1, x.shape[-1])
+        return torch._addmm_activation(bias, rows, weight.t()).reshape(*x.shape[:-1], weight.shape[0])
+    return F.relu(F.linear(x, weight, bias))
+
+
 def _folded_heads(w: FieldWeights) -> tuple[torch.Tensor, torch.Tensor]:
     """feature_layers.4 folded into density_layers.0 and rgb_layers.0's feature columns: the
     (1 + VH, D) weight and (1 + VH,) bias of one product of the second hidden layer."""
@@ -384,8 +409,8 @@ def field_layers(tri: torch.Tensor, expr: torch.Tensor, coords: torch.Tensor, di
     precision = _layers_kernel(kernel, tri, expr, coords, dirs, w)
     if precision is not None:
         return _layers_triton(tri, expr, coords, dirs, w, precision, int(block_m or 0), int(num_warps or 0))
-    h = F.relu(F.linear(torch.cat([tri, expr.to(tri.dtype)], dim=-1), w.feature_w1, w.feature_b1))
-    h = F.relu(F.linear(h, w.feature_w2, w.feature_b2))
+    h = linear_relu(torch.cat([tri, expr.to(tri.dtype)], dim=-1), w.feature_w1, w.feature_b1)
+    h = linear_relu(h, w.feature_w2, w.feature_b2)
     hidden = w.feature_w3.shape[0]
     out = F.linear(h, *_folded_heads(w))
     gamma = harmonic_embedding(F.normalize(dirs.to(out.dtype), dim=-1))
