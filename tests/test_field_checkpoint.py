@@ -12,6 +12,7 @@ from gpavatar.model.decoder import CHECKPOINT_ENV, CHECKPOINT_MIN_SAMPLES, Point
 
 def make(N=300, seed=0):
     g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # the decoder's initialization: the same in any test order
     dec = PointsDecoder(plane_channels=8, num_points=60, point_feature_dim=8, pef_dim=8, hidden=32,
                         value_hidden=16, value_dim=8, normalize="queries", backend="cpu")
     planes = torch.randn(1, 3, 16, 16, 8, generator=g).requires_grad_()
@@ -125,3 +126,20 @@ def test_segments_follow_the_batch():
     ref_alpha, ref_value = dec(coords2, dirs2, planes2, points2)
     torch.testing.assert_close(alpha, ref_alpha, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(value, ref_value, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("segment", [64, 100, 300])
+def test_segments_hold_whole_rays_with_one_direction_per_ray(segment):
+    """dirs with one direction per 5 samples: segments are rounded to whole rays (64 -> 60, 100,
+    300), and the pass equals the pass given the directions repeated per sample."""
+    from gpavatar.ops.field_query import sample_directions
+
+    dec, planes, coords, dirs, points = make(N=300)
+    rays = dirs[:, ::5].contiguous()
+    dec.checkpoint_segment = 1 << 30
+    out_w, grads_w, _ = train_pass(dec, planes, coords, sample_directions(rays, 300), points, True)
+    dec.checkpoint_segment = segment
+    out_s, grads_s, _ = train_pass(dec, planes, coords, rays, points, True)
+    torch.testing.assert_close(out_s, out_w, rtol=1e-6, atol=1e-7)
+    for a, b in zip(grads_s, grads_w):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

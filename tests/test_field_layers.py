@@ -331,23 +331,30 @@ def test_cuda_paper_size(launches):
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+@pytest.mark.parametrize("per_ray", [False, True])
 @pytest.mark.parametrize("widths", sorted(WIDTHS))
-def test_training_form_gives_the_inference_bits_and_writes_little_in_backward(widths):
+def test_training_form_gives_the_inference_bits_and_writes_little_in_backward(widths, per_ray):
     """With a gradient recorded, field_layers runs a form whose backward makes no zero-filled
     slice gradients and no clones of in-place updates; its outputs are the inference form's bits,
-    and its gradients those of the official layers (float64, against autograd through them)."""
+    and its gradients those of the official layers (float64, against autograd through them).
+    per_ray: one direction per 7 consecutive samples (the renderer's ray_directions; a zero one
+    among them), against the official layers on the directions repeated per sample."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from gpavatar.ops.field_query import sample_directions
     from gpavatar.ops.reference import harmonic_embedding
 
     dec = make_decoder(**WIDTHS[widths]).double().requires_grad_(True)
     tri, expr, coords, dirs = (t.double() for t in make_inputs(dec))
+    N = tri.shape[1]
+    given = dirs.reshape(dirs.shape[0], N // 7, 7, 3)[:, :, -1] if per_ray else dirs
+    dirs = sample_directions(given, N)  # what the reference sees
     center_density(dec, (tri, expr))
     w = dec.field_weights()
     with torch.no_grad():
-        inference = field_layers(tri, expr, coords, dirs, w, kernel=False)
+        inference = field_layers(tri, expr, coords, given, w, kernel=False)
     tri.requires_grad_(True)
-    alpha, value = field_layers(tri, expr, coords, dirs, w, kernel=False)
+    alpha, value = field_layers(tri, expr, coords, given, w, kernel=False)
     assert torch.equal(alpha, inference.alpha) and torch.equal(value, inference.value)
 
     class Ops(TorchDispatchMode):
@@ -456,3 +463,53 @@ def test_cuda_inference_layers_use_the_epilogue_and_match_the_two_ops():
         torch.backends.cuda.matmul.allow_tf32 = saved
     torch.testing.assert_close(alpha, ref_alpha.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(value, ref_value.detach(), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ one direction per ray
+
+@settings(max_examples=20, deadline=None)
+@given(B=st.integers(1, 2), R=st.integers(1, 6), S=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_per_ray_directions_give_the_per_sample_layers(B, R, S, seed):
+    """field_layers with dirs (B, R, 3), one per S consecutive samples, against the same layers on
+    the directions repeated per sample: float64, inference and training forms (the training form's
+    values are the inference form's bits), and the gradients."""
+    from gpavatar.ops.field_query import sample_directions
+
+    dec = make_decoder(**WIDTHS[sorted(WIDTHS)[0]], seed=seed % 7).double().requires_grad_(True)
+    tri, expr, coords, _ = (t.double() for t in make_inputs(dec, B=B, N=R * S, seed=seed))
+    rays = torch.randn(B, R, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    samples = sample_directions(rays, R * S)
+    assert samples.shape == (B, R * S, 3) and torch.equal(samples[:, ::S], rays)
+    w = dec.field_weights()
+    with torch.no_grad():
+        got, want = field_layers(tri, expr, coords, rays, w), field_layers(tri, expr, coords, samples, w)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    grads = []
+    for d in (rays, samples):
+        alpha, value = field_layers(tri, expr, coords, d, w)
+        if d is rays:
+            assert torch.equal(alpha, got.alpha) and torch.equal(value, got.value)
+        grads.append(torch.autograd.grad(alpha.sum() + value.square().sum(), list(dec.parameters()),
+                                         allow_unused=True))
+    for a, b in zip(*grads):
+        if b is None:
+            assert a is None or not a.abs().max()
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_directions_of_a_wrong_shape_are_refused():
+    from gpavatar.ops.field_query import check_directions
+
+    dec = make_decoder(**WIDTHS[sorted(WIDTHS)[0]])
+    tri, expr, coords, dirs = make_inputs(dec, B=1, N=12)
+    w = dec.field_weights()
+    for bad in (dirs[:, :5], dirs[:, :0], dirs[..., :2], dirs[0], torch.cat([dirs, dirs])):
+        with pytest.raises(ValueError, match="dirs must have shape"):
+            field_layers(tri, expr, coords, bad, w)
+        with pytest.raises(ValueError, match="dirs must have shape"):
+            check_directions(bad, coords)
+    for good in (dirs, dirs[:, :6], dirs[:, :4], dirs[:, :1]):
+        check_directions(good, coords)
+        field_layers(tri, expr, coords, good, w)

@@ -336,3 +336,28 @@ def test_config_accepts_numpy_integers_and_refuses_bools(tmp_path):
         GPAvatarConfig.load(tmp_path / "list.yaml")
     assert GPAvatarConfig.preset("tiny").preset_name() == "tiny" and GPAvatarConfig().preset_name() == "paper"
     assert GPAvatarConfig.preset("tiny", render_size=8).preset_name() is None
+
+
+@pytest.mark.parametrize("chunk", [0, 64, 300])
+def test_the_model_field_takes_one_direction_per_ray(tiny, chunk):
+    """The model's field asks the renderer for one direction per ray (its direction terms are then
+    computed per ray); the render equals the one through the same field handed a direction per
+    sample, chunked or not (a chunk of 300 is not a multiple of the 8 samples a ray: the decoder
+    repeats the directions per sample)."""
+    model = GPAvatar(tiny.config.replace(query_chunk=chunk)).eval()
+    model.load_state_dict(tiny.state_dict())
+    avatar, points = model.build_avatar(sources()), head_points()
+    field = model.field(avatar, points)
+    assert field.ray_directions is True
+    seen = {}
+
+    def per_sample(coords, dirs):
+        seen["dirs"] = tuple(dirs.shape)
+        return field(coords, dirs)
+
+    with torch.no_grad():
+        rays = model.renderer(field, camera())
+        samples = model.renderer(per_sample, camera())
+    assert seen["dirs"][1] == model.renderer.image_size ** 2 * model.renderer.n_fine
+    for key in ("coarse", "fine"):
+        torch.testing.assert_close(rays[key], samples[key], rtol=1e-5, atol=1e-6)

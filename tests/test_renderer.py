@@ -325,3 +325,27 @@ def test_bad_constructor_arguments():
         VolumeRenderer(n_fine=1)
     with pytest.raises(ValueError, match="backend"):
         VolumeRenderer(backend="gpu")
+
+
+def test_a_field_may_take_one_direction_per_ray():
+    """A field with ray_directions = True gets dirs (B, H·W, 3), one per ray (row-major pixels), and
+    renders what the same field renders from the directions repeated per sample."""
+    renderer = VolumeRenderer(image_size=6, n_coarse=5, n_fine=4)
+    transform = torch.cat([camera(), camera(R=rot_y(0.3))])
+    shapes = []
+
+    def tinted(coords, dirs):  # the color follows the sample's ray direction
+        shapes.append(tuple(dirs.shape))
+        B, N = coords.shape[:2]
+        per_sample = dirs.repeat_interleave(N // dirs.shape[1], dim=1)
+        return sphere_alpha(coords), (per_sample + 1) / 2, None
+
+    plain = renderer(tinted, transform)
+    tinted.ray_directions = True
+    rays = renderer(tinted, transform)
+    assert shapes == [(2, 6 * 6 * 5, 3), (2, 6 * 6 * 4, 3), (2, 36, 3), (2, 36, 3)]
+    _, d = renderer.rays(transform)
+    for key in ("coarse", "fine", "depth"):
+        assert torch.equal(rays[key], plain[key]), key
+    assert not torch.equal(plain["fine"][0], plain["fine"][1])  # the directions matter
+    assert d.shape == (2, 36, 3)

@@ -58,7 +58,7 @@ from gpavatar import ops
 from gpavatar.model.pef import PointExpressionField
 from gpavatar.model.recompute import deterministic_checkpoint
 from gpavatar.ops._backend import env_switch
-from gpavatar.ops.field_query import field_layers, fused_setting
+from gpavatar.ops.field_query import check_directions, field_layers, fused_setting, sample_directions
 from gpavatar.ops.knn import INDEX_MIN_QUERIES
 from gpavatar.ops.knn_blend import OFFICIAL_EPS
 from gpavatar.ops.reference import EMBED_DIM
@@ -131,9 +131,7 @@ class PointsDecoder(nn.Module):
                              f"got {tuple(getattr(planes, 'shape', ()))}")
         if not isinstance(coords, torch.Tensor) or coords.dim() != 3 or coords.shape[-1] != 3:
             raise ValueError(f"coords must have shape (B, N, 3), got {tuple(getattr(coords, 'shape', ()))}")
-        if not isinstance(dirs, torch.Tensor) or dirs.shape != coords.shape:
-            raise ValueError(f"dirs must have the shape of coords {tuple(coords.shape)}, "
-                             f"got {tuple(getattr(dirs, 'shape', ()))}")
+        check_directions(dirs, coords)
         B = coords.shape[0]
         if planes.shape[0] != B or not isinstance(points, torch.Tensor) or points.dim() != 3 \
                 or points.shape[0] != B:
@@ -146,7 +144,9 @@ class PointsDecoder(nn.Module):
         """Alpha (B, N) and value (B, N, value_dim), both float32.
 
         Args:
-            coords: (B, N, 3) sample positions; dirs: (B, N, 3) ray directions
+            coords: (B, N, 3) sample positions; dirs: (B, N, 3) their rays' directions, or (B, R, 3)
+                one per ray with N = R·S, each ray's S samples consecutive (the renderer's
+                ``ray_directions``): the direction terms are then computed per ray
             planes: (B, 3, H, W, C) channels-last tri-planes
             points: (B, P, 3) FLAME points (x5)
             chunk: queries per chunk (0: all at once). With ``normalize="queries"`` the PEF's
@@ -167,8 +167,11 @@ class PointsDecoder(nn.Module):
                 weight_sum = sum(ops.knn_blend_weight_sum(ops.knn(c, points, pef.K, backend=pef.backend,
                                                                   validate=validate, index=knn_index).dist2, pef.eps)
                                  for c in coords.split(chunk, dim=1))
+        S = N // max(1, dirs.shape[1])  # samples per direction
+        if chunk % S:
+            dirs, S = sample_directions(dirs, N), 1
         parts = [self._query(c, d, planes, points, weight_sum, validate, knn_index)
-                 for c, d in zip(coords.split(chunk, dim=1), dirs.split(chunk, dim=1))]
+                 for c, d in zip(coords.split(chunk, dim=1), dirs.split(chunk // S, dim=1))]
         return torch.cat([a for a, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1)
 
     def field_weights(self) -> ops.FieldWeights:
@@ -200,7 +203,8 @@ class PointsDecoder(nn.Module):
             # ops.field_query fuses where it can (backend, no grad, no autocast) and otherwise runs
             # the separate ops below as functions: the same results either way
             pef = self.points_querier
-            return tuple(ops.field_query(coords, dirs, planes, points, self.field_weights(), pef.K,
+            return tuple(ops.field_query(coords, sample_directions(dirs, coords.shape[1]), planes, points,
+                                         self.field_weights(), pef.K,
                                          normalize=pef.normalize, eps=pef.eps, weight_sum=weight_sum,
                                          precision=self.field_precision, fused=True, backend=self.backend,
                                          validate=validate, knn_index=knn_index))
@@ -214,9 +218,11 @@ class PointsDecoder(nn.Module):
         # The tri-plane features are sampled again in the backward too (cheap, C floats a sample),
         # and the pass is checkpointed in segments: the backward holds one segment's recomputed
         # activations at a time.
-        n = max(1, self.checkpoint_segment // max(1, B))
+        # (a segment holds whole rays when dirs has one direction per ray)
+        S = N // max(1, dirs.shape[1])
+        n = max(S, self.checkpoint_segment // max(1, B) // S * S)
         parts = [deterministic_checkpoint(self._sample_layers, planes, e, c, d)
-                 for e, c, d in zip(expr.split(n, dim=1), coords.split(n, dim=1), dirs.split(n, dim=1))]
+                 for e, c, d in zip(expr.split(n, dim=1), coords.split(n, dim=1), dirs.split(n // S, dim=1))]
         if len(parts) == 1:
             return parts[0]
         return torch.cat([a for a, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1)

@@ -174,7 +174,8 @@ class GPAvatar(CheckpointMixin, nn.Module):
 
     # -- stage 2: frames ---------------------------------------------------------------
     def field(self, avatar: Avatar, points: torch.Tensor, *, validate: bool = True):
-        """The field callable the renderer queries: (coords, dirs) -> (alpha, value, None).
+        """The field callable the renderer queries: (coords, dirs) -> (alpha, value, None), with
+        ``dirs`` one direction per ray (``ray_directions``: the decoder's direction terms per ray).
         ``validate=False`` skips the value checks of coords and points (host syncs) for callers
         that checked them (the real-time path).  With ``$GPAVATAR_KNN_SHARE=1`` the first call
         builds the PEF's KNN lists of ``points`` over its samples' box (``ops.knn_index``) and every
@@ -196,6 +197,7 @@ class GPAvatar(CheckpointMixin, nn.Module):
                 alpha, value = self.nerf_mlp(coords, dirs, planes, points, chunk=chunk, validate=False)
             return alpha, value, None
 
+        query.ray_directions = True  # the renderer hands one direction per ray (renderer.py)
         return query
 
     def realtime(self, avatar: Avatar, batch: int = 1, dtype: torch.dtype = torch.float32, **options: Any):

@@ -31,7 +31,10 @@ whole view.
 Field contract: ``field(coords (B, N, 3), dirs (B, N, 3)) -> (alpha (B, N), value (B, N, C),
 extras)`` with alpha in [0, 1] (not checked: the renderer does no host sync), where N = H·W·S,
 samples ray-major (sample ``s`` of ray ``r`` at ``r·S + s``, rays
-row-major over the image) and ``dirs`` the unit world direction of each sample's ray.  It is
+row-major over the image) and ``dirs`` the unit world direction of each sample's ray.  A field
+with the attribute ``ray_directions = True`` gets ``dirs`` of shape (B, H·W, 3) instead: one
+direction per ray, for its S consecutive samples (the model's field: its direction terms are
+then computed once per ray, not once per sample).  It is
 called exactly twice per forward: once with all coarse samples of all rays, once with all
 fine samples (the official PEF's ``"queries"`` normalization sums over the whole set, so
 the passes must not be chunked).
@@ -164,7 +167,10 @@ class VolumeRenderer(nn.Module):
         """Field at o + t d for depths t (R, S): alpha (R, S), value (R, S, C), extras."""
         R, S = t.shape
         coords = (o[:, None, :] + t[..., None] * d[:, None, :]).reshape(B, R // B * S, 3)
-        dirs = d[:, None, :].expand(R, S, 3).reshape(B, R // B * S, 3)
+        if getattr(field, "ray_directions", False):
+            dirs = d.reshape(B, R // B, 3)  # one per ray (module docstring)
+        else:
+            dirs = d[:, None, :].expand(R, S, 3).reshape(B, R // B * S, 3)
         out = field(coords, dirs)
         if not isinstance(out, (tuple, list)) or len(out) != 3:
             raise TypeError(f"field must return (alpha, value, extras), got {type(out).__name__}")

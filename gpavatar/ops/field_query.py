@@ -73,7 +73,7 @@ from gpavatar.ops.triplane import PLANE_DTYPES, triplane_sample
 
 __all__ = ["field_query", "field_layers", "FieldWeights", "FieldResult", "PRECISIONS", "FUSED_ENV", "LAYERS_ENV",
            "fused_setting", "layers_setting", "layers_precision", "default_precision", "check_field_query_inputs",
-           "linear_relu", "relu_epilogue"]
+           "linear_relu", "relu_epilogue", "check_directions", "sample_directions"]
 
 PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
 FUSED_ENV = "GPAVATAR_FIELD_FUSED"
@@ -372,6 +372,25 @@ def linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return F.relu(F.linear(x, weight, bias))
 
 
+def check_directions(dirs, coords: torch.Tensor) -> None:
+    """``dirs`` (B, N, 3) like ``coords``, or one direction per ray: (B, R, 3) with N = R·S, each
+    ray's S samples consecutive; a ValueError naming the shapes otherwise."""
+    B, N = coords.shape[0], coords.shape[1]
+    ok = isinstance(dirs, torch.Tensor) and dirs.dim() == 3 and dirs.shape[0] == B and dirs.shape[2] == 3
+    if not (ok and (dirs.shape[1] == N or (dirs.shape[1] > 0 and N % dirs.shape[1] == 0))):
+        raise ValueError(f"dirs must have shape ({B}, {N}, 3) like coords, or ({B}, R, 3) with one direction per "
+                         f"ray (R dividing {N}), got {tuple(getattr(dirs, 'shape', ()))}")
+
+
+def sample_directions(dirs: torch.Tensor, n: int) -> torch.Tensor:
+    """(..., n, 3): ``dirs`` itself when it has one direction per sample, else each of its R ray
+    directions repeated for the ray's n / R consecutive samples."""
+    R = dirs.shape[-2]
+    if R == n:
+        return dirs
+    return dirs.unsqueeze(-2).expand(*dirs.shape[:-1], n // R, 3).reshape(*dirs.shape[:-2], n, 3)
+
+
 def _folded_heads(w: FieldWeights) -> tuple[torch.Tensor, torch.Tensor]:
     """feature_layers.4 folded into density_layers.0 and rgb_layers.0's feature columns: the
     (1 + VH, D) weight and (1 + VH,) bias of one product of the second hidden layer."""
@@ -386,6 +405,11 @@ def field_layers(tri: torch.Tensor, expr: torch.Tensor, coords: torch.Tensor, di
     """The decoder's layers on one pass's tri-plane (B, N, C) and PEF (B, N, pef_dim) features:
     ``feature_layers``, ``density_layers``, softplus, the box mask, alpha, the direction
     embedding, ``rgb_layers`` and the sigmoid remap (PointsDecoder and the unfused op share it).
+    ``dirs``: (B, N, 3), or one direction per ray (B, R, 3) with N = R·S and each ray's S samples
+    consecutive (:func:`check_directions`, the renderer's ``ray_directions``): the direction
+    embedding and its share of the rgb layer, ``gamma(d) W_dir``, are then computed once per ray and
+    added to the ray's samples (at the paper's 32 samples a ray, 1/32 of the sines, cosines and
+    (N, 27) embedding of the per-sample form).
 
     The last feature layer has no activation and feeds only two linear maps, ``density_layers``
     and the feature columns of ``rgb_layers[0]``: they are folded into it, one product of the
@@ -406,21 +430,32 @@ def field_layers(tri: torch.Tensor, expr: torch.Tensor, coords: torch.Tensor, di
     else fp32 "ieee"); elsewhere the torch layers below run.  Opt-in: not yet timed on a GPU.
     ``block_m``, ``num_warps``: the kernel's tile (rows per program) and warps (default: per precision,
     ``kernels/field_layers.py``)."""
+    N, R = tri.shape[-2], dirs.shape[-2]
+    if dirs.shape[:-2] != tri.shape[:-2] or dirs.shape[-1] != 3 or (R != N and (R == 0 or N % R)):
+        raise ValueError(f"dirs must have shape {tuple(tri.shape[:-1]) + (3,)} or one direction per ray "
+                         f"{tuple(tri.shape[:-2]) + ('R', 3)} with R dividing {N}, got {tuple(dirs.shape)}")
     precision = _layers_kernel(kernel, tri, expr, coords, dirs, w)
     if precision is not None:
-        return _layers_triton(tri, expr, coords, dirs, w, precision, int(block_m or 0), int(num_warps or 0))
+        return _layers_triton(tri, expr, coords, sample_directions(dirs, tri.shape[-2]), w, precision,
+                              int(block_m or 0), int(num_warps or 0))
     h = linear_relu(torch.cat([tri, expr.to(tri.dtype)], dim=-1), w.feature_w1, w.feature_b1)
     h = linear_relu(h, w.feature_w2, w.feature_b2)
     hidden = w.feature_w3.shape[0]
     out = F.linear(h, *_folded_heads(w))
     gamma = harmonic_embedding(F.normalize(dirs.to(out.dtype), dim=-1))
+    gamma = gamma.reshape(-1, gamma.shape[-1])
     rows = out.reshape(-1, out.shape[-1])  # a view: out is a fresh contiguous product
     w_dir = w.rgb_w1[:, hidden:].t().to(out.dtype)
+    per_ray, S = R != N, N // max(1, R)  # S samples per direction
     inside = ((coords > -1.0) & (coords < 1.0)).all(dim=-1)  # renderer.inside_box
     if not (torch.is_grad_enabled() and out.requires_grad):
         # Inference: the direction embedding's share accumulated into the rgb columns in place and
         # the RGB channels remapped in place: nothing but the products is written.
-        rows[:, 1:].addmm_(gamma.reshape(-1, gamma.shape[-1]), w_dir)
+        if per_ray:  # one (R, VH) product, added to each ray's S samples
+            rgb = rows[:, 1:]
+            rgb.view(-1, S, rgb.shape[-1]).add_((gamma @ w_dir)[:, None, :])
+        else:
+            rows[:, 1:].addmm_(gamma, w_dir)
         sigma = F.softplus(out[..., 0].float(), beta=10) * inside.to(torch.float32)
         value = F.linear(F.relu(out[..., 1:]), w.rgb_w2, w.rgb_b2).float()
         value[..., :3] = torch.sigmoid(value[..., :3]) * 1.002 - 0.001
@@ -432,8 +467,11 @@ def field_layers(tri: torch.Tensor, expr: torch.Tensor, coords: torch.Tensor, di
     density, rgb = rows.split([1, rows.shape[-1] - 1], dim=-1)
     sigma = F.softplus(density.reshape(out.shape[:-1]).float(), beta=10) * inside.to(torch.float32)
     # (no name holds the pre-activation: it is freed as soon as the ReLU has run)
-    value = F.linear(F.relu(torch.addmm(rgb, gamma.reshape(-1, gamma.shape[-1]), w_dir)), w.rgb_w2,
-                     w.rgb_b2).float()
+    if per_ray:
+        hidden_rgb = F.relu(rgb.view(-1, S, rgb.shape[-1]) + (gamma @ w_dir)[:, None, :]).view(-1, rgb.shape[-1])
+    else:
+        hidden_rgb = F.relu(torch.addmm(rgb, gamma, w_dir))
+    value = F.linear(hidden_rgb, w.rgb_w2, w.rgb_b2).float()
     remapped, rest = value.split([3, value.shape[-1] - 3], dim=-1)
     value = torch.cat([torch.sigmoid(remapped) * 1.002 - 0.001, rest], dim=-1)
     return FieldResult(-torch.expm1(-sigma), value.reshape(*out.shape[:-1], value.shape[-1]))
