@@ -16,7 +16,9 @@ noise or none) without either:
   (with ``$GPAVATAR_FIELD_FUSED=1`` each field pass on a GPU is the fused ``ops.field_query``,
   which then runs its products in tf32; ``model.nerf_mlp.field_precision = "bf16"`` asks for bf16);
   ``field_dtype=torch.bfloat16`` also runs the field passes' layers under bf16 autocast (opt-in, not
-  yet timed on a GPU); ``torch.float32`` keeps TF32 off for matmuls and convolutions (full fp32
+  yet timed on a GPU); ``compile`` (or ``$GPAVATAR_REALTIME_COMPILE``) runs the super-resolution
+  and/or the field's layers as ``torch.compile`` d functions (inductor fuses their element-wise
+  chains; opt-in, not yet timed on a GPU); ``torch.float32`` keeps TF32 off for matmuls and convolutions (full fp32
   arithmetic).
 
 On the CPU (or with ``cuda_graph=False``) a call runs the same stages eagerly: an fp32 frame is
@@ -56,13 +58,41 @@ import torch
 from gpavatar.model.gpavatar import Avatar, GPAvatar
 from gpavatar.model.renderer import check_transform
 
-__all__ = ["RealtimeRenderer", "STAGES", "REPORTED_STAGES", "MODE_DTYPES", "precision"]
+__all__ = ["RealtimeRenderer", "STAGES", "REPORTED_STAGES", "MODE_DTYPES", "COMPILE_ENV", "COMPILE_PARTS",
+           "compile_parts", "precision"]
 
 # The stages of one frame, in order; "importance" (coarse composite + importance depths) is
 # reported under "rays" (ray generation and both samplings) by :meth:`RealtimeRenderer.profile`.
 STAGES = ("rays", "field pass 1", "importance", "field pass 2", "compositing", "super-resolution")
 REPORTED_STAGES = ("rays", "field pass 1", "field pass 2", "compositing", "super-resolution")
 MODE_DTYPES = {"fp32": torch.float32, "fast": torch.bfloat16}
+COMPILE_ENV = "GPAVATAR_REALTIME_COMPILE"
+COMPILE_PARTS = ("sr", "layers")  # the super-resolution network, the field's layers (ops.field_layers)
+
+
+def compile_parts(value: Any = None) -> frozenset:
+    """The parts :class:`RealtimeRenderer` compiles: ``value`` (None: ``$GPAVATAR_REALTIME_COMPILE``)
+    is "" / "0" / False (none), "1" / "all" / True (both) or a comma list of :data:`COMPILE_PARTS`
+    (also a list or tuple of them); a ValueError names anything else."""
+    import os
+
+    if value is None:
+        value = os.environ.get(COMPILE_ENV, "")
+    given = value
+    if isinstance(value, bool):
+        return frozenset(COMPILE_PARTS) if value else frozenset()
+    if isinstance(value, str):
+        value = value.strip()
+        if value in ("", "0"):
+            return frozenset()
+        if value in ("1", "all"):
+            return frozenset(COMPILE_PARTS)
+        value = [part.strip() for part in value.split(",")]
+    parts = frozenset(value) if isinstance(value, (list, tuple, set, frozenset)) else None
+    if parts is None or not parts <= set(COMPILE_PARTS):
+        raise ValueError(f"compile (or ${COMPILE_ENV}) must be 0, 1, all or a comma list of "
+                         f"{', '.join(COMPILE_PARTS)}, got {given!r}")
+    return parts
 OUTPUT_KEYS = ("image", "coarse", "fine", "depth", "depth_expected", "opacity", "coarse_alphas")
 
 
@@ -112,6 +142,10 @@ class RealtimeRenderer:
             mode only; the KNN, PEF blend and tri-plane ops stay fp32, alpha and value are fp32);
             None / ``torch.float32``: fp32 layers (TF32 products in fast mode).  Opt-in: not yet
             timed on a GPU (``bench_e2e.py`` realtime rows ``cuda+bf16field``)
+        compile: parts run as ``torch.compile`` d functions (:func:`compile_parts`: "sr", "layers",
+            both, none; None: ``$GPAVATAR_REALTIME_COMPILE``).  Compiled in the first frames (the
+            warm-up before a capture; tens of seconds), with static shapes; the same function up to
+            float rounding.  Opt-in: not yet timed on a GPU (``bench_e2e.py`` rows ``+compile``)
 
     Call: ``points`` (B, P, 3) FLAME vertices x flame_scale, ``transform`` (B, 3, 4) world-to-camera
     [R|T], any float dtype and device (copied to float32 on the avatar's device) -> dict like
@@ -121,7 +155,7 @@ class RealtimeRenderer:
 
     def __init__(self, model: GPAvatar, avatar: Avatar, *, batch: int = 1, dtype: torch.dtype = torch.float32,
                  cuda_graph: Optional[bool] = None, warmup: int = 3, check_values: bool = False,
-                 field_dtype: Optional[torch.dtype] = None):
+                 field_dtype: Optional[torch.dtype] = None, compile: Any = None):
         if not isinstance(model, GPAvatar):
             raise TypeError(f"model must be a GPAvatar, got {type(model).__name__}")
         if not isinstance(avatar, Avatar):
@@ -156,6 +190,14 @@ class RealtimeRenderer:
             self.super_resolution = _bf16_channels_last(model.up_renderer, self.device)
         else:
             self.super_resolution = model.up_renderer
+        self.compiled = compile_parts(compile)
+        if "sr" in self.compiled:
+            self.super_resolution = torch.compile(self.super_resolution, dynamic=False)
+        self._layers = None
+        if "layers" in self.compiled:
+            from gpavatar.ops.field_query import field_layers
+
+            self._layers = torch.compile(field_layers, dynamic=False)
         self._graph: Optional[torch.cuda.CUDAGraph] = None
         self._static: dict[str, torch.Tensor] = {}
         self._outputs: dict[str, torch.Tensor] = {}
@@ -210,8 +252,15 @@ class RealtimeRenderer:
 
     @contextlib.contextmanager
     def _context(self) -> Iterator[None]:
-        with torch.no_grad(), precision(self.fast):
-            yield
+        decoder = self.model.nerf_mlp
+        saved = decoder.layers_function
+        if self._layers is not None:  # only during this renderer's frames: model.render is untouched
+            decoder.layers_function = self._layers
+        try:
+            with torch.no_grad(), precision(self.fast):
+                yield
+        finally:
+            decoder.layers_function = saved
 
     # -- inputs ------------------------------------------------------------------------------------
     def _inputs(self, points, transform) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,7 +372,7 @@ class RealtimeRenderer:
 
     def extra_repr(self) -> str:  # for repr()
         return (f"batch={self.batch}, dtype={self.dtype}, cuda_graph={self.cuda_graph}, device={self.device}, "
-                f"noise={self.noise!r}")
+                f"noise={self.noise!r}, compile={','.join(sorted(self.compiled)) or 'none'}")
 
     def __repr__(self) -> str:
         return f"RealtimeRenderer({self.extra_repr()})"

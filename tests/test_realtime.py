@@ -286,3 +286,50 @@ def test_cuda_fast_mode_opt_ins_at_paper_size(paper_cuda, switches, monkeypatch)
     value = psnr(out, ref)
     assert value >= 35, f"fast mode with {switches}: PSNR {value:.1f} dB against fp32 (random weights)"
     torch.testing.assert_close(out, eager(points, transform)["image"], rtol=2.0 ** -7, atol=2.0 ** -7)
+
+
+# -------------------------------------------------------------------- torch.compile (opt-in)
+
+def test_compile_parts_from_the_argument_and_the_variable(monkeypatch):
+    from gpavatar.realtime import COMPILE_ENV, compile_parts
+
+    monkeypatch.delenv(COMPILE_ENV, raising=False)
+    assert compile_parts() == frozenset()
+    for value, parts in (("", set()), ("0", set()), (False, set()), ("1", {"sr", "layers"}), ("all", {"sr", "layers"}),
+                         (True, {"sr", "layers"}), ("sr", {"sr"}), (" layers , sr", {"sr", "layers"}),
+                         (["layers"], {"layers"}), (("sr",), {"sr"})):
+        assert compile_parts(value) == parts, value
+    monkeypatch.setenv(COMPILE_ENV, "layers")
+    assert compile_parts() == {"layers"}
+    for bad in ("yes", "sr,field", 2, ["sr", "conv"]):
+        with pytest.raises(ValueError, match="GPAVATAR_REALTIME_COMPILE"):
+            compile_parts(bad)
+    monkeypatch.setenv(COMPILE_ENV, "sometimes")
+    with pytest.raises(ValueError, match="got 'sometimes'"):
+        compile_parts()
+
+
+def test_cpu_compiled_frames_match_the_eager_frames(tiny):
+    """compile="all": the super-resolution and the field's layers as torch.compile'd functions (inductor
+    on the CPU here) give the eager frames up to float rounding, frame after frame; the model's own
+    decoder is left as it was (the compiled layers are set only during the renderer's frames)."""
+    model, avatar = tiny
+    eager = model.realtime(avatar, batch=2)
+    compiled = model.realtime(avatar, batch=2, compile="all")
+    assert compiled.compiled == {"sr", "layers"} and "compile=layers,sr" in repr(compiled)
+    assert compiled.super_resolution is not model.up_renderer
+    seen = []
+    original = compiled._layers
+
+    def spy(*args, **kwargs):
+        seen.append(args[3].shape)  # dirs: one per ray
+        return original(*args, **kwargs)
+
+    compiled._layers = spy
+    for seed in (7, 8):
+        points, transform = frame_inputs(2, seed)
+        ref, out = eager(points, transform), compiled(points, transform)
+        for key in OUTPUTS:
+            torch.testing.assert_close(out[key], ref[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert len(seen) == 4 and seen[0][1] == model.renderer.image_size ** 2
+    assert model.nerf_mlp.layers_function is None

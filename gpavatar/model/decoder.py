@@ -49,7 +49,7 @@ again; a pass of several segments sums its weight gradients segment by segment).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -114,6 +114,9 @@ class PointsDecoder(nn.Module):
         # The decoder's layers as one Triton kernel (ops.field_query.field_layers' ``kernel``): None
         # follows $GPAVATAR_FIELD_LAYERS; forward only (passes that need grad run the torch layers).
         self.fused_layers: Optional[bool] = None
+        # The function that runs the layers (None: field_layers); the real-time path sets a compiled
+        # copy of it during its frames (RealtimeRenderer's ``compile``).
+        self.layers_function: Optional[Callable[..., ops.FieldResult]] = None
 
     @property
     def backend(self) -> Optional[str]:
@@ -245,4 +248,5 @@ class PointsDecoder(nn.Module):
         features: (alpha, value) (:func:`gpavatar.ops.field_query.field_layers`: the official
         layers with the last feature layer folded into the density and rgb heads)."""
         tri = ops.triplane_sample(planes, coords, "mean", channels_last=True, backend=self.backend, validate=False)
-        return tuple(field_layers(tri, expr, coords, dirs, self.field_weights(), kernel=self.fused_layers))
+        layers = self.layers_function or field_layers
+        return tuple(layers(tri, expr, coords, dirs, self.field_weights(), kernel=self.fused_layers))
