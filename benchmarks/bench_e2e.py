@@ -141,6 +141,20 @@ G24_SUFFIX = "+g24"
 # (RealtimeRenderer(compile="all"); compiled during the warm-up before the capture).
 COMPILE_SUFFIX = "+compile"
 FAST_ONLY_SUFFIXES = (BF16_FIELD_SUFFIX, UPSAMPLE_SUFFIX, TC_SUFFIX)
+VARIANT_SUFFIXES = (FUSED_SUFFIX, BF16_FIELD_SUFFIX, UPSAMPLE_SUFFIX, LAYERS_SUFFIX, TC_SUFFIX, SHARE_SUFFIX, G24_SUFFIX,
+                    COMPILE_SUFFIX)
+
+
+def realtime_variants(text: str) -> list[str]:
+    """``--realtime-variants``: a comma list of suffix combinations without their first "+"
+    ("layers", "compile+share"), each made of :data:`VARIANT_SUFFIXES`; a ValueError otherwise."""
+    known = {suffix[1:] for suffix in VARIANT_SUFFIXES}
+    variants = [v.strip() for v in text.split(",") if v.strip()]
+    for v in variants:
+        unknown = [part for part in v.split("+") if part not in known]
+        if unknown:
+            raise ValueError(f"unknown realtime variant {v!r} ({unknown}); combine {sorted(known)} with '+'")
+    return ["+" + v for v in variants]
 
 
 def base_backend(backend: str) -> str:
@@ -554,6 +568,9 @@ def parse_args(argv=None):
     ap.add_argument("--points", choices=POINT_SOURCES, default="procedural",
                     help="FLAME points: procedural head template x5 (default) or a random head-sized cloud")
     ap.add_argument("--query-chunk", type=int, default=0, help="config query_chunk (0 = whole pass)")
+    ap.add_argument("--realtime-variants", default=None,
+                    help="comma list of the realtime rows' variants on a GPU, suffixes without the first '+' "
+                         "combined with '+' (e.g. layers,share,compile+share; default: the full list; '' for none)")
     ap.add_argument("--realtime-batch", default=None,
                     help="comma list of extra batch sizes for the realtime case only (throughput; default 8 on "
                          "cuda, none on cpu; '' for none)")
@@ -580,6 +597,8 @@ def main(argv=None) -> int:
     realtime_Bs = tuple(b for b in (int(x) for x in realtime_text.split(",") if x.strip()) if b not in Bs)
     modes = _split(args.modes, MODES, "mode(s)")
     cases = _split(args.cases, CASES, "case(s)") if args.cases else list(CASES)
+    if args.realtime_variants is not None:
+        realtime_variants(args.realtime_variants)  # a typo fails here, on any device
     repeats = args.repeats or (20 if device.type == "cuda" else 5)
     warmup = args.warmup if args.warmup is not None else (2 if device.type == "cuda" else 0)
     max_seconds = args.max_seconds if args.max_seconds is not None else (10.0 if device.type == "cuda" else 3.0)
@@ -607,7 +626,10 @@ def main(argv=None) -> int:
 
     images: dict = {}
     realtime_backends = [b for b in backends if b not in BASELINES and b != "torch"]
-    if device.type == "cuda":  # and each with the fused field passes, and (fast mode) bf16 field layers
+    if device.type == "cuda" and args.realtime_variants is not None:  # the variants asked for
+        base = [b for b in realtime_backends if b in ("cuda", "triton")]
+        realtime_backends += [b + v for b in base[:1] for v in realtime_variants(args.realtime_variants)]
+    elif device.type == "cuda":  # and each with the fused field passes, and (fast mode) bf16 field layers
         base = [b for b in realtime_backends if b in ("cuda", "triton")]
         realtime_backends += ([b + FUSED_SUFFIX for b in base] + [b + BF16_FIELD_SUFFIX for b in base[:1]]
                               + [b + v for b in base[:1] for v in (

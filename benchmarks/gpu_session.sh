@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
 # One prepared device run, lean enough for a 15-minute device session:
 #
+#   bash benchmarks/gpu_session.sh key OUTDIR       (at most 9 minutes: REPORT_BUDGET_S=540)
+#       the decisions in one call, when a session has time for one run only: the CUDA tests of the
+#       training graphs, the real-time path (compile included) and the layers kernel; bench_e2e B = 1
+#       render rows (the baseline) and the realtime rows cuda, +layers, +share, +compile,
+#       +compile+share, +layers+share (fast and fp32); bench_train torch-fast, cuda, cuda+graph.
+#
 #   bash benchmarks/gpu_session.sh opt-ins OUTDIR   (about 9 minutes)
 #       times the fast mode's opt-in kernels against the defaults:
 #         GPAVATAR_FIELD_LAYERS=triton        the decoder's layers as one Triton kernel
@@ -29,12 +35,21 @@
 # settings (GPAVATAR_PREBUILT=1 when the extension was built by benchmarks/prebuild_device_ext.sh
 # and carried along); every setting below can be overridden from the environment.
 set -euo pipefail
-if [[ $# -ne 2 || ( "$1" != opt-ins && "$1" != train ) ]]; then
-    echo "usage: $0 opt-ins|train OUTDIR" >&2
+if [[ $# -ne 2 || ( "$1" != key && "$1" != opt-ins && "$1" != train ) ]]; then
+    echo "usage: $0 key|opt-ins|train OUTDIR" >&2
     exit 2
 fi
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-if [[ "$1" == opt-ins ]]; then
+if [[ "$1" == key ]]; then
+    export CUDA_TESTS="${CUDA_TESTS:-tests/test_graphed.py tests/test_realtime.py tests/test_field_layers.py}"
+    export CUDA_TESTS_CAP="${CUDA_TESTS_CAP:-150}"
+    export REPORT_BUDGET_S="${REPORT_BUDGET_S:-540}"
+    export BENCHES_ONLY="${BENCHES_ONLY:-benchmarks/bench_e2e.py benchmarks/bench_train.py}"
+    export ARGS_bench_e2e="${ARGS_bench_e2e:---batch 1 --cases render,realtime --backends torch-fast,cuda --realtime-batch= --realtime-variants layers,share,layers+share,compile,compile+share}"
+    export CAP_bench_e2e="${CAP_bench_e2e:-230}"
+    export ARGS_bench_train="${ARGS_bench_train:---backends torch-fast,cuda,cuda+graph --repeats 5}"
+    export CAP_bench_train="${CAP_bench_train:-140}"
+elif [[ "$1" == opt-ins ]]; then
     export CUDA_TESTS="${CUDA_TESTS:-tests/test_field_layers.py tests/test_knn_index.py tests/test_knn_blend.py tests/test_realtime.py}"
     export CUDA_TESTS_CAP="${CUDA_TESTS_CAP:-150}"
     export BENCHES_ONLY="${BENCHES_ONLY:-benchmarks/bench_e2e.py benchmarks/profile_frame.py benchmarks/bench_field.py benchmarks/bench_knn_blend.py}"

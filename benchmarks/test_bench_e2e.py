@@ -202,3 +202,12 @@ def test_torch_fast_path_matches_reference(cpu_setup):
     with use_backend(model, "torch-fast"):
         assert "query" in vars(model.nerf_mlp.points_querier)
     assert "query" not in vars(model.nerf_mlp.points_querier)
+
+
+def test_realtime_variants_parse_and_refuse_unknown_suffixes():
+    from bench_e2e import realtime_variants
+
+    assert realtime_variants("") == []
+    assert realtime_variants("layers, compile+share ,share") == ["+layers", "+compile+share", "+share"]
+    with pytest.raises(ValueError, match="unknown realtime variant 'compile\\+fast'"):
+        realtime_variants("layers,compile+fast")
