@@ -400,9 +400,9 @@ def test_training_form_gives_the_inference_bits_and_writes_little_in_backward(wi
 @given(lead=st.lists(st.integers(0, 5), min_size=0, max_size=2), n_in=st.integers(1, 40),
        n_out=st.integers(1, 40), transposed=st.booleans(), seed=st.integers(0, 2**16))
 def test_linear_relu_with_the_epilogue_is_relu_of_linear(lead, n_in, n_out, transposed, seed):
-    """linear_relu's one-product form (forced here on the CPU, where torch._addmm_activation is the
-    product and a ReLU) reshapes any leading shape, empty and non-contiguous inputs included, and
-    gives relu(linear) bit for bit."""
+    """linear_relu's one-product form (torch._addmm_activation; the CPU default) reshapes any leading
+    shape, empty and non-contiguous inputs included, and gives relu(linear) bit for bit; so does
+    the two-op form it falls back to."""
     from gpavatar.ops.field_query import linear_relu
 
     g = torch.Generator().manual_seed(seed)
@@ -411,31 +411,50 @@ def test_linear_relu_with_the_epilogue_is_relu_of_linear(lead, n_in, n_out, tran
     ref = torch.relu(torch.nn.functional.linear(x, w, b))
     out = linear_relu(x, w, b, epilogue=True)
     assert out.shape == ref.shape and torch.equal(out, ref)
-    assert torch.equal(linear_relu(x, w, b), ref)  # the CPU default: the two ops
+    assert torch.equal(linear_relu(x, w, b, epilogue=False), ref)
 
 
-def test_relu_epilogue_only_for_cuda_inference_without_autocast():
+def test_relu_epilogue_on_cpu_and_cuda_without_autocast():
     from gpavatar.ops.field_query import relu_epilogue
 
     x, w, b = torch.randn(4, 3), torch.randn(2, 3), torch.randn(2)
-    assert not relu_epilogue(x, w, b)  # the CPU
-    if not HAS_CUDA:
-        return
-    x, w, b = x.cuda(), w.cuda(), b.cuda()
-    assert relu_epilogue(x, w, b)
+    assert relu_epilogue(x, w, b) and relu_epilogue(x, w.requires_grad_(True), b)
     assert not relu_epilogue(x, w, None) and not relu_epilogue(x.double(), w, b)
-    assert not relu_epilogue(x, w.requires_grad_(True), b)
+    assert not relu_epilogue(x.to("meta"), w.to("meta"), b.to("meta"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not relu_epilogue(x, w, b)
+    if HAS_CUDA:
+        assert relu_epilogue(x.cuda(), w.cuda(), b.cuda())
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert not relu_epilogue(x.cuda(), w.detach().cuda(), b.cuda())
+
+
+@settings(max_examples=15, deadline=None)
+@given(rows=st.integers(1, 30), n_in=st.integers(1, 9), n_out=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_linear_relu_gradients_are_those_of_the_two_ops(rows, n_in, n_out, seed):
+    """With a gradient recorded linear_relu runs _LinearReLU: gradcheck in float64, and the gradients
+    of relu(linear) bit for bit in float32 on the CPU (a third of the units dead, some at exactly 0)."""
+    from gpavatar.ops.field_query import _LinearReLU, linear_relu
+
+    g = torch.Generator().manual_seed(seed)
+    x, w, b = (torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(True)
+               for shape in ((rows, n_in), (n_out, n_in), (n_out,)))
+    assert torch.autograd.gradcheck(_LinearReLU.apply, (x, w, b))
+    x, w, b = (t.detach().float().requires_grad_(True) for t in (x, w, b))
     with torch.no_grad():
-        assert relu_epilogue(x, w, b)  # requires_grad, but no gradient recorded
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        assert not relu_epilogue(x, w.detach(), b)
+        b[0] = -(x @ w[0]).max() - 1  # unit 0 dead on every row
+    out, ref = linear_relu(x[None], w, b), torch.relu(torch.nn.functional.linear(x[None], w, b))
+    assert torch.equal(out, ref)
+    grad = torch.randn(out.shape, generator=g)
+    for a, r in zip(torch.autograd.grad(out, (x, w, b), grad), torch.autograd.grad(ref, (x, w, b), grad)):
+        assert torch.equal(a, r)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_cuda_inference_layers_use_the_epilogue_and_match_the_two_ops():
     """On CUDA a no-grad field_layers runs its two hidden layers as _addmm_activation (no separate
-    ReLU of a hidden layer) and matches the layers with separate ReLUs (TF32 off)."""
+    ReLU of a hidden layer); it and the training form (_LinearReLU) match the CPU's layers (TF32 off)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     dec = make_decoder(**WIDTHS[sorted(WIDTHS)[0]], device="cuda")
@@ -458,11 +477,15 @@ def test_cuda_inference_layers_use_the_epilogue_and_match_the_two_ops():
             alpha, value = field_layers(tri, expr, coords, dirs, w, kernel=False)
         assert seen.names.count("_addmm_activation") == 2
         w_grad = type(w)(*(t.detach().clone().requires_grad_(True) for t in w))
-        ref_alpha, ref_value = field_layers(tri, expr, coords, dirs, w_grad, kernel=False)  # the two-op form
+        trained = field_layers(tri, expr, coords, dirs, w_grad, kernel=False)  # through _LinearReLU
+        with torch.no_grad():  # the CPU's numbers (the two ops' bits there)
+            ref_alpha, ref_value = field_layers(*(t.cpu() for t in (tri, expr, coords, dirs)),
+                                                type(w)(*(t.cpu() for t in w)), kernel=False)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
-    torch.testing.assert_close(alpha, ref_alpha.detach(), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(value, ref_value.detach(), rtol=1e-5, atol=1e-6)
+    for a, v in ((alpha, value), (trained.alpha.detach(), trained.value.detach())):
+        torch.testing.assert_close(a.cpu(), ref_alpha, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(v.cpu(), ref_value, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------ one direction per ray

@@ -349,26 +349,52 @@ def _layers_kernel(kernel: Optional[bool], tri, expr, coords, dirs, w: FieldWeig
 
 
 def relu_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-    """Whether :func:`linear_relu` runs as one product with the ReLU in its epilogue: a CUDA tensor,
-    nothing that needs grad (``torch._addmm_activation`` has no autograd formula), no autocast on
-    the device (it is not on autocast's lists) and one dtype for the three tensors."""
-    return (x.device.type == "cuda" and hasattr(torch, "_addmm_activation") and bias is not None
+    """Whether :func:`linear_relu` runs as one product with the ReLU in its epilogue: a CPU or CUDA
+    tensor, a 1-D bias, one dtype for the three tensors and no autocast on the device
+    (``torch._addmm_activation`` is on none of autocast's lists)."""
+    return (x.device.type in ("cpu", "cuda") and hasattr(torch, "_addmm_activation") and bias is not None
             and bias.dim() == 1 and x.dtype == weight.dtype == bias.dtype and x.dim() >= 1
-            and not _needs_grad([x, weight, bias]) and not torch.is_autocast_enabled(x.device.type))
+            and not torch.is_autocast_enabled(x.device.type))
+
+
+class _LinearReLU(torch.autograd.Function):
+    """relu(x W^T + b) for x (R, in) as ``torch._addmm_activation`` (which has no autograd formula),
+    with the backward of the two ops: g = grad [out > 0], then g W, g^T x and the column sums of g.
+    Saves x, W and the output: what the Linear and the ReLU save."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        out = torch._addmm_activation(bias, x, weight.t())
+        ctx.save_for_backward(x, weight, out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight, out = ctx.saved_tensors
+        g = torch.ops.aten.threshold_backward(grad, out, 0)
+        return (g @ weight if ctx.needs_input_grad[0] else None,
+                g.t() @ x if ctx.needs_input_grad[1] else None,
+                g.sum(0) if ctx.needs_input_grad[2] else None)
 
 
 def linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *,
                 epilogue: Optional[bool] = None) -> torch.Tensor:
-    """``relu(F.linear(x, weight, bias))``.  Where :func:`relu_epilogue` allows (CUDA inference) it is
-    one cuBLASLt product whose epilogue adds the bias and applies the ReLU, so the (N, out) result is
-    written once instead of written, read and written again by a separate ReLU kernel (two ReLUs of
-    (2^19, 128) floats a field pass at the paper sizes); elsewhere the two ops.  The same function;
-    on CUDA the library may pick another kernel (rounding-level differences).  ``epilogue``
-    (None: :func:`relu_epilogue`) forces the choice (``torch._addmm_activation`` also runs on the
-    CPU, where it is the product and a ReLU: the tests)."""
+    """``relu(F.linear(x, weight, bias))``.  Where :func:`relu_epilogue` allows it is one product whose
+    epilogue applies the ReLU (``torch._addmm_activation``: on CUDA a cuBLASLt epilogue with the bias,
+    on the CPU a ReLU in place on the fresh product), so the (N, out) result is written once instead
+    of written, read and written to a new tensor by a separate ReLU kernel (two ReLUs of (2^19, 128)
+    floats a field pass at the paper sizes); with a gradient recorded through :class:`_LinearReLU`.
+    Elsewhere (autocast on, other devices or dtypes) the two ops.  The same function: on the CPU the
+    same bits (tested), on CUDA the library may pick another kernel (rounding).  ``epilogue`` (None:
+    :func:`relu_epilogue`) forces the choice."""
     if relu_epilogue(x, weight, bias) if epilogue is None else epilogue:
         rows = x.reshape(-1, x.shape[-1])
-        return torch._addmm_activation(bias, rows, weight.t()).reshape(*x.shape[:-1], weight.shape[0])
+        if _needs_grad([x, weight, bias]):
+            out = _LinearReLU.apply(rows, weight, bias)
+        else:
+            out = torch._addmm_activation(bias, rows, weight.t())
+        return out.reshape(*x.shape[:-1], weight.shape[0])
     return F.relu(F.linear(x, weight, bias))
 
 
