@@ -350,32 +350,14 @@ def _layers_kernel(kernel: Optional[bool], tri, expr, coords, dirs, w: FieldWeig
 
 def relu_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
     """Whether :func:`linear_relu` runs as one product with the ReLU in its epilogue: a CPU or CUDA
-    tensor, a 1-D bias, one dtype for the three tensors and no autocast on the device
-    (``torch._addmm_activation`` is on none of autocast's lists)."""
+    tensor, a 1-D bias, one dtype for the three tensors, nothing that needs grad and no autocast on
+    the device (``torch._addmm_activation`` has no autograd formula and is on none of autocast's
+    lists).  Training keeps the two ops: a custom backward for the fused product measured no faster
+    on the CPU and held the incoming and the masked (N, 128) gradients at once (+85 MiB at the peak
+    of a paper-preset step)."""
     return (x.device.type in ("cpu", "cuda") and hasattr(torch, "_addmm_activation") and bias is not None
             and bias.dim() == 1 and x.dtype == weight.dtype == bias.dtype and x.dim() >= 1
-            and not torch.is_autocast_enabled(x.device.type))
-
-
-class _LinearReLU(torch.autograd.Function):
-    """relu(x W^T + b) for x (R, in) as ``torch._addmm_activation`` (which has no autograd formula),
-    with the backward of the two ops: g = grad [out > 0], then g W, g^T x and the column sums of g.
-    Saves x, W and the output: what the Linear and the ReLU save."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        out = torch._addmm_activation(bias, x, weight.t())
-        ctx.save_for_backward(x, weight, out)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        x, weight, out = ctx.saved_tensors
-        g = torch.ops.aten.threshold_backward(grad, out, 0)
-        return (g @ weight if ctx.needs_input_grad[0] else None,
-                g.t() @ x if ctx.needs_input_grad[1] else None,
-                g.sum(0) if ctx.needs_input_grad[2] else None)
+            and not _needs_grad([x, weight, bias]) and not torch.is_autocast_enabled(x.device.type))
 
 
 def linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *,
@@ -384,17 +366,13 @@ def linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     epilogue applies the ReLU (``torch._addmm_activation``: on CUDA a cuBLASLt epilogue with the bias,
     on the CPU a ReLU in place on the fresh product), so the (N, out) result is written once instead
     of written, read and written to a new tensor by a separate ReLU kernel (two ReLUs of (2^19, 128)
-    floats a field pass at the paper sizes); with a gradient recorded through :class:`_LinearReLU`.
-    Elsewhere (autocast on, other devices or dtypes) the two ops.  The same function: on the CPU the
-    same bits (tested), on CUDA the library may pick another kernel (rounding).  ``epilogue`` (None:
-    :func:`relu_epilogue`) forces the choice."""
+    floats a field pass at the paper sizes).  Elsewhere (training, autocast, other devices or dtypes)
+    the two ops.  The same function: on the CPU the same bits (tested), on CUDA the library may
+    pick another kernel (rounding).  ``epilogue`` (None: :func:`relu_epilogue`) forces the choice
+    (no autograd: only without a gradient recorded)."""
     if relu_epilogue(x, weight, bias) if epilogue is None else epilogue:
         rows = x.reshape(-1, x.shape[-1])
-        if _needs_grad([x, weight, bias]):
-            out = _LinearReLU.apply(rows, weight, bias)
-        else:
-            out = torch._addmm_activation(bias, rows, weight.t())
-        return out.reshape(*x.shape[:-1], weight.shape[0])
+        return torch._addmm_activation(bias, rows, weight.t()).reshape(*x.shape[:-1], weight.shape[0])
     return F.relu(F.linear(x, weight, bias))
 
 
