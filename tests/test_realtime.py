@@ -333,3 +333,22 @@ def test_cpu_compiled_frames_match_the_eager_frames(tiny):
             torch.testing.assert_close(out[key], ref[key], rtol=1e-4, atol=1e-5, msg=key)
     assert len(seen) == 4 and seen[0][1] == model.renderer.image_size ** 2
     assert model.nerf_mlp.layers_function is None
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="fast")])
+def test_cuda_compiled_graph_frames_match_the_eager_frames(dtype):
+    """compile="all" on a GPU: the compiled super-resolution and layers, warmed up and captured in the
+    CUDA graph, replay the eager (uncompiled) frames within the graph test's tolerances, frame after
+    frame."""
+    model, avatar = _cuda_tiny()
+    graph = model.realtime(avatar, batch=2, dtype=dtype, compile="all")
+    eager = model.realtime(avatar, batch=2, dtype=dtype, cuda_graph=False)
+    assert graph.cuda_graph and graph.compiled == {"sr", "layers"}
+    for seed in range(2):
+        points, transform = frame_inputs(2, seed, device="cuda")
+        out, ref = graph(points, transform), eager(points, transform)
+        for key in OUTPUTS:
+            tol = 2.0 ** -7 if key == "image" and dtype == torch.bfloat16 else 1e-4
+            torch.testing.assert_close(out[key], ref[key], rtol=tol, atol=tol, msg=key)
+    assert model.nerf_mlp.layers_function is None
