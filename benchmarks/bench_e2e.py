@@ -141,8 +141,8 @@ G24_SUFFIX = "+g24"
 # (RealtimeRenderer(compile="all"); compiled during the warm-up before the capture).
 COMPILE_SUFFIX = "+compile"
 FAST_ONLY_SUFFIXES = (BF16_FIELD_SUFFIX, UPSAMPLE_SUFFIX, TC_SUFFIX)
-VARIANT_SUFFIXES = (FUSED_SUFFIX, BF16_FIELD_SUFFIX, UPSAMPLE_SUFFIX, LAYERS_SUFFIX, TC_SUFFIX, SHARE_SUFFIX, G24_SUFFIX,
-                    COMPILE_SUFFIX)
+VARIANT_SUFFIXES = (FUSED_SUFFIX, BF16_FIELD_SUFFIX, UPSAMPLE_SUFFIX, LAYERS_SUFFIX, TC_SUFFIX, SHARE_SUFFIX,
+                    G24_SUFFIX, COMPILE_SUFFIX)
 
 
 def realtime_variants(text: str) -> list[str]:
@@ -530,8 +530,8 @@ def render_markdown(payload: dict) -> str:
             "kernel (GPAVATAR_FIELD_LAYERS=triton: tf32 products in fast mode, bf16 with +bf16field, ieee in fp32). "
             "Backend X+tc (fast mode): the PEF blend's forward on the tensor cores (GPAVATAR_BLEND_TENSOR_CORES=1). "
             "Backend X+share: one KNN index per frame for both passes (GPAVATAR_KNN_SHARE=1); X+g24: the CUDA "
-            "KNN grid at 24 cells per axis (GPAVATAR_KNN_CELLS=24). Backend X+compile: the super-resolution and the field's "
-            "layers as torch.compile'd functions (RealtimeRenderer(compile=\"all\"), compiled before the capture). "
+            "KNN grid at 24 cells per axis (GPAVATAR_KNN_CELLS=24). Backend X+compile: the super-resolution "
+            "and the field's layers as torch.compile'd functions (RealtimeRenderer(compile=\"all\"), compiled before the capture). "
             "Suffixes stack.")
     parts = [title, H.env_markdown(env), H.markdown_table(headers, body), note]
     staged = [r for r in payload["rows"] if r.get("stages_ms")]

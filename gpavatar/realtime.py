@@ -17,9 +17,9 @@ noise or none) without either:
   which then runs its products in tf32; ``model.nerf_mlp.field_precision = "bf16"`` asks for bf16);
   ``field_dtype=torch.bfloat16`` also runs the field passes' layers under bf16 autocast (opt-in, not
   yet timed on a GPU); ``compile`` (or ``$GPAVATAR_REALTIME_COMPILE``) runs the super-resolution
-  and/or the field's layers as ``torch.compile`` d functions (inductor fuses their element-wise
-  chains; opt-in, not yet timed on a GPU); ``torch.float32`` keeps TF32 off for matmuls and convolutions (full fp32
-  arithmetic).
+  and/or the field's layers as ``torch.compile``'d functions (inductor fuses their element-wise
+  chains; opt-in, not yet timed on a GPU); ``torch.float32`` keeps TF32 off for matmuls and
+  convolutions (full fp32 arithmetic).
 
 On the CPU (or with ``cuda_graph=False``) a call runs the same stages eagerly: an fp32 frame is
 :meth:`GPAvatar.render`'s frame (the same ops in the same order).
@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import statistics
 import time
 from typing import Any, Callable, Iterator, Optional
@@ -66,6 +67,7 @@ __all__ = ["RealtimeRenderer", "STAGES", "REPORTED_STAGES", "MODE_DTYPES", "COMP
 STAGES = ("rays", "field pass 1", "importance", "field pass 2", "compositing", "super-resolution")
 REPORTED_STAGES = ("rays", "field pass 1", "field pass 2", "compositing", "super-resolution")
 MODE_DTYPES = {"fp32": torch.float32, "fast": torch.bfloat16}
+OUTPUT_KEYS = ("image", "coarse", "fine", "depth", "depth_expected", "opacity", "coarse_alphas")
 COMPILE_ENV = "GPAVATAR_REALTIME_COMPILE"
 COMPILE_PARTS = ("sr", "layers")  # the super-resolution network, the field's layers (ops.field_layers)
 
@@ -74,8 +76,6 @@ def compile_parts(value: Any = None) -> frozenset:
     """The parts :class:`RealtimeRenderer` compiles: ``value`` (None: ``$GPAVATAR_REALTIME_COMPILE``)
     is "" / "0" / False (none), "1" / "all" / True (both) or a comma list of :data:`COMPILE_PARTS`
     (also a list or tuple of them); a ValueError names anything else."""
-    import os
-
     if value is None:
         value = os.environ.get(COMPILE_ENV, "")
     given = value
@@ -93,7 +93,6 @@ def compile_parts(value: Any = None) -> frozenset:
         raise ValueError(f"compile (or ${COMPILE_ENV}) must be 0, 1, all or a comma list of "
                          f"{', '.join(COMPILE_PARTS)}, got {given!r}")
     return parts
-OUTPUT_KEYS = ("image", "coarse", "fine", "depth", "depth_expected", "opacity", "coarse_alphas")
 
 
 @contextlib.contextmanager
@@ -142,7 +141,7 @@ class RealtimeRenderer:
             mode only; the KNN, PEF blend and tri-plane ops stay fp32, alpha and value are fp32);
             None / ``torch.float32``: fp32 layers (TF32 products in fast mode).  Opt-in: not yet
             timed on a GPU (``bench_e2e.py`` realtime rows ``cuda+bf16field``)
-        compile: parts run as ``torch.compile`` d functions (:func:`compile_parts`: "sr", "layers",
+        compile: parts run as ``torch.compile``'d functions (:func:`compile_parts`: "sr", "layers",
             both, none; None: ``$GPAVATAR_REALTIME_COMPILE``).  Compiled in the first frames (the
             warm-up before a capture; tens of seconds), with static shapes; the same function up to
             float rounding.  Opt-in: not yet timed on a GPU (``bench_e2e.py`` rows ``+compile``)
