@@ -52,6 +52,8 @@ TORCH_LIBRARY(gpavatar, m) {
   m.def(
       "triplane_sample_forward(Tensor planes, Tensor coords, bool concat, bool deterministic) "
       "-> Tensor");
+  // Forward only (inference): [mean tri-plane features (C), extra (E)] per row, (B, M, C + E).
+  m.def("triplane_sample_forward_extra(Tensor planes, Tensor coords, Tensor extra) -> Tensor");
   m.def(
       "triplane_sample_backward(Tensor grad_out, Tensor planes, Tensor coords, bool concat, "
       "bool deterministic, bool planes_grad, bool coords_grad) "

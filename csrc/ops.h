@@ -136,6 +136,8 @@ void check_inputs(const at::Tensor& queries, const at::Tensor& points, const at:
 namespace triplane {
 // Checks planes (B, 3, H, W, C) / coords (B, M, 3) and returns the raw view of them.
 Args check_inputs(const at::Tensor& planes, const at::Tensor& coords, bool concat);
+// Checks extra (B, M, E) float32 contiguous on planes' device and sets a.extra / a.E.
+void check_extra(Args& a, const at::Tensor& extra, const at::Tensor& planes);
 void check_grad_out(const Args& a, const at::Tensor& grad_out, const at::Tensor& planes);
 }  // namespace triplane
 

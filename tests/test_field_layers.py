@@ -520,3 +520,54 @@ def test_directions_of_a_wrong_shape_are_refused():
     for good in (dirs, dirs[:, :6], dirs[:, :4], dirs[:, :1]):
         check_directions(good, coords)
         field_layers(tri, expr, coords, good, w)
+
+
+# ------------------------------------------------------------------ features side by side
+
+def test_layers_take_adjacent_features_without_concatenating():
+    """tri and expr given as the column slices of one contiguous (B, N, C + PC) tensor (what
+    ops.triplane_features writes): the layers read it as their first input instead of concatenating
+    the two (no cat dispatched), with the bits of separate tensors; other layouts and a recorded
+    gradient keep the concatenation."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from gpavatar.ops.field_query import _adjacent
+
+    dec = make_decoder(**WIDTHS[sorted(WIDTHS)[0]])
+    tri, expr, coords, dirs = make_inputs(dec)
+    w = dec.field_weights()
+    C = tri.shape[-1]
+    joined = torch.cat([tri, expr], -1)
+
+    class Names(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.names.append((func.overloadpacket.__name__, tuple(out.shape) if isinstance(out, torch.Tensor) else ()))
+            return out
+
+    with torch.no_grad():
+        ref = field_layers(tri, expr, coords, dirs, w, kernel=False)
+        with Names() as seen:
+            out = field_layers(joined[..., :C], joined[..., C:], coords, dirs, w, kernel=False)
+    assert ("cat", tuple(joined.shape)) not in seen.names  # (the small weight and embedding cats stay)
+    with torch.no_grad(), Names() as plain:
+        field_layers(tri, expr, coords, dirs, w, kernel=False)
+    assert ("cat", tuple(joined.shape)) in plain.names
+    assert torch.equal(out.alpha, ref.alpha) and torch.equal(out.value, ref.value)
+    assert _adjacent(joined[..., :C], joined[..., C:]).data_ptr() == joined.data_ptr()
+    assert torch.equal(_adjacent(joined[..., :C], joined[..., C:]), joined)
+    wide = torch.cat([tri, expr, expr], -1)  # rows longer than C + PC
+    assert _adjacent(wide[..., :C], wide[..., C:C + expr.shape[-1]]) is None
+    assert _adjacent(joined[..., C:], joined[..., :C]) is None  # the wrong order
+    assert _adjacent(tri, expr) is None  # two tensors
+    assert _adjacent(joined[:, ::2, :C], joined[:, ::2, C:]) is None  # rows not contiguous
+    with torch.no_grad():
+        sub = field_layers(joined[:, ::2, :C], joined[:, ::2, C:], coords[:, ::2], dirs[:, ::2], w, kernel=False)
+        sub_ref = field_layers(tri[:, ::2], expr[:, ::2], coords[:, ::2], dirs[:, ::2], w, kernel=False)
+    assert torch.equal(sub.value, sub_ref.value)
+    leaf = joined.clone().requires_grad_(True)
+    assert _adjacent(leaf[..., :C], leaf[..., C:]) is None  # a gradient goes through cat

@@ -362,3 +362,76 @@ def test_low_level_op_checks_its_inputs():
         op(planes, torch.zeros(2, 7, 3), False, False)
     with pytest.raises(ValueError, match="grad_out must have shape"):
         bwd(torch.zeros(1, 7, 4), planes, coords, True, False, True, True)
+
+
+# --- triplane_features: [tri-plane features, extra] rows in one kernel (inference) --------------
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+@given(B=st.integers(0, 2), M=st.integers(0, 17), C=st.integers(1, 9), E=st.integers(0, 9),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_triplane_features_are_sample_and_concatenation(device, backend, B, M, C, E, dtype, seed):
+    """Bit for bit the concatenation of the mean tri-plane features and extra, on every backend (the
+    C++ op on cpu / cuda: the extension's forward-only kernel), points inside and outside the box,
+    16-bit planes, E = 0 and widths that are not a multiple of 4 (the CUDA kernel's vector path)."""
+    planes = make_planes(B, C, 5, 4, seed=seed, dtype=dtype, device=device).permute(0, 1, 3, 4, 2).contiguous()
+    coords, _ = make_coords(B, M, 5, 4, seed=seed + 1, device=device)
+    extra = torch.randn(B, M, E, generator=torch.Generator().manual_seed(seed)).to(device)
+    with torch.no_grad():
+        out = ops.triplane_features(planes, coords, extra, backend=backend)
+        ref = torch.cat([ops.triplane_sample(planes, coords, "mean", channels_last=True, backend=backend), extra], -1)
+    assert out.shape == (B, M, C + E) and out.dtype == torch.float32
+    assert torch.equal(out, ref)
+
+
+def test_triplane_features_use_the_kernel_without_grad_and_the_concatenation_with_it():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    if "cpu" not in ops.available_backends("cpu") or not hasattr(torch.ops.gpavatar, "triplane_sample_forward_extra"):
+        pytest.skip("needs the extension")
+    planes = make_planes(1, 8, 6, 6).permute(0, 1, 3, 4, 2).contiguous()
+    coords, _ = make_coords(1, 30, 6, 6)
+    extra = torch.randn(1, 30, 5)
+
+    class Names(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Names() as seen:
+        fused = ops.triplane_features(planes, coords, extra, backend="cpu")
+    assert "triplane_sample_forward_extra" in seen.names and "cat" not in seen.names
+    extra.requires_grad_(True)
+    with Names() as seen:
+        out = ops.triplane_features(planes, coords, extra, backend="cpu")
+    assert "cat" in seen.names and torch.equal(out, fused)
+    (grad,) = torch.autograd.grad(out[..., 8:].sum(), [extra])
+    assert torch.equal(grad, torch.ones_like(extra))
+
+
+@pytest.mark.parametrize("device,backend", [c for c in BACKEND_CASES if c.values[1] in ("cpu", "cuda")])
+def test_triplane_features_opcheck(device, backend):
+    if not hasattr(torch.ops.gpavatar, "triplane_sample_forward_extra"):
+        pytest.skip("needs the extension")
+    planes = make_planes(2, 6, 5, 4, device=device).permute(0, 1, 3, 4, 2).contiguous()
+    coords, _ = make_coords(2, 20, 5, 4, special=False, device=device)
+    torch.library.opcheck(torch.ops.gpavatar.triplane_sample_forward_extra,
+                          (planes, coords, torch.randn(2, 20, 8, device=device)))
+
+
+@pytest.mark.parametrize("extra,words", [
+    (torch.zeros(1, 7, 4), "extra must have shape (1, 6, E)"),
+    (torch.zeros(2, 6, 4), "extra must have shape (1, 6, E)"),
+    (torch.zeros(1, 6), "extra"),
+])
+def test_triplane_features_bad_extra(extra, words):
+    planes = make_planes(1, 3, 4, 4).permute(0, 1, 3, 4, 2).contiguous()
+    coords, _ = make_coords(1, 6, 4, 4)
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        ops.triplane_features(planes, coords, extra)
+    if hasattr(torch.ops.gpavatar, "triplane_sample_forward_extra") and extra.dim() == 3:
+        with pytest.raises(ValueError, match="extra must have shape"):
+            torch.ops.gpavatar.triplane_sample_forward_extra(planes, coords.float(), extra)

@@ -61,7 +61,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Args a, int lanes,
   const int64_t H = a.H, W = a.W, C = a.C, plane_size = H * W * C;
   const int64_t b = bm / a.M;
   const float* point = a.coords + bm * 3;
-  float* o = out + bm * (a.concat ? 3 * C : C);
+  float* o = out + bm * out_row(a);
   for (int64_t c = static_cast<int64_t>(lane) * V; c < C; c += static_cast<int64_t>(lanes) * V) {
     float total[V];  // ((f0 + f1) + f2), the rounding of the reference's sum
 #pragma unroll
@@ -91,6 +91,15 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Args a, int lanes,
 #pragma unroll
       for (int i = 0; i < V; ++i) total[i] = total[i] / 3.f;
       store_floats<V>(o + c, total);
+    }
+  }
+  if (a.E > 0) {  // the row's extra features after the tri-plane ones (V | E: vector_width)
+    const float* src = a.extra + bm * a.E;
+    float* dst = o + (a.concat ? 3 * C : C);
+    for (int64_t e = static_cast<int64_t>(lane) * V; e < a.E; e += static_cast<int64_t>(lanes) * V) {
+      float value[V];
+      load_floats<V>(src + e, value);
+      store_floats<V>(dst + e, value);
     }
   }
 }
@@ -216,8 +225,10 @@ __global__ void __launch_bounds__(kThreads) gather_kernel(Args a, int lanes,
 }
 
 int vector_width(const Args& a, const float* grad_out) {
-  return a.C % 4 == 0 && aligned16(a.planes) && (grad_out == nullptr || aligned16(grad_out)) ? 4
-                                                                                              : 1;
+  const bool extra_ok = a.E == 0 || (a.E % 4 == 0 && aligned16(a.extra));
+  return a.C % 4 == 0 && extra_ok && aligned16(a.planes) && (grad_out == nullptr || aligned16(grad_out))
+             ? 4
+             : 1;
 }
 
 template <typename Fn>

@@ -4,7 +4,8 @@
 // Contract (checked in triplane_cpu.cpp / triplane_cuda.cpp):
 //   planes  (B, 3, H, W, C) channels-last, contiguous; float32, float16 or bfloat16
 //   coords  (B, M, 3) float32 contiguous
-//   out     (B, M, C) for the mean of the planes, (B, M, 3C) for their concatenation
+//   out     (B, M, C) for the mean of the planes, (B, M, 3C) for their concatenation;
+//           with extra (B, M, E) float32 contiguous, each row followed by its E extra floats
 // Plane t reads point (x, y, z) at (u, v) = (x, y), (x, z), (z, y); u indexes the
 // width, v the height; bilinear, zero padding, align_corners=False (grid_sample).
 // Every texel read is bounds-checked, so any finite coordinate is safe.
@@ -166,7 +167,14 @@ struct Args {
   int64_t B, M, H, W, C;
   int dtype;            // PlaneDType
   bool concat;
+  // Forward only (triplane_sample_forward_extra): (B, M, E) features copied after the tri-plane
+  // features of each output row, which then holds C (or 3C) + E floats.
+  const float* extra = nullptr;
+  int64_t E = 0;
 };
+
+// Floats of one output row of the forward.
+GPA_HD int64_t out_row(const Args& a) { return (a.concat ? 3 * a.C : a.C) + a.E; }
 
 // CUDA launchers (triplane.cu); they return a cudaError_t as int.
 int launch_forward_cuda(const Args& a, float* out, void* stream);

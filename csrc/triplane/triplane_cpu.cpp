@@ -48,7 +48,7 @@ template <typename T>
 void forward_range(const Args& a, float* out, int64_t begin, int64_t end) {
   const T* planes = static_cast<const T*>(a.planes);
   const int64_t H = a.H, W = a.W, C = a.C, plane_size = H * W * C;
-  const int64_t row = a.concat ? 3 * C : C;
+  const int64_t row = out_row(a);
   float acc[3][kChannelBlock];
   Cell group[kGroup][3];
   for (int64_t g0 = begin; g0 < end; g0 += kGroup) {
@@ -76,6 +76,10 @@ void forward_range(const Args& a, float* out, int64_t begin, int64_t end) {
         } else {
           for (int64_t c = 0; c < n; ++c) o[c] = (acc[0][c] + acc[1][c] + acc[2][c]) / 3.f;
         }
+      }
+      if (a.E > 0) {  // the row's extra features after the tri-plane ones
+        const float* src = a.extra + bm * a.E;
+        std::copy(src, src + a.E, out + bm * row + (a.concat ? 3 * C : C));
       }
     }
   }
@@ -184,6 +188,15 @@ Args check_inputs(const at::Tensor& planes, const at::Tensor& coords, bool conca
   return a;
 }
 
+void check_extra(Args& a, const at::Tensor& extra, const at::Tensor& planes) {
+  check_contiguous_float(extra, "extra", 3, "(B, M, E)");
+  TORCH_CHECK_VALUE(extra.size(0) == a.B && extra.size(1) == a.M, msg("extra must have shape (", a.B, ", ", a.M,
+                    ", E) (the batch and queries of coords), got ", shape_of(extra)));
+  check_same_device(planes, "planes", extra, "extra");
+  a.extra = extra.data_ptr<float>();
+  a.E = extra.size(2);
+}
+
 void check_grad_out(const Args& a, const at::Tensor& grad_out, const at::Tensor& planes) {
   check_contiguous_float(grad_out, "grad_out", 3, a.concat ? "(B, M, 3C)" : "(B, M, C)");
   const int64_t row = a.concat ? 3 * a.C : a.C;
@@ -198,6 +211,21 @@ at::Tensor forward_cpu(const at::Tensor& planes, const at::Tensor& coords, bool 
                        bool /*deterministic*/) {
   const Args a = check_inputs(planes, coords, concat);
   at::Tensor out = at::empty({a.B, a.M, concat ? 3 * a.C : a.C}, coords.options());
+  float* o = out.data_ptr<float>();
+  dispatch_dtype(a.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    at::parallel_for(0, a.B * a.M, 256, [&](int64_t begin, int64_t end) {
+      forward_range<T>(a, o, begin, end);
+    });
+  });
+  return out;
+}
+
+// [the mean tri-plane features, extra] per row: the forward with the extra features copied in.
+at::Tensor forward_extra_cpu(const at::Tensor& planes, const at::Tensor& coords, const at::Tensor& extra) {
+  Args a = check_inputs(planes, coords, /*concat=*/false);
+  check_extra(a, extra, planes);
+  at::Tensor out = at::empty({a.B, a.M, a.C + a.E}, coords.options());
   float* o = out.data_ptr<float>();
   dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -251,6 +279,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out, cons
 
 TORCH_LIBRARY_IMPL(gpavatar, CPU, m) {
   m.impl("triplane_sample_forward", &forward_cpu);
+  m.impl("triplane_sample_forward_extra", &forward_extra_cpu);
   m.impl("triplane_sample_backward", &backward_cpu);
 }
 

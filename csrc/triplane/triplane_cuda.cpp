@@ -23,6 +23,20 @@ at::Tensor forward_cuda(const at::Tensor& planes, const at::Tensor& coords, bool
   return out;
 }
 
+at::Tensor forward_extra_cuda(const at::Tensor& planes, const at::Tensor& coords, const at::Tensor& extra) {
+  const c10::cuda::CUDAGuard guard(planes.device());
+  Args a = check_inputs(planes, coords, /*concat=*/false);
+  check_extra(a, extra, planes);
+  at::Tensor out = at::empty({a.B, a.M, a.C + a.E}, coords.options());
+  if (a.C == 0) {  // nothing to sample: the launcher skips C = 0
+    out.copy_(extra);
+    return out;
+  }
+  check_launch(launch_forward_cuda(a, out.data_ptr<float>(), at::cuda::getCurrentCUDAStream().stream()),
+               "triplane_sample forward (extra)");
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_out,
                                                  const at::Tensor& planes,
                                                  const at::Tensor& coords, bool concat,
@@ -72,5 +86,6 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_out,
 
 TORCH_LIBRARY_IMPL(gpavatar, CUDA, m) {
   m.impl("triplane_sample_forward", &gpavatar::triplane::forward_cuda);
+  m.impl("triplane_sample_forward_extra", &gpavatar::triplane::forward_extra_cuda);
   m.impl("triplane_sample_backward", &gpavatar::triplane::backward_cuda);
 }

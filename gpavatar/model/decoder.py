@@ -247,6 +247,14 @@ class PointsDecoder(nn.Module):
         """The tri-plane features of a pass, then the decoder's layers on them and the PEF
         features: (alpha, value) (:func:`gpavatar.ops.field_query.field_layers`: the official
         layers with the last feature layer folded into the density and rgb heads)."""
-        tri = ops.triplane_sample(planes, coords, "mean", channels_last=True, backend=self.backend, validate=False)
         layers = self.layers_function or field_layers
-        return tuple(layers(tri, expr, coords, dirs, self.field_weights(), kernel=self.fused_layers))
+        if torch.is_grad_enabled() and (planes.requires_grad or expr.requires_grad or coords.requires_grad):
+            tri = ops.triplane_sample(planes, coords, "mean", channels_last=True, backend=self.backend,
+                                      validate=False)
+            return tuple(layers(tri, expr, coords, dirs, self.field_weights(), kernel=self.fused_layers))
+        # no gradient through the features: one kernel writes [tri-plane, PEF] rows, the first layer's
+        # input, and the layers take its two column slices without concatenating them again
+        features = ops.triplane_features(planes, coords, expr, backend=self.backend, validate=False)
+        C = planes.shape[-1]
+        return tuple(layers(features[..., :C], features[..., C:], coords, dirs, self.field_weights(),
+                            kernel=self.fused_layers))

@@ -8,11 +8,11 @@ from gpavatar.ops.knn_blend import OFFICIAL_EPS, KnnBlendResult, knn_blend, knn_
 from gpavatar.ops.composite import CompositeResult, composite
 from gpavatar.ops.rays import (gather_samples, importance_depths, merge_samples, merge_values, ray_box,
                               stratified_depths)
-from gpavatar.ops.triplane import triplane_sample
+from gpavatar.ops.triplane import triplane_features, triplane_sample
 from gpavatar.ops.field_query import FieldResult, FieldWeights, field_query
 from gpavatar.ops.upsample import upsample2x
 
 __all__ = ["BACKENDS", "available_backends", "knn", "KnnResult", "knn_index", "KnnIndex", "knn_blend", "KnnBlendResult", "OFFICIAL_EPS",
-           "knn_blend_weight_sum", "triplane_sample", "composite", "CompositeResult", "ray_box",
+           "knn_blend_weight_sum", "triplane_sample", "triplane_features", "composite", "CompositeResult", "ray_box",
            "stratified_depths", "importance_depths", "merge_samples", "merge_values", "gather_samples", "field_query",
            "FieldWeights", "FieldResult", "upsample2x"]

@@ -395,6 +395,20 @@ def sample_directions(dirs: torch.Tensor, n: int) -> torch.Tensor:
     return dirs.unsqueeze(-2).expand(*dirs.shape[:-1], n // R, 3).reshape(*dirs.shape[:-2], n, 3)
 
 
+def _adjacent(tri: torch.Tensor, expr: torch.Tensor) -> Optional[torch.Tensor]:
+    """``torch.cat([tri, expr], -1)`` without a copy when the two are the column slices [:C] and
+    [C:] of one contiguous (..., C + E) tensor (``ops.triplane_features``' output) and no gradient is
+    recorded through them; else None."""
+    if _needs_grad([tri, expr]) or tri.dtype != expr.dtype or tri.device != expr.device or tri.dim() < 1 \
+            or tri.shape[:-1] != expr.shape[:-1] or tri.stride() != expr.stride() or tri.stride(-1) != 1:
+        return None
+    if tri.untyped_storage().data_ptr() != expr.untyped_storage().data_ptr() \
+            or expr.storage_offset() != tri.storage_offset() + tri.shape[-1]:
+        return None
+    joined = tri.as_strided((*tri.shape[:-1], tri.shape[-1] + expr.shape[-1]), tri.stride(), tri.storage_offset())
+    return joined if joined.is_contiguous() else None
+
+
 def _folded_heads(w: FieldWeights) -> tuple[torch.Tensor, torch.Tensor]:
     """feature_layers.4 folded into density_layers.0 and rgb_layers.0's feature columns: the
     (1 + VH, D) weight and (1 + VH,) bias of one product of the second hidden layer."""
@@ -442,7 +456,10 @@ def field_layers(tri: torch.Tensor, expr: torch.Tensor, coords: torch.Tensor, di
     if precision is not None:
         return _layers_triton(tri, expr, coords, sample_directions(dirs, tri.shape[-2]), w, precision,
                               int(block_m or 0), int(num_warps or 0))
-    h = linear_relu(torch.cat([tri, expr.to(tri.dtype)], dim=-1), w.feature_w1, w.feature_b1)
+    features = _adjacent(tri, expr)  # (ops.triplane_features wrote them side by side)
+    if features is None:
+        features = torch.cat([tri, expr.to(tri.dtype)], dim=-1)
+    h = linear_relu(features, w.feature_w1, w.feature_b1)
     h = linear_relu(h, w.feature_w2, w.feature_b2)
     hidden = w.feature_w3.shape[0]
     out = F.linear(h, *_folded_heads(w))

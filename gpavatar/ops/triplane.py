@@ -55,6 +55,7 @@ from typing import Optional
 
 import torch
 
+from gpavatar import _extension
 from gpavatar.ops import _backend
 from gpavatar.ops import _validation as v
 from gpavatar.ops._library import register_forward_backward
@@ -63,7 +64,7 @@ from gpavatar.ops.reference import triplane_sample_reference
 REDUCTIONS = ("mean", "concat")
 PLANE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # read natively by the fused kernels
 
-__all__ = ["triplane_sample", "check_triplane_inputs", "REDUCTIONS"]
+__all__ = ["triplane_sample", "triplane_features", "check_triplane_inputs", "REDUCTIONS"]
 
 
 def check_triplane_inputs(planes, coords, reduce, channels_last) -> None:
@@ -127,6 +128,35 @@ def triplane_sample(planes: torch.Tensor, coords: torch.Tensor, reduce: str = "m
     if name in ("cpu", "cuda"):
         return torch.ops.gpavatar.triplane_sample_forward(p, c, concat, deterministic)
     return torch.ops.gpavatar.triplane_sample_forward_triton(p, c, concat, deterministic)
+
+
+def triplane_features(planes: torch.Tensor, coords: torch.Tensor, extra: torch.Tensor, *,
+                      backend: Optional[str] = None, validate: bool = True) -> torch.Tensor:
+    """``torch.cat([triplane_sample(planes, coords, "mean", channels_last=True), extra], -1)``: the
+    field's first-layer input, (B, M, C + E) float32, for ``extra`` (B, M, E) (the PEF features).
+
+    Where the extension's forward-only ``triplane_sample_forward_extra`` can compute it (backends
+    ``cpu`` / ``cuda``, no gradient recorded, float32 ``extra``) one kernel writes whole rows: the
+    tri-plane features and the copied extra ones, instead of a (B, M, C) result that a concatenation
+    reads back with ``extra`` and writes again (at the paper's 2^19 samples a pass, 0.18 ms of an
+    H200 pass).  The same values bit for bit either way (a copy); elsewhere the two steps.
+    ``planes`` channels-last (B, 3, H, W, C); ``validate`` as in :func:`triplane_sample` (and the
+    shape of ``extra``)."""
+    if validate:
+        check_triplane_inputs(planes, coords, "mean", True)
+        v.check_tensor(extra, "extra", "(B, M, E)", ndim=3)
+        if tuple(extra.shape[:2]) != tuple(coords.shape[:2]):
+            raise ValueError(f"extra must have shape ({coords.shape[0]}, {coords.shape[1]}, E) (the batch and "
+                             f"queries of coords), got {tuple(extra.shape)}")
+        v.check_same_device({"coords": coords, "extra": extra})
+    name = _backend.resolve(backend, coords.device, "triplane_sample")
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (planes, coords, extra))
+    if (name not in ("cpu", "cuda") or grad or extra.dtype != torch.float32 or planes.dtype not in PLANE_DTYPES
+            or not hasattr(torch.ops.gpavatar, "triplane_sample_forward_extra")):
+        tri = triplane_sample(planes, coords, "mean", channels_last=True, backend=name, validate=False)
+        return torch.cat([tri, extra.to(tri.dtype)], dim=-1)
+    return torch.ops.gpavatar.triplane_sample_forward_extra(planes.contiguous(), coords.to(torch.float32).contiguous(),
+                                                            extra.contiguous())
 
 
 # --- torch.library registration ------------------------------------------------------------
@@ -193,3 +223,11 @@ def _backward_triton(grad_out: torch.Tensor, planes: torch.Tensor, coords: torch
 
 
 register_forward_backward("triplane_sample", _forward_fake, _backward_fake, _make_backward, _setup_context)
+
+#   triplane_sample_forward_extra(planes (B, 3, H, W, C) contiguous float32 | float16 | bfloat16,
+#                                 coords (B, M, 3) contiguous float32, extra (B, M, E) contiguous float32)
+#       -> (B, M, C + E) float32: [mean tri-plane features, extra] per row.  Forward only (C++).
+if _extension.available() and hasattr(torch.ops.gpavatar, "triplane_sample_forward_extra"):
+    @torch.library.register_fake("gpavatar::triplane_sample_forward_extra")
+    def _forward_extra_fake(planes, coords, extra):
+        return coords.new_empty((coords.shape[0], coords.shape[1], planes.shape[4] + extra.shape[2]))
