@@ -3,7 +3,8 @@
 #
 #   bash benchmarks/gpu_session.sh key OUTDIR       (at most 9 minutes: REPORT_BUDGET_S=540)
 #       the decisions in one call, when a session has time for one run only: the CUDA tests of the
-#       training graphs, the real-time path (compile included) and the layers kernel; bench_e2e B = 1
+#       training graphs, the real-time path (compile included), the layers kernel and the tri-plane
+#       features op; bench_e2e B = 1
 #       render rows (the baseline) and the realtime rows cuda, +layers, +share, +compile,
 #       +compile+share, +layers+share (fast and fp32); bench_train torch-fast, cuda, cuda+graph.
 #
@@ -41,7 +42,7 @@ if [[ $# -ne 2 || ( "$1" != key && "$1" != opt-ins && "$1" != train ) ]]; then
 fi
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [[ "$1" == key ]]; then
-    export CUDA_TESTS="${CUDA_TESTS:-tests/test_graphed.py tests/test_realtime.py tests/test_field_layers.py}"
+    export CUDA_TESTS="${CUDA_TESTS:-tests/test_graphed.py tests/test_realtime.py tests/test_field_layers.py tests/test_triplane.py}"
     export CUDA_TESTS_CAP="${CUDA_TESTS_CAP:-150}"
     export REPORT_BUDGET_S="${REPORT_BUDGET_S:-540}"
     export BENCHES_ONLY="${BENCHES_ONLY:-benchmarks/bench_e2e.py benchmarks/bench_train.py}"
