@@ -4,9 +4,9 @@
 #   bash benchmarks/gpu_session.sh key OUTDIR       (at most 9 minutes: REPORT_BUDGET_S=540)
 #       the decisions in one call, when a session has time for one run only: the CUDA tests of the
 #       training graphs, the real-time path (compile included), the layers kernel and the tri-plane
-#       features op; bench_e2e B = 1
-#       render rows (the baseline) and the realtime rows cuda, +layers, +share, +compile,
-#       +compile+share, +layers+share (fast and fp32); bench_train torch-fast, cuda, cuda+graph.
+#       features op; bench_e2e B = 1 render rows (the baseline) and the realtime rows cuda, +layers,
+#       +share, +compile, +compile+share, +layers+share (fast and fp32); bench_train torch-fast,
+#       cuda, cuda+graph.
 #
 #   bash benchmarks/gpu_session.sh opt-ins OUTDIR   (about 9 minutes)
 #       times the fast mode's opt-in kernels against the defaults:
