@@ -12,8 +12,11 @@ operands rounded to 8-bit mantissas, four products deep: within BF16_SCALE of ea
 scale, like tests/test_field_query.py.
 """
 
+import math
+
 import pytest
 import torch
+from _dispatch import OpCalls
 from conftest import HAS_CUDA
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -339,8 +342,6 @@ def test_training_form_gives_the_inference_bits_and_writes_little_in_backward(wi
     and its gradients those of the official layers (float64, against autograd through them).
     per_ray: one direction per 7 consecutive samples (the renderer's ray_directions; a zero one
     among them), against the official layers on the directions repeated per sample."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from gpavatar.ops.field_query import sample_directions
     from gpavatar.ops.reference import harmonic_embedding
 
@@ -357,23 +358,13 @@ def test_training_form_gives_the_inference_bits_and_writes_little_in_backward(wi
     alpha, value = field_layers(tri, expr, coords, given, w, kernel=False)
     assert torch.equal(alpha, inference.alpha) and torch.equal(value, inference.value)
 
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            if isinstance(out, torch.Tensor) and out.dim() and out.numel() // max(1, out.shape[-1]) == alpha.numel():
-                self.names.append(func.overloadpacket.__name__)  # per-sample tensors only
-            return out
-
     g_alpha, g_value = torch.randn_like(alpha), torch.randn_like(value)
-    with Ops() as ops:
+    with OpCalls() as ops:
         grads = torch.autograd.grad((alpha * g_alpha).sum() + (value * g_value).sum(), [tri, *dec.parameters()],
                                     allow_unused=True)
-    # (the weights' slices may: they are small)
-    wasteful = {"new_zeros", "zeros", "slice_backward", "select_backward", "clone", "copy_"} & set(ops.names)
+    # per-sample tensors only (the weights' slices may: they are small)
+    per_sample = {name for name, shape in ops.calls if shape and math.prod(shape) // max(1, shape[-1]) == alpha.numel()}
+    wasteful = {"new_zeros", "zeros", "slice_backward", "select_backward", "clone", "copy_"} & per_sample
     assert not wasteful, wasteful
 
     # the official layers (feature_layers, density_layers, rgb_layers on [feat, gamma]), by autograd
@@ -439,25 +430,14 @@ def test_relu_epilogue_on_cpu_and_cuda_without_autocast():
 def test_cuda_inference_layers_use_the_epilogue_and_match_the_two_ops():
     """On CUDA a no-grad field_layers runs its two hidden layers as _addmm_activation (no separate
     ReLU of a hidden layer); it and the training form (the two ops) match the CPU's layers (TF32 off)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     dec = make_decoder(**WIDTHS[sorted(WIDTHS)[0]], device="cuda")
     tri, expr, coords, dirs = make_inputs(dec, device="cuda")
     w = dec.field_weights()
 
-    class Names(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        with torch.no_grad(), Names() as seen:
+        with torch.no_grad(), OpCalls() as seen:
             alpha, value = field_layers(tri, expr, coords, dirs, w, kernel=False)
         assert seen.names.count("_addmm_activation") == 2
         w_grad = type(w)(*(t.detach().clone().requires_grad_(True) for t in w))
@@ -529,8 +509,6 @@ def test_layers_take_adjacent_features_without_concatenating():
     ops.triplane_features writes): the layers read it as their first input instead of concatenating
     the two (no cat dispatched), with the bits of separate tensors; other layouts and a recorded
     gradient keep the concatenation."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from gpavatar.ops.field_query import _adjacent
 
     dec = make_decoder(**WIDTHS[sorted(WIDTHS)[0]])
@@ -539,24 +517,14 @@ def test_layers_take_adjacent_features_without_concatenating():
     C = tri.shape[-1]
     joined = torch.cat([tri, expr], -1)
 
-    class Names(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            self.names.append((func.overloadpacket.__name__, tuple(out.shape) if isinstance(out, torch.Tensor) else ()))
-            return out
-
     with torch.no_grad():
         ref = field_layers(tri, expr, coords, dirs, w, kernel=False)
-        with Names() as seen:
+        with OpCalls() as seen:
             out = field_layers(joined[..., :C], joined[..., C:], coords, dirs, w, kernel=False)
-    assert ("cat", tuple(joined.shape)) not in seen.names  # (the small weight and embedding cats stay)
-    with torch.no_grad(), Names() as plain:
+    assert ("cat", tuple(joined.shape)) not in seen.calls  # (the small weight and embedding cats stay)
+    with torch.no_grad(), OpCalls() as plain:
         field_layers(tri, expr, coords, dirs, w, kernel=False)
-    assert ("cat", tuple(joined.shape)) in plain.names
+    assert ("cat", tuple(joined.shape)) in plain.calls
     assert torch.equal(out.alpha, ref.alpha) and torch.equal(out.value, ref.value)
     assert _adjacent(joined[..., :C], joined[..., C:]).data_ptr() == joined.data_ptr()
     assert torch.equal(_adjacent(joined[..., :C], joined[..., C:]), joined)

@@ -4,6 +4,7 @@ determinism, gradcheck, finite differences of the CPU kernel, opcheck, bad input
 
 import pytest
 import torch
+from _dispatch import OpCalls
 from conftest import BACKEND_CASES
 from hypothesis import given
 from hypothesis import strategies as st
@@ -384,28 +385,17 @@ def test_triplane_features_are_sample_and_concatenation(device, backend, B, M, C
 
 
 def test_triplane_features_use_the_kernel_without_grad_and_the_concatenation_with_it():
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     if "cpu" not in ops.available_backends("cpu") or not hasattr(torch.ops.gpavatar, "triplane_sample_forward_extra"):
         pytest.skip("needs the extension")
     planes = make_planes(1, 8, 6, 6).permute(0, 1, 3, 4, 2).contiguous()
     coords, _ = make_coords(1, 30, 6, 6)
     extra = torch.randn(1, 30, 5)
 
-    class Names(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
-    with torch.no_grad(), Names() as seen:
+    with torch.no_grad(), OpCalls() as seen:
         fused = ops.triplane_features(planes, coords, extra, backend="cpu")
     assert "triplane_sample_forward_extra" in seen.names and "cat" not in seen.names
     extra.requires_grad_(True)
-    with Names() as seen:
+    with OpCalls() as seen:
         out = ops.triplane_features(planes, coords, extra, backend="cpu")
     assert "cat" in seen.names and torch.equal(out, fused)
     (grad,) = torch.autograd.grad(out[..., 8:].sum(), [extra])

@@ -207,10 +207,9 @@ void check_grad_out(const Args& a, const at::Tensor& grad_out, const at::Tensor&
 
 namespace {
 
-at::Tensor forward_cpu(const at::Tensor& planes, const at::Tensor& coords, bool concat,
-                       bool /*deterministic*/) {
-  const Args a = check_inputs(planes, coords, concat);
-  at::Tensor out = at::empty({a.B, a.M, concat ? 3 * a.C : a.C}, coords.options());
+// The forward's (B, M, out_row) output, rows in parallel.
+at::Tensor run_forward(const Args& a, const at::Tensor& coords) {
+  at::Tensor out = at::empty({a.B, a.M, out_row(a)}, coords.options());
   float* o = out.data_ptr<float>();
   dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -221,19 +220,16 @@ at::Tensor forward_cpu(const at::Tensor& planes, const at::Tensor& coords, bool 
   return out;
 }
 
+at::Tensor forward_cpu(const at::Tensor& planes, const at::Tensor& coords, bool concat,
+                       bool /*deterministic*/) {
+  return run_forward(check_inputs(planes, coords, concat), coords);
+}
+
 // [the mean tri-plane features, extra] per row: the forward with the extra features copied in.
 at::Tensor forward_extra_cpu(const at::Tensor& planes, const at::Tensor& coords, const at::Tensor& extra) {
   Args a = check_inputs(planes, coords, /*concat=*/false);
   check_extra(a, extra, planes);
-  at::Tensor out = at::empty({a.B, a.M, a.C + a.E}, coords.options());
-  float* o = out.data_ptr<float>();
-  dispatch_dtype(a.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    at::parallel_for(0, a.B * a.M, 256, [&](int64_t begin, int64_t end) {
-      forward_range<T>(a, o, begin, end);
-    });
-  });
-  return out;
+  return run_forward(a, coords);
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_out, const at::Tensor& planes,
