@@ -98,6 +98,8 @@ class ModulatedConv2d(nn.Module):
         demodulate: normalize each output filter per sample
         sample_mode: None or "upsample"
         eps: demodulation epsilon inside the square root
+        gain: a constant factor of the output (StyleConv's sqrt(2)), applied to the per-sample
+            demodulation numbers (or weights) rather than to the output map
 
     Parameters: ``weight`` (1, C_out, C_in, k, k) ~ N(0, 1) / sqrt(C_in k^2);
     ``modulation`` Linear(F -> C_in), weight ~ N(0, 1/F), bias = 1.
@@ -115,7 +117,7 @@ class ModulatedConv2d(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, num_style_feat: int = 512,
-                 demodulate: bool = True, sample_mode: Optional[str] = None, eps: float = 1e-8):
+                 demodulate: bool = True, sample_mode: Optional[str] = None, eps: float = 1e-8, gain: float = 1.0):
         super().__init__()
         if sample_mode not in (None, "upsample"):
             raise ValueError(f"sample_mode must be None or 'upsample', got {sample_mode!r}")
@@ -124,6 +126,7 @@ class ModulatedConv2d(nn.Module):
             check_positive_int(name, value)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.demodulate, self.sample_mode, self.eps = demodulate, sample_mode, eps
+        self.gain = float(gain)  # a constant factor of the output, folded into the demodulation
         fan_in = in_channels * kernel_size**2
         shape = (1, out_channels, in_channels, kernel_size, kernel_size)
         self.weight = nn.Parameter(torch.randn(shape) / math.sqrt(fan_in))
@@ -152,10 +155,10 @@ class ModulatedConv2d(nn.Module):
         else:
             out = F.conv2d(h, weight, padding=k // 2)
         if not self.demodulate:
-            return out
+            return out * self.gain if self.gain != 1.0 else out
         # sum_{i, k} (W[o, i, k] s[b, i])^2 = (s^2 @ sum_k W^2)[b, o]
         energy = scale.pow(2) @ weight.pow(2).sum(dim=(2, 3)).t()
-        return out * torch.rsqrt(energy + self.eps).view(B, -1, 1, 1).to(out.dtype)
+        return out * (torch.rsqrt(energy + self.eps) * self.gain).view(B, -1, 1, 1).to(out.dtype)
 
     def modulated_weight(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """W' (B, C_out, C_in, k, k) from ``weight`` (the parameter) and the modulation output
@@ -164,7 +167,9 @@ class ModulatedConv2d(nn.Module):
         # Type promotion keeps the per-sample weights in the parameter dtype (float32 under autocast).
         weight = weight * scale.view(B, 1, C_in, 1, 1)
         if self.demodulate:
-            weight = weight * torch.rsqrt(weight.pow(2).sum(dim=(2, 3, 4), keepdim=True) + self.eps)
+            weight = weight * (torch.rsqrt(weight.pow(2).sum(dim=(2, 3, 4), keepdim=True) + self.eps) * self.gain)
+        elif self.gain != 1.0:
+            weight = weight * self.gain
         device_type = weight.device.type
         if torch.is_autocast_enabled(device_type):
             # The convolution's own autocast cast, made here: training then recomputes the cast copy
@@ -199,7 +204,8 @@ class ModulatedConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"demodulate={self.demodulate}, sample_mode={self.sample_mode!r}")
+                f"demodulate={self.demodulate}, sample_mode={self.sample_mode!r}"
+                + (f", gain={self.gain:.4g}" if self.gain != 1.0 else ""))
 
 
 class StyleConv(nn.Module):
@@ -218,11 +224,13 @@ class StyleConv(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1))
         self.bias = nn.Parameter(torch.zeros(1, out_channels, 1, 1))
+        # sqrt(2) * modconv: the factor rides on the per-sample demodulation (B, C_out) numbers,
+        # not on a pass over the output
         self.modulated_conv = ModulatedConv2d(in_channels, out_channels, 3, num_style_feat, demodulate=True,
-                                              sample_mode=sample_mode)
+                                              sample_mode=sample_mode, gain=math.sqrt(2))
 
     def forward(self, x: torch.Tensor, style: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-        h = self.modulated_conv(x, style) * math.sqrt(2)
+        h = self.modulated_conv(x, style)
         if noise is not None:
             h = h + (self.weight * noise).to(h.dtype)
         # In place on the fresh pre-activation: autograd keeps the output, not a second tensor.
@@ -349,7 +357,7 @@ class StyleGAN2GeneratorCSFT(nn.Module):
         rgb = self.to_rgb1(h, style)
         for k in range(self.num_levels):
             h = self.style_convs[2 * k](h, style, noises[2 * k + 1])
-            h = h * conditions[2 * k] + conditions[2 * k + 1]
+            h = torch.addcmul(conditions[2 * k + 1], h, conditions[2 * k])  # h * scale + shift, one pass
             h = self.style_convs[2 * k + 1](h, style, noises[2 * k + 2])
             rgb = self.to_rgbs[k](h, style, skip=rgb)
         return rgb
