@@ -529,3 +529,25 @@ def test_cuda_fused_pass_is_graph_capturable(launches, monkeypatch):
         graph.replay()
         ref = dec(moved, dirs, planes, points, validate=False)
         torch.testing.assert_close(out[1], ref[1], rtol=1e-6, atol=1e-6)
+
+
+def test_unfused_pass_writes_the_features_side_by_side_without_grad():
+    """ops.field_query(fused=False) on the cpu backend: without a gradient the tri-plane and PEF
+    features come from one kernel (triplane_sample_forward_extra) and the layers take them without
+    a (B, N, C + PC) concatenation; with one, sampling + concatenation; the same numbers."""
+    from _dispatch import OpCalls
+
+    if "cpu" not in ops.available_backends("cpu") or not hasattr(torch.ops.gpavatar, "triplane_sample_forward_extra"):
+        pytest.skip("needs the extension")
+    dec = make_decoder("tiny", backend="cpu")
+    coords, dirs, planes, points = make_inputs(dec)
+    weights = dec.field_weights()
+    width = (coords.shape[0], coords.shape[1], dec.plane_channels + weights.point_w2.shape[0])
+    with torch.no_grad(), OpCalls() as seen:
+        out = ops.field_query(coords, dirs, planes, points, weights, 8, backend="cpu", fused=False)
+    assert "triplane_sample_forward_extra" in seen.names and ("cat", width) not in seen.calls
+    with OpCalls() as seen:
+        ref = ops.field_query(coords, dirs, planes.requires_grad_(True), points, weights, 8, backend="cpu",
+                              fused=False)
+    assert "triplane_sample_forward_extra" not in seen.names and ("cat", width) in seen.calls
+    assert torch.equal(out.alpha, ref.alpha.detach()) and torch.equal(out.value, ref.value.detach())

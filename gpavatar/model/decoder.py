@@ -58,7 +58,7 @@ from gpavatar import ops
 from gpavatar.model.pef import PointExpressionField
 from gpavatar.model.recompute import deterministic_checkpoint
 from gpavatar.ops._backend import env_switch
-from gpavatar.ops.field_query import check_directions, field_layers, fused_setting, sample_directions
+from gpavatar.ops.field_query import check_directions, fused_setting, sample_directions, sampled_layers
 from gpavatar.ops.knn import INDEX_MIN_QUERIES
 from gpavatar.ops.knn_blend import OFFICIAL_EPS
 from gpavatar.ops.reference import EMBED_DIM
@@ -246,15 +246,8 @@ class PointsDecoder(nn.Module):
     def _sample_layers(self, planes, expr, coords, dirs):
         """The tri-plane features of a pass, then the decoder's layers on them and the PEF
         features: (alpha, value) (:func:`gpavatar.ops.field_query.field_layers`: the official
-        layers with the last feature layer folded into the density and rgb heads)."""
-        layers = self.layers_function or field_layers
-        if torch.is_grad_enabled() and (planes.requires_grad or expr.requires_grad or coords.requires_grad):
-            tri = ops.triplane_sample(planes, coords, "mean", channels_last=True, backend=self.backend,
-                                      validate=False)
-            return tuple(layers(tri, expr, coords, dirs, self.field_weights(), kernel=self.fused_layers))
-        # no gradient through the features: one kernel writes [tri-plane, PEF] rows, the first layer's
-        # input, and the layers take its two column slices without concatenating them again
-        features = ops.triplane_features(planes, coords, expr, backend=self.backend, validate=False)
-        C = planes.shape[-1]
-        return tuple(layers(features[..., :C], features[..., C:], coords, dirs, self.field_weights(),
-                            kernel=self.fused_layers))
+        layers with the last feature layer folded into the density and rgb heads; without a
+        gradient through the features, tri-plane and PEF features written side by side:
+        :func:`gpavatar.ops.field_query.sampled_layers`)."""
+        return tuple(sampled_layers(planes, expr, coords, dirs, self.field_weights(), backend=self.backend,
+                                    layers=self.layers_function, kernel=self.fused_layers))

@@ -69,11 +69,11 @@ from gpavatar.ops._backend import env_switch
 from gpavatar.ops.knn import MAX_FUSED_K, KnnResult, check_index, knn, search_op
 from gpavatar.ops.knn_blend import NORMALIZATIONS, flags_precision, knn_blend, knn_blend_weight_sum
 from gpavatar.ops.reference import EMBED_DIM, harmonic_embedding
-from gpavatar.ops.triplane import PLANE_DTYPES, triplane_sample
+from gpavatar.ops.triplane import PLANE_DTYPES, triplane_features, triplane_sample
 
 __all__ = ["field_query", "field_layers", "FieldWeights", "FieldResult", "PRECISIONS", "FUSED_ENV", "LAYERS_ENV",
            "fused_setting", "layers_setting", "layers_precision", "default_precision", "check_field_query_inputs",
-           "linear_relu", "relu_epilogue", "check_directions", "sample_directions"]
+           "linear_relu", "relu_epilogue", "check_directions", "sample_directions", "sampled_layers"]
 
 PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
 FUSED_ENV = "GPAVATAR_FIELD_FUSED"
@@ -306,11 +306,28 @@ def _knn_op(coords, points, K, name, original_points=None, index=None):
 def _unfused(coords, dirs, planes, points, w: FieldWeights, K, normalize, eps, weight_sum, backend, knn_index=None):
     """The pass as separate ops (PointsDecoder's computation before the fused kernel, bit for bit); the
     inputs were validated at the door."""
-    tri = triplane_sample(planes, coords, "mean", channels_last=True, backend=backend, validate=False)
     expr = knn_blend(coords, points, w.point_features, w.point_w1, w.point_b1, w.point_w2, w.point_b2, K=K,
                      normalize=normalize, eps=eps, weight_sum=weight_sum, backend=backend, validate=False,
                      index=knn_index).feature
-    return field_layers(tri, expr, coords, dirs, w)
+    return sampled_layers(planes, expr, coords, dirs, w, backend=backend)
+
+
+def sampled_layers(planes: torch.Tensor, expr: torch.Tensor, coords: torch.Tensor, dirs: torch.Tensor,
+                   w: FieldWeights, *, backend: Optional[str] = None, layers=None,
+                   kernel: Optional[bool] = None) -> FieldResult:
+    """The tri-plane features of a pass (``planes`` channels-last, mean), then ``layers`` (default
+    :func:`field_layers`, called with ``kernel``) on them and the PEF features ``expr``.  With no
+    gradient recorded through the features, one kernel writes their [tri-plane, PEF] rows
+    (:func:`gpavatar.ops.triplane.triplane_features`) and the layers read the two column slices as
+    their first input without concatenating them; otherwise the sampling and the layers'
+    concatenation.  The same numbers either way.  Inputs are not validated."""
+    layers = layers or field_layers
+    if _needs_grad([planes, expr, coords]):
+        tri = triplane_sample(planes, coords, "mean", channels_last=True, backend=backend, validate=False)
+        return FieldResult(*layers(tri, expr, coords, dirs, w, kernel=kernel))
+    features = triplane_features(planes, coords, expr, backend=backend, validate=False)
+    C = planes.shape[-1]
+    return FieldResult(*layers(features[..., :C], features[..., C:], coords, dirs, w, kernel=kernel))
 
 
 def layers_setting() -> str:
