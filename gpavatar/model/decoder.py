@@ -58,7 +58,8 @@ from gpavatar import ops
 from gpavatar.model.pef import PointExpressionField
 from gpavatar.model.recompute import deterministic_checkpoint
 from gpavatar.ops._backend import env_switch
-from gpavatar.ops.field_query import check_directions, fused_setting, sample_directions, sampled_layers
+from gpavatar.ops.field_query import (check_directions, fused_setting, sample_directions, sampled_layers,
+                                      samples_per_direction)
 from gpavatar.ops.knn import INDEX_MIN_QUERIES
 from gpavatar.ops.knn_blend import OFFICIAL_EPS
 from gpavatar.ops.reference import EMBED_DIM
@@ -134,7 +135,7 @@ class PointsDecoder(nn.Module):
                              f"got {tuple(getattr(planes, 'shape', ()))}")
         if not isinstance(coords, torch.Tensor) or coords.dim() != 3 or coords.shape[-1] != 3:
             raise ValueError(f"coords must have shape (B, N, 3), got {tuple(getattr(coords, 'shape', ()))}")
-        check_directions(dirs, coords)
+        check_directions(dirs, coords.shape[:-1])
         B = coords.shape[0]
         if planes.shape[0] != B or not isinstance(points, torch.Tensor) or points.dim() != 3 \
                 or points.shape[0] != B:
@@ -170,7 +171,7 @@ class PointsDecoder(nn.Module):
                 weight_sum = sum(ops.knn_blend_weight_sum(ops.knn(c, points, pef.K, backend=pef.backend,
                                                                   validate=validate, index=knn_index).dist2, pef.eps)
                                  for c in coords.split(chunk, dim=1))
-        S = N // max(1, dirs.shape[1])  # samples per direction
+        S = samples_per_direction(dirs, N)
         if chunk % S:
             dirs, S = sample_directions(dirs, N), 1
         parts = [self._query(c, d, planes, points, weight_sum, validate, knn_index)
@@ -222,7 +223,7 @@ class PointsDecoder(nn.Module):
         # and the pass is checkpointed in segments: the backward holds one segment's recomputed
         # activations at a time.
         # (a segment holds whole rays when dirs has one direction per ray)
-        S = N // max(1, dirs.shape[1])
+        S = samples_per_direction(dirs, N)
         n = max(S, self.checkpoint_segment // max(1, B) // S * S)
         parts = [deterministic_checkpoint(self._sample_layers, planes, e, c, d)
                  for e, c, d in zip(expr.split(n, dim=1), coords.split(n, dim=1), dirs.split(n // S, dim=1))]

@@ -48,6 +48,11 @@ def env_switch(name: str) -> bool | None:
     return value == "1"
 
 
+def needs_grad(tensors) -> bool:
+    """Whether autograd records through any of ``tensors`` (None entries allowed)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def available_backends(device: torch.device | str) -> list[str]:
     """Backends usable for tensors on ``device`` (always includes ``"torch"``)."""
     device = torch.device(device)

@@ -65,7 +65,7 @@ import torch.nn.functional as F
 
 from gpavatar.ops import _backend
 from gpavatar.ops import _validation as v
-from gpavatar.ops._backend import env_switch
+from gpavatar.ops._backend import env_switch, needs_grad
 from gpavatar.ops.knn import MAX_FUSED_K, KnnResult, check_index, knn, search_op
 from gpavatar.ops.knn_blend import NORMALIZATIONS, flags_precision, knn_blend, knn_blend_weight_sum
 from gpavatar.ops.reference import EMBED_DIM, harmonic_embedding
@@ -73,7 +73,7 @@ from gpavatar.ops.triplane import PLANE_DTYPES, triplane_features, triplane_samp
 
 __all__ = ["field_query", "field_layers", "FieldWeights", "FieldResult", "PRECISIONS", "FUSED_ENV", "LAYERS_ENV",
            "fused_setting", "layers_setting", "layers_precision", "default_precision", "check_field_query_inputs",
-           "linear_relu", "relu_epilogue", "check_directions", "sample_directions", "sampled_layers"]
+           "linear_relu", "relu_epilogue", "check_directions", "samples_per_direction", "sample_directions", "sampled_layers"]
 
 PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
 FUSED_ENV = "GPAVATAR_FIELD_FUSED"
@@ -202,10 +202,6 @@ def check_field_query_inputs(coords, dirs, planes, points, weights, K, knn_resul
     return K
 
 
-def _needs_grad(tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _fusable(name: str, coords, dirs, planes, points, weights: FieldWeights, K: int, knn_result, weight_sum) -> bool:
     """Whether the fused kernel can compute this call (module docstring)."""
     if name not in ("cuda", "triton") or not _backend.triton_available():
@@ -216,7 +212,7 @@ def _fusable(name: str, coords, dirs, planes, points, weights: FieldWeights, K: 
     if torch.is_autocast_enabled(dev.type):
         return False
     extra = list(knn_result) if knn_result is not None else []
-    if _needs_grad([coords, dirs, planes, points, weight_sum, *weights, *extra]):
+    if needs_grad([coords, dirs, planes, points, weight_sum, *weights, *extra]):
         return False
     widths = (planes.shape[4], weights.point_w1.shape[0], weights.point_w2.shape[0], weights.feature_w1.shape[0],
               weights.rgb_w1.shape[0], weights.rgb_w2.shape[0])
@@ -322,7 +318,7 @@ def sampled_layers(planes: torch.Tensor, expr: torch.Tensor, coords: torch.Tenso
     their first input without concatenating them; otherwise the sampling and the layers'
     concatenation.  The same numbers either way.  Inputs are not validated."""
     layers = layers or field_layers
-    if _needs_grad([planes, expr, coords]):
+    if needs_grad([planes, expr, coords]):
         tri = triplane_sample(planes, coords, "mean", channels_last=True, backend=backend, validate=False)
         return FieldResult(*layers(tri, expr, coords, dirs, w, kernel=kernel))
     features = triplane_features(planes, coords, expr, backend=backend, validate=False)
@@ -357,7 +353,7 @@ def _layers_kernel(kernel: Optional[bool], tri, expr, coords, dirs, w: FieldWeig
         return None
     layer_weights = (w.feature_w1, w.feature_b1, w.feature_w2, w.feature_b2, w.feature_w3, w.feature_b3,
                      w.density_w, w.density_b, w.rgb_w1, w.rgb_b1, w.rgb_w2, w.rgb_b2)
-    if _needs_grad([tri, expr, coords, dirs, *layer_weights]):
+    if needs_grad([tri, expr, coords, dirs, *layer_weights]):
         return None
     widths = (tri.shape[-1], expr.shape[-1], w.feature_w1.shape[0], w.rgb_w1.shape[0], w.rgb_w2.shape[0])
     if max(widths) > MAX_FUSED_WIDTH or min(widths) < 1:
@@ -374,7 +370,7 @@ def relu_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     of a paper-preset step)."""
     return (x.device.type in ("cpu", "cuda") and hasattr(torch, "_addmm_activation") and bias is not None
             and bias.dim() == 1 and x.dtype == weight.dtype == bias.dtype and x.dim() >= 1
-            and not _needs_grad([x, weight, bias]) and not torch.is_autocast_enabled(x.device.type))
+            and not needs_grad([x, weight, bias]) and not torch.is_autocast_enabled(x.device.type))
 
 
 def linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], *,
@@ -393,14 +389,23 @@ def linear_relu(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
     return F.relu(F.linear(x, weight, bias))
 
 
-def check_directions(dirs, coords: torch.Tensor) -> None:
-    """``dirs`` (B, N, 3) like ``coords``, or one direction per ray: (B, R, 3) with N = R·S, each
-    ray's S samples consecutive; a ValueError naming the shapes otherwise."""
-    B, N = coords.shape[0], coords.shape[1]
-    ok = isinstance(dirs, torch.Tensor) and dirs.dim() == 3 and dirs.shape[0] == B and dirs.shape[2] == 3
-    if not (ok and (dirs.shape[1] == N or (dirs.shape[1] > 0 and N % dirs.shape[1] == 0))):
-        raise ValueError(f"dirs must have shape ({B}, {N}, 3) like coords, or ({B}, R, 3) with one direction per "
-                         f"ray (R dividing {N}), got {tuple(getattr(dirs, 'shape', ()))}")
+def check_directions(dirs, samples: tuple) -> None:
+    """``dirs`` for samples of leading shape ``samples`` (..., N): one direction per sample (..., N, 3),
+    or one per ray (..., R, 3) with N = R·S, each ray's S samples consecutive; a ValueError naming
+    the shapes otherwise."""
+    samples = tuple(samples)
+    N = samples[-1]
+    ok = isinstance(dirs, torch.Tensor) and dirs.dim() == len(samples) + 1 \
+        and tuple(dirs.shape[:-2]) == samples[:-1] and dirs.shape[-1] == 3
+    if not (ok and (dirs.shape[-2] == N or (dirs.shape[-2] > 0 and N % dirs.shape[-2] == 0))):
+        raise ValueError(f"dirs must have shape {samples + (3,)} (one direction per sample), or "
+                         f"{samples[:-1] + ('R', 3)} with one direction per ray (R dividing {N}), "
+                         f"got {tuple(getattr(dirs, 'shape', ()))}")
+
+
+def samples_per_direction(dirs: torch.Tensor, n: int) -> int:
+    """S: the consecutive samples each of ``dirs``' directions covers among ``n`` (1: one a sample)."""
+    return n // max(1, dirs.shape[-2])
 
 
 def sample_directions(dirs: torch.Tensor, n: int) -> torch.Tensor:
@@ -416,7 +421,7 @@ def _adjacent(tri: torch.Tensor, expr: torch.Tensor) -> Optional[torch.Tensor]:
     """``torch.cat([tri, expr], -1)`` without a copy when the two are the column slices [:C] and
     [C:] of one contiguous (..., C + E) tensor (``ops.triplane_features``' output) and no gradient is
     recorded through them; else None."""
-    if _needs_grad([tri, expr]) or tri.dtype != expr.dtype or tri.device != expr.device or tri.dim() < 1 \
+    if needs_grad([tri, expr]) or tri.dtype != expr.dtype or tri.device != expr.device or tri.dim() < 1 \
             or tri.shape[:-1] != expr.shape[:-1] or tri.stride() != expr.stride() or tri.stride(-1) != 1:
         return None
     if tri.untyped_storage().data_ptr() != expr.untyped_storage().data_ptr() \
@@ -465,10 +470,7 @@ def field_layers(tri: torch.Tensor, expr: torch.Tensor, coords: torch.Tensor, di
     else fp32 "ieee"); elsewhere the torch layers below run.  Opt-in: not yet timed on a GPU.
     ``block_m``, ``num_warps``: the kernel's tile (rows per program) and warps (default: per precision,
     ``kernels/field_layers.py``)."""
-    N, R = tri.shape[-2], dirs.shape[-2]
-    if dirs.shape[:-2] != tri.shape[:-2] or dirs.shape[-1] != 3 or (R != N and (R == 0 or N % R)):
-        raise ValueError(f"dirs must have shape {tuple(tri.shape[:-1]) + (3,)} or one direction per ray "
-                         f"{tuple(tri.shape[:-2]) + ('R', 3)} with R dividing {N}, got {tuple(dirs.shape)}")
+    check_directions(dirs, tri.shape[:-1])
     precision = _layers_kernel(kernel, tri, expr, coords, dirs, w)
     if precision is not None:
         return _layers_triton(tri, expr, coords, sample_directions(dirs, tri.shape[-2]), w, precision,
@@ -484,7 +486,8 @@ def field_layers(tri: torch.Tensor, expr: torch.Tensor, coords: torch.Tensor, di
     gamma = gamma.reshape(-1, gamma.shape[-1])
     rows = out.reshape(-1, out.shape[-1])  # a view: out is a fresh contiguous product
     w_dir = w.rgb_w1[:, hidden:].t().to(out.dtype)
-    per_ray, S = R != N, N // max(1, R)  # S samples per direction
+    S = samples_per_direction(dirs, tri.shape[-2])
+    per_ray = S > 1  # (check_directions: one per sample, or R < N dividing N)
     inside = ((coords > -1.0) & (coords < 1.0)).all(dim=-1)  # renderer.inside_box
     if not (torch.is_grad_enabled() and out.requires_grad):
         # Inference: the direction embedding's share accumulated into the rgb columns in place and
