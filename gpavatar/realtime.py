@@ -49,6 +49,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+import math
 import os
 import statistics
 import time
@@ -60,7 +62,8 @@ from gpavatar.model.gpavatar import Avatar, GPAvatar
 from gpavatar.model.renderer import check_transform
 
 __all__ = ["RealtimeRenderer", "STAGES", "REPORTED_STAGES", "MODE_DTYPES", "COMPILE_ENV", "COMPILE_PARTS",
-           "compile_parts", "precision"]
+           "compile_parts", "precision", "Setting", "SETTINGS", "SETTING_NAMES", "check_settings", "psnr", "TUNE_MARGIN",
+           "FP32_TUNE_PSNR"]
 
 # The stages of one frame, in order; "importance" (coarse composite + importance depths) is
 # reported under "rays" (ray generation and both samplings) by :meth:`RealtimeRenderer.profile`.
@@ -70,6 +73,86 @@ MODE_DTYPES = {"fp32": torch.float32, "fast": torch.bfloat16}
 OUTPUT_KEYS = ("image", "coarse", "fine", "depth", "depth_expected", "opacity", "coarse_alphas")
 COMPILE_ENV = "GPAVATAR_REALTIME_COMPILE"
 COMPILE_PARTS = ("sr", "layers")  # the super-resolution network, the field's layers (ops.field_layers)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """A switch of a frame's kernels that a :class:`RealtimeRenderer` applies to its own frames only
+    (set around each eager call, and during the warm-up and the capture of its CUDA graph, whose
+    replays keep the kernels it captured).  Its default (None) leaves the process as it is: for an
+    ``env`` setting the variable's current value, else the behaviour documented below.  ``choices``:
+    the other values, the ones :meth:`RealtimeRenderer.tune` tries."""
+
+    name: str
+    choices: tuple
+    env: Optional[str] = None  # the environment variable the C++ / Triton code reads at each call
+    modes: tuple = ("fp32", "fast")  # the modes it applies to
+    devices: tuple = ("cuda",)  # the device types it is tuned on (a setting given explicitly applies anywhere)
+    triton: bool = False  # tuned only where Triton runs on the device
+    help: str = ""
+
+
+# In the order a tuning run tries them (the KNN first: the field passes are most of a frame).
+SETTINGS = (
+    Setting("knn_share", ("1",), env="GPAVATAR_KNN_SHARE",
+            help="one KNN index (cell lists) per frame for both field passes (same neighbours)"),
+    Setting("knn_cells", ("12", "20", "24"), env="GPAVATAR_KNN_CELLS",
+            help="the CUDA KNN grid's cells per axis (default 16; same neighbours)"),
+    Setting("knn_search", ("unrolled", "buffered"), env="GPAVATAR_KNN_CUDA_SEARCH",
+            help="the CUDA KNN's list scan (default banded; same neighbours)"),
+    Setting("blend_tensor_cores", ("1",), env="GPAVATAR_BLEND_TENSOR_CORES", modes=("fast",), triton=True,
+            help="the PEF blend's forward as one tensor-core product (tf32; bf16 with field_bf16)"),
+    Setting("field_layers", ("triton",), env="GPAVATAR_FIELD_LAYERS", triton=True,
+            help="each field pass's decoder layers as one Triton kernel (tf32 in fast mode, ieee in fp32)"),
+    Setting("field_bf16", (True,), modes=("fast",),
+            help="the field passes' layers under bf16 autocast (the KNN, blend and tri-plane stay fp32)"),
+    Setting("upsample", ("triton",), env="GPAVATAR_UPSAMPLE", modes=("fast",), triton=True,
+            help="the super-resolution's 2x upsampling as the Triton kernel (channels-last)"),
+    Setting("sr_layout", ("channels_last",), modes=("fp32",),
+            help="fp32 super-resolution on a channels-last copy (default on a GPU: NCHW, the fp32 weights' "
+                 "layout; on the CPU the composited image's channels-last strides, as model.render)"),
+    Setting("cudnn_benchmark", (True,),
+            help="cuDNN times its convolution algorithms for the super-resolution's shapes (in the warm-up)"),
+)
+SETTING_NAMES = tuple(s.name for s in SETTINGS)
+TUNE_MARGIN = 0.02  # a tried value is kept when its frame is at least 2 % faster
+FP32_TUNE_PSNR = 60.0  # the fp32 mode's floor (dB against its untuned frame): rounding-level changes only
+
+
+def check_settings(settings: Optional[dict], mode: str) -> dict:
+    """``settings`` ({name: value} of :data:`SETTINGS`) checked for ``mode`` ("fp32" / "fast"), with
+    the defaults (None) dropped; a ValueError names an unknown setting, a value outside its choices or
+    a setting of the other mode."""
+    if settings is None:
+        return {}
+    if not isinstance(settings, dict):
+        raise TypeError(f"settings must be a dict {{name: value}}, got {type(settings).__name__}")
+    by_name = {s.name: s for s in SETTINGS}
+    checked = {}
+    for name, value in settings.items():
+        if name not in by_name:
+            raise ValueError(f"unknown setting {name!r}; settings: {', '.join(SETTING_NAMES)}")
+        s = by_name[name]
+        if value is None:
+            continue
+        if s.env is not None and isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if value not in s.choices:
+            raise ValueError(f"setting {name!r} must be None or one of {list(s.choices)}, got {value!r}")
+        if mode not in s.modes:
+            raise ValueError(f"setting {name!r} applies to the {' and '.join(s.modes)} mode only, "
+                             f"not to {mode}")
+        checked[name] = value
+    return checked
+
+
+def psnr(image: torch.Tensor, ref: torch.Tensor) -> float:
+    """PSNR (dB) of two images in [0, 1] (clamped): inf when equal, NaN when either has a NaN."""
+    diff = image.detach().double().clamp(0, 1) - ref.detach().double().clamp(0, 1)
+    if diff.isnan().any():
+        return math.nan
+    mse = diff.pow(2).mean().item()
+    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
 
 
 def compile_parts(value: Any = None) -> frozenset:
@@ -115,14 +198,35 @@ def _frame_noise(model: GPAvatar) -> str:
     return mode
 
 
-def _bf16_channels_last(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """A bf16 copy of ``module`` on ``device`` with its 4-D weights (convolutions) channels-last; the
-    5-D modulated-conv weights keep their layout (their per-style weights are made per call)."""
-    copied = copy.deepcopy(module).to(device=device, dtype=torch.bfloat16).eval().requires_grad_(False)
+def _channels_last_copy(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A ``dtype`` copy of ``module`` on ``device`` with its 4-D weights (convolutions) channels-last;
+    the 5-D modulated-conv weights keep their layout (their per-style weights are made per call)."""
+    copied = copy.deepcopy(module).to(device=device, dtype=dtype).eval().requires_grad_(False)
     for param in copied.parameters():
         if param.dim() == 4:
             param.data = param.data.contiguous(memory_format=torch.channels_last)
     return copied
+
+
+@contextlib.contextmanager
+def _applied(settings: dict) -> Iterator[None]:
+    """The environment variables and torch flags of ``settings`` (checked) inside the block, restored
+    on exit; settings left at None leave the process as it is."""
+    env = {s.env: settings[s.name] for s in SETTINGS if s.env is not None and s.name in settings}
+    saved_env = {name: os.environ.get(name) for name in env}
+    saved_benchmark = torch.backends.cudnn.benchmark
+    try:
+        os.environ.update(env)
+        if settings.get("cudnn_benchmark"):
+            torch.backends.cudnn.benchmark = True
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved_benchmark
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class RealtimeRenderer:
@@ -138,13 +242,24 @@ class RealtimeRenderer:
         warmup: eager frames on a side stream before the capture (kernel compilation, autotuning)
         check_values: check every call's points and transform values (one host sync per call)
         field_dtype: ``torch.bfloat16`` runs both field passes' layers under bf16 autocast (fast
-            mode only; the KNN, PEF blend and tri-plane ops stay fp32, alpha and value are fp32);
-            None / ``torch.float32``: fp32 layers (TF32 products in fast mode).  Opt-in: not yet
-            timed on a GPU (``bench_e2e.py`` realtime rows ``cuda+bf16field``)
+            mode only; the KNN, PEF blend and tri-plane ops stay fp32, alpha and value are fp32):
+            the setting ``field_bf16``; None / ``torch.float32``: fp32 layers (TF32 products in
+            fast mode)
         compile: parts run as ``torch.compile``'d functions (:func:`compile_parts`: "sr", "layers",
             both, none; None: ``$GPAVATAR_REALTIME_COMPILE``).  Compiled in the first frames (the
             warm-up before a capture; tens of seconds), with static shapes; the same function up to
             float rounding.  Opt-in: not yet timed on a GPU (``bench_e2e.py`` rows ``+compile``)
+        settings: {name: value} of :data:`SETTINGS`, the kernel switches of this renderer's frames
+            (none by default: the process's environment applies)
+        tune: on the first call, time the :data:`SETTINGS` this device can run, one value at a time on
+            top of the best so far (each a captured graph on a GPU, eager frames elsewhere), and keep
+            a value when its frame is at least 2 % faster and its image passes the check: the fp32
+            mode's PSNR against the untuned frame >= 60 dB (rounding only), the fast mode's against
+            the fp32 frame >= ``tune_psnr``.  Settings given in ``settings`` are not tuned.  The
+            trials are in :attr:`tuning`, the values kept in :attr:`settings`.  Seconds of warm-up
+            (Triton kernels compile on their first use).  Opt-in until a GPU run has timed it.
+        tune_psnr: the fast mode's PSNR floor in dB (images in [0, 1]; the issue's target is 35)
+        tune_repeats: timed frames per trial (default 20 with a CUDA graph, 3 eager)
 
     Call: ``points`` (B, P, 3) FLAME vertices x flame_scale, ``transform`` (B, 3, 4) world-to-camera
     [R|T], any float dtype and device (copied to float32 on the avatar's device) -> dict like
@@ -154,7 +269,8 @@ class RealtimeRenderer:
 
     def __init__(self, model: GPAvatar, avatar: Avatar, *, batch: int = 1, dtype: torch.dtype = torch.float32,
                  cuda_graph: Optional[bool] = None, warmup: int = 3, check_values: bool = False,
-                 field_dtype: Optional[torch.dtype] = None, compile: Any = None):
+                 field_dtype: Optional[torch.dtype] = None, compile: Any = None, settings: Optional[dict] = None,
+                 tune: bool = False, tune_psnr: float = 40.0, tune_repeats: Optional[int] = None):
         if not isinstance(model, GPAvatar):
             raise TypeError(f"model must be a GPAvatar, got {type(model).__name__}")
         if not isinstance(avatar, Avatar):
@@ -172,34 +288,76 @@ class RealtimeRenderer:
         if field_dtype == torch.bfloat16 and dtype != torch.bfloat16:
             raise ValueError("field_dtype=torch.bfloat16 needs the fast mode (dtype=torch.bfloat16); "
                              "dtype=torch.float32 keeps the whole frame in fp32")
+        if not isinstance(tune, bool):
+            raise TypeError(f"tune must be a bool, got {type(tune).__name__}")
+        if isinstance(tune_psnr, bool) or not isinstance(tune_psnr, (int, float)) or not tune_psnr > 0:
+            raise ValueError(f"tune_psnr must be a number of dB > 0, got {tune_psnr!r}")
+        if tune_repeats is not None and (isinstance(tune_repeats, bool) or not isinstance(tune_repeats, int)
+                                         or tune_repeats < 1):
+            raise ValueError(f"tune_repeats must be None or an int >= 1, got {tune_repeats!r}")
         self.model, self.batch, self.dtype = model, batch, dtype
         self.fast = dtype == torch.bfloat16
-        self.field_bf16 = field_dtype == torch.bfloat16
+        self.mode = "fast" if self.fast else "fp32"
+        self.settings = check_settings(settings, self.mode)
+        if field_dtype == torch.bfloat16:
+            self.settings["field_bf16"] = True
         self.noise = _frame_noise(model)
         self.device = avatar.planes.device
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the avatar on a CUDA device, it is on {self.device}")
         self.warmup, self.check_values = warmup, bool(check_values)
+        self.tune_on, self.tune_psnr = tune, float(tune_psnr)
+        self.tune_repeats = tune_repeats or (20 if self.cuda_graph else 3)
+        self.tuning: list[dict] = []  # the trials of tune(), in order
         planes = avatar.planes.detach()
         if planes.shape[0] != batch:
             planes = planes.expand(batch, *planes.shape[1:]).contiguous()
         self.avatar = Avatar(planes, None, avatar.num_sources)
-        if self.fast:
-            self.super_resolution = _bf16_channels_last(model.up_renderer, self.device)
-        else:
-            self.super_resolution = model.up_renderer
         self.compiled = compile_parts(compile)
-        if "sr" in self.compiled:
-            self.super_resolution = torch.compile(self.super_resolution, dynamic=False)
+        self._sr_modules: dict[str, Callable] = {}
         self._layers = None
         if "layers" in self.compiled:
             from gpavatar.ops.field_query import field_layers
 
             self._layers = torch.compile(field_layers, dynamic=False)
+        self._fixed = dict(self.settings)  # the settings a tuning run leaves as given
         self._graph: Optional[torch.cuda.CUDAGraph] = None
         self._static: dict[str, torch.Tensor] = {}
         self._outputs: dict[str, torch.Tensor] = {}
+
+    @property
+    def field_bf16(self) -> bool:
+        return bool(self.settings.get("field_bf16"))
+
+    def _sr_layout(self) -> str:
+        """The super-resolution's activation layout: "bf16_channels_last" (fast mode), "channels_last"
+        (the fp32 setting), "nchw" (fp32 on a GPU: the fp32 weights' layout -- with the composited
+        image's channels-last strides cuDNN converted activations and weights ~190 times a frame) or
+        "as_composited" (fp32 on the CPU: model.render's frame; oneDNN runs it faster than NCHW)."""
+        if self.fast:
+            return "bf16_channels_last"
+        if self.settings.get("sr_layout") == "channels_last":
+            return "channels_last"
+        return "nchw" if self.device.type == "cuda" else "as_composited"
+
+    def _super_resolution(self, layout: str) -> Callable:
+        """The network of ``layout`` (a channels-last copy for the two channels-last layouts, made once),
+        compiled when ``compile`` asks for "sr"."""
+        if layout not in self._sr_modules:
+            if layout == "bf16_channels_last":
+                module = _channels_last_copy(self.model.up_renderer, self.device, torch.bfloat16)
+            elif layout == "channels_last":
+                module = _channels_last_copy(self.model.up_renderer, self.device, torch.float32)
+            else:
+                module = self.model.up_renderer
+            self._sr_modules[layout] = torch.compile(module, dynamic=False) if "sr" in self.compiled else module
+        return self._sr_modules[layout]
+
+    @property
+    def super_resolution(self) -> Callable:
+        """The super-resolution network the frames run with the current settings."""
+        return self._super_resolution(self._sr_layout())
 
     # -- the stages of a frame ------------------------------------------------------------------
     def _stages(self) -> list[tuple[str, Callable[[dict], None]]]:
@@ -233,12 +391,16 @@ class RealtimeRenderer:
                                                   s["value_f"], s["coarse_color"], s["rays"].batch)
 
         def super_resolution(s):
-            fine = s["out"]["fine"]
-            if self.fast:
+            fine, layout = s["out"]["fine"], self._sr_layout()
+            if layout == "bf16_channels_last":
                 fine = fine.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+            elif layout == "channels_last":
+                fine = fine.contiguous(memory_format=torch.channels_last)
             else:
                 fine = fine.to(model.query_style_tplane.dtype)
-            s["image"] = self.super_resolution(fine, noise=self.noise).float()
+                if layout == "nchw":
+                    fine = fine.contiguous()
+            s["image"] = self._super_resolution(layout)(fine, noise=self.noise).float()
 
         return list(zip(STAGES, (rays, field_coarse, importance, field_fine, compositing, super_resolution)))
 
@@ -256,7 +418,7 @@ class RealtimeRenderer:
         if self._layers is not None:  # only during this renderer's frames: model.render is untouched
             decoder.layers_function = self._layers
         try:
-            with torch.no_grad(), precision(self.fast):
+            with torch.no_grad(), precision(self.fast), _applied(self.settings):
                 yield
         finally:
             decoder.layers_function = saved
@@ -280,11 +442,13 @@ class RealtimeRenderer:
     # -- frames ------------------------------------------------------------------------------------
     def __call__(self, points: torch.Tensor, transform: torch.Tensor) -> dict[str, torch.Tensor]:
         points, transform = self._inputs(points, transform)
+        if self.tune_on and not self.tuning:
+            self._tune(points, transform)  # on a GPU: leaves the chosen settings' graph captured
         if not self.cuda_graph:
             with self._context():
                 return self._run(points.contiguous(), transform.contiguous())
         if self._graph is None:
-            self.capture(points, transform)
+            self._capture(points, transform)
         else:
             self._static["points"].copy_(points)
             self._static["transform"].copy_(transform)
@@ -293,13 +457,125 @@ class RealtimeRenderer:
 
     def capture(self, points: torch.Tensor, transform: torch.Tensor) -> None:
         """Warm up with these inputs on a side stream, then capture the frame as a CUDA graph (the
-        first call does it; call it to keep the capture out of a timing).  GPU only."""
+        first call does it; call it to keep the capture out of a timing); with ``tune``, the tuning
+        first.  GPU only."""
         if not self.cuda_graph:
             raise RuntimeError("capture needs cuda_graph=True (a CUDA avatar)")
         points, transform = self._inputs(points, transform)
+        if self.tune_on and not self.tuning:
+            self._tune(points, transform)
+        else:
+            self._capture(points, transform)
+
+    def _capture(self, points: torch.Tensor, transform: torch.Tensor) -> None:
         self._static = {"points": points.clone(), "transform": transform.clone()}
         self._graph = None
         self._graph, self._outputs = self._capture_graph(self._stages())
+
+    # -- tuning ------------------------------------------------------------------------------------
+    def tune(self, points: torch.Tensor, transform: torch.Tensor) -> list[dict]:
+        """Tune the :data:`SETTINGS` on these inputs now (see the class's ``tune``; the first call of a
+        renderer made with ``tune=True`` does it) and return :attr:`tuning`: one row per trial with
+        ``settings`` (the values set), ``ms`` (median frame), ``psnr`` (dB against the reference
+        image), ``status`` (base, kept, slower, rejected: ..., failed: ...) and ``chosen``."""
+        points, transform = self._inputs(points, transform)
+        self._tune(points, transform)
+        return self.tuning
+
+    def tunable(self) -> list[Setting]:
+        """The settings a tuning run tries here: of this mode, for this device (Triton ones where
+        Triton runs on it), not given in ``settings``."""
+        from gpavatar.ops._backend import triton_available
+
+        return [s for s in SETTINGS if self.mode in s.modes and self.device.type in s.devices
+                and s.name not in self._fixed and not (s.triton and not (triton_available() and
+                                                                          self.device.type == "cuda"))]
+
+    def _tune(self, points: torch.Tensor, transform: torch.Tensor) -> None:
+        self._fixed = dict(self.settings)
+        if self.cuda_graph:
+            self._static = {"points": points.clone(), "transform": transform.clone()}
+            self._graph, self._outputs = None, {}
+        reference = None
+        if self.fast:  # the fp32 frame of the same inputs (TF32 off): the fast mode's PSNR reference
+            with torch.no_grad(), precision(False):
+                reference = self.model.render(self.avatar, points, transform)["image"].float()
+        rows: list[dict] = []
+        best_row, best = self._trial(dict(self._fixed), points, transform, required=True)
+        best_row["status"] = "base"
+        if reference is None:
+            reference = best[2].clone()
+        best_row["psnr"] = psnr(best[2], reference)
+        rows.append(best_row)
+        floor = self.tune_psnr if self.fast else FP32_TUNE_PSNR
+        for setting in self.tunable():
+            for value in setting.choices:
+                row, result = self._trial({**best_row["settings"], setting.name: value}, points, transform)
+                rows.append(row)
+                if result is None:
+                    continue
+                row["psnr"] = psnr(result[2], reference)
+                if not row["psnr"] >= floor:
+                    row["status"] = f"rejected: PSNR {row['psnr']:.1f} dB < {floor:g}"
+                elif row["ms"] < best_row["ms"] * (1.0 - TUNE_MARGIN):
+                    row["status"] = "kept"
+                    best_row, best = row, result
+                else:
+                    row["status"] = "slower" if row["ms"] >= best_row["ms"] else "within 2 %"
+                result = None  # a graph not kept goes (its memory pool with it)
+        best_row["chosen"] = True
+        for row in rows:
+            row.setdefault("chosen", False)
+        self.settings = dict(best_row["settings"])
+        self.tuning = rows
+        if self.cuda_graph:
+            self._graph, self._outputs = best[0], best[1]
+
+    def _trial(self, settings: dict, points: torch.Tensor, transform: torch.Tensor, required: bool = False):
+        """One tuning trial: (row, (graph, outputs, image)) or (row, None) when it failed (``required``:
+        the exception propagates)."""
+        self.settings = settings
+        row: dict[str, Any] = {"settings": dict(settings),
+                               "ms": None, "psnr": None, "status": None}
+        try:
+            if self.cuda_graph:
+                graph, outputs = self._capture_graph(self._stages())
+                row["ms"] = self._time_replays(graph)
+                image = outputs["image"].detach().float().clone()
+            else:
+                graph, times = None, []
+                with self._context():
+                    outputs = self._run(points.contiguous(), transform.contiguous())  # the first use compiles
+                    for _ in range(self.tune_repeats):
+                        start = self._clock()
+                        outputs = self._run(points.contiguous(), transform.contiguous())
+                        times.append(1e3 * (self._clock() - start))
+                row["ms"] = statistics.median(times)
+                image = outputs["image"].detach().float().clone()
+        except Exception as exc:
+            if required:
+                raise
+            row["status"] = f"failed: {type(exc).__name__}: {exc}"[:300]
+            return row, None
+        return row, (graph, outputs, image)
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _time_replays(self, graph: torch.cuda.CUDAGraph) -> float:
+        """Median ms of ``tune_repeats`` replays of ``graph`` between CUDA events (after 3 untimed)."""
+        with torch.cuda.device(self.device):
+            for _ in range(3):
+                graph.replay()
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(self.tune_repeats + 1)]
+            events[0].record()
+            for event in events[1:]:
+                graph.replay()
+                event.record()
+            torch.cuda.synchronize(self.device)
+            return statistics.median(a.elapsed_time(b) for a, b in zip(events, events[1:]))
 
     def _capture_graph(self, stages, state: Optional[dict] = None):
         """Warm-up + capture of ``stages`` on the static inputs (or ``state``: a per-stage capture)."""
@@ -370,8 +646,10 @@ class RealtimeRenderer:
         return median
 
     def extra_repr(self) -> str:  # for repr()
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.settings.items()) or "none"
         return (f"batch={self.batch}, dtype={self.dtype}, cuda_graph={self.cuda_graph}, device={self.device}, "
-                f"noise={self.noise!r}, compile={','.join(sorted(self.compiled)) or 'none'}")
+                f"noise={self.noise!r}, compile={','.join(sorted(self.compiled)) or 'none'}, settings={settings}"
+                + (", tune=True" if self.tune_on else ""))
 
     def __repr__(self) -> str:
         return f"RealtimeRenderer({self.extra_repr()})"

@@ -12,6 +12,7 @@ mode keeps the PSNR target.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -352,3 +353,181 @@ def test_cuda_compiled_graph_frames_match_the_eager_frames(dtype):
             tol = 2.0 ** -7 if key == "image" and dtype == torch.bfloat16 else 1e-4
             torch.testing.assert_close(out[key], ref[key], rtol=tol, atol=tol, msg=key)
     assert model.nerf_mlp.layers_function is None
+
+
+# -------------------------------------------------------------------- settings and tuning
+
+def test_settings_are_checked(tiny):
+    from gpavatar.realtime import check_settings
+
+    model, avatar = tiny
+    assert check_settings(None, "fp32") == {}
+    assert check_settings({"knn_cells": 24, "knn_share": None}, "fp32") == {"knn_cells": "24"}
+    for settings, mode, match in (({"knn_cels": "24"}, "fp32", "unknown setting 'knn_cels'"),
+                                  ({"knn_cells": "7"}, "fp32", "'knn_cells' must be None or one of"),
+                                  ({"cudnn_benchmark": "yes"}, "fast", "'cudnn_benchmark' must be None or one of"),
+                                  ({"upsample": "triton"}, "fp32", "fast mode only, not to fp32"),
+                                  ({"sr_layout": "channels_last"}, "fast", "fp32 mode only, not to fast")):
+        with pytest.raises(ValueError, match=match):
+            check_settings(settings, mode)
+    with pytest.raises(TypeError, match="settings must be a dict"):
+        model.realtime(avatar, settings=["knn_share"])
+    with pytest.raises(ValueError, match="fast mode only"):
+        model.realtime(avatar, settings={"field_bf16": True})
+    for bad in (dict(tune=1), dict(tune_psnr=0), dict(tune_psnr=True), dict(tune_repeats=0)):
+        with pytest.raises((TypeError, ValueError), match=next(iter(bad))):
+            model.realtime(avatar, **bad)
+    # field_dtype is the field_bf16 setting
+    assert model.realtime(avatar, dtype=torch.bfloat16, field_dtype=torch.bfloat16).settings == {"field_bf16": True}
+
+
+def test_settings_apply_to_the_renderers_frames_only(tiny, monkeypatch):
+    """A setting's variable is set during the renderer's frames (where the C++ ops read it) and restored
+    after; the KNN's grid size changes no neighbour: the frames still equal model.render's."""
+    model, avatar = tiny
+    monkeypatch.delenv("GPAVATAR_KNN_CELLS", raising=False)
+    seen = []
+    query = model.renderer.query
+
+    def recording(*args, **kwargs):
+        seen.append(os.environ.get("GPAVATAR_KNN_CELLS"))
+        return query(*args, **kwargs)
+
+    rt = model.realtime(avatar, settings={"knn_cells": 12, "cudnn_benchmark": True})
+    assert rt.settings == {"knn_cells": "12", "cudnn_benchmark": True} and "knn_cells='12'" in repr(rt)
+    points, transform = frame_inputs(1, seed=4)
+    monkeypatch.setattr(model.renderer, "query", recording)
+    out = rt(points, transform)
+    assert seen == ["12", "12"] and "GPAVATAR_KNN_CELLS" not in os.environ
+    assert not torch.backends.cudnn.benchmark
+    monkeypatch.undo()
+    with torch.no_grad():
+        ref = model.render(avatar, points, transform)
+    for key in OUTPUTS:
+        assert torch.equal(out[key], ref[key]), key
+
+
+def test_sr_layouts(tiny):
+    """fp32 super-resolution layouts: on the CPU the composited image as it is (model.render's frame); the
+    channels_last setting runs a channels-last fp32 copy (the same function up to rounding); on a GPU the
+    default is NCHW (the layout is chosen from the avatar's device, checked here without one)."""
+    model, avatar = tiny
+    points, transform = frame_inputs(1, seed=6)
+    plain = model.realtime(avatar)
+    assert plain._sr_layout() == "as_composited" and plain.super_resolution is model.up_renderer
+    nhwc = model.realtime(avatar, settings={"sr_layout": "channels_last"})
+    assert nhwc._sr_layout() == "channels_last"
+    weights = [p for p in nhwc.super_resolution.parameters() if p.dim() == 4]
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    out, ref = nhwc(points, transform), plain(points, transform)
+    torch.testing.assert_close(out["image"], ref["image"], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out["fine"], ref["fine"])
+    plain.device = torch.device("cuda")
+    assert plain._sr_layout() == "nchw"
+    assert model.realtime(avatar, dtype=torch.bfloat16)._sr_layout() == "bf16_channels_last"
+
+
+TUNE_ENV = "GPAVATAR_TEST_TUNE"
+COSTS = {None: 10.0, "fast": 5.0, "slow": 20.0, "barely": 4.95, "wrong": 1.0, "broken": 1.0, "faster": 4.0}
+
+
+@pytest.fixture
+def fake_tuning(tiny, monkeypatch):
+    """One made-up setting (its variable read by the super-resolution stage) and a virtual clock: a
+    frame costs COSTS[value] ms; "wrong" flips the image, "broken" raises."""
+    from gpavatar import realtime
+
+    model, avatar = tiny
+    monkeypatch.delenv(TUNE_ENV, raising=False)
+    setting = realtime.Setting("test", ("slow", "broken", "wrong", "fast", "barely"), env=TUNE_ENV, devices=("cpu",))
+    other = realtime.Setting("test2", ("on",), env=TUNE_ENV + "2", devices=("cpu",))
+    monkeypatch.setattr(realtime, "SETTINGS", (setting, other))
+    clock = [0.0]
+    stages = realtime.RealtimeRenderer._stages
+
+    def fake_stages(self):
+        named = stages(self)
+
+        def last(s, fn=named[-1][1]):
+            fn(s)
+            value = os.environ.get(TUNE_ENV)
+            if value == "broken":
+                raise RuntimeError("this kernel does not run here")
+            if value == "wrong":
+                s["image"] = 1.0 - s["image"]
+            clock[0] += COSTS[value] * (0.5 if os.environ.get(TUNE_ENV + "2") else 1.0) / 1e3
+        return named[:-1] + [(named[-1][0], last)]
+
+    monkeypatch.setattr(realtime.RealtimeRenderer, "_stages", fake_stages)
+    monkeypatch.setattr(realtime.RealtimeRenderer, "_clock", lambda self: clock[0])
+    return model, avatar
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "fast"])
+def test_tuning_keeps_what_is_faster_and_right(fake_tuning, dtype):
+    """One value at a time on top of the best so far: a faster value is kept, a slower one, one within
+    the 2 % margin, one that raises and one whose image fails the PSNR check are not; the next setting is
+    tried on top of the kept value; later frames run with the chosen settings."""
+    model, avatar = fake_tuning
+    rt = model.realtime(avatar, dtype=dtype, tune=True)
+    points, transform = frame_inputs(1, seed=7)
+    out = rt(points, transform)
+    rows = rt.tuning
+    assert [(r["settings"], r["status"].split(":")[0]) for r in rows] == [
+        ({}, "base"), ({"test": "slow"}, "slower"), ({"test": "broken"}, "failed"), ({"test": "wrong"}, "rejected"),
+        ({"test": "fast"}, "kept"), ({"test": "barely"}, "within 2 %"), ({"test": "fast", "test2": "on"}, "kept")]
+    assert [r["chosen"] for r in rows] == [False] * 6 + [True]
+    assert rows[0]["ms"] == pytest.approx(10.0) and rows[-1]["ms"] == pytest.approx(2.5)
+    assert "this kernel does not run here" in rows[2]["status"] and rows[3]["psnr"] < 10
+    assert rt.settings == {"test": "fast", "test2": "on"} and TUNE_ENV not in os.environ
+    # the reference: the untuned frame (fp32) or model.render's fp32 frame (fast); the chosen frame passes
+    with torch.no_grad():
+        ref = model.render(avatar, points, transform)["image"]
+    assert psnr(out["image"], ref) >= (60 if dtype == torch.float32 else 40)
+    again = rt(points, transform)
+    assert torch.equal(again["image"], out["image"]) and rt.tuning is rows  # tuned once
+
+
+def test_tuning_leaves_given_settings_and_a_failing_base_raises(fake_tuning):
+    model, avatar = fake_tuning
+    rt = model.realtime(avatar, tune=True, settings={"test": "slow"})
+    assert [s.name for s in rt.tunable()] == ["test2"]
+    rows = rt.tune(*frame_inputs(1, seed=8))
+    assert [r["settings"] for r in rows] == [{"test": "slow"}, {"test": "slow", "test2": "on"}]
+    assert rows[1]["status"] == "kept" and rt.settings == {"test": "slow", "test2": "on"}
+    broken = model.realtime(avatar, tune=True, settings={"test": "broken"})
+    with pytest.raises(RuntimeError, match="does not run here"):
+        broken(*frame_inputs(1, seed=8))
+
+
+def test_tuning_on_the_cpu_has_nothing_to_try_by_default(tiny):
+    """Every built-in setting is a GPU kernel switch: on the CPU a tuning run is the base frame only."""
+    model, avatar = tiny
+    rt = model.realtime(avatar, tune=True)
+    assert rt.tunable() == []
+    points, transform = frame_inputs(1, seed=9)
+    out = rt(points, transform)
+    assert [r["status"] for r in rt.tuning] == ["base"] and rt.settings == {}
+    with torch.no_grad():
+        assert torch.equal(out["image"], model.render(avatar, points, transform)["image"])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "fast"])
+def test_cuda_tuned_graph_at_paper_size(paper_cuda, dtype):
+    """Paper preset on the GPU: the tuning's trials run (none may fail), the chosen graph's frame passes
+    the mode's check against the fp32 frame and equals an eager frame with the chosen settings."""
+    from gpavatar.realtime import FP32_TUNE_PSNR
+
+    model, avatar, points, transform = paper_cuda
+    with torch.no_grad(), precision(False):
+        ref = model.render(avatar, points, transform)["image"]
+    rt = model.realtime(avatar, dtype=dtype, tune=True)
+    out = rt(points, transform)["image"].clone()
+    failed = [r for r in rt.tuning if r["status"].startswith("failed")]
+    assert not failed, failed
+    assert len(rt.tuning) == 1 + sum(len(s.choices) for s in rt.tunable())
+    assert psnr(out, ref) >= (35 if dtype == torch.bfloat16 else FP32_TUNE_PSNR - 10)
+    eager = model.realtime(avatar, dtype=dtype, cuda_graph=False, settings=rt.settings)
+    tol = 2.0 ** -7 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(out, eager(points, transform)["image"], rtol=tol, atol=tol)

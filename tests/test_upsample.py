@@ -93,11 +93,11 @@ def test_super_resolution_network_is_unchanged(monkeypatch):
     """The bf16 channels-last StyleUNet (the real-time fast mode's copy) gives the same image with
     the Triton upsampling as with F.interpolate."""
     from gpavatar.model import GPAvatar
-    from gpavatar.realtime import _bf16_channels_last
+    from gpavatar.realtime import _channels_last_copy
 
     torch.manual_seed(0)
     model = GPAvatar("tiny").eval()
-    sr = _bf16_channels_last(model.up_renderer, torch.device("cpu"))
+    sr = _channels_last_copy(model.up_renderer, torch.device("cpu"), torch.bfloat16)
     c = model.config
     fine = torch.rand(1, c.render_channels, c.render_size, c.render_size, generator=torch.Generator().manual_seed(1))
     fine = fine.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
