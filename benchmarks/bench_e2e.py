@@ -140,9 +140,13 @@ G24_SUFFIX = "+g24"
 # "+compile": the super-resolution and the field's layers as torch.compile'd functions
 # (RealtimeRenderer(compile="all"); compiled during the warm-up before the capture).
 COMPILE_SUFFIX = "+compile"
+# "+tune": RealtimeRenderer(tune=True) -- the renderer times its kernel settings (gpavatar.realtime.SETTINGS)
+# on this device, one value at a time, and keeps the faster ones that pass its image check; the row is the
+# tuned frame, the report lists every trial.
+TUNE_SUFFIX = "+tune"
 FAST_ONLY_SUFFIXES = (BF16_FIELD_SUFFIX, UPSAMPLE_SUFFIX, TC_SUFFIX)
 VARIANT_SUFFIXES = (FUSED_SUFFIX, BF16_FIELD_SUFFIX, UPSAMPLE_SUFFIX, LAYERS_SUFFIX, TC_SUFFIX, SHARE_SUFFIX,
-                    G24_SUFFIX, COMPILE_SUFFIX)
+                    G24_SUFFIX, COMPILE_SUFFIX, TUNE_SUFFIX)
 
 
 def realtime_variants(text: str) -> list[str]:
@@ -373,6 +377,8 @@ def realtime_fn(model, inp: dict, backend: str, mode: str):
     options = dict(field_dtype=torch.bfloat16) if has_variant(backend, BF16_FIELD_SUFFIX) and mode == "fast" else {}
     if has_variant(backend, COMPILE_SUFFIX):
         options["compile"] = "all"
+    if has_variant(backend, TUNE_SUFFIX):
+        options["tune"] = True
     switches = dict(GPAVATAR_UPSAMPLE="triton") if has_variant(backend, UPSAMPLE_SUFFIX) else {}
     if has_variant(backend, LAYERS_SUFFIX):
         switches["GPAVATAR_FIELD_LAYERS"] = "triton"
@@ -439,6 +445,8 @@ def run_row(case, backend, mode, model, inp, device, *, cap=None, images=None, r
         if row["median_ms"]:
             row["fps"] = B * 1e3 / row["median_ms"]
         if case == "realtime":
+            if fn.realtime.tuning:
+                row["tuning"] = fn.realtime.tuning
             with use_backend(model, backend):
                 row["stages_ms"] = fn.realtime.profile(inp["points"], inp["transform"],
                                                        repeats=max(1, min(repeats, 20)))
@@ -532,6 +540,7 @@ def render_markdown(payload: dict) -> str:
             "Backend X+share: one KNN index per frame for both passes (GPAVATAR_KNN_SHARE=1); X+g24: the CUDA "
             "KNN grid at 24 cells per axis (GPAVATAR_KNN_CELLS=24). Backend X+compile: the super-resolution "
             "and the field's layers as torch.compile'd functions (RealtimeRenderer(compile=\"all\"), compiled before the capture). "
+            "Backend X+tune: RealtimeRenderer(tune=True), the settings it chose on this device (trials below). "
             "Suffixes stack.")
     parts = [title, H.env_markdown(env), H.markdown_table(headers, body), note]
     staged = [r for r in payload["rows"] if r.get("stages_ms")]
@@ -549,6 +558,19 @@ def render_markdown(payload: dict) -> str:
                   H.markdown_table(["B", "backend", "mode", *REPORTED_STAGES, "sum", "frame"], stage_rows),
                   f"Clock: {clock}. rays = camera rays + coarse depths + coarse composite + importance depths; "
                   "compositing = merge of both passes + composite + depth maps."]
+    tuned = [r for r in payload["rows"] if r.get("tuning")]
+    if tuned:
+        trial_rows = []
+        for r in tuned:
+            for t in r["tuning"]:
+                settings = ", ".join(f"{k}={v}" for k, v in t["settings"].items()) or "(untuned)"
+                trial_rows.append([r["B"], r["backend"], r["mode"], settings, H.fmt_ms(t["ms"]), _fmt_db(t["psnr"]),
+                                   t["status"] + (" (chosen)" if t.get("chosen") else "")])
+        parts += ["### realtime tuning (RealtimeRenderer(tune=True): one value at a time on top of the best so far)",
+                  H.markdown_table(["B", "backend", "mode", "settings", "median ms", "PSNR dB", "status"], trial_rows),
+                  "median ms: the trial's frame (CUDA graph replays between CUDA events on a GPU); PSNR: fp32 mode "
+                  "against the untuned frame (kept from 60 dB), fast mode against the fp32 frame (kept from "
+                  "tune_psnr, 40 dB); a value is kept when its frame is >= 2 % faster than the best so far."]
     return "\n\n".join(parts) + "\n"
 
 

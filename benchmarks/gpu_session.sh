@@ -4,9 +4,11 @@
 #   bash benchmarks/gpu_session.sh key OUTDIR       (at most 9 minutes: REPORT_BUDGET_S=540)
 #       the decisions in one call, when a session has time for one run only: the CUDA tests of the
 #       training graphs, the real-time path (compile included), the layers kernel and the tri-plane
-#       features op; bench_e2e B = 1 render rows (the baseline) and the realtime rows cuda, +layers,
-#       +share, +compile, +compile+share, +layers+share (fast and fp32); bench_train torch-fast,
-#       cuda, cuda+graph.
+#       features op; bench_e2e B = 1 render rows (the baseline) and the realtime rows cuda, +tune
+#       (RealtimeRenderer(tune=True): every kernel setting of gpavatar.realtime.SETTINGS timed one value at
+#       a time -- the KNN share / cells / search, the Triton layers, blend and upsampling, bf16 field, the
+#       fp32 super-resolution layouts, cuDNN benchmark -- its trials in the report) and +compile (fast and
+#       fp32); bench_train torch-fast, cuda, cuda+graph.
 #
 #   bash benchmarks/gpu_session.sh opt-ins OUTDIR   (about 9 minutes)
 #       times the fast mode's opt-in kernels against the defaults:
@@ -46,7 +48,7 @@ if [[ "$1" == key ]]; then
     export CUDA_TESTS_CAP="${CUDA_TESTS_CAP:-150}"
     export REPORT_BUDGET_S="${REPORT_BUDGET_S:-540}"
     export BENCHES_ONLY="${BENCHES_ONLY:-benchmarks/bench_e2e.py benchmarks/bench_train.py}"
-    KEY_VARIANTS="layers,share,layers+share,compile,compile+share"
+    KEY_VARIANTS="tune,compile"
     export ARGS_bench_e2e="${ARGS_bench_e2e:---batch 1 --cases render,realtime --backends torch-fast,cuda --realtime-batch= --realtime-variants $KEY_VARIANTS}"
     export CAP_bench_e2e="${CAP_bench_e2e:-230}"
     export ARGS_bench_train="${ARGS_bench_train:---backends torch-fast,cuda,cuda+graph --repeats 5}"

@@ -211,3 +211,22 @@ def test_realtime_variants_parse_and_refuse_unknown_suffixes():
     assert realtime_variants("layers, compile+share ,share") == ["+layers", "+compile+share", "+share"]
     with pytest.raises(ValueError, match="unknown realtime variant 'compile\\+fast'"):
         realtime_variants("layers,compile+fast")
+
+
+def test_tuned_realtime_row_lists_its_trials(cpu_setup):
+    """A "+tune" realtime row carries the renderer's trials (on the CPU only the base frame: every
+    built-in setting is a GPU switch) and the report prints them."""
+    if "cpu" not in _backends(torch.device("cpu")):
+        pytest.skip("the C++ extension is not built")
+    from bench_e2e import render_markdown, run_row
+
+    row = run_row("realtime", "cpu+tune", "fp32", cpu_setup["model"], cpu_setup["inp"], torch.device("cpu"),
+                  repeats=1, warmup=0, max_seconds=0.5, min_repeats=1)
+    assert row["error"] is None, row
+    assert [(t["settings"], t["status"], t["chosen"]) for t in row["tuning"]] == [({}, "base", True)]
+    from bench_e2e import preset_sizes
+
+    config = dict(preset="tiny", device="cpu", Bs=[1], realtime_Bs=[], modes=["fp32"], points="procedural",
+                  query_chunk=0, **preset_sizes("tiny"))
+    md = render_markdown({"config": config, "env": {}, "rows": [row]})
+    assert "realtime tuning" in md and "| (untuned)" in md and "base (chosen)" in md

@@ -15,10 +15,13 @@ frame (FLAME points and camera in, super-resolved image out) after warm-up: on a
 :meth:`GPAvatar.render`); the avatar is built once, before the timing.  A stage breakdown follows
 (rays, field pass 1, field pass 2, compositing, super-resolution: CUDA events around per-stage
 graphs on a GPU, ``perf_counter`` around eager stages on the CPU).  ``--fast``: the super-resolution
-in bf16 channels-last and TF32 in the field (fp32 otherwise, TF32 off).
+in bf16 channels-last and TF32 in the field (fp32 otherwise, TF32 off).  ``--tune``: the real-time
+renderer first times its kernel settings on this device and keeps the fastest that pass its image
+check (``RealtimeRenderer(tune=True)``; the chosen settings are printed).
 
     gpavatar demo [--out demo-out/demo.mp4] [--frames 50] [--preset paper|tiny] [--checkpoint PATH]
-                  [--pretrained DIR] [--device cuda|cpu] [--backend NAME] [--batch 1] [--fast] [--no-progress]
+                  [--pretrained DIR] [--device cuda|cpu] [--backend NAME] [--batch 1] [--fast] [--tune]
+                  [--no-progress]
 
 The container follows the suffix of ``--out``: ``.mp4`` (H.264, PyAV) or ``.gif`` (Pillow).  With
 ``--checkpoint`` or ``--pretrained`` the weights set the model sizes: ``--preset`` may only repeat
@@ -201,7 +204,7 @@ def _bar(iterable, progress: bool, **kwargs):
 def run_demo(out: str = DEFAULT_OUT, frames: int = 50, preset: Optional[str] = None,
              checkpoint: Optional[str] = None, pretrained: Optional[str] = None, device: Optional[str] = None,
              backend: Optional[str] = None, batch: int = 1, fast: bool = False, warmup: int = 2,
-             progress: bool = False) -> dict:
+             progress: bool = False, tune: bool = False) -> dict:
     """Render the embedded driver with the model, write the video (``.mp4`` or ``.gif`` by the suffix of
     ``out``), return the timings and what ran (``preset``, ``model``, ``weights``).
 
@@ -231,7 +234,7 @@ def run_demo(out: str = DEFAULT_OUT, frames: int = 50, preset: Optional[str] = N
         _sync(dev)
         build_ms = 1000 * (time.perf_counter() - start)
     realtime = model.realtime(avatar, batch=batch, dtype=torch.bfloat16 if fast else torch.float32,
-                              warmup=max(1, warmup))
+                              warmup=max(1, warmup), tune=bool(tune))
     first = _frame_batch(points, cameras, 0, batch)[:2]
     for _ in range(max(1, warmup if dev.type == "cpu" else 1)):  # warm-up (+ the capture on a GPU)
         realtime(*first)
@@ -259,7 +262,8 @@ def run_demo(out: str = DEFAULT_OUT, frames: int = 50, preset: Optional[str] = N
             "avatar_ms": build_ms, "device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda"
             else None, "preset": c.preset_name() or "custom", "model": describe_model(model),
             "backend": c.backend or "auto", "batch": batch, "fast": fast, "weights": weights, "video": str(path),
-            "cuda_graph": realtime.cuda_graph, "stages_ms": stages}
+            "cuda_graph": realtime.cuda_graph, "stages_ms": stages, "settings": dict(realtime.settings),
+            "tuning": realtime.tuning}
 
 
 def add_parser(sub) -> None:
@@ -281,6 +285,9 @@ def add_parser(sub) -> None:
     p.add_argument("--batch", type=positive_int, default=1, help="frames rendered per call (throughput)")
     p.add_argument("--fast", action="store_true",
                    help="fast mode: bf16 channels-last super-resolution, TF32 field (default: fp32, TF32 off)")
+    p.add_argument("--tune", action="store_true",
+                   help="time the real-time path's kernel settings on this device first and keep the fastest "
+                   "that pass the image check (gpavatar.realtime; seconds of warm-up, GPU settings only)")
     p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.set_defaults(run=_main)
 
@@ -289,12 +296,16 @@ def _main(args) -> int:
     from gpavatar.cli import progress_enabled
 
     r = run_demo(args.out, args.frames, args.preset, args.checkpoint, args.pretrained, args.device, args.backend,
-                 args.batch, args.fast, progress=progress_enabled(args.no_progress))
+                 args.batch, args.fast, progress=progress_enabled(args.no_progress), tune=args.tune)
     where = r["gpu"] or "CPU"
     print(f"gpavatar demo: {r['frames']} frames, {r['model']}, weights: {r['weights']}")
     print(f"  device {r['device']} ({where}), backend {r['backend']}, batch {r['batch']}"
           f"{', fast mode (bf16 super-resolution, TF32 field)' if r['fast'] else ', fp32'}")
     print(f"  avatar (encoder + MTA, once): {r['avatar_ms']:.1f} ms")
+    if r["tuning"]:
+        base, chosen = r["tuning"][0], next(t for t in r["tuning"] if t["chosen"])
+        settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "the defaults"
+        print(f"  tuned ({len(r['tuning'])} trials): {settings}; frame {base['ms']:.3g} -> {chosen['ms']:.3g} ms")
     how = "one CUDA graph per call" if r["cuda_graph"] else "eager"
     print(f"  render: {r['ms_per_frame']:.2f} ms/frame = {r['fps']:.3g} FPS ({how}, {r['batch']} frame(s) per call)")
     from gpavatar.realtime import REPORTED_STAGES

@@ -108,9 +108,10 @@ SETTINGS = (
             help="the field passes' layers under bf16 autocast (the KNN, blend and tri-plane stay fp32)"),
     Setting("upsample", ("triton",), env="GPAVATAR_UPSAMPLE", modes=("fast",), triton=True,
             help="the super-resolution's 2x upsampling as the Triton kernel (channels-last)"),
-    Setting("sr_layout", ("channels_last",), modes=("fp32",),
-            help="fp32 super-resolution on a channels-last copy (default on a GPU: NCHW, the fp32 weights' "
-                 "layout; on the CPU the composited image's channels-last strides, as model.render)"),
+    Setting("sr_layout", ("channels_last", "as_composited"), modes=("fp32",),
+            help="fp32 super-resolution on a channels-last copy, or on the composited image as it is (channels-"
+                 "last strides, NCHW weights: model.render's frame); default on a GPU: NCHW (the fp32 weights' "
+                 "layout), on the CPU: as composited"),
     Setting("cudnn_benchmark", (True,),
             help="cuDNN times its convolution algorithms for the super-resolution's shapes (in the warm-up)"),
 )
@@ -337,8 +338,8 @@ class RealtimeRenderer:
         "as_composited" (fp32 on the CPU: model.render's frame; oneDNN runs it faster than NCHW)."""
         if self.fast:
             return "bf16_channels_last"
-        if self.settings.get("sr_layout") == "channels_last":
-            return "channels_last"
+        if self.settings.get("sr_layout") is not None:
+            return self.settings["sr_layout"]
         return "nchw" if self.device.type == "cuda" else "as_composited"
 
     def _super_resolution(self, layout: str) -> Callable:

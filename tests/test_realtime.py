@@ -424,6 +424,9 @@ def test_sr_layouts(tiny):
     assert torch.equal(out["fine"], ref["fine"])
     plain.device = torch.device("cuda")
     assert plain._sr_layout() == "nchw"
+    composited = model.realtime(avatar, settings={"sr_layout": "as_composited"})
+    composited.device = torch.device("cuda")
+    assert composited._sr_layout() == "as_composited"
     assert model.realtime(avatar, dtype=torch.bfloat16)._sr_layout() == "bf16_channels_last"
 
 
@@ -514,20 +517,22 @@ def test_tuning_on_the_cpu_has_nothing_to_try_by_default(tiny):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "fast"])
-def test_cuda_tuned_graph_at_paper_size(paper_cuda, dtype):
-    """Paper preset on the GPU: the tuning's trials run (none may fail), the chosen graph's frame passes
-    the mode's check against the fp32 frame and equals an eager frame with the chosen settings."""
+def test_cuda_tuned_graph(dtype):
+    """On the GPU (tiny preset: quick trials; bench_e2e's "+tune" rows tune the paper preset): every trial
+    runs (none fails), the chosen graph's frame passes the mode's check against the fp32 frame and equals
+    an eager frame with the chosen settings."""
     from gpavatar.realtime import FP32_TUNE_PSNR
 
-    model, avatar, points, transform = paper_cuda
+    model, avatar = _cuda_tiny()
+    points, transform = frame_inputs(2, seed=3, device="cuda")
     with torch.no_grad(), precision(False):
         ref = model.render(avatar, points, transform)["image"]
-    rt = model.realtime(avatar, dtype=dtype, tune=True)
+    rt = model.realtime(avatar, batch=2, dtype=dtype, tune=True)
     out = rt(points, transform)["image"].clone()
     failed = [r for r in rt.tuning if r["status"].startswith("failed")]
     assert not failed, failed
     assert len(rt.tuning) == 1 + sum(len(s.choices) for s in rt.tunable())
     assert psnr(out, ref) >= (35 if dtype == torch.bfloat16 else FP32_TUNE_PSNR - 10)
-    eager = model.realtime(avatar, dtype=dtype, cuda_graph=False, settings=rt.settings)
+    eager = model.realtime(avatar, batch=2, dtype=dtype, cuda_graph=False, settings=rt.settings)
     tol = 2.0 ** -7 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(out, eager(points, transform)["image"], rtol=tol, atol=tol)
