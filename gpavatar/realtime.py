@@ -21,6 +21,12 @@ noise or none) without either:
   chains; opt-in, not yet timed on a GPU); ``torch.float32`` keeps TF32 off for matmuls and
   convolutions (full fp32 arithmetic).
 
+``settings`` ({name: value} of :data:`SETTINGS`: the KNN's list sharing, grid and scan, the Triton
+layers / blend / upsampling kernels, bf16 field layers, the fp32 super-resolution's layout, cuDNN
+benchmarking) switch a renderer's kernels for its own frames only; ``tune=True`` times them on the
+device at the first call and keeps the faster values whose image passes a check (:meth:`RealtimeRenderer.tune`).
+The fp32 frame on a GPU hands the super-resolution an NCHW image (the fp32 weights' layout).
+
 On the CPU (or with ``cuda_graph=False``) a call runs the same stages eagerly: an fp32 frame is
 :meth:`GPAvatar.render`'s frame (the same ops in the same order).
 
@@ -322,6 +328,7 @@ class RealtimeRenderer:
             from gpavatar.ops.field_query import field_layers
 
             self._layers = torch.compile(field_layers, dynamic=False)
+        self._super_resolution(self._sr_layout())  # the fast mode's bf16 copy is made now
         self._fixed = dict(self.settings)  # the settings a tuning run leaves as given
         self._graph: Optional[torch.cuda.CUDAGraph] = None
         self._static: dict[str, torch.Tensor] = {}
