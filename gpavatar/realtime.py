@@ -87,38 +87,48 @@ class Setting:
     (set around each eager call, and during the warm-up and the capture of its CUDA graph, whose
     replays keep the kernels it captured).  Its default (None) leaves the process as it is: for an
     ``env`` setting the variable's current value, else the behaviour documented below.  ``choices``:
-    the other values, the ones :meth:`RealtimeRenderer.tune` tries."""
+    {mode: the other values}, the ones :meth:`RealtimeRenderer.tune` tries in that mode ("fp32" /
+    "fast"; a mode without an entry has no such setting)."""
 
     name: str
-    choices: tuple
+    choices: dict
     env: Optional[str] = None  # the environment variable the C++ / Triton code reads at each call
-    modes: tuple = ("fp32", "fast")  # the modes it applies to
     devices: tuple = ("cuda",)  # the device types it is tuned on (a setting given explicitly applies anywhere)
     triton: bool = False  # tuned only where Triton runs on the device
     help: str = ""
 
+    @property
+    def modes(self) -> tuple:
+        return tuple(self.choices)
+
+
+def _both(*values) -> dict:
+    return {"fp32": values, "fast": values}
+
 
 # In the order a tuning run tries them (the KNN first: the field passes are most of a frame).
 SETTINGS = (
-    Setting("knn_share", ("1",), env="GPAVATAR_KNN_SHARE",
+    Setting("knn_share", _both("1"), env="GPAVATAR_KNN_SHARE",
             help="one KNN index (cell lists) per frame for both field passes (same neighbours)"),
-    Setting("knn_cells", ("12", "20", "24"), env="GPAVATAR_KNN_CELLS",
+    Setting("knn_cells", _both("12", "20", "24"), env="GPAVATAR_KNN_CELLS",
             help="the CUDA KNN grid's cells per axis (default 16; same neighbours)"),
-    Setting("knn_search", ("unrolled", "buffered"), env="GPAVATAR_KNN_CUDA_SEARCH",
+    Setting("knn_search", _both("unrolled", "buffered"), env="GPAVATAR_KNN_CUDA_SEARCH",
             help="the CUDA KNN's list scan (default banded; same neighbours)"),
-    Setting("blend_tensor_cores", ("1",), env="GPAVATAR_BLEND_TENSOR_CORES", modes=("fast",), triton=True,
-            help="the PEF blend's forward as one tensor-core product (tf32; bf16 with field_bf16)"),
-    Setting("field_layers", ("triton",), env="GPAVATAR_FIELD_LAYERS", triton=True,
-            help="each field pass's decoder layers as one Triton kernel (tf32 in fast mode, ieee in fp32)"),
-    Setting("field_bf16", (True,), modes=("fast",),
+    Setting("blend_tensor_cores", {"fp32": ("tf32x3",), "fast": ("1",)}, env="GPAVATAR_BLEND_TENSOR_CORES",
+            triton=True, help="the PEF blend's forward as one tensor-core product (fast: tf32, bf16 with "
+            "field_bf16; fp32: tf32x3, about fp32's accuracy)"),
+    Setting("field_layers", {"fp32": ("triton", "triton-tf32x3"), "fast": ("triton",)}, env="GPAVATAR_FIELD_LAYERS",
+            triton=True, help="each field pass's decoder layers as one Triton kernel (fast: tf32; fp32: ieee, "
+            "or tf32x3 on the tensor cores)"),
+    Setting("field_bf16", {"fast": (True,)},
             help="the field passes' layers under bf16 autocast (the KNN, blend and tri-plane stay fp32)"),
-    Setting("upsample", ("triton",), env="GPAVATAR_UPSAMPLE", modes=("fast",), triton=True,
+    Setting("upsample", {"fast": ("triton",)}, env="GPAVATAR_UPSAMPLE", triton=True,
             help="the super-resolution's 2x upsampling as the Triton kernel (channels-last)"),
-    Setting("sr_layout", ("channels_last", "as_composited"), modes=("fp32",),
+    Setting("sr_layout", {"fp32": ("channels_last", "as_composited")},
             help="fp32 super-resolution on a channels-last copy, or on the composited image as it is (channels-"
                  "last strides, NCHW weights: model.render's frame); default on a GPU: NCHW (the fp32 weights' "
                  "layout), on the CPU: as composited"),
-    Setting("cudnn_benchmark", (True,),
+    Setting("cudnn_benchmark", _both(True),
             help="cuDNN times its convolution algorithms for the super-resolution's shapes (in the warm-up)"),
 )
 SETTING_NAMES = tuple(s.name for s in SETTINGS)
@@ -144,11 +154,12 @@ def check_settings(settings: Optional[dict], mode: str) -> dict:
             continue
         if s.env is not None and isinstance(value, int) and not isinstance(value, bool):
             value = str(value)
-        if value not in s.choices:
-            raise ValueError(f"setting {name!r} must be None or one of {list(s.choices)}, got {value!r}")
-        if mode not in s.modes:
+        if mode not in s.choices:
             raise ValueError(f"setting {name!r} applies to the {' and '.join(s.modes)} mode only, "
                              f"not to {mode}")
+        if value not in s.choices[mode]:
+            raise ValueError(f"setting {name!r} must be None or one of {list(s.choices[mode])} in the {mode} mode, "
+                             f"got {value!r}")
         checked[name] = value
     return checked
 
@@ -517,7 +528,7 @@ class RealtimeRenderer:
         rows.append(best_row)
         floor = self.tune_psnr if self.fast else FP32_TUNE_PSNR
         for setting in self.tunable():
-            for value in setting.choices:
+            for value in setting.choices[self.mode]:
                 row, result = self._trial({**best_row["settings"], setting.name: value}, points, transform)
                 rows.append(row)
                 if result is None:

@@ -230,14 +230,23 @@ def test_when_the_kernel_runs(launches, monkeypatch):
             torch.backends.cuda.matmul.allow_tf32 = saved
         assert launches == ["ieee", "tf32"]
         torch.testing.assert_close(out.value, ref.value, rtol=1e-5, atol=1e-4)  # fp32 under the interpreter
+        monkeypatch.setenv(LAYERS_ENV, "triton-tf32x3")  # tf32x3 where the products would be fp32
+        x3 = field_layers(*args, w)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            field_layers(*args, w)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = saved
+        assert launches == ["ieee", "tf32", "tf32x3", "tf32"]
+        torch.testing.assert_close(x3.value, ref.value, rtol=1e-5, atol=1e-4)
         monkeypatch.setattr("gpavatar.ops._backend.triton_interpreted", lambda: False)
         field_layers(*args, w)
-        assert launches == ["ieee", "tf32"]
+        assert launches == ["ieee", "tf32", "tf32x3", "tf32"]
         monkeypatch.undo()
     monkeypatch.setenv(LAYERS_ENV, "triton")
     dec.requires_grad_(True)
     alpha, value = field_layers(*args, dec.field_weights())
-    assert launches == ["ieee", "tf32"] and alpha.requires_grad
+    assert launches == ["ieee", "tf32", "tf32x3", "tf32"] and alpha.requires_grad
     (alpha.sum() + value.sum()).backward()
     assert dec.feature_layers[0].weight.grad is not None
     monkeypatch.setenv(LAYERS_ENV, "fast")

@@ -678,8 +678,16 @@ def test_stacked_forward_switch_and_precisions(monkeypatch):
         assert calls == ["bf16", "tf32"]
     assert bf16.dtype == torch.float32 and 0 < float((bf16 - ref).abs().max()) <= 3e-2 * float(ref.abs().max())
     torch.testing.assert_close(tf32, ref, **FWD)
+    # tf32x3: where the flags leave fp32, the stacked kernel in tf32x3 (fp32 under the interpreter)
+    with stacked_launches(monkeypatch) as calls:
+        monkeypatch.setenv("GPAVATAR_BLEND_TENSOR_CORES", "tf32x3")
+        x3 = run("triton", q, pts, params, 8)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            run("triton", q, pts, params, 8)
+        assert calls == ["tf32x3", "bf16"] and stacked_precision("cpu", q.device) is None
+    torch.testing.assert_close(x3, ref, **FWD)
     monkeypatch.setenv("GPAVATAR_BLEND_TENSOR_CORES", "yes")
-    with pytest.raises(ValueError, match="GPAVATAR_BLEND_TENSOR_CORES must be 0 or 1"):
+    with pytest.raises(ValueError, match="GPAVATAR_BLEND_TENSOR_CORES must be 0, 1 or tf32x3"):
         run("triton", q, pts, params, 8)
 
 

@@ -365,6 +365,7 @@ def test_settings_are_checked(tiny):
     assert check_settings({"knn_cells": 24, "knn_share": None}, "fp32") == {"knn_cells": "24"}
     for settings, mode, match in (({"knn_cels": "24"}, "fp32", "unknown setting 'knn_cels'"),
                                   ({"knn_cells": "7"}, "fp32", "'knn_cells' must be None or one of"),
+                                  ({"blend_tensor_cores": "1"}, "fp32", "one of \\['tf32x3'\\] in the fp32 mode"),
                                   ({"cudnn_benchmark": "yes"}, "fast", "'cudnn_benchmark' must be None or one of"),
                                   ({"upsample": "triton"}, "fp32", "fast mode only, not to fp32"),
                                   ({"sr_layout": "channels_last"}, "fast", "fp32 mode only, not to fast")):
@@ -442,8 +443,9 @@ def fake_tuning(tiny, monkeypatch):
 
     model, avatar = tiny
     monkeypatch.delenv(TUNE_ENV, raising=False)
-    setting = realtime.Setting("test", ("slow", "broken", "wrong", "fast", "barely"), env=TUNE_ENV, devices=("cpu",))
-    other = realtime.Setting("test2", ("on",), env=TUNE_ENV + "2", devices=("cpu",))
+    values = ("slow", "broken", "wrong", "fast", "barely")
+    setting = realtime.Setting("test", {"fp32": values, "fast": values}, env=TUNE_ENV, devices=("cpu",))
+    other = realtime.Setting("test2", {"fp32": ("on",), "fast": ("on",)}, env=TUNE_ENV + "2", devices=("cpu",))
     monkeypatch.setattr(realtime, "SETTINGS", (setting, other))
     clock = [0.0]
     stages = realtime.RealtimeRenderer._stages
@@ -531,7 +533,7 @@ def test_cuda_tuned_graph(dtype):
     out = rt(points, transform)["image"].clone()
     failed = [r for r in rt.tuning if r["status"].startswith("failed")]
     assert not failed, failed
-    assert len(rt.tuning) == 1 + sum(len(s.choices) for s in rt.tunable())
+    assert len(rt.tuning) == 1 + sum(len(s.choices[rt.mode]) for s in rt.tunable())
     assert psnr(out, ref) >= (35 if dtype == torch.bfloat16 else FP32_TUNE_PSNR - 10)
     eager = model.realtime(avatar, batch=2, dtype=dtype, cuda_graph=False, settings=rt.settings)
     tol = 2.0 ** -7 if dtype == torch.bfloat16 else 1e-4

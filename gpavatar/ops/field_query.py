@@ -328,10 +328,12 @@ def sampled_layers(planes: torch.Tensor, expr: torch.Tensor, coords: torch.Tenso
 
 def layers_setting() -> str:
     """``$GPAVATAR_FIELD_LAYERS``: "torch" (the separate layers), "triton" (the fused layers kernel
-    wherever it can run: see :func:`field_layers`), unset / "" / "auto" -> "auto" (today: torch)."""
+    wherever it can run: see :func:`field_layers`), "triton-tf32x3" (the same, with its products in
+    tf32x3 where they would be fp32: about fp32's accuracy on the tensor cores), unset / "" / "auto"
+    -> "auto" (today: torch)."""
     value = os.environ.get(LAYERS_ENV, "") or "auto"
-    if value not in ("auto", "torch", "triton"):
-        raise ValueError(f"{LAYERS_ENV} must be auto, torch or triton, got {value!r}")
+    if value not in ("auto", "torch", "triton", "triton-tf32x3"):
+        raise ValueError(f"{LAYERS_ENV} must be auto, torch, triton or triton-tf32x3, got {value!r}")
     return value
 
 
@@ -344,8 +346,9 @@ def layers_precision(device: torch.device) -> Optional[str]:
 
 def _layers_kernel(kernel: Optional[bool], tri, expr, coords, dirs, w: FieldWeights) -> Optional[str]:
     """The layers kernel's precision if it computes this call, else None (field_layers' docstring)."""
+    setting = layers_setting()
     if kernel is None:
-        kernel = layers_setting() == "triton"
+        kernel = setting.startswith("triton")
     if not kernel or not _backend.triton_available():
         return None
     dev = tri.device
@@ -358,7 +361,8 @@ def _layers_kernel(kernel: Optional[bool], tri, expr, coords, dirs, w: FieldWeig
     widths = (tri.shape[-1], expr.shape[-1], w.feature_w1.shape[0], w.rgb_w1.shape[0], w.rgb_w2.shape[0])
     if max(widths) > MAX_FUSED_WIDTH or min(widths) < 1:
         return None
-    return layers_precision(dev)
+    precision = layers_precision(dev)
+    return "tf32x3" if precision == "ieee" and setting == "triton-tf32x3" else precision
 
 
 def relu_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:

@@ -36,7 +36,9 @@ backends the forward then runs the stacked Triton kernel (``kernels/knn_blend.py
 (query, neighbour) pair of a tile is a row of one product) with its products in tf32 when
 ``torch.backends.cuda.matmul.allow_tf32`` is on, in bf16 under bfloat16 autocast (the real-time
 fast mode), and the fp32 kernels otherwise; ~1e-3 (tf32) / ~1e-2 (bf16) relative to the fp32
-features.  The backward stays the fp32 one.  Not yet timed on a GPU.
+features.  ``$GPAVATAR_BLEND_TENSOR_CORES=tf32x3``: the same, and where the fp32 kernels would run
+(TF32 off) the stacked kernel in tf32x3 (three tf32 products: about fp32's accuracy on the tensor
+cores).  The backward stays the fp32 one.  Not yet timed on a GPU.
 
 NaN: ``queries``, ``points`` (finite, ``|x| <= 1e6``) and ``weight_sum`` (finite,
 > 0) are checked when ``validate``; features and weights are not, and a NaN in
@@ -95,12 +97,18 @@ def knn_blend_weight_sum(dist2: torch.Tensor, eps: float = 1e-8) -> torch.Tensor
     return (1.0 / (dist2 + eps)).sum(dim=1)
 
 
-def tensor_cores_setting() -> bool:
-    """``$GPAVATAR_BLEND_TENSOR_CORES``: "1" on, unset / "" / "0" off; a ValueError otherwise."""
+def tensor_cores_mode() -> str:
+    """``$GPAVATAR_BLEND_TENSOR_CORES``: "1" on, "tf32x3" on and tf32x3 where fp32 would run, unset /
+    "" / "0" off; a ValueError otherwise."""
     value = os.environ.get(TENSOR_CORES_ENV, "") or "0"
-    if value not in ("0", "1"):
-        raise ValueError(f"{TENSOR_CORES_ENV} must be 0 or 1, got {value!r}")
-    return value == "1"
+    if value not in ("0", "1", "tf32x3"):
+        raise ValueError(f"{TENSOR_CORES_ENV} must be 0, 1 or tf32x3, got {value!r}")
+    return value
+
+
+def tensor_cores_setting() -> bool:
+    """Whether ``$GPAVATAR_BLEND_TENSOR_CORES`` turns the stacked forward on ("1" or "tf32x3")."""
+    return tensor_cores_mode() != "0"
 
 
 def flags_precision(device: torch.device) -> Optional[str]:
@@ -116,14 +124,17 @@ def flags_precision(device: torch.device) -> Optional[str]:
 def stacked_precision(name: str, device: torch.device) -> Optional[str]:
     """The stacked kernel's precision for a call on backend ``name`` and ``device``, or None when the
     fp32 kernels run (see TENSOR_CORES_ENV): :func:`flags_precision`, except that fp32 on a GPU runs
-    the fp32 CUDA kernels.  Under the Triton interpreter (CPU tensors, tests) it also runs at fp32."""
+    the fp32 CUDA kernels ("tf32x3" instead with ``$GPAVATAR_BLEND_TENSOR_CORES=tf32x3``).  Under
+    the Triton interpreter (CPU tensors, tests) it also runs at fp32."""
     if name not in ("cuda", "triton") or not tensor_cores_setting() or not _backend.triton_available():
         return None
+    precision = flags_precision(device)
+    if precision == "ieee" and tensor_cores_mode() == "tf32x3":
+        precision = "tf32x3"
     if device.type == "cuda":
-        precision = flags_precision(device)
         return None if precision == "ieee" else precision
     if device.type == "cpu" and _backend.triton_interpreted():
-        return flags_precision(device)
+        return precision
     return None
 
 
