@@ -503,12 +503,16 @@ class RealtimeRenderer:
 
     def tunable(self) -> list[Setting]:
         """The settings a tuning run tries here: of this mode, for this device (Triton ones where
-        Triton runs on it), not given in ``settings``."""
+        Triton runs on it), not given in ``settings``, and not the parts ``compile`` compiles (a
+        compiled function keeps what it traced: the layers kernel switch; another super-resolution
+        layout would compile another network)."""
         from gpavatar.ops._backend import triton_available
 
+        compiled = {"sr": "sr_layout", "layers": "field_layers"}
+        skip = set(self._fixed) | {compiled[part] for part in self.compiled}
+        triton_here = triton_available() and self.device.type == "cuda"
         return [s for s in SETTINGS if self.mode in s.modes and self.device.type in s.devices
-                and s.name not in self._fixed and not (s.triton and not (triton_available() and
-                                                                          self.device.type == "cuda"))]
+                and s.name not in skip and (triton_here or not s.triton)]
 
     def _tune(self, points: torch.Tensor, transform: torch.Tensor) -> None:
         self._fixed = dict(self.settings)

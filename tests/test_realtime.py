@@ -538,3 +538,27 @@ def test_cuda_tuned_graph(dtype):
     eager = model.realtime(avatar, batch=2, dtype=dtype, cuda_graph=False, settings=rt.settings)
     tol = 2.0 ** -7 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(out, eager(points, transform)["image"], rtol=tol, atol=tol)
+
+
+def test_tunable_settings_by_mode_device_and_compile(tiny, monkeypatch):
+    """What a tuning run tries: the mode's settings on a GPU (checked without one: the device is set by
+    hand), Triton ones only where Triton runs, none of the parts torch.compile compiles."""
+    from gpavatar.realtime import SETTINGS
+
+    model, avatar = tiny
+    monkeypatch.setattr("gpavatar.ops._backend.triton_available", lambda: True)
+
+    def names(**options):
+        rt = model.realtime(avatar, **options)
+        rt.device = torch.device("cuda")
+        return [s.name for s in rt.tunable()]
+
+    fp32 = [s.name for s in SETTINGS if "fp32" in s.choices]
+    fast = [s.name for s in SETTINGS if "fast" in s.choices]
+    assert names() == fp32 and "sr_layout" in fp32 and "upsample" not in fp32
+    assert names(dtype=torch.bfloat16) == fast and "field_bf16" in fast and "sr_layout" not in fast
+    assert names(compile="layers") == [n for n in fp32 if n != "field_layers"]
+    assert names(compile="all") == [n for n in fp32 if n not in ("field_layers", "sr_layout")]
+    assert names(settings={"knn_cells": "20"}) == [n for n in fp32 if n != "knn_cells"]
+    monkeypatch.setattr("gpavatar.ops._backend.triton_available", lambda: False)
+    assert names(dtype=torch.bfloat16) == [s.name for s in SETTINGS if "fast" in s.choices and not s.triton]
