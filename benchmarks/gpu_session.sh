@@ -20,8 +20,8 @@
 #         compile="all"                       the super-resolution and the field's layers compiled
 #                                             (torch.compile; bench_e2e's last realtime rows)
 #       the CUDA tests of these kernels; bench_e2e's realtime rows (B = 1 and the B = 8 throughput
-#       row, every variant; the render rows give the baseline); profile_frame of the fast frame with
-#       and without the opt-ins; bench_field's layers rows and tile sweep; bench_knn_blend's cuda+tc
+#       row, every variant; the render rows give the baseline); profile_frame of the fast frame, and
+#       of the fast and fp32 frames with the settings RealtimeRenderer(tune=True) chose; bench_field's layers rows and tile sweep; bench_knn_blend's cuda+tc
 #       rows on the render distribution.  Promote a switch to the default only where these numbers
 #       show it faster.
 #
@@ -57,8 +57,8 @@ elif [[ "$1" == opt-ins ]]; then
     export CUDA_TESTS="${CUDA_TESTS:-tests/test_field_layers.py tests/test_knn_index.py tests/test_knn_blend.py tests/test_realtime.py}"
     export CUDA_TESTS_CAP="${CUDA_TESTS_CAP:-150}"
     export BENCHES_ONLY="${BENCHES_ONLY:-benchmarks/bench_e2e.py benchmarks/profile_frame.py benchmarks/bench_field.py benchmarks/bench_knn_blend.py}"
-    export ARGS_bench_e2e="${ARGS_bench_e2e:---batch 1 --cases render,realtime}" CAP_bench_e2e="${CAP_bench_e2e:-300}"
-    export ARGS_profile_frame="${ARGS_profile_frame:---modes fast,fast+opt-ins}" CAP_profile_frame="${CAP_profile_frame:-60}"
+    export ARGS_bench_e2e="${ARGS_bench_e2e:---batch 1 --cases render,realtime}" CAP_bench_e2e="${CAP_bench_e2e:-250}"
+    export ARGS_profile_frame="${ARGS_profile_frame:---modes fast,fast+tuned,fp32+tuned}" CAP_profile_frame="${CAP_profile_frame:-110}"
     export ARGS_bench_field="${ARGS_bench_field:---precisions tf32,bf16 --sweep}" CAP_bench_field="${CAP_bench_field:-120}"
     export ARGS_bench_knn_blend="${ARGS_bench_knn_blend:---dist render}" CAP_bench_knn_blend="${CAP_bench_knn_blend:-90}"
 else

@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _harness as H  # noqa: E402
 from bench_e2e import PRESETS, make_inputs, make_model  # noqa: E402
 
-MODES = {"fp32": torch.float32, "fast": torch.bfloat16, "fast+opt-ins": torch.bfloat16}
+MODES = {"fp32": torch.float32, "fast": torch.bfloat16, "fast+opt-ins": torch.bfloat16,
+         "fp32+tuned": torch.float32, "fast+tuned": torch.bfloat16}
 # The switches of the "fast+opt-ins" mode: every opt-in fast-mode kernel not yet timed on a GPU.
 OPT_INS = dict(GPAVATAR_FIELD_LAYERS="triton", GPAVATAR_BLEND_TENSOR_CORES="1", GPAVATAR_UPSAMPLE="triton",
                GPAVATAR_KNN_SHARE="1")
@@ -65,14 +66,24 @@ def profile_frame(frame, device: torch.device) -> list[dict]:
 
 
 def _frame_fn(model, inp: dict, mode: str):
+    """An eager frame of ``mode``; "+tuned": with the settings a tuning renderer (RealtimeRenderer(tune=
+    True), graphs on a GPU) chose on this device (``frame.settings``)."""
     switches = OPT_INS if mode.endswith("+opt-ins") else {}
+    settings = None
+    if mode.endswith("+tuned"):
+        tuner = model.realtime(inp["avatar"], batch=1, dtype=MODES[mode], tune=True)
+        tuner(inp["points"], inp["transform"])
+        settings = dict(tuner.settings)
+        del tuner
+        H.release(inp["points"].device)
     with H.environ(**switches):
-        renderer = model.realtime(inp["avatar"], batch=1, dtype=MODES[mode], cuda_graph=False)
+        renderer = model.realtime(inp["avatar"], batch=1, dtype=MODES[mode], cuda_graph=False, settings=settings)
 
     def frame():
         with torch.no_grad(), H.environ(**switches):
             return renderer(inp["points"], inp["transform"])
 
+    frame.settings = settings
     return frame
 
 
@@ -80,7 +91,8 @@ def main(argv=None) -> int:
     ap = H.benchmark_parser(__doc__.split("\n\n")[0], None)
     ap.add_argument("--preset", choices=PRESETS, default=None, help="default: paper on cuda, tiny on cpu")
     ap.add_argument("--modes", default="fast,fp32", help="comma list of " + ",".join(MODES)
-                    + f" (fast+opt-ins: the fast mode with {OPT_INS})")
+                    + f" (fast+opt-ins: the fast mode with {OPT_INS}; X+tuned: the settings "
+                    "RealtimeRenderer(tune=True) chose on this device)")
     ap.add_argument("--top", type=int, default=30, help="kernels listed per mode (default 30)")
     ap.add_argument("--train", action="store_true",
                     help="profile one training step of bench_train.py (forward_train + losses + backward + Adam, "
@@ -121,14 +133,17 @@ def main(argv=None) -> int:
         for r in rows:
             groups[r["group"]][0] += r["calls"]
             groups[r["group"]][1] += r["ms"]
+        settings = getattr(fn, "settings", None)
         payload["modes"][mode] = dict(total_ms=total, wall_ms=wall, launches=launches,
                                       groups={g: dict(calls=c, ms=ms) for g, (c, ms) in groups.items()},
-                                      kernels=rows)
+                                      kernels=rows, settings=settings)
         what = (f"device time of its {launches} kernels" if device.type == "cuda"
                 else f"self CPU time of its {launches} operator calls")
         busy = (f"; the call takes {wall:.3f} ms without the profiler (median of 3): the device is busy "
                 f"{100 * total / wall:.0f} % of it" if device.type == "cuda" and wall else
                 f"; the call takes {wall:.3f} ms without the profiler (median of 3)")
+        if settings is not None:
+            busy += "; tuned settings: " + (", ".join(f"{k}={v}" for k, v in settings.items()) or "the defaults")
         parts += [f"### {mode}: {total:.3f} ms of {what}{busy}", "",
                   H.markdown_table(["group", "calls", "ms", "share"],
                                    [[g, c, f"{ms:.3f}", f"{100 * ms / total:.1f} %"]

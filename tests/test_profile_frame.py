@@ -57,6 +57,16 @@ def test_cpu_opt_ins_mode(tmp_path, monkeypatch):
     assert "GPAVATAR_FIELD_LAYERS" not in os.environ
 
 
+def test_cpu_tuned_mode_names_its_settings(tmp_path):
+    """fp32+tuned: the settings a tuning renderer chose (on the CPU: the defaults) are in the report."""
+    out, md = tmp_path / "p.json", tmp_path / "p.md"
+    assert profile_frame.main(["--device", "cpu", "--modes", "fp32+tuned", "--top", "5", "--json", str(out),
+                               "--markdown", str(md)]) == 0
+    mode = json.loads(out.read_text())["modes"]["fp32+tuned"]
+    assert mode["total_ms"] > 0 and mode["settings"] == {}
+    assert "tuned settings: the defaults" in md.read_text()
+
+
 def test_cpu_training_step_profile(tmp_path):
     pytest.importorskip("gpavatar.ops")
     out = tmp_path / "train.json"
