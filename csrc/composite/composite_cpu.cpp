@@ -31,7 +31,7 @@ void check_inputs(const at::Tensor& alphas, const at::Tensor& values,
 void check_grads(const at::Tensor& alphas, const at::Tensor& values, const at::Tensor& grad_color,
                  const at::Tensor& grad_opacity, const at::Tensor& grad_weights,
                  const at::Tensor& grad_depth) {
-  const int64_t R = alphas.size(0), S = alphas.size(1), C = values.size(2);
+  const int64_t R = alphas.size(0), C = values.size(2);
   check_contiguous_float(grad_color, "grad_color", 2, "(R, C)");
   check_contiguous_float(grad_opacity, "grad_opacity", 1, "(R,)");
   check_contiguous_float(grad_weights, "grad_weights", 2, "(R, S)");

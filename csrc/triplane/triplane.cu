@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Args a, int lanes,
   }
   if (a.E > 0) {  // the row's extra features after the tri-plane ones (V | E: vector_width)
     const float* src = a.extra + bm * a.E;
-    float* dst = o + (a.concat ? 3 * C : C);
+    float* dst = o + feature_width(a);
     for (int64_t e = static_cast<int64_t>(lane) * V; e < a.E; e += static_cast<int64_t>(lanes) * V) {
       float value[V];
       load_floats<V>(src + e, value);
@@ -135,7 +135,7 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Args a, int lanes,
   const int64_t H = a.H, W = a.W, C = a.C, plane_size = H * W * C;
   const int64_t b = bm / a.M;
   const float* point = a.coords + bm * 3;
-  const float* g_row = grad_out + bm * (a.concat ? 3 * C : C);
+  const float* g_row = grad_out + bm * feature_width(a);
   float grad[3] = {0.f, 0.f, 0.f};
   for (int t = 0; t < 3; ++t) {
     Cell cell = locate_on_plane(point, t, H, W);
@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(kThreads) gather_kernel(Args a, int lanes,
   const int lane = static_cast<int>(thread % lanes);
   const int64_t x = texel % W, y = (texel / W) % H, bt = texel / (H * W);
   const int t = static_cast<int>(bt % 3);
-  const int64_t row = a.concat ? 3 * C : C;
+  const int64_t row = feature_width(a);
   for (int64_t c = static_cast<int64_t>(lane) * V; c < C; c += static_cast<int64_t>(lanes) * V) {
     float acc[V];
 #pragma unroll

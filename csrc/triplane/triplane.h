@@ -173,8 +173,10 @@ struct Args {
   int64_t E = 0;
 };
 
-// Floats of one output row of the forward.
-GPA_HD int64_t out_row(const Args& a) { return (a.concat ? 3 * a.C : a.C) + a.E; }
+// Tri-plane floats of one output row (and of one grad_out row): 3C for the concatenation, C for the mean.
+GPA_HD int64_t feature_width(const Args& a) { return a.concat ? 3 * a.C : a.C; }
+// Floats of one output row of the forward: the tri-plane features, then the E extra ones.
+GPA_HD int64_t out_row(const Args& a) { return feature_width(a) + a.E; }
 
 // CUDA launchers (triplane.cu); they return a cudaError_t as int.
 int launch_forward_cuda(const Args& a, float* out, void* stream);

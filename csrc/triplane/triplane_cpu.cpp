@@ -79,7 +79,7 @@ void forward_range(const Args& a, float* out, int64_t begin, int64_t end) {
       }
       if (a.E > 0) {  // the row's extra features after the tri-plane ones
         const float* src = a.extra + bm * a.E;
-        std::copy(src, src + a.E, out + bm * row + (a.concat ? 3 * C : C));
+        std::copy(src, src + a.E, out + bm * row + feature_width(a));
       }
     }
   }
@@ -100,7 +100,7 @@ void coord_grad_range(const Args& a, const float* grad_out, float* grad_coords, 
                       int64_t end) {
   const T* planes = static_cast<const T*>(a.planes);
   const int64_t H = a.H, W = a.W, C = a.C, plane_size = H * W * C;
-  const int64_t row = a.concat ? 3 * C : C;
+  const int64_t row = feature_width(a);
   Cell group[kGroup][3];
   std::vector<float> g(C);
   for (int64_t g0 = begin; g0 < end; g0 += kGroup) {
@@ -135,7 +135,7 @@ void coord_grad_range(const Args& a, const float* grad_out, float* grad_coords, 
 void plane_grad_task(const Args& a, const float* grad_out, float* grad_planes, int64_t b, int t,
                      int64_t y_begin, int64_t y_end) {
   const int64_t H = a.H, W = a.W, C = a.C;
-  const int64_t row = a.concat ? 3 * C : C;
+  const int64_t row = feature_width(a);
   float* plane = grad_planes + (b * 3 + t) * H * W * C;
   std::vector<float> g(C);
   for (int64_t m = 0; m < a.M; ++m) {
@@ -199,7 +199,7 @@ void check_extra(Args& a, const at::Tensor& extra, const at::Tensor& planes) {
 
 void check_grad_out(const Args& a, const at::Tensor& grad_out, const at::Tensor& planes) {
   check_contiguous_float(grad_out, "grad_out", 3, a.concat ? "(B, M, 3C)" : "(B, M, C)");
-  const int64_t row = a.concat ? 3 * a.C : a.C;
+  const int64_t row = feature_width(a);
   TORCH_CHECK_VALUE(grad_out.size(0) == a.B && grad_out.size(1) == a.M && grad_out.size(2) == row, msg("grad_out must have shape (", a.B, ", ", a.M, ", ", row, "), got ",
                     shape_of(grad_out)));
   check_same_device(planes, "planes", grad_out, "grad_out");

@@ -13,28 +13,30 @@ namespace gpavatar {
 namespace triplane {
 namespace {
 
-at::Tensor forward_cuda(const at::Tensor& planes, const at::Tensor& coords, bool concat,
-                        bool /*deterministic*/) {
-  const c10::cuda::CUDAGuard guard(planes.device());
-  const Args a = check_inputs(planes, coords, concat);
-  at::Tensor out = at::empty({a.B, a.M, concat ? 3 * a.C : a.C}, coords.options());
-  check_launch(launch_forward_cuda(a, out.data_ptr<float>(), at::cuda::getCurrentCUDAStream().stream()),
-               "triplane_sample forward");
+// The forward's (B, M, out_row) output on the current stream; `extra` is the (B, M, E) tensor of
+// a.extra, or undefined.  C = 0: the launcher samples nothing and the extra features are the row.
+at::Tensor run_forward(const Args& a, const at::Tensor& coords, const at::Tensor& extra, const char* what) {
+  at::Tensor out = at::empty({a.B, a.M, out_row(a)}, coords.options());
+  if (a.C == 0) {
+    if (a.E > 0) out.copy_(extra);
+    return out;
+  }
+  check_launch(launch_forward_cuda(a, out.data_ptr<float>(), at::cuda::getCurrentCUDAStream().stream()), what);
   return out;
 }
 
+at::Tensor forward_cuda(const at::Tensor& planes, const at::Tensor& coords, bool concat,
+                        bool /*deterministic*/) {
+  const c10::cuda::CUDAGuard guard(planes.device());
+  return run_forward(check_inputs(planes, coords, concat), coords, at::Tensor(), "triplane_sample forward");
+}
+
+// [the mean tri-plane features, extra] per row: the forward with the extra features copied in.
 at::Tensor forward_extra_cuda(const at::Tensor& planes, const at::Tensor& coords, const at::Tensor& extra) {
   const c10::cuda::CUDAGuard guard(planes.device());
   Args a = check_inputs(planes, coords, /*concat=*/false);
   check_extra(a, extra, planes);
-  at::Tensor out = at::empty({a.B, a.M, a.C + a.E}, coords.options());
-  if (a.C == 0) {  // nothing to sample: the launcher skips C = 0
-    out.copy_(extra);
-    return out;
-  }
-  check_launch(launch_forward_cuda(a, out.data_ptr<float>(), at::cuda::getCurrentCUDAStream().stream()),
-               "triplane_sample forward (extra)");
-  return out;
+  return run_forward(a, coords, extra, "triplane_sample forward (extra)");
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_out,
