@@ -515,7 +515,7 @@ class RealtimeRenderer:
                 and s.name not in skip and (triton_here or not s.triton)]
 
     def _tune(self, points: torch.Tensor, transform: torch.Tensor) -> None:
-        self._fixed = dict(self.settings)
+        """Trials from the settings given at construction (a second run starts there again)."""
         if self.cuda_graph:
             self._static = {"points": points.clone(), "transform": transform.clone()}
             self._graph, self._outputs = None, {}

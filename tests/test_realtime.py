@@ -500,6 +500,8 @@ def test_tuning_leaves_given_settings_and_a_failing_base_raises(fake_tuning):
     rows = rt.tune(*frame_inputs(1, seed=8))
     assert [r["settings"] for r in rows] == [{"test": "slow"}, {"test": "slow", "test2": "on"}]
     assert rows[1]["status"] == "kept" and rt.settings == {"test": "slow", "test2": "on"}
+    again = rt.tune(*frame_inputs(1, seed=9))  # a second run starts from the given settings again
+    assert [r["settings"] for r in again] == [{"test": "slow"}, {"test": "slow", "test2": "on"}]
     broken = model.realtime(avatar, tune=True, settings={"test": "broken"})
     with pytest.raises(RuntimeError, match="does not run here"):
         broken(*frame_inputs(1, seed=8))
