@@ -88,11 +88,14 @@ class Setting:
     replays keep the kernels it captured).  Its default (None) leaves the process as it is: for an
     ``env`` setting the variable's current value, else the behaviour documented below.  ``choices``:
     {mode: the other values}, the ones :meth:`RealtimeRenderer.tune` tries in that mode ("fp32" /
-    "fast"; a mode without an entry has no such setting)."""
+    "fast"; a mode without an entry has no such setting).  ``off``: the value that asks for the
+    built-in default explicitly, whatever the environment says (not tried by a tuning run, whose
+    base is the process as it is)."""
 
     name: str
     choices: dict
     env: Optional[str] = None  # the environment variable the C++ / Triton code reads at each call
+    off: Any = None
     devices: tuple = ("cuda",)  # the device types it is tuned on (a setting given explicitly applies anywhere)
     triton: bool = False  # tuned only where Triton runs on the device
     help: str = ""
@@ -108,27 +111,27 @@ def _both(*values) -> dict:
 
 # In the order a tuning run tries them (the KNN first: the field passes are most of a frame).
 SETTINGS = (
-    Setting("knn_share", _both("1"), env="GPAVATAR_KNN_SHARE",
+    Setting("knn_share", _both("1"), env="GPAVATAR_KNN_SHARE", off="0",
             help="one KNN index (cell lists) per frame for both field passes (same neighbours)"),
-    Setting("knn_cells", _both("12", "20", "24"), env="GPAVATAR_KNN_CELLS",
+    Setting("knn_cells", _both("12", "20", "24"), env="GPAVATAR_KNN_CELLS", off="16",
             help="the CUDA KNN grid's cells per axis (default 16; same neighbours)"),
-    Setting("knn_search", _both("unrolled", "buffered"), env="GPAVATAR_KNN_CUDA_SEARCH",
+    Setting("knn_search", _both("unrolled", "buffered"), env="GPAVATAR_KNN_CUDA_SEARCH", off="banded",
             help="the CUDA KNN's list scan (default banded; same neighbours)"),
     Setting("blend_tensor_cores", {"fp32": ("tf32x3",), "fast": ("1",)}, env="GPAVATAR_BLEND_TENSOR_CORES",
-            triton=True, help="the PEF blend's forward as one tensor-core product (fast: tf32, bf16 with "
+            off="0", triton=True, help="the PEF blend's forward as one tensor-core product (fast: tf32, bf16 with "
             "field_bf16; fp32: tf32x3, about fp32's accuracy)"),
     Setting("field_layers", {"fp32": ("triton", "triton-tf32x3"), "fast": ("triton",)}, env="GPAVATAR_FIELD_LAYERS",
-            triton=True, help="each field pass's decoder layers as one Triton kernel (fast: tf32; fp32: ieee, "
+            off="torch", triton=True, help="each field pass's decoder layers as one Triton kernel (fast: tf32; fp32: ieee, "
             "or tf32x3 on the tensor cores)"),
-    Setting("field_bf16", {"fast": (True,)},
+    Setting("field_bf16", {"fast": (True,)}, off=False,
             help="the field passes' layers under bf16 autocast (the KNN, blend and tri-plane stay fp32)"),
-    Setting("upsample", {"fast": ("triton",)}, env="GPAVATAR_UPSAMPLE", triton=True,
+    Setting("upsample", {"fast": ("triton",)}, env="GPAVATAR_UPSAMPLE", off="torch", triton=True,
             help="the super-resolution's 2x upsampling as the Triton kernel (channels-last)"),
-    Setting("sr_layout", {"fp32": ("channels_last", "as_composited")},
+    Setting("sr_layout", {"fp32": ("channels_last", "as_composited")}, off="default",
             help="fp32 super-resolution on a channels-last copy, or on the composited image as it is (channels-"
                  "last strides, NCHW weights: model.render's frame); default on a GPU: NCHW (the fp32 weights' "
                  "layout), on the CPU: as composited"),
-    Setting("cudnn_benchmark", _both(True),
+    Setting("cudnn_benchmark", _both(True), off=False,
             help="cuDNN times its convolution algorithms for the super-resolution's shapes (in the warm-up)"),
 )
 SETTING_NAMES = tuple(s.name for s in SETTINGS)
@@ -152,13 +155,16 @@ def check_settings(settings: Optional[dict], mode: str) -> dict:
         s = by_name[name]
         if value is None:
             continue
-        if s.env is not None and isinstance(value, int) and not isinstance(value, bool):
+        if s.env is not None and isinstance(value, bool) and s.off == "0":
+            value = "1" if value else "0"  # an on/off switch
+        elif s.env is not None and isinstance(value, int) and not isinstance(value, bool):
             value = str(value)
         if mode not in s.choices:
             raise ValueError(f"setting {name!r} applies to the {' and '.join(s.modes)} mode only, "
                              f"not to {mode}")
-        if value not in s.choices[mode]:
-            raise ValueError(f"setting {name!r} must be None or one of {list(s.choices[mode])} in the {mode} mode, "
+        allowed = (s.off,) + tuple(s.choices[mode])
+        if value not in allowed or isinstance(value, bool) != isinstance(s.off, bool):
+            raise ValueError(f"setting {name!r} must be None or one of {list(allowed)} in the {mode} mode, "
                              f"got {value!r}")
         checked[name] = value
     return checked
@@ -235,8 +241,8 @@ def _applied(settings: dict) -> Iterator[None]:
     saved_benchmark = torch.backends.cudnn.benchmark
     try:
         os.environ.update(env)
-        if settings.get("cudnn_benchmark"):
-            torch.backends.cudnn.benchmark = True
+        if "cudnn_benchmark" in settings:
+            torch.backends.cudnn.benchmark = bool(settings["cudnn_benchmark"])
         yield
     finally:
         torch.backends.cudnn.benchmark = saved_benchmark
@@ -356,7 +362,7 @@ class RealtimeRenderer:
         "as_composited" (fp32 on the CPU: model.render's frame; oneDNN runs it faster than NCHW)."""
         if self.fast:
             return "bf16_channels_last"
-        if self.settings.get("sr_layout") is not None:
+        if self.settings.get("sr_layout", "default") != "default":
             return self.settings["sr_layout"]
         return "nchw" if self.device.type == "cuda" else "as_composited"
 

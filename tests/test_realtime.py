@@ -363,10 +363,19 @@ def test_settings_are_checked(tiny):
     model, avatar = tiny
     assert check_settings(None, "fp32") == {}
     assert check_settings({"knn_cells": 24, "knn_share": None}, "fp32") == {"knn_cells": "24"}
+    # the built-in default asked for explicitly ("off"), and on/off switches as bools
+    assert check_settings({"knn_share": True, "blend_tensor_cores": False, "knn_cells": 16, "field_layers": "torch",
+                           "sr_layout": "default", "cudnn_benchmark": False}, "fp32") == {
+        "knn_share": "1", "blend_tensor_cores": "0", "knn_cells": "16", "field_layers": "torch",
+        "sr_layout": "default", "cudnn_benchmark": False}
+    assert check_settings({"field_bf16": False, "upsample": "torch"}, "fast") == {"field_bf16": False,
+                                                                                 "upsample": "torch"}
     for settings, mode, match in (({"knn_cels": "24"}, "fp32", "unknown setting 'knn_cels'"),
                                   ({"knn_cells": "7"}, "fp32", "'knn_cells' must be None or one of"),
-                                  ({"blend_tensor_cores": "1"}, "fp32", "one of \\['tf32x3'\\] in the fp32 mode"),
+                                  ({"blend_tensor_cores": "1"}, "fp32", "one of \\['0', 'tf32x3'\\] in the fp32 mode"),
                                   ({"cudnn_benchmark": "yes"}, "fast", "'cudnn_benchmark' must be None or one of"),
+                                  ({"cudnn_benchmark": 1}, "fast", "'cudnn_benchmark' must be None or one of"),
+                                  ({"knn_cells": True}, "fp32", "'knn_cells' must be None or one of"),
                                   ({"upsample": "triton"}, "fp32", "fast mode only, not to fp32"),
                                   ({"sr_layout": "channels_last"}, "fast", "fp32 mode only, not to fast")):
         with pytest.raises(ValueError, match=match):
@@ -401,6 +410,22 @@ def test_settings_apply_to_the_renderers_frames_only(tiny, monkeypatch):
     out = rt(points, transform)
     assert seen == ["12", "12"] and "GPAVATAR_KNN_CELLS" not in os.environ
     assert not torch.backends.cudnn.benchmark
+    # an explicit default wins over the environment for the renderer's frames only
+    monkeypatch.setenv("GPAVATAR_KNN_CELLS", "24")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    benchmark = []
+    original = rt._stages
+
+    def stages():
+        named = original()
+        return [(n, (lambda s, fn=fn: (benchmark.append(torch.backends.cudnn.benchmark), fn(s))[1]))
+                for n, fn in named]
+
+    rt.settings = {"knn_cells": "16", "cudnn_benchmark": False}
+    monkeypatch.setattr(rt, "_stages", stages)
+    rt(points, transform)
+    assert seen[2:] == ["16", "16"] and os.environ["GPAVATAR_KNN_CELLS"] == "24"
+    assert benchmark and not any(benchmark) and torch.backends.cudnn.benchmark
     monkeypatch.undo()
     with torch.no_grad():
         ref = model.render(avatar, points, transform)
