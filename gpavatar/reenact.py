@@ -5,7 +5,7 @@
                      [--checkpoint CKPT | --pretrained DIR] [--preset tiny|paper] [--flame FILE]
                      [--out reenact-out/reenact.mp4] [--layout side|result] [--frames-dir DIR]
                      [--depth] [--attention] [--orbit [DEGREES]] [--elevation 5] [--fps N]
-                     [--batch 1] [--device cuda|cpu] [--backend NAME] [--fast] [--no-progress]
+                     [--batch 1] [--device cuda|cpu] [--backend NAME] [--fast] [--tune] [--no-progress]
 
 **Sources** (V >= 1, fused by multi tri-plane attention): image files or folders of them (.png,
 .jpg, ...; sorted by name), already aligned like the encoder's inputs (the official inference
@@ -43,8 +43,12 @@ data synth`` renders).
   camera at the driver's mean distance (‖T‖) and ``--elevation``, azimuth sweeping DEGREES around the head
   centred on the front (official ``--rotate A`` = ``--orbit 2A``) while the expression plays.
 
-The render FPS printed is that of :meth:`GPAvatar.render` calls (points and cameras in, images
-out) after the first call; the avatar is built once, before.
+Frames are rendered by the real-time path (:mod:`gpavatar.realtime`, ``model.realtime``): on a GPU
+every call of ``--batch`` frames replays one CUDA graph (the last call padded to the batch), on the
+CPU the calls run eagerly, the frames of :meth:`GPAvatar.render`.  ``--fast``: its fast mode (bf16
+channels-last super-resolution, TF32 field); ``--tune``: it first times its kernel settings on the
+device.  The render FPS printed is that of those calls (points and cameras in, images out) after
+the first call (on a GPU, the capture); the avatar is built once, before (fp32; TF32 with --fast).
 
     >>> result = reenact(["face.png"], driver="data/synth/driver.json", out="out/face.mp4")  # doctest: +SKIP
     >>> result["fps"] > 0  # doctest: +SKIP
@@ -220,7 +224,7 @@ def reenact(sources: Sequence[PathLike] = (), *, dataset: Optional[PathLike] = N
             frames_dir: Optional[PathLike] = None, depth: bool = False, attention: bool = False,
             orbit: Optional[float] = None, elevation: float = 5.0, fps: Optional[float] = None, batch: int = 1,
             device: Optional[str] = None, backend: Optional[str] = None, fast: bool = False,
-            progress: bool = False) -> dict:
+            progress: bool = False, tune: bool = False) -> dict:
     """Reenact ``sources`` (image files / folders) and / or ``source_keys`` of ``dataset`` with ``driver``
     and write the outputs (module docstring). Every argument, path and the driver are checked before the
     model is loaded; errors are ``ValueError`` / ``TypeError`` / ``FileNotFoundError`` / ``KeyError`` naming
@@ -275,9 +279,9 @@ def reenact(sources: Sequence[PathLike] = (), *, dataset: Optional[PathLike] = N
                        torch.from_numpy(chosen.pose))
     cameras = chosen.transform if orbit is None else orbit_cameras(chosen.transform, orbit, elevation)
 
-    # --- render ---
-    if fast and dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    # --- render: the real-time path (gpavatar.realtime; one CUDA graph per call on a GPU) ---
+    from gpavatar.realtime import precision
+
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     images, depths, times = [], [], []
     calls = range(0, N, batch)
@@ -285,25 +289,33 @@ def reenact(sources: Sequence[PathLike] = (), *, dataset: Optional[PathLike] = N
         from tqdm import tqdm
 
         calls = tqdm(calls, desc="render", unit="call", leave=False)
-    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=fast):
+    with torch.no_grad(), precision(fast):  # the avatar in fp32 (TF32 in fast mode), once
         sync()
         start = time.perf_counter()
         avatar = model.build_avatar(src.images[None].to(dev), return_attention=attention)
         sync()
         avatar_ms = 1000 * (time.perf_counter() - start)
-        cams = torch.from_numpy(cameras).to(dev)
-        points_dev = points.to(dev)
-        for i in calls:
-            j = min(N, i + batch)
-            start = time.perf_counter()
-            result = model.render(avatar, points_dev[i:j], cams[i:j])
-            sync()
-            times.append((j - i, time.perf_counter() - start))
-            images.append(result["image"].float().clamp(0, 1).cpu())
-            if depth:
-                opacity = result["opacity"].float()[:, 0]
-                surface = result["depth_expected"].float()[:, 0] / opacity.clamp_min(1e-6)
-                depths.append(torch.where(opacity >= OPAQUE, surface, torch.nan).cpu())
+    renderer = model.realtime(avatar, batch=min(batch, N), dtype=torch.bfloat16 if fast else torch.float32,
+                              tune=tune)
+    cams = torch.from_numpy(cameras).to(dev).float()
+    points_dev = points.to(dev)
+    for i in calls:
+        j = min(N, i + batch)
+        frame_points, frame_cams = points_dev[i:j], cams[i:j]
+        if j - i < renderer.batch:  # the last call: padded with its last frame (a fixed-size graph)
+            pad = renderer.batch - (j - i)
+            frame_points = torch.cat([frame_points, frame_points[-1:].expand(pad, -1, -1)])
+            frame_cams = torch.cat([frame_cams, frame_cams[-1:].expand(pad, -1, -1)])
+        start = time.perf_counter()
+        result = renderer(frame_points, frame_cams)
+        sync()
+        times.append((j - i, time.perf_counter() - start))
+        # copies: a graph's outputs are overwritten by the next call
+        images.append(result["image"][:j - i].float().clamp(0, 1).cpu())
+        if depth:
+            opacity = result["opacity"][:j - i].float()[:, 0]
+            surface = result["depth_expected"][:j - i].float()[:, 0] / opacity.clamp_min(1e-6)
+            depths.append(torch.where(opacity >= OPAQUE, surface, torch.nan).cpu())
     images = torch.cat(images)
     timed = times[1:] if len(times) > 1 else times
     seconds = sum(t for _, t in timed)
@@ -356,7 +368,8 @@ def reenact(sources: Sequence[PathLike] = (), *, dataset: Optional[PathLike] = N
             "avatar_ms": avatar_ms, "num_sources": len(src.names), "sources": src.names, "identity": identity,
             "driver": chosen.source, "orbit": orbit, "model": describe_model(model), "weights": weights,
             "device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
-            "backend": c.backend or "auto", "batch": batch, "fast": fast, "layout": layout, "outputs": outputs}
+            "backend": c.backend or "auto", "batch": batch, "fast": fast, "layout": layout, "outputs": outputs,
+            "cuda_graph": renderer.cuda_graph, "settings": dict(renderer.settings)}
 
 
 def add_parser(commands) -> None:
@@ -397,7 +410,10 @@ def add_parser(commands) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available, else cpu)")
     p.add_argument("--backend", default=None, choices=("auto", "cuda", "triton", "cpu", "torch"),
                    help="kernel backend (default: $GPAVATAR_BACKEND, else auto)")
-    p.add_argument("--fast", action="store_true", help="bf16 autocast + TF32")
+    p.add_argument("--fast", action="store_true", help="the real-time renderer's fast mode: bf16 channels-last "
+                   "super-resolution, TF32 field (default: fp32, TF32 off)")
+    p.add_argument("--tune", action="store_true", help="time the real-time path's kernel settings on this device "
+                   "first and keep the fastest that pass the image check (gpavatar.realtime)")
     p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.set_defaults(run=_main)
 
@@ -412,13 +428,13 @@ def _main(args) -> int:
                 out=args.out, layout=args.layout, frames_dir=args.frames_dir, depth=args.depth,
                 attention=args.attention, orbit=args.orbit, elevation=args.elevation, fps=args.fps, batch=args.batch,
                 device=args.device, backend=args.backend, fast=args.fast,
-                progress=progress_enabled(args.no_progress))
+                progress=progress_enabled(args.no_progress), tune=args.tune)
     orbit = f", orbit {r['orbit']:g} degrees" if r["orbit"] else ""
     print(f"gpavatar reenact: {r['frames']} frames, {r['num_sources']} source(s), identity from {r['identity']}, "
           f"driver: {r['driver']}{orbit}")
     print(f"  {r['model']}, weights: {r['weights']}")
     print(f"  device {r['device']} ({r['gpu'] or 'CPU'}), backend {r['backend']}, batch {r['batch']}"
-          f"{', bf16/TF32' if r['fast'] else ', fp32'}")
+          f"{', fast mode (bf16 super-resolution, TF32 field)' if r['fast'] else ', fp32'}")
     print(f"  avatar (encoder + MTA, once): {r['avatar_ms']:.1f} ms")
     print(f"  render: {r['ms_per_frame']:.2f} ms/frame = {r['fps']:.3g} FPS")
     what = {"video": "source | driver | result" if r["layout"] == "side" else "result", "depth_video": "depth",
