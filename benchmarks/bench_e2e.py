@@ -400,12 +400,6 @@ def realtime_fn(model, inp: dict, backend: str, mode: str):
     return fn
 
 
-def psnr(img: torch.Tensor, ref: torch.Tensor) -> float:
-    """PSNR (dB) of two images in [0, 1] (clamped): 10 log10(1 / MSE); inf when identical."""
-    mse = (img.detach().double().clamp(0, 1) - ref.detach().double().clamp(0, 1)).pow(2).mean().item()
-    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
-
-
 # --- rows --------------------------------------------------------------------------------------
 
 def run_row(case, backend, mode, model, inp, device, *, cap=None, images=None, repeats, warmup,
@@ -427,6 +421,8 @@ def run_row(case, backend, mode, model, inp, device, *, cap=None, images=None, r
         if footprint is not None:  # the warm-up and the CUDA graph's memory pool
             footprint = _end_footprint(device, footprint)
         if case in IMAGE_CASES and images is not None:
+            from gpavatar.realtime import psnr
+
             image = fn()["image"].detach().float().clone()  # a graph's output is overwritten by the next call
             images[(case, B, backend, mode)] = image
             if mode == "fast":

@@ -56,7 +56,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import math
 import os
 import statistics
 import time
@@ -174,12 +173,11 @@ def check_settings(settings: Optional[dict], mode: str) -> dict:
 
 
 def psnr(image: torch.Tensor, ref: torch.Tensor) -> float:
-    """PSNR (dB) of two images in [0, 1] (clamped): inf when equal, NaN when either has a NaN."""
-    diff = image.detach().double().clamp(0, 1) - ref.detach().double().clamp(0, 1)
-    if diff.isnan().any():
-        return math.nan
-    mse = diff.pow(2).mean().item()
-    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+    """PSNR (dB) of two (B, C, H, W) images in [0, 1] (clamped, range 1, float64): inf when equal, NaN
+    when either has a NaN (:func:`gpavatar.eval.metrics.psnr`)."""
+    from gpavatar.eval.metrics import psnr as metric
+
+    return float(metric(image.detach().double().clamp(0, 1), ref.detach().double().clamp(0, 1), data_range=1.0))
 
 
 def compile_parts(value: Any = None) -> frozenset:

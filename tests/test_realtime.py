@@ -11,7 +11,6 @@ mode keeps the PSNR target.
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -19,17 +18,12 @@ import torch
 
 from gpavatar.model import GPAvatar
 from gpavatar.ops._backend import triton_available
-from gpavatar.realtime import REPORTED_STAGES, RealtimeRenderer, precision
+from gpavatar.realtime import REPORTED_STAGES, RealtimeRenderer, precision, psnr
 
 from conftest import HAS_CUDA
 
 OUTPUTS = ("image", "coarse", "fine", "depth", "depth_expected", "opacity", "coarse_alphas")
 CAMERA = ((1.0, 0.0, 0.0, 0.0), (0.0, 1.0, 0.0, 0.0), (0.0, 0.0, 1.0, 9.0))
-
-
-def psnr(image: torch.Tensor, ref: torch.Tensor) -> float:
-    mse = (image.double().clamp(0, 1) - ref.double().clamp(0, 1)).pow(2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(1 / mse)
 
 
 def frame_inputs(B: int, seed: int, num_points: int = 5023, device="cpu"):
