@@ -442,7 +442,7 @@ def run_row(case, backend, mode, model, inp, device, *, cap=None, images=None, r
             row["fps"] = B * 1e3 / row["median_ms"]
         if case == "realtime":
             if fn.realtime.tuning:
-                row["tuning"] = fn.realtime.tuning
+                row["tuning"], row["tune_s"] = fn.realtime.tuning, fn.realtime.tune_seconds
             with use_backend(model, backend):
                 row["stages_ms"] = fn.realtime.profile(inp["points"], inp["transform"],
                                                        repeats=max(1, min(repeats, 20)))
@@ -562,6 +562,9 @@ def render_markdown(payload: dict) -> str:
                 settings = ", ".join(f"{k}={v}" for k, v in t["settings"].items()) or "(untuned)"
                 trial_rows.append([r["B"], r["backend"], r["mode"], settings, H.fmt_ms(t["ms"]), _fmt_db(t["psnr"]),
                                    t["status"] + (" (chosen)" if t.get("chosen") else "")])
+            if r.get("tune_s") is not None:
+                trial_rows.append([r["B"], r["backend"], r["mode"], f"(the tuning took {r['tune_s']:.1f} s)", "",
+                                   "", ""])
         parts += ["### realtime tuning (RealtimeRenderer(tune=True): one value at a time on top of the best so far)",
                   H.markdown_table(["B", "backend", "mode", "settings", "median ms", "PSNR dB", "status"], trial_rows),
                   "median ms: the trial's frame (CUDA graph replays between CUDA events on a GPU); PSNR: fp32 mode "

@@ -230,3 +230,4 @@ def test_tuned_realtime_row_lists_its_trials(cpu_setup):
                   query_chunk=0, **preset_sizes("tiny"))
     md = render_markdown({"config": config, "env": {}, "rows": [row]})
     assert "realtime tuning" in md and "| (untuned)" in md and "base (chosen)" in md
+    assert row["tune_s"] > 0 and "(the tuning took " in md

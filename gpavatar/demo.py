@@ -263,7 +263,7 @@ def run_demo(out: str = DEFAULT_OUT, frames: int = 50, preset: Optional[str] = N
             else None, "preset": c.preset_name() or "custom", "model": describe_model(model),
             "backend": c.backend or "auto", "batch": batch, "fast": fast, "weights": weights, "video": str(path),
             "cuda_graph": realtime.cuda_graph, "stages_ms": stages, "settings": dict(realtime.settings),
-            "tuning": realtime.tuning}
+            "tuning": realtime.tuning, "tune_seconds": realtime.tune_seconds}
 
 
 def add_parser(sub) -> None:
@@ -305,7 +305,8 @@ def _main(args) -> int:
     if r["tuning"]:
         base, chosen = r["tuning"][0], next(t for t in r["tuning"] if t["chosen"])
         settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "the defaults"
-        print(f"  tuned ({len(r['tuning'])} trials): {settings}; frame {base['ms']:.3g} -> {chosen['ms']:.3g} ms")
+        print(f"  tuned ({len(r['tuning'])} trials, {r['tune_seconds']:.1f} s): {settings}; frame {base['ms']:.3g} -> "
+              f"{chosen['ms']:.3g} ms")
     how = "one CUDA graph per call" if r["cuda_graph"] else "eager"
     print(f"  render: {r['ms_per_frame']:.2f} ms/frame = {r['fps']:.3g} FPS ({how}, {r['batch']} frame(s) per call)")
     from gpavatar.realtime import REPORTED_STAGES

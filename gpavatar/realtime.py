@@ -335,6 +335,7 @@ class RealtimeRenderer:
         self.tune_on, self.tune_psnr = tune, float(tune_psnr)
         self.tune_repeats = tune_repeats or (20 if self.cuda_graph else 3)
         self.tuning: list[dict] = []  # the trials of tune(), in order
+        self.tune_seconds: Optional[float] = None  # how long the last tuning run took (wall clock)
         planes = avatar.planes.detach()
         if planes.shape[0] != batch:
             planes = planes.expand(batch, *planes.shape[1:]).contiguous()
@@ -526,6 +527,7 @@ class RealtimeRenderer:
         if self.cuda_graph:
             self._static = {"points": points.clone(), "transform": transform.clone()}
             self._graph, self._outputs = None, {}
+        started = time.perf_counter()
         reference = None
         if self.fast:  # the fp32 frame of the same inputs (TF32 off): the fast mode's PSNR reference
             with torch.no_grad(), precision(False):
@@ -558,6 +560,7 @@ class RealtimeRenderer:
             row.setdefault("chosen", False)
         self.settings = dict(best_row["settings"])
         self.tuning = rows
+        self.tune_seconds = time.perf_counter() - started
         if self.cuda_graph:
             self._graph, self._outputs = best[0], best[1]
 
