@@ -7,6 +7,11 @@ inserts (the divergent path).
 
 The lists follow knn_cells.h (U_C, the admission bound, 16 distance bands, index order within
 a band) in float64, so the counts are those of the kernel up to rounding at the boundaries.
+
+``--order centre`` models a design not built yet: the same lists sorted by each entry's distance r
+from the cell's centre, a query stopping at the first entry with r - |q - c| > its K-th distance
+(exact: every later entry is at least that far from q); ``centre-bands`` the same with 16 equal
+bands of r and the test at band starts (no per-entry r).
 """
 
 from __future__ import annotations
@@ -63,7 +68,27 @@ def scan(d: np.ndarray, band: np.ndarray, floors: np.ndarray, K: int):
     return len(d), ins
 
 
-def model(q: np.ndarray, p: np.ndarray, G: int, K: int, warps: int, seed: int = 0) -> dict:
+def scan_centre(d: np.ndarray, r: np.ndarray, s: float, K: int, bands: int = 0) -> int:
+    """Entries scanned by one query (distance s from the cell centre) of a list sorted by r (the
+    entries' distances from the centre, ascending; d: the query's distances to them): it stops at
+    the first entry, or with ``bands`` at the first band start, whose r - s exceeds the K-th
+    distance so far."""
+    band = np.minimum((r / max(r[-1], 1e-30) * bands).astype(int), bands - 1) if bands and len(r) else None
+    floor = r[-1] / bands if bands and len(r) else 0.0
+    heap: list[float] = []  # the K smallest distances so far, negated
+    for i in range(len(d)):
+        if len(heap) == K:
+            test = (band[i] * floor if i == 0 or band[i] != band[i - 1] else -np.inf) if bands else r[i]
+            if test - s > -heap[0]:
+                return i
+        if len(heap) < K:
+            heapq.heappush(heap, -d[i])
+        elif d[i] < -heap[0]:
+            heapq.heapreplace(heap, -d[i])
+    return len(d)
+
+
+def model(q: np.ndarray, p: np.ndarray, G: int, K: int, warps: int, seed: int = 0, list_order: str = "box") -> dict:
     lo, cell = grid(q, p, G)
     c3 = np.clip(((q - lo) / cell).astype(int), 0, G - 1)
     cid = (c3[:, 2] * G + c3[:, 1]) * G + c3[:, 0]
@@ -84,8 +109,18 @@ def model(q: np.ndarray, p: np.ndarray, G: int, K: int, warps: int, seed: int = 
                 lists[c] = cell_list(p, lo, cell, G, c, K)
             idx, band, floors = lists[c]
             lengths.append(len(idx))
+            if list_order != "box":
+                centre = lo + (np.array([c % G, (c // G) % G, c // (G * G)]) + 0.5) * cell
+                r = np.sqrt(((p[idx] - centre) ** 2).sum(1))
+                by_r = np.argsort(r, kind="stable")
             for qi in members:
-                n, ins = scan(((p[idx] - q[qi]) ** 2).sum(1), band, floors, K)
+                if list_order == "box":
+                    n, ins = scan(((p[idx] - q[qi]) ** 2).sum(1), band, floors, K)
+                else:
+                    d = np.sqrt(((p[idx[by_r]] - q[qi]) ** 2).sum(1))
+                    n = scan_centre(d, r[by_r], float(np.sqrt(((q[qi] - centre) ** 2).sum())), K,
+                                    bands=BANDS if list_order == "centre-bands" else 0)
+                    ins = np.zeros(n, bool)  # not modelled for these orders
                 scanned, inserts, lanes = scanned + n, inserts + int(ins[:n].sum()), lanes + 1
                 longest = max(longest, n)
                 if len(insert_at) < n:
@@ -93,8 +128,10 @@ def model(q: np.ndarray, p: np.ndarray, G: int, K: int, warps: int, seed: int = 
                 insert_at[:n] |= ins[:n]
         steps += longest
         insert_steps += int(insert_at.sum())
-    return dict(G=G, list=float(np.mean(lengths)), scanned=scanned / lanes, inserts=inserts / lanes,
-                warp_steps=steps / warps, insert_steps=insert_steps / warps,
+    modelled = list_order == "box"  # the centre orders do not model inserts
+    return dict(G=G, list=float(np.mean(lengths)), scanned=scanned / lanes,
+                inserts=inserts / lanes if modelled else None, warp_steps=steps / warps,
+                insert_steps=insert_steps / warps if modelled else None,
                 lane_use=scanned / lanes / (steps / warps))
 
 
@@ -106,16 +143,22 @@ def main(argv=None) -> int:
     ap.add_argument("--K", type=int, default=8)
     ap.add_argument("--grids", default="12,16,24")
     ap.add_argument("--warps", type=int, default=200)
+    ap.add_argument("--order", choices=("box", "centre", "centre-bands"), default="box",
+                    help="box: today's lists; centre / centre-bands: sorted by distance from the cell centre "
+                         "(module docstring)")
     args = ap.parse_args(argv)
     q, p = _distributions.make_queries(args.dist, 1, args.M, args.P, device=torch.device("cpu"))
     q, p = q[0].double().numpy(), p[0].double().numpy()
-    print(f"{args.dist}: M={args.M} P={args.P} K={args.K}, {args.warps} warps of 32 queries in bucket order\n")
+    print(f"{args.dist}: M={args.M} P={args.P} K={args.K}, {args.warps} warps of 32 queries in bucket order, "
+          f"order {args.order}\n")
     print("| G | mean list | scanned / lane | inserts / lane | warp steps | steps with an insert | lane use |")
     print("|---|---|---|---|---|---|---|")
     for G in (int(g) for g in args.grids.split(",")):
-        r = model(q, p, G, args.K, args.warps)
-        print(f"| {G} | {r['list']:.0f} | {r['scanned']:.0f} | {r['inserts']:.1f} | {r['warp_steps']:.0f} | "
-              f"{r['insert_steps']:.0f} | {r['lane_use']:.0%} |")
+        r = model(q, p, G, args.K, args.warps, list_order=args.order)
+        inserts = "-" if r["inserts"] is None else f"{r['inserts']:.1f}"
+        insert_steps = "-" if r["insert_steps"] is None else f"{r['insert_steps']:.0f}"
+        print(f"| {G} | {r['list']:.0f} | {r['scanned']:.0f} | {inserts} | {r['warp_steps']:.0f} | "
+              f"{insert_steps} | {r['lane_use']:.0%} |")
     return 0
 
 

@@ -258,3 +258,29 @@ def test_tensor_core_rows_run_the_stacked_kernel():
     (c1, n1, ok1, mis1), (c2, n2, ok2, mis2) = [line.split() for line in result.stdout.splitlines()]
     assert (c1, c2) == ("knn_blend", "knn_blend+bwd") and 0 < int(n1) < int(n2)
     assert ok1 == ok2 == "True" and float(mis1) == float(mis2) == 0.0
+
+
+def test_search_model_centre_order_stops_exactly():
+    """knn_search_model's centre order (a design lead): the scan stopped at r - |q - c| > d_K keeps the
+    exact K nearest of the whole list, per entry and at band starts; it scans fewer entries than the
+    box-banded lists on the same queries."""
+    import numpy as np
+
+    import knn_search_model as KM
+
+    rng = np.random.default_rng(0)
+    K = 8
+    for _ in range(50):
+        p, c = rng.uniform(-1, 1, (300, 3)), rng.uniform(-0.2, 0.2, 3)
+        q = c + rng.uniform(-0.05, 0.05, 3)
+        r = np.sqrt(((p - c) ** 2).sum(1))
+        by_r = np.argsort(r)
+        d = np.sqrt(((p[by_r] - q) ** 2).sum(1))
+        s = float(np.sqrt(((q - c) ** 2).sum()))
+        for bands in (0, 16):
+            n = KM.scan_centre(d, r[by_r], s, K, bands=bands)
+            assert n < len(d) and np.array_equal(np.sort(d[:n])[:K], np.sort(d)[:K])
+    q, p = rng.uniform(-1, 1, (4096, 3)), rng.uniform(-0.5, 0.5, (500, 3))
+    box = KM.model(q, p, 8, K, warps=4)
+    centre = KM.model(q, p, 8, K, warps=4, list_order="centre")
+    assert centre["scanned"] < box["scanned"] and centre["inserts"] is None and box["inserts"] > 0
