@@ -143,24 +143,12 @@ def time_fn(
     return summarize(samples)
 
 
-@contextlib.contextmanager
 def environ(**values):
     """Set environment variables inside the block (None: unset), restored afterwards (the
-    switches the C++ and Triton code read on every call)."""
-    saved = {k: os.environ.get(k) for k in values}
-    try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = str(v)
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    switches the C++ and Triton code read on every call): ``gpavatar.ops._backend.environ``."""
+    from gpavatar.ops._backend import environ as package_environ
+
+    return package_environ(**values)
 
 
 @contextlib.contextmanager

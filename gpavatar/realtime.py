@@ -65,6 +65,7 @@ import torch
 
 from gpavatar.model.gpavatar import Avatar, GPAvatar
 from gpavatar.model.renderer import check_transform
+from gpavatar.ops import _backend
 
 __all__ = ["RealtimeRenderer", "STAGES", "REPORTED_STAGES", "MODE_DTYPES", "COMPILE_ENV", "COMPILE_PARTS",
            "compile_parts", "precision", "Setting", "SETTINGS", "SETTING_NAMES", "check_settings", "psnr", "TUNE_MARGIN",
@@ -238,20 +239,14 @@ def _applied(settings: dict) -> Iterator[None]:
     """The environment variables and torch flags of ``settings`` (checked) inside the block, restored
     on exit; settings left at None leave the process as it is."""
     env = {s.env: settings[s.name] for s in SETTINGS if s.env is not None and s.name in settings}
-    saved_env = {name: os.environ.get(name) for name in env}
     saved_benchmark = torch.backends.cudnn.benchmark
     try:
-        os.environ.update(env)
-        if "cudnn_benchmark" in settings:
-            torch.backends.cudnn.benchmark = bool(settings["cudnn_benchmark"])
-        yield
+        with _backend.environ(**env):
+            if "cudnn_benchmark" in settings:
+                torch.backends.cudnn.benchmark = bool(settings["cudnn_benchmark"])
+            yield
     finally:
         torch.backends.cudnn.benchmark = saved_benchmark
-        for name, value in saved_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 class RealtimeRenderer:
@@ -514,11 +509,9 @@ class RealtimeRenderer:
         Triton runs on it), not given in ``settings``, and not the parts ``compile`` compiles (a
         compiled function keeps what it traced: the layers kernel switch; another super-resolution
         layout would compile another network)."""
-        from gpavatar.ops._backend import triton_available
-
         compiled = {"sr": "sr_layout", "layers": "field_layers"}
         skip = set(self._fixed) | {compiled[part] for part in self.compiled}
-        triton_here = triton_available() and self.device.type == "cuda"
+        triton_here = _backend.triton_available() and self.device.type == "cuda"
         return [s for s in SETTINGS if self.mode in s.modes and self.device.type in s.devices
                 and s.name not in skip and (triton_here or not s.triton)]
 

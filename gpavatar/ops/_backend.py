@@ -16,8 +16,10 @@ A backend is chosen per call from the ``backend=`` argument, else the
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from typing import Iterator
 
 import torch
 
@@ -46,6 +48,26 @@ def env_switch(name: str) -> bool | None:
     if value not in ("0", "1"):
         raise ValueError(f"{name} must be 0, 1 or auto, got {value!r}")
     return value == "1"
+
+
+@contextlib.contextmanager
+def environ(**values) -> Iterator[None]:
+    """Set environment variables inside the block (None: unset), restored afterwards: the switches
+    the C++ and Triton code read at each call."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = str(v)
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def needs_grad(tensors) -> bool:
