@@ -153,7 +153,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _frame_batch(points: torch.Tensor, cameras: torch.Tensor, start: int, batch: int):
+def frame_batch(points: torch.Tensor, cameras: torch.Tensor, start: int, batch: int):
     """Frames start .. start + batch - 1 as (points, cameras, n): a short last batch is padded with copies
     of its last frame (the real-time renderer's batch is fixed); n frames are real."""
     p, c = points[start:start + batch], cameras[start:start + batch]
@@ -235,14 +235,14 @@ def run_demo(out: str = DEFAULT_OUT, frames: int = 50, preset: Optional[str] = N
         build_ms = 1000 * (time.perf_counter() - start)
     realtime = model.realtime(avatar, batch=batch, dtype=torch.bfloat16 if fast else torch.float32,
                               warmup=max(1, warmup), tune=bool(tune))
-    first = _frame_batch(points, cameras, 0, batch)[:2]
+    first = frame_batch(points, cameras, 0, batch)[:2]
     for _ in range(max(1, warmup if dev.type == "cpu" else 1)):  # warm-up (+ the capture on a GPU)
         realtime(*first)
     images = []
     _sync(dev)
     start = time.perf_counter()
     for i in _bar(range(0, frames, batch), progress, desc="render", unit="call"):
-        batch_points, batch_cameras, n = _frame_batch(points, cameras, i, batch)
+        batch_points, batch_cameras, n = frame_batch(points, cameras, i, batch)
         # clone: a graph's output is overwritten by the next call
         images.append(realtime(batch_points, batch_cameras)["image"][:n].clone())
     _sync(dev)

@@ -236,7 +236,7 @@ def reenact(sources: Sequence[PathLike] = (), *, dataset: Optional[PathLike] = N
     """
     from gpavatar.cli import UsageError, check_device
     from gpavatar.data.raster import render_mesh
-    from gpavatar.demo import describe_model, load_model, write_video
+    from gpavatar.demo import describe_model, frame_batch, load_model, write_video
 
     path = _check_options(out, layout, frames_dir, orbit, elevation, batch, fps, frames)
     if isinstance(sources, (str, Path)):
@@ -300,21 +300,17 @@ def reenact(sources: Sequence[PathLike] = (), *, dataset: Optional[PathLike] = N
     cams = torch.from_numpy(cameras).to(dev).float()
     points_dev = points.to(dev)
     for i in calls:
-        j = min(N, i + batch)
-        frame_points, frame_cams = points_dev[i:j], cams[i:j]
-        if j - i < renderer.batch:  # the last call: padded with its last frame (a fixed-size graph)
-            pad = renderer.batch - (j - i)
-            frame_points = torch.cat([frame_points, frame_points[-1:].expand(pad, -1, -1)])
-            frame_cams = torch.cat([frame_cams, frame_cams[-1:].expand(pad, -1, -1)])
+        # the last call padded with its last frame (a fixed-size graph); n frames are real
+        frame_points, frame_cams, n = frame_batch(points_dev, cams, i, renderer.batch)
         start = time.perf_counter()
         result = renderer(frame_points, frame_cams)
         sync()
-        times.append((j - i, time.perf_counter() - start))
+        times.append((n, time.perf_counter() - start))
         # copies: a graph's outputs are overwritten by the next call
-        images.append(result["image"][:j - i].float().clamp(0, 1).cpu())
+        images.append(result["image"][:n].float().clamp(0, 1).cpu())
         if depth:
-            opacity = result["opacity"][:j - i].float()[:, 0]
-            surface = result["depth_expected"][:j - i].float()[:, 0] / opacity.clamp_min(1e-6)
+            opacity = result["opacity"][:n].float()[:, 0]
+            surface = result["depth_expected"][:n].float()[:, 0] / opacity.clamp_min(1e-6)
             depths.append(torch.where(opacity >= OPAQUE, surface, torch.nan).cpu())
     images = torch.cat(images)
     timed = times[1:] if len(times) > 1 else times
