@@ -145,6 +145,11 @@ COMPILE_SUFFIX = "+compile"
 # tuned frame, the report lists every trial.
 TUNE_SUFFIX = "+tune"
 FAST_ONLY_SUFFIXES = (BF16_FIELD_SUFFIX, UPSAMPLE_SUFFIX, TC_SUFFIX)
+# The RealtimeRenderer settings (gpavatar.realtime.SETTINGS) of the suffixes that are kernel switches: the
+# renderer applies them to its own frames, its stage breakdown (profile) included.
+VARIANT_SETTINGS = {BF16_FIELD_SUFFIX: {"field_bf16": True}, UPSAMPLE_SUFFIX: {"upsample": "triton"},
+                    LAYERS_SUFFIX: {"field_layers": "triton"}, TC_SUFFIX: {"blend_tensor_cores": "1"},
+                    SHARE_SUFFIX: {"knn_share": "1"}, G24_SUFFIX: {"knn_cells": "24"}}
 VARIANT_SUFFIXES = (FUSED_SUFFIX, BF16_FIELD_SUFFIX, UPSAMPLE_SUFFIX, LAYERS_SUFFIX, TC_SUFFIX, SHARE_SUFFIX,
                     G24_SUFFIX, COMPILE_SUFFIX, TUNE_SUFFIX)
 
@@ -373,27 +378,22 @@ def realtime_fn(model, inp: dict, backend: str, mode: str):
     if backend in BASELINES or backend == "torch":
         raise ValueError(f"case 'realtime' runs the fused backends only, got {backend!r}")
     avatar, points, transform = inp["avatar"], inp["points"], inp["transform"]
-    # bf16 field layers are a fast-mode option (the fp32 frame of such a row is the plain one: its PSNR reference)
-    options = dict(field_dtype=torch.bfloat16) if has_variant(backend, BF16_FIELD_SUFFIX) and mode == "fast" else {}
+    settings = {}
+    for suffix, values in VARIANT_SETTINGS.items():
+        # fast-mode options apply to the fast rows only (a variant's fp32 frame is the plain one: its PSNR reference)
+        if has_variant(backend, suffix) and (mode == "fast" or suffix not in FAST_ONLY_SUFFIXES):
+            settings.update(values)
+    options = dict(settings=settings)
     if has_variant(backend, COMPILE_SUFFIX):
         options["compile"] = "all"
     if has_variant(backend, TUNE_SUFFIX):
         options["tune"] = True
-    switches = dict(GPAVATAR_UPSAMPLE="triton") if has_variant(backend, UPSAMPLE_SUFFIX) else {}
-    if has_variant(backend, LAYERS_SUFFIX):
-        switches["GPAVATAR_FIELD_LAYERS"] = "triton"
-    if has_variant(backend, TC_SUFFIX):
-        switches["GPAVATAR_BLEND_TENSOR_CORES"] = "1"
-    if has_variant(backend, SHARE_SUFFIX):
-        switches["GPAVATAR_KNN_SHARE"] = "1"
-    if has_variant(backend, G24_SUFFIX):
-        switches["GPAVATAR_KNN_CELLS"] = "24"
-    with torch.no_grad(), use_backend(model, backend), H.environ(**switches):
+    with torch.no_grad(), use_backend(model, backend):
         rt = model.realtime(avatar, batch=inp["B"], dtype=MODE_DTYPES[mode], **options)
         rt(points, transform)  # warm-up and, on a GPU, the capture
 
     def fn():
-        with use_backend(model, backend), H.environ(**switches):  # the eager (CPU) path dispatches per call
+        with use_backend(model, backend):  # the eager (CPU) path dispatches per call
             return rt(points, transform)
 
     fn.realtime = rt

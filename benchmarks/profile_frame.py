@@ -29,9 +29,8 @@ from bench_e2e import PRESETS, make_inputs, make_model  # noqa: E402
 
 MODES = {"fp32": torch.float32, "fast": torch.bfloat16, "fast+opt-ins": torch.bfloat16,
          "fp32+tuned": torch.float32, "fast+tuned": torch.bfloat16}
-# The switches of the "fast+opt-ins" mode: every opt-in fast-mode kernel not yet timed on a GPU.
-OPT_INS = dict(GPAVATAR_FIELD_LAYERS="triton", GPAVATAR_BLEND_TENSOR_CORES="1", GPAVATAR_UPSAMPLE="triton",
-               GPAVATAR_KNN_SHARE="1")
+# The RealtimeRenderer settings of the "fast+opt-ins" mode: every opt-in fast-mode kernel not yet timed on a GPU.
+OPT_INS = {"field_layers": "triton", "blend_tensor_cores": "1", "upsample": "triton", "knn_share": "1"}
 
 # (group, pattern) in order: the first pattern that matches a kernel's name names its group.
 GROUPS = (
@@ -68,22 +67,20 @@ def profile_frame(frame, device: torch.device) -> list[dict]:
 def _frame_fn(model, inp: dict, mode: str):
     """An eager frame of ``mode``; "+tuned": with the settings a tuning renderer (RealtimeRenderer(tune=
     True), graphs on a GPU) chose on this device (``frame.settings``)."""
-    switches = OPT_INS if mode.endswith("+opt-ins") else {}
-    settings = None
+    settings = dict(OPT_INS) if mode.endswith("+opt-ins") else None
     if mode.endswith("+tuned"):
         tuner = model.realtime(inp["avatar"], batch=1, dtype=MODES[mode], tune=True)
         tuner(inp["points"], inp["transform"])
         settings = dict(tuner.settings)
         del tuner
         H.release(inp["points"].device)
-    with H.environ(**switches):
-        renderer = model.realtime(inp["avatar"], batch=1, dtype=MODES[mode], cuda_graph=False, settings=settings)
+    renderer = model.realtime(inp["avatar"], batch=1, dtype=MODES[mode], cuda_graph=False, settings=settings)
 
     def frame():
-        with torch.no_grad(), H.environ(**switches):
+        with torch.no_grad():
             return renderer(inp["points"], inp["transform"])
 
-    frame.settings = settings
+    frame.settings = settings if mode.endswith("+tuned") else None
     return frame
 
 

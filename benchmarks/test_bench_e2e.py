@@ -231,3 +231,18 @@ def test_tuned_realtime_row_lists_its_trials(cpu_setup):
     md = render_markdown({"config": config, "env": {}, "rows": [row]})
     assert "realtime tuning" in md and "| (untuned)" in md and "base (chosen)" in md
     assert row["tune_s"] > 0 and "(the tuning took " in md
+
+
+def test_realtime_variants_are_renderer_settings(cpu_setup):
+    """A variant's kernel switches are the renderer's settings (applied to its frames and its stage
+    breakdown); fast-only ones stay off in the fp32 frame."""
+    if "cpu" not in _backends(torch.device("cpu")):
+        pytest.skip("the C++ extension is not built")
+    from bench_e2e import realtime_fn
+
+    model, inp = cpu_setup["model"], cpu_setup["inp"]
+    assert realtime_fn(model, inp, "cpu+share+g24+tc", "fp32").realtime.settings == {"knn_share": "1",
+                                                                                     "knn_cells": "24"}
+    assert realtime_fn(model, inp, "cpu+tc+bf16field+upsample", "fast").realtime.settings == {
+        "blend_tensor_cores": "1", "field_bf16": True, "upsample": "triton"}
+    assert "GPAVATAR_KNN_SHARE" not in os.environ
