@@ -68,8 +68,8 @@ from gpavatar.model.renderer import check_transform
 from gpavatar.ops import _backend
 
 __all__ = ["RealtimeRenderer", "STAGES", "REPORTED_STAGES", "MODE_DTYPES", "COMPILE_ENV", "COMPILE_PARTS",
-           "compile_parts", "precision", "Setting", "SETTINGS", "SETTING_NAMES", "check_settings", "psnr", "TUNE_MARGIN",
-           "FP32_TUNE_PSNR"]
+           "compile_parts", "precision", "Setting", "SETTINGS", "SETTING_NAMES", "check_settings", "psnr",
+           "TUNE_MARGIN", "FP32_TUNE_PSNR"]
 
 # The stages of one frame, in order; "importance" (coarse composite + importance depths) is
 # reported under "rays" (ray generation and both samplings) by :meth:`RealtimeRenderer.profile`.
@@ -124,8 +124,8 @@ SETTINGS = (
             off="0", triton=True, help="the PEF blend's forward as one tensor-core product (fast: tf32, bf16 with "
             "field_bf16; fp32: tf32x3, about fp32's accuracy)"),
     Setting("field_layers", {"fp32": ("triton", "triton-tf32x3"), "fast": ("triton",)}, env="GPAVATAR_FIELD_LAYERS",
-            off="torch", triton=True, help="each field pass's decoder layers as one Triton kernel (fast: tf32; fp32: ieee, "
-            "or tf32x3 on the tensor cores)"),
+            off="torch", triton=True, help="each field pass's decoder layers as one Triton kernel (fast: tf32; "
+            "fp32: ieee, or tf32x3 on the tensor cores)"),
     Setting("field_bf16", {"fast": (True,)}, off=False,
             help="the field passes' layers under bf16 autocast (the KNN, blend and tri-plane stay fp32)"),
     Setting("upsample", {"fast": ("triton",)}, env="GPAVATAR_UPSAMPLE", off="torch", triton=True,

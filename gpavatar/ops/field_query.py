@@ -73,7 +73,8 @@ from gpavatar.ops.triplane import PLANE_DTYPES, triplane_features, triplane_samp
 
 __all__ = ["field_query", "field_layers", "FieldWeights", "FieldResult", "PRECISIONS", "FUSED_ENV", "LAYERS_ENV",
            "fused_setting", "layers_setting", "layers_precision", "default_precision", "check_field_query_inputs",
-           "linear_relu", "relu_epilogue", "check_directions", "samples_per_direction", "sample_directions", "sampled_layers"]
+           "linear_relu", "relu_epilogue", "check_directions", "samples_per_direction", "sample_directions",
+           "sampled_layers"]
 
 PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
 FUSED_ENV = "GPAVATAR_FIELD_FUSED"

@@ -150,8 +150,8 @@ def triplane_features(planes: torch.Tensor, coords: torch.Tensor, extra: torch.T
                              f"queries of coords), got {tuple(extra.shape)}")
         v.check_same_device({"coords": coords, "extra": extra})
     name = _backend.resolve(backend, coords.device, "triplane_sample")
-    if (name not in ("cpu", "cuda") or _backend.needs_grad([planes, coords, extra]) or extra.dtype != torch.float32 or planes.dtype not in PLANE_DTYPES
-            or not hasattr(torch.ops.gpavatar, "triplane_sample_forward_extra")):
+    if (name not in ("cpu", "cuda") or _backend.needs_grad([planes, coords, extra]) or extra.dtype != torch.float32
+            or planes.dtype not in PLANE_DTYPES or not hasattr(torch.ops.gpavatar, "triplane_sample_forward_extra")):
         tri = triplane_sample(planes, coords, "mean", channels_last=True, backend=name, validate=False)
         return torch.cat([tri, extra.to(tri.dtype)], dim=-1)
     return torch.ops.gpavatar.triplane_sample_forward_extra(planes.contiguous(), coords.to(torch.float32).contiguous(),
