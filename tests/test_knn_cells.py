@@ -7,9 +7,6 @@ queries outside the grid and exact distance ties between points at different pla
 ``GPAVATAR_KNN_CELL_BUDGET`` (CUDA) make lists overflow so their queries take the fallback.
 """
 
-import os
-from contextlib import contextmanager
-
 import pytest
 import torch
 from conftest import BACKEND_CASES
@@ -17,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import gpavatar.ops as ops
+from gpavatar.ops._backend import environ as environment  # hypothesis examples share one test call
 from gpavatar.ops.reference import knn_reference
 
 # Every fused backend: the C++ kernels (CPU, CUDA) and the Triton kernel (lists built with
@@ -28,21 +26,6 @@ INTERPRETED = not torch.cuda.is_available()
 
 def size(backend, n, small):
     return small if backend == "triton" and INTERPRETED else n
-
-
-@contextmanager
-def environment(**values):
-    """Set environment variables for the block (hypothesis examples share one test call)."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update({k: str(v) for k, v in values.items()})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def lattice(B, P, g, step=0.125):
