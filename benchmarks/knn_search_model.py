@@ -68,31 +68,43 @@ def scan(d: np.ndarray, band: np.ndarray, floors: np.ndarray, K: int):
     return len(d), ins
 
 
-def scan_centre(d: np.ndarray, r: np.ndarray, s: float, K: int, bands: int = 0) -> int:
-    """Entries scanned by one query (distance s from the cell centre) of a list sorted by r (the
-    entries' distances from the centre, ascending; d: the query's distances to them): it stops at
-    the first entry, or with ``bands`` at the first band start, whose r - s exceeds the K-th
-    distance so far."""
+def scan_centre(d: np.ndarray, r: np.ndarray, s: float, K: int, bands: int = 0) -> tuple[int, np.ndarray]:
+    """(entries scanned, insert flags) of one query (distance s from the cell centre) over a list
+    sorted by r (the entries' distances from the centre, ascending; d: the query's distances to
+    them): it stops at the first entry, or with ``bands`` at the first band start, whose r - s
+    exceeds the K-th distance so far."""
     band = np.minimum((r / max(r[-1], 1e-30) * bands).astype(int), bands - 1) if bands and len(r) else None
     floor = r[-1] / bands if bands and len(r) else 0.0
+    ins = np.zeros(len(d), bool)
     heap: list[float] = []  # the K smallest distances so far, negated
     for i in range(len(d)):
         if len(heap) == K:
             test = (band[i] * floor if i == 0 or band[i] != band[i - 1] else -np.inf) if bands else r[i]
             if test - s > -heap[0]:
-                return i
+                return i, ins
         if len(heap) < K:
+            ins[i] = True
             heapq.heappush(heap, -d[i])
         elif d[i] < -heap[0]:
+            ins[i] = True
             heapq.heapreplace(heap, -d[i])
-    return len(d)
+    return len(d), ins
 
 
-def model(q: np.ndarray, p: np.ndarray, G: int, K: int, warps: int, seed: int = 0, list_order: str = "box") -> dict:
+def model(q: np.ndarray, p: np.ndarray, G: int, K: int, warps: int, seed: int = 0, list_order: str = "box",
+          bands: int = BANDS, sub: str = "none") -> dict:
     lo, cell = grid(q, p, G)
     c3 = np.clip(((q - lo) / cell).astype(int), 0, G - 1)
     cid = (c3[:, 2] * G + c3[:, 1]) * G + c3[:, 0]
-    order = np.argsort(cid, kind="stable")
+    if sub == "octant":  # queries grouped by cell, then by the octant of the cell they lie in
+        o3 = np.clip(((q - lo) / cell * 2).astype(int), 0, 2 * G - 1) % 2
+        order = np.lexsort((o3[:, 0] + 2 * o3[:, 1] + 4 * o3[:, 2], cid))
+    elif sub == "radius":  # grouped by cell, then by 4 bands of the distance from the cell centre
+        centre = lo + (c3 + 0.5) * cell
+        s_rel = np.sqrt(((q - centre) ** 2).sum(1)) / np.sqrt((cell ** 2).sum() / 4)
+        order = np.lexsort((np.minimum((s_rel * 4).astype(int), 3), cid))
+    else:
+        order = np.argsort(cid, kind="stable")
     lists: dict[int, tuple] = {}
     starts = np.random.default_rng(seed).integers(0, len(q) // 32, warps) * 32
     scanned = inserts = steps = insert_steps = lanes = 0
@@ -118,9 +130,8 @@ def model(q: np.ndarray, p: np.ndarray, G: int, K: int, warps: int, seed: int = 
                     n, ins = scan(((p[idx] - q[qi]) ** 2).sum(1), band, floors, K)
                 else:
                     d = np.sqrt(((p[idx[by_r]] - q[qi]) ** 2).sum(1))
-                    n = scan_centre(d, r[by_r], float(np.sqrt(((q[qi] - centre) ** 2).sum())), K,
-                                    bands=BANDS if list_order == "centre-bands" else 0)
-                    ins = np.zeros(n, bool)  # not modelled for these orders
+                    n, ins = scan_centre(d, r[by_r], float(np.sqrt(((q[qi] - centre) ** 2).sum())), K,
+                                         bands=bands if list_order == "centre-bands" else 0)
                 scanned, inserts, lanes = scanned + n, inserts + int(ins[:n].sum()), lanes + 1
                 longest = max(longest, n)
                 if len(insert_at) < n:
@@ -128,10 +139,8 @@ def model(q: np.ndarray, p: np.ndarray, G: int, K: int, warps: int, seed: int = 
                 insert_at[:n] |= ins[:n]
         steps += longest
         insert_steps += int(insert_at.sum())
-    modelled = list_order == "box"  # the centre orders do not model inserts
     return dict(G=G, list=float(np.mean(lengths)), scanned=scanned / lanes,
-                inserts=inserts / lanes if modelled else None, warp_steps=steps / warps,
-                insert_steps=insert_steps / warps if modelled else None,
+                inserts=inserts / lanes, warp_steps=steps / warps, insert_steps=insert_steps / warps,
                 lane_use=scanned / lanes / (steps / warps))
 
 
@@ -146,6 +155,9 @@ def main(argv=None) -> int:
     ap.add_argument("--order", choices=("box", "centre", "centre-bands"), default="box",
                     help="box: today's lists; centre / centre-bands: sorted by distance from the cell centre "
                          "(module docstring)")
+    ap.add_argument("--bands", type=int, default=BANDS, help="bands of r for --order centre-bands")
+    ap.add_argument("--sub", choices=("none", "octant", "radius"), default="none",
+                    help="query order within a cell: as given, by octant, or by 4 bands of distance from the centre")
     args = ap.parse_args(argv)
     q, p = _distributions.make_queries(args.dist, 1, args.M, args.P, device=torch.device("cpu"))
     q, p = q[0].double().numpy(), p[0].double().numpy()
@@ -154,11 +166,10 @@ def main(argv=None) -> int:
     print("| G | mean list | scanned / lane | inserts / lane | warp steps | steps with an insert | lane use |")
     print("|---|---|---|---|---|---|---|")
     for G in (int(g) for g in args.grids.split(",")):
-        r = model(q, p, G, args.K, args.warps, list_order=args.order)
-        inserts = "-" if r["inserts"] is None else f"{r['inserts']:.1f}"
-        insert_steps = "-" if r["insert_steps"] is None else f"{r['insert_steps']:.0f}"
-        print(f"| {G} | {r['list']:.0f} | {r['scanned']:.0f} | {inserts} | {r['warp_steps']:.0f} | "
-              f"{insert_steps} | {r['lane_use']:.0%} |")
+        r = model(q, p, G, args.K, args.warps, list_order=args.order, bands=args.bands,
+                  sub=args.sub)
+        print(f"| {G} | {r['list']:.0f} | {r['scanned']:.0f} | {r['inserts']:.1f} | {r['warp_steps']:.0f} | "
+              f"{r['insert_steps']:.0f} | {r['lane_use']:.0%} |")
     return 0
 
 

@@ -78,6 +78,9 @@ VARIANTS = (
     ("knn build flat", dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_BUILD="flat")),
     ("knn build two_level cap 40", dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_BUILD="two_level",
                                         GPAVATAR_KNN_PARENT_CAP="40")),
+    ("knn build one_pass", dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_BUILD="one_pass")),
+    ("knn build one_pass overflow", dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_BUILD="one_pass",
+                                         GPAVATAR_KNN_CELL_BUDGET="3")),
     ("blend queries + buffers", dict(GPAVATAR_BLEND_FORWARD="queries", GPAVATAR_BLEND_BACKWARD="buffers")),
     ("blend gather", dict(GPAVATAR_BLEND_BACKWARD="gather")),
 )

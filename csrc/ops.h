@@ -81,9 +81,12 @@ bool cuda_search_buffered();
 bool cuda_search_unrolled();
 // GPAVATAR_KNN_CUDA_BUILD = two_level (default: the lists of 16^3 cells from their 8^3 parents'
 // lists; 1.48 ms against 1.62 for the flat build on an H200, render samples, M = 524288,
-// P = 5023) | flat: how the CUDA path's cell lists are built (knn_cells.h; the same lists
-// either way); also read by GPAVATAR_KNN_LAYOUT=cuda.
-bool cuda_build_two_level();
+// P = 5023) | flat | one_pass (two_level in one launch: each list reserves its room with an
+// atomic and is filled at once; not yet timed on a GPU): how the CUDA path's cell lists are
+// built (knn_cells.h / knn_cells.cu; the same lists either way); also read by
+// GPAVATAR_KNN_LAYOUT=cuda (one_pass builds there as two_level: the same lists and offsets).
+enum class Build { kFlat, kTwoLevel, kOnePass };
+Build cuda_build();
 // An integer environment variable in [lo, hi] (fallback when unset); a ValueError otherwise.
 int64_t env_int(const char* name, int64_t fallback, int64_t lo, int64_t hi);
 struct GridTensors {

@@ -117,9 +117,10 @@ SETTINGS = (
             help="the CUDA KNN grid's cells per axis (default 16; same neighbours)"),
     Setting("knn_search", _both("unrolled", "buffered"), env="GPAVATAR_KNN_CUDA_SEARCH", off="banded",
             help="the CUDA KNN's list scan (default banded; same neighbours)"),
-    Setting("knn_build", _both("flat"), env="GPAVATAR_KNN_CUDA_BUILD", off="two_level",
-            help="the CUDA KNN's list build: one warp per cell over all points (default two_level: from the "
-                 "parent cell's list; the same lists)"),
+    Setting("knn_build", _both("one_pass", "flat"), env="GPAVATAR_KNN_CUDA_BUILD", off="two_level",
+            help="the CUDA KNN's list build (default two_level: each cell's list from its parent cell's, a count "
+                 "launch and a fill launch): one_pass (the same in one launch, room reserved with an atomic) or "
+                 "flat (one warp per cell over all points); the same lists"),
     Setting("blend_tensor_cores", {"fp32": ("tf32x3",), "fast": ("1",)}, env="GPAVATAR_BLEND_TENSOR_CORES",
             off="0", triton=True, help="the PEF blend's forward as one tensor-core product (fast: tf32, bf16 with "
             "field_bf16; fp32: tf32x3, about fp32's accuracy)"),

@@ -195,14 +195,17 @@ CUDA_SEARCHES = ["banded", "unrolled", "buffered"]
 # GPAVATAR_KNN_CUDA_BUILD=two_level builds each cell's list from its parent's (knn_cells.h);
 # GPAVATAR_KNN_PARENT_CAP forces parents past the cap to the every-point fallback (0: all of
 # them, 40: most), and GPAVATAR_KNN_VERIFY_LISTS=1 makes the CPU layout check that its lists
-# are the flat build's, entry for entry.
+# are the flat build's, entry for entry.  one_pass (the two-level lists in one launch, room
+# reserved with an atomic) builds as two_level in the CPU layout (test_one_pass_index_on_the_cpu):
+# the CUDA tests run it.
 BUILDS = ["flat", "two_level", "two_level:40", "two_level:0"]
+CUDA_BUILDS = BUILDS + ["one_pass", "one_pass:40", "one_pass:0"]
 
 
 def build_environment(build):
     name, _, cap = build.partition(":")
     env = {"GPAVATAR_KNN_CUDA_BUILD": name}
-    if name == "two_level":
+    if name in ("two_level", "one_pass"):
         env.update(GPAVATAR_KNN_PARENT_CAP=cap or "2048", GPAVATAR_KNN_VERIFY_LISTS="1")
     return env
 
@@ -262,9 +265,9 @@ def test_cuda_layout_on_render_samples(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("search", CUDA_SEARCHES)
 @pytest.mark.parametrize("budget", ["3", "768"])
-@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("build", CUDA_BUILDS)
 def test_cuda_searches_match_the_reference(search, budget, build, monkeypatch):
-    """Both CUDA scans, with and without overflowing lists, both list builds (and parents past
+    """Every CUDA scan, with and without overflowing lists, every list build (and parents past
     the cap), bit-identical to the reference."""
     for name, value in build_environment(build).items():
         monkeypatch.setenv(name, value)
@@ -291,7 +294,7 @@ def test_bad_layout_environment_is_a_clear_error(monkeypatch):
         ops.knn(q, pts, 4, backend="cpu")
     monkeypatch.setenv("GPAVATAR_KNN_CUDA_SEARCH", "banded")
     monkeypatch.setenv("GPAVATAR_KNN_CUDA_BUILD", "tree")
-    with pytest.raises(ValueError, match="GPAVATAR_KNN_CUDA_BUILD must be flat or two_level"):
+    with pytest.raises(ValueError, match="GPAVATAR_KNN_CUDA_BUILD must be flat, two_level or one_pass"):
         ops.knn(q, pts, 4, backend="cpu")
     monkeypatch.setenv("GPAVATAR_KNN_CUDA_BUILD", "two_level")
     monkeypatch.setenv("GPAVATAR_KNN_PARENT_CAP", "5000")

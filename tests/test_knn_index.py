@@ -182,3 +182,44 @@ def test_opcheck(cuda_layout):
     index = ops.knn_index(pts, 8, queries=q, backend="cpu")
     torch.library.opcheck(torch.ops.gpavatar.knn_search, (q, pts, 8, list(index.tensors)),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def _lists(index: ops.KnnIndex) -> tuple:
+    """An index's per-cell lists, each as its (n, 4) entries (None where the list overflowed), with
+    the geometry, bounds, band sizes and seeds: what a search reads, whatever the lists' places."""
+    geom, offset, cand, bound, band_count, seeds = index.tensors
+    lengths = band_count.view(bound.numel(), -1).sum(1).tolist()
+    lists = [None if o < 0 else cand[o:o + n].cpu() for o, n in zip(offset[:-1].tolist(), lengths)]
+    return geom.cpu(), bound.cpu(), band_count.cpu(), seeds.cpu(), lists
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("budget", ["3", "768"])
+def test_one_pass_index_holds_the_two_level_lists(cuda_layout, device, budget, monkeypatch):
+    """GPAVATAR_KNN_CUDA_BUILD=one_pass (the two-level build in one launch, each list's room reserved
+    with an atomic): the same lists, bounds, bands and seeds as two_level; on the CPU layout also the
+    same places (its reservations run in cell order), on CUDA wherever the warps reserved.  With a
+    budget of 3 entries a cell most lists overflow (which ones may differ on CUDA: the search is
+    exact either way, test_cuda_searches_match_the_reference)."""
+    monkeypatch.setenv("GPAVATAR_KNN_CELL_BUDGET", budget)
+    pts = make_points(2, 400, seed=3, duplicates=3, device=device)
+    q = make_queries(2, 300, pts, seed=4, device=device)
+    built = {}
+    for build in ("two_level", "one_pass"):
+        monkeypatch.setenv("GPAVATAR_KNN_CUDA_BUILD", build)
+        built[build] = ops.knn_index(pts, 8, queries=q, backend=backend(device))
+        d, i = ops.knn(q, pts, 8, backend=backend(device), index=built[build])
+        rd, ri = knn_reference(q.cpu(), pts.cpu(), 8)
+        assert torch.equal(i.cpu(), ri) and torch.equal(d.cpu(), rd)
+    two, one = _lists(built["two_level"]), _lists(built["one_pass"])
+    for a, b in zip(two[:4], one[:4]):
+        assert torch.equal(a, b)
+    kept = [(x, y) for x, y in zip(two[4], one[4]) if x is not None and y is not None]
+    assert all(torch.equal(x, y) for x, y in kept)
+    if device == "cpu" or budget == "768":
+        assert [x is None for x in two[4]] == [x is None for x in one[4]]
+        assert len(kept) == len(two[4]) if budget == "768" else 0 < len(kept) < len(two[4])
+    if device == "cpu":
+        for a, b in zip(built["two_level"].tensors, built["one_pass"].tensors):
+            assert torch.equal(a, b)

@@ -10,10 +10,17 @@
 //           "fill": the entries (x, y, z, index bits: one 16-byte load each in the
 //           search) written at the cell's offset band after band.  The offsets
 //           are an exclusive prefix sum of the counts over the whole batch; a list
-//           that does not fit in the budget is marked as overflowing.
+//           that does not fit in the budget is marked as overflowing (offset -1).
 //           GPAVATAR_KNN_CUDA_BUILD=two_level (the default): one block per parent cell (2 x 2 x 2
 //           cells) puts the parent's list in shared memory and each warp builds
 //           one child's list from it (the same lists; knn_cells.h).
+//           GPAVATAR_KNN_CUDA_BUILD=one_pass: the two-level build in one launch: a
+//           warp that has counted its list reserves room for it with one atomicAdd
+//           on a counter (offset[B * G^3]) and fills it at once, instead of a second
+//           launch that builds the parents' lists and scans them again.  The lists
+//           are the same, only their places in the storage depend on the order in
+//           which the warps reserve (so, where the budget runs out, which lists
+//           overflow); the search's results do not.
 //   search: the queries' cells (outside the grid or overflowing: the brute-force
 //           bucket), bucketed by cell with a counting sort, then one thread per
 //           query in bucket order: the threads of a warp share a cell and read
@@ -117,22 +124,24 @@ __device__ void keep_k_smallest(float (&own)[Capacity], int (&own_i)[Capacity], 
 }
 
 // One warp builds the list of (cell, batch element) `slot` from `src`:
-// fill == false: U_C by a warp-wide K-th smallest, bound[cell], count[cell] = |L_C|
+// kListCount: U_C by a warp-wide K-th smallest, bound[cell], count[cell] = |L_C|
 //   and the entries per band;
-// fill == true: the list at offset[cell], band after band (source order, which is
-//   index order, within a band), when it fits in `budget` entries.
+// kListFill: the list at offset[cell], band after band (source order, which is
+//   index order, within a band), when it fits in `budget` entries;
+// kListBoth: kListCount, then room for the list reserved on the counter offset[B * G^3]
+//   (offset[cell] = its start, or -1 when it does not fit), then kListFill.
 template <int Capacity, typename Source>
 __device__ void cell_list_warp(const Source& src, const float* __restrict__ pts, const float* __restrict__ g,
                                int G, int cell, int64_t slot, int* __restrict__ count,
                                float* __restrict__ cell_bound, int* __restrict__ band_count,
-                               float* __restrict__ seeds, const int64_t* __restrict__ offset,
-                               float* __restrict__ cand, int64_t budget, int K, bool fill) {
+                               float* __restrict__ seeds, int64_t* __restrict__ offset, int64_t counter,
+                               float* __restrict__ cand, int64_t budget, int K, int pass) {
   const int lane = threadIdx.x & 31;
   float lo[3], hi[3];
   cell_box(g, G, cell, lo, hi);
   float bound;
   int64_t run[kCellBands];
-  if (!fill) {
+  if (pass != kListFill) {
     // U_C: lane-local K smallest maxdist^2 (ascending), then the warp-wide K-th.
     float own[Capacity];
     int own_i[Capacity];
@@ -164,6 +173,45 @@ __device__ void cell_list_warp(const Source& src, const float* __restrict__ pts,
       at += bc[j];
     }
   }
+  if (pass == kListBoth) {
+    // Count the list (one pass over the source), reserve its room, then fill it below.
+    for (int64_t base = 0; base < src.n; base += 32) {
+      const int64_t s = base + lane;
+      float key = 0.0f;
+      if (s < src.n) {
+        float x, y, z;
+        int p;
+        src.load(s, x, y, z, p);
+        key = box_min_dist2(lo, hi, x, y, z);
+      }
+      const int band = s < src.n && key <= bound ? band_of(key, bound) : -1;
+#pragma unroll
+      for (int j = 0; j < kCellBands; ++j) run[j] += __popc(__ballot_sync(kFull, band == j));
+    }
+    int64_t total = 0;
+#pragma unroll
+    for (int j = 0; j < kCellBands; ++j) total += run[j];
+    unsigned long long start = 0;
+    if (lane == 0) {
+      start = atomicAdd(reinterpret_cast<unsigned long long*>(offset + counter),
+                        static_cast<unsigned long long>(total));
+      const bool fits = static_cast<int64_t>(start) + total <= budget;
+      offset[slot] = fits ? static_cast<int64_t>(start) : -1;
+      cell_bound[slot] = bound;
+#pragma unroll
+      for (int j = 0; j < kCellBands; ++j) band_count[slot * kCellBands + j] = static_cast<int>(run[j]);
+    }
+    start = __shfl_sync(kFull, start, 0);
+    if (static_cast<int64_t>(start) + total > budget) return;  // overflow: brute force (the whole warp)
+    int64_t at = static_cast<int64_t>(start);
+#pragma unroll
+    for (int j = 0; j < kCellBands; ++j) {
+      const int64_t n = run[j];
+      run[j] = at;
+      at += n;
+    }
+  }
+  const bool fill = pass != kListCount;
   for (int64_t base = 0; base < src.n; base += 32) {
     const int64_t s = base + lane;
     float x = 0.0f, y = 0.0f, z = 0.0f, key = 0.0f;
@@ -184,7 +232,7 @@ __device__ void cell_list_warp(const Source& src, const float* __restrict__ pts,
       run[j] += __popc(mask);
     }
   }
-  if (!fill && lane == 0) {
+  if (pass == kListCount && lane == 0) {
     int64_t total = 0;
 #pragma unroll
     for (int j = 0; j < kCellBands; ++j) {
@@ -204,16 +252,17 @@ __global__ void lists_kernel(const float* __restrict__ points,  // [B, P, 3]
                              float* __restrict__ cell_bound,    // [B, G^3]
                              int* __restrict__ band_count,      // [B, G^3, kCellBands]
                              float* __restrict__ seeds,         // [B, G^3, K, 4]
-                             const int64_t* __restrict__ offset,  // [B * G^3 + 1] (fill)
+                             int64_t* __restrict__ offset,      // [B * G^3 + 1] (fill)
                              float* __restrict__ cand,          // [budget, 4] (fill)
-                             int64_t budget, int64_t P, int G, int K, bool fill) {
+                             int64_t budget, int64_t P, int G, int K, int pass) {
   const int64_t cells = static_cast<int64_t>(G) * G * G;
   const int64_t b = blockIdx.y;
   const int64_t cell = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (cell >= cells) return;  // whole warps leave together
   const float* pts = points + b * P * 3;
   cell_list_warp<Capacity>(PointSource{pts, P}, pts, geom + kCellGeomStride * b, G, static_cast<int>(cell),
-                           b * cells + cell, count, cell_bound, band_count, seeds, offset, cand, budget, K, fill);
+                           b * cells + cell, count, cell_bound, band_count, seeds, offset, gridDim.y * cells, cand,
+                           budget, K, pass);
 }
 
 // Two-level build (knn_cells.h): one 256-thread block per (parent cell, batch
@@ -228,8 +277,8 @@ __global__ void __launch_bounds__(kParentThreads)
     lists_two_level_kernel(const float* __restrict__ points, const float* __restrict__ geom,
                            int* __restrict__ count, float* __restrict__ cell_bound,
                            int* __restrict__ band_count, float* __restrict__ seeds,
-                           const int64_t* __restrict__ offset, float* __restrict__ cand, int64_t budget,
-                           int64_t P, int G, int K, bool fill, int parent_cap) {
+                           int64_t* __restrict__ offset, float* __restrict__ cand, int64_t budget,
+                           int64_t P, int G, int K, int pass, int parent_cap) {
   __shared__ float4 parent[kParentCap];
   __shared__ float chunk_kth[kParentChunks];
   __shared__ int chunk_kept[kParentChunks];
@@ -287,10 +336,10 @@ __global__ void __launch_bounds__(kParentThreads)
   const int64_t slot = b * cells + child;
   if (total <= parent_cap) {
     cell_list_warp<Capacity>(EntrySource{parent, total}, pts, g, G, child, slot, count, cell_bound, band_count,
-                             seeds, offset, cand, budget, K, fill);
+                             seeds, offset, gridDim.y * cells, cand, budget, K, pass);
   } else {
     cell_list_warp<Capacity>(PointSource{pts, P}, pts, g, G, child, slot, count, cell_bound, band_count, seeds,
-                             offset, cand, budget, K, fill);
+                             offset, gridDim.y * cells, cand, budget, K, pass);
   }
 }
 
@@ -307,7 +356,7 @@ __global__ void bucket_count_kernel(const float* __restrict__ queries,  // [B, M
   const int64_t cells = static_cast<int64_t>(G) * G * G;
   int c = query_cell(geom + kCellGeomStride * b, G, queries[3 * i], queries[3 * i + 1],
                      queries[3 * i + 2]);
-  if (c >= 0 && offset[b * cells + c + 1] > budget) c = -1;  // the list overflowed
+  if (c >= 0 && offset[b * cells + c] < 0) c = -1;  // the list overflowed
   const int bucket = c < 0 ? static_cast<int>(cells) : c;
   bucket_of[i] = bucket;
   atomicAdd(bucket_count + b * (cells + 1) + bucket, 1);
@@ -374,46 +423,36 @@ __global__ void __launch_bounds__(Threads, Prefetch && Capacity <= 8 ? 3 : 1)
 
 inline unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
 
-}  // namespace
-
-int launch_cell_lists_cuda(const CellKnnCuda& a, bool fill, void* stream) {
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (a.B == 0) return 0;
-  if (!fill) {
-    geometry_kernel<<<blocks_for(a.B), kThreads, 0, s>>>(a.bounds, a.geom, a.B, a.G);
-  }
+template <int Capacity>
+void launch_lists(const CellKnnCuda& a, int pass, cudaStream_t s) {
   const int64_t cells = static_cast<int64_t>(a.G) * a.G * a.G;
   if (a.two_level) {
     const int Gp = parent_cells(a.G);
     const dim3 grid(static_cast<unsigned>(Gp * Gp * Gp), static_cast<unsigned>(a.B));
-    if (a.K <= 8) {
-      lists_two_level_kernel<8><<<grid, kParentThreads, 0, s>>>(a.points, a.geom, a.count, a.cell_bound,
-                                                                a.band_count, a.seeds, a.offset, a.cand, a.budget,
-                                                                a.P, a.G, a.K, fill, a.parent_cap);
-    } else if (a.K <= 16) {
-      lists_two_level_kernel<16><<<grid, kParentThreads, 0, s>>>(a.points, a.geom, a.count, a.cell_bound,
-                                                                 a.band_count, a.seeds, a.offset, a.cand, a.budget,
-                                                                 a.P, a.G, a.K, fill, a.parent_cap);
-    } else {
-      lists_two_level_kernel<kMaxK><<<grid, kParentThreads, 0, s>>>(a.points, a.geom, a.count, a.cell_bound,
-                                                                    a.band_count, a.seeds, a.offset, a.cand,
-                                                                    a.budget, a.P, a.G, a.K, fill, a.parent_cap);
-    }
-    return static_cast<int>(cudaGetLastError());
+    lists_two_level_kernel<Capacity><<<grid, kParentThreads, 0, s>>>(a.points, a.geom, a.count, a.cell_bound,
+                                                                     a.band_count, a.seeds, a.offset, a.cand,
+                                                                     a.budget, a.P, a.G, a.K, pass, a.parent_cap);
+    return;
   }
   const dim3 grid(static_cast<unsigned>((cells + kWarpsPerBlock - 1) / kWarpsPerBlock),
                   static_cast<unsigned>(a.B));
-  const int threads = 32 * kWarpsPerBlock;
+  lists_kernel<Capacity><<<grid, 32 * kWarpsPerBlock, 0, s>>>(a.points, a.geom, a.count, a.cell_bound,
+                                                              a.band_count, a.seeds, a.offset, a.cand, a.budget,
+                                                              a.P, a.G, a.K, pass);
+}
+
+}  // namespace
+
+int launch_cell_lists_cuda(const CellKnnCuda& a, int pass, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (a.B == 0) return 0;
+  if (pass != kListFill) geometry_kernel<<<blocks_for(a.B), kThreads, 0, s>>>(a.bounds, a.geom, a.B, a.G);
   if (a.K <= 8) {
-    lists_kernel<8><<<grid, threads, 0, s>>>(a.points, a.geom, a.count, a.cell_bound, a.band_count, a.seeds,
-                                             a.offset, a.cand, a.budget, a.P, a.G, a.K, fill);
+    launch_lists<8>(a, pass, s);
   } else if (a.K <= 16) {
-    lists_kernel<16><<<grid, threads, 0, s>>>(a.points, a.geom, a.count, a.cell_bound, a.band_count, a.seeds,
-                                              a.offset, a.cand, a.budget, a.P, a.G, a.K, fill);
+    launch_lists<16>(a, pass, s);
   } else {
-    lists_kernel<kMaxK><<<grid, threads, 0, s>>>(a.points, a.geom, a.count, a.cell_bound,
-                                                 a.band_count, a.seeds, a.offset, a.cand, a.budget, a.P,
-                                                 a.G, a.K, fill);
+    launch_lists<kMaxK>(a, pass, s);
   }
   return static_cast<int>(cudaGetLastError());
 }

@@ -393,7 +393,7 @@ struct CellKnnCuda {
   const float* bounds;     // [B, 12]: points min xyz, max xyz, queries min xyz, max xyz
   float* geom;             // [B, kCellGeomStride]
   int* count;              // [B * G^3] list lengths
-  const int64_t* offset;   // [B * G^3 + 1] exclusive prefix sums of count
+  int64_t* offset;         // [B * G^3 + 1] start of each list (-1: overflow); the last: entries used
   float* cand;             // [budget * 4] candidates (x, y, z, index bits), cell after cell, band after band
   float* cell_bound;       // [B * G^3] admission bound of each list
   float* seeds;            // [B * G^3 * K * 4] the K points that define U_C (x, y, z, index bits)
@@ -412,12 +412,16 @@ struct CellKnnCuda {
   int parent_cap;          // <= kParentCap (smaller in tests: forces the fallback)
 };
 
+// The lists' passes (knn_cells.cu): count, fill, or both in one launch (one_pass).
+enum CellListPass { kListCount = 0, kListFill = 1, kListBoth = 2 };
+
 // The launch sequence, all on `stream` with no host synchronisation (the
 // caller computes bounds and the prefix sums with device tensor ops between):
-//   lists(fill = false) -> offset -> lists(fill = true) -> bucket(scatter = false)
-//   -> bucket_start -> bucket(scatter = true) -> search.
+//   lists(kListCount) -> offset (prefix sums) -> lists(kListFill) -> overflow marks
+//   (offset -1), or lists(kListBoth) alone on a zeroed offset (GPAVATAR_KNN_CUDA_BUILD=one_pass);
+//   then bucket(scatter = false) -> bucket_start -> bucket(scatter = true) -> search.
 // Each returns a CUDA error code (0 on success).
-int launch_cell_lists_cuda(const CellKnnCuda& a, bool fill, void* stream);
+int launch_cell_lists_cuda(const CellKnnCuda& a, int pass, void* stream);
 int launch_cell_bucket_cuda(const CellKnnCuda& a, bool scatter, void* stream);
 int launch_cell_search_cuda(const CellKnnCuda& a, void* stream);
 #endif

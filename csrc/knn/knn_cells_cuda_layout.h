@@ -1,7 +1,7 @@
 // The CUDA cell-list pipeline (knn_cells.cu) run on the CPU: the same grid, the
 // same lists (U_C, admission bound, seeds, bands, packed entries in index order
-// within a band, offsets over the whole batch, the budget's overflow rule) and
-// the same per-query scans of knn_cells.h (scan_banded, scan_buffered).  Only for
+// within a band, offsets over the whole batch, the budget's overflow rule: offset
+// -1) and the same per-query scans of knn_cells.h (scan_banded, scan_buffered).  Only for
 // tests and diagnostics (GPAVATAR_KNN=cells with GPAVATAR_KNN_LAYOUT=cuda): it
 // runs the CUDA kernels' arithmetic and list layout where there is no GPU.
 // Host only; included by knn_cpu.cpp.
@@ -196,6 +196,9 @@ inline void build(Lists& L, const float* queries, const float* points, int64_t B
       }
     }
   });
+  // Overflow marks: offset -1 (also what the one-pass build's reservations in slot order give).
+  for (int64_t slot = 0; slot < B * cells; ++slot)
+    if (L.offset[slot + 1] > L.budget) L.offset[slot] = -1;
 }
 
 // Read-only pointers to lists (a Lists' vectors, or knn_index's tensors).
@@ -223,7 +226,7 @@ bool search(const View& L, int64_t b, float qx, float qy, float qz, bool buffere
   const int c = query_cell(L.geom + b * kCellGeomStride, L.G, qx, qy, qz);
   if (c < 0) return false;
   const int64_t slot = b * L.cells + c;
-  if (L.offset[slot + 1] > L.budget) return false;
+  if (L.offset[slot] < 0) return false;  // overflow
   TopKRegs<Capacity> best(L.K);
   const float* entries = L.entries + 4 * L.offset[slot];
   const int* bc = L.band_count + slot * kCellBands;

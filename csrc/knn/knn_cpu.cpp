@@ -163,12 +163,12 @@ std::string cuda_search_name() {
 bool cuda_search_buffered() { return cuda_search_name() == "buffered"; }
 bool cuda_search_unrolled() { return cuda_search_name() == "unrolled"; }
 
-bool cuda_build_two_level() {
+Build cuda_build() {
   const char* env = std::getenv("GPAVATAR_KNN_CUDA_BUILD");
   const std::string name = env == nullptr ? "" : env;
-  TORCH_CHECK_VALUE(name.empty() || name == "flat" || name == "two_level",
-                    msg("GPAVATAR_KNN_CUDA_BUILD must be flat or two_level, got '", name, "'"));
-  return name != "flat";
+  TORCH_CHECK_VALUE(name.empty() || name == "flat" || name == "two_level" || name == "one_pass",
+                    msg("GPAVATAR_KNN_CUDA_BUILD must be flat, two_level or one_pass, got '", name, "'"));
+  return name == "flat" ? Build::kFlat : (name == "one_pass" ? Build::kOnePass : Build::kTwoLevel);
 }
 
 namespace {
@@ -253,7 +253,7 @@ std::vector<at::Tensor> knn_index_cpu(const at::Tensor& points_in, const at::Ten
   const int64_t per_cell = env_int("GPAVATAR_KNN_CELL_BUDGET", cuda_budget_per_cell(G), 0, int64_t{1} << 20);
   cuda_layout::Lists L;
   cuda_layout::build(L, nullptr, points.data_ptr<float>(), B, 0, P, static_cast<int>(K), G, per_cell,
-                     cuda_build_two_level(),
+                     cuda_build() != Build::kFlat,
                      static_cast<int>(env_int("GPAVATAR_KNN_PARENT_CAP", kParentCap, 0, kParentCap)),
                      query_box.data_ptr<float>());
   const auto f32 = points.options();
@@ -333,7 +333,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
     cuda_layout::Lists lists;
     const int cuda_cells = static_cast<int>(env_int("GPAVATAR_KNN_CELLS", kCudaCells, 1, 32));
     const int64_t per_cell = env_int("GPAVATAR_KNN_CELL_BUDGET", cuda_budget_per_cell(cuda_cells), 0, int64_t{1} << 20);
-    const bool two_level = cuda_build_two_level();
+    const bool two_level = cuda_build() != Build::kFlat;
     cuda_layout::build(lists, q, points.data_ptr<float>(), B, M, P, k, cuda_cells, per_cell, two_level,
                        static_cast<int>(env_int("GPAVATAR_KNN_PARENT_CAP", kParentCap, 0, kParentCap)));
     if (two_level && env_int("GPAVATAR_KNN_VERIFY_LISTS", 0, 0, 1) == 1) {

@@ -58,11 +58,18 @@ Index build_index(const at::Tensor& points, const at::Tensor& query_box, int64_t
   a.P = P;
   a.K = static_cast<int>(K);
   a.G = G;
-  a.two_level = cuda_build_two_level();
+  const Build build = cuda_build();
+  a.two_level = build != Build::kFlat;
   a.parent_cap = static_cast<int>(env_int("GPAVATAR_KNN_PARENT_CAP", kParentCap, 0, kParentCap));
-  check_launch(launch_cell_lists_cuda(a, /*fill=*/false, stream), "knn (cell lists)");
+  if (build == Build::kOnePass) {  // offset[B * cells] is the reservation counter (zeroed)
+    check_launch(launch_cell_lists_cuda(a, kListBoth, stream), "knn (cell lists)");
+    return x;
+  }
+  check_launch(launch_cell_lists_cuda(a, kListCount, stream), "knn (cell lists)");
   x.offset.narrow(0, 1, B * cells).copy_(count.to(at::kLong).cumsum(0));
-  check_launch(launch_cell_lists_cuda(a, /*fill=*/true, stream), "knn (cell lists)");
+  check_launch(launch_cell_lists_cuda(a, kListFill, stream), "knn (cell lists)");
+  // A list that ends past the budget overflows: offset -1 (its queries take the brute-force scan).
+  x.offset.narrow(0, 0, B * cells).masked_fill_(x.offset.narrow(0, 1, B * cells) > a.budget, -1);
   return x;
 }
 
