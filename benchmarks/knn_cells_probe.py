@@ -129,6 +129,10 @@ def main(argv=None):
             for G in (16, 24):
                 cases.append((f"cells one_pass G={G}", backend,
                               dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CELLS=G, GPAVATAR_KNN_CUDA_BUILD="one_pass")))
+            # the lists banded by distance from the cell's centre, at the default G and at 24
+            for G in (16, 24):
+                cases.append((f"cells centre G={G}", backend,
+                              dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CELLS=G, GPAVATAR_KNN_CUDA_ORDER="centre")))
             cases.append(("cells buffered", backend, dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_SEARCH="buffered")))
             # the prefetching scan (no faster on an H200), alone and with the two-level build at the larger grids
             cases.append(("cells unrolled", backend, dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_SEARCH="unrolled")))

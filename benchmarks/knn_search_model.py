@@ -8,10 +8,13 @@ inserts (the divergent path).
 The lists follow knn_cells.h (U_C, the admission bound, 16 distance bands, index order within
 a band) in float64, so the counts are those of the kernel up to rounding at the boundaries.
 
-``--order centre`` models a design not built yet: the same lists sorted by each entry's distance r
-from the cell's centre, a query stopping at the first entry with r - |q - c| > its K-th distance
-(exact: every later entry is at least that far from q); ``centre-bands`` the same with 16 equal
-bands of r and the test at band starts (no per-entry r).
+``--order centre`` models the same lists sorted by each entry's distance r from the cell's centre,
+a query stopping at the first entry with r - |q - c| > its K-th distance (exact: every later entry
+is at least that far from q); ``centre-bands`` the same with ``--bands`` equal bands of r over
+[0, the list's largest r] and the test at band starts; ``centre-fixed`` the bands
+GPAVATAR_KNN_CUDA_ORDER=centre builds (knn_cells.h: edges over [sqrt(bound) - 2h, sqrt(bound) + h],
+h the cell's half-diagonal).  ``--sub`` orders the queries within a cell (by octant or by distance
+from the centre: not built).  MODEL_BANDS sets the box order's band count (16, as built).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _distributions  # noqa: E402
 
-BANDS = 16
+BANDS = int(os.environ.get("MODEL_BANDS", 16))
 
 
 def grid(q: np.ndarray, p: np.ndarray, G: int):
@@ -68,18 +71,25 @@ def scan(d: np.ndarray, band: np.ndarray, floors: np.ndarray, K: int):
     return len(d), ins
 
 
-def scan_centre(d: np.ndarray, r: np.ndarray, s: float, K: int, bands: int = 0) -> tuple[int, np.ndarray]:
+def scan_centre(d: np.ndarray, r: np.ndarray, s: float, K: int, bands: int = 0,
+                edges: np.ndarray | None = None) -> tuple[int, np.ndarray]:
     """(entries scanned, insert flags) of one query (distance s from the cell centre) over a list
     sorted by r (the entries' distances from the centre, ascending; d: the query's distances to
     them): it stops at the first entry, or with ``bands`` at the first band start, whose r - s
     exceeds the K-th distance so far."""
     band = np.minimum((r / max(r[-1], 1e-30) * bands).astype(int), bands - 1) if bands and len(r) else None
     floor = r[-1] / bands if bands and len(r) else 0.0
+    if edges is not None:  # band j: r >= edges[j] (edges[0] = -inf)
+        band = np.searchsorted(edges, r, side="right") - 1
     ins = np.zeros(len(d), bool)
     heap: list[float] = []  # the K smallest distances so far, negated
     for i in range(len(d)):
         if len(heap) == K:
-            test = (band[i] * floor if i == 0 or band[i] != band[i - 1] else -np.inf) if bands else r[i]
+            start = band is not None and (i == 0 or band[i] != band[i - 1])
+            if edges is not None:
+                test = edges[band[i]] if start else -np.inf
+            else:
+                test = (band[i] * floor if start else -np.inf) if bands else r[i]
             if test - s > -heap[0]:
                 return i, ins
         if len(heap) < K:
@@ -130,8 +140,15 @@ def model(q: np.ndarray, p: np.ndarray, G: int, K: int, warps: int, seed: int = 
                     n, ins = scan(((p[idx] - q[qi]) ** 2).sum(1), band, floors, K)
                 else:
                     d = np.sqrt(((p[idx[by_r]] - q[qi]) ** 2).sum(1))
+                    edges = None
+                    if list_order == "centre-fixed":  # edges from the bound and the half-diagonal h only
+                        h = float(np.sqrt((cell ** 2).sum()) / 2)
+                        rb = float(np.sqrt(floors[-1] * BANDS ** 2 / (BANDS - 1) ** 2))  # sqrt(bound)
+                        lo_r, hi_r = max(0.0, rb - 2 * h), rb + h
+                        edges = lo_r + (hi_r - lo_r) * np.arange(bands) / bands
+                        edges[0] = -np.inf
                     n, ins = scan_centre(d, r[by_r], float(np.sqrt(((q[qi] - centre) ** 2).sum())), K,
-                                         bands=bands if list_order == "centre-bands" else 0)
+                                         bands=bands if list_order == "centre-bands" else 0, edges=edges)
                 scanned, inserts, lanes = scanned + n, inserts + int(ins[:n].sum()), lanes + 1
                 longest = max(longest, n)
                 if len(insert_at) < n:
@@ -152,7 +169,7 @@ def main(argv=None) -> int:
     ap.add_argument("--K", type=int, default=8)
     ap.add_argument("--grids", default="12,16,24")
     ap.add_argument("--warps", type=int, default=200)
-    ap.add_argument("--order", choices=("box", "centre", "centre-bands"), default="box",
+    ap.add_argument("--order", choices=("box", "centre", "centre-bands", "centre-fixed"), default="box",
                     help="box: today's lists; centre / centre-bands: sorted by distance from the cell centre "
                          "(module docstring)")
     ap.add_argument("--bands", type=int, default=BANDS, help="bands of r for --order centre-bands")

@@ -261,9 +261,10 @@ def test_tensor_core_rows_run_the_stacked_kernel():
 
 
 def test_search_model_centre_order_stops_exactly():
-    """knn_search_model's centre order (a design lead): the scan stopped at r - |q - c| > d_K keeps the
-    exact K nearest of the whole list, per entry and at band starts; it scans fewer entries than the
-    box-banded lists on the same queries."""
+    """knn_search_model's centre orders (GPAVATAR_KNN_CUDA_ORDER=centre is centre-fixed): the scan stopped
+    at r - |q - c| > d_K keeps the exact K nearest of the whole list, per entry, at band starts and at
+    the built edges; each scans fewer entries and inserts fewer than the box-banded lists on the same
+    queries."""
     import numpy as np
 
     import knn_search_model as KM
@@ -277,10 +278,12 @@ def test_search_model_centre_order_stops_exactly():
         by_r = np.argsort(r)
         d = np.sqrt(((p[by_r] - q) ** 2).sum(1))
         s = float(np.sqrt(((q - c) ** 2).sum()))
-        for bands in (0, 16):
-            n = KM.scan_centre(d, r[by_r], s, K, bands=bands)
-            assert n < len(d) and np.array_equal(np.sort(d[:n])[:K], np.sort(d)[:K])
+        edges = np.concatenate([[-np.inf], np.linspace(r.min(), r.max(), 17)[1:-1]])
+        for bands, e in ((0, None), (16, None), (0, edges)):
+            n, ins = KM.scan_centre(d, r[by_r], s, K, bands=bands, edges=e)
+            assert n < len(d) and np.array_equal(np.sort(d[:n])[:K], np.sort(d)[:K]) and ins[:K].all()
     q, p = rng.uniform(-1, 1, (4096, 3)), rng.uniform(-0.5, 0.5, (500, 3))
     box = KM.model(q, p, 8, K, warps=4)
-    centre = KM.model(q, p, 8, K, warps=4, list_order="centre")
-    assert centre["scanned"] < box["scanned"] and centre["inserts"] is None and box["inserts"] > 0
+    for order in ("centre", "centre-bands", "centre-fixed"):
+        centre = KM.model(q, p, 8, K, warps=4, list_order=order)
+        assert centre["scanned"] < box["scanned"] and 0 < centre["inserts"] < box["inserts"]

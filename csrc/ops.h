@@ -87,6 +87,12 @@ bool cuda_search_unrolled();
 // GPAVATAR_KNN_LAYOUT=cuda (one_pass builds there as two_level: the same lists and offsets).
 enum class Build { kFlat, kTwoLevel, kOnePass };
 Build cuda_build();
+// GPAVATAR_KNN_CUDA_ORDER = box (default: bands of mindist^2 to the cell's box) | centre (bands
+// of the distance from the cell's centre: knn_cells.h; not yet timed on a GPU, tried by the
+// real-time tuner): the band order of the lists the CUDA path (and GPAVATAR_KNN_LAYOUT=cuda)
+// builds; an index records its order, and its searches follow it.  Returns kOrderBox /
+// kOrderCentre of knn_cells.h.
+int cuda_list_order();
 // An integer environment variable in [lo, hi] (fallback when unset); a ValueError otherwise.
 int64_t env_int(const char* name, int64_t fallback, int64_t lo, int64_t hi);
 struct GridTensors {

@@ -117,6 +117,9 @@ SETTINGS = (
             help="the CUDA KNN grid's cells per axis (default 16; same neighbours)"),
     Setting("knn_search", _both("unrolled", "buffered"), env="GPAVATAR_KNN_CUDA_SEARCH", off="banded",
             help="the CUDA KNN's list scan (default banded; same neighbours)"),
+    Setting("knn_order", _both("centre"), env="GPAVATAR_KNN_CUDA_ORDER", off="box",
+            help="the CUDA KNN lists' bands: by distance from the cell's centre (default box: by distance to "
+                 "the cell's box; same neighbours)"),
     Setting("knn_build", _both("one_pass", "flat"), env="GPAVATAR_KNN_CUDA_BUILD", off="two_level",
             help="the CUDA KNN's list build (default two_level: each cell's list from its parent cell's, a count "
                  "launch and a fill launch): one_pass (the same in one launch, room reserved with an atomic) or "

@@ -200,6 +200,9 @@ CUDA_SEARCHES = ["banded", "unrolled", "buffered"]
 # the CUDA tests run it.
 BUILDS = ["flat", "two_level", "two_level:40", "two_level:0"]
 CUDA_BUILDS = BUILDS + ["one_pass", "one_pass:40", "one_pass:0"]
+# GPAVATAR_KNN_CUDA_ORDER: the lists' bands by mindist^2 to the cell's box (box) or by the distance
+# from the cell's centre (centre: knn_cells.h), each with its own stop test.
+ORDERS = ["box", "centre"]
 
 
 def build_environment(build):
@@ -213,26 +216,29 @@ def build_environment(build):
 @pytest.mark.parametrize("search", CUDA_SEARCHES)
 @given(kind=st.sampled_from(["lattice", "sphere", "uniform", "plane", "identical", "tiny", "offset"]),
        B=st.integers(1, 2), P=st.integers(1, 600), K=st.integers(1, 32), G=st.sampled_from([1, 2, 3, 5, 8, 16]),
-       tight_buffer=st.booleans(), build=st.sampled_from(BUILDS), seed=st.integers(0, 2**16))
-def test_cuda_layout_matches_the_reference(search, kind, B, P, K, G, tight_buffer, build, seed):
+       tight_buffer=st.booleans(), build=st.sampled_from(BUILDS), order=st.sampled_from(ORDERS),
+       seed=st.integers(0, 2**16))
+def test_cuda_layout_matches_the_reference(search, kind, B, P, K, G, tight_buffer, build, order, seed):
     g = torch.Generator().manual_seed(seed)
     pts = cloud(kind, B, P, g)
     K = min(K, P)
     extra = {"GPAVATAR_KNN_BUFFER": K + 1} if tight_buffer else {}
     with environment(GPAVATAR_KNN="cells", GPAVATAR_KNN_LAYOUT="cuda", GPAVATAR_KNN_CUDA_SEARCH=search,
-                     GPAVATAR_KNN_CELLS=G, **build_environment(build), **extra):
+                     GPAVATAR_KNN_CELLS=G, GPAVATAR_KNN_CUDA_ORDER=order, **build_environment(build), **extra):
         check("cpu", "cpu", pts, queries_for(pts, 96, g), K)
 
 
 @pytest.mark.parametrize("search", CUDA_SEARCHES)
 @pytest.mark.parametrize("budget", ["0", "3", "40", "768"])
 @pytest.mark.parametrize("build", BUILDS[:2])
-def test_cuda_layout_lattice_ties_and_overflow(search, budget, build, monkeypatch):
+@pytest.mark.parametrize("order", ORDERS)
+def test_cuda_layout_lattice_ties_and_overflow(search, budget, build, order, monkeypatch):
     """Exact ties between points in different bands, lists beyond the budget (their queries take
     the fallback), a buffer that flushes often."""
     for name, value in (("GPAVATAR_KNN", "cells"), ("GPAVATAR_KNN_LAYOUT", "cuda"),
                         ("GPAVATAR_KNN_CUDA_SEARCH", search), ("GPAVATAR_KNN_CELL_BUDGET", budget),
-                        ("GPAVATAR_KNN_CELLS", "6"), *build_environment(build).items()):
+                        ("GPAVATAR_KNN_CELLS", "6"), ("GPAVATAR_KNN_CUDA_ORDER", order),
+                        *build_environment(build).items()):
         monkeypatch.setenv(name, value)
     g = torch.Generator().manual_seed(int(budget))
     pts = lattice(2, 1500, g, step=0.0625)
@@ -255,10 +261,12 @@ def test_cuda_layout_on_render_samples(monkeypatch):
     monkeypatch.setenv("GPAVATAR_KNN_LAYOUT", "cuda")
     for search in CUDA_SEARCHES:
         for build in BUILDS[:2]:
-            monkeypatch.setenv("GPAVATAR_KNN_CUDA_SEARCH", search)
-            for name, value in build_environment(build).items():
-                monkeypatch.setenv(name, value)
-            check("cpu", "cpu", pts, q, 8)
+            for order in ORDERS:
+                monkeypatch.setenv("GPAVATAR_KNN_CUDA_SEARCH", search)
+                monkeypatch.setenv("GPAVATAR_KNN_CUDA_ORDER", order)
+                for name, value in build_environment(build).items():
+                    monkeypatch.setenv(name, value)
+                check("cpu", "cpu", pts, q, 8)
 
 
 @pytest.mark.cuda
@@ -266,11 +274,13 @@ def test_cuda_layout_on_render_samples(monkeypatch):
 @pytest.mark.parametrize("search", CUDA_SEARCHES)
 @pytest.mark.parametrize("budget", ["3", "768"])
 @pytest.mark.parametrize("build", CUDA_BUILDS)
-def test_cuda_searches_match_the_reference(search, budget, build, monkeypatch):
+@pytest.mark.parametrize("order", ORDERS)
+def test_cuda_searches_match_the_reference(search, budget, build, order, monkeypatch):
     """Every CUDA scan, with and without overflowing lists, every list build (and parents past
-    the cap), bit-identical to the reference."""
+    the cap) and band order, bit-identical to the reference."""
     for name, value in build_environment(build).items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setenv("GPAVATAR_KNN_CUDA_ORDER", order)
     monkeypatch.setenv("GPAVATAR_KNN", "cells")
     monkeypatch.setenv("GPAVATAR_KNN_CUDA_SEARCH", search)
     monkeypatch.setenv("GPAVATAR_KNN_CELL_BUDGET", budget)
@@ -297,6 +307,10 @@ def test_bad_layout_environment_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="GPAVATAR_KNN_CUDA_BUILD must be flat, two_level or one_pass"):
         ops.knn(q, pts, 4, backend="cpu")
     monkeypatch.setenv("GPAVATAR_KNN_CUDA_BUILD", "two_level")
+    monkeypatch.setenv("GPAVATAR_KNN_CUDA_ORDER", "middle")
+    with pytest.raises(ValueError, match="GPAVATAR_KNN_CUDA_ORDER must be box or centre"):
+        ops.knn(q, pts, 4, backend="cpu")
+    monkeypatch.setenv("GPAVATAR_KNN_CUDA_ORDER", "centre")
     monkeypatch.setenv("GPAVATAR_KNN_PARENT_CAP", "5000")
     with pytest.raises(ValueError, match="GPAVATAR_KNN_PARENT_CAP must be an integer"):
         ops.knn(q, pts, 4, backend="cpu")

@@ -44,11 +44,13 @@ constexpr unsigned kFull = 0xffffffffu;
 
 __global__ void geometry_kernel(const float* __restrict__ bounds,  // [B, 12]
                                 float* __restrict__ geom,          // [B, kCellGeomStride]
-                                int64_t B, int G) {
+                                int64_t B, int G, int order) {
   const int64_t b = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= B) return;
   const float* r = bounds + 12 * b;
-  cell_grid_geometry(r, r + 3, r + 6, r + 9, G, geom + kCellGeomStride * b);
+  float* g = geom + kCellGeomStride * b;
+  cell_grid_geometry(r, r + 3, r + 6, r + 9, G, g);
+  for (int i = 12; i < kCellGeomStride; ++i) g[i] = i == kGeomOrder ? static_cast<float>(order) : 0.0f;
 }
 
 // The K-th smallest of the values the 32 lanes hold in their sorted lists (each
@@ -173,18 +175,19 @@ __device__ void cell_list_warp(const Source& src, const float* __restrict__ pts,
       at += bc[j];
     }
   }
+  const int order = g[kGeomOrder] == static_cast<float>(kOrderCentre) ? kOrderCentre : kOrderBox;
+  const CentreBands frame = centre_bands(lo, hi, bound);
   if (pass == kListBoth) {
     // Count the list (one pass over the source), reserve its room, then fill it below.
     for (int64_t base = 0; base < src.n; base += 32) {
       const int64_t s = base + lane;
-      float key = 0.0f;
+      float x = 0.0f, y = 0.0f, z = 0.0f, key = 0.0f;
       if (s < src.n) {
-        float x, y, z;
         int p;
         src.load(s, x, y, z, p);
         key = box_min_dist2(lo, hi, x, y, z);
       }
-      const int band = s < src.n && key <= bound ? band_of(key, bound) : -1;
+      const int band = s < src.n && key <= bound ? list_band(order, frame, key, bound, x, y, z) : -1;
 #pragma unroll
       for (int j = 0; j < kCellBands; ++j) run[j] += __popc(__ballot_sync(kFull, band == j));
     }
@@ -221,7 +224,7 @@ __device__ void cell_list_warp(const Source& src, const float* __restrict__ pts,
       key = box_min_dist2(lo, hi, x, y, z);
     }
     const bool keep = s < src.n && key <= bound;
-    const int band = keep ? band_of(key, bound) : -1;
+    const int band = keep ? list_band(order, frame, key, bound, x, y, z) : -1;
 #pragma unroll
     for (int j = 0; j < kCellBands; ++j) {
       const unsigned mask = __ballot_sync(kFull, band == j);
@@ -380,7 +383,7 @@ template <int Capacity, bool Buffered, int Cap, int Threads, bool Prefetch = fal
 __global__ void __launch_bounds__(Threads, Prefetch && Capacity <= 8 ? 3 : 1)
     search_kernel(const float* __restrict__ queries, const float* __restrict__ points,
                   const int* __restrict__ order, const int* __restrict__ bucket_of,
-                  const int64_t* __restrict__ offset, const float* __restrict__ cand,
+                  const float* __restrict__ geom, const int64_t* __restrict__ offset, const float* __restrict__ cand,
                   const float* __restrict__ cell_bound, const int* __restrict__ band_count,
                   const float* __restrict__ seeds, float* __restrict__ dist2, int64_t* __restrict__ idx,
                   int64_t B, int64_t M, int64_t P, int G, int K) {
@@ -403,14 +406,14 @@ __global__ void __launch_bounds__(Threads, Prefetch && Capacity <= 8 ? 3 : 1)
     return;
   }
   const int64_t slot = b * cells + bucket;
+  const BandStop stop = band_stop(geom + kCellGeomStride * b, G, bucket, cell_bound[slot], qx, qy, qz);
   TopKRegs<Capacity> best(K);
   if constexpr (Buffered) {
-    scan_buffered(cand + 4 * offset[slot], band_count + slot * kCellBands, cell_bound[slot],
-                  seeds + 4 * slot * K, qx, qy, qz, buf_d + threadIdx.x, buf_i + threadIdx.x, Threads,
-                  Cap, best);
+    scan_buffered(cand + 4 * offset[slot], band_count + slot * kCellBands, stop, seeds + 4 * slot * K, qx, qy,
+                  qz, buf_d + threadIdx.x, buf_i + threadIdx.x, Threads, Cap, best);
   } else {
-    scan_banded<Capacity, Prefetch>(cand + 4 * offset[slot], band_count + slot * kCellBands, cell_bound[slot], qx,
-                                  qy, qz, best);
+    scan_banded<Capacity, Prefetch>(cand + 4 * offset[slot], band_count + slot * kCellBands, stop, qx, qy, qz,
+                                    best);
   }
 #pragma unroll
   for (int j = 0; j < Capacity; ++j) {
@@ -446,7 +449,7 @@ void launch_lists(const CellKnnCuda& a, int pass, cudaStream_t s) {
 int launch_cell_lists_cuda(const CellKnnCuda& a, int pass, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (a.B == 0) return 0;
-  if (pass != kListFill) geometry_kernel<<<blocks_for(a.B), kThreads, 0, s>>>(a.bounds, a.geom, a.B, a.G);
+  if (pass != kListFill) geometry_kernel<<<blocks_for(a.B), kThreads, 0, s>>>(a.bounds, a.geom, a.B, a.G, a.list_order);
   if (a.K <= 8) {
     launch_lists<8>(a, pass, s);
   } else if (a.K <= 16) {
@@ -476,7 +479,7 @@ void launch_search(const CellKnnCuda& a, cudaStream_t s) {
   const int64_t n = a.B * a.M;
   search_kernel<Capacity, Buffered, Cap, Threads, Prefetch><<<static_cast<unsigned>((n + Threads - 1) / Threads), Threads,
                                                       0, s>>>(
-      a.queries, a.points, a.order, a.query_cell, a.offset, a.cand, a.cell_bound, a.band_count, a.seeds,
+      a.queries, a.points, a.order, a.query_cell, a.geom, a.offset, a.cand, a.cell_bound, a.band_count, a.seeds,
       a.dist2, a.idx, a.B, a.M, a.P, a.G, a.K);
 }
 

@@ -37,8 +37,10 @@ namespace gpavatar {
 namespace knn {
 
 // Per batch element: lo[3], cell size[3], 1 / cell size[3], sliver[3]
-// (cell size, inverse and sliver are 0 on a degenerate axis).
-constexpr int kCellGeomStride = 12;
+// (cell size, inverse and sliver are 0 on a degenerate axis), then the lists'
+// band order (kGeomOrder: kOrderBox or kOrderCentre, below) and 3 unused floats.
+constexpr int kCellGeomStride = 16;
+constexpr int kGeomOrder = 12;
 
 GPA_HD float min_f(float a, float b) { return a < b ? a : b; }
 
@@ -135,14 +137,32 @@ GPA_HD void scan_all(const float* points, int64_t P, float qx, float qy, float q
 }
 
 // --- Banded lists (the CUDA path) ---------------------------------------------
-// A cell's list is stored band after band by key = mindist^2(p, cell box), band j
-// holding the keys in [band_floor(bound, j), band_floor(bound, j + 1)) (the last
-// band is open above), where bound is the list's admission bound.  A query x in
-// the cell has |x - p|^2 >= key for every p (the float evaluations of both are
-// monotone in the per-axis gaps, and x lies in the box), so once it holds K
-// neighbours whose worst distance is below band_floor(bound, j), nothing in band j
-// or later can enter, not even as a tie: the scan stops there.
+// A cell's list is stored band after band, in index order within a band; a query
+// stops before the first band that cannot hold one of its K neighbours.  Two
+// orders (GPAVATAR_KNN_CUDA_ORDER; the index records its own in geom[kGeomOrder]):
+//
+// box (the default): by key = mindist^2(p, cell box), band j holding the keys in
+// [band_floor(bound, j), band_floor(bound, j + 1)) (the last band is open above),
+// where bound is the list's admission bound.  A query x in the cell has
+// |x - p|^2 >= key for every p (the float evaluations of both are monotone in the
+// per-axis gaps, and x lies in the box), so once it holds K neighbours whose worst
+// distance is below band_floor(bound, j), nothing in band j or later can enter,
+// not even as a tie: the scan stops there.
+//
+// centre: by r = |p - c| (c the centre of the cell's box), band j >= 1 holding
+// r >= centre_edge(j) (the largest such j; band 0 the rest), with edges evenly
+// spaced over [sqrt(bound) - 2h, sqrt(bound) + h] (h the box's half-diagonal;
+// every kept point has r <= mindist + h <= sqrt(bound) + h, and the queries' K-th
+// distances, which set where they stop, lie near sqrt(bound) - h ... sqrt(bound)).
+// The list then runs roughly outwards from the centre: nearer candidates first
+// (fewer top-K insertions), and a query x at s = |x - c| stops before band j once
+// g = edge_j - s > 0 and g^2 > its K-th distance (|x - p| >= r - s >= g for every
+// later p).  Rounding: r and s are float (relative errors below 1e-6), so the test
+// uses edge_j (1 - 1e-5) - s (1 + 1e-5) and the bound's margin (candidate_bound).
+// benchmarks/knn_search_model.py --order centre-fixed models the two orders' work.
 constexpr int kCellBands = 16;
+constexpr int kOrderBox = 0;
+constexpr int kOrderCentre = 1;
 
 // bound * (j / kCellBands)^2 (0 for j = 0, also for an infinite bound).
 GPA_HD float band_floor(float bound, int j) {
@@ -154,6 +174,72 @@ GPA_HD int band_of(float key, float bound) {
   int band = 0;
   for (int j = 1; j < kCellBands; ++j) band = key >= band_floor(bound, j) ? j : band;
   return band;
+}
+
+// The centre order's frame of a cell's box: its centre, and the first edge and
+// spacing of its bands for the list's admission bound.
+struct CentreBands {
+  float c[3];
+  float first, step;
+};
+
+// (Every product is rounded on its own: the build and the search must compute the
+// same edges wherever the compiler inlines them.)
+GPA_HD CentreBands centre_bands(const float lo[3], const float hi[3], float bound) {
+  CentreBands f;
+  float e[3];
+  for (int a = 0; a < 3; ++a) {
+    f.c[a] = 0.5f * (lo[a] + hi[a]);
+    e[a] = 0.5f * (hi[a] - lo[a]);
+  }
+  const float h = sqrtf(sum_of_products3(e[0], e[0], e[1], e[1], e[2], e[2])), rb = sqrtf(bound);
+  f.first = max_f(rb - mul_rn(2.0f, h), 0.0f);
+  f.step = mul_rn(rb + h - f.first, 1.0f / kCellBands);
+  return f;
+}
+
+// Edge j (>= 1) of the centre order's bands.
+GPA_HD float centre_edge(const CentreBands& f, int j) { return f.first + mul_rn(static_cast<float>(j), f.step); }
+
+// A list entry's band: box order by key = mindist^2 (the admission key), centre order
+// by its distance r from the centre (NaN: band 0).
+GPA_HD int list_band(int order, const CentreBands& f, float key, float bound, float x, float y, float z) {
+  if (order != kOrderCentre) return band_of(key, bound);
+  const float r = sqrtf(squared_distance(f.c[0], f.c[1], f.c[2], x, y, z));
+  int band = 0;
+  for (int j = 1; j < kCellBands; ++j) band = r >= centre_edge(f, j) ? j : band;
+  return band;
+}
+
+// Where a query stops scanning a list: before band j once stops(j, worst).
+struct BandStop {
+  int order;
+  float bound;       // box order: the list's admission bound
+  CentreBands f;     // centre order: the frame of the cell
+  float reach;       // centre order: |x - c| (1 + 1e-5)
+
+  GPA_HD bool stops(int j, float worst) const {
+    if (order != kOrderCentre) return band_floor(bound, j) > worst;
+    const float gap = mul_rn(centre_edge(f, j), 1.0f - 1e-5f) - reach;
+    return j > 0 && gap > 0.0f && gap * gap > candidate_bound(worst);
+  }
+};
+
+// The stop of a query (qx, qy, qz) in `cell` of the grid `geom` (order geom[kGeomOrder]).
+GPA_HD BandStop band_stop(const float* geom, int G, int cell, float bound, float qx, float qy, float qz) {
+  BandStop stop;
+  stop.order = geom[kGeomOrder] == static_cast<float>(kOrderCentre) ? kOrderCentre : kOrderBox;
+  stop.bound = bound;
+  stop.reach = 0.0f;
+  if (stop.order == kOrderCentre) {
+    float lo[3], hi[3];
+    cell_box(geom, G, cell, lo, hi);
+    stop.f = centre_bands(lo, hi, bound);
+    stop.reach = sqrtf(squared_distance(qx, qy, qz, stop.f.c[0], stop.f.c[1], stop.f.c[2])) * (1.0f + 1e-5f);
+  } else {
+    stop.f = CentreBands{{0.0f, 0.0f, 0.0f}, 0.0f, 0.0f};
+  }
+  return stop;
 }
 
 // The K smallest (distance, index) pairs in lexicographic order, for candidates
@@ -243,11 +329,11 @@ GPA_HD ListEntry load_entry(const float* entries, int64_t s) {
 // works (the plain loop waits on every entry's load); the offers are the same,
 // in the same order.
 template <int Capacity, bool Prefetch = false>
-GPA_HD void scan_banded(const float* entries, const int* band_count, float bound, float qx, float qy,
+GPA_HD void scan_banded(const float* entries, const int* band_count, const BandStop& stop, float qx, float qy,
                         float qz, TopKRegs<Capacity>& best) {
   int64_t s = 0;
   for (int j = 0; j < kCellBands; ++j) {
-    if (band_floor(bound, j) > best.worst) break;
+    if (stop.stops(j, best.worst)) break;
     const int64_t end = s + band_count[j];
     if (Prefetch && s < end) {
       ListEntry next = load_entry(entries, s);
@@ -276,7 +362,7 @@ GPA_HD void scan_banded(const float* entries, const int* band_count, float bound
 // entry had K lexicographically smaller ones, and an entry never appended has
 // d > limit >= the final K-th distance, so the K nearest (ties by index) are
 // exactly those of the brute-force scan.  The band stop applies from the first
-// band: band_floor(bound, j) > limit ends the scan.
+// band: stops(j, limit) ends the scan.
 //
 // buf_d / buf_i: `cap` slots (cap > K) at stride `stride` (shared memory,
 // interleaved across the threads of a block, on the GPU).
@@ -286,7 +372,7 @@ GPA_HD void select_buffer(float* buf_d, int* buf_i, int stride, int n, TopKRegs<
 }
 
 template <int Capacity>
-GPA_HD void scan_buffered(const float* entries, const int* band_count, float bound, const float* seeds,
+GPA_HD void scan_buffered(const float* entries, const int* band_count, const BandStop& stop, const float* seeds,
                           float qx, float qy, float qz, float* buf_d, int* buf_i, int stride, int cap,
                           TopKRegs<Capacity>& best) {
   const int K = best.k;
@@ -298,7 +384,7 @@ GPA_HD void scan_buffered(const float* entries, const int* band_count, float bou
   int n = 0;
   int64_t s = 0;
   for (int band = 0; band < kCellBands; ++band) {
-    if (band_floor(bound, band) > limit) break;
+    if (stop.stops(band, limit)) break;
     const int64_t end = s + band_count[band];
     for (; s < end; ++s) {
       int i;
@@ -409,6 +495,7 @@ struct CellKnnCuda {
   int64_t B, M, P;
   int K, G;
   bool two_level;          // lists of G^3 cells from the lists of their parents (above)
+  int list_order;          // kOrderBox / kOrderCentre (written to geom by the build; the search reads geom)
   int parent_cap;          // <= kParentCap (smaller in tests: forces the fallback)
 };
 

@@ -83,7 +83,7 @@ inline int parent_of(int G, int c) {
 // index built once for several query sets: knn_index).
 inline void build(Lists& L, const float* queries, const float* points, int64_t B, int64_t M, int64_t P,
                   int K, int G, int64_t per_cell, bool two_level = false, int parent_cap = kParentCap,
-                  const float* query_box = nullptr) {
+                  const float* query_box = nullptr, int order = kOrderBox) {
   L.G = G;
   L.K = K;
   L.B = B;
@@ -117,6 +117,7 @@ inline void build(Lists& L, const float* queries, const float* points, int64_t B
         }
     }
     cell_grid_geometry(r, r + 3, r + 6, r + 9, G, L.geom.data() + b * kCellGeomStride);
+    L.geom[b * kCellGeomStride + kGeomOrder] = static_cast<float>(order);
   }
   // Candidates of each cell: every point, or its parent's list (two-level build).
   std::vector<std::vector<std::vector<int>>> parents(two_level ? B : 0);
@@ -158,9 +159,10 @@ inline void build(Lists& L, const float* queries, const float* points, int64_t B
         e[3] = int_bits_to_float(p);
       }
       int* bc = L.band_count.data() + slot * kCellBands;
+      const CentreBands frame = centre_bands(lo, hi, bound);
       for (const int p : src) {
         const float key = box_min_dist2(lo, hi, pts[3 * p], pts[3 * p + 1], pts[3 * p + 2]);
-        if (key <= bound) ++bc[band_of(key, bound)];
+        if (key <= bound) ++bc[list_band(order, frame, key, bound, pts[3 * p], pts[3 * p + 1], pts[3 * p + 2])];
       }
       int total = 0;
       for (int j = 0; j < kCellBands; ++j) total += bc[j];
@@ -179,6 +181,7 @@ inline void build(Lists& L, const float* queries, const float* points, int64_t B
       float lo[3], hi[3];
       cell_box(L.geom.data() + b * kCellGeomStride, G, static_cast<int>(slot % cells), lo, hi);
       const float bound = L.bound[slot];
+      const CentreBands frame = centre_bands(lo, hi, bound);
       int64_t run[kCellBands];
       int64_t at = L.offset[slot];
       for (int j = 0; j < kCellBands; ++j) {
@@ -188,7 +191,8 @@ inline void build(Lists& L, const float* queries, const float* points, int64_t B
       for (const int p : source(slot)) {
         const float key = box_min_dist2(lo, hi, pts[3 * p], pts[3 * p + 1], pts[3 * p + 2]);
         if (!(key <= bound)) continue;
-        float* e = L.entries.data() + 4 * run[band_of(key, bound)]++;
+        float* e = L.entries.data() + 4 * run[list_band(order, frame, key, bound, pts[3 * p], pts[3 * p + 1],
+                                                        pts[3 * p + 2])]++;
         e[0] = pts[3 * p];
         e[1] = pts[3 * p + 1];
         e[2] = pts[3 * p + 2];
@@ -230,15 +234,16 @@ bool search(const View& L, int64_t b, float qx, float qy, float qz, bool buffere
   TopKRegs<Capacity> best(L.K);
   const float* entries = L.entries + 4 * L.offset[slot];
   const int* bc = L.band_count + slot * kCellBands;
+  const BandStop stop = band_stop(L.geom + b * kCellGeomStride, L.G, c, L.bound[slot], qx, qy, qz);
   if (buffered) {
     std::vector<float> buf_d(cap);
     std::vector<int> buf_i(cap);
-    scan_buffered(entries, bc, L.bound[slot], L.seeds + 4 * slot * L.K, qx, qy, qz, buf_d.data(),
-                  buf_i.data(), 1, cap, best);
+    scan_buffered(entries, bc, stop, L.seeds + 4 * slot * L.K, qx, qy, qz, buf_d.data(), buf_i.data(), 1, cap,
+                  best);
   } else if (unrolled) {
-    scan_banded<Capacity, true>(entries, bc, L.bound[slot], qx, qy, qz, best);
+    scan_banded<Capacity, true>(entries, bc, stop, qx, qy, qz, best);
   } else {
-    scan_banded(entries, bc, L.bound[slot], qx, qy, qz, best);
+    scan_banded(entries, bc, stop, qx, qy, qz, best);
   }
   for (int j = 0; j < L.K; ++j) {
     dist[j] = best.dist[j];

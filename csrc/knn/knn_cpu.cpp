@@ -171,6 +171,14 @@ Build cuda_build() {
   return name == "flat" ? Build::kFlat : (name == "one_pass" ? Build::kOnePass : Build::kTwoLevel);
 }
 
+int cuda_list_order() {
+  const char* env = std::getenv("GPAVATAR_KNN_CUDA_ORDER");
+  const std::string name = env == nullptr ? "" : env;
+  TORCH_CHECK_VALUE(name.empty() || name == "box" || name == "centre",
+                    msg("GPAVATAR_KNN_CUDA_ORDER must be box or centre, got '", name, "'"));
+  return name == "centre" ? kOrderCentre : kOrderBox;
+}
+
 namespace {
 
 // Cells per axis of the CPU lists: the build grows as G^3, the scan shrinks with G.
@@ -255,7 +263,7 @@ std::vector<at::Tensor> knn_index_cpu(const at::Tensor& points_in, const at::Ten
   cuda_layout::build(L, nullptr, points.data_ptr<float>(), B, 0, P, static_cast<int>(K), G, per_cell,
                      cuda_build() != Build::kFlat,
                      static_cast<int>(env_int("GPAVATAR_KNN_PARENT_CAP", kParentCap, 0, kParentCap)),
-                     query_box.data_ptr<float>());
+                     query_box.data_ptr<float>(), cuda_list_order());
   const auto f32 = points.options();
   auto from = [](const auto& v, at::TensorOptions o) {
     return at::from_blob(const_cast<void*>(static_cast<const void*>(v.data())), {static_cast<int64_t>(v.size())},
@@ -334,12 +342,15 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
     const int cuda_cells = static_cast<int>(env_int("GPAVATAR_KNN_CELLS", kCudaCells, 1, 32));
     const int64_t per_cell = env_int("GPAVATAR_KNN_CELL_BUDGET", cuda_budget_per_cell(cuda_cells), 0, int64_t{1} << 20);
     const bool two_level = cuda_build() != Build::kFlat;
+    const int order = cuda_list_order();
     cuda_layout::build(lists, q, points.data_ptr<float>(), B, M, P, k, cuda_cells, per_cell, two_level,
-                       static_cast<int>(env_int("GPAVATAR_KNN_PARENT_CAP", kParentCap, 0, kParentCap)));
+                       static_cast<int>(env_int("GPAVATAR_KNN_PARENT_CAP", kParentCap, 0, kParentCap)), nullptr,
+                       order);
     if (two_level && env_int("GPAVATAR_KNN_VERIFY_LISTS", 0, 0, 1) == 1) {
       // Tests: the two-level lists must be those of the flat build, entry for entry.
       cuda_layout::Lists flat;
-      cuda_layout::build(flat, q, points.data_ptr<float>(), B, M, P, k, cuda_cells, per_cell);
+      cuda_layout::build(flat, q, points.data_ptr<float>(), B, M, P, k, cuda_cells, per_cell, false, kParentCap,
+                         nullptr, order);
       TORCH_CHECK(flat.bound == lists.bound && flat.band_count == lists.band_count &&
                       flat.offset == lists.offset && flat.entries == lists.entries,
                   "knn: the two-level cell lists differ from the flat build's");
