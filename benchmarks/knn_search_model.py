@@ -101,8 +101,27 @@ def scan_centre(d: np.ndarray, r: np.ndarray, s: float, K: int, bands: int = 0,
     return len(d), ins
 
 
+def pooled(work: list, refill: int) -> tuple[int, int]:
+    """(steps, steps with an insert) of a warp whose 32 lanes take the queries of ``work`` (each its
+    (entries scanned, insert flags)) in order, a lane taking the next one as soon as it is done
+    (``refill`` steps to load it)."""
+    free = [(0, lane) for lane in range(32)]
+    heapq.heapify(free)
+    insert_at = np.zeros(0, bool)
+    end = 0
+    for n, ins in work:
+        start, lane = heapq.heappop(free)
+        stop = start + n
+        if len(insert_at) < stop:
+            insert_at = np.concatenate([insert_at, np.zeros(stop - len(insert_at), bool)])
+        insert_at[start:stop] |= ins[:n]
+        end = max(end, stop)
+        heapq.heappush(free, (stop + refill, lane))
+    return end, int(insert_at.sum())
+
+
 def model(q: np.ndarray, p: np.ndarray, G: int, K: int, warps: int, seed: int = 0, list_order: str = "box",
-          bands: int = BANDS, sub: str = "none") -> dict:
+          bands: int = BANDS, sub: str = "none", pool: int = 32, refill: int = 2) -> dict:
     lo, cell = grid(q, p, G)
     c3 = np.clip(((q - lo) / cell).astype(int), 0, G - 1)
     cid = (c3[:, 2] * G + c3[:, 1]) * G + c3[:, 0]
@@ -116,12 +135,13 @@ def model(q: np.ndarray, p: np.ndarray, G: int, K: int, warps: int, seed: int = 
     else:
         order = np.argsort(cid, kind="stable")
     lists: dict[int, tuple] = {}
-    starts = np.random.default_rng(seed).integers(0, len(q) // 32, warps) * 32
+    starts = np.random.default_rng(seed).integers(0, len(q) // pool, warps) * pool
     scanned = inserts = steps = insert_steps = lanes = 0
     lengths = []
     for s0 in starts:
         runs: dict[int, list[int]] = {}
-        for qi in order[s0:s0 + 32]:
+        work = {}
+        for qi in order[s0:s0 + pool]:
             runs.setdefault(int(cid[qi]), []).append(qi)
         # Lanes of other cells run the same loop over their own list (no serialisation): the
         # warp's steps are its slowest lane's, an insert step is a position where some lane inserts.
@@ -150,12 +170,18 @@ def model(q: np.ndarray, p: np.ndarray, G: int, K: int, warps: int, seed: int = 
                     n, ins = scan_centre(d, r[by_r], float(np.sqrt(((q[qi] - centre) ** 2).sum())), K,
                                          bands=bands if list_order == "centre-bands" else 0, edges=edges)
                 scanned, inserts, lanes = scanned + n, inserts + int(ins[:n].sum()), lanes + 1
+                work[qi] = (n, ins)
                 longest = max(longest, n)
                 if len(insert_at) < n:
                     insert_at = np.concatenate([insert_at, np.zeros(n - len(insert_at), bool)])
                 insert_at[:n] |= ins[:n]
-        steps += longest
-        insert_steps += int(insert_at.sum())
+        if pool > 32:  # lanes take the next query when done (per 32 queries below)
+            longest, n_ins = pooled([work[qi] for qi in order[s0:s0 + pool]], refill)
+            steps += longest * 32 / pool
+            insert_steps += n_ins * 32 / pool
+        else:
+            steps += longest
+            insert_steps += int(insert_at.sum())
     return dict(G=G, list=float(np.mean(lengths)), scanned=scanned / lanes,
                 inserts=inserts / lanes, warp_steps=steps / warps, insert_steps=insert_steps / warps,
                 lane_use=scanned / lanes / (steps / warps))
@@ -175,6 +201,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bands", type=int, default=BANDS, help="bands of r for --order centre-bands")
     ap.add_argument("--sub", choices=("none", "octant", "radius"), default="none",
                     help="query order within a cell: as given, by octant, or by 4 bands of distance from the centre")
+    ap.add_argument("--pool", type=int, default=32,
+                    help="queries a warp takes at once (> 32: a lane takes the next one when done, 2 steps to "
+                         "load it; steps are then given per 32 queries)")
     args = ap.parse_args(argv)
     q, p = _distributions.make_queries(args.dist, 1, args.M, args.P, device=torch.device("cpu"))
     q, p = q[0].double().numpy(), p[0].double().numpy()
@@ -184,7 +213,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|")
     for G in (int(g) for g in args.grids.split(",")):
         r = model(q, p, G, args.K, args.warps, list_order=args.order, bands=args.bands,
-                  sub=args.sub)
+                  sub=args.sub, pool=args.pool)
         print(f"| {G} | {r['list']:.0f} | {r['scanned']:.0f} | {r['inserts']:.1f} | {r['warp_steps']:.0f} | "
               f"{r['insert_steps']:.0f} | {r['lane_use']:.0%} |")
     return 0

@@ -90,7 +90,8 @@ Build cuda_build();
 // GPAVATAR_KNN_CUDA_ORDER = box (default: bands of mindist^2 to the cell's box) | centre (bands
 // of the distance from the cell's centre: knn_cells.h; not yet timed on a GPU, tried by the
 // real-time tuner): the band order of the lists the CUDA path (and GPAVATAR_KNN_LAYOUT=cuda)
-// builds; an index records its order, and its searches follow it.  Returns kOrderBox /
+// builds and searches (each compiled for one order); an index records its order, and a search
+// under the other one sends its queries to the brute-force scan (exact).  Returns kOrderBox /
 // kOrderCentre of knn_cells.h.
 int cuda_list_order();
 // An integer environment variable in [lo, hi] (fallback when unset); a ValueError otherwise.

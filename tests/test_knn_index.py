@@ -223,3 +223,20 @@ def test_one_pass_index_holds_the_two_level_lists(cuda_layout, device, budget, m
     if device == "cpu":
         for a, b in zip(built["two_level"].tensors, built["one_pass"].tensors):
             assert torch.equal(a, b)
+
+
+@requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_index_keeps_its_order(cuda_layout, device, monkeypatch):
+    """An index records the band order it was built in (GPAVATAR_KNN_CUDA_ORDER); a search run under
+    the other order sends those queries to the brute-force scan: still the reference's neighbours."""
+    pts = make_points(2, 400, seed=6, device=device)
+    q = make_queries(2, 500, pts, seed=7, device=device)
+    rd, ri = knn_reference(q.cpu(), pts.cpu(), 8)
+    for built, searched in (("centre", "box"), ("box", "centre"), ("centre", "centre")):
+        monkeypatch.setenv("GPAVATAR_KNN_CUDA_ORDER", built)
+        index = ops.knn_index(pts, 8, queries=q, backend=backend(device))
+        assert index.tensors[0].view(2, -1)[:, 12].tolist() == [float(built == "centre")] * 2  # kGeomOrder
+        monkeypatch.setenv("GPAVATAR_KNN_CUDA_ORDER", searched)
+        d, i = ops.knn(q, pts, 8, backend=backend(device), index=index)
+        assert torch.equal(i.cpu(), ri) and torch.equal(d.cpu(), rd)

@@ -132,7 +132,7 @@ __device__ void keep_k_smallest(float (&own)[Capacity], int (&own_i)[Capacity], 
 //   index order, within a band), when it fits in `budget` entries;
 // kListBoth: kListCount, then room for the list reserved on the counter offset[B * G^3]
 //   (offset[cell] = its start, or -1 when it does not fit), then kListFill.
-template <int Capacity, typename Source>
+template <int Capacity, int Order, typename Source>
 __device__ void cell_list_warp(const Source& src, const float* __restrict__ pts, const float* __restrict__ g,
                                int G, int cell, int64_t slot, int* __restrict__ count,
                                float* __restrict__ cell_bound, int* __restrict__ band_count,
@@ -175,8 +175,9 @@ __device__ void cell_list_warp(const Source& src, const float* __restrict__ pts,
       at += bc[j];
     }
   }
-  const int order = g[kGeomOrder] == static_cast<float>(kOrderCentre) ? kOrderCentre : kOrderBox;
-  const CentreBands frame = centre_bands(lo, hi, bound);
+  // (Order: geom[kGeomOrder], which the geometry kernel wrote from the same setting; the box
+  // order never reads the frame.)
+  const CentreBands frame = Order == kOrderCentre ? centre_bands(lo, hi, bound) : CentreBands{};
   if (pass == kListBoth) {
     // Count the list (one pass over the source), reserve its room, then fill it below.
     for (int64_t base = 0; base < src.n; base += 32) {
@@ -187,7 +188,7 @@ __device__ void cell_list_warp(const Source& src, const float* __restrict__ pts,
         src.load(s, x, y, z, p);
         key = box_min_dist2(lo, hi, x, y, z);
       }
-      const int band = s < src.n && key <= bound ? list_band(order, frame, key, bound, x, y, z) : -1;
+      const int band = s < src.n && key <= bound ? list_band(Order, frame, key, bound, x, y, z) : -1;
 #pragma unroll
       for (int j = 0; j < kCellBands; ++j) run[j] += __popc(__ballot_sync(kFull, band == j));
     }
@@ -224,7 +225,7 @@ __device__ void cell_list_warp(const Source& src, const float* __restrict__ pts,
       key = box_min_dist2(lo, hi, x, y, z);
     }
     const bool keep = s < src.n && key <= bound;
-    const int band = keep ? list_band(order, frame, key, bound, x, y, z) : -1;
+    const int band = keep ? list_band(Order, frame, key, bound, x, y, z) : -1;
 #pragma unroll
     for (int j = 0; j < kCellBands; ++j) {
       const unsigned mask = __ballot_sync(kFull, band == j);
@@ -248,7 +249,7 @@ __device__ void cell_list_warp(const Source& src, const float* __restrict__ pts,
 }
 
 // One warp per (cell, batch element), every point a candidate.
-template <int Capacity>
+template <int Capacity, int Order>
 __global__ void lists_kernel(const float* __restrict__ points,  // [B, P, 3]
                              const float* __restrict__ geom,    // [B, kCellGeomStride]
                              int* __restrict__ count,           // [B, G^3]
@@ -263,7 +264,7 @@ __global__ void lists_kernel(const float* __restrict__ points,  // [B, P, 3]
   const int64_t cell = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (cell >= cells) return;  // whole warps leave together
   const float* pts = points + b * P * 3;
-  cell_list_warp<Capacity>(PointSource{pts, P}, pts, geom + kCellGeomStride * b, G, static_cast<int>(cell),
+  cell_list_warp<Capacity, Order>(PointSource{pts, P}, pts, geom + kCellGeomStride * b, G, static_cast<int>(cell),
                            b * cells + cell, count, cell_bound, band_count, seeds, offset, gridDim.y * cells, cand,
                            budget, K, pass);
 }
@@ -275,7 +276,7 @@ __global__ void lists_kernel(const float* __restrict__ points,  // [B, P, 3]
 // and "fill") rebuild the parent's list the same way.
 constexpr int kParentThreads = 32 * kParentChunks;
 
-template <int Capacity>
+template <int Capacity, int Order>
 __global__ void __launch_bounds__(kParentThreads)
     lists_two_level_kernel(const float* __restrict__ points, const float* __restrict__ geom,
                            int* __restrict__ count, float* __restrict__ cell_bound,
@@ -338,10 +339,10 @@ __global__ void __launch_bounds__(kParentThreads)
   if (child < 0) return;  // past the grid's edge (no block-wide synchronisation below)
   const int64_t slot = b * cells + child;
   if (total <= parent_cap) {
-    cell_list_warp<Capacity>(EntrySource{parent, total}, pts, g, G, child, slot, count, cell_bound, band_count,
+    cell_list_warp<Capacity, Order>(EntrySource{parent, total}, pts, g, G, child, slot, count, cell_bound, band_count,
                              seeds, offset, gridDim.y * cells, cand, budget, K, pass);
   } else {
-    cell_list_warp<Capacity>(PointSource{pts, P}, pts, g, G, child, slot, count, cell_bound, band_count, seeds,
+    cell_list_warp<Capacity, Order>(PointSource{pts, P}, pts, g, G, child, slot, count, cell_bound, band_count, seeds,
                              offset, gridDim.y * cells, cand, budget, K, pass);
   }
 }
@@ -352,14 +353,15 @@ __global__ void bucket_count_kernel(const float* __restrict__ queries,  // [B, M
                                     const int64_t* __restrict__ offset,  // [B * G^3 + 1]
                                     int* __restrict__ bucket_of,          // [B, M]
                                     int* __restrict__ bucket_count,       // [B, G^3 + 1]
-                                    int64_t budget, int64_t B, int64_t M, int G) {
+                                    int64_t budget, int64_t B, int64_t M, int G, int order) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= B * M) return;
   const int64_t b = i / M;
   const int64_t cells = static_cast<int64_t>(G) * G * G;
-  int c = query_cell(geom + kCellGeomStride * b, G, queries[3 * i], queries[3 * i + 1],
-                     queries[3 * i + 2]);
-  if (c >= 0 && offset[b * cells + c] < 0) c = -1;  // the list overflowed
+  const float* g = geom + kCellGeomStride * b;
+  int c = query_cell(g, G, queries[3 * i], queries[3 * i + 1], queries[3 * i + 2]);
+  // The list overflowed, or was built in another order than the search's.
+  if (c >= 0 && (offset[b * cells + c] < 0 || grid_order(g) != order)) c = -1;
   const int bucket = c < 0 ? static_cast<int>(cells) : c;
   bucket_of[i] = bucket;
   atomicAdd(bucket_count + b * (cells + 1) + bucket, 1);
@@ -379,7 +381,7 @@ __global__ void bucket_scatter_kernel(const int* __restrict__ bucket_of,
 // One thread per query in bucket order.  Buffered: scan_buffered with each
 // thread's buffer in shared memory (Cap slots, interleaved across the block's
 // threads: conflict-free); else scan_banded (Prefetch: the next entry loaded early).
-template <int Capacity, bool Buffered, int Cap, int Threads, bool Prefetch = false>
+template <int Capacity, bool Buffered, int Cap, int Threads, bool Prefetch, int Order>
 __global__ void __launch_bounds__(Threads, Prefetch && Capacity <= 8 ? 3 : 1)
     search_kernel(const float* __restrict__ queries, const float* __restrict__ points,
                   const int* __restrict__ order, const int* __restrict__ bucket_of,
@@ -406,7 +408,7 @@ __global__ void __launch_bounds__(Threads, Prefetch && Capacity <= 8 ? 3 : 1)
     return;
   }
   const int64_t slot = b * cells + bucket;
-  const BandStop stop = band_stop(geom + kCellGeomStride * b, G, bucket, cell_bound[slot], qx, qy, qz);
+  const BandStop<Order> stop = band_stop<Order>(geom + kCellGeomStride * b, G, bucket, cell_bound[slot], qx, qy, qz);
   TopKRegs<Capacity> best(K);
   if constexpr (Buffered) {
     scan_buffered(cand + 4 * offset[slot], band_count + slot * kCellBands, stop, seeds + 4 * slot * K, qx, qy,
@@ -426,22 +428,31 @@ __global__ void __launch_bounds__(Threads, Prefetch && Capacity <= 8 ? 3 : 1)
 
 inline unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
 
-template <int Capacity>
+template <int Capacity, int Order>
 void launch_lists(const CellKnnCuda& a, int pass, cudaStream_t s) {
   const int64_t cells = static_cast<int64_t>(a.G) * a.G * a.G;
   if (a.two_level) {
     const int Gp = parent_cells(a.G);
     const dim3 grid(static_cast<unsigned>(Gp * Gp * Gp), static_cast<unsigned>(a.B));
-    lists_two_level_kernel<Capacity><<<grid, kParentThreads, 0, s>>>(a.points, a.geom, a.count, a.cell_bound,
-                                                                     a.band_count, a.seeds, a.offset, a.cand,
-                                                                     a.budget, a.P, a.G, a.K, pass, a.parent_cap);
+    lists_two_level_kernel<Capacity, Order><<<grid, kParentThreads, 0, s>>>(
+        a.points, a.geom, a.count, a.cell_bound, a.band_count, a.seeds, a.offset, a.cand, a.budget, a.P, a.G, a.K,
+        pass, a.parent_cap);
     return;
   }
   const dim3 grid(static_cast<unsigned>((cells + kWarpsPerBlock - 1) / kWarpsPerBlock),
                   static_cast<unsigned>(a.B));
-  lists_kernel<Capacity><<<grid, 32 * kWarpsPerBlock, 0, s>>>(a.points, a.geom, a.count, a.cell_bound,
-                                                              a.band_count, a.seeds, a.offset, a.cand, a.budget,
-                                                              a.P, a.G, a.K, pass);
+  lists_kernel<Capacity, Order><<<grid, 32 * kWarpsPerBlock, 0, s>>>(a.points, a.geom, a.count, a.cell_bound,
+                                                                     a.band_count, a.seeds, a.offset, a.cand,
+                                                                     a.budget, a.P, a.G, a.K, pass);
+}
+
+template <int Capacity>
+void launch_lists(const CellKnnCuda& a, int pass, cudaStream_t s) {
+  if (a.list_order == kOrderCentre) {
+    launch_lists<Capacity, kOrderCentre>(a, pass, s);
+  } else {
+    launch_lists<Capacity, kOrderBox>(a, pass, s);
+  }
 }
 
 }  // namespace
@@ -466,7 +477,7 @@ int launch_cell_bucket_cuda(const CellKnnCuda& a, bool scatter, void* stream) {
   const unsigned blocks = blocks_for(a.B * a.M);
   if (!scatter) {
     bucket_count_kernel<<<blocks, kThreads, 0, s>>>(a.queries, a.geom, a.offset, a.query_cell,
-                                                    a.bucket_count, a.budget, a.B, a.M, a.G);
+                                                    a.bucket_count, a.budget, a.B, a.M, a.G, a.list_order);
   } else {
     bucket_scatter_kernel<<<blocks, kThreads, 0, s>>>(a.query_cell, a.bucket_start, a.bucket_fill,
                                                       a.order, a.B, a.M, a.G);
@@ -477,10 +488,16 @@ int launch_cell_bucket_cuda(const CellKnnCuda& a, bool scatter, void* stream) {
 template <int Capacity, bool Buffered, int Cap, int Threads, bool Prefetch = false>
 void launch_search(const CellKnnCuda& a, cudaStream_t s) {
   const int64_t n = a.B * a.M;
-  search_kernel<Capacity, Buffered, Cap, Threads, Prefetch><<<static_cast<unsigned>((n + Threads - 1) / Threads), Threads,
-                                                      0, s>>>(
-      a.queries, a.points, a.order, a.query_cell, a.geom, a.offset, a.cand, a.cell_bound, a.band_count, a.seeds,
-      a.dist2, a.idx, a.B, a.M, a.P, a.G, a.K);
+  const unsigned blocks = static_cast<unsigned>((n + Threads - 1) / Threads);
+  if (a.list_order == kOrderCentre) {
+    search_kernel<Capacity, Buffered, Cap, Threads, Prefetch, kOrderCentre><<<blocks, Threads, 0, s>>>(
+        a.queries, a.points, a.order, a.query_cell, a.geom, a.offset, a.cand, a.cell_bound, a.band_count, a.seeds,
+        a.dist2, a.idx, a.B, a.M, a.P, a.G, a.K);
+  } else {
+    search_kernel<Capacity, Buffered, Cap, Threads, Prefetch, kOrderBox><<<blocks, Threads, 0, s>>>(
+        a.queries, a.points, a.order, a.query_cell, a.geom, a.offset, a.cand, a.cell_bound, a.band_count, a.seeds,
+        a.dist2, a.idx, a.B, a.M, a.P, a.G, a.K);
+  }
 }
 
 int launch_cell_search_cuda(const CellKnnCuda& a, void* stream) {

@@ -139,7 +139,9 @@ GPA_HD void scan_all(const float* points, int64_t P, float qx, float qy, float q
 // --- Banded lists (the CUDA path) ---------------------------------------------
 // A cell's list is stored band after band, in index order within a band; a query
 // stops before the first band that cannot hold one of its K neighbours.  Two
-// orders (GPAVATAR_KNN_CUDA_ORDER; the index records its own in geom[kGeomOrder]):
+// orders (GPAVATAR_KNN_CUDA_ORDER, read by the build and the search: the lists
+// record theirs in geom[kGeomOrder], and a search of the other order sends their
+// queries to the brute-force scan, still exact):
 //
 // box (the default): by key = mindist^2(p, cell box), band j holding the keys in
 // [band_floor(bound, j), band_floor(bound, j + 1)) (the last band is open above),
@@ -211,35 +213,44 @@ GPA_HD int list_band(int order, const CentreBands& f, float key, float bound, fl
   return band;
 }
 
-// Where a query stops scanning a list: before band j once stops(j, worst).
+// Where a query stops scanning a list: before band j once stops(j, worst).  Box order:
+template <int Order>
 struct BandStop {
-  int order;
-  float bound;       // box order: the list's admission bound
-  CentreBands f;     // centre order: the frame of the cell
-  float reach;       // centre order: |x - c| (1 + 1e-5)
+  float bound;  // the list's admission bound
+  GPA_HD bool stops(int j, float worst) const { return band_floor(bound, j) > worst; }
+};
 
+// Centre order: the band edges of the cell, and the query's |x - c| (1 + 1e-5).
+template <>
+struct BandStop<kOrderCentre> {
+  CentreBands f;
+  float reach;
   GPA_HD bool stops(int j, float worst) const {
-    if (order != kOrderCentre) return band_floor(bound, j) > worst;
     const float gap = mul_rn(centre_edge(f, j), 1.0f - 1e-5f) - reach;
     return j > 0 && gap > 0.0f && gap * gap > candidate_bound(worst);
   }
 };
 
-// The stop of a query (qx, qy, qz) in `cell` of the grid `geom` (order geom[kGeomOrder]).
-GPA_HD BandStop band_stop(const float* geom, int G, int cell, float bound, float qx, float qy, float qz) {
-  BandStop stop;
-  stop.order = geom[kGeomOrder] == static_cast<float>(kOrderCentre) ? kOrderCentre : kOrderBox;
-  stop.bound = bound;
-  stop.reach = 0.0f;
-  if (stop.order == kOrderCentre) {
+// The stop of a query (qx, qy, qz) in `cell` of the grid `geom` whose list has admission
+// bound `bound` (the caller checked that geom[kGeomOrder] is Order).
+template <int Order>
+GPA_HD BandStop<Order> band_stop(const float* geom, int G, int cell, float bound, float qx, float qy, float qz) {
+  if constexpr (Order == kOrderCentre) {
     float lo[3], hi[3];
     cell_box(geom, G, cell, lo, hi);
+    BandStop<kOrderCentre> stop;
     stop.f = centre_bands(lo, hi, bound);
     stop.reach = sqrtf(squared_distance(qx, qy, qz, stop.f.c[0], stop.f.c[1], stop.f.c[2])) * (1.0f + 1e-5f);
+    return stop;
   } else {
-    stop.f = CentreBands{{0.0f, 0.0f, 0.0f}, 0.0f, 0.0f};
+    return BandStop<Order>{bound};
   }
-  return stop;
+}
+
+// The order a grid's lists were built in (geom[kGeomOrder]; -1 for anything else).
+GPA_HD int grid_order(const float* geom) {
+  const float o = geom[kGeomOrder];
+  return o == static_cast<float>(kOrderBox) ? kOrderBox : (o == static_cast<float>(kOrderCentre) ? kOrderCentre : -1);
 }
 
 // The K smallest (distance, index) pairs in lexicographic order, for candidates
@@ -328,8 +339,8 @@ GPA_HD ListEntry load_entry(const float* entries, int64_t s) {
 // before the current one is offered, so a load is in flight while the thread
 // works (the plain loop waits on every entry's load); the offers are the same,
 // in the same order.
-template <int Capacity, bool Prefetch = false>
-GPA_HD void scan_banded(const float* entries, const int* band_count, const BandStop& stop, float qx, float qy,
+template <int Capacity, bool Prefetch = false, typename Stop>
+GPA_HD void scan_banded(const float* entries, const int* band_count, const Stop& stop, float qx, float qy,
                         float qz, TopKRegs<Capacity>& best) {
   int64_t s = 0;
   for (int j = 0; j < kCellBands; ++j) {
@@ -371,8 +382,8 @@ GPA_HD void select_buffer(float* buf_d, int* buf_i, int stride, int n, TopKRegs<
   for (int t = 0; t < n; ++t) best.offer(buf_d[t * stride], buf_i[t * stride]);
 }
 
-template <int Capacity>
-GPA_HD void scan_buffered(const float* entries, const int* band_count, const BandStop& stop, const float* seeds,
+template <int Capacity, typename Stop>
+GPA_HD void scan_buffered(const float* entries, const int* band_count, const Stop& stop, const float* seeds,
                           float qx, float qy, float qz, float* buf_d, int* buf_i, int stride, int cap,
                           TopKRegs<Capacity>& best) {
   const int K = best.k;
@@ -495,7 +506,8 @@ struct CellKnnCuda {
   int64_t B, M, P;
   int K, G;
   bool two_level;          // lists of G^3 cells from the lists of their parents (above)
-  int list_order;          // kOrderBox / kOrderCentre (written to geom by the build; the search reads geom)
+  int list_order;          // kOrderBox / kOrderCentre: the lists' order (the build writes it to geom) and the
+                           // order the search is compiled for (lists of another order: brute force)
   int parent_cap;          // <= kParentCap (smaller in tests: forces the fallback)
 };
 

@@ -224,17 +224,12 @@ inline View view(const Lists& L) {
 
 // The K nearest of query qi = b * M + m into (dist, idx); false when the CUDA
 // path would give it to the brute-force bucket (outside the grid, overflow).
-template <int Capacity>
-bool search(const View& L, int64_t b, float qx, float qy, float qz, bool buffered, bool unrolled, int cap,
-            float* dist, int64_t* idx) {
-  const int c = query_cell(L.geom + b * kCellGeomStride, L.G, qx, qy, qz);
-  if (c < 0) return false;
-  const int64_t slot = b * L.cells + c;
-  if (L.offset[slot] < 0) return false;  // overflow
-  TopKRegs<Capacity> best(L.K);
+template <int Capacity, int Order>
+void scan(const View& L, int64_t slot, int c, const float* geom, float qx, float qy, float qz, bool buffered,
+          bool unrolled, int cap, TopKRegs<Capacity>& best) {
   const float* entries = L.entries + 4 * L.offset[slot];
   const int* bc = L.band_count + slot * kCellBands;
-  const BandStop stop = band_stop(L.geom + b * kCellGeomStride, L.G, c, L.bound[slot], qx, qy, qz);
+  const BandStop<Order> stop = band_stop<Order>(geom, L.G, c, L.bound[slot], qx, qy, qz);
   if (buffered) {
     std::vector<float> buf_d(cap);
     std::vector<int> buf_i(cap);
@@ -243,7 +238,24 @@ bool search(const View& L, int64_t b, float qx, float qy, float qz, bool buffere
   } else if (unrolled) {
     scan_banded<Capacity, true>(entries, bc, stop, qx, qy, qz, best);
   } else {
-    scan_banded(entries, bc, stop, qx, qy, qz, best);
+    scan_banded<Capacity, false>(entries, bc, stop, qx, qy, qz, best);
+  }
+}
+
+// order: the search's (GPAVATAR_KNN_CUDA_ORDER); lists built in another go to the brute force.
+template <int Capacity>
+bool search(const View& L, int64_t b, float qx, float qy, float qz, bool buffered, bool unrolled, int cap,
+            int order, float* dist, int64_t* idx) {
+  const float* geom = L.geom + b * kCellGeomStride;
+  const int c = query_cell(geom, L.G, qx, qy, qz);
+  if (c < 0) return false;
+  const int64_t slot = b * L.cells + c;
+  if (L.offset[slot] < 0 || grid_order(geom) != order) return false;  // overflow, or another order
+  TopKRegs<Capacity> best(L.K);
+  if (order == kOrderCentre) {
+    scan<Capacity, kOrderCentre>(L, slot, c, geom, qx, qy, qz, buffered, unrolled, cap, best);
+  } else {
+    scan<Capacity, kOrderBox>(L, slot, c, geom, qx, qy, qz, buffered, unrolled, cap, best);
   }
   for (int j = 0; j < L.K; ++j) {
     dist[j] = best.dist[j];

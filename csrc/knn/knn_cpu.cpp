@@ -229,6 +229,7 @@ void brute_force(const float* px, const float* py, const float* pz, int64_t P, f
 void search_view(const cuda_layout::View& lists, const float* q, int64_t B, int64_t M, int k, float* out_d,
                  int64_t* out_i, std::vector<int64_t>& rest) {
   const bool buffered = cuda_search_buffered(), unrolled = cuda_search_unrolled();
+  const int order = cuda_list_order();
   const int capacity = k <= 8 ? 8 : (k <= 16 ? 16 : kMaxK);
   const int cap = static_cast<int>(env_int("GPAVATAR_KNN_BUFFER", buffer_slots(capacity), k + 1, 1 << 16));
   std::vector<char> left(B * M, 0);
@@ -238,9 +239,10 @@ void search_view(const cuda_layout::View& lists, const float* q, int64_t B, int6
       float* d = out_d + qi * k;
       int64_t* i = out_i + qi * k;
       const bool ok =
-          capacity == 8 ? cuda_layout::search<8>(lists, qi / M, x, y, z, buffered, unrolled, cap, d, i)
-          : capacity == 16 ? cuda_layout::search<16>(lists, qi / M, x, y, z, buffered, unrolled, cap, d, i)
-                           : cuda_layout::search<kMaxK>(lists, qi / M, x, y, z, buffered, unrolled, cap, d, i);
+          capacity == 8 ? cuda_layout::search<8>(lists, qi / M, x, y, z, buffered, unrolled, cap, order, d, i)
+          : capacity == 16 ? cuda_layout::search<16>(lists, qi / M, x, y, z, buffered, unrolled, cap, order, d, i)
+                           : cuda_layout::search<kMaxK>(lists, qi / M, x, y, z, buffered, unrolled, cap, order, d,
+                                                        i);
       if (!ok) left[qi] = 1;
     }
   });

@@ -100,6 +100,7 @@ void search_index(const at::Tensor& queries, const at::Tensor& points, int64_t K
   a.seeds = x.seeds.data_ptr<float>();
   a.buffered = cuda_search_buffered();
   a.unrolled = cuda_search_unrolled();
+  a.list_order = cuda_list_order();  // lists of another order: their queries scan every point
   a.budget = x.cand.size(0);
   a.query_cell = bucket_of.data_ptr<int>();
   a.bucket_count = bucket_count.data_ptr<int>();
