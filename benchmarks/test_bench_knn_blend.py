@@ -287,3 +287,25 @@ def test_search_model_centre_order_stops_exactly():
     for order in ("centre", "centre-bands", "centre-fixed"):
         centre = KM.model(q, p, 8, K, warps=4, list_order=order)
         assert centre["scanned"] < box["scanned"] and 0 < centre["inserts"] < box["inserts"]
+
+
+def test_kernel_resources_parses_ptxas():
+    """kernel_resources: ptxas -v lines to rows (registers, stack, shared memory, the warps an SM's
+    registers allow), names shortened; with nvcc here, a real compile of one source."""
+    import shutil
+
+    import kernel_resources as KR
+
+    log = ("ptxas info    : Compiling entry function '_ZN8gpavatar3knn12_GLOBAL__N_113bucket_kernelEPKfi' for "
+           "'sm_90'\nptxas info    : Function properties for x\n    0 bytes stack frame\n"
+           "ptxas info    : Used 63 registers, used 1 barriers, 80 bytes cumulative stack size, 32768 bytes smem\n")
+    (row,) = KR.parse(log, "csrc/x.cu")
+    assert row["kernel"] == "bucket_kernel" and row["registers"] == 63 and row["stack_bytes"] == 80
+    assert row["smem_bytes"] == 32768 and row["warps_per_sm"] == 32
+    assert [KR.warps_per_sm(r) for r in (32, 64, 65, 80, 128, 255)] == [64, 32, 28, 25, 16, 8]
+    if shutil.which("c++filt"):
+        assert KR.short_name("_ZN8gpavatar3knn12_GLOBAL__N_113search_kernelILi8ELb0EEEvPKf") == \
+            "search_kernel<8, false>"
+    if KR.nvcc() is not None:
+        rows = KR.compile_resources(str(KR.ROOT) + "/csrc/rays/rays.cu", "sm_90", KR.nvcc())
+        assert rows and all(r["registers"] > 0 and r["source"] == "csrc/rays/rays.cu" for r in rows)

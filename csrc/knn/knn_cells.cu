@@ -17,7 +17,8 @@
 //           GPAVATAR_KNN_CUDA_BUILD=one_pass: the two-level build in one launch: a
 //           warp that has counted its list reserves room for it with one atomicAdd
 //           on a counter (offset[B * G^3]) and fills it at once, instead of a second
-//           launch that builds the parents' lists and scans them again.  The lists
+//           launch that builds the parents' lists and scans them again; compiled for
+//           4 blocks an SM (one wave of parents at G = 16).  The lists
 //           are the same, only their places in the storage depend on the order in
 //           which the warps reserve (so, where the budget runs out, which lists
 //           overflow); the search's results do not.
@@ -273,11 +274,15 @@ __global__ void lists_kernel(const float* __restrict__ points,  // [B, P, 3]
 // element) puts the parent's list in shared memory (an ordered block-wide
 // compaction: index order), then warp w builds child w's list from it (from every
 // point when the parent's list is longer than parent_cap).  Both passes ("count"
-// and "fill") rebuild the parent's list the same way.
+// and "fill") rebuild the parent's list the same way.  MinBlocks: 0 leaves the
+// registers to the compiler (80 at sm_90: 3 blocks an SM; an explicit 1 gives 94 and 2
+// blocks); the one-pass build asks for 4 (64 registers, a few bytes spilled): the 512
+// parents of G = 16 then fit in one wave on 132 SMs instead of 1.3
+// (benchmarks/kernel_resources.py).
 constexpr int kParentThreads = 32 * kParentChunks;
 
-template <int Capacity, int Order>
-__global__ void __launch_bounds__(kParentThreads)
+template <int Capacity, int Order, int MinBlocks>
+__global__ void __launch_bounds__(kParentThreads, MinBlocks)
     lists_two_level_kernel(const float* __restrict__ points, const float* __restrict__ geom,
                            int* __restrict__ count, float* __restrict__ cell_bound,
                            int* __restrict__ band_count, float* __restrict__ seeds,
@@ -434,9 +439,15 @@ void launch_lists(const CellKnnCuda& a, int pass, cudaStream_t s) {
   if (a.two_level) {
     const int Gp = parent_cells(a.G);
     const dim3 grid(static_cast<unsigned>(Gp * Gp * Gp), static_cast<unsigned>(a.B));
-    lists_two_level_kernel<Capacity, Order><<<grid, kParentThreads, 0, s>>>(
-        a.points, a.geom, a.count, a.cell_bound, a.band_count, a.seeds, a.offset, a.cand, a.budget, a.P, a.G, a.K,
-        pass, a.parent_cap);
+    if (pass == kListBoth) {
+      lists_two_level_kernel<Capacity, Order, 4><<<grid, kParentThreads, 0, s>>>(
+          a.points, a.geom, a.count, a.cell_bound, a.band_count, a.seeds, a.offset, a.cand, a.budget, a.P, a.G,
+          a.K, pass, a.parent_cap);
+    } else {
+      lists_two_level_kernel<Capacity, Order, 0><<<grid, kParentThreads, 0, s>>>(
+          a.points, a.geom, a.count, a.cell_bound, a.band_count, a.seeds, a.offset, a.cand, a.budget, a.P, a.G,
+          a.K, pass, a.parent_cap);
+    }
     return;
   }
   const dim3 grid(static_cast<unsigned>((cells + kWarpsPerBlock - 1) / kWarpsPerBlock),
