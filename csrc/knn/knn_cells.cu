@@ -18,10 +18,10 @@
 //           warp that has counted its list reserves room for it with one atomicAdd
 //           on a counter (offset[B * G^3]) and fills it at once, instead of a second
 //           launch that builds the parents' lists and scans them again; compiled for
-//           4 blocks an SM (one wave of parents at G = 16).  The lists
-//           are the same, only their places in the storage depend on the order in
-//           which the warps reserve (so, where the budget runs out, which lists
-//           overflow); the search's results do not.
+//           4 blocks an SM (one wave of parents at G = 16).  The lists are the same,
+//           only their places in the storage depend on the order in which the warps
+//           reserve (so, where the budget runs out, which lists overflow); the
+//           search's results do not.
 //   search: the queries' cells (outside the grid or overflowing: the brute-force
 //           bucket), bucketed by cell with a counting sort, then one thread per
 //           query in bucket order: the threads of a warp share a cell and read
@@ -266,8 +266,8 @@ __global__ void lists_kernel(const float* __restrict__ points,  // [B, P, 3]
   if (cell >= cells) return;  // whole warps leave together
   const float* pts = points + b * P * 3;
   cell_list_warp<Capacity, Order>(PointSource{pts, P}, pts, geom + kCellGeomStride * b, G, static_cast<int>(cell),
-                           b * cells + cell, count, cell_bound, band_count, seeds, offset, gridDim.y * cells, cand,
-                           budget, K, pass);
+                                  b * cells + cell, count, cell_bound, band_count, seeds, offset, gridDim.y * cells,
+                                  cand, budget, K, pass);
 }
 
 // Two-level build (knn_cells.h): one 256-thread block per (parent cell, batch
@@ -344,11 +344,11 @@ __global__ void __launch_bounds__(kParentThreads, MinBlocks)
   if (child < 0) return;  // past the grid's edge (no block-wide synchronisation below)
   const int64_t slot = b * cells + child;
   if (total <= parent_cap) {
-    cell_list_warp<Capacity, Order>(EntrySource{parent, total}, pts, g, G, child, slot, count, cell_bound, band_count,
-                             seeds, offset, gridDim.y * cells, cand, budget, K, pass);
+    cell_list_warp<Capacity, Order>(EntrySource{parent, total}, pts, g, G, child, slot, count, cell_bound,
+                                    band_count, seeds, offset, gridDim.y * cells, cand, budget, K, pass);
   } else {
-    cell_list_warp<Capacity, Order>(PointSource{pts, P}, pts, g, G, child, slot, count, cell_bound, band_count, seeds,
-                             offset, gridDim.y * cells, cand, budget, K, pass);
+    cell_list_warp<Capacity, Order>(PointSource{pts, P}, pts, g, G, child, slot, count, cell_bound, band_count,
+                                    seeds, offset, gridDim.y * cells, cand, budget, K, pass);
   }
 }
 
