@@ -257,6 +257,13 @@ class GraphedTrainStep:
     def __call__(self, images: torch.Tensor, points: torch.Tensor, transform: torch.Tensor, target: torch.Tensor,
                  bbox: torch.Tensor, *, single_source: bool) -> dict[str, torch.Tensor]:
         captured = self.prepare(images, points, transform, target, bbox, single_source=single_source)
+        return self.replay(captured, images, points, transform, target, bbox)
+
+    @staticmethod
+    def replay(captured: _Captured, images: torch.Tensor, points: torch.Tensor, transform: torch.Tensor,
+               target: torch.Tensor, bbox: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One step from the graph ``prepare`` returned for these inputs: they are copied into its
+        static inputs, then it replays (the update)."""
         for name, t in zip(INPUT_NAMES, (images, points, transform, target, bbox)):
             captured.inputs[name].copy_(t, non_blocking=True)
         return captured.replay()

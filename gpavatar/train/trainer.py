@@ -193,9 +193,9 @@ class Trainer:
         single = self.model.draw_single_source(self.generator)
         # a capture (first step, new hyperparameters) changes nothing when it fails: only the replay
         # is an update
-        self.graphed.prepare(images, points, transform, target, bbox, single_source=single)
+        captured = self.graphed.prepare(images, points, transform, target, bbox, single_source=single)
         self._updating = True
-        terms = self.graphed(images, points, transform, target, bbox, single_source=single)
+        terms = self.graphed.replay(captured, images, points, transform, target, bbox)
         logged = {k: float(v) for k, v in terms.items()}  # the step's one sync
         if not math.isfinite(logged["total"]):
             self._updating = False
