@@ -49,6 +49,15 @@ void check_contiguous_float(const at::Tensor& t, const char* name, int64_t dim, 
 
 namespace knn {
 void check_inputs(const at::Tensor& queries, const at::Tensor& points, int64_t K);
+// One knn / knn_search call after check_inputs: its inputs made contiguous, its outputs dist2
+// (B, M, K) float and idx (B, M, K) int64 allocated on their device (the caller sets the device
+// guard and returns the outputs as they are when B * M == 0).
+struct Call {
+  at::Tensor queries, points, dist2, idx;
+  int64_t B, M, P;
+  bool empty() const { return B == 0 || M == 0; }
+};
+Call knn_call(const at::Tensor& queries_in, const at::Tensor& points_in, int64_t K);
 // knn_index's inputs: points (B, P, 3), query_box (B, 6) on their device, K.
 void check_index_inputs(const at::Tensor& points, const at::Tensor& query_box, int64_t K);
 // knn_search's index (the 6 tensors of knn_index: geom, offset, cand, cell_bound, band_count,

@@ -39,6 +39,18 @@ void check_inputs(const at::Tensor& queries, const at::Tensor& points, int64_t K
                     points.size(1), ", got K = ", K));
 }
 
+Call knn_call(const at::Tensor& queries_in, const at::Tensor& points_in, int64_t K) {
+  Call c;
+  c.queries = queries_in.contiguous();
+  c.points = points_in.contiguous();
+  c.B = c.queries.size(0);
+  c.M = c.queries.size(1);
+  c.P = c.points.size(1);
+  c.dist2 = at::empty({c.B, c.M, K}, c.queries.options());
+  c.idx = at::empty({c.B, c.M, K}, c.queries.options().dtype(at::kLong));
+  return c;
+}
+
 void check_index_inputs(const at::Tensor& points, const at::Tensor& query_box, int64_t K) {
   check_float_tensor(points, "points", 3, "(B, P, 3)");
   TORCH_CHECK_VALUE(points.size(2) == 3, msg("points must have shape (B, P, 3), got ", shape_of(points)));
@@ -281,12 +293,10 @@ std::tuple<at::Tensor, at::Tensor> knn_search_cpu(const at::Tensor& queries_in, 
                                                   int64_t K, at::TensorList index) {
   check_inputs(queries_in, points_in, K);
   const int G = check_index(index, queries_in, points_in, K);
-  const at::Tensor queries = queries_in.contiguous();
-  const at::Tensor points = points_in.contiguous();
-  const int64_t B = queries.size(0), M = queries.size(1), P = points.size(1);
-  at::Tensor dist2 = at::empty({B, M, K}, queries.options());
-  at::Tensor idx = at::empty({B, M, K}, queries.options().dtype(at::kLong));
-  if (B == 0 || M == 0) return {dist2, idx};
+  const Call c = knn_call(queries_in, points_in, K);
+  const at::Tensor &queries = c.queries, &points = c.points, &dist2 = c.dist2, &idx = c.idx;
+  const int64_t B = c.B, M = c.M, P = c.P;
+  if (c.empty()) return {dist2, idx};
   const int64_t cells = static_cast<int64_t>(G) * G * G;
   const cuda_layout::View view{G, static_cast<int>(K), cells, index[2].size(0), index[0].data_ptr<float>(),
                                index[3].data_ptr<float>(), index[4].data_ptr<int>(), index[5].data_ptr<float>(),
@@ -312,12 +322,10 @@ std::tuple<at::Tensor, at::Tensor> knn_search_cpu(const at::Tensor& queries_in, 
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
                                            const at::Tensor& points_in, int64_t K) {
   check_inputs(queries_in, points_in, K);
-  const at::Tensor queries = queries_in.contiguous();
-  const at::Tensor points = points_in.contiguous();
-  const int64_t B = queries.size(0), M = queries.size(1), P = points.size(1);
-  at::Tensor dist2 = at::empty({B, M, K}, queries.options());
-  at::Tensor idx = at::empty({B, M, K}, queries.options().dtype(at::kLong));
-  if (B == 0 || M == 0) return {dist2, idx};
+  const Call c = knn_call(queries_in, points_in, K);
+  const at::Tensor &queries = c.queries, &points = c.points, &dist2 = c.dist2, &idx = c.idx;
+  const int64_t B = c.B, M = c.M, P = c.P;
+  if (c.empty()) return {dist2, idx};
 
   const float* q = queries.data_ptr<float>();
   float* out_d = dist2.data_ptr<float>();

@@ -139,12 +139,8 @@ std::tuple<at::Tensor, at::Tensor> knn_search_cuda(const at::Tensor& queries_in,
   check_inputs(queries_in, points_in, K);
   const int G = check_index(index, queries_in, points_in, K);
   const c10::cuda::CUDAGuard guard(queries_in.device());
-  const at::Tensor queries = queries_in.contiguous();
-  const at::Tensor points = points_in.contiguous();
-  const int64_t B = queries.size(0), M = queries.size(1);
-  at::Tensor dist2 = at::empty({B, M, K}, queries.options());
-  at::Tensor idx = at::empty({B, M, K}, queries.options().dtype(at::kLong));
-  if (B == 0 || M == 0) return {dist2, idx};
+  Call c = knn_call(queries_in, points_in, K);
+  if (c.empty()) return {c.dist2, c.idx};
   Index x;
   x.geom = index[0];
   x.offset = index[1];
@@ -153,8 +149,8 @@ std::tuple<at::Tensor, at::Tensor> knn_search_cuda(const at::Tensor& queries_in,
   x.band_count = index[4];
   x.seeds = index[5];
   x.G = G;
-  search_index(queries, points, K, x, dist2, idx, at::cuda::getCurrentCUDAStream().stream());
-  return {dist2, idx};
+  search_index(c.queries, c.points, K, x, c.dist2, c.idx, at::cuda::getCurrentCUDAStream().stream());
+  return {c.dist2, c.idx};
 }
 
 std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries_in,
@@ -163,13 +159,12 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries_in,
   TORCH_CHECK_VALUE(queries_in.size(0) <= 65535, msg("queries: batch size B must be <= 65535, got ",
                     queries_in.size(0)));
   const c10::cuda::CUDAGuard guard(queries_in.device());
-  const at::Tensor queries = queries_in.contiguous();
-  const at::Tensor points = points_in.contiguous();
-  const int64_t B = queries.size(0), M = queries.size(1), P = points.size(1);
-  at::Tensor dist2 = at::empty({B, M, K}, queries.options());
-  at::Tensor idx = at::empty({B, M, K}, queries.options().dtype(at::kLong));
+  Call c = knn_call(queries_in, points_in, K);
+  const at::Tensor &queries = c.queries, &points = c.points;
+  at::Tensor &dist2 = c.dist2, &idx = c.idx;
+  const int64_t B = c.B, M = c.M, P = c.P;
   const auto stream = at::cuda::getCurrentCUDAStream().stream();
-  if (B == 0 || M == 0) return {dist2, idx};
+  if (c.empty()) return {dist2, idx};
   const Method method = choose_method(M, P, kCellsMinQueries, Method::kBrute);
   if (method == Method::kCells) {
     cell_search(queries, points, K, dist2, idx, stream);
