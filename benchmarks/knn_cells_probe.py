@@ -69,10 +69,11 @@ def profile_once(fn, device, label):
 
 
 def run_once(args, device, backend):
-    """knn (banded and buffered scans) and knn_blend forward + backward, once each."""
+    """knn (every scan, list build and band order) and knn_blend forward + backward, once each."""
     q, p = _distributions.make_queries("render", 1, args.M, args.P, device=device)
     for extra in (dict(), dict(GPAVATAR_KNN_CUDA_SEARCH="buffered"), dict(GPAVATAR_KNN_CUDA_SEARCH="unrolled"),
-                  dict(GPAVATAR_KNN_CUDA_BUILD="flat")):
+                  dict(GPAVATAR_KNN_CUDA_BUILD="flat"), dict(GPAVATAR_KNN_CUDA_BUILD="one_pass"),
+                  dict(GPAVATAR_KNN_CUDA_ORDER="centre")):
         with env(GPAVATAR_KNN="cells", **extra):
             ops.knn(q, p, args.K, backend=backend)
     g = torch.Generator().manual_seed(0)
