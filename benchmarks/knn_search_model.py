@@ -13,8 +13,9 @@ a query stopping at the first entry with r - |q - c| > its K-th distance (exact:
 is at least that far from q); ``centre-bands`` the same with ``--bands`` equal bands of r over
 [0, the list's largest r] and the test at band starts; ``centre-fixed`` the bands
 GPAVATAR_KNN_CUDA_ORDER=centre builds (knn_cells.h: edges over [sqrt(bound) - 2h, sqrt(bound) + h],
-h the cell's half-diagonal).  ``--sub`` orders the queries within a cell (by octant or by distance
-from the centre: not built).  MODEL_BANDS sets the box order's band count (16, as built).
+h the cell's half-diagonal).  ``--sub`` orders the queries within a cell: by octant (not built), or by
+levels of the distance from the centre (``radius``: the CUDA centre order buckets its queries so).
+MODEL_BANDS sets the box order's band count (16, as built).
 """
 
 from __future__ import annotations
@@ -121,17 +122,17 @@ def pooled(work: list, refill: int) -> tuple[int, int]:
 
 
 def model(q: np.ndarray, p: np.ndarray, G: int, K: int, warps: int, seed: int = 0, list_order: str = "box",
-          bands: int = BANDS, sub: str = "none", pool: int = 32, refill: int = 2) -> dict:
+          bands: int = BANDS, sub: str = "none", pool: int = 32, refill: int = 2, sub_levels: int = 16) -> dict:
     lo, cell = grid(q, p, G)
     c3 = np.clip(((q - lo) / cell).astype(int), 0, G - 1)
     cid = (c3[:, 2] * G + c3[:, 1]) * G + c3[:, 0]
     if sub == "octant":  # queries grouped by cell, then by the octant of the cell they lie in
         o3 = np.clip(((q - lo) / cell * 2).astype(int), 0, 2 * G - 1) % 2
         order = np.lexsort((o3[:, 0] + 2 * o3[:, 1] + 4 * o3[:, 2], cid))
-    elif sub == "radius":  # grouped by cell, then by 4 bands of the distance from the cell centre
+    elif sub == "radius":  # grouped by cell, then by sub_levels levels of the distance from the cell centre
         centre = lo + (c3 + 0.5) * cell
         s_rel = np.sqrt(((q - centre) ** 2).sum(1)) / np.sqrt((cell ** 2).sum() / 4)
-        order = np.lexsort((np.minimum((s_rel * 4).astype(int), 3), cid))
+        order = np.lexsort((np.minimum((s_rel * sub_levels).astype(int), sub_levels - 1), cid))
     else:
         order = np.argsort(cid, kind="stable")
     lists: dict[int, tuple] = {}
@@ -200,7 +201,9 @@ def main(argv=None) -> int:
                          "(module docstring)")
     ap.add_argument("--bands", type=int, default=BANDS, help="bands of r for --order centre-bands")
     ap.add_argument("--sub", choices=("none", "octant", "radius"), default="none",
-                    help="query order within a cell: as given, by octant, or by 4 bands of distance from the centre")
+                    help="query order within a cell: as given, by octant, or by --sub-levels levels of the distance "
+                         "from the centre (radius with 16 levels: the CUDA centre order's buckets)")
+    ap.add_argument("--sub-levels", type=int, default=16)
     ap.add_argument("--pool", type=int, default=32,
                     help="queries a warp takes at once (> 32: a lane takes the next one when done, 2 steps to "
                          "load it; steps are then given per 32 queries)")
@@ -213,7 +216,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|")
     for G in (int(g) for g in args.grids.split(",")):
         r = model(q, p, G, args.K, args.warps, list_order=args.order, bands=args.bands,
-                  sub=args.sub, pool=args.pool)
+                  sub=args.sub, pool=args.pool, sub_levels=args.sub_levels)
         print(f"| {G} | {r['list']:.0f} | {r['scanned']:.0f} | {r['inserts']:.1f} | {r['warp_steps']:.0f} | "
               f"{r['insert_steps']:.0f} | {r['lane_use']:.0%} |")
     return 0

@@ -23,7 +23,8 @@
 //           reserve (so, where the budget runs out, which lists overflow); the
 //           search's results do not.
 //   search: the queries' cells (outside the grid or overflowing: the brute-force
-//           bucket), bucketed by cell with a counting sort, then one thread per
+//           bucket), bucketed by cell (centre order: and by distance from the
+//           cell's centre) with a counting sort, then one thread per
 //           query in bucket order: the threads of a warp share a cell and read
 //           the same entries (broadcast loads from L1); each stops at the first
 //           band that cannot improve its K neighbours (knn_cells.h).
@@ -352,34 +353,37 @@ __global__ void __launch_bounds__(kParentThreads, MinBlocks)
   }
 }
 
-// The bucket of every query (its cell, or G^3 for brute force) and the bucket sizes.
+// The bucket of every query (cell * L + its level, or G^3 * L for brute force; L =
+// query_levels(order)) and the bucket sizes.
 __global__ void bucket_count_kernel(const float* __restrict__ queries,  // [B, M, 3]
                                     const float* __restrict__ geom,
                                     const int64_t* __restrict__ offset,  // [B * G^3 + 1]
                                     int* __restrict__ bucket_of,          // [B, M]
-                                    int* __restrict__ bucket_count,       // [B, G^3 + 1]
+                                    int* __restrict__ bucket_count,       // [B, G^3 * L + 1]
                                     int64_t budget, int64_t B, int64_t M, int G, int order) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= B * M) return;
   const int64_t b = i / M;
   const int64_t cells = static_cast<int64_t>(G) * G * G;
+  const int L = query_levels(order);
   const float* g = geom + kCellGeomStride * b;
-  int c = query_cell(g, G, queries[3 * i], queries[3 * i + 1], queries[3 * i + 2]);
+  const float x = queries[3 * i], y = queries[3 * i + 1], z = queries[3 * i + 2];
+  int c = query_cell(g, G, x, y, z);
   // The list overflowed, or was built in another order than the search's.
   if (c >= 0 && (offset[b * cells + c] < 0 || grid_order(g) != order)) c = -1;
-  const int bucket = c < 0 ? static_cast<int>(cells) : c;
+  const int bucket = c < 0 ? static_cast<int>(cells) * L : c * L + (L > 1 ? query_level(g, G, c, x, y, z) : 0);
   bucket_of[i] = bucket;
-  atomicAdd(bucket_count + b * (cells + 1) + bucket, 1);
+  atomicAdd(bucket_count + b * (cells * L + 1) + bucket, 1);
 }
 
 __global__ void bucket_scatter_kernel(const int* __restrict__ bucket_of,
-                                      const int64_t* __restrict__ bucket_start,  // [B * (G^3 + 1)]
+                                      const int64_t* __restrict__ bucket_start,  // [B * (G^3 * L + 1)]
                                       int* __restrict__ bucket_fill, int* __restrict__ order,
-                                      int64_t B, int64_t M, int G) {
+                                      int64_t B, int64_t M, int G, int L) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= B * M) return;
   const int64_t cells = static_cast<int64_t>(G) * G * G;
-  const int64_t slot = (i / M) * (cells + 1) + bucket_of[i];
+  const int64_t slot = (i / M) * (cells * L + 1) + bucket_of[i];
   order[bucket_start[slot] + atomicAdd(bucket_fill + slot, 1)] = static_cast<int>(i);
 }
 
@@ -402,7 +406,8 @@ __global__ void __launch_bounds__(Threads, Prefetch && Capacity <= 8 ? 3 : 1)
   const int64_t b = qi / M;
   const int64_t cells = static_cast<int64_t>(G) * G * G;
   const float qx = queries[3 * qi], qy = queries[3 * qi + 1], qz = queries[3 * qi + 2];
-  const int bucket = bucket_of[qi];
+  constexpr int L = Order == kOrderCentre ? kCentreQueryLevels : 1;  // query_levels(Order)
+  const int bucket = bucket_of[qi] / L;  // the cell (G^3: brute force)
   if (bucket == cells) {
     TopK<int, Capacity> best(K);
     scan_all(points + b * P * 3, P, qx, qy, qz, best);
@@ -491,7 +496,7 @@ int launch_cell_bucket_cuda(const CellKnnCuda& a, bool scatter, void* stream) {
                                                     a.bucket_count, a.budget, a.B, a.M, a.G, a.list_order);
   } else {
     bucket_scatter_kernel<<<blocks, kThreads, 0, s>>>(a.query_cell, a.bucket_start, a.bucket_fill,
-                                                      a.order, a.B, a.M, a.G);
+                                                      a.order, a.B, a.M, a.G, query_levels(a.list_order));
   }
   return static_cast<int>(cudaGetLastError());
 }

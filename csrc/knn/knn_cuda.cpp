@@ -80,12 +80,14 @@ void search_index(const at::Tensor& queries, const at::Tensor& points, int64_t K
   const int64_t B = queries.size(0), M = queries.size(1), P = points.size(1);
   TORCH_CHECK_VALUE(B * M < (int64_t{1} << 31), msg("knn: B * M must be < 2^31 on CUDA, got ", B * M));
   const int64_t cells = static_cast<int64_t>(x.G) * x.G * x.G;
+  const int list_order = cuda_list_order();  // lists of another order: their queries scan every point
+  const int64_t buckets = B * (cells * query_levels(list_order) + 1);
   const auto i32 = queries.options().dtype(at::kInt);
   const auto i64 = queries.options().dtype(at::kLong);
   at::Tensor bucket_of = at::empty({B * M}, i32);
-  at::Tensor bucket_count = at::zeros({B * (cells + 1)}, i32);
-  at::Tensor bucket_start = at::zeros({B * (cells + 1)}, i64);
-  at::Tensor bucket_fill = at::zeros({B * (cells + 1)}, i32);
+  at::Tensor bucket_count = at::zeros({buckets}, i32);
+  at::Tensor bucket_start = at::zeros({buckets}, i64);
+  at::Tensor bucket_fill = at::zeros({buckets}, i32);
   at::Tensor order = at::empty({B * M}, i32);
   CellKnnCuda a{};
   a.queries = queries.data_ptr<float>();
@@ -100,7 +102,7 @@ void search_index(const at::Tensor& queries, const at::Tensor& points, int64_t K
   a.seeds = x.seeds.data_ptr<float>();
   a.buffered = cuda_search_buffered();
   a.unrolled = cuda_search_unrolled();
-  a.list_order = cuda_list_order();  // lists of another order: their queries scan every point
+  a.list_order = list_order;
   a.budget = x.cand.size(0);
   a.query_cell = bucket_of.data_ptr<int>();
   a.bucket_count = bucket_count.data_ptr<int>();
