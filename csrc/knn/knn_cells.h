@@ -251,7 +251,7 @@ GPA_HD BandStop<Order> band_stop(const float* geom, int G, int cell, float bound
 // order a query's scan length grows with its distance s from the centre, so there the
 // queries of a cell are also sorted by kCentreQueryLevels levels of s / h (h the box's
 // half-diagonal), nearest first: the lanes of a warp then stop at similar places
-// (knn_search_model --sub radius: 302 warp steps against 334 at G = 16, render samples).
+// (knn_search_model --sub radius: 303 warp steps against 334 at G = 16, render samples).
 constexpr int kCentreQueryLevels = 16;
 GPA_HD int query_levels(int order) { return order == kOrderCentre ? kCentreQueryLevels : 1; }
 
