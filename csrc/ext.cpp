@@ -41,6 +41,9 @@ TORCH_LIBRARY(gpavatar, m) {
   m.def("knn(Tensor queries, Tensor points, int K) -> (Tensor dist2, Tensor idx)");
   m.def("knn_index(Tensor points, Tensor query_box, int K) -> Tensor[]");
   m.def("knn_search(Tensor queries, Tensor points, int K, Tensor[] index) -> (Tensor dist2, Tensor idx)");
+  // Whether knn on these points' device searches the cell lists an index holds (the knn policy,
+  // GPAVATAR_KNN*, read here so that Python does not parse it again).
+  m.def("knn_index_applies(Tensor points) -> bool");
   m.def(
       "knn_blend_forward(Tensor queries, Tensor points, Tensor dist2, Tensor idx, "
       "Tensor table, Tensor w1_dir, Tensor w2, Tensor b2, Tensor? weight_sum, float eps) "

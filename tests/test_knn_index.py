@@ -128,6 +128,29 @@ def test_cpu_default_layout_has_no_index(monkeypatch):
 
 
 @requires_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_index_follows_the_knn_policy(device, monkeypatch):
+    """knn_index builds lists exactly where knn would search them (the extension's own reading of
+    GPAVATAR_KNN / GPAVATAR_KNN_GRID: auto from 256 points, cells always, brute / grid / GRID=0 never),
+    None elsewhere; a bad GPAVATAR_KNN is the same ValueError as knn's."""
+    if device == "cpu":
+        monkeypatch.setenv("GPAVATAR_KNN_LAYOUT", "cuda")
+    cases = [({}, 300, True), ({}, 200, False), ({"GPAVATAR_KNN": "cells"}, 200, True),
+             ({"GPAVATAR_KNN": "brute"}, 300, False), ({"GPAVATAR_KNN": "grid"}, 300, False),
+             ({"GPAVATAR_KNN_GRID": "0"}, 300, False), ({"GPAVATAR_KNN": ""}, 300, True)]
+    for env, P, built in cases:
+        for name in ("GPAVATAR_KNN", "GPAVATAR_KNN_GRID"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        index = ops.knn_index(make_points(1, P, device=device), 8, backend=backend(device))
+        assert (index is not None) == built, (env, P)
+    monkeypatch.setenv("GPAVATAR_KNN", "fastest")
+    with pytest.raises(ValueError, match="GPAVATAR_KNN must be one of"):
+        ops.knn_index(make_points(1, 300, device=device), 8, backend=backend(device))
+
+
+@requires_ext
 def test_low_level_search_checks_the_index(cuda_layout):
     pts = make_points(1, 300, seed=10)
     q = make_queries(1, 50, pts, seed=11)

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <climits>
+#include <limits>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -420,6 +421,29 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
 
 }  // namespace knn
 }  // namespace gpavatar
+
+namespace gpavatar {
+namespace knn {
+namespace {
+
+// knn_index_applies: the CUDA path searches cell lists whenever choose_method picks them for a
+// large query set (GPAVATAR_KNN auto from kGridMinPoints points, or cells; not GPAVATAR_KNN_GRID=0),
+// with or without an index; the CPU only in its CUDA layout (GPAVATAR_KNN_LAYOUT=cuda).
+bool knn_index_applies(const at::Tensor& points) {
+  TORCH_CHECK_VALUE(points.dim() == 3, msg("points must have shape (B, P, 3), got ", shape_of(points)));
+  if (choose_method(std::numeric_limits<int64_t>::max(), points.size(1)) != Method::kCells) return false;
+  if (points.is_cuda()) return true;
+  const char* layout = std::getenv("GPAVATAR_KNN_LAYOUT");
+  return points.is_cpu() && layout != nullptr && std::string(layout) == "cuda";
+}
+
+}  // namespace
+}  // namespace knn
+}  // namespace gpavatar
+
+TORCH_LIBRARY_IMPL(gpavatar, CompositeExplicitAutograd, m) {
+  m.impl("knn_index_applies", &gpavatar::knn::knn_index_applies);
+}
 
 TORCH_LIBRARY_IMPL(gpavatar, CPU, m) {
   m.impl("knn", &gpavatar::knn::knn_cpu);

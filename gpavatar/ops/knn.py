@@ -45,10 +45,9 @@ class KnnIndex(NamedTuple):
 
 
 SHARE_ENV = "GPAVATAR_KNN_SHARE"
-# The C++ knn's automatic choice (csrc/ops.h): brute force below INDEX_MIN_POINTS points
-# (kGridMinPoints), the CUDA cell lists from INDEX_MIN_QUERIES queries per batch element
-# (kCellsMinQueries; below, CUDA scans every point and an index would not pay for its build).
-INDEX_MIN_POINTS = 256
+# The C++ knn's automatic choice (csrc/ops.h): the CUDA cell lists from INDEX_MIN_QUERIES queries
+# per batch element (kCellsMinQueries; below, CUDA scans every point and an index would not pay for
+# its build).  Whether an index applies at all is the extension's answer (knn_index_applies).
 INDEX_MIN_QUERIES = 8192
 
 
@@ -93,18 +92,14 @@ def _env_backend():
     return os.environ.get("GPAVATAR_BACKEND")
 
 
-def _index_applies(name: str, device: torch.device, P: int) -> bool:
+def _index_applies(name: str, points: torch.Tensor) -> bool:
     """Whether ``name``'s knn searches cell lists that an index can hold: the extension's CUDA path
     (the lists from 8192 queries; GPAVATAR_KNN auto or cells), and the CPU's CUDA-layout path
-    (GPAVATAR_KNN_LAYOUT=cuda: tests)."""
-    if name not in ("cpu", "cuda") or not hasattr(torch.ops.gpavatar, "knn_index"):
+    (GPAVATAR_KNN_LAYOUT=cuda: tests).  The extension answers (``knn_index_applies``: its own
+    reading of the GPAVATAR_KNN* switches)."""
+    if name not in ("cpu", "cuda") or not hasattr(torch.ops.gpavatar, "knn_index_applies"):
         return False
-    method = os.environ.get("GPAVATAR_KNN", "") or "auto"
-    if os.environ.get("GPAVATAR_KNN_GRID", "").startswith("0") or method not in ("auto", "cells"):
-        return False
-    if method == "auto" and P < INDEX_MIN_POINTS:  # brute force
-        return False
-    return name == "cuda" or os.environ.get("GPAVATAR_KNN_LAYOUT") == "cuda"
+    return bool(torch.ops.gpavatar.knn_index_applies(points))
 
 
 def knn_index(points: torch.Tensor, K: int, *, queries: torch.Tensor | None = None,
@@ -135,7 +130,7 @@ def knn_index(points: torch.Tensor, K: int, *, queries: torch.Tensor | None = No
     K = operator.index(K)
     name = choose_backend(backend, points.device, K, "knn_index")
     B, P = points.shape[0], points.shape[1]
-    if not _index_applies(name, points.device, P) or B == 0 or K > MAX_FUSED_K:
+    if not _index_applies(name, points) or B == 0 or K > MAX_FUSED_K:
         return None
     p = points.detach().to(torch.float32).contiguous()
     with torch.no_grad():
