@@ -18,7 +18,9 @@ oracle (``torch`` = ``gpavatar.ops.reference``, float64 sort keys) is slow and i
 with ``--oracle``.  On a GPU a ``cuda+tc`` row follows (``knn_blend`` cases): the same op with
 the blend forward's products on the tensor cores (``GPAVATAR_BLEND_TENSOR_CORES=1`` with TF32
 allowed: the stacked Triton kernel; the backward stays fp32), checked with RTOL_TC instead of
-RTOL for its features and gradients.
+RTOL for its features and gradients.  Then the CUDA KNN's opt-in variants (KNN_VARIANTS, every
+case): ``cuda+centre`` (lists banded by distance from the cell's centre), ``cuda+onepass`` (the
+one-launch list build) and both.
 
 Every time and peak-memory ratio is against the **fastest baseline present** in the same run
 for the same distribution and case (``vs best baseline``: baseline ms / row ms, higher is
@@ -63,6 +65,11 @@ N_CHECK = 512  # queries used for the correctness check
 ATOL, RTOL = 1e-4, 1e-3  # error is flagged when |a-b| > ATOL + RTOL * max|ref|
 RTOL_TC = 2e-2  # the "+tc" rows (tf32 products: 10-bit mantissas)
 TC_SUFFIX = "+tc"
+# The CUDA KNN's opt-in variants (csrc/knn/knn_cells.cu; exact, so checked like the default): a row
+# "cuda+centre" runs every case with the centre-ordered lists, "cuda+onepass" with the one-launch
+# list build; suffixes combine ("cuda+centre+onepass").
+KNN_VARIANTS = {"+centre": {"GPAVATAR_KNN_CUDA_ORDER": "centre"},
+                "+onepass": {"GPAVATAR_KNN_CUDA_BUILD": "one_pass"}}
 CASES = ("knn", "knn_blend", "knn_blend+bwd")
 BASELINES = ("torch-fast", "pytorch3d")
 ORACLE = "torch"
@@ -112,11 +119,23 @@ def _tensor_cores(fn):
     return wrapped
 
 
+def _with_environment(fn, settings: dict):
+    """``fn`` with ``settings`` in the environment (the KNN variant rows)."""
+    def wrapped(*args, **kwargs):
+        with H.environ(**settings):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
 def _impl(backend: str, opts: dict | None):
     """(knn(q, p, K) -> (dist2, idx), knn_blend(q, p, *params, K, normalize) -> (feature, dist2, idx))."""
     if backend.endswith(TC_SUFFIX):
         knn, blend = _impl(backend.removesuffix(TC_SUFFIX), opts)
         return _tensor_cores(knn), _tensor_cores(blend)
+    for suffix, settings in KNN_VARIANTS.items():
+        if backend.endswith(suffix):
+            knn, blend = _impl(backend.removesuffix(suffix), opts)
+            return _with_environment(knn, settings), _with_environment(blend, settings)
     opts = dict(opts or {})
     if backend == "torch-fast":
         method, budget = opts.get("method", "mm"), opts.get("memory_budget")
@@ -321,7 +340,8 @@ def choose_backends(device: torch.device, args, payload: dict) -> list[str]:
         backends += [b for b in ops.available_backends(device)
                      if b != ORACLE and not (b == "triton" and device.type != "cuda")]
         if device.type == "cuda" and "cuda" in backends:
-            backends.insert(backends.index("cuda") + 1, "cuda" + TC_SUFFIX)
+            at = backends.index("cuda") + 1
+            backends[at:at] = ["cuda" + TC_SUFFIX] + ["cuda" + v for v in (*KNN_VARIANTS, "".join(KNN_VARIANTS))]
     except Exception as exc:
         payload["error"] = f"cannot import gpavatar.ops: {type(exc).__name__}: {exc}"
         return []

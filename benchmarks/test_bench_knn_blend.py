@@ -309,3 +309,31 @@ def test_kernel_resources_parses_ptxas():
     if KR.nvcc() is not None:
         rows = KR.compile_resources(str(KR.ROOT) + "/csrc/rays/rays.cu", "sm_90", KR.nvcc())
         assert rows and all(r["registers"] > 0 and r["source"] == "csrc/rays/rays.cu" for r in rows)
+
+
+def test_knn_variant_rows_run_with_their_settings(monkeypatch):
+    """A "+centre" / "+onepass" row runs its case with the variant's switches set (and only during the
+    call), and passes its check against the oracle (on the CPU layout of the CUDA lists, where the
+    switches act)."""
+    import gpavatar.ops as ops
+
+    import bench_knn_blend as KB
+
+    monkeypatch.setenv("GPAVATAR_KNN", "cells")
+    monkeypatch.setenv("GPAVATAR_KNN_LAYOUT", "cuda")
+    seen = []
+    real = ops.knn
+
+    def spy(*args, **kwargs):
+        seen.append((os.environ.get("GPAVATAR_KNN_CUDA_ORDER"), os.environ.get("GPAVATAR_KNN_CUDA_BUILD")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "knn", spy)
+    inp = KB.make_inputs(1, 2048, 400, 8, 32, 64, 32, dist="render")
+    for backend, want in (("cpu+centre", ("centre", None)), ("cpu+onepass", (None, "one_pass")),
+                          ("cpu+centre+onepass", ("centre", "one_pass"))):
+        seen.clear()
+        row = KB.check_case("knn", backend, inp)
+        assert row["correct"] and row["idx_mismatch"] == 0.0
+        assert seen and set(seen) == {want}
+        assert os.environ.get("GPAVATAR_KNN_CUDA_ORDER") is None
