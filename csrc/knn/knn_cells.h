@@ -70,7 +70,7 @@ GPA_HD void cell_grid_geometry(const float plo[3], const float phi[3], const flo
     geom[a] = lo_f;
     geom[3 + a] = flat ? 0.0f : static_cast<float>(cell);
     geom[6 + a] = flat ? 0.0f : static_cast<float>(G / extent);
-    geom[9 + a] = flat ? 0.0f : static_cast<float>(1e-3 * cell + 1e-6 * (lo_abs + hi_abs));
+    geom[9 + a] = flat ? 0.0f : static_cast<float>(add_rn(mul_rn(1e-3, cell), mul_rn(1e-6, lo_abs + hi_abs)));
   }
 }
 
@@ -80,7 +80,7 @@ GPA_HD int query_cell(const float* geom, int G, float x, float y, float z) {
   int c[3];
   for (int a = 0; a < 3; ++a) {
     const float lo = geom[a], cell = geom[3 + a], inv = geom[6 + a], sliver = geom[9 + a];
-    const float hi = lo + static_cast<float>(G) * cell;
+    const float hi = add_rn(lo, mul_rn(static_cast<float>(G), cell));
     if (!(v[a] >= lo - sliver && v[a] <= hi + sliver)) return -1;  // NaN: outside
     const float t = (v[a] - lo) * inv;
     const int top = G - 1;
@@ -94,8 +94,8 @@ GPA_HD void cell_box(const float* geom, int G, int cell, float lo[3], float hi[3
   const int c[3] = {cell % G, (cell / G) % G, cell / (G * G)};
   for (int a = 0; a < 3; ++a) {
     const double base = geom[a], size = geom[3 + a], sliver = geom[9 + a];
-    lo[a] = static_cast<float>(base + c[a] * size - sliver);
-    hi[a] = static_cast<float>(base + (c[a] + 1) * size + sliver);
+    lo[a] = static_cast<float>(add_rn(base, mul_rn(static_cast<double>(c[a]), size)) - sliver);
+    hi[a] = static_cast<float>(add_rn(base, mul_rn(static_cast<double>(c[a] + 1), size)) + sliver);
   }
 }
 
@@ -107,15 +107,18 @@ GPA_HD float box_min_dist2(const float lo[3], const float hi[3], float x, float 
   return sum_of_products3(dx, dx, dy, dy, dz, dz);
 }
 
+// A NaN point (or an infinite one: inf - inf) is as far as can be, +inf: it is never
+// a cell's seed, and every backend ranks it the same way.
 GPA_HD float box_max_dist2(const float lo[3], const float hi[3], float x, float y, float z) {
   const float dx = max_f(x - lo[0], hi[0] - x);
   const float dy = max_f(y - lo[1], hi[1] - y);
   const float dz = max_f(z - lo[2], hi[2] - z);
-  return sum_of_products3(dx, dx, dy, dy, dz, dz);
+  const float d = sum_of_products3(dx, dx, dy, dy, dz, dz);
+  return d == d ? d : INFINITY;
 }
 
 // The admission bound of a cell's list from U_C (see the header comment).
-GPA_HD float candidate_bound(float kth_max_dist2) { return kth_max_dist2 * (1.0f + 1e-5f) + 1e-36f; }
+GPA_HD float candidate_bound(float kth_max_dist2) { return add_rn(mul_rn(kth_max_dist2, 1.0f + 1e-5f), 1e-36f); }
 
 // Offers a list of candidates, in increasing index order, to `best`.
 template <typename List>
@@ -240,7 +243,7 @@ GPA_HD BandStop<Order> band_stop(const float* geom, int G, int cell, float bound
     cell_box(geom, G, cell, lo, hi);
     BandStop<kOrderCentre> stop;
     stop.f = centre_bands(lo, hi, bound);
-    stop.reach = sqrtf(squared_distance(qx, qy, qz, stop.f.c[0], stop.f.c[1], stop.f.c[2])) * (1.0f + 1e-5f);
+    stop.reach = mul_rn(sqrtf(squared_distance(qx, qy, qz, stop.f.c[0], stop.f.c[1], stop.f.c[2])), 1.0f + 1e-5f);
     return stop;
   } else {
     return BandStop<Order>{bound};

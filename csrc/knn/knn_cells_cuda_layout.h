@@ -144,8 +144,7 @@ inline void build(Lists& L, const float* queries, const float* points, int64_t B
       far.resize(src.size());
       for (size_t s = 0; s < src.size(); ++s) {
         const int p = src[s];
-        const float d = box_max_dist2(lo, hi, pts[3 * p], pts[3 * p + 1], pts[3 * p + 2]);
-        far[s] = {d == d ? d : __builtin_huge_valf(), p};
+        far[s] = {box_max_dist2(lo, hi, pts[3 * p], pts[3 * p + 1], pts[3 * p + 2]), p};
       }
       std::partial_sort(far.begin(), far.begin() + K, far.end());
       const float bound = candidate_bound(far[K - 1].first);

@@ -129,6 +129,8 @@ void cell_search(const at::Tensor& queries, const at::Tensor& points, int64_t K,
 
 std::vector<at::Tensor> knn_index_cuda(const at::Tensor& points_in, const at::Tensor& query_box, int64_t K) {
   check_index_inputs(points_in, query_box, K);
+  TORCH_CHECK_VALUE(points_in.size(0) <= 65535, msg("points: batch size B must be <= 65535, got ",
+                    points_in.size(0)));
   const c10::cuda::CUDAGuard guard(points_in.device());
   const at::Tensor points = points_in.contiguous();
   const auto stream = at::cuda::getCurrentCUDAStream().stream();
