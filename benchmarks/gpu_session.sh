@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_session.sh key OUTDIR       (at most 9 minutes: REPORT_BUDGET_S=540)
 #       the decisions in one call, when a session has time for one run only: the CUDA tests of the
 #       training graphs, the real-time path (compile included), the layers kernel, the tri-plane
-#       features op, the one-pass KNN list build and the centre-ordered lists; bench_e2e B = 1 render
+#       features op, the one-pass KNN list build and the centre-ordered lists (and that the CUDA index is
+#       the CPU layout's bit for bit); bench_e2e B = 1 render
 #       rows (the baseline) and the realtime rows cuda, +tune (RealtimeRenderer(tune=True): every
 #       kernel setting of gpavatar.realtime.SETTINGS timed one value at a time -- the KNN share /
 #       cells / search / order / build, the Triton layers, blend and upsampling, bf16 field, the fp32
@@ -45,7 +46,7 @@ if [[ $# -ne 2 || ( "$1" != key && "$1" != opt-ins && "$1" != train ) ]]; then
 fi
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [[ "$1" == key ]]; then
-    export CUDA_TESTS="${CUDA_TESTS:-tests/test_graphed.py tests/test_realtime.py tests/test_field_layers.py tests/test_triplane.py tests/test_knn_index.py::test_one_pass_index_holds_the_two_level_lists tests/test_knn_index.py::test_index_keeps_its_order}"
+    export CUDA_TESTS="${CUDA_TESTS:-tests/test_graphed.py tests/test_realtime.py tests/test_field_layers.py tests/test_triplane.py tests/test_knn_index.py::test_one_pass_index_holds_the_two_level_lists tests/test_knn_index.py::test_index_keeps_its_order tests/test_knn_index.py::test_cuda_index_is_the_cpu_layout}"
     export CUDA_TESTS_CAP="${CUDA_TESTS_CAP:-150}"
     export REPORT_BUDGET_S="${REPORT_BUDGET_S:-540}"
     export BENCHES_ONLY="${BENCHES_ONLY:-benchmarks/bench_e2e.py benchmarks/bench_train.py}"

@@ -263,3 +263,33 @@ def test_index_keeps_its_order(cuda_layout, device, monkeypatch):
         monkeypatch.setenv("GPAVATAR_KNN_CUDA_ORDER", searched)
         d, i = ops.knn(q, pts, 8, backend=backend(device), index=index)
         assert torch.equal(i.cpu(), ri) and torch.equal(d.cpu(), rd)
+
+
+def _seeds_by_index(seeds: torch.Tensor, K: int) -> torch.Tensor:
+    """(cells * K * 4) seed entries (x, y, z, index bits) -> (cells, K, 4), each cell's by index."""
+    cells = seeds.view(-1, K, 4)
+    order = cells[..., 3].contiguous().view(torch.int32).argsort(-1)
+    return cells.gather(1, order[..., None].expand(-1, -1, 4))
+
+
+@requires_ext
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("order", ["box", "centre"])
+@pytest.mark.parametrize("build", ["two_level", "one_pass"])
+def test_cuda_index_is_the_cpu_layout(cuda_layout, order, build, monkeypatch):
+    """The CUDA build and the CPU layout (which every CPU test of this file runs) compute the same
+    index bit for bit: geometry, bounds, band sizes, seeds (as a set: ties in a cell's farthest
+    distance may pick them in another order) and every list; so the CPU tests cover the CUDA
+    kernels' arithmetic (nvcc contracts a * b + c into an FMA unless written with mul_rn/add_rn)."""
+    monkeypatch.setenv("GPAVATAR_KNN_CUDA_ORDER", order)
+    monkeypatch.setenv("GPAVATAR_KNN_CUDA_BUILD", build)
+    pts = make_points(2, 700, seed=21, duplicates=3) * 1.7
+    q = make_queries(2, 900, pts, seed=22, far=3) * 1.1
+    cpu = _lists(ops.knn_index(pts, 8, queries=q, backend="cpu"))
+    gpu = _lists(ops.knn_index(pts.cuda(), 8, queries=q.cuda(), backend="cuda"))
+    for name, a, b in zip(("geom", "bound", "band_count"), cpu[:3], gpu[:3]):
+        assert torch.equal(a, b), name
+    assert torch.equal(_seeds_by_index(cpu[3], 8), _seeds_by_index(gpu[3], 8))
+    assert [x is None for x in cpu[4]] == [x is None for x in gpu[4]]
+    assert all(x is None or torch.equal(x, y) for x, y in zip(cpu[4], gpu[4]))
