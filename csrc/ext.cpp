@@ -71,6 +71,9 @@ TORCH_LIBRARY(gpavatar, m) {
       "composite_forward(Tensor alphas, Tensor values, Tensor? depths) "
       "-> (Tensor color, Tensor opacity, Tensor weights, Tensor depth)");
   m.def(
+      "composite_merged_forward(Tensor alphas_a, Tensor values_a, Tensor alphas_b, Tensor values_b, "
+      "Tensor order, Tensor? depths) -> (Tensor color, Tensor opacity, Tensor weights, Tensor depth)");
+  m.def(
       "composite_backward(Tensor grad_color, Tensor grad_opacity, Tensor grad_weights, "
       "Tensor grad_depth, Tensor alphas, Tensor values, Tensor? depths) "
       "-> (Tensor grad_alphas, Tensor grad_values)");

@@ -272,3 +272,140 @@ def test_alphas_outside_unit_interval_are_refused(device, backend, bad, words):
         ref = composite_reference(alphas.cpu().double(), values.cpu().double(), depths.cpu().double())
         for o, r in zip(out, ref):
             torch.testing.assert_close(o.cpu().double(), r, **FWD)
+
+
+# --- composite_merged: two sample sets composited in merged order -----------------------------
+
+
+def merged_inputs(R, Sa, Sb, C, seed=0, device="cpu"):
+    """Two sample sets of R rays, their merged depths and order (ops.merge_samples on the CPU)."""
+    g = torch.Generator().manual_seed(seed)
+    alphas_a, alphas_b = torch.rand(R, Sa, generator=g) ** 2, torch.rand(R, Sb, generator=g) ** 2
+    if Sa > 1:
+        alphas_a[: R // 3, Sa // 2] = 1.0  # opaque samples
+    values_a, values_b = torch.randn(R, Sa, C, generator=g), torch.randn(R, Sb, C, generator=g)
+    ta = torch.sort(torch.rand(R, Sa, generator=g) * 4 + 7, dim=1).values
+    tb = torch.sort(torch.rand(R, Sb, generator=g) * 4 + 7, dim=1).values
+    if Sa and Sb:  # a tie between the sets
+        ta[:, 0] = tb[:, 0] = torch.minimum(ta[:, 0], tb[:, 0])
+    depths, order = ops.merge_samples(ta, tb, backend="torch")
+    return [t.to(device) for t in (alphas_a, values_a, alphas_b, values_b, order, depths)]
+
+
+def unfused_merged(alphas_a, values_a, alphas_b, values_b, order, depths, backend):
+    """What composite_merged computes: composite of the gathered concatenation."""
+    alphas = ops.gather_samples(torch.cat([alphas_a, alphas_b], 1), order)
+    values = ops.gather_samples(torch.cat([values_a, values_b], 1), order)
+    return ops.composite(alphas, values, depths, backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES + [pytest.param("cpu", "torch", id="cpu-torch")])
+@given(R=st.integers(1, 12), Sa=st.integers(0, 40), Sb=st.integers(0, 40), C=st.integers(1, 36),
+       with_depths=st.booleans(), seed=st.integers(0, 2**16))
+def test_composite_merged_is_composite_of_the_merged_samples(device, backend, R, Sa, Sb, C, with_depths, seed):
+    """Every output equals composite() of the merged copies bit for bit (the same recurrences over
+    the same samples in the same order; C % 4 == 0 takes the CUDA kernel's vector loads)."""
+    if Sa + Sb == 0:
+        Sb = 1
+    alphas_a, values_a, alphas_b, values_b, order, depths = merged_inputs(R, Sa, Sb, C, seed, device)
+    depths = depths if with_depths else None
+    got = ops.composite_merged(alphas_a, values_a, alphas_b, values_b, order, depths, backend=backend)
+    want = unfused_merged(alphas_a, values_a, alphas_b, values_b, order, depths, backend)
+    for name, x, y in zip(CompositeFields, got, want):
+        assert (x is None) == (y is None), name
+        assert x is None or torch.equal(x, y), name
+
+
+CompositeFields = ("color", "opacity", "weights", "depth")
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_composite_merged_any_order_and_launches(device, backend, monkeypatch):
+    """Any order in range is a gather (not only merge_samples' permutations); on cpu / cuda the
+    fused form runs one composite_merged_forward and no composite_forward."""
+    alphas_a, values_a, alphas_b, values_b, _, depths = merged_inputs(6, 9, 7, 8, seed=3, device=device)
+    g = torch.Generator().manual_seed(4)
+    order = torch.randint(0, 16, (6, 16), generator=g).to(device)
+    calls = []
+    if backend in ("cpu", "cuda"):
+        for name in ("composite_merged_forward", "composite_forward"):
+            op = getattr(torch.ops.gpavatar, name)
+            monkeypatch.setattr(torch.ops.gpavatar, name,
+                                lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a), raising=False)
+    got = ops.composite_merged(alphas_a, values_a, alphas_b, values_b, order, depths, backend=backend)
+    if backend in ("cpu", "cuda"):
+        assert calls == ["composite_merged_forward"]
+    want = unfused_merged(alphas_a, values_a, alphas_b, values_b, order, depths, backend)
+    for name, x, y in zip(CompositeFields, got, want):
+        assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_composite_merged_gradients_take_the_unfused_ops(device, backend):
+    """With gradients recorded the result and the gradients are those of the gathered composite."""
+    inputs = merged_inputs(5, 6, 4, 3, seed=5, device=device)
+    leaves = [t.clone().requires_grad_() for t in inputs[:4]]
+    twins = [t.clone().requires_grad_() for t in inputs[:4]]
+    got = ops.composite_merged(*leaves, inputs[4], inputs[5], backend=backend)
+    want = unfused_merged(*twins, inputs[4], inputs[5], backend)
+    (got.color.sum() + got.opacity.sum() + got.depth.sum()).backward()
+    (want.color.sum() + want.opacity.sum() + want.depth.sum()).backward()
+    for a, b in zip(leaves, twins):
+        assert a.grad is not None and torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_composite_merged_nan_value(device, backend):
+    """A NaN value makes the color NaN like the reference, through the fused form too."""
+    alphas_a, values_a, alphas_b, values_b, order, depths = merged_inputs(3, 4, 4, 2, seed=6, device=device)
+    values_b[1, 2, 0] = float("nan")
+    got = ops.composite_merged(alphas_a, values_a, alphas_b, values_b, order, depths, backend=backend)
+    want = unfused_merged(alphas_a, values_a, alphas_b, values_b, order, depths, "torch")
+    assert torch.equal(got.color.isnan().cpu(), want.color.isnan().cpu()) and bool(got.color.isnan().any())
+
+
+MERGED_BAD = [
+    (dict(alphas_b=torch.rand(3, 2)), ValueError, ["alphas_b", "(4, Sb)"]),
+    (dict(values_a=torch.rand(4, 6, 3)), ValueError, ["values_a", "(4, 5, C)"]),
+    (dict(values_b=torch.rand(4, 2, 2)), ValueError, ["values_b", "(4, 2, 3)"]),
+    (dict(order=torch.zeros(4, 7, dtype=torch.int32)), ValueError, ["order", "int64", "(4, 7)"]),
+    (dict(order=torch.full((4, 7), 7)), ValueError, ["order", "[0, 7)", "max 7"]),
+    (dict(order=torch.full((4, 7), -1)), ValueError, ["order", "min -1"]),
+    (dict(depths=torch.rand(4, 5)), ValueError, ["depths", "(4, 7)"]),
+    (dict(alphas_b=torch.full((4, 2), 2.0)), ValueError, ["alphas", "[0, 1]"]),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch"] + [b for b in ops.available_backends("cpu") if b != "torch"])
+@pytest.mark.parametrize("change,exc,words", MERGED_BAD)
+def test_composite_merged_bad_inputs(backend, change, exc, words):
+    args = dict(alphas_a=torch.rand(4, 5), values_a=torch.rand(4, 5, 3), alphas_b=torch.rand(4, 2),
+                values_b=torch.rand(4, 2, 3), order=torch.arange(7).expand(4, 7).contiguous(), depths=None)
+    args.update(change)
+    with pytest.raises(exc) as info:
+        ops.composite_merged(**args, backend=backend)
+    for word in words:
+        assert word in str(info.value), str(info.value)
+
+
+def test_composite_merged_low_level_op():
+    """The C++ op checks its inputs by name; an order out of range (unchecked input) reads a sample
+    of the ray, never outside the tensors; opcheck passes."""
+    if "cpu" not in ops.available_backends("cpu"):
+        pytest.skip("extension not built")
+    fwd = torch.ops.gpavatar.composite_merged_forward
+    aa, va, ab, vb = torch.rand(3, 4), torch.rand(3, 4, 2), torch.rand(3, 2), torch.rand(3, 2, 2)
+    order = torch.arange(6).expand(3, 6).contiguous()
+    with pytest.raises(ValueError, match="order must be a contiguous int64"):
+        fwd(aa, va, ab, vb, order.int(), None)
+    with pytest.raises(ValueError, match="values_b must have shape"):
+        fwd(aa, va, ab, torch.rand(3, 2, 3), order, None)
+    with pytest.raises(ValueError, match="depths must have shape"):
+        fwd(aa, va, ab, vb, order, torch.rand(3, 5))
+    wild = torch.tensor([[-5, 99, 0, 1, 2, 3]] * 3)
+    color, opacity, weights, depth = fwd(aa, va, ab, vb, wild, None)
+    clamped = wild.clamp(0, 5)
+    want = unfused_merged(aa, va, ab, vb, clamped, None, "cpu")
+    assert torch.equal(color, want.color) and torch.equal(weights, want.weights)
+    torch.library.opcheck(fwd, (aa, va, ab, vb, order, torch.rand(3, 6)),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -244,6 +244,27 @@ def test_backends_agree(device, backend, stratified):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("device,backend", BACKEND_CASES)
+def test_inference_composites_both_passes_in_place(device, backend, monkeypatch):
+    """Without gradients the fine composite reads both passes' samples where they lie
+    (ops.composite_merged: no merged copies); the images are the training form's bit for bit."""
+    _skip_unready(backend)
+    torch.manual_seed(0)
+    field = TinyField().to(device)
+    transform = camera(B=2, T=(0.2, -0.1, 4.0), R=rot_y(0.4), device=device)
+    r = VolumeRenderer(image_size=6, n_coarse=8, n_fine=8, backend=backend).to(device)
+    calls = []
+    merged = ops.composite_merged
+    monkeypatch.setattr(ops, "composite_merged", lambda *a, **k: calls.append(1) or merged(*a, **k))
+    with torch.no_grad():
+        inference = r(field, transform)
+    assert calls == [1]
+    trained = r(field, transform)  # the parameters require grad: merge_values + composite
+    assert calls == [1]
+    for key in ("coarse", "fine", "opacity", "depth", "depth_raw", "depth_expected"):
+        assert torch.equal(inference[key], trained[key].detach()), key
+
+
 # --- gradients, randomness, bad input --------------------------------------------------------
 
 

@@ -13,7 +13,7 @@ namespace gpavatar {
 namespace composite {
 namespace {
 
-template <int V>
+template <int V, bool Merged>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     forward_kernel(Args a, int lanes, float* __restrict__ color, float* __restrict__ opacity,
                    float* __restrict__ weights, float* __restrict__ depth) {
@@ -21,7 +21,6 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   const int64_t r = thread / lanes;
   if (r >= a.R) return;
   const int lane = static_cast<int>(thread % lanes);
-  const float* alpha = a.alphas + r * a.S;
   for (int64_t c = static_cast<int64_t>(lane) * V; c < a.C; c += static_cast<int64_t>(lanes) * V) {
     const bool first_chunk = c < static_cast<int64_t>(lanes) * V;
     float acc[V];
@@ -29,10 +28,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     for (int i = 0; i < V; ++i) acc[i] = 0.f;
     float T = 1.f, weight_sum = 0.f, d = 0.f;
     for (int64_t s = 0; s < a.S; ++s) {
-      const float al = __ldg(alpha + s);
+      const Sample x = sample_at<Merged>(a, r, s);
+      const float al = __ldg(x.alpha);
       const float w = al * T;
       float v[V];
-      load_floats<V>(a.values + (r * a.S + s) * a.C + c, v);
+      load_floats<V>(x.value + c, v);
 #pragma unroll
       for (int i = 0; i < V; ++i) acc[i] += w * v[i];
       if (lane == 0 && first_chunk) {
@@ -100,7 +100,19 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 }
 
 int vector_width(const Args& a, const void* p0, const void* p1) {
-  return a.C % 4 == 0 && aligned16(a.values) && aligned16(p0) && aligned16(p1) ? 4 : 1;
+  return a.C % 4 == 0 && aligned16(a.values) && aligned16(a.values_b) && aligned16(p0) && aligned16(p1) ? 4 : 1;
+}
+
+template <bool Merged>
+void launch_forward(const Args& a, float* color, float* opacity, float* weights, float* depth, cudaStream_t s) {
+  const int V = vector_width(a, color, color);
+  const int lanes = lanes_for(a.C, V);
+  if (V == 4)
+    forward_kernel<4, Merged><<<blocks_for(a.R * lanes), kThreadsPerBlock, 0, s>>>(a, lanes, color, opacity,
+                                                                                   weights, depth);
+  else
+    forward_kernel<1, Merged><<<blocks_for(a.R * lanes), kThreadsPerBlock, 0, s>>>(a, lanes, color, opacity,
+                                                                                   weights, depth);
 }
 
 }  // namespace
@@ -108,15 +120,11 @@ int vector_width(const Args& a, const void* p0, const void* p1) {
 int launch_forward_cuda(const Args& a, float* color, float* opacity, float* weights, float* depth,
                         void* stream) {
   if (a.R == 0 || a.S == 0 || a.C == 0) return 0;
-  const int V = vector_width(a, color, color);
-  const int lanes = lanes_for(a.C, V);
   auto s = static_cast<cudaStream_t>(stream);
-  if (V == 4)
-    forward_kernel<4><<<blocks_for(a.R * lanes), kThreadsPerBlock, 0, s>>>(a, lanes, color, opacity,
-                                                                           weights, depth);
+  if (a.order != nullptr)
+    launch_forward<true>(a, color, opacity, weights, depth, s);
   else
-    forward_kernel<1><<<blocks_for(a.R * lanes), kThreadsPerBlock, 0, s>>>(a, lanes, color, opacity,
-                                                                           weights, depth);
+    launch_forward<false>(a, color, opacity, weights, depth, s);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -3,6 +3,8 @@
 //
 //   forward   alphas (R, S), values (R, S, C), depths (R, S)?
 //             -> color (R, C), opacity (R), weights (R, S), depth (R)
+//   merged    the forward over two sample sets in the order of ops.merge_samples, read in
+//             place (no merged copy of the alphas and values)
 //   backward  grad_color (R, C), grad_opacity (R), grad_weights (R, S), grad_depth (R)
 //             -> grad_alphas (R, S), grad_values (R, S, C)
 //
@@ -35,11 +37,37 @@ GPA_HD float previous_suffix(float alpha, float G, float suffix) {
 }
 
 struct Args {
-  const float* alphas;  // (R, S)
-  const float* values;  // (R, S, C)
-  const float* depths;  // (R, S) or null
+  const float* alphas;  // (R, S); merged form: set a's (R, Sa)
+  const float* values;  // (R, S, C); merged form: set a's (R, Sa, C)
+  const float* depths;  // (R, S) or null (in compositing order)
   int64_t R, S, C;
+  // The merged form (composite_merged_forward, forward only): sample s of ray r is sample
+  // order[r, s] of the ray's set a (alphas, values: indices < Sa) followed by its set b
+  // (alphas_b, values_b: S - Sa samples), as ops.merge_samples orders two sample sets.
+  const int64_t* order = nullptr;  // (R, S)
+  const float* alphas_b = nullptr;  // (R, S - Sa)
+  const float* values_b = nullptr;  // (R, S - Sa, C)
+  int64_t Sa = 0;
 };
+
+// Where sample s of ray r is read from: its alpha and its row of C values.
+struct Sample {
+  const float* alpha;
+  const float* value;
+};
+
+template <bool Merged>
+GPA_HD Sample sample_at(const Args& a, int64_t r, int64_t s) {
+  if constexpr (!Merged) {
+    return {a.alphas + r * a.S + s, a.values + (r * a.S + s) * a.C};
+  } else {
+    int64_t i = a.order[r * a.S + s];
+    i = i < 0 ? 0 : (i >= a.S ? a.S - 1 : i);  // unchecked input: a wrong sample, never a stray read
+    if (i < a.Sa) return {a.alphas + r * a.Sa + i, a.values + (r * a.Sa + i) * a.C};
+    const int64_t Sb = a.S - a.Sa, j = i - a.Sa;
+    return {a.alphas_b + r * Sb + j, a.values_b + (r * Sb + j) * a.C};
+  }
+}
 
 struct Grads {
   const float* color;    // (R, C)

@@ -55,39 +55,84 @@ Args make_args(const at::Tensor& alphas, const at::Tensor& values,
           values.size(2)};
 }
 
+Args merged_args(const at::Tensor& alphas_a, const at::Tensor& values_a, const at::Tensor& alphas_b,
+                 const at::Tensor& values_b, const at::Tensor& order, const std::optional<at::Tensor>& depths) {
+  check_contiguous_float(alphas_a, "alphas_a", 2, "(R, Sa)");
+  check_contiguous_float(alphas_b, "alphas_b", 2, "(R, Sb)");
+  check_contiguous_float(values_a, "values_a", 3, "(R, Sa, C)");
+  check_contiguous_float(values_b, "values_b", 3, "(R, Sb, C)");
+  const int64_t R = alphas_a.size(0), Sa = alphas_a.size(1), Sb = alphas_b.size(1), C = values_a.size(2);
+  TORCH_CHECK_VALUE(alphas_b.size(0) == R, msg("alphas_b must have shape (", R, ", Sb), got ", shape_of(alphas_b)));
+  TORCH_CHECK_VALUE(values_a.size(0) == R && values_a.size(1) == Sa && C >= 1,
+                    msg("values_a must have shape (", R, ", ", Sa, ", C) with C >= 1, got ", shape_of(values_a)));
+  TORCH_CHECK_VALUE(values_b.size(0) == R && values_b.size(1) == Sb && values_b.size(2) == C,
+                    msg("values_b must have shape (", R, ", ", Sb, ", ", C, "), got ", shape_of(values_b)));
+  TORCH_CHECK_VALUE(order.scalar_type() == at::kLong && order.dim() == 2 && order.size(0) == R &&
+                        order.size(1) == Sa + Sb && order.is_contiguous(),
+                    msg("order must be a contiguous int64 tensor of shape (", R, ", ", Sa + Sb, "), got ",
+                        order.scalar_type(), " ", shape_of(order)));
+  check_same_device(alphas_a, "alphas_a", values_a, "values_a");
+  check_same_device(alphas_a, "alphas_a", alphas_b, "alphas_b");
+  check_same_device(alphas_a, "alphas_a", values_b, "values_b");
+  check_same_device(alphas_a, "alphas_a", order, "order");
+  if (depths.has_value()) {
+    check_contiguous_float(*depths, "depths", 2, "(R, Sa + Sb)");
+    TORCH_CHECK_VALUE(depths->sizes() == order.sizes(), msg("depths must have shape ", shape_of(order), ", got ",
+                      shape_of(*depths)));
+    check_same_device(alphas_a, "alphas_a", *depths, "depths");
+  }
+  Args a{alphas_a.data_ptr<float>(), values_a.data_ptr<float>(),
+         depths.has_value() ? depths->data_ptr<float>() : nullptr, R, Sa + Sb, C};
+  a.order = order.data_ptr<int64_t>();
+  a.alphas_b = alphas_b.data_ptr<float>();
+  a.values_b = values_b.data_ptr<float>();
+  a.Sa = Sa;
+  return a;
+}
+
 namespace {
 
 int64_t grain(const Args& a) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, a.S * a.C)); }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
-    const at::Tensor& alphas, const at::Tensor& values, const std::optional<at::Tensor>& depths) {
-  check_inputs(alphas, values, depths);
-  const Args a = make_args(alphas, values, depths);
-  at::Tensor color = at::zeros({a.R, a.C}, alphas.options());
-  at::Tensor opacity = at::empty({a.R}, alphas.options());
-  at::Tensor weights = at::empty({a.R, a.S}, alphas.options());
-  at::Tensor depth = at::empty({a.R}, alphas.options());
+template <bool Merged>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward(const Args& a,
+                                                                       const at::TensorOptions& options) {
+  at::Tensor color = at::zeros({a.R, a.C}, options);
+  at::Tensor opacity = at::empty({a.R}, options);
+  at::Tensor weights = at::empty({a.R, a.S}, options);
+  at::Tensor depth = at::empty({a.R}, options);
   float *col = color.data_ptr<float>(), *op = opacity.data_ptr<float>();
   float *wts = weights.data_ptr<float>(), *dep = depth.data_ptr<float>();
   at::parallel_for(0, a.R, grain(a), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const float* alpha = a.alphas + r * a.S;
       float* c = col + r * a.C;
       float T = 1.f, weight_sum = 0.f, d = 0.f;
       for (int64_t i = 0; i < a.S; ++i) {
-        const float w = alpha[i] * T;
+        const Sample x = sample_at<Merged>(a, r, i);
+        const float w = *x.alpha * T;
         wts[r * a.S + i] = w;
-        const float* v = a.values + (r * a.S + i) * a.C;
-        for (int64_t ch = 0; ch < a.C; ++ch) c[ch] += w * v[ch];
+        for (int64_t ch = 0; ch < a.C; ++ch) c[ch] += w * x.value[ch];
         weight_sum += w;
         if (a.depths != nullptr) d += w * a.depths[r * a.S + i];
-        T = next_transmittance(T, alpha[i]);
+        T = next_transmittance(T, *x.alpha);
       }
       op[r] = clamp_opacity(weight_sum);
       dep[r] = d;
     }
   });
   return {color, opacity, weights, depth};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
+    const at::Tensor& alphas, const at::Tensor& values, const std::optional<at::Tensor>& depths) {
+  check_inputs(alphas, values, depths);
+  return run_forward<false>(make_args(alphas, values, depths), alphas.options());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merged_forward_cpu(
+    const at::Tensor& alphas_a, const at::Tensor& values_a, const at::Tensor& alphas_b, const at::Tensor& values_b,
+    const at::Tensor& order, const std::optional<at::Tensor>& depths) {
+  return run_forward<true>(merged_args(alphas_a, values_a, alphas_b, values_b, order, depths), alphas_a.options());
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_color,
@@ -143,6 +188,7 @@ std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_color,
 
 TORCH_LIBRARY_IMPL(gpavatar, CPU, m) {
   m.impl("composite_forward", &forward_cpu);
+  m.impl("composite_merged_forward", &merged_forward_cpu);
   m.impl("composite_backward", &backward_cpu);
 }
 

@@ -11,21 +11,32 @@ namespace gpavatar {
 namespace composite {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
-    const at::Tensor& alphas, const at::Tensor& values, const std::optional<at::Tensor>& depths) {
-  const c10::cuda::CUDAGuard guard(alphas.device());
-  check_inputs(alphas, values, depths);
-  const Args a = make_args(alphas, values, depths);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward(const Args& a,
+                                                                       const at::TensorOptions& options) {
   // zeros: with S == 0 or C == 0 the kernel does not run.
-  at::Tensor color = at::zeros({a.R, a.C}, alphas.options());
-  at::Tensor opacity = at::zeros({a.R}, alphas.options());
-  at::Tensor weights = at::empty({a.R, a.S}, alphas.options());
-  at::Tensor depth = at::zeros({a.R}, alphas.options());
+  at::Tensor color = at::zeros({a.R, a.C}, options);
+  at::Tensor opacity = at::zeros({a.R}, options);
+  at::Tensor weights = at::empty({a.R, a.S}, options);
+  at::Tensor depth = at::zeros({a.R}, options);
   check_launch(launch_forward_cuda(a, color.data_ptr<float>(), opacity.data_ptr<float>(),
                                    weights.data_ptr<float>(), depth.data_ptr<float>(),
                                    at::cuda::getCurrentCUDAStream().stream()),
                "composite forward");
   return {color, opacity, weights, depth};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cuda(
+    const at::Tensor& alphas, const at::Tensor& values, const std::optional<at::Tensor>& depths) {
+  const c10::cuda::CUDAGuard guard(alphas.device());
+  check_inputs(alphas, values, depths);
+  return run_forward(make_args(alphas, values, depths), alphas.options());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> merged_forward_cuda(
+    const at::Tensor& alphas_a, const at::Tensor& values_a, const at::Tensor& alphas_b, const at::Tensor& values_b,
+    const at::Tensor& order, const std::optional<at::Tensor>& depths) {
+  const c10::cuda::CUDAGuard guard(alphas_a.device());
+  return run_forward(merged_args(alphas_a, values_a, alphas_b, values_b, order, depths), alphas_a.options());
 }
 
 std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_color,
@@ -58,5 +69,6 @@ std::tuple<at::Tensor, at::Tensor> backward_cuda(const at::Tensor& grad_color,
 
 TORCH_LIBRARY_IMPL(gpavatar, CUDA, m) {
   m.impl("composite_forward", &gpavatar::composite::forward_cuda);
+  m.impl("composite_merged_forward", &gpavatar::composite::merged_forward_cuda);
   m.impl("composite_backward", &gpavatar::composite::backward_cuda);
 }

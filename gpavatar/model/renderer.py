@@ -70,6 +70,7 @@ from torch import nn
 from gpavatar import ops
 from gpavatar.model.recompute import recomputed
 from gpavatar.ops import _validation as v
+from gpavatar.ops._backend import needs_grad
 
 __all__ = ["VolumeRenderer", "RayBatch", "inside_box", "pixel_grid", "camera_rays"]
 
@@ -266,11 +267,16 @@ class VolumeRenderer(nn.Module):
         Hs = Ws = self.image_size
         HW = Hs * Ws
         depths, order = ops.merge_samples(coarse_t, fine_t, **internal)
-        alphas = ops.merge_values(alpha_c, alpha_f.to(alpha_c.dtype), order)
-        # Training keeps the passes' values (the coarse composite keeps value_c anyway), not their
-        # merged copy: the backward merges them again (gpavatar.model.recompute).
-        fine = recomputed(lambda a, b: ops.merge_values(a, b, order), (value_c, value_f.to(value_c.dtype)),
-                          lambda values: ops.composite(alphas, values, depths, **internal), make_saves=False)
+        if needs_grad([alpha_c, value_c, alpha_f, value_f]):
+            alphas = ops.merge_values(alpha_c, alpha_f.to(alpha_c.dtype), order)
+            # Training keeps the passes' values (the coarse composite keeps value_c anyway), not their
+            # merged copy: the backward merges them again (gpavatar.model.recompute).
+            fine = recomputed(lambda a, b: ops.merge_values(a, b, order), (value_c, value_f.to(value_c.dtype)),
+                              lambda values: ops.composite(alphas, values, depths, **internal), make_saves=False)
+        else:
+            # Inference: the compositing kernel reads both passes' samples where they lie (no merged
+            # copies of the (R, 64, 32) values and of the alphas; the same bits).
+            fine = ops.composite_merged(alpha_c, value_c, alpha_f, value_f, order, depths, **internal)
 
         opacity = fine.opacity
         # The official fill: one scalar for the whole batch (not each ray's own maximum).

@@ -29,7 +29,7 @@ from gpavatar.ops import _validation as v
 from gpavatar.ops._library import register_forward_backward
 from gpavatar.ops.reference import composite_reference
 
-__all__ = ["composite", "CompositeResult"]
+__all__ = ["composite", "composite_merged", "CompositeResult"]
 
 
 class CompositeResult(NamedTuple):
@@ -111,6 +111,86 @@ def composite(alphas: torch.Tensor, values: torch.Tensor, depths: Optional[torch
     return CompositeResult(color, opacity, weights, depth if depths is not None else None)
 
 
+def composite_merged(alphas_a: torch.Tensor, values_a: torch.Tensor, alphas_b: torch.Tensor,
+                     values_b: torch.Tensor, order: torch.Tensor, depths: Optional[torch.Tensor] = None, *,
+                     backend: Optional[str] = None, validate: bool = True) -> CompositeResult:
+    """:func:`composite` of two sample sets in merged order, without writing the merged copies.
+
+    The result of ``composite(gather_samples(cat([alphas_a, alphas_b], 1), order),
+    gather_samples(cat([values_a, values_b], 1), order), depths)``: sample ``s`` of ray ``r`` is
+    sample ``order[r, s]`` of the ray's set a (indices < Sa) followed by its set b, the order of
+    ``ops.merge_samples(depths_a, depths_b)`` (a permutation per ray, so also the order
+    ``ops.merge_values`` places them in).  On the ``cpu`` and ``cuda`` backends the compositing
+    kernel reads each sample where it lies (the renderer's fine composite: no (R, S, C) merged
+    values written and read back, one launch instead of a dozen); that form is forward only, and
+    a call that needs gradients (or another backend) runs the gather and :func:`composite`.
+
+    Args:
+        alphas_a: (R, Sa), values_a: (R, Sa, C); alphas_b: (R, Sb), values_b: (R, Sb, C)
+        order: (R, Sa + Sb) int64 in [0, Sa + Sb)
+        depths: optional (R, Sa + Sb) depths in merged order (``merge_samples``' depths)
+        backend, validate: as :func:`composite` (``validate`` also checks the order's range: one
+            host sync; unchecked, an index out of range reads a wrong sample, never outside the
+            tensors)
+    Returns:
+        CompositeResult over the Sa + Sb merged samples.
+    """
+    if validate:
+        check_merged_inputs(alphas_a, values_a, alphas_b, values_b, order, depths)
+    name = _backend.resolve(backend, alphas_a.device, "composite")
+    R, Sa, Sb = alphas_a.shape[0], alphas_a.shape[1], alphas_b.shape[1]
+    fused = (name in ("cpu", "cuda") and hasattr(torch.ops.gpavatar, "composite_merged_forward")
+             and R > 0 and Sa + Sb > 0 and values_a.shape[2] > 0
+             and not _backend.needs_grad([alphas_a, values_a, alphas_b, values_b]))
+    if not fused:
+        def merged(a, b):
+            both = torch.cat([a, b.to(a.dtype)], dim=1)
+            index = order if both.dim() == 2 else order[..., None].expand(-1, -1, both.shape[2])
+            return both.gather(1, index)
+
+        return composite(merged(alphas_a, alphas_b), merged(values_a, values_b), depths, backend=name,
+                         validate=False)
+    f32 = torch.float32
+    d = depths.detach().to(f32).contiguous() if depths is not None else None
+    color, opacity, weights, depth = torch.ops.gpavatar.composite_merged_forward(
+        *(t.to(f32).contiguous() for t in (alphas_a, values_a, alphas_b, values_b)), order.contiguous(), d)
+    return CompositeResult(color, opacity, weights, depth if depths is not None else None)
+
+
+def check_merged_inputs(alphas_a, values_a, alphas_b, values_b, order, depths) -> None:
+    v.check_tensor(alphas_a, "alphas_a", "(R, Sa)", ndim=2)
+    R, Sa = alphas_a.shape
+    v.check_tensor(alphas_b, "alphas_b", f"({R}, Sb)", ndim=2)
+    Sb = alphas_b.shape[1]
+    if alphas_b.shape[0] != R:
+        raise ValueError(f"alphas_b must have shape ({R}, Sb), got {tuple(alphas_b.shape)}")
+    v.check_tensor(values_a, "values_a", f"({R}, {Sa}, C)", ndim=3)
+    if values_a.shape[:2] != alphas_a.shape:
+        raise ValueError(f"values_a must have shape ({R}, {Sa}, C), got {tuple(values_a.shape)}")
+    C = values_a.shape[2]
+    v.check_tensor(values_b, "values_b", f"({R}, {Sb}, {C})", ndim=3)
+    if tuple(values_b.shape) != (R, Sb, C):
+        raise ValueError(f"values_b must have shape ({R}, {Sb}, {C}), got {tuple(values_b.shape)}")
+    S = Sa + Sb
+    if not isinstance(order, torch.Tensor) or order.dtype != torch.int64 or tuple(order.shape) != (R, S):
+        raise ValueError(f"order must be an int64 tensor of shape ({R}, {S}) (from merge_samples), got "
+                         f"{getattr(order, 'dtype', type(order).__name__)} {tuple(getattr(order, 'shape', ()))}")
+    tensors = {"alphas_a": alphas_a, "values_a": values_a, "alphas_b": alphas_b, "values_b": values_b,
+               "order": order}
+    if depths is not None:
+        v.check_tensor(depths, "depths", f"({R}, {S})", ndim=2)
+        if tuple(depths.shape) != (R, S):
+            raise ValueError(f"depths must have shape ({R}, {S}), got {tuple(depths.shape)}")
+        tensors["depths"] = depths
+    v.check_same_device(tensors)
+    check_alphas_range(alphas_a)
+    check_alphas_range(alphas_b)
+    if order.numel() and v.checking_values():
+        lo, hi = torch.aminmax(order)
+        if not bool((lo >= 0) & (hi < S)):
+            raise ValueError(f"order must hold indices in [0, {S}), got min {int(lo)}, max {int(hi)}")
+
+
 # --- torch.library registration ------------------------------------------------------------
 #
 # Low-level contract shared by the C++ op (csrc/composite) and the Triton op (kernels/composite.py):
@@ -178,3 +258,13 @@ def _backward_triton(grad_color: torch.Tensor, grad_opacity: torch.Tensor, grad_
 
 
 register_forward_backward("composite", _forward_fake, _backward_fake, _make_backward, _setup_context)
+
+
+def _register_merged() -> None:
+    if hasattr(torch.ops.gpavatar, "composite_merged_forward"):
+        torch.library.register_fake("gpavatar::composite_merged_forward")(
+            lambda alphas_a, values_a, alphas_b, values_b, order, depths: _forward_fake(
+                alphas_a.new_empty(order.shape), values_a, depths))
+
+
+_register_merged()
