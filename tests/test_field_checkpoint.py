@@ -22,6 +22,16 @@ def make(N=300, seed=0):
     return dec, planes, coords, dirs, points
 
 
+def assert_grads_close(grads, expected):
+    """Gradients equal up to the summation order (over segments, or per ray against per sample):
+    float rounding of sums of terms up to the gradient's scale, so ~1e-7 of each tensor's largest
+    entry; an entry near zero in a row of large ones may differ by more than 1e-5 of itself
+    (depending on the CPU's BLAS kernels).  A lost segment or a misplaced ray share changes whole
+    rows by O(1) of that scale."""
+    for a, b in zip(grads, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * max(1.0, b.abs().max().item()))
+
+
 def train_pass(dec, planes, coords, dirs, points, checkpoint):
     """Outputs, gradients (parameters and planes) and the bytes autograd saved for the pass."""
     dec.checkpoint_layers = checkpoint
@@ -100,8 +110,7 @@ def test_segmented_checkpoint_matches_the_whole_pass(segment):
     dec.checkpoint_segment = segment
     out_s, grads_s, _ = train_pass(dec, planes, coords, dirs, points, True)
     torch.testing.assert_close(out_s, out_w, rtol=1e-6, atol=1e-7)
-    for a, b in zip(grads_s, grads_w):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads_s, grads_w)
 
 
 def test_segments_follow_the_batch():
@@ -141,5 +150,4 @@ def test_segments_hold_whole_rays_with_one_direction_per_ray(segment):
     dec.checkpoint_segment = segment
     out_s, grads_s, _ = train_pass(dec, planes, coords, rays, points, True)
     torch.testing.assert_close(out_s, out_w, rtol=1e-6, atol=1e-7)
-    for a, b in zip(grads_s, grads_w):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads_s, grads_w)
