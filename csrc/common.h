@@ -36,36 +36,24 @@ GPA_HD float relu_f(float x) { return x < 0.0f ? 0.0f : x; }
 GPA_HD bool relu_passes(float x) { return !(x <= 0.0f); }
 
 // a * b rounded on its own (never contracted into an FMA with a following add),
-// and a + b likewise; in float and in double.  nvcc contracts a * b + c by default
+// and a + b likewise; T is float or double.  nvcc contracts a * b + c by default
 // and the host compiler is told not to (-ffp-contract=off): arithmetic whose bits the
 // CPU and CUDA paths must share is written with these.
-GPA_HD float mul_rn(float a, float b) {
+template <typename T>
+GPA_HD T mul_rn(T a, T b) {
 #if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
+  if constexpr (sizeof(T) == sizeof(float)) return __fmul_rn(a, b);
+  else return __dmul_rn(a, b);
 #else
   return a * b;
 #endif
 }
 
-GPA_HD float add_rn(float a, float b) {
+template <typename T>
+GPA_HD T add_rn(T a, T b) {
 #if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-
-GPA_HD double mul_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-
-GPA_HD double add_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dadd_rn(a, b);
+  if constexpr (sizeof(T) == sizeof(float)) return __fadd_rn(a, b);
+  else return __dadd_rn(a, b);
 #else
   return a + b;
 #endif

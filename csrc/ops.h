@@ -179,6 +179,10 @@ Args make_args(const at::Tensor& alphas, const at::Tensor& values,
 void check_grads(const at::Tensor& alphas, const at::Tensor& values, const at::Tensor& grad_color,
                  const at::Tensor& grad_opacity, const at::Tensor& grad_weights,
                  const at::Tensor& grad_depth);
+// The forward's outputs for `a`: color (R, C), opacity (R), weights (R, S), depth (R); zeros
+// except the weights (with S == 0 or C == 0 the kernels do not run).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_outputs(const Args& a,
+                                                                           const at::TensorOptions& options);
 // The merged form: alphas_a (R, Sa), values_a (R, Sa, C), alphas_b (R, Sb), values_b (R, Sb, C)
 // float32, order (R, Sa + Sb) int64, depths (R, Sa + Sb) float32 or none; all contiguous.
 Args merged_args(const at::Tensor& alphas_a, const at::Tensor& values_a, const at::Tensor& alphas_b,

@@ -222,10 +222,14 @@ BAD = [
 @pytest.mark.parametrize("backend", ["torch"] + [b for b in ops.available_backends("cpu") if b != "torch"])
 @pytest.mark.parametrize("change,exc,words", BAD)
 def test_bad_inputs(backend, change, exc, words):
-    args = dict(alphas=torch.rand(4, 5), values=torch.rand(4, 5, 3), depths=None)
-    args.update(change)
+    check_bad_call(ops.composite, dict(alphas=torch.rand(4, 5), values=torch.rand(4, 5, 3), depths=None),
+                   change, exc, words, backend)
+
+
+def check_bad_call(op, args: dict, change: dict, exc, words, backend):
+    """op(**args with change) raises exc with every one of words in its message."""
     with pytest.raises(exc) as info:
-        ops.composite(**args, backend=backend)
+        op(**dict(args, **change), backend=backend)
     for word in words:
         assert word in str(info.value), str(info.value)
 
@@ -381,11 +385,7 @@ MERGED_BAD = [
 def test_composite_merged_bad_inputs(backend, change, exc, words):
     args = dict(alphas_a=torch.rand(4, 5), values_a=torch.rand(4, 5, 3), alphas_b=torch.rand(4, 2),
                 values_b=torch.rand(4, 2, 3), order=torch.arange(7).expand(4, 7).contiguous(), depths=None)
-    args.update(change)
-    with pytest.raises(exc) as info:
-        ops.composite_merged(**args, backend=backend)
-    for word in words:
-        assert word in str(info.value), str(info.value)
+    check_bad_call(ops.composite_merged, args, change, exc, words, backend)
 
 
 def test_composite_merged_low_level_op():

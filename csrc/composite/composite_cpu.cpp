@@ -90,6 +90,12 @@ Args merged_args(const at::Tensor& alphas_a, const at::Tensor& values_a, const a
   return a;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_outputs(const Args& a,
+                                                                           const at::TensorOptions& options) {
+  return {at::zeros({a.R, a.C}, options), at::zeros({a.R}, options), at::empty({a.R, a.S}, options),
+          at::zeros({a.R}, options)};
+}
+
 namespace {
 
 int64_t grain(const Args& a) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, a.S * a.C)); }
@@ -97,10 +103,7 @@ int64_t grain(const Args& a) { return std::max<int64_t>(1, 16384 / std::max<int6
 template <bool Merged>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward(const Args& a,
                                                                        const at::TensorOptions& options) {
-  at::Tensor color = at::zeros({a.R, a.C}, options);
-  at::Tensor opacity = at::empty({a.R}, options);
-  at::Tensor weights = at::empty({a.R, a.S}, options);
-  at::Tensor depth = at::empty({a.R}, options);
+  auto [color, opacity, weights, depth] = forward_outputs(a, options);
   float *col = color.data_ptr<float>(), *op = opacity.data_ptr<float>();
   float *wts = weights.data_ptr<float>(), *dep = depth.data_ptr<float>();
   at::parallel_for(0, a.R, grain(a), [&](int64_t begin, int64_t end) {

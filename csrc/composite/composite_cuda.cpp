@@ -13,11 +13,7 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_forward(const Args& a,
                                                                        const at::TensorOptions& options) {
-  // zeros: with S == 0 or C == 0 the kernel does not run.
-  at::Tensor color = at::zeros({a.R, a.C}, options);
-  at::Tensor opacity = at::zeros({a.R}, options);
-  at::Tensor weights = at::empty({a.R, a.S}, options);
-  at::Tensor depth = at::zeros({a.R}, options);
+  auto [color, opacity, weights, depth] = forward_outputs(a, options);
   check_launch(launch_forward_cuda(a, color.data_ptr<float>(), opacity.data_ptr<float>(),
                                    weights.data_ptr<float>(), depth.data_ptr<float>(),
                                    at::cuda::getCurrentCUDAStream().stream()),
