@@ -2,6 +2,7 @@
 // input checks.  Device implementations register themselves next to their
 // kernels (csrc/<op>/<op>_cpu.cpp, csrc/<op>/<op>_cuda.cpp).
 #include <Python.h>
+#include <cstdlib>
 #include <torch/library.h>
 
 #include "ops.h"
@@ -21,6 +22,25 @@ std::string shape_of(const at::Tensor& t) {
     out += std::to_string(t.size(d));
   }
   return out + (t.dim() == 1 ? ",)" : ")");
+}
+
+std::string env_choice(const char* name, std::initializer_list<const char*> choices, const char* fallback) {
+  const char* env = std::getenv(name);
+  const std::string value = env == nullptr || env[0] == '\0' ? fallback : env;
+  std::string listed;
+  size_t i = 0;
+  for (const char* c : choices) {
+    if (value == c) return value;
+    listed += (i == 0 ? "" : (i + 1 == choices.size() ? " or " : ", "));
+    listed += c;
+    ++i;
+  }
+  TORCH_CHECK_VALUE(false, msg(name, " must be ", listed, ", got '", value, "'"));
+  return value;
+}
+
+void check_grid_batch(int64_t B, const char* name) {
+  TORCH_CHECK_VALUE(B <= 65535, msg(name, ": batch size B must be <= 65535, got ", B));
 }
 
 void check_contiguous_float(const at::Tensor& t, const char* name, int64_t dim,

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -44,6 +45,12 @@ std::string msg(const Args&... args) {
 
 // "(2, 3, 4)": a tensor's shape for error messages.
 std::string shape_of(const at::Tensor& t);
+// A switch read from the environment: one of `choices`, `fallback` when unset or empty; a
+// ValueError "NAME must be a, b or c, got 'x'" otherwise.
+std::string env_choice(const char* name, std::initializer_list<const char*> choices, const char* fallback);
+// A batch size B that a CUDA grid's y dimension (<= 65535) covers; a ValueError naming the
+// argument otherwise.
+void check_grid_batch(int64_t B, const char* name);
 // check_float_tensor + contiguous (for kernels that read the raw data pointer).
 void check_contiguous_float(const at::Tensor& t, const char* name, int64_t dim, const char* shape);
 

@@ -166,29 +166,19 @@ int64_t env_int(const char* name, int64_t fallback, int64_t lo, int64_t hi) {
 }
 
 std::string cuda_search_name() {
-  const char* env = std::getenv("GPAVATAR_KNN_CUDA_SEARCH");
-  const std::string name = env == nullptr ? "" : env;
-  TORCH_CHECK_VALUE(name.empty() || name == "banded" || name == "unrolled" || name == "buffered",
-                    msg("GPAVATAR_KNN_CUDA_SEARCH must be banded, unrolled or buffered, got '", name, "'"));
-  return name;
+  return env_choice("GPAVATAR_KNN_CUDA_SEARCH", {"banded", "unrolled", "buffered"}, "banded");
 }
 
 bool cuda_search_buffered() { return cuda_search_name() == "buffered"; }
 bool cuda_search_unrolled() { return cuda_search_name() == "unrolled"; }
 
 Build cuda_build() {
-  const char* env = std::getenv("GPAVATAR_KNN_CUDA_BUILD");
-  const std::string name = env == nullptr ? "" : env;
-  TORCH_CHECK_VALUE(name.empty() || name == "flat" || name == "two_level" || name == "one_pass",
-                    msg("GPAVATAR_KNN_CUDA_BUILD must be flat, two_level or one_pass, got '", name, "'"));
+  const std::string name = env_choice("GPAVATAR_KNN_CUDA_BUILD", {"flat", "two_level", "one_pass"}, "two_level");
   return name == "flat" ? Build::kFlat : (name == "one_pass" ? Build::kOnePass : Build::kTwoLevel);
 }
 
 int cuda_list_order() {
-  const char* env = std::getenv("GPAVATAR_KNN_CUDA_ORDER");
-  const std::string name = env == nullptr ? "" : env;
-  TORCH_CHECK_VALUE(name.empty() || name == "box" || name == "centre",
-                    msg("GPAVATAR_KNN_CUDA_ORDER must be box or centre, got '", name, "'"));
+  const std::string name = env_choice("GPAVATAR_KNN_CUDA_ORDER", {"box", "centre"}, "box");
   return name == "centre" ? kOrderCentre : kOrderBox;
 }
 
@@ -201,10 +191,7 @@ namespace {
 // GPAVATAR_KNN_CPU_VARIANT = auto (default: avx2 where the CPU has it) | avx2 | scalar:
 // which loop scans the cell lists (same results; the tests run both).
 bool use_avx2_scan() {
-  const char* env = std::getenv("GPAVATAR_KNN_CPU_VARIANT");
-  const std::string name = env == nullptr || env[0] == '\0' ? "auto" : env;
-  TORCH_CHECK_VALUE(name == "auto" || name == "avx2" || name == "scalar",
-                    msg("GPAVATAR_KNN_CPU_VARIANT must be auto, avx2 or scalar, got '", name, "'"));
+  const std::string name = env_choice("GPAVATAR_KNN_CPU_VARIANT", {"auto", "avx2", "scalar"}, "auto");
 #if defined(GPA_KNN_CELLS_AVX2)
   TORCH_CHECK_VALUE(name != "avx2" || cells_cpu::cpu_has_avx2(), "GPAVATAR_KNN_CPU_VARIANT=avx2 needs a CPU with AVX2");
   return name != "scalar" && cells_cpu::cpu_has_avx2();
@@ -343,10 +330,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
   // Queries the cell lists leave to the grid or brute force (outside the grid,
   // overflowing lists); all of them for the other methods.
   std::vector<int64_t> rest;
-  const char* layout_env = std::getenv("GPAVATAR_KNN_LAYOUT");
-  const std::string layout = layout_env == nullptr ? "" : layout_env;
-  TORCH_CHECK_VALUE(layout.empty() || layout == "cpu" || layout == "cuda",
-                    msg("GPAVATAR_KNN_LAYOUT must be cpu or cuda, got '", layout, "'"));
+  const std::string layout = env_choice("GPAVATAR_KNN_LAYOUT", {"cpu", "cuda"}, "cpu");
   if (method == Method::kCells && layout == "cuda") {
     // The CUDA pipeline's lists and scans (knn_cells_cuda_layout.h): tests and diagnostics.
     cuda_layout::Lists lists;

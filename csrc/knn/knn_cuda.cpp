@@ -129,8 +129,7 @@ void cell_search(const at::Tensor& queries, const at::Tensor& points, int64_t K,
 
 std::vector<at::Tensor> knn_index_cuda(const at::Tensor& points_in, const at::Tensor& query_box, int64_t K) {
   check_index_inputs(points_in, query_box, K);
-  TORCH_CHECK_VALUE(points_in.size(0) <= 65535, msg("points: batch size B must be <= 65535, got ",
-                    points_in.size(0)));
+  check_grid_batch(points_in.size(0), "points");  // the list kernels' grid.y
   const c10::cuda::CUDAGuard guard(points_in.device());
   const at::Tensor points = points_in.contiguous();
   const auto stream = at::cuda::getCurrentCUDAStream().stream();
@@ -160,8 +159,7 @@ std::tuple<at::Tensor, at::Tensor> knn_search_cuda(const at::Tensor& queries_in,
 std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries_in,
                                             const at::Tensor& points_in, int64_t K) {
   check_inputs(queries_in, points_in, K);
-  TORCH_CHECK_VALUE(queries_in.size(0) <= 65535, msg("queries: batch size B must be <= 65535, got ",
-                    queries_in.size(0)));
+  check_grid_batch(queries_in.size(0), "queries");
   const c10::cuda::CUDAGuard guard(queries_in.device());
   Call c = knn_call(queries_in, points_in, K);
   const at::Tensor &queries = c.queries, &points = c.points;

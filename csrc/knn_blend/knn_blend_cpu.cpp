@@ -124,18 +124,12 @@ GatherPlan make_gather_plan(const Prepared& p, const at::Tensor& grad_out) {
 }
 
 bool use_tiles_forward(bool on_cuda) {
-  const char* env = std::getenv("GPAVATAR_BLEND_FORWARD");
-  const std::string name = env == nullptr || env[0] == '\0' ? "auto" : env;
-  TORCH_CHECK_VALUE(name == "auto" || name == "queries" || name == "tiles",
-                    msg("GPAVATAR_BLEND_FORWARD must be auto, queries or tiles, got '", name, "'"));
+  const std::string name = env_choice("GPAVATAR_BLEND_FORWARD", {"auto", "queries", "tiles"}, "auto");
   return name == "tiles" || (name == "auto" && on_cuda);
 }
 
 BackwardMethod blend_backward_method(bool on_cuda) {
-  const char* env = std::getenv("GPAVATAR_BLEND_BACKWARD");
-  const std::string name = env == nullptr || env[0] == '\0' ? "auto" : env;
-  TORCH_CHECK_VALUE(name == "auto" || name == "buffers" || name == "gather" || name == "tiles",
-                    msg("GPAVATAR_BLEND_BACKWARD must be auto, buffers, gather or tiles, got '", name, "'"));
+  const std::string name = env_choice("GPAVATAR_BLEND_BACKWARD", {"auto", "buffers", "gather", "tiles"}, "auto");
   if (name == "auto") {
     if (!on_cuda) return BackwardMethod::kBuffers;
     // The tiles' grad_table atomics make the sums' order vary between runs; the gather
@@ -153,10 +147,7 @@ namespace {
 // H is 8, 16, 32 or 64, else scalar) | avx2 | scalar: which CPU loops run, forward and
 // backward (tests run both).
 bool use_avx2_loops(int H) {
-  const char* env = std::getenv("GPAVATAR_BLEND_CPU_VARIANT");
-  const std::string name = env == nullptr || env[0] == '\0' ? "auto" : env;
-  TORCH_CHECK_VALUE(name == "auto" || name == "avx2" || name == "scalar",
-                    msg("GPAVATAR_BLEND_CPU_VARIANT must be auto, avx2 or scalar, got '", name, "'"));
+  const std::string name = env_choice("GPAVATAR_BLEND_CPU_VARIANT", {"auto", "avx2", "scalar"}, "auto");
 #if defined(GPA_KNN_BLEND_AVX2)
   const bool available = avx2::cpu_has_avx2_fma() && avx2::vector_width_supported(H);
   TORCH_CHECK_VALUE(name != "avx2" || available,

@@ -40,11 +40,9 @@ Prepared prepare_cuda(const at::Tensor& queries, const at::Tensor& points, const
   TORCH_CHECK_VALUE(p.args.H <= kMaxHidden && p.args.C <= kMaxOut, msg("the CUDA knn_blend supports hidden size H <= ", kMaxHidden,
                     " and output size C <= ", kMaxOut, ", got H = ", p.args.H, ", C = ", p.args.C,
                     " (use backend='triton' or 'torch')"));
-  TORCH_CHECK_VALUE(p.args.B <= 65535, msg("queries: batch size B must be <= 65535, got ", p.args.B));
-  const char* env = std::getenv("GPAVATAR_BLEND_CUDA_VARIANT");
-  const std::string variant = env == nullptr || env[0] == '\0' ? "default" : env;
-  TORCH_CHECK_VALUE(variant == "default" || variant == "occupancy" || variant == "generic",
-                    msg("GPAVATAR_BLEND_CUDA_VARIANT must be default, occupancy or generic, got '", variant, "'"));
+  check_grid_batch(p.args.B, "queries");
+  const std::string variant =
+      env_choice("GPAVATAR_BLEND_CUDA_VARIANT", {"default", "occupancy", "generic"}, "default");
   p.args.cuda_variant = variant == "occupancy" ? kVariantOccupancy
                         : variant == "generic"  ? kVariantGeneric
                                                 : kVariantDefault;
