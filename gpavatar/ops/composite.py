@@ -27,6 +27,7 @@ import torch
 from gpavatar.ops import _backend
 from gpavatar.ops import _validation as v
 from gpavatar.ops._library import register_forward_backward
+from gpavatar.ops.rays import gather_samples
 from gpavatar.ops.reference import composite_reference
 
 __all__ = ["composite", "composite_merged", "CompositeResult"]
@@ -45,14 +46,18 @@ def check_composite_inputs(alphas, values, depths) -> None:
     v.check_tensor(values, "values", f"({R}, {S}, C)", ndim=3)
     if values.shape[:2] != alphas.shape:
         raise ValueError(f"values must have shape ({R}, {S}, C), got {tuple(values.shape)}")
-    tensors = {"alphas": alphas, "values": values}
+    check_depths(depths, R, S, {"alphas": alphas, "values": values})
+    check_alphas_range(alphas)
+
+
+def check_depths(depths, R: int, S: int, tensors: dict) -> None:
+    """``depths`` None or (R, S); it and ``tensors`` on one device."""
     if depths is not None:
         v.check_tensor(depths, "depths", f"({R}, {S})", ndim=2)
-        if depths.shape != alphas.shape:
+        if tuple(depths.shape) != (R, S):
             raise ValueError(f"depths must have shape ({R}, {S}), got {tuple(depths.shape)}")
-        tensors["depths"] = depths
+        tensors = dict(tensors, depths=depths)
     v.check_same_device(tensors)
-    check_alphas_range(alphas)
 
 
 def check_alphas_range(alphas) -> None:
@@ -143,13 +148,9 @@ def composite_merged(alphas_a: torch.Tensor, values_a: torch.Tensor, alphas_b: t
              and R > 0 and Sa + Sb > 0 and values_a.shape[2] > 0
              and not _backend.needs_grad([alphas_a, values_a, alphas_b, values_b]))
     if not fused:
-        def merged(a, b):
-            both = torch.cat([a, b.to(a.dtype)], dim=1)
-            index = order if both.dim() == 2 else order[..., None].expand(-1, -1, both.shape[2])
-            return both.gather(1, index)
-
-        return composite(merged(alphas_a, alphas_b), merged(values_a, values_b), depths, backend=name,
-                         validate=False)
+        return composite(gather_samples(torch.cat([alphas_a, alphas_b.to(alphas_a.dtype)], 1), order),
+                         gather_samples(torch.cat([values_a, values_b.to(values_a.dtype)], 1), order), depths,
+                         backend=name, validate=False)
     f32 = torch.float32
     d = depths.detach().to(f32).contiguous() if depths is not None else None
     color, opacity, weights, depth = torch.ops.gpavatar.composite_merged_forward(
@@ -175,14 +176,8 @@ def check_merged_inputs(alphas_a, values_a, alphas_b, values_b, order, depths) -
     if not isinstance(order, torch.Tensor) or order.dtype != torch.int64 or tuple(order.shape) != (R, S):
         raise ValueError(f"order must be an int64 tensor of shape ({R}, {S}) (from merge_samples), got "
                          f"{getattr(order, 'dtype', type(order).__name__)} {tuple(getattr(order, 'shape', ()))}")
-    tensors = {"alphas_a": alphas_a, "values_a": values_a, "alphas_b": alphas_b, "values_b": values_b,
-               "order": order}
-    if depths is not None:
-        v.check_tensor(depths, "depths", f"({R}, {S})", ndim=2)
-        if tuple(depths.shape) != (R, S):
-            raise ValueError(f"depths must have shape ({R}, {S}), got {tuple(depths.shape)}")
-        tensors["depths"] = depths
-    v.check_same_device(tensors)
+    check_depths(depths, R, S, {"alphas_a": alphas_a, "values_a": values_a, "alphas_b": alphas_b,
+                                "values_b": values_b, "order": order})
     check_alphas_range(alphas_a)
     check_alphas_range(alphas_b)
     if order.numel() and v.checking_values():
