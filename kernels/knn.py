@@ -7,7 +7,9 @@ Shapes:
 Math, for query q = queries[b, m] and point p = points[b, i]:
     d(q, p) = (dx*dx + dy*dy) + dz*dz,   dx = qx - px, ...   (fp32, no FMA)
 The K smallest pairs (d, i) in lexicographic order are returned, so equal
-distances keep the lower point index first.  The arithmetic order matches the
+distances keep the lower point index first.  Distances are ranked by int32 keys
+(their bits: the same order for numbers >= 0 and +inf, NaN above +inf), so
+non-finite input gets the total order of every backend (csrc/knn/knn.h).  The arithmetic order matches the
 torch reference bit for bit; the kernel is launched with enable_fp_fusion=False
 so the compiler does not contract the products into FMAs.
 
@@ -33,7 +35,9 @@ points whose nearest distance to the cell is <= U_C (1 + 1e-5) + 1e-36, stored i
 index order in a fixed number of slots per cell.  The same kernel then streams, for
 each row, its cell's list instead of all points (a gather); rows outside the grid
 or in a cell whose list overflows its slots stream every point.  The offer rule is
-the same lexicographic (d, i) comparison, so the result is bit-identical.
+the same lexicographic (d, i) comparison, so the result is bit-identical.  A row
+whose K-th distance is not below +inf (non-finite input only: the lists leave NaN
+points out and do not order +inf ties) streams every point again.
 """
 
 import os
@@ -55,18 +59,48 @@ CELL_SLOTS = 768  # list entries stored per cell (GPAVATAR_KNN_CELL_BUDGET overr
 
 
 @triton.jit
-def _set_worst(sd, si, col, in_set, KP: tl.constexpr):
-    """Largest (d, i) pair per row among the columns < K, and its column.
+def _key(d):
+    """The rank of a distance as an int32: the bits of d for numbers >= 0 and +inf (the same order),
+    NAN_KEY above them for NaN (any sign bit).  Keys bitcast back to the distance."""
+    return tl.where(d != d, 0x7FC00000, d.to(tl.int32, bitcast=True))
 
-    sd: [BLOCK_M, KP] float32, si: [BLOCK_M, KP] int32, col: [KP], in_set: [KP]
+
+@triton.jit
+def _set_worst(sk, si, col, in_set, KP: tl.constexpr):
+    """Largest (key, i) pair per row among the columns < K, and its column.
+
+    sk: [BLOCK_M, KP] int32 keys, si: [BLOCK_M, KP] int32, col: [KP], in_set: [KP]
     """
-    dm = tl.where(in_set[None, :], sd, float("-inf"))
-    wd = tl.max(dm, 1)  # [BLOCK_M]
-    is_d = dm == wd[:, None]
-    wi = tl.max(tl.where(is_d, si, -1), 1)  # [BLOCK_M]
-    at = is_d & (si == wi[:, None])
+    km = tl.where(in_set[None, :], sk, -1)
+    wk = tl.max(km, 1)  # [BLOCK_M]
+    is_k = km == wk[:, None]
+    wi = tl.max(tl.where(is_k, si, -1), 1)  # [BLOCK_M]
+    at = is_k & (si == wi[:, None])
     wc = tl.min(tl.where(at, col[None, :], KP), 1)  # [BLOCK_M]
-    return wd, wi, wc
+    return wk, wi, wc
+
+
+@triton.jit
+def _offer_tile(sk, si, wk, wi, wc, key, pi2, ok, col, in_set, K, KP: tl.constexpr):
+    """Offers a tile's candidates (key, pi2) [BLOCK_M, BLOCK_P] where ``ok`` to each row's set."""
+    BIG: tl.constexpr = 2147483647
+    # Candidates that beat the current worst entry of their row.
+    qual = ((key < wk[:, None]) | ((key == wk[:, None]) & (pi2 < wi[:, None]))) & ok
+    tk = tl.where(qual, key, BIG)
+    ti = tl.where(qual, pi2, BIG)
+    n_rounds = tl.minimum(tl.max(tl.sum(qual.to(tl.int32), 1), 0), K)
+    for _r in range(0, n_rounds):
+        mk = tl.min(tk, 1)  # [BLOCK_M] smallest remaining candidate
+        mi = tl.min(tl.where(tk == mk[:, None], ti, BIG), 1)
+        take = (mk < wk) | ((mk == wk) & (mi < wi))
+        hit = take[:, None] & (col[None, :] == wc[:, None])
+        sk = tl.where(hit, mk[:, None], sk)
+        si = tl.where(hit, mi[:, None], si)
+        gone = ti == mi[:, None]
+        tk = tl.where(gone, BIG, tk)
+        ti = tl.where(gone, BIG, ti)
+        wk, wi, wc = _set_worst(sk, si, col, in_set, KP)
+    return sk, si, wk, wi, wc
 
 
 @triton.jit
@@ -88,8 +122,8 @@ def _knn_kernel(
     KP: tl.constexpr,  # next power of two >= K
     CELLS: tl.constexpr,
 ):
-    BIG: tl.constexpr = 2147483647  # index of empty slots / consumed candidates
-    INF: tl.constexpr = float("inf")
+    BIG: tl.constexpr = 2147483647  # key and index of empty slots / consumed candidates
+    INF_KEY: tl.constexpr = 0x7F800000  # _key(+inf)
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
 
@@ -102,9 +136,9 @@ def _knn_kernel(
 
     col = tl.arange(0, KP)  # [KP]
     in_set = col < K
-    sd = tl.full((BLOCK_M, KP), INF, tl.float32)  # set distances
+    sk = tl.full((BLOCK_M, KP), BIG, tl.int32)  # set keys (_key of the distances)
     si = tl.full((BLOCK_M, KP), BIG, tl.int32)  # set indices
-    wd = tl.full((BLOCK_M,), INF, tl.float32)  # worst (d, i) of the set and its column
+    wk = tl.full((BLOCK_M,), BIG, tl.int32)  # worst (key, i) of the set and its column
     wi = tl.full((BLOCK_M,), BIG, tl.int32)
     wc = tl.zeros((BLOCK_M,), tl.int32)
 
@@ -118,11 +152,8 @@ def _knn_kernel(
         length = tl.where(row_ok, length, 0)
         list_base = (b * C + tl.where(listed, cell, 0)).to(tl.int64) * SLOTS
         n_stream = tl.max(length, 0)
-    else:
-        n_stream = P
-    for start in range(0, n_stream, BLOCK_P):
-        j = start + tl.arange(0, BLOCK_P)  # [BLOCK_P] int32
-        if CELLS:
+        for start in range(0, n_stream, BLOCK_P):
+            j = start + tl.arange(0, BLOCK_P)  # [BLOCK_P] int32
             p_ok = j[None, :] < length[:, None]  # [BLOCK_M, BLOCK_P]
             from_list = tl.load(list_ptr + list_base[:, None] + j[None, :], mask=p_ok & listed[:, None], other=0)
             pi2 = tl.where(listed[:, None], from_list, j[None, :])
@@ -133,56 +164,55 @@ def _knn_kernel(
             dx = qx[:, None] - px  # [BLOCK_M, BLOCK_P]
             dy = qy[:, None] - py
             dz = qz[:, None] - pz
-        else:
-            p_ok1 = j < P
-            p_off = (p_base + j) * 3  # [BLOCK_P] int64
-            px = tl.load(p_ptr + p_off, mask=p_ok1, other=0.0)
-            py = tl.load(p_ptr + p_off + 1, mask=p_ok1, other=0.0)
-            pz = tl.load(p_ptr + p_off + 2, mask=p_ok1, other=0.0)
-            dx = qx[:, None] - px[None, :]  # [BLOCK_M, BLOCK_P]
-            dy = qy[:, None] - py[None, :]
-            dz = qz[:, None] - pz[None, :]
-            pi2 = j[None, :] + tl.zeros((BLOCK_M, BLOCK_P), tl.int32)
-            p_ok = tl.broadcast_to(p_ok1[None, :], (BLOCK_M, BLOCK_P))
-        d = (dx * dx + dy * dy) + dz * dz
+            key = _key((dx * dx + dy * dy) + dz * dz)
+            sk, si, wk, wi, wc = _offer_tile(sk, si, wk, wi, wc, key, pi2, p_ok & row_ok[:, None], col, in_set,
+                                             K, KP)
+        # A list row whose K-th distance is not below +inf (non-finite or overflowing input: the
+        # lists leave out NaN points and do not order +inf ties) streams every point again.
+        redo = row_ok & listed & (wk >= INF_KEY)
+        sk = tl.where(redo[:, None], BIG, sk)
+        si = tl.where(redo[:, None], BIG, si)
+        wk = tl.where(redo, BIG, wk)
+        wi = tl.where(redo, BIG, wi)
+        wc = tl.where(redo, 0, wc)
+        n_all = tl.where(tl.max(redo.to(tl.int32), 0) > 0, P, 0)
+        row_all = redo
+    else:
+        n_all = P
+        row_all = row_ok
+    for start in range(0, n_all, BLOCK_P):
+        j = start + tl.arange(0, BLOCK_P)  # [BLOCK_P] int32
+        p_ok1 = j < P
+        p_off = (p_base + j) * 3  # [BLOCK_P] int64
+        px = tl.load(p_ptr + p_off, mask=p_ok1, other=0.0)
+        py = tl.load(p_ptr + p_off + 1, mask=p_ok1, other=0.0)
+        pz = tl.load(p_ptr + p_off + 2, mask=p_ok1, other=0.0)
+        dx = qx[:, None] - px[None, :]  # [BLOCK_M, BLOCK_P]
+        dy = qy[:, None] - py[None, :]
+        dz = qz[:, None] - pz[None, :]
+        key = _key((dx * dx + dy * dy) + dz * dz)
+        pi2 = j[None, :] + tl.zeros((BLOCK_M, BLOCK_P), tl.int32)
+        sk, si, wk, wi, wc = _offer_tile(sk, si, wk, wi, wc, key, pi2, p_ok1[None, :] & row_all[:, None], col,
+                                         in_set, K, KP)
 
-        # Candidates that beat the current worst entry of their row.
-        qual = (d < wd[:, None]) | ((d == wd[:, None]) & (pi2 < wi[:, None]))
-        qual = qual & p_ok & row_ok[:, None]
-        td = tl.where(qual, d, INF)
-        ti = tl.where(qual, pi2, BIG)
-        n_rounds = tl.minimum(tl.max(tl.sum(qual.to(tl.int32), 1), 0), K)
-
-        for _r in range(0, n_rounds):
-            md = tl.min(td, 1)  # [BLOCK_M] smallest remaining candidate
-            mi = tl.min(tl.where(td == md[:, None], ti, BIG), 1)
-            take = (md < wd) | ((md == wd) & (mi < wi))
-            hit = take[:, None] & (col[None, :] == wc[:, None])
-            sd = tl.where(hit, md[:, None], sd)
-            si = tl.where(hit, mi[:, None], si)
-            gone = ti == mi[:, None]
-            td = tl.where(gone, INF, td)
-            ti = tl.where(gone, BIG, ti)
-            wd, wi, wc = _set_worst(sd, si, col, in_set, KP)
-
-    # Sort the set: K rounds of extract-min in (d, i) order.
-    sd = tl.where(in_set[None, :], sd, INF)
+    # Sort the set: K rounds of extract-min in (key, i) order.
+    sk = tl.where(in_set[None, :], sk, BIG)
     si = tl.where(in_set[None, :], si, BIG)
-    od = tl.full((BLOCK_M, KP), INF, tl.float32)
+    ok = tl.full((BLOCK_M, KP), BIG, tl.int32)
     oi = tl.zeros((BLOCK_M, KP), tl.int32)
     for r in range(0, K):
-        md = tl.min(sd, 1)
-        mi = tl.min(tl.where(sd == md[:, None], si, BIG), 1)
+        mk = tl.min(sk, 1)
+        mi = tl.min(tl.where(sk == mk[:, None], si, BIG), 1)
         slot = col[None, :] == r
-        od = tl.where(slot, md[:, None], od)
+        ok = tl.where(slot, mk[:, None], ok)
         oi = tl.where(slot, mi[:, None], oi)
-        gone = (si == mi[:, None]) & (sd == md[:, None])
-        sd = tl.where(gone, INF, sd)
+        gone = (si == mi[:, None]) & (sk == mk[:, None])
+        sk = tl.where(gone, BIG, sk)
         si = tl.where(gone, BIG, si)
 
     o_off = (b * M + rows)[:, None] * K + col[None, :]  # [BLOCK_M, KP] int64
     o_mask = row_ok[:, None] & in_set[None, :]
-    tl.store(dist_ptr + o_off, od, mask=o_mask)
+    tl.store(dist_ptr + o_off, ok.to(tl.float32, bitcast=True), mask=o_mask)
     tl.store(idx_ptr + o_off, oi.to(tl.int64), mask=o_mask)
 
 
@@ -260,6 +290,7 @@ def build_cells(queries: torch.Tensor, points: torch.Tensor, K: int, G: int, slo
         p = points[:, None]  # (B, 1, P, 3)
         far = torch.maximum(p - a, b - p)
         far2 = (far[..., 0] * far[..., 0] + far[..., 1] * far[..., 1]) + far[..., 2] * far[..., 2]
+        far2 = torch.where(far2 == far2, far2, float("inf"))  # a NaN point: as far as can be (box_max_dist2)
         bound = far2.kthvalue(K, dim=-1).values * (1.0 + 1e-5) + 1e-36
         near = torch.clamp_min(torch.maximum(a - p, p - b), 0.0)
         near2 = (near[..., 0] * near[..., 0] + near[..., 1] * near[..., 1]) + near[..., 2] * near[..., 2]

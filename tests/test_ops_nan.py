@@ -7,12 +7,17 @@ the bug these tests catch.  Inputs validated as finite (coordinates, ray data, t
 backend instead.
 """
 
+import contextlib
+import os
+
 import pytest
 import torch
 from conftest import BACKEND_CASES, HAS_CUDA
 
 import gpavatar.ops as ops
 from _data import make_pef_params, make_points, make_queries
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 NAN = float("nan")
 # Fused backends and the reference itself (the torch backend must agree with the reference
@@ -47,6 +52,154 @@ def _rays_cases():
 
 
 RAYS_CASES = _rays_cases()
+
+
+# --- knn: non-finite coordinates with validate=False -------------------------------------------
+#
+# Every backend returns the K smallest (distance, index) pairs in one total order: ascending
+# distance, NaN after +inf, ties (NaN with NaN too) by the lower index -- torch.sort's stable
+# order, which the reference follows.  Indices stay in [0, P).
+
+BAD_VALUES = {"nan": NAN, "inf": float("inf"), "-inf": float("-inf"), "huge": 1e30}
+
+
+def _spoil(t: torch.Tensor, rows, what, axes=None) -> torch.Tensor:
+    """t with the rows ``rows`` (those below t.shape[1]) of its second axis set to ``what``, on one
+    coordinate axis or all."""
+    t = t.clone()
+    for r in (r for r in rows if r < t.shape[1]):
+        if axes is None:
+            t[:, r] = BAD_VALUES[what]
+        else:
+            t[:, r, axes] = BAD_VALUES[what]
+    return t
+
+
+def assert_same_knn(got, ref, P, name=""):
+    d, i = (x.cpu() for x in got)
+    rd, ri = (x.cpu() for x in ref)
+    assert bool(((i >= 0) & (i < P)).all()), f"{name}: an index outside [0, {P})"
+    bad = (i != ri).any(-1)
+    assert not bool(bad.any()), (f"{name}: neighbours differ from the reference at queries "
+                                 f"{bad.nonzero()[:5].tolist()}: {i[bad][:2].tolist()} vs {ri[bad][:2].tolist()}")
+    assert torch.equal(d.isnan(), rd.isnan()), name
+    assert torch.equal(torch.nan_to_num(d, nan=0.0), torch.nan_to_num(rd, nan=0.0)), name
+
+
+def test_reference_total_order():
+    """The reference's float32 key path gives torch.sort's stable order with NaN and inf ties."""
+    from gpavatar.ops.reference import _smallest_k
+
+    g = torch.Generator().manual_seed(0)
+    d = torch.rand(6, 40, generator=g)
+    d[d < 0.3] = float("inf")
+    d[d > 0.8] = NAN
+    d[:, ::7] = 0.5  # finite ties
+    d[5] = NAN  # a row of NaN only
+    assert torch.equal(_smallest_k(d, 40), torch.sort(d, dim=-1, stable=True).indices)
+    assert torch.equal(_smallest_k(d, 40), _smallest_k(d.double(), 40))
+
+
+# (points spoiled, queries spoiled): (value, rows, one axis or all)
+NONFINITE_CASES = {
+    "nan_point": ([("nan", [3], None)], []),
+    "inf_points": ([("inf", [0, 9], 1), ("-inf", [4], 2)], []),
+    "most_points_nan": ([("nan", range(2, 400), None)], []),  # fewer than K points are numbers
+    "nan_queries": ([], [("nan", [0, 5, 6], 0)]),
+    "inf_queries": ([], [("inf", [1], 0), ("-inf", [2], None)]),
+    "overflow": ([("huge", [7], 2)], [("huge", [3, 4], None)]),  # finite coordinates, distances +inf
+    "everything": ([("nan", [1], 0), ("inf", [2], 1), ("huge", [5], None)],
+                   [("nan", [0], 2), ("inf", [1], None), ("huge", [2], 1)]),
+}
+
+
+def _nonfinite_inputs(case, B=2, M=60, P=40, device="cpu"):
+    pts = make_points(B, P, seed=21, duplicates=4, device=device)
+    q = make_queries(B, M, pts, seed=22, on_points=5, device=device)
+    spoil_p, spoil_q = NONFINITE_CASES[case]
+    for what, rows, axes in spoil_p:
+        pts = _spoil(pts, rows, what, axes)
+    for what, rows, axes in spoil_q:
+        q = _spoil(q, rows, what, axes)
+    return q, pts
+
+
+# The C++ knn's search methods and layouts (GPAVATAR_KNN, GPAVATAR_KNN_LAYOUT): each must reach
+# the same order (the cell lists send the queries they cannot order to the brute-force scan).
+CPU_METHODS = [("brute", "cpu"), ("grid", "cpu"), ("cells", "cpu"), ("cells", "cuda")]
+
+
+@pytest.mark.parametrize("case", list(NONFINITE_CASES))
+@pytest.mark.parametrize("device,backend", CASES)
+def test_knn_nonfinite_total_order(device, backend, case, monkeypatch):
+    q, pts = _nonfinite_inputs(case, device=device)
+    ref = ops.knn(q.cpu(), pts.cpu(), 8, backend="torch", validate=False)
+    if case == "most_points_nan":
+        assert bool(ref.dist2.isnan().any())  # NaN neighbours fill the last slots
+    methods = CPU_METHODS if (device, backend) == ("cpu", "cpu") else [("brute", "cpu"), ("cells", "cpu")]
+    for method, layout in methods:
+        monkeypatch.setenv("GPAVATAR_KNN", method)
+        monkeypatch.setenv("GPAVATAR_KNN_LAYOUT", layout)
+        got = ops.knn(q, pts, 8, backend=backend, validate=False)
+        assert_same_knn(got, ref, pts.shape[1], f"{backend} {method} {layout}")
+
+
+@given(P=st.integers(1, 50), K=st.integers(1, 32), M=st.integers(1, 40), seed=st.integers(0, 2**16),
+       what=st.sampled_from(list(BAD_VALUES)), n_points=st.integers(0, 50), n_queries=st.integers(0, 40),
+       method=st.sampled_from(CPU_METHODS))
+def test_knn_nonfinite_cpu_random(P, K, M, seed, what, n_points, n_queries, method):
+    """Random clouds with random coordinates set to NaN / +-inf / 1e30: the C++ CPU knn in every
+    method equals the reference's total order."""
+    assume(K <= P and "cpu" in ops.available_backends("cpu"))
+    g = torch.Generator().manual_seed(seed)
+    pts = make_points(1, P, seed=seed, duplicates=P // 4)
+    q = make_queries(1, M, pts, seed=seed + 1, on_points=M // 4)
+    for t, n in ((pts, n_points), (q, n_queries)):
+        flat = t.view(-1)
+        flat[torch.randperm(flat.numel(), generator=g)[:min(n, flat.numel())]] = BAD_VALUES[what]
+    ref = ops.knn(q, pts, K, backend="torch", validate=False)
+    with _env({"GPAVATAR_KNN": method[0], "GPAVATAR_KNN_LAYOUT": method[1]}):
+        got = ops.knn(q, pts, K, backend="cpu", validate=False)
+    assert_same_knn(got, ref, P, str(method))
+
+
+@pytest.mark.parametrize("case", ["nan_point", "most_points_nan", "nan_queries", "everything"])
+def test_knn_search_nonfinite_total_order(case, monkeypatch):
+    """knn with a shared index (knn_index / knn_search: the CUDA layout's lists, on the CPU)."""
+    monkeypatch.setenv("GPAVATAR_KNN_LAYOUT", "cuda")
+    q, pts = _nonfinite_inputs(case, P=300)
+    index = ops.knn_index(pts, 8, box=(-1.0, 1.0), backend="cpu", validate=False)
+    if index is None:
+        pytest.skip("no C++ extension")
+    got = ops.knn(q, pts, 8, backend="cpu", validate=False, index=index)
+    assert_same_knn(got, ops.knn(q, pts, 8, backend="torch", validate=False), pts.shape[1], "knn_search")
+
+
+@pytest.mark.parametrize("case", ["nan_point", "most_points_nan", "inf_queries"])
+@pytest.mark.parametrize("device,backend", CASES)
+def test_knn_blend_nonfinite_coordinates(device, backend, case):
+    """knn_blend with non-finite coordinates (validate=False): the reference's neighbours, and NaN
+    in the features exactly where the reference has it."""
+    q, pts = _nonfinite_inputs(case, device=device)
+    params = make_pef_params(pts.shape[1], Cf=8, H=16, C=8, seed=13, device=device)
+    out = ops.knn_blend(q, pts, *params, K=5, backend=backend, validate=False)
+    ref = ops.knn_blend(q, pts, *params, K=5, backend="torch", validate=False)
+    assert_same_knn((out.dist2, out.idx), (ref.dist2, ref.idx), pts.shape[1], backend)
+    assert_same_nan(out.feature, ref.feature, "feature", **KNN_BLEND_FWD)
+
+
+@contextlib.contextmanager
+def _env(values: dict):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # --- knn_blend -------------------------------------------------------------------------------

@@ -72,7 +72,30 @@ __global__ void knn_grid_kernel(GridView grid,
   }
 }
 
+// One thread per query: queries whose K-th distance is not below +inf (only
+// non-finite or overflowing input) are answered again in the total order of
+// knn.h; every other thread reads one float and leaves.
+__global__ void total_order_kernel(const float* __restrict__ queries,  // [B, M, 3]
+                                   const float* __restrict__ points,   // [B, P, 3]
+                                   float* __restrict__ dist2,          // [B, M, K]
+                                   int64_t* __restrict__ idx,          // [B, M, K]
+                                   int64_t B, int64_t M, int64_t P, int K) {
+  const int64_t qi = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (qi >= B * M || !needs_total_order(dist2 + qi * K, K)) return;
+  total_order_knn(points + (qi / M) * P * 3, P, queries[qi * 3], queries[qi * 3 + 1], queries[qi * 3 + 2], K,
+                  dist2 + qi * K, idx + qi * K);
+}
+
 }  // namespace
+
+int launch_total_order_cuda(const float* queries, const float* points, float* dist2, int64_t* idx, int64_t B,
+                            int64_t M, int64_t P, int K, void* stream) {
+  if (B == 0 || M == 0) return 0;
+  const int64_t n = B * M;
+  total_order_kernel<<<static_cast<unsigned>((n + kThreads - 1) / kThreads), kThreads, 0,
+                       static_cast<cudaStream_t>(stream)>>>(queries, points, dist2, idx, B, M, P, K);
+  return static_cast<int>(cudaGetLastError());
+}
 
 int launch_knn_grid_cuda(const GridView& grid, const float* queries, float* dist2, int64_t* idx,
                          int64_t B, int64_t M, int K, void* stream) {

@@ -99,11 +99,13 @@ GridTensors build_grid(const at::Tensor& points) {
   // inv_cell = inf and NaN bins) and the squared distances underflow anyway; such an axis
   // is flat: one cell, inv_cell = 0, and cell = its extent, so lo + cell still bounds the
   // points for the search's stopping bound.  All three axes flat = brute force (one cell
-  // scanned in index order).  NaN / inf extents (only with unvalidated input) are flat too.
+  // scanned in index order).  NaN / inf extents (only with unvalidated input) are flat too,
+  // with an infinite cell: lo + cell then bounds the points (a cell of 0 there made the
+  // stopping bound count an infinite point as beyond the grid, and stop too early).
   const at::Tensor flat = (extent >= kMinGridExtent).logical_and(extent.isfinite()).logical_not();
   const at::Tensor dims = at::where(flat, 1.0, std::floor(side)).to(extent.options());
   g.dims = dims.to(at::kInt).contiguous();
-  g.cell = at::where(flat, at::where(extent.isfinite(), extent, 0.0), extent / dims)
+  g.cell = at::where(flat, at::where(extent.isfinite(), extent, INFINITY), extent / dims)
                .to(at::kFloat).contiguous();
   g.inv_cell = at::where(flat, 0.0, dims / extent).to(at::kFloat).contiguous();
 
@@ -250,6 +252,23 @@ void search_view(const cuda_layout::View& lists, const float* q, int64_t B, int6
     if (left[qi]) rest.push_back(qi);
 }
 
+// Queries whose K-th distance is not below +inf (non-finite or overflowing input only)
+// answered again in the total order of knn.h; returns the outputs.
+std::tuple<at::Tensor, at::Tensor> total_order(const Call& c) {
+  const int k = static_cast<int>(c.dist2.size(2));
+  const float* q = c.queries.data_ptr<float>();
+  const float* pts = c.points.data_ptr<float>();
+  float* out_d = c.dist2.data_ptr<float>();
+  int64_t* out_i = c.idx.data_ptr<int64_t>();
+  at::parallel_for(0, c.B * c.M, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t qi = begin; qi < end; ++qi)
+      if (needs_total_order(out_d + qi * k, k))
+        total_order_knn(pts + (qi / c.M) * c.P * 3, c.P, q[qi * 3], q[qi * 3 + 1], q[qi * 3 + 2], k,
+                        out_d + qi * k, out_i + qi * k);
+  });
+  return {c.dist2, c.idx};
+}
+
 }  // namespace
 
 // knn_index / knn_search on the CPU: the CUDA layout's lists (knn_cells_cuda_layout.h) as tensors,
@@ -304,7 +323,7 @@ std::tuple<at::Tensor, at::Tensor> knn_search_cpu(const at::Tensor& queries_in, 
       std::copy(best.idx, best.idx + K, out_i + qi * K);
     }
   });
-  return {dist2, idx};
+  return total_order(c);
 }
 
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
@@ -376,7 +395,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
       if (left[qi]) rest.push_back(qi);
   }
   const int64_t n_rest = method == Method::kCells ? static_cast<int64_t>(rest.size()) : B * M;
-  if (n_rest == 0) return {dist2, idx};
+  if (n_rest == 0) return total_order(c);
   auto query_of = [&](int64_t r) { return method == Method::kCells ? rest[r] : r; };
 
   if (method == Method::kGrid || (method == Method::kCells && n_rest >= kGridMinPoints && P >= kGridMinPoints)) {
@@ -389,7 +408,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
         write(qi, best);
       }
     });
-    return {dist2, idx};
+    return total_order(c);
   }
   at::parallel_for(0, n_rest, 64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
@@ -400,7 +419,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
       write(qi, best);
     }
   });
-  return {dist2, idx};
+  return total_order(c);
 }
 
 }  // namespace knn

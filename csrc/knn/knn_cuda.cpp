@@ -121,6 +121,14 @@ void search_index(const at::Tensor& queries, const at::Tensor& points, int64_t K
   check_launch(launch_cell_search_cuda(a, stream), "knn (cell search)");
 }
 
+// Queries with a K-th distance that is not below +inf answered again in the total order (knn.h).
+void total_order(const Call& c, cudaStream_t stream) {
+  check_launch(launch_total_order_cuda(c.queries.data_ptr<float>(), c.points.data_ptr<float>(),
+                                       c.dist2.data_ptr<float>(), c.idx.data_ptr<int64_t>(), c.B, c.M, c.P,
+                                       static_cast<int>(c.dist2.size(2)), stream),
+               "knn (non-finite distances)");
+}
+
 void cell_search(const at::Tensor& queries, const at::Tensor& points, int64_t K, at::Tensor& dist2,
                  at::Tensor& idx, cudaStream_t stream) {
   const at::Tensor query_box = at::cat({queries.amin(1), queries.amax(1)}, 1);
@@ -152,7 +160,9 @@ std::tuple<at::Tensor, at::Tensor> knn_search_cuda(const at::Tensor& queries_in,
   x.band_count = index[4];
   x.seeds = index[5];
   x.G = G;
-  search_index(c.queries, c.points, K, x, c.dist2, c.idx, at::cuda::getCurrentCUDAStream().stream());
+  const auto stream = at::cuda::getCurrentCUDAStream().stream();
+  search_index(c.queries, c.points, K, x, c.dist2, c.idx, stream);
+  total_order(c, stream);
   return {c.dist2, c.idx};
 }
 
@@ -170,6 +180,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries_in,
   const Method method = choose_method(M, P, kCellsMinQueries, Method::kBrute);
   if (method == Method::kCells) {
     cell_search(queries, points, K, dist2, idx, stream);
+    total_order(c, stream);
     return {dist2, idx};
   }
   int err;
@@ -183,6 +194,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries_in,
                           static_cast<int>(K), stream);
   }
   check_launch(err, "knn");
+  total_order(c, stream);
   return {dist2, idx};
 }
 

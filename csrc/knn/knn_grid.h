@@ -3,7 +3,7 @@
 // tensor ops that run on either device):
 //   lo, cell, inv_cell (B, 3) float   grid origin, cell size, 1 / cell size; on a flat axis
 //                                      (extent < kMinGridExtent = 1e-15, ops.h) cell is the
-//                                      extent and inv_cell 0
+//                                      extent (+inf for a NaN / infinite one) and inv_cell 0
 //   dims (B, 3) int32                  cells per axis (1 on a flat axis)
 //   cell_offset (B) int64              first cell of batch element b in `start`
 //   start (total_cells + 1) int64      points of cell c: sorted[start[c] .. start[c + 1])

@@ -12,6 +12,9 @@ same indices: distances are evaluated as ``(dx*dx + dy*dy) + dz*dz`` in
 float32 without FMA contraction and ties keep the lower index first, also for
 degenerate clouds (every point equal, extents down to denormals whose squared
 distances all round to 0, coordinates at the validated limit ``|x| = 1e6``).
+Non-finite coordinates (only with ``validate=False``) follow one total order on
+every backend: NaN distances after +inf, ties by the lower index, indices in
+``[0, P)`` (``torch.sort(stable=True)``'s order).
 Gradients of ``dist2`` flow to queries and points on every backend.
 """
 

@@ -32,14 +32,20 @@ def _distance_matrix(queries: torch.Tensor, points: torch.Tensor) -> torch.Tenso
 
 
 def _smallest_k(d: torch.Tensor, K: int) -> torch.Tensor:
-    """Indices of the K smallest entries of each row, by (value, index)."""
+    """Indices of the K smallest entries of each row, by (value, index), NaN after +inf (the
+    total order of every backend: ``torch.sort``'s, stable)."""
     P = d.shape[-1]
     if d.dtype == torch.float32 and P <= 1 << 17:
         # An order-preserving float64 key: d (1 + i 2^-45) + i 2^-200.  Distinct float32
         # values differ by a factor >= 1 + 2^-24 > 1 + P 2^-45, so they keep their order;
-        # equal values (zero included, via the additive term) order by index i.
+        # equal values (zero included, via the additive term) order by index i.  +inf and NaN
+        # take keys above every float32 one, 2^1000 and 2^1010 times (1 + i 2^-45): their ties
+        # order by index too.
         i = torch.arange(P, dtype=torch.float64, device=d.device)
-        key = d.double().mul_(1 + i * 2.0**-45).add_(i * 2.0**-200)
+        spread = 1 + i * 2.0**-45
+        key = d.double().mul_(spread).add_(i * 2.0**-200)
+        key = torch.where(d == float("inf"), spread * 2.0**1000, key)
+        key = torch.where(d.isnan(), spread * 2.0**1010, key)
         return key.topk(K, dim=-1, largest=False, sorted=True).indices
     return torch.sort(d, dim=-1, stable=True).indices[..., :K]
 
