@@ -176,14 +176,16 @@ def test_knn_search_nonfinite_total_order(case, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["nan_point", "most_points_nan", "inf_queries"])
+@pytest.mark.parametrize("normalize", ["neighbors", "queries"])
 @pytest.mark.parametrize("device,backend", CASES)
-def test_knn_blend_nonfinite_coordinates(device, backend, case):
+def test_knn_blend_nonfinite_coordinates(device, backend, case, normalize):
     """knn_blend with non-finite coordinates (validate=False): the reference's neighbours, and NaN
-    in the features exactly where the reference has it."""
+    in the features exactly where the reference has it (with "queries", a NaN weight reaches the
+    whole batch element through the sums over its queries)."""
     q, pts = _nonfinite_inputs(case, device=device)
     params = make_pef_params(pts.shape[1], Cf=8, H=16, C=8, seed=13, device=device)
-    out = ops.knn_blend(q, pts, *params, K=5, backend=backend, validate=False)
-    ref = ops.knn_blend(q, pts, *params, K=5, backend="torch", validate=False)
+    out = ops.knn_blend(q, pts, *params, K=5, normalize=normalize, backend=backend, validate=False)
+    ref = ops.knn_blend(q, pts, *params, K=5, normalize=normalize, backend="torch", validate=False)
     assert_same_knn((out.dist2, out.idx), (ref.dist2, ref.idx), pts.shape[1], backend)
     assert_same_nan(out.feature, ref.feature, "feature", **KNN_BLEND_FWD)
 
