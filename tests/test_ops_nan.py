@@ -7,14 +7,12 @@ the bug these tests catch.  Inputs validated as finite (coordinates, ray data, t
 backend instead.
 """
 
-import contextlib
-import os
-
 import pytest
 import torch
 from conftest import BACKEND_CASES, HAS_CUDA
 
 import gpavatar.ops as ops
+from gpavatar.ops._backend import environ
 from _data import make_pef_params, make_points, make_queries
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -158,7 +156,7 @@ def test_knn_nonfinite_cpu_random(P, K, M, seed, what, n_points, n_queries, meth
         flat = t.view(-1)
         flat[torch.randperm(flat.numel(), generator=g)[:min(n, flat.numel())]] = BAD_VALUES[what]
     ref = ops.knn(q, pts, K, backend="torch", validate=False)
-    with _env({"GPAVATAR_KNN": method[0], "GPAVATAR_KNN_LAYOUT": method[1]}):
+    with environ(GPAVATAR_KNN=method[0], GPAVATAR_KNN_LAYOUT=method[1]):
         got = ops.knn(q, pts, K, backend="cpu", validate=False)
     assert_same_knn(got, ref, P, str(method))
 
@@ -188,20 +186,6 @@ def test_knn_blend_nonfinite_coordinates(device, backend, case, normalize):
     ref = ops.knn_blend(q, pts, *params, K=5, normalize=normalize, backend="torch", validate=False)
     assert_same_knn((out.dist2, out.idx), (ref.dist2, ref.idx), pts.shape[1], backend)
     assert_same_nan(out.feature, ref.feature, "feature", **KNN_BLEND_FWD)
-
-
-@contextlib.contextmanager
-def _env(values: dict):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 # --- knn_blend -------------------------------------------------------------------------------
