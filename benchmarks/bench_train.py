@@ -4,7 +4,9 @@ A step is what ``gpavatar.train.Trainer.train_step`` does, without its data load
 logging: ``model.forward_train(images, points, camera, generator=g)`` (training mode: jittered
 sampling, fresh StyleGAN noise from ``g``) -> ``GPAvatarLoss`` (the official weights, its random
 AlexNet trunk, face-box crops of ``min(256, output_size / 2)`` px, at least 32) -> ``backward`` ->
-``Adam`` (the model's ``param_groups``, betas (0, 0.99), lr 1e-4).  The model is the preset's
+``Adam`` (the model's ``param_groups``, betas (0, 0.99), lr 1e-4; torch's default implementation
+for the baselines, as the official code, and the Trainer's ``adam_implementation`` -- fused -- for
+gpavatar's rows).  The model is the preset's
 (default ``paper`` on CUDA, ``tiny`` on the CPU) with ``single_source_prob = 0``: every step
 encodes all ``--sources`` source images (default 2) and fuses them with MTA, so every step does the
 same work (the official recipe skips MTA in 30 % of the steps).  Inputs, seeded: sources and the
@@ -50,6 +52,7 @@ if H.REPO_ROOT not in sys.path:  # an installed gpavatar still takes precedence
     sys.path.append(H.REPO_ROOT)
 
 from gpavatar.model.recompute import RECOMPUTE_ENV  # noqa: E402
+from gpavatar.train.trainer import adam_implementation  # noqa: E402
 from bench_e2e import (BASELINES, CAMERA, PRESETS, SIZE_ALIASES, api_error,  # noqa: E402
                        backend_unavailable, fallback_ops, head_points, ordered_backends, preset_sizes,
                        use_backend)
@@ -116,7 +119,10 @@ def make_step(setup: dict, backend: str, pack_hook=None):
     device = x["images"].device
     model.load_state_dict(setup["initial"])
     graphed = graphed_variant(backend)
-    optimizer = torch.optim.Adam(model.param_groups(LR), lr=LR, betas=BETAS, **({"fused": True, "capturable": True} if graphed else {}))
+    # The baselines train with torch's default Adam, as the official code does; gpavatar's rows with
+    # the Trainer's (fused where torch has it, capturable for +graph).
+    options = {} if split_variant(backend)[0] in BASELINES else adam_implementation(device, graphed)
+    optimizer = torch.optim.Adam(model.param_groups(LR), lr=LR, betas=BETAS, **options)
     generator = torch.Generator(device).manual_seed(setup["seed"])
     backend, keep, bf16, buffers = split_variant(backend)
     if graphed:
