@@ -33,6 +33,8 @@ GPA_HD float max_f(float a, float b) { return a > b ? a : b; }
 // the gradient passes unless x <= 0, so it passes at NaN).
 GPA_HD float clamp_min_f(float x, float floor) { return x < floor ? floor : x; }
 GPA_HD float relu_f(float x) { return x < 0.0f ? 0.0f : x; }
+// false for NaN and +-inf (x - x is 0 for every finite x; nothing here builds with fast-math).
+GPA_HD bool finite_f(float x) { return x - x == 0.0f; }
 GPA_HD bool relu_passes(float x) { return !(x <= 0.0f); }
 
 // a * b rounded on its own (never contracted into an FMA with a following add),

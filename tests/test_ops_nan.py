@@ -321,6 +321,72 @@ def test_triplane_rejects_nan_coords(device, backend):
         ops.triplane_sample(planes, coords, backend=backend)
 
 
+# A NaN or infinite coordinate (validate=False) reads NaN on the planes it takes part in, as
+# grid_sample: the zero padding times NaN bilinear weights; so does a finite one whose texel
+# coordinate ((c + 1) size - 1) / 2 overflows.  Its coordinate gradient is NaN across (d/du where
+# v is not finite, d/dv where u is not), 0 along its own axis.
+TRIPLANE_BAD = {"nan_x": (0, NAN), "inf_y": (1, float("inf")), "-inf_z": (2, float("-inf")),
+                "overflow_x": (0, 3e38), "huge_finite": (None, 1e30)}
+
+
+def _triplane_grads(planes, coords, reduce, channels_last, backend):
+    p = (planes.permute(0, 1, 3, 4, 2).contiguous() if channels_last else planes).requires_grad_()
+    c = coords.clone().requires_grad_()
+    out = ops.triplane_sample(p, c, reduce=reduce, channels_last=channels_last, backend=backend, validate=False)
+    g = torch.linspace(-1, 1, out.numel(), device=out.device).reshape(out.shape)
+    gp, gc = torch.autograd.grad(out, (p, c), g)
+    return out, (gp.permute(0, 1, 4, 2, 3) if channels_last else gp), gc
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("bad", list(TRIPLANE_BAD))
+@pytest.mark.parametrize("reduce,channels_last", [("mean", False), ("concat", True)])
+def test_triplane_nonfinite_coords(device, backend, bad, reduce, channels_last):
+    """One point with a non-finite (or overflowing) coordinate among finite ones: outputs and both
+    gradients equal the reference's, NaN where it has NaN."""
+    g = torch.Generator().manual_seed(5)
+    planes = torch.randn(1, 3, 4, 5, 6, generator=g).to(device)
+    coords = (torch.rand(1, 5, 3, generator=g) * 2.4 - 1.2).to(device)
+    axis, value = TRIPLANE_BAD[bad]
+    if axis is None:
+        coords[0, 2] = value
+    else:
+        coords[0, 2, axis] = value
+    got = _triplane_grads(planes, coords, reduce, channels_last, backend)
+    # The oracle is grid_sample on the CPU: CUDA's may read an infinite coordinate as a miss (0).
+    ref = _triplane_grads(planes.cpu(), coords.cpu(), reduce, False, "torch")
+    if bad != "huge_finite":
+        assert bool(ref[0].isnan().any()) and bool(ref[2].isnan().any())  # else the test is vacuous
+    for name, x, r in zip(("feature", "grad planes", "grad coords"), got, ref):
+        assert_same_nan(x, r, name, **TRIPLANE_FWD)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_triplane_nonfinite_coords_backends_agree(device, backend):
+    """Several bad points in one batch: the fused backends agree with each other, and the forward
+    with the reference (CPU grid_sample, whose backward gave other points of such a batch other
+    gradients in one trial: the gradients are compared between the fused backends only)."""
+    if backend == "torch":
+        pytest.skip("the fused backends against each other")
+    g = torch.Generator().manual_seed(6)
+    planes = torch.randn(2, 3, 4, 5, 6, generator=g).to(device)
+    coords = (torch.rand(2, 9, 3, generator=g) * 2.4 - 1.2).to(device)
+    for row, (axis, value) in enumerate(TRIPLANE_BAD.values()):
+        if axis is None:
+            coords[row % 2, row + 1] = value
+        else:
+            coords[row % 2, row + 1, axis] = value
+    got = _triplane_grads(planes, coords, "mean", False, backend)
+    assert_same_nan(got[0], ops.triplane_sample(planes.cpu(), coords.cpu(), backend="torch", validate=False),
+                    "feature", **TRIPLANE_FWD)
+    other = "triton" if backend != "triton" and "triton" in ops.available_backends(device) else "cpu"
+    if other not in ops.available_backends(device) or other == backend:
+        pytest.skip("no second fused backend here")
+    for name, x, r in zip(("feature", "grad planes", "grad coords"), got,
+                          _triplane_grads(planes, coords, "mean", False, other)):
+        assert_same_nan(x, r, name, **TRIPLANE_FWD)
+
+
 # --- composite -------------------------------------------------------------------------------
 
 

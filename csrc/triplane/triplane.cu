@@ -68,8 +68,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Args a, int lanes,
     for (int t = 0; t < 3; ++t) {
       const Cell cell = locate_on_plane(point, t, H, W);
       float acc[V];
+      const float start = miss_value(cell);  // 0, NaN for a non-finite point
 #pragma unroll
-      for (int i = 0; i < V; ++i) acc[i] = 0.f;
+      for (int i = 0; i < V; ++i) acc[i] = start;
       const T* plane = planes + (b * 3 + t) * plane_size + c;
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
@@ -165,7 +166,11 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(Args a, int lanes,
     if (grad_coords != nullptr) {
 #pragma unroll
       for (int k = 0; k < 4; ++k) d[k] = group_sum(d[k], lanes);
-      if (cell.hit) add_coord_grad(cell, d, t, H, W, grad);
+      if (cell.hit) {
+        add_coord_grad(cell, d, t, H, W, grad);
+      } else {
+        add_miss_coord_grad(cell, t, grad);
+      }
     }
   }
   if (grad_coords != nullptr && active && lane == 0) {

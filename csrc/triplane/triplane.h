@@ -8,7 +8,8 @@
 //           with extra (B, M, E) float32 contiguous, each row followed by its E extra floats
 // Plane t reads point (x, y, z) at (u, v) = (x, y), (x, z), (z, y); u indexes the
 // width, v the height; bilinear, zero padding, align_corners=False (grid_sample).
-// Every texel read is bounds-checked, so any finite coordinate is safe.
+// Every texel read is bounds-checked, so any coordinate is safe; a NaN or infinite
+// one reads NaN on the planes it takes part in, as grid_sample (miss_value).
 #pragma once
 
 #include <cmath>
@@ -81,7 +82,7 @@ GPA_HD float unnormalize(float c, int64_t size) {
 
 // Where a point falls on one plane: the top-left corner (x0, y0) of its texel
 // cell (-1 <= x0 <= W-1, -1 <= y0 <= H-1) and the bilinear weights.  `hit` is
-// false when no corner is inside the plane (the point reads zero).
+// false when no corner is inside the plane: the point reads miss_value (below).
 struct Cell {
   int64_t x0, y0;
   float ix, iy;            // continuous texel coordinates
@@ -113,6 +114,19 @@ GPA_HD Cell locate(float u, float v, int64_t H, int64_t W) {
 
 GPA_HD Cell locate_on_plane(const float* point, int t, int64_t H, int64_t W) {
   return locate(point[u_axis(t)], point[v_axis(t)], H, W);
+}
+
+// What a plane's reading starts from: 0, or NaN where ix or iy is not finite (a NaN or infinite
+// coordinate, or one whose texel coordinate overflows: the point misses the plane).  That is
+// grid_sample's arithmetic (and the Triton kernels'): the zero padding times bilinear weights that
+// are NaN there (inf - inf).  Only unvalidated input gets NaN (validate=False).
+GPA_HD float miss_value(const Cell& c) { return finite_f(c.ix) && finite_f(c.iy) ? 0.f : __builtin_nanf(""); }
+
+// The coordinate gradient of a missed plane, by the same arithmetic: the texels are 0, but the
+// weights' derivatives carry NaN across: d/du is NaN where iy is not finite, d/dv where ix is not.
+GPA_HD void add_miss_coord_grad(const Cell& c, int t, float grad[3]) {
+  if (!finite_f(c.iy)) grad[u_axis(t)] = __builtin_nanf("");
+  if (!finite_f(c.ix)) grad[v_axis(t)] = __builtin_nanf("");
 }
 
 // Corner k in the order of grid_sample: 0 = (y0, x0), 1 = (y0, x0+1), 2 = (y0+1, x0), 3 = (y0+1, x0+1).

@@ -61,7 +61,7 @@ void forward_range(const Args& a, float* out, int64_t begin, int64_t end) {
         const int64_t n = std::min(kChannelBlock, C - c0);
         for (int t = 0; t < 3; ++t) {
           float* dst = acc[t];
-          std::fill(dst, dst + n, 0.f);
+          std::fill(dst, dst + n, miss_value(cells[t]));  // 0, NaN for a non-finite point
           const T* plane = planes + (b * 3 + t) * plane_size + c0;
           for (int k = 0; k < 4; ++k) {
             if (!corner_inside(cells[t], k, H, W)) continue;
@@ -112,7 +112,10 @@ void coord_grad_range(const Args& a, const float* grad_out, float* grad_coords, 
       float grad[3] = {0.f, 0.f, 0.f};
       for (int t = 0; t < 3; ++t) {
         const Cell& cell = group[i][t];
-        if (!cell.hit) continue;
+        if (!cell.hit) {
+          add_miss_coord_grad(cell, t, grad);
+          continue;
+        }
         upstream(a, g_row, t, g.data());
         float d[4] = {0.f, 0.f, 0.f, 0.f};
         const T* plane = planes + (b * 3 + t) * plane_size;
