@@ -101,7 +101,8 @@ def _fwd_kernel(
         for s0 in range(0, S, BLOCK_S):
             a, t_chunk = _transmittance(a_ptr, ray, row_ok, s0, S, trans, BLOCK_S)
             smask = row_ok[:, None] & (s0 + j2 < S)  # [BLOCK_R, BLOCK_S]
-            w = a * t_chunk
+            # (a lane past S has a = 0 but T = T_S (1 - a_{S-1})...: 0 * inf = NaN for an infinite alpha)
+            w = tl.where(smask, a * t_chunk, 0.0)
             tl.store(w_ptr + ray[:, None] + s0 + j2, w, mask=smask)
             wsum += tl.sum(w, 1)
             if HAS_DEPTH:

@@ -433,6 +433,36 @@ def test_composite_nan_alphas(device, backend):
         assert_same_nan(o, r, name, **COMPOSITE_FWD)
 
 
+def _composite_grads(alphas, values, depths, backend):
+    a, v = alphas.clone().requires_grad_(), values.clone().requires_grad_()
+    out = ops.composite(a, v, depths, backend=backend, validate=False)
+    loss = 0.3 * out.color.sum() + 0.7 * out.opacity.sum() + 0.1 * out.weights.sum() + 0.2 * out.depth.sum()
+    return out, torch.autograd.grad(loss, (a, v))
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), 1e30, -1e30, 3e38, 2.0, -0.5])
+@pytest.mark.parametrize("pos", [0, 9])
+def test_composite_out_of_range_alphas(device, backend, value, pos):
+    """Alphas outside [0, 1] (validate=False): every output equals the reference's -- the opacity is
+    clamp(sum w, 0, 1) exactly (1 for a sum of 1e30 or inf, where x + (clamp(x) - x) gave 0 and NaN),
+    the Triton kernel keeps its lanes past S out of the sums (0 * inf) -- and so does the values'
+    gradient.  The alphas' gradient follows the kernels' recurrence (the derivative: the outputs are
+    affine in each alpha), where torch's cumprod backward gives NaN; there the fused backends agree
+    with each other."""
+    alphas, values, depths = _composite_inputs(device)
+    alphas[2, pos] = value
+    out, (ga, gv) = _composite_grads(alphas, values, depths, backend)
+    ref, (_, ref_gv) = _composite_grads(alphas, values, depths, "torch")
+    for name, o, r in zip(("color", "opacity", "weights", "depth"), out, ref):
+        assert_same_nan(o, r, name, **COMPOSITE_FWD)
+    assert_same_nan(gv, ref_gv, "grad values", **COMPOSITE_FWD)
+    other = "cpu" if backend != "cpu" else "triton"
+    if backend != "torch" and other in ops.available_backends(device):
+        assert_same_nan(ga, _composite_grads(alphas, values, depths, other)[1][0], "grad alphas", rtol=1e-4,
+                        atol=1e-4)
+
+
 # --- ray sampling ----------------------------------------------------------------------------
 
 

@@ -247,6 +247,19 @@ def importance_depths_reference(depths: torch.Tensor, weights: torch.Tensor, n: 
     return (edges[:, 1:] + edges[:, :-1]) * 0.5
 
 
+class _ClampKeepGrad(torch.autograd.Function):
+    """clamp(x, 0, 1) in value (exactly: ``x + (clamp(x) - x).detach()`` rounds, 0 for x = 1e30 and
+    NaN for x = inf), the identity in gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clamp(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 def composite_reference(alphas: torch.Tensor, values: torch.Tensor, depths: torch.Tensor | None = None):
     """Front-to-back alpha compositing (SPEC section 8) of S samples sorted by depth.
 
@@ -263,7 +276,7 @@ def composite_reference(alphas: torch.Tensor, values: torch.Tensor, depths: torc
     weights = alphas * transmittance
     color = (weights[..., None] * values).sum(dim=1)
     total = weights.sum(dim=1)  # = 1 - T_S in [0, 1] up to rounding
-    opacity = total + (total.clamp(0, 1) - total).detach()  # clamp the value, keep d(total)
+    opacity = _ClampKeepGrad.apply(total)  # clamp the value, keep d(total)
     depth = (weights * depths).sum(dim=1) if depths is not None else None
     return color, opacity, weights, depth
 
