@@ -26,6 +26,8 @@ if [[ ! -d "$HOST_SITE/nvidia" ]]; then
 fi
 if [[ ! -x "$VENV/bin/python" ]]; then
     PY="$(command -v "python$PYVER" || true)"
+    # a pyenv shim of a version that is installed but not active is found yet does not run
+    if [[ -n "$PY" ]] && ! "$PY" -c "" 2> /dev/null; then PY=""; fi
     if [[ -z "$PY" ]] && command -v pyenv > /dev/null; then
         PY="$(PYENV_VERSION="$(pyenv versions --bare | grep "^$PYVER" | tail -1)" pyenv which python)"
     fi
