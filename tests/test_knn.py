@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import gpavatar.ops as ops
-from _data import make_points, make_queries
+from _data import make_pef_params, make_points, make_queries
 from gpavatar.ops.reference import knn_reference
 
 
@@ -156,6 +156,18 @@ def test_knn_bad_inputs(backend, queries, points, K, exc, words):
         ops.knn(queries, points, K, backend=backend)
     for word in words:
         assert word in str(info.value)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + [b for b in ops.available_backends("cpu") if b != "torch"])
+@pytest.mark.parametrize("K", [0, -1, 6, 2.0, True])
+def test_knn_checks_k_without_validation(backend, K):
+    """validate=False skips the value checks (a host sync), not K's: a K outside [1, P] is the same
+    error on every backend (Triton had filled the slots past P with index 2^31 - 1)."""
+    q, pts = torch.zeros(1, 4, 3), torch.rand(1, 5, 3)
+    with pytest.raises((ValueError, TypeError), match="K"):
+        ops.knn(q, pts, K, backend=backend, validate=False)
+    with pytest.raises((ValueError, TypeError), match="K"):
+        ops.knn_blend(q, pts, *make_pef_params(5, Cf=4, H=8, C=4), K=K, backend=backend, validate=False)
 
 
 def test_knn_bad_backend_and_fused_k_limit():

@@ -75,6 +75,12 @@ def check_knn_inputs(queries, points, K, op: str = "knn") -> None:
     v.check_coordinates(queries, "queries", points, "points")
 
 
+def check_k(K, points) -> int:
+    """K as an int in [1, P]: checked with validate=False too (it costs no host sync; a K > P left
+    slots no point fills)."""
+    return v.check_int(K, "K", 1, points.shape[1], high_name=f"P = {points.shape[1]}")
+
+
 def choose_backend(backend, device, K: int, op: str) -> str:
     """Resolve the backend; ``auto`` falls back to torch where fused kernels can't go."""
     name = _backend.resolve(backend, device, op)
@@ -190,6 +196,8 @@ def knn(queries: torch.Tensor, points: torch.Tensor, K: int, *, backend: str | N
     """
     if validate:
         check_knn_inputs(queries, points, K)
+    else:
+        check_k(K, points)
     K = operator.index(K)  # numpy integers too (validation refused bools and non-integers)
     if index is not None:
         check_index(index, points, K)

@@ -62,7 +62,8 @@ from gpavatar import _extension
 from gpavatar.ops import _backend
 from gpavatar.ops import _validation as v
 from gpavatar.ops._library import register_forward_backward
-from gpavatar.ops.knn import KnnIndex, check_index, check_knn_inputs, choose_backend, reference_dtype, search_op
+from gpavatar.ops.knn import (KnnIndex, check_index, check_k, check_knn_inputs, choose_backend, reference_dtype,
+                              search_op)
 from gpavatar.ops.reference import EMBED_DIM, knn_blend_reference
 
 NORMALIZATIONS = ("neighbors", "queries")
@@ -192,6 +193,8 @@ def knn_blend(queries: torch.Tensor, points: torch.Tensor, point_features: torch
     """
     if validate:
         check_knn_blend_inputs(queries, points, point_features, w1, b1, w2, b2, K, normalize, eps, weight_sum)
+    else:
+        check_k(K, points)
     H, C = w1.shape[0], w2.shape[0]
     K = operator.index(K)  # numpy integers too (validation refused bools and non-integers)
     if index is not None:
