@@ -119,12 +119,12 @@ def make_step(setup: dict, backend: str, pack_hook=None):
     device = x["images"].device
     model.load_state_dict(setup["initial"])
     graphed = graphed_variant(backend)
+    backend, keep, bf16, buffers = split_variant(backend)
     # The baselines train with torch's default Adam, as the official code does; gpavatar's rows with
     # the Trainer's (fused where torch has it, capturable for +graph).
-    options = {} if split_variant(backend)[0] in BASELINES else adam_implementation(device, graphed)
+    options = {} if backend in BASELINES else adam_implementation(device, graphed)
     optimizer = torch.optim.Adam(model.param_groups(LR), lr=LR, betas=BETAS, **options)
     generator = torch.Generator(device).manual_seed(setup["seed"])
-    backend, keep, bf16, buffers = split_variant(backend)
     if graphed:
         if pack_hook is not None or keep or buffers:
             raise ValueError("+graph rows take no saved-tensor hook, +keep or +buffers")

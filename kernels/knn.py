@@ -61,7 +61,7 @@ CELL_SLOTS = 768  # list entries stored per cell (GPAVATAR_KNN_CELL_BUDGET overr
 @triton.jit
 def _key(d):
     """The rank of a distance as an int32: the bits of d for numbers >= 0 and +inf (the same order),
-    NAN_KEY above them for NaN (any sign bit).  Keys bitcast back to the distance."""
+    0x7FC00000 above them for NaN (any sign bit).  Keys bitcast back to the distance."""
     return tl.where(d != d, 0x7FC00000, d.to(tl.int32, bitcast=True))
 
 

@@ -75,6 +75,15 @@ struct TopK {
   }
 };
 
+// Brute force over points (P, 3) in index order (queries outside a grid, overflowing lists).
+template <typename List>
+GPA_HD void scan_all(const float* points, int64_t P, float qx, float qy, float qz, List& best) {
+  for (int64_t p = 0; p < P; ++p) {
+    const float d = squared_distance(qx, qy, qz, points[3 * p], points[3 * p + 1], points[3 * p + 2]);
+    if (best.accepts(d)) best.push(d, p);
+  }
+}
+
 // Non-finite distances (NaN or +inf: non-finite or overflowing coordinates, which
 // validate=False lets through).  Every backend returns the K smallest pairs in one
 // total order: ascending distance, NaN after +inf, equal distances (NaN with NaN
@@ -91,10 +100,7 @@ template <typename Index>
 GPA_HD void total_order_knn(const float* points, int64_t P, float qx, float qy, float qz, int k, float* out_d,
                             Index* out_i) {
   TopK<Index, kMaxK> best(k);
-  for (int64_t p = 0; p < P; ++p) {
-    const float d = squared_distance(qx, qy, qz, points[3 * p], points[3 * p + 1], points[3 * p + 2]);
-    if (best.accepts(d)) best.push(d, static_cast<Index>(p));
-  }
+  scan_all(points, P, qx, qy, qz, best);
   for (int j = 0; j < best.count; ++j) {
     out_d[j] = best.dist[j];
     out_i[j] = best.idx[j];

@@ -130,14 +130,7 @@ GPA_HD void scan_candidates(const float* x, const float* y, const float* z, cons
   }
 }
 
-// Brute force over points (P, 3) in index order (queries outside the grid, overflow).
-template <typename List>
-GPA_HD void scan_all(const float* points, int64_t P, float qx, float qy, float qz, List& best) {
-  for (int64_t p = 0; p < P; ++p) {
-    const float d = squared_distance(qx, qy, qz, points[3 * p], points[3 * p + 1], points[3 * p + 2]);
-    if (best.accepts(d)) best.push(d, p);
-  }
-}
+// (scan_all, the brute force over points (P, 3) for queries outside the grid and overflow: knn.h)
 
 // --- Banded lists (the CUDA path) ---------------------------------------------
 // A cell's list is stored band after band, in index order within a band; a query

@@ -180,20 +180,16 @@ std::tuple<at::Tensor, at::Tensor> knn_cuda(const at::Tensor& queries_in,
   const Method method = choose_method(M, P, kCellsMinQueries, Method::kBrute);
   if (method == Method::kCells) {
     cell_search(queries, points, K, dist2, idx, stream);
-    total_order(c, stream);
-    return {dist2, idx};
-  }
-  int err;
-  if (method == Method::kGrid) {
+  } else if (method == Method::kGrid) {
     const GridTensors grid = build_grid(points);  // tensor ops on this stream
-    err = launch_knn_grid_cuda(grid.view, queries.data_ptr<float>(), dist2.data_ptr<float>(),
-                               idx.data_ptr<int64_t>(), B, M, static_cast<int>(K), stream);
+    check_launch(launch_knn_grid_cuda(grid.view, queries.data_ptr<float>(), dist2.data_ptr<float>(),
+                                      idx.data_ptr<int64_t>(), B, M, static_cast<int>(K), stream),
+                 "knn");
   } else {
-    err = launch_knn_cuda(queries.data_ptr<float>(), points.data_ptr<float>(),
-                          dist2.data_ptr<float>(), idx.data_ptr<int64_t>(), B, M, P,
-                          static_cast<int>(K), stream);
+    check_launch(launch_knn_cuda(queries.data_ptr<float>(), points.data_ptr<float>(), dist2.data_ptr<float>(),
+                                 idx.data_ptr<int64_t>(), B, M, P, static_cast<int>(K), stream),
+                 "knn");
   }
-  check_launch(err, "knn");
   total_order(c, stream);
   return {dist2, idx};
 }

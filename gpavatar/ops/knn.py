@@ -64,6 +64,12 @@ def share_setting() -> bool:
     return value == "1"
 
 
+def check_k(K, points) -> int:
+    """K as an int in [1, P]: checked with validate=False too (it costs no host sync; a K > P left
+    slots no point fills)."""
+    return v.check_int(K, "K", 1, points.shape[1], high_name=f"P = {points.shape[1]}")
+
+
 def check_knn_inputs(queries, points, K, op: str = "knn") -> None:
     v.check_tensor(queries, "queries", "(B, M, 3)", ndim=3, last=3)
     v.check_tensor(points, "points", "(B, P, 3)", ndim=3, last=3)
@@ -71,14 +77,8 @@ def check_knn_inputs(queries, points, K, op: str = "knn") -> None:
         raise ValueError(f"{op}: queries (B, M, 3) and points (B, P, 3) must have the same batch size B, "
                          f"got {queries.shape[0]} and {points.shape[0]}")
     v.check_same_device({"queries": queries, "points": points})
-    v.check_int(K, "K", 1, points.shape[1], high_name=f"P = {points.shape[1]}")
+    check_k(K, points)
     v.check_coordinates(queries, "queries", points, "points")
-
-
-def check_k(K, points) -> int:
-    """K as an int in [1, P]: checked with validate=False too (it costs no host sync; a K > P left
-    slots no point fills)."""
-    return v.check_int(K, "K", 1, points.shape[1], high_name=f"P = {points.shape[1]}")
 
 
 def choose_backend(backend, device, K: int, op: str) -> str:
@@ -124,7 +124,7 @@ def knn_index(points: torch.Tensor, K: int, *, queries: torch.Tensor | None = No
     same with or without an index (exact KNN)."""
     if validate:
         v.check_tensor(points, "points", "(B, P, 3)", ndim=3, last=3)
-        v.check_int(K, "K", 1, points.shape[1], high_name=f"P = {points.shape[1]}")
+        check_k(K, points)
         if queries is not None:
             v.check_tensor(queries, "queries", "(B, M, 3)", ndim=3, last=3)
             if queries.shape[0] != points.shape[0] or queries.device != points.device:
