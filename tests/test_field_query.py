@@ -161,6 +161,101 @@ def test_folded_layers_are_the_official_layers(widths):
                                    msg=lambda m, name=name: f"grad {name}: {m}")
 
 
+def _layers_case(widths, N=84, S=1, dtype=torch.float64):
+    """A decoder and (tri, expr, coords, dirs) of N samples; dirs one per S consecutive samples."""
+    dec = make_decoder(widths).to(dtype)
+    coords, dirs, _, _ = (t.to(dtype) for t in make_inputs(dec, N=N))
+    g = torch.Generator().manual_seed(3)
+    tri = torch.randn(*coords.shape[:2], dec.plane_channels, generator=g, dtype=dtype)
+    expr = torch.randn(*coords.shape[:2], dec.points_querier.point_layers[2].out_features, generator=g,
+                       dtype=dtype)
+    if S > 1:
+        dirs = dirs[:, ::S].contiguous()
+    return dec, (tri, expr, coords, dirs)
+
+
+@pytest.mark.parametrize("S", [1, 7])
+@pytest.mark.parametrize("widths", ["paper", "odd"])
+def test_cpu_inference_blocks_are_the_whole_pass(monkeypatch, widths, S):
+    """A CPU inference pass runs its layers in blocks of CPU_ROW_BLOCK rows, rounded to whole rays
+    (here 20 -> 20 rows per-sample or 14 with 7 samples a ray, a last block shorter; B = 2 rows
+    flattened across the batch): the values and alphas of the pass taken at once, to float64 rounding
+    (a block given another block's directions or rows is off by O(1))."""
+    import importlib
+
+    fq = importlib.import_module("gpavatar.ops.field_query")
+    dec, args = _layers_case(widths, S=S)
+    w = dec.field_weights()
+    blocks = []
+    original = fq._inference_rows
+
+    def spy(rows, *rest):
+        blocks.append(rows.shape[0])
+        return original(rows, *rest)
+
+    monkeypatch.setattr(fq, "_inference_rows", spy)
+    with torch.no_grad():
+        monkeypatch.setattr(fq, "CPU_ROW_BLOCK", 1 << 30)
+        whole = fq.field_layers(*args, w)
+        assert blocks == [2 * 84]
+        blocks.clear()
+        monkeypatch.setattr(fq, "CPU_ROW_BLOCK", 20)
+        got = fq.field_layers(*args, w)
+    step = 20 if S == 1 else 14
+    assert blocks == [step] * (168 // step) + ([168 % step] if 168 % step else [])
+    assert got.alpha.shape == whole.alpha.shape and got.value.shape == whole.value.shape
+    assert got.alpha.dtype == got.value.dtype == torch.float32
+    torch.testing.assert_close(got.alpha, whole.alpha, rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(got.value, whole.value, rtol=1e-7, atol=1e-7)
+    assert float(whole.alpha.max()) > 0.5 and float(whole.value.abs().max()) > 0.5  # not all zeros
+
+
+@pytest.mark.parametrize("widths", ["paper", "odd"])
+def test_padded_heads_give_the_same_field(monkeypatch, widths):
+    """On CUDA the heads product gets zero rows up to a multiple of 8 (aligned rows for cuBLAS): the
+    same alphas, values and gradients as without (run here on the CPU with the padding forced to 5
+    and to 8 - (VH + 1) % 8), in the inference and the training forms."""
+    import importlib
+
+    fq = importlib.import_module("gpavatar.ops.field_query")
+    dec, args = _layers_case(widths, S=7)
+    params = [p for n, p in dec.named_parameters() if not n.startswith("points_querier")]
+    VH = dec.rgb_layers[0].out_features
+
+    def results():
+        with torch.no_grad():
+            inference = fq.field_layers(*args, dec.field_weights())
+        alpha, value = fq.field_layers(*args, dec.field_weights())
+        grads = torch.autograd.grad((alpha * 3).sum() + (value * torch.linspace(-1, 1, value.shape[-1])).sum(),
+                                    params)
+        return inference, (alpha, value), grads
+
+    ref = results()
+    for pad in (5, -(VH + 1) % 8 or 8):
+        monkeypatch.setattr(fq, "heads_padding", lambda device, width, pad=pad: pad)
+        widths_seen = []
+        original = fq._hidden_heads
+
+        def spy(*a, original=original, widths_seen=widths_seen):
+            out = original(*a)
+            widths_seen.append(out.shape[-1])
+            return out
+
+        monkeypatch.setattr(fq, "_hidden_heads", spy)
+        got = results()
+        assert widths_seen and set(widths_seen) == {VH + 1 + pad}
+        for x, y in zip([*got[0], *got[1], *got[2]], [*ref[0], *ref[1], *ref[2]]):
+            torch.testing.assert_close(x, y, rtol=1e-7, atol=1e-7)
+        monkeypatch.undo()
+
+
+def test_heads_padding_by_device():
+    from gpavatar.ops.field_query import heads_padding
+
+    assert heads_padding(torch.device("cpu"), 65) == 0
+    assert [heads_padding(torch.device("cuda"), w) for w in (65, 64, 11, 1)] == [7, 0, 5, 7]
+
+
 def test_saturated_density(launches):
     """sigma ~ 20 (beta x >> 20: softplus is x; exp(beta x) would overflow): alpha rounds to 1."""
     dec = make_decoder("tiny")

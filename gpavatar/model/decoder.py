@@ -30,8 +30,8 @@ Training pass.  When a gradient is needed, the tri-plane sampling and the layers
 keeps only its (N, Cp) PEF features, coordinates and directions, and the backward samples the
 tri-planes and recomputes the layers (a few matrix products) instead of holding their ~1000
 floats per sample (about 2 GiB per paper-size pass).  A pass is checkpointed in segments of
-``checkpoint_segment`` samples (2^18), so the backward holds the recomputed activations of one
-segment at a time.  The outputs and gradients are those of the plain pass (the same arithmetic
+``checkpoint_segment`` samples (None: 2^18, 2^15 on the CPU), so the backward holds the
+recomputed activations of one segment at a time.  The outputs and gradients are those of the plain pass (the same arithmetic
 again; a pass of several segments sums its weight gradients segment by segment).
 ``checkpoint_layers`` (True / False; None: ``$GPAVATAR_FIELD_CHECKPOINT`` = 1 / 0, or unset /
 ``auto``: passes of at least 65536 samples) chooses.
@@ -74,6 +74,10 @@ CHECKPOINT_MIN_SAMPLES = 1 << 16
 # the peak of a training step).  Each segment adds ~100 small ops to a step of ~8500: two per
 # paper pass keep that peak below the super-resolution's.
 CHECKPOINT_SEGMENT = 1 << 18
+# On the CPU: 2^15 samples (16 MiB of hidden activations a layer, under glibc's 32 MiB mmap
+# threshold: reused heap memory where each 2^18-sample tensor was mapped anew and paid its page
+# faults).  A paper-preset CPU training step took ~8.5 s instead of ~10.3 s (2 Xeon cores).
+CPU_CHECKPOINT_SEGMENT = 1 << 15
 
 
 class PointsDecoder(nn.Module):
@@ -111,7 +115,7 @@ class PointsDecoder(nn.Module):
         self.fused_field: Optional[bool] = None
         self.field_precision: Optional[str] = None
         self.checkpoint_layers: Optional[bool] = None
-        self.checkpoint_segment = CHECKPOINT_SEGMENT
+        self.checkpoint_segment: Optional[int] = None  # None: segment_samples(device)
         # The decoder's layers as one Triton kernel (ops.field_query.field_layers' ``kernel``): None
         # follows $GPAVATAR_FIELD_LAYERS; forward only (passes that need grad run the torch layers).
         self.fused_layers: Optional[bool] = None
@@ -224,12 +228,19 @@ class PointsDecoder(nn.Module):
         # activations at a time.
         # (a segment holds whole rays when dirs has one direction per ray)
         S = samples_per_direction(dirs, N)
-        n = max(S, self.checkpoint_segment // max(1, B) // S * S)
+        n = max(S, self.segment_samples(coords.device) // max(1, B) // S * S)
         parts = [deterministic_checkpoint(self._sample_layers, planes, e, c, d)
                  for e, c, d in zip(expr.split(n, dim=1), coords.split(n, dim=1), dirs.split(n // S, dim=1))]
         if len(parts) == 1:
             return parts[0]
         return torch.cat([a for a, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1)
+
+    def segment_samples(self, device: torch.device) -> int:
+        """Samples (B x N) per checkpointed segment of a pass: ``checkpoint_segment``, else
+        CPU_CHECKPOINT_SEGMENT on the CPU and CHECKPOINT_SEGMENT elsewhere."""
+        if self.checkpoint_segment is not None:
+            return int(self.checkpoint_segment)
+        return CPU_CHECKPOINT_SEGMENT if device.type == "cpu" else CHECKPOINT_SEGMENT
 
     def _checkpoints(self, planes: torch.Tensor, expr: torch.Tensor, samples: int) -> bool:
         """Whether this pass of ``samples`` (B x N) samples recomputes its tri-plane features and

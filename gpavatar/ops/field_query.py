@@ -355,9 +355,7 @@ def _layers_kernel(kernel: Optional[bool], tri, expr, coords, dirs, w: FieldWeig
     dev = tri.device
     if dev.type != "cuda" and not (dev.type == "cpu" and _backend.triton_interpreted()):
         return None
-    layer_weights = (w.feature_w1, w.feature_b1, w.feature_w2, w.feature_b2, w.feature_w3, w.feature_b3,
-                     w.density_w, w.density_b, w.rgb_w1, w.rgb_b1, w.rgb_w2, w.rgb_b2)
-    if needs_grad([tri, expr, coords, dirs, *layer_weights]):
+    if needs_grad([tri, expr, coords, dirs, *_layer_weights(w)]):
         return None
     widths = (tri.shape[-1], expr.shape[-1], w.feature_w1.shape[0], w.rgb_w1.shape[0], w.rgb_w2.shape[0])
     if max(widths) > MAX_FUSED_WIDTH or min(widths) < 1:
@@ -438,10 +436,55 @@ def _adjacent(tri: torch.Tensor, expr: torch.Tensor) -> Optional[torch.Tensor]:
 
 def _folded_heads(w: FieldWeights) -> tuple[torch.Tensor, torch.Tensor]:
     """feature_layers.4 folded into density_layers.0 and rgb_layers.0's feature columns: the
-    (1 + VH, D) weight and (1 + VH,) bias of one product of the second hidden layer."""
+    (1 + VH, D) weight and (1 + VH,) bias of one product of the second hidden layer (density first:
+    the layers kernel's order)."""
     hidden = w.feature_w3.shape[0]
     heads = torch.cat([w.density_w, w.rgb_w1[:, :hidden]])  # (1 + value_hidden, hidden)
     return heads @ w.feature_w3, torch.cat([w.density_b, w.rgb_b1]) + heads @ w.feature_b3
+
+
+def heads_padding(device: torch.device, width: int) -> int:
+    """Zero rows :func:`_heads` appends to a heads product of ``width`` (1 + VH) rows on ``device``:
+    on CUDA up to a multiple of 8, so that the (N, width) product's rows start on 16-byte (fp32) and
+    16-byte (bf16) boundaries -- cuBLAS takes its aligned kernels for that output and for the rgb
+    product that reads its first VH columns in place (an H200 frame spent 0.72 ms in the align1
+    kernels of the 65-column product); none on the CPU (its products take any stride)."""
+    return -width % 8 if device.type == "cuda" else 0
+
+
+def _heads(w: FieldWeights, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The folded heads of :func:`_folded_heads` in the torch layers' order: the VH rgb rows first
+    (so that the rgb columns of the product are a view at offset 0), then density, then ``pad`` zero
+    rows (exact zeros in the product: zero weights and bias)."""
+    hidden = w.feature_w3.shape[0]
+    zeros = w.density_w.new_zeros(pad, hidden)
+    heads = torch.cat([w.rgb_w1[:, :hidden], w.density_w, zeros])  # (VH + 1 + pad, hidden)
+    bias = torch.cat([w.rgb_b1, w.density_b, zeros[:, 0]])
+    return heads @ w.feature_w3, bias + heads @ w.feature_b3
+
+
+def _layer_weights(w: FieldWeights) -> tuple[torch.Tensor, ...]:
+    """The parameters of the decoder's layers (after the PEF)."""
+    return (w.feature_w1, w.feature_b1, w.feature_w2, w.feature_b2, w.feature_w3, w.feature_b3,
+            w.density_w, w.density_b, w.rgb_w1, w.rgb_b1, w.rgb_w2, w.rgb_b2)
+
+
+# Rows of a CPU inference pass the torch layers compute at a time.  A whole paper pass wrote
+# (2^19, 128) hidden activations, and each fresh 256 MiB tensor paid its page faults (glibc maps
+# every allocation over 32 MiB anew): the bias copies, ReLUs and products of the layers were ~40 %
+# of a paper CPU frame.  A block's (16384, 128) activations (8 MiB) reuse the heap's memory and
+# mostly stay in the cache: the layers of a paper pass in 0.20 s instead of 0.36 s (2 Xeon cores;
+# 4096 to 32768 rows within 15 %).  GPUs take the pass at once (one product per layer; the layers
+# kernel is the fused alternative).
+CPU_ROW_BLOCK = 16384
+
+
+def _block_rows(device: torch.device, rows: int, S: int) -> int:
+    """Rows per block of an inference pass of ``rows`` rows (whole rays of S samples per block)."""
+    if device.type != "cpu":
+        return rows
+    S = max(1, S)  # (0 for an empty pass)
+    return max(S, CPU_ROW_BLOCK // S * S)
 
 
 def field_layers(tri: torch.Tensor, expr: torch.Tensor, coords: torch.Tensor, dirs: torch.Tensor,
@@ -458,14 +501,17 @@ def field_layers(tri: torch.Tensor, expr: torch.Tensor, coords: torch.Tensor, di
 
     The last feature layer has no activation and feeds only two linear maps, ``density_layers``
     and the feature columns of ``rgb_layers[0]``: they are folded into it, one product of the
-    second hidden layer to (density, rgb hidden) whose weights are W_out = [w_d; W_rf] W_3 and
-    bias [b_d; b_r1] + [w_d; W_rf] b_3, and the direction embedding's share is accumulated into
-    the rgb columns in place.  The (N, hidden) feature and its (N, hidden + 27) concatenation with
-    the embedding are never written (at the paper's 2^19 samples per pass they were the largest
-    tensors of the field), and the RGB channels are remapped in place.  While a gradient is recorded
-    the same arithmetic runs in a form whose backward writes little (``split`` and out-of-place
-    updates instead of slices and in-place updates of views: no zero-filled or cloned (N, ·)
-    gradients; the same bits).  The same function as the official layers, up to float rounding.
+    second hidden layer to (rgb hidden, density) whose weights are W_out = [W_rf; w_d] W_3 and
+    bias [b_r1; b_d] + [W_rf; w_d] b_3 (on CUDA with zero rows up to a multiple of 8:
+    :func:`heads_padding`), and the direction embedding's share is accumulated into the rgb columns
+    in place.  The (N, hidden) feature and its (N, hidden + 27) concatenation with the embedding
+    are never written (at the paper's 2^19 samples per pass they were the largest tensors of the
+    field); without a gradient the ReLU of the rgb columns is taken in place and the last product
+    reads them where they are.  A CPU inference pass runs in blocks of :data:`CPU_ROW_BLOCK` rows
+    (whole rays) written into its outputs.  While a gradient is recorded the same arithmetic runs
+    in a form whose backward writes little (``split`` and out-of-place updates instead of slices
+    and in-place updates of views: no zero-filled or cloned (N, ·) gradients; the same bits).  The
+    same function as the official layers, up to float rounding.
 
     ``kernel`` (None: ``$GPAVATAR_FIELD_LAYERS``, "triton" -> True, else False): run the layers as
     one Triton kernel (``kernels/field_layers.py``: only alpha and value reach memory) where it
@@ -483,44 +529,76 @@ def field_layers(tri: torch.Tensor, expr: torch.Tensor, coords: torch.Tensor, di
     features = _adjacent(tri, expr)  # (ops.triplane_features wrote them side by side)
     if features is None:
         features = torch.cat([tri, expr.to(tri.dtype)], dim=-1)
-    h = linear_relu(features, w.feature_w1, w.feature_b1)
-    h = linear_relu(h, w.feature_w2, w.feature_b2)
-    hidden = w.feature_w3.shape[0]
-    out = F.linear(h, *_folded_heads(w))
-    gamma = harmonic_embedding(F.normalize(dirs.to(out.dtype), dim=-1))
-    gamma = gamma.reshape(-1, gamma.shape[-1])
-    rows = out.reshape(-1, out.shape[-1])  # a view: out is a fresh contiguous product
-    w_dir = w.rgb_w1[:, hidden:].t().to(out.dtype)
+    lead = features.shape[:-1]
     S = samples_per_direction(dirs, tri.shape[-2])
-    per_ray = S > 1  # (check_directions: one per sample, or R < N dividing N)
-    inside = ((coords > -1.0) & (coords < 1.0)).all(dim=-1)  # renderer.inside_box
-    if not (torch.is_grad_enabled() and out.requires_grad):
-        # Inference: the direction embedding's share accumulated into the rgb columns in place and
-        # the RGB channels remapped in place: nothing but the products is written.
-        if per_ray:  # one (R, VH) product, added to each ray's S samples
-            rgb = rows[:, 1:]
-            rgb.view(-1, S, rgb.shape[-1]).add_((gamma @ w_dir)[:, None, :])
-        else:
-            rows[:, 1:].addmm_(gamma, w_dir)
-        sigma = F.softplus(out[..., 0].float(), beta=10) * inside.to(torch.float32)
-        value = F.linear(F.relu(out[..., 1:]), w.rgb_w2, w.rgb_b2).float()
-        value[..., :3] = torch.sigmoid(value[..., :3]) * 1.002 - 0.001
-        return FieldResult(-torch.expm1(-sigma), value)
+    rows = features.reshape(-1, features.shape[-1])
+    inside = ((coords > -1.0) & (coords < 1.0)).all(dim=-1).reshape(-1)  # renderer.inside_box
+    directions = dirs.reshape(-1, 3)  # one per row, or per S consecutive rows
+    VH = w.rgb_b1.shape[0]
+    heads = _heads(w, heads_padding(rows.device, VH + 1))
+    if not needs_grad([features, dirs, *_layer_weights(w)]):
+        n = rows.shape[0]
+        block = _block_rows(rows.device, n, S)
+        if block >= n:
+            alpha, value = _inference_rows(rows, inside, directions, w, heads, S)
+        else:  # blocks of whole rays written into the outputs
+            alpha = torch.empty(n, dtype=torch.float32, device=rows.device)
+            value = torch.empty(n, w.rgb_b2.shape[0], dtype=torch.float32, device=rows.device)
+            for i in range(0, n, block):
+                j = min(n, i + block)
+                alpha[i:j], value[i:j] = _inference_rows(rows[i:j], inside[i:j], directions[i // S:j // S], w,
+                                                         heads, S)
+        return FieldResult(alpha.reshape(lead), value.reshape(*lead, value.shape[-1]))
     # Training: the same arithmetic in a form whose backward writes little.  `split`'s backward is
     # one concatenation of the parts' gradients, where slicing `out` twice made a zero-filled
     # (N, 1 + VH) gradient per slice and added them, and the in-place updates of a view (the
     # embedding's share, the remap) cloned and copied the whole gradient in the backward.
-    density, rgb = rows.split([1, rows.shape[-1] - 1], dim=-1)
-    sigma = F.softplus(density.reshape(out.shape[:-1]).float(), beta=10) * inside.to(torch.float32)
+    out = _hidden_heads(rows, w, heads)
+    rgb, density = out.split([VH, 1], dim=-1) if out.shape[-1] == VH + 1 else out.split(
+        [VH, 1, out.shape[-1] - VH - 1], dim=-1)[:2]
+    sigma = F.softplus(density.reshape(lead).float(), beta=10) * inside.reshape(lead).to(torch.float32)
+    gamma, w_dir = _direction_terms(directions, w, out.dtype)
     # (no name holds the pre-activation: it is freed as soon as the ReLU has run)
-    if per_ray:
-        hidden_rgb = F.relu(rgb.view(-1, S, rgb.shape[-1]) + (gamma @ w_dir)[:, None, :]).view(-1, rgb.shape[-1])
+    if S > 1:
+        hidden_rgb = F.relu(rgb.view(-1, S, VH) + (gamma @ w_dir)[:, None, :]).view(-1, VH)
     else:
         hidden_rgb = F.relu(torch.addmm(rgb, gamma, w_dir))
     value = F.linear(hidden_rgb, w.rgb_w2, w.rgb_b2).float()
     remapped, rest = value.split([3, value.shape[-1] - 3], dim=-1)
     value = torch.cat([torch.sigmoid(remapped) * 1.002 - 0.001, rest], dim=-1)
-    return FieldResult(-torch.expm1(-sigma), value.reshape(*out.shape[:-1], value.shape[-1]))
+    return FieldResult(-torch.expm1(-sigma), value.reshape(*lead, value.shape[-1]))
+
+
+def _hidden_heads(rows: torch.Tensor, w: FieldWeights, heads: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The two hidden feature layers on (n, C + E) ``rows``, then the folded heads: (n, VH + 1 + pad)."""
+    h = linear_relu(rows, w.feature_w1, w.feature_b1)
+    h = linear_relu(h, w.feature_w2, w.feature_b2)
+    return F.linear(h, *heads)
+
+
+def _direction_terms(directions: torch.Tensor, w: FieldWeights, dtype: torch.dtype):
+    """gamma(normalize(d)) of (n, 3) directions and the rgb layer's direction weights (27, VH)."""
+    gamma = harmonic_embedding(F.normalize(directions.to(dtype), dim=-1))
+    return gamma, w.rgb_w1[:, w.feature_w3.shape[0]:].t().to(dtype)
+
+
+def _inference_rows(rows: torch.Tensor, inside: torch.Tensor, directions: torch.Tensor, w: FieldWeights,
+                    heads: tuple[torch.Tensor, torch.Tensor], S: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha (n,), value (n, V)) float32 of (n, C + E) feature ``rows`` with nothing recorded for
+    autograd: the direction embedding's share accumulated into the rgb columns in place, their ReLU
+    in place, the RGB channels remapped in place -- nothing but the products is written."""
+    out = _hidden_heads(rows, w, heads)
+    VH = w.rgb_b1.shape[0]
+    rgb = out[:, :VH]  # a view at offset 0 (its rows aligned on CUDA: heads_padding)
+    gamma, w_dir = _direction_terms(directions, w, out.dtype)
+    if S > 1:  # one (R, VH) product, added to each ray's S samples
+        rgb.view(-1, S, VH).add_((gamma @ w_dir)[:, None, :])
+    else:
+        rgb.addmm_(gamma, w_dir)
+    sigma = F.softplus(out[:, VH].float(), beta=10) * inside.to(torch.float32)
+    value = F.linear(rgb.relu_(), w.rgb_w2, w.rgb_b2).float()
+    value[:, :3] = torch.sigmoid(value[:, :3]) * 1.002 - 0.001
+    return -torch.expm1(-sigma), value
 
 
 def _layers_triton(tri, expr, coords, dirs, w: FieldWeights, precision: str, block_m: int,
