@@ -583,3 +583,7 @@ def test_tunable_settings_by_mode_device_and_compile(tiny, monkeypatch):
     assert names(settings={"knn_cells": "20"}) == [n for n in fp32 if n != "knn_cells"]
     monkeypatch.setattr("gpavatar.ops._backend.triton_available", lambda: False)
     assert names(dtype=torch.bfloat16) == [s.name for s in SETTINGS if "fast" in s.choices and not s.triton]
+    # on the CPU: the bf16 field layers only (the CUDA KNN and cuDNN switches do not apply there)
+    cpu = model.realtime(avatar, dtype=torch.bfloat16)
+    assert cpu.device.type == "cpu" and [s.name for s in cpu.tunable()] == ["field_bf16"]
+    assert model.realtime(avatar).tunable() == []
