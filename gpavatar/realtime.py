@@ -132,8 +132,8 @@ SETTINGS = (
             "fp32: ieee, or tf32x3 on the tensor cores)"),
     Setting("field_bf16", {"fast": (True,)}, off=False, devices=("cuda", "cpu"),
             help="the field passes' layers under bf16 autocast (the KNN, blend and tri-plane stay fp32; tuned on "
-                 "the CPU too: with AMX a paper-preset frame took 1.18 s instead of 1.42 s, a tiny one 16.0 "
-                 "instead of 14.9 ms, on 2 Xeon cores)"),
+                 "the CPU too: with AMX a paper-preset frame took 0.96 s instead of 1.15 s, a tiny one 13.0 "
+                 "instead of 12.2 ms, on 2 Xeon cores in alternating runs)"),
     Setting("upsample", {"fast": ("triton",)}, env="GPAVATAR_UPSAMPLE", off="torch", triton=True,
             help="the super-resolution's 2x upsampling as the Triton kernel (channels-last)"),
     Setting("sr_layout", {"fp32": ("channels_last", "as_composited")}, off="default",
