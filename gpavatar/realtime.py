@@ -69,7 +69,7 @@ from gpavatar.ops import _backend
 
 __all__ = ["RealtimeRenderer", "STAGES", "REPORTED_STAGES", "MODE_DTYPES", "COMPILE_ENV", "COMPILE_PARTS",
            "compile_parts", "precision", "Setting", "SETTINGS", "SETTING_NAMES", "check_settings", "psnr",
-           "TUNE_MARGIN", "FP32_TUNE_PSNR"]
+           "TUNE_MARGIN", "FP32_TUNE_PSNR", "CPU_BF16_MIN_SAMPLES", "cpu_native_bf16"]
 
 # The stages of one frame, in order; "importance" (coarse composite + importance depths) is
 # reported under "rays" (ray generation and both samplings) by :meth:`RealtimeRenderer.profile`.
@@ -132,8 +132,8 @@ SETTINGS = (
             "fp32: ieee, or tf32x3 on the tensor cores)"),
     Setting("field_bf16", {"fast": (True,)}, off=False, devices=("cuda", "cpu"),
             help="the field passes' layers under bf16 autocast (the KNN, blend and tri-plane stay fp32; tuned on "
-                 "the CPU too: with AMX a paper-preset frame took 0.96 s instead of 1.15 s, a tiny one 13.0 "
-                 "instead of 12.2 ms, on 2 Xeon cores in alternating runs)"),
+                 "the CPU too, where the fast mode's default is on with native bf16 products and large passes: "
+                 "CPU_BF16_MIN_SAMPLES)"),
     Setting("upsample", {"fast": ("triton",)}, env="GPAVATAR_UPSAMPLE", off="torch", triton=True,
             help="the super-resolution's 2x upsampling as the Triton kernel (channels-last)"),
     Setting("sr_layout", {"fp32": ("channels_last", "as_composited")}, off="default",
@@ -145,6 +145,11 @@ SETTINGS = (
 )
 SETTING_NAMES = tuple(s.name for s in SETTINGS)
 TUNE_MARGIN = 0.02  # a tried value is kept when its frame is at least 2 % faster
+# The fast mode's field layers on the CPU when ``field_bf16`` is not given: under bf16 autocast where
+# the CPU multiplies bf16 natively (AMX) and a field pass has at least this many samples (B x rays x
+# samples per ray).  A paper-preset frame (2^19 samples a pass) took 0.96 s instead of 1.15 s on 2
+# Xeon cores with AMX; a tiny one (2048) 13.0 ms instead of 12.2 ms (alternating runs).
+CPU_BF16_MIN_SAMPLES = 1 << 16
 FP32_TUNE_PSNR = 60.0  # the fp32 mode's floor (dB against its untuned frame): rounding-level changes only
 
 
@@ -177,6 +182,16 @@ def check_settings(settings: Optional[dict], mode: str) -> dict:
                              f"got {value!r}")
         checked[name] = value
     return checked
+
+
+def cpu_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AMX tiles; torch's private probe, False
+    where the torch build has none)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except Exception:  # a probe that fails on this build or CPU: no
+        return False
 
 
 def psnr(image: torch.Tensor, ref: torch.Tensor) -> float:
@@ -269,8 +284,9 @@ class RealtimeRenderer:
         check_values: check every call's points and transform values (one host sync per call)
         field_dtype: ``torch.bfloat16`` runs both field passes' layers under bf16 autocast (fast
             mode only; the KNN, PEF blend and tri-plane ops stay fp32, alpha and value are fp32):
-            the setting ``field_bf16``; None / ``torch.float32``: fp32 layers (TF32 products in
-            fast mode)
+            the setting ``field_bf16``; ``torch.float32``: fp32 layers (TF32 products in fast mode on
+            a GPU); None: fp32 layers, except in the fast mode on a CPU with native bf16 products
+            (AMX) at passes of :data:`CPU_BF16_MIN_SAMPLES` samples or more
         compile: parts run as ``torch.compile``'d functions (:func:`compile_parts`: "sr", "layers",
             both, none; None: ``$GPAVATAR_REALTIME_COMPILE``).  Compiled in the first frames (the
             warm-up before a capture; tens of seconds), with static shapes; the same function up to
@@ -325,10 +341,15 @@ class RealtimeRenderer:
         self.fast = dtype == torch.bfloat16
         self.mode = "fast" if self.fast else "fp32"
         self.settings = check_settings(settings, self.mode)
-        if field_dtype == torch.bfloat16:
-            self.settings["field_bf16"] = True
+        if field_dtype is not None and self.fast:
+            self.settings["field_bf16"] = field_dtype == torch.bfloat16
         self.noise = _frame_noise(model)
         self.device = avatar.planes.device
+        config = model.config
+        # (field_bf16 not given: see CPU_BF16_MIN_SAMPLES)
+        self._default_field_bf16 = (self.fast and self.device.type == "cpu" and cpu_native_bf16()
+                                    and batch * config.render_size ** 2 * max(config.n_coarse, config.n_fine)
+                                    >= CPU_BF16_MIN_SAMPLES)
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the avatar on a CUDA device, it is on {self.device}")
@@ -356,7 +377,11 @@ class RealtimeRenderer:
 
     @property
     def field_bf16(self) -> bool:
-        return bool(self.settings.get("field_bf16"))
+        """Whether the field passes' layers run under bf16 autocast: the ``field_bf16`` setting, else
+        the fast mode on a CPU with native bf16 products at passes of CPU_BF16_MIN_SAMPLES or more."""
+        if "field_bf16" in self.settings:
+            return bool(self.settings["field_bf16"])
+        return self._default_field_bf16
 
     def _sr_layout(self) -> str:
         """The super-resolution's activation layout: "bf16_channels_last" (fast mode), "channels_last"
@@ -679,6 +704,8 @@ class RealtimeRenderer:
 
     def extra_repr(self) -> str:  # for repr()
         settings = ", ".join(f"{k}={v!r}" for k, v in self.settings.items()) or "none"
+        if "field_bf16" not in self.settings and self._default_field_bf16:
+            settings += " (field_bf16 by default: this CPU's bf16 products)"
         return (f"batch={self.batch}, dtype={self.dtype}, cuda_graph={self.cuda_graph}, device={self.device}, "
                 f"noise={self.noise!r}, compile={','.join(sorted(self.compiled)) or 'none'}, settings={settings}"
                 + (", tune=True" if self.tune_on else ""))

@@ -68,6 +68,41 @@ def test_cpu_frames_equal_render(tiny, B):
             assert out[key].dtype == ref[key].dtype and torch.equal(out[key], ref[key]), key
 
 
+def test_cpu_fast_mode_bf16_field_by_default_where_native_and_large(tiny, monkeypatch):
+    """The fast mode on the CPU runs the field's layers under bf16 autocast by default where the CPU
+    multiplies bf16 natively and a pass has CPU_BF16_MIN_SAMPLES samples or more (the tiny preset's
+    2048 a frame are below it); a field_bf16 setting or field_dtype decides otherwise, and the fp32
+    mode never.  The default-on frame is the field_bf16=True frame, bit for bit."""
+    from gpavatar import realtime
+
+    model, avatar = tiny
+    samples = model.config.render_size ** 2 * max(model.config.n_coarse, model.config.n_fine)
+    monkeypatch.setattr(realtime, "cpu_native_bf16", lambda: True)
+    assert samples < realtime.CPU_BF16_MIN_SAMPLES and not model.realtime(avatar, dtype=torch.bfloat16).field_bf16
+    monkeypatch.setattr(realtime, "CPU_BF16_MIN_SAMPLES", 2 * samples)
+    assert not model.realtime(avatar, batch=1, dtype=torch.bfloat16).field_bf16
+    on = model.realtime(avatar, batch=2, dtype=torch.bfloat16)  # 2 x samples: large enough
+    assert on.field_bf16 and on.settings == {} and "field_bf16 by default" in repr(on)
+    assert not model.realtime(avatar, batch=2).field_bf16  # fp32 mode
+    off = model.realtime(avatar, batch=2, dtype=torch.bfloat16, field_dtype=torch.float32)
+    assert not off.field_bf16 and off.settings == {"field_bf16": False}
+    assert not model.realtime(avatar, batch=2, dtype=torch.bfloat16, settings={"field_bf16": False}).field_bf16
+    points, transform = frame_inputs(2, seed=4)
+    given = model.realtime(avatar, batch=2, dtype=torch.bfloat16, settings={"field_bf16": True})
+    out, ref, plain = on(points, transform), given(points, transform), off(points, transform)
+    for key in OUTPUTS:
+        assert torch.equal(out[key], ref[key]), key
+    assert not torch.equal(out["fine"], plain["fine"])  # the bf16 layers did run
+    monkeypatch.setattr(realtime, "cpu_native_bf16", lambda: False)
+    assert not model.realtime(avatar, batch=2, dtype=torch.bfloat16).field_bf16
+
+
+def test_cpu_native_bf16_is_a_bool():
+    from gpavatar.realtime import cpu_native_bf16
+
+    assert isinstance(cpu_native_bf16(), bool)
+
+
 def test_cpu_fast_mode_close_to_fp32(tiny):
     """bf16 super-resolution: PSNR >= 35 dB against the fp32 frame (the paper preset's target; bf16
     keeps ~3 significant digits, well above it); the feature images do not change (the field is fp32)."""
