@@ -31,8 +31,9 @@ keeps only its (N, Cp) PEF features, coordinates and directions, and the backwar
 tri-planes and recomputes the layers (a few matrix products) instead of holding their ~1000
 floats per sample (about 2 GiB per paper-size pass).  A pass is checkpointed in segments of
 ``checkpoint_segment`` samples (None: 2^18, 2^15 on the CPU), so the backward holds the
-recomputed activations of one segment at a time.  The outputs and gradients are those of the plain pass (the same arithmetic
-again; a pass of several segments sums its weight gradients segment by segment).
+recomputed activations of one segment at a time.  The outputs and gradients are those of the
+plain pass (the same arithmetic again; a pass of several segments sums its weight gradients
+segment by segment).
 ``checkpoint_layers`` (True / False; None: ``$GPAVATAR_FIELD_CHECKPOINT`` = 1 / 0, or unset /
 ``auto``: passes of at least 65536 samples) chooses.
 

@@ -473,7 +473,7 @@ def _layer_weights(w: FieldWeights) -> tuple[torch.Tensor, ...]:
 # (2^19, 128) hidden activations, and each fresh 256 MiB tensor paid its page faults (glibc maps
 # every allocation over 32 MiB anew): the bias copies, ReLUs and products of the layers were ~40 %
 # of a paper CPU frame.  A block's (16384, 128) activations (8 MiB) reuse the heap's memory and
-# mostly stay in the cache: the layers of a paper pass in 0.20 s instead of 0.36 s (2 Xeon cores;
+# mostly stay in the cache: the layers of a paper pass in 0.20 s instead of 0.38 s (2 Xeon cores;
 # 4096 to 32768 rows within 15 %).  GPUs take the pass at once (one product per layer; the layers
 # kernel is the fused alternative).
 CPU_ROW_BLOCK = 16384
