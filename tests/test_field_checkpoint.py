@@ -7,7 +7,8 @@ import torch
 
 from _saved import saved_bytes
 from gpavatar import ops
-from gpavatar.model.decoder import CHECKPOINT_ENV, CHECKPOINT_MIN_SAMPLES, PointsDecoder
+from gpavatar.model.decoder import (CHECKPOINT_ENV, CHECKPOINT_MIN_SAMPLES, CHECKPOINT_SEGMENT, CPU_CHECKPOINT_SEGMENT,
+                                    PointsDecoder)
 
 
 def make(N=300, seed=0):
@@ -151,3 +152,27 @@ def test_segments_hold_whole_rays_with_one_direction_per_ray(segment):
     out_s, grads_s, _ = train_pass(dec, planes, coords, rays, points, True)
     torch.testing.assert_close(out_s, out_w, rtol=1e-6, atol=1e-7)
     assert_grads_close(grads_s, grads_w)
+
+
+def test_default_segments_by_device():
+    """checkpoint_segment None: 2^15 samples on the CPU (reused heap memory), 2^18 elsewhere; a value
+    given is used on every device.  A CPU pass of 40000 samples runs as 2 segments (32768 + 7232)."""
+    dec, planes, coords, dirs, points = make(N=40000)
+    assert dec.checkpoint_segment is None
+    assert dec.segment_samples(torch.device("cpu")) == CPU_CHECKPOINT_SEGMENT == 1 << 15
+    assert dec.segment_samples(torch.device("cuda")) == CHECKPOINT_SEGMENT == 1 << 18
+    dec.checkpoint_segment = 1000
+    assert dec.segment_samples(torch.device("cuda")) == dec.segment_samples(torch.device("cpu")) == 1000
+    dec.checkpoint_segment = None
+    calls = []
+    original = dec._sample_layers
+
+    def spy(planes, expr, coords, dirs):
+        calls.append(coords.shape[1])
+        return original(planes, expr, coords, dirs)
+
+    dec._sample_layers = spy
+    dec.checkpoint_layers = True
+    alpha, value = dec(coords, dirs, planes, points)
+    assert calls == [32768, 40000 - 32768]
+    assert alpha.shape == (1, 40000) and value.shape == (1, 40000, 8)
