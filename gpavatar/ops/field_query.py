@@ -420,10 +420,20 @@ def sample_directions(dirs: torch.Tensor, n: int) -> torch.Tensor:
     return dirs.unsqueeze(-2).expand(*dirs.shape[:-1], n // R, 3).reshape(*dirs.shape[:-2], n, 3)
 
 
+def _compiling() -> bool:
+    """Whether torch.compile is tracing this call (dynamo)."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
 def _adjacent(tri: torch.Tensor, expr: torch.Tensor) -> Optional[torch.Tensor]:
     """``torch.cat([tri, expr], -1)`` without a copy when the two are the column slices [:C] and
     [C:] of one contiguous (..., C + E) tensor (``ops.triplane_features``' output) and no gradient is
-    recorded through them; else None."""
+    recorded through them; else None.  None under torch.compile: dynamo would guard on the storage's
+    address and compile the layers again for every new tensor (a recompilation a frame, then eager
+    after its limit); the compiled concatenation is fused instead."""
+    if _compiling():
+        return None
     if needs_grad([tri, expr]) or tri.dtype != expr.dtype or tri.device != expr.device or tri.dim() < 1 \
             or tri.shape[:-1] != expr.shape[:-1] or tri.stride() != expr.stride() or tri.stride(-1) != 1:
         return None
