@@ -18,6 +18,10 @@
 //   a few float ulps of each other; the tests compare against the float64 oracle).
 // * The output projection W2 g + b2 sum_k w_k runs over j = 0..H-1 then adds the
 //   bias term, as project_output_t() does, with FMAs.
+// * The loops over hidden units (hidden_vectors, forward_range, backward_range) are
+//   written once in knn_blend_simd.inc and included twice: 8 lanes here (namespace
+//   avx2) and 16 lanes with AVX-512F (namespace avx512, H = 16, 32, 64), each lane
+//   doing the same operations in the same order, so both give the same bits.
 #pragma once
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -112,145 +116,86 @@ GPA_AVX2_FMA inline void query_terms(const BlendArgs& a, int64_t qi, QueryTerms&
   }
 }
 
-// h_k = table[row_k] + W1_dir gam_k (c = 0..26 in order, FMAs) into V vectors.
-template <int V>
-GPA_AVX2_FMA inline void hidden_vectors(const BlendArgs& a, const QueryTerms& t, int k, __m256 (&h)[V]) {
-  constexpr int H = 8 * V;
-  const float* row = t.rows[k];
-#pragma GCC unroll 8
-  for (int v = 0; v < V; ++v) h[v] = _mm256_loadu_ps(row + 8 * v);
-#pragma GCC unroll 27
-  for (int c = 0; c < kEmbedDim; ++c) {
-    const __m256 gc = _mm256_broadcast_ss(&t.gam[c][k]);
-    const float* w = a.w1_dir_t + c * H;
-#pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) h[v] = _mm256_fmadd_ps(_mm256_loadu_ps(w + 8 * v), gc, h[v]);
-  }
-}
-
-// out[qi] for queries [begin, end); H = 8 V, any C, any K <= kMaxK.
-template <int V>
-GPA_AVX2_FMA inline void forward_range(const BlendArgs& a, int64_t begin, int64_t end, float* o) {
-  constexpr int H = 8 * V;
-  static_assert(V >= 1 && V <= 8, "H = 8 V with V in 1..8");
-  QueryTerms t;
-  alignas(32) float g_mem[H];
-  const int K = a.K;
-  for (int64_t qi = begin; qi < end; ++qi) {
-    query_terms<H>(a, qi, t);
-    const float total = t.total;
-    __m256 g[V];
-#pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) g[v] = _mm256_setzero_ps();
-    for (int k = 0; k < K; ++k) {
-      __m256 h[V];
-      hidden_vectors<V>(a, t, k, h);
-      const __m256 wk = _mm256_set1_ps(t.w[k]);
-#pragma GCC unroll 8
-      for (int v = 0; v < V; ++v) g[v] = _mm256_fmadd_ps(wk, relu8(h[v]), g[v]);
-    }
-#pragma GCC unroll 8
-    for (int v = 0; v < V; ++v) _mm256_store_ps(g_mem + 8 * v, g[v]);
-    float* out = o + qi * a.C;
-    const __m256 tot = _mm256_set1_ps(total);
-    int o0 = 0;
-    for (; o0 + 32 <= a.C; o0 += 32) {  // four output vectors at a time
-      __m256 acc[4];
-#pragma GCC unroll 4
-      for (int u = 0; u < 4; ++u) acc[u] = _mm256_setzero_ps();
-      for (int j = 0; j < H; ++j) {
-        const __m256 gj = _mm256_broadcast_ss(g_mem + j);
-        const float* w = a.w2_t + j * a.C + o0;
-#pragma GCC unroll 4
-        for (int u = 0; u < 4; ++u) acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(w + 8 * u), gj, acc[u]);
-      }
-#pragma GCC unroll 4
-      for (int u = 0; u < 4; ++u)
-        _mm256_storeu_ps(out + o0 + 8 * u,
-                         _mm256_fmadd_ps(_mm256_loadu_ps(a.b2 + o0 + 8 * u), tot, acc[u]));
-    }
-    for (; o0 + 8 <= a.C; o0 += 8) {  // then one output vector at a time
-      __m256 acc = _mm256_setzero_ps();
-      for (int j = 0; j < H; ++j)
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a.w2_t + j * a.C + o0), _mm256_broadcast_ss(g_mem + j), acc);
-      _mm256_storeu_ps(out + o0, _mm256_fmadd_ps(_mm256_loadu_ps(a.b2 + o0), tot, acc));
-    }
-    for (; o0 < a.C; ++o0) {  // the rest one output at a time, same order
-      float acc = 0.0f;
-      for (int j = 0; j < H; ++j) acc = __builtin_fmaf(a.w2_t[j * a.C + o0], g_mem[j], acc);
-      out[o0] = __builtin_fmaf(a.b2[o0], total, acc);
-    }
-  }
-}
-
-// The backward of knn_blend.h's backward_range for queries [begin, end), into one
-// thread's buffer (table rows, H) | (27, H) | (C, H) | (C): per query, v = W2^T grad_out,
-// delta_k = w_k v [h_k > 0] (the mask passes at NaN, as relu_passes), grad_table[row_k] +=
-// delta_k, then grad_w1_dir[c] += sum_k delta_k gam_k[c] (the K neighbours summed before one
-// update of each row), grad_w2[o] += grad_out[o] g, grad_b2[o] += grad_out[o] sum_k w_k.
-template <int V>
-GPA_AVX2_FMA inline void backward_range(const BlendArgs& a, const float* grad_out, int64_t begin, int64_t end,
-                                        int64_t table_size, float* buf) {
-  constexpr int H = 8 * V;
-  float* g_table = buf;
-  float* g_w1t = g_table + table_size;
-  float* g_w2 = g_w1t + kEmbedDim * H;
-  float* g_b2 = g_w2 + a.C * H;
-  QueryTerms t;
-  alignas(32) float delta[kMaxK][H];
-  const int K = a.K;
-  for (int64_t qi = begin; qi < end; ++qi) {
-    const float* gout = grad_out + qi * a.C;
-    query_terms<H>(a, qi, t);
-    __m256 v[V], g[V];
-#pragma GCC unroll 8
-    for (int u = 0; u < V; ++u) v[u] = g[u] = _mm256_setzero_ps();
-    for (int o = 0; o < a.C; ++o) {
-      const __m256 go = _mm256_set1_ps(gout[o]);
-      const float* w = a.w2 + o * H;
-#pragma GCC unroll 8
-      for (int u = 0; u < V; ++u) v[u] = _mm256_fmadd_ps(_mm256_loadu_ps(w + 8 * u), go, v[u]);
-    }
-    for (int k = 0; k < K; ++k) {
-      __m256 h[V];
-      hidden_vectors<V>(a, t, k, h);
-      const __m256 wk = _mm256_set1_ps(t.w[k]);
-      float* gt = g_table + (t.rows[k] - a.table);
-#pragma GCC unroll 8
-      for (int u = 0; u < V; ++u) {
-        g[u] = _mm256_fmadd_ps(wk, relu8(h[u]), g[u]);
-        const __m256 passes = _mm256_cmp_ps(h[u], _mm256_setzero_ps(), _CMP_NLE_UQ);
-        const __m256 d = _mm256_and_ps(passes, _mm256_mul_ps(wk, v[u]));
-        _mm256_store_ps(delta[k] + 8 * u, d);
-        _mm256_storeu_ps(gt + 8 * u, _mm256_add_ps(_mm256_loadu_ps(gt + 8 * u), d));
-      }
-    }
-    for (int c = 0; c < kEmbedDim; ++c) {
-      __m256 acc[V];
-#pragma GCC unroll 8
-      for (int u = 0; u < V; ++u) acc[u] = _mm256_setzero_ps();
-      for (int k = 0; k < K; ++k) {
-        const __m256 gc = _mm256_broadcast_ss(&t.gam[c][k]);
-#pragma GCC unroll 8
-        for (int u = 0; u < V; ++u) acc[u] = _mm256_fmadd_ps(_mm256_load_ps(delta[k] + 8 * u), gc, acc[u]);
-      }
-      float* gw = g_w1t + c * H;
-#pragma GCC unroll 8
-      for (int u = 0; u < V; ++u) _mm256_storeu_ps(gw + 8 * u, _mm256_add_ps(_mm256_loadu_ps(gw + 8 * u), acc[u]));
-    }
-    for (int o = 0; o < a.C; ++o) {
-      const __m256 go = _mm256_set1_ps(gout[o]);
-      float* gw = g_w2 + o * H;
-#pragma GCC unroll 8
-      for (int u = 0; u < V; ++u) _mm256_storeu_ps(gw + 8 * u, _mm256_fmadd_ps(go, g[u], _mm256_loadu_ps(gw + 8 * u)));
-      g_b2[o] += gout[o] * t.total;
-    }
-  }
-}
-
+// hidden_vectors, forward_range and backward_range: knn_blend_simd.inc, 8 lanes.
+#define GPA_SIMD_TARGET GPA_AVX2_FMA
+#define GPA_VEC __m256
+#define GPA_LANES 8
+#define GPA_LOADU(p) _mm256_loadu_ps(p)
+#define GPA_LOAD(p) _mm256_load_ps(p)
+#define GPA_STOREU(p, v) _mm256_storeu_ps(p, v)
+#define GPA_STORE(p, v) _mm256_store_ps(p, v)
+#define GPA_SET1(x) _mm256_set1_ps(x)
+#define GPA_ZERO() _mm256_setzero_ps()
+#define GPA_FMADD(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define GPA_ADD(a, b) _mm256_add_ps(a, b)
+#define GPA_MUL(a, b) _mm256_mul_ps(a, b)
+#define GPA_RELU(x) relu8(x)
+#define GPA_WHERE_PASSES(h, x) _mm256_and_ps(_mm256_cmp_ps(h, _mm256_setzero_ps(), _CMP_NLE_UQ), x)
+#include "knn_blend/knn_blend_simd.inc"
 #undef GPA_AVX2_FMA
 
 }  // namespace avx2
+
+// The same loops 16 lanes at a time (AVX-512F): H in {16, 32, 64}; the same bits as avx2.
+namespace avx512 {
+
+#define GPA_AVX512_FMA __attribute__((target("avx512f,avx2,fma")))
+
+inline bool cpu_has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && avx2::cpu_has_avx2_fma();
+  return ok;
+}
+
+inline bool vector_width_supported(int H) { return H == 16 || H == 32 || H == 64; }
+
+GPA_AVX512_FMA inline __m512 relu16(__m512 x) { return _mm512_max_ps(_mm512_setzero_ps(), x); }
+
+#undef GPA_SIMD_TARGET
+#undef GPA_VEC
+#undef GPA_LANES
+#undef GPA_LOADU
+#undef GPA_LOAD
+#undef GPA_STOREU
+#undef GPA_STORE
+#undef GPA_SET1
+#undef GPA_ZERO
+#undef GPA_FMADD
+#undef GPA_ADD
+#undef GPA_MUL
+#undef GPA_RELU
+#undef GPA_WHERE_PASSES
+#define GPA_SIMD_TARGET GPA_AVX512_FMA
+#define GPA_VEC __m512
+#define GPA_LANES 16
+#define GPA_LOADU(p) _mm512_loadu_ps(p)
+#define GPA_LOAD(p) _mm512_load_ps(p)
+#define GPA_STOREU(p, v) _mm512_storeu_ps(p, v)
+#define GPA_STORE(p, v) _mm512_store_ps(p, v)
+#define GPA_SET1(x) _mm512_set1_ps(x)
+#define GPA_ZERO() _mm512_setzero_ps()
+#define GPA_FMADD(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define GPA_ADD(a, b) _mm512_add_ps(a, b)
+#define GPA_MUL(a, b) _mm512_mul_ps(a, b)
+#define GPA_RELU(x) relu16(x)
+#define GPA_WHERE_PASSES(h, x) _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(h, _mm512_setzero_ps(), _CMP_NLE_UQ), x)
+#include "knn_blend/knn_blend_simd.inc"
+#undef GPA_SIMD_TARGET
+#undef GPA_VEC
+#undef GPA_LANES
+#undef GPA_LOADU
+#undef GPA_LOAD
+#undef GPA_STOREU
+#undef GPA_STORE
+#undef GPA_SET1
+#undef GPA_ZERO
+#undef GPA_FMADD
+#undef GPA_ADD
+#undef GPA_MUL
+#undef GPA_RELU
+#undef GPA_WHERE_PASSES
+#undef GPA_AVX512_FMA
+
+}  // namespace avx512
 }  // namespace knn_blend
 }  // namespace gpavatar
 #endif

@@ -143,21 +143,31 @@ BackwardMethod blend_backward_method(bool on_cuda) {
 
 namespace {
 
-// GPAVATAR_BLEND_CPU_VARIANT = auto (default: avx2 where the CPU has AVX2 and FMA and
-// H is 8, 16, 32 or 64, else scalar) | avx2 | scalar: which CPU loops run, forward and
-// backward (tests run both).
-bool use_avx2_loops(int H) {
-  const std::string name = env_choice("GPAVATAR_BLEND_CPU_VARIANT", {"auto", "avx2", "scalar"}, "auto");
+// GPAVATAR_BLEND_CPU_VARIANT = auto (default: avx512 where the CPU has AVX-512F, AVX2 and FMA
+// and H is 16, 32 or 64; else avx2 where it has AVX2 and FMA and H is 8, 16, 32 or 64; else
+// scalar) | avx512 | avx2 | scalar: which CPU loops run, forward and backward (tests run them
+// all; avx512 and avx2 give the same bits).
+enum class Loops { kScalar, kAvx2, kAvx512 };
+
+Loops cpu_loops(int H) {
+  const std::string name = env_choice("GPAVATAR_BLEND_CPU_VARIANT", {"auto", "avx512", "avx2", "scalar"}, "auto");
 #if defined(GPA_KNN_BLEND_AVX2)
-  const bool available = avx2::cpu_has_avx2_fma() && avx2::vector_width_supported(H);
-  TORCH_CHECK_VALUE(name != "avx2" || available,
+  const bool avx2 = avx2::cpu_has_avx2_fma() && avx2::vector_width_supported(H);
+  const bool avx512 = avx512::cpu_has_avx512() && avx512::vector_width_supported(H);
+  TORCH_CHECK_VALUE(name != "avx2" || avx2,
                     msg("GPAVATAR_BLEND_CPU_VARIANT=avx2 needs a CPU with AVX2 and FMA and H in {8, 16, 32, 64}, got H = ",
                         H));
-  return name != "scalar" && available;
+  TORCH_CHECK_VALUE(name != "avx512" || avx512,
+                    msg("GPAVATAR_BLEND_CPU_VARIANT=avx512 needs a CPU with AVX-512F, AVX2 and FMA and H in "
+                        "{16, 32, 64}, got H = ", H));
+  if (name == "scalar") return Loops::kScalar;
+  if (name == "avx512" || (name == "auto" && avx512)) return Loops::kAvx512;
+  return avx2 ? Loops::kAvx2 : Loops::kScalar;
 #else
-  TORCH_CHECK_VALUE(name != "avx2", "GPAVATAR_BLEND_CPU_VARIANT=avx2 needs an x86-64 build");
+  TORCH_CHECK_VALUE(name != "avx2" && name != "avx512",
+                    msg("GPAVATAR_BLEND_CPU_VARIANT=", name, " needs an x86-64 build"));
   (void)H;
-  return false;
+  return Loops::kScalar;
 #endif
 }
 
@@ -319,11 +329,18 @@ at::Tensor forward_cpu(const at::Tensor& queries, const at::Tensor& points,
   const BlendArgs& a = p.args;
   at::Tensor out = at::empty({a.B, a.M, a.C}, queries.options());
   float* o = out.data_ptr<float>();
-  const bool avx2_path = use_avx2_loops(a.H);
+  const Loops loops = cpu_loops(a.H);
   at::parallel_for(0, a.B * a.M, 16,
                    [&](int64_t begin, int64_t end) {
 #if defined(GPA_KNN_BLEND_AVX2)
-                     if (avx2_path) {
+                     if (loops == Loops::kAvx512) {
+                       switch (a.H) {
+                         case 16: return avx512::forward_range<1>(a, begin, end, o);
+                         case 32: return avx512::forward_range<2>(a, begin, end, o);
+                         default: return avx512::forward_range<4>(a, begin, end, o);
+                       }
+                     }
+                     if (loops == Loops::kAvx2) {
                        switch (a.H) {
                          case 8: return avx2::forward_range<1>(a, begin, end, o);
                          case 16: return avx2::forward_range<2>(a, begin, end, o);
@@ -434,12 +451,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_cpu(
   const int64_t n = a.B * a.M;
   const int64_t grain = std::max<int64_t>(16, (n + threads - 1) / threads);
 
-  const bool avx2_path = use_avx2_loops(a.H);
+  const Loops loops = cpu_loops(a.H);
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     float* buf = buffers.data() + static_cast<size_t>(at::get_thread_num()) * per_thread;
 #if defined(GPA_KNN_BLEND_AVX2)
-    if (avx2_path) {
-      const float* g = go.data_ptr<float>();
+    const float* g = go.data_ptr<float>();
+    if (loops == Loops::kAvx512) {
+      switch (a.H) {
+        case 16: return avx512::backward_range<1>(a, g, begin, end, table_size, buf);
+        case 32: return avx512::backward_range<2>(a, g, begin, end, table_size, buf);
+        default: return avx512::backward_range<4>(a, g, begin, end, table_size, buf);
+      }
+    }
+    if (loops == Loops::kAvx2) {
       switch (a.H) {
         case 8: return avx2::backward_range<1>(a, g, begin, end, table_size, buf);
         case 16: return avx2::backward_range<2>(a, g, begin, end, table_size, buf);
