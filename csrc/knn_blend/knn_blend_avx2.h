@@ -150,20 +150,6 @@ inline bool vector_width_supported(int H) { return H == 16 || H == 32 || H == 64
 
 GPA_AVX512_FMA inline __m512 relu16(__m512 x) { return _mm512_max_ps(_mm512_setzero_ps(), x); }
 
-#undef GPA_SIMD_TARGET
-#undef GPA_VEC
-#undef GPA_LANES
-#undef GPA_LOADU
-#undef GPA_LOAD
-#undef GPA_STOREU
-#undef GPA_STORE
-#undef GPA_SET1
-#undef GPA_ZERO
-#undef GPA_FMADD
-#undef GPA_ADD
-#undef GPA_MUL
-#undef GPA_RELU
-#undef GPA_WHERE_PASSES
 #define GPA_SIMD_TARGET GPA_AVX512_FMA
 #define GPA_VEC __m512
 #define GPA_LANES 16
@@ -179,20 +165,6 @@ GPA_AVX512_FMA inline __m512 relu16(__m512 x) { return _mm512_max_ps(_mm512_setz
 #define GPA_RELU(x) relu16(x)
 #define GPA_WHERE_PASSES(h, x) _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(h, _mm512_setzero_ps(), _CMP_NLE_UQ), x)
 #include "knn_blend/knn_blend_simd.inc"
-#undef GPA_SIMD_TARGET
-#undef GPA_VEC
-#undef GPA_LANES
-#undef GPA_LOADU
-#undef GPA_LOAD
-#undef GPA_STOREU
-#undef GPA_STORE
-#undef GPA_SET1
-#undef GPA_ZERO
-#undef GPA_FMADD
-#undef GPA_ADD
-#undef GPA_MUL
-#undef GPA_RELU
-#undef GPA_WHERE_PASSES
 #undef GPA_AVX512_FMA
 
 }  // namespace avx512
