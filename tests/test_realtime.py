@@ -570,7 +570,8 @@ def test_tuning_leaves_given_settings_and_a_failing_base_raises(fake_tuning):
 
 
 def test_tuning_on_the_cpu_has_nothing_to_try_by_default(tiny):
-    """Every built-in setting is a GPU kernel switch: on the CPU a tuning run is the base frame only."""
+    """Every built-in setting of the fp32 mode is a GPU kernel switch: on the CPU its tuning run is the
+    base frame only (the fast mode's has the bf16 field layers to try)."""
     model, avatar = tiny
     rt = model.realtime(avatar, tune=True)
     assert rt.tunable() == []

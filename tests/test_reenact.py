@@ -102,13 +102,15 @@ def test_batched_rendering_equals_one_frame_per_call(data, tmp_path):
 
 def test_fast_mode_and_tuning_go_through_the_real_time_renderer(data, tmp_path):
     """--fast: the real-time renderer's fast mode (bf16 super-resolution), its frames within 35 dB PSNR of
-    the fp32 frames (the issue's target); --tune on the CPU tries nothing (every setting is a GPU switch)
-    and keeps the defaults; the result names the renderer's graph use and settings."""
+    the fp32 frames (the issue's target); --tune on the CPU tries the one setting the CPU has (bf16
+    field layers) and keeps it only if it was faster on this machine; the result names the renderer's
+    graph use and settings."""
     frames = {}
     for fast in (False, True):
         r = reenact(dataset=data, source_keys=KEYS[:1], driver=data, driver_video="000001", out=tmp_path / f"{fast}.gif",
                     frames_dir=tmp_path / f"f{fast}", batch=2, device="cpu", layout="result", fast=fast, tune=fast)
-        assert r["fast"] == fast and r["cuda_graph"] is False and r["settings"] == {}
+        assert r["fast"] == fast and r["cuda_graph"] is False
+        assert r["settings"] in (({}, {"field_bf16": True}) if fast else ({},)), r["settings"]
         frames[fast] = np.stack([png(tmp_path / f"f{fast}" / f"frame_{t:05d}.png") for t in range(3)]) / 255.0
     mse = float(((frames[True] - frames[False]) ** 2).mean())
     assert 0 < mse and 10 * np.log10(1 / mse) >= 35
