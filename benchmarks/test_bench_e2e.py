@@ -214,8 +214,8 @@ def test_realtime_variants_parse_and_refuse_unknown_suffixes():
 
 
 def test_tuned_realtime_row_lists_its_trials(cpu_setup):
-    """A "+tune" realtime row carries the renderer's trials (on the CPU only the base frame: every
-    built-in setting is a GPU switch) and the report prints them."""
+    """A "+tune" realtime row carries the renderer's trials (fp32 on the CPU: only the base frame, every
+    built-in fp32 setting being a GPU switch) and the report prints them."""
     if "cpu" not in _backends(torch.device("cpu")):
         pytest.skip("the C++ extension is not built")
     from bench_e2e import render_markdown, run_row
