@@ -115,6 +115,19 @@ def test_fused_matches_unfused(launches, widths, normalize):
     assert bool((ref_alpha[:, 3:9] == 0).all())
 
 
+def _layers_case(widths, N=84, S=1, dtype=torch.float64):
+    """A decoder and (tri, expr, coords, dirs) of N samples; dirs one per S consecutive samples."""
+    dec = make_decoder(widths).to(dtype)
+    coords, dirs, _, _ = (t.to(dtype) for t in make_inputs(dec, N=N))
+    g = torch.Generator().manual_seed(3)
+    tri = torch.randn(*coords.shape[:2], dec.plane_channels, generator=g, dtype=dtype)
+    expr = torch.randn(*coords.shape[:2], dec.points_querier.point_layers[2].out_features, generator=g,
+                       dtype=dtype)
+    if S > 1:
+        dirs = dirs[:, ::S].contiguous()
+    return dec, (tri, expr, coords, dirs)
+
+
 @requires_triton
 def official_layers(dec, tri, expr, coords, dirs):
     """The official decoder layers written out as modules and concatenations (SPEC section 6)."""
@@ -138,12 +151,7 @@ def test_folded_layers_are_the_official_layers(widths):
     gradient (a wrong column split, bias or fold order is off by O(1))."""
     from gpavatar.ops.field_query import field_layers
 
-    dec = make_decoder(widths).double()
-    coords, dirs, planes, _ = (t.double() for t in make_inputs(dec, N=80))
-    g = torch.Generator().manual_seed(3)
-    tri = torch.randn(*coords.shape[:2], dec.plane_channels, generator=g, dtype=torch.float64)
-    expr = torch.randn(*coords.shape[:2], dec.points_querier.point_layers[2].out_features, generator=g,
-                       dtype=torch.float64)
+    dec, (tri, expr, coords, dirs) = _layers_case(widths, N=80)
     params = [p for n, p in dec.named_parameters() if not n.startswith("points_querier")]
     results = []
     for fn in (lambda: field_layers(tri, expr, coords, dirs, dec.field_weights()),
@@ -159,19 +167,6 @@ def test_folded_layers_are_the_official_layers(widths):
                                ga, rga):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5 * (1 + float(y.abs().max())),
                                    msg=lambda m, name=name: f"grad {name}: {m}")
-
-
-def _layers_case(widths, N=84, S=1, dtype=torch.float64):
-    """A decoder and (tri, expr, coords, dirs) of N samples; dirs one per S consecutive samples."""
-    dec = make_decoder(widths).to(dtype)
-    coords, dirs, _, _ = (t.to(dtype) for t in make_inputs(dec, N=N))
-    g = torch.Generator().manual_seed(3)
-    tri = torch.randn(*coords.shape[:2], dec.plane_channels, generator=g, dtype=dtype)
-    expr = torch.randn(*coords.shape[:2], dec.points_querier.point_layers[2].out_features, generator=g,
-                       dtype=dtype)
-    if S > 1:
-        dirs = dirs[:, ::S].contiguous()
-    return dec, (tri, expr, coords, dirs)
 
 
 @pytest.mark.parametrize("S", [1, 7])

@@ -444,33 +444,28 @@ def _adjacent(tri: torch.Tensor, expr: torch.Tensor) -> Optional[torch.Tensor]:
     return joined if joined.is_contiguous() else None
 
 
-def _folded_heads(w: FieldWeights) -> tuple[torch.Tensor, torch.Tensor]:
+def _folded_heads(w: FieldWeights, *, rgb_first: bool = False, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """feature_layers.4 folded into density_layers.0 and rgb_layers.0's feature columns: the
-    (1 + VH, D) weight and (1 + VH,) bias of one product of the second hidden layer (density first:
-    the layers kernel's order)."""
+    (1 + VH + pad, D) weight and bias of one product of the second hidden layer.  Rows: density then
+    the VH rgb rows (the layers kernel's order), or with ``rgb_first`` the rgb rows then density (the
+    torch layers' order: the rgb columns of the product are a view at offset 0); then ``pad`` zero
+    rows (exact zeros in the product: zero weights and bias)."""
     hidden = w.feature_w3.shape[0]
-    heads = torch.cat([w.density_w, w.rgb_w1[:, :hidden]])  # (1 + value_hidden, hidden)
-    return heads @ w.feature_w3, torch.cat([w.density_b, w.rgb_b1]) + heads @ w.feature_b3
+    rgb_w, rgb_b = w.rgb_w1[:, :hidden], w.rgb_b1
+    zeros = w.density_w.new_zeros(pad, hidden)
+    rows = (rgb_w, w.density_w) if rgb_first else (w.density_w, rgb_w)
+    biases = (rgb_b, w.density_b) if rgb_first else (w.density_b, rgb_b)
+    heads = torch.cat([*rows, zeros])  # (1 + VH + pad, hidden)
+    return heads @ w.feature_w3, torch.cat([*biases, zeros[:, 0]]) + heads @ w.feature_b3
 
 
 def heads_padding(device: torch.device, width: int) -> int:
-    """Zero rows :func:`_heads` appends to a heads product of ``width`` (1 + VH) rows on ``device``:
+    """Zero rows :func:`_folded_heads` appends to a heads product of ``width`` (1 + VH) rows on ``device``:
     on CUDA up to a multiple of 8, so that the (N, width) product's rows start on 16-byte boundaries
     (fp32 and bf16) and cuBLAS takes its aligned kernels for that output and for the rgb product
     that reads its first VH columns in place (the 65-column product ran an align1 kernel, 0.45 ms
     for two passes in the last H200 frame profile); none on the CPU (its products take any stride)."""
     return -width % 8 if device.type == "cuda" else 0
-
-
-def _heads(w: FieldWeights, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The folded heads of :func:`_folded_heads` in the torch layers' order: the VH rgb rows first
-    (so that the rgb columns of the product are a view at offset 0), then density, then ``pad`` zero
-    rows (exact zeros in the product: zero weights and bias)."""
-    hidden = w.feature_w3.shape[0]
-    zeros = w.density_w.new_zeros(pad, hidden)
-    heads = torch.cat([w.rgb_w1[:, :hidden], w.density_w, zeros])  # (VH + 1 + pad, hidden)
-    bias = torch.cat([w.rgb_b1, w.density_b, zeros[:, 0]])
-    return heads @ w.feature_w3, bias + heads @ w.feature_b3
 
 
 def _layer_weights(w: FieldWeights) -> tuple[torch.Tensor, ...]:
@@ -545,7 +540,7 @@ def field_layers(tri: torch.Tensor, expr: torch.Tensor, coords: torch.Tensor, di
     inside = ((coords > -1.0) & (coords < 1.0)).all(dim=-1).reshape(-1)  # renderer.inside_box
     directions = dirs.reshape(-1, 3)  # one per row, or per S consecutive rows
     VH = w.rgb_b1.shape[0]
-    heads = _heads(w, heads_padding(rows.device, VH + 1))
+    heads = _folded_heads(w, rgb_first=True, pad=heads_padding(rows.device, VH + 1))
     if not needs_grad([features, dirs, *_layer_weights(w)]):
         n = rows.shape[0]
         block = _block_rows(rows.device, n, S)
@@ -564,8 +559,7 @@ def field_layers(tri: torch.Tensor, expr: torch.Tensor, coords: torch.Tensor, di
     # (N, 1 + VH) gradient per slice and added them, and the in-place updates of a view (the
     # embedding's share, the remap) cloned and copied the whole gradient in the backward.
     out = _hidden_heads(rows, w, heads)
-    rgb, density = out.split([VH, 1], dim=-1) if out.shape[-1] == VH + 1 else out.split(
-        [VH, 1, out.shape[-1] - VH - 1], dim=-1)[:2]
+    rgb, density, _ = out.split([VH, 1, out.shape[-1] - VH - 1], dim=-1)  # (the padding: 0 columns on the CPU)
     sigma = F.softplus(density.reshape(lead).float(), beta=10) * inside.reshape(lead).to(torch.float32)
     gamma, w_dir = _direction_terms(directions, w, out.dtype)
     # (no name holds the pre-activation: it is freed as soon as the ReLU has run)
