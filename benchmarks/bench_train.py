@@ -90,19 +90,29 @@ def make_setup(preset: str, device: torch.device, *, batch: int = 1, sources: in
 # backward (GPAVATAR_BLEND_FORWARD=queries, GPAVATAR_BLEND_BACKWARD=buffers: the CUDA default
 # before the tiled kernels were measured faster).
 # "+graph" replays the step from CUDA graphs (gpavatar.train.graphed.GraphedTrainStep, the trainer's
-# --cuda-graph: fused Adam, one launch per step; GPU only).
-VARIANTS = ("+keep", "+bf16", "+buffers", "+graph")
+# --cuda-graph: fused Adam, one launch per step; GPU only).  "+segmented" / "+checkpoint" choose the
+# form of the decoder's checkpointed passes (PointsDecoder.segmented True / False: one autograd
+# function per pass, the CPU default, or torch.utils.checkpoint per segment, the GPU default).
+VARIANTS = ("+keep", "+bf16", "+buffers", "+graph", "+segmented", "+checkpoint")
 BUFFERS_ENV = {"GPAVATAR_BLEND_FORWARD": "queries", "GPAVATAR_BLEND_BACKWARD": "buffers"}
 
 
 def split_variant(backend: str) -> tuple[str, bool, bool, bool]:
     """(backend, keep activations, bf16 autocast, per-query blend) of a row name such as ``cuda+bf16``
-    (``+graph``: :func:`graphed_variant`)."""
+    (``+graph``: :func:`graphed_variant`; ``+segmented`` / ``+checkpoint``: :func:`pass_form`)."""
     base, *opts = backend.split("+")
     unknown = [o for o in opts if "+" + o not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown row variant(s) {unknown} of {backend!r}; known: {VARIANTS}")
     return base, "keep" in opts, "bf16" in opts, "buffers" in opts
+
+
+def pass_form(backend: str):
+    """PointsDecoder.segmented for the row: True (``+segmented``), False (``+checkpoint``) or None."""
+    opts = backend.split("+")[1:]
+    if "segmented" in opts and "checkpoint" in opts:
+        raise ValueError(f"{backend!r}: +segmented and +checkpoint exclude each other")
+    return True if "segmented" in opts else (False if "checkpoint" in opts else None)
 
 
 def graphed_variant(backend: str) -> bool:
@@ -118,7 +128,7 @@ def make_step(setup: dict, backend: str, pack_hook=None):
     model, loss_fn, x = setup["model"], setup["loss"], setup["inputs"]
     device = x["images"].device
     model.load_state_dict(setup["initial"])
-    graphed = graphed_variant(backend)
+    graphed, form = graphed_variant(backend), pass_form(backend)
     backend, keep, bf16, buffers = split_variant(backend)
     # The baselines train with torch's default Adam, as the official code does; gpavatar's rows with
     # the Trainer's (fused where torch has it, capturable for +graph).
@@ -126,23 +136,24 @@ def make_step(setup: dict, backend: str, pack_hook=None):
     optimizer = torch.optim.Adam(model.param_groups(LR), lr=LR, betas=BETAS, **options)
     generator = torch.Generator(device).manual_seed(setup["seed"])
     if graphed:
-        if pack_hook is not None or keep or buffers:
-            raise ValueError("+graph rows take no saved-tensor hook, +keep or +buffers")
+        if pack_hook is not None or keep or buffers or form is not None:
+            raise ValueError("+graph rows take no saved-tensor hook, +keep, +buffers, +segmented or +checkpoint")
         return _graphed_step(model, loss_fn, x, optimizer, generator, backend, bf16)
 
     def step():
         env = dict(BUFFERS_ENV if buffers else {}, **({RECOMPUTE_ENV: "0"} if keep else {}))
         with use_backend(model, backend), H.environ(**env), \
                 torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            saved = model.nerf_mlp.checkpoint_layers
+            saved, saved_form = model.nerf_mlp.checkpoint_layers, model.nerf_mlp.segmented
             model.nerf_mlp.checkpoint_layers = False if keep else saved
+            model.nerf_mlp.segmented = saved_form if form is None else form
             try:
                 with (torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t) if pack_hook
                       else contextlib.nullcontext()):
                     out = model.forward_train(x["images"], x["points"], x["transform"], generator=generator)
                     total = loss_fn(out, x["target"], x["bbox"])["total"]
             finally:
-                model.nerf_mlp.checkpoint_layers = saved
+                model.nerf_mlp.checkpoint_layers, model.nerf_mlp.segmented = saved, saved_form
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
@@ -348,7 +359,7 @@ def main(argv=None) -> int:
         cfg.update(preset_sizes(preset))
         backends = ordered_backends(args.backends, device)
         if device.type == "cuda" and args.backends is None and "cuda" in backends:
-            backends += ["cuda" + v for v in VARIANTS]
+            backends += ["cuda" + v for v in VARIANTS if v != "+checkpoint"]  # (the GPU default)
         try:
             setup = make_setup(preset, device, batch=args.batch, sources=args.sources, seed=args.seed)
             cfg["points"] = setup["points_kind"]

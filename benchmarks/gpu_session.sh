@@ -10,7 +10,8 @@
 #       kernel setting of gpavatar.realtime.SETTINGS timed one value at a time -- the KNN share /
 #       cells / search / order / build, the Triton layers, blend and upsampling, bf16 field, the fp32
 #       super-resolution layouts, cuDNN benchmark -- its trials in the report) and +compile (fast and
-#       fp32); bench_train torch-fast, cuda, cuda+graph.
+#       fp32); bench_train torch-fast, cuda, cuda+segmented (the decoder's checkpointed passes as
+#       one autograd function each, the CPU default: PointsDecoder.segmented), cuda+graph.
 #
 #   bash benchmarks/gpu_session.sh opt-ins OUTDIR   (about 9 minutes)
 #       times the fast mode's opt-in kernels against the defaults:
@@ -31,7 +32,8 @@
 #       the training step: the CUDA tests of the step replayed from CUDA graphs (tests/test_graphed.py,
 #       first: if they fail, the +graph rows say why), the recomputation and the field checkpoint;
 #       bench_train's torch-fast (the official-style path), cuda, cuda+keep (no checkpointing or
-#       recomputation: gpavatar/model/recompute.py), cuda+bf16 (--amp bf16), then cuda+graph (the
+#       recomputation: gpavatar/model/recompute.py), cuda+segmented (PointsDecoder.segmented),
+#       cuda+bf16 (--amp bf16), then cuda+graph (the
 #       trainer's --cuda-graph) and cuda+bf16+graph rows, last in case a failed capture upsets the
 #       device (time, peak memory, the activations kept for the backward), and profile_frame --train (kernel by kernel, and how busy the device is: a
 #       host-bound step shows well under 100 %, and the +graph rows then gain the difference).
@@ -46,14 +48,14 @@ if [[ $# -ne 2 || ( "$1" != key && "$1" != opt-ins && "$1" != train ) ]]; then
 fi
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [[ "$1" == key ]]; then
-    export CUDA_TESTS="${CUDA_TESTS:-tests/test_graphed.py tests/test_realtime.py tests/test_field_layers.py tests/test_triplane.py tests/test_knn_index.py::test_one_pass_index_holds_the_two_level_lists tests/test_knn_index.py::test_index_keeps_its_order tests/test_knn_index.py::test_cuda_index_is_the_cpu_layout tests/test_ops_nan.py::test_knn_nonfinite_total_order tests/test_ops_nan.py::test_knn_blend_nonfinite_coordinates tests/test_ops_nan.py::test_triplane_nonfinite_coords}"
+    export CUDA_TESTS="${CUDA_TESTS:-tests/test_graphed.py tests/test_realtime.py tests/test_field_layers.py tests/test_triplane.py tests/test_knn_index.py::test_one_pass_index_holds_the_two_level_lists tests/test_knn_index.py::test_index_keeps_its_order tests/test_knn_index.py::test_cuda_index_is_the_cpu_layout tests/test_ops_nan.py::test_knn_nonfinite_total_order tests/test_ops_nan.py::test_knn_blend_nonfinite_coordinates tests/test_ops_nan.py::test_triplane_nonfinite_coords tests/test_field_checkpoint.py::test_forms_agree_on_cuda}"
     export CUDA_TESTS_CAP="${CUDA_TESTS_CAP:-150}"
     export REPORT_BUDGET_S="${REPORT_BUDGET_S:-540}"
     export BENCHES_ONLY="${BENCHES_ONLY:-benchmarks/bench_e2e.py benchmarks/bench_train.py}"
     KEY_VARIANTS="tune,compile"
     export ARGS_bench_e2e="${ARGS_bench_e2e:---batch 1 --cases render,realtime --backends torch-fast,cuda --realtime-batch= --realtime-variants $KEY_VARIANTS}"
     export CAP_bench_e2e="${CAP_bench_e2e:-230}"
-    export ARGS_bench_train="${ARGS_bench_train:---backends torch-fast,cuda,cuda+graph --repeats 5}"
+    export ARGS_bench_train="${ARGS_bench_train:---backends torch-fast,cuda,cuda+segmented,cuda+graph --repeats 5}"
     export CAP_bench_train="${CAP_bench_train:-140}"
 elif [[ "$1" == opt-ins ]]; then
     export CUDA_TESTS="${CUDA_TESTS:-tests/test_field_layers.py tests/test_knn_index.py tests/test_knn_blend.py tests/test_realtime.py}"
@@ -69,7 +71,7 @@ else
     # the whole report within 450 s: call it with run(timeout_s=480) or more
     export REPORT_BUDGET_S="${REPORT_BUDGET_S:-450}"
     export BENCHES_ONLY="${BENCHES_ONLY:-benchmarks/bench_train.py benchmarks/profile_frame.py}"
-    export ARGS_bench_train="${ARGS_bench_train:---backends torch-fast,cuda,cuda+keep,cuda+bf16,cuda+graph,cuda+bf16+graph --repeats 5}"
+    export ARGS_bench_train="${ARGS_bench_train:---backends torch-fast,cuda,cuda+keep,cuda+segmented,cuda+bf16,cuda+graph,cuda+bf16+graph --repeats 5}"
     export CAP_bench_train="${CAP_bench_train:-210}"
     export ARGS_profile_frame="${ARGS_profile_frame:---train}" CAP_profile_frame="${CAP_profile_frame:-75}"
 fi

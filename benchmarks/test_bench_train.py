@@ -103,3 +103,29 @@ def test_script_smoke(tmp_path):
         fused, baseline = rows[1]["saved_by_module"], rows[0]["saved_by_module"]
         assert fused["attn_module"] < baseline["attn_module"] and fused["renderer"] < baseline["renderer"]
         assert rows[1]["saved_bytes"] < rows[0]["saved_bytes"]
+
+
+def test_pass_form_variants(cpu_setup, monkeypatch):
+    """+segmented / +checkpoint set PointsDecoder.segmented for the row's step only (restored after);
+    together, or with +graph, they are refused."""
+    from bench_train import pass_form
+
+    assert [pass_form(b) for b in ("cpu", "cpu+segmented", "cuda+bf16+checkpoint")] == [None, True, False]
+    with pytest.raises(ValueError, match="exclude each other"):
+        pass_form("cpu+segmented+checkpoint")
+    with pytest.raises(ValueError, match="unknown row variant"):
+        make_step(cpu_setup, "cpu+segments")
+    if "cpu" not in ops.available_backends("cpu"):
+        pytest.skip("no cpu backend")
+    model = cpu_setup["model"]
+    seen = []
+    original = model.forward_train
+
+    def spy(*args, **kwargs):
+        seen.append(model.nerf_mlp.segmented)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward_train", spy)
+    for backend in ("cpu", "cpu+segmented", "cpu+checkpoint"):
+        make_step(cpu_setup, backend)()
+    assert seen == [None, True, False] and model.nerf_mlp.segmented is None

@@ -33,7 +33,11 @@ floats per sample (about 2 GiB per paper-size pass).  A pass is checkpointed in 
 ``checkpoint_segment`` samples (None: 2^18, 2^15 on the CPU), so the backward holds the
 recomputed activations of one segment at a time.  The outputs and gradients are those of the
 plain pass (the same arithmetic again; a pass of several segments sums its weight gradients
-segment by segment).
+segment by segment).  Two forms (``segmented``; None: the first on CPU tensors, the second
+elsewhere): :func:`gpavatar.ops.field_query.segmented_layers`, one autograd function for the
+pass whose forward records nothing and whose backward recomputes the segments and runs one
+tri-plane backward for the whole pass (on 2 CPU cores a paper-preset step's field passes in
+~0.35 s less), or ``torch.utils.checkpoint`` of each segment (the form measured on GPUs).
 ``checkpoint_layers`` (True / False; None: ``$GPAVATAR_FIELD_CHECKPOINT`` = 1 / 0, or unset /
 ``auto``: passes of at least 65536 samples) chooses.
 
@@ -60,7 +64,7 @@ from gpavatar.model.pef import PointExpressionField
 from gpavatar.model.recompute import deterministic_checkpoint
 from gpavatar.ops._backend import env_switch
 from gpavatar.ops.field_query import (check_directions, fused_setting, sample_directions, sampled_layers,
-                                      samples_per_direction)
+                                      samples_per_direction, segmented_layers, segments_apply)
 from gpavatar.ops.knn import INDEX_MIN_QUERIES
 from gpavatar.ops.knn_blend import OFFICIAL_EPS
 from gpavatar.ops.reference import EMBED_DIM
@@ -117,6 +121,7 @@ class PointsDecoder(nn.Module):
         self.field_precision: Optional[str] = None
         self.checkpoint_layers: Optional[bool] = None
         self.checkpoint_segment: Optional[int] = None  # None: segment_samples(device)
+        self.segmented: Optional[bool] = None  # None: on CPU tensors (module docstring)
         # The decoder's layers as one Triton kernel (ops.field_query.field_layers' ``kernel``): None
         # follows $GPAVATAR_FIELD_LAYERS; forward only (passes that need grad run the torch layers).
         self.fused_layers: Optional[bool] = None
@@ -230,6 +235,8 @@ class PointsDecoder(nn.Module):
         # (a segment holds whole rays when dirs has one direction per ray)
         S = samples_per_direction(dirs, N)
         n = max(S, self.segment_samples(coords.device) // max(1, B) // S * S)
+        if self._segmented(planes, expr, coords, dirs):
+            return tuple(segmented_layers(planes, expr, coords, dirs, self.field_weights(), n, backend=self.backend))
         parts = [deterministic_checkpoint(self._sample_layers, planes, e, c, d)
                  for e, c, d in zip(expr.split(n, dim=1), coords.split(n, dim=1), dirs.split(n // S, dim=1))]
         if len(parts) == 1:
@@ -242,6 +249,13 @@ class PointsDecoder(nn.Module):
         if self.checkpoint_segment is not None:
             return int(self.checkpoint_segment)
         return CPU_CHECKPOINT_SEGMENT if device.type == "cpu" else CHECKPOINT_SEGMENT
+
+    def _segmented(self, planes, expr, coords, dirs) -> bool:
+        """Whether a checkpointed pass takes :func:`gpavatar.ops.field_query.segmented_layers`
+        (``segmented``, the default layers, where :func:`segments_apply` allows it)."""
+        wanted = coords.device.type == "cpu" if self.segmented is None else bool(self.segmented)
+        return wanted and self.layers_function is None and segments_apply(planes, expr, coords, dirs,
+                                                                          backend=self.backend)
 
     def _checkpoints(self, planes: torch.Tensor, expr: torch.Tensor, samples: int) -> bool:
         """Whether this pass of ``samples`` (B x N) samples recomputes its tri-plane features and

@@ -69,12 +69,12 @@ from gpavatar.ops._backend import env_switch, needs_grad
 from gpavatar.ops.knn import MAX_FUSED_K, KnnResult, check_index, knn, search_op
 from gpavatar.ops.knn_blend import NORMALIZATIONS, flags_precision, knn_blend, knn_blend_weight_sum
 from gpavatar.ops.reference import EMBED_DIM, harmonic_embedding
-from gpavatar.ops.triplane import PLANE_DTYPES, triplane_features, triplane_sample
+from gpavatar.ops.triplane import PLANE_DTYPES, triplane_features, triplane_mean_grads, triplane_sample
 
 __all__ = ["field_query", "field_layers", "FieldWeights", "FieldResult", "PRECISIONS", "FUSED_ENV", "LAYERS_ENV",
            "fused_setting", "layers_setting", "layers_precision", "default_precision", "check_field_query_inputs",
            "linear_relu", "relu_epilogue", "check_directions", "samples_per_direction", "sample_directions",
-           "sampled_layers"]
+           "sampled_layers", "segmented_layers", "segments_apply"]
 
 PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
 FUSED_ENV = "GPAVATAR_FIELD_FUSED"
@@ -327,6 +327,104 @@ def sampled_layers(planes: torch.Tensor, expr: torch.Tensor, coords: torch.Tenso
     return FieldResult(*layers(features[..., :C], features[..., C:], coords, dirs, w, kernel=kernel))
 
 
+def segments_apply(planes, expr, coords, dirs, *, backend: Optional[str] = None) -> bool:
+    """Whether :func:`segmented_layers` can run this pass: the C++ tri-plane op's backend (``cpu`` /
+    ``cuda``), float32 features, no gradient wanted for ``dirs`` and no torch.compile tracing (the
+    decoder also asks for the default layers)."""
+    name = _backend.resolve(backend, coords.device, "triplane_sample")
+    return (name in ("cpu", "cuda") and hasattr(torch.ops.gpavatar, "triplane_sample_backward")
+            and not dirs.requires_grad and expr.dtype == torch.float32 and planes.dtype in PLANE_DTYPES
+            and not _compiling())
+
+
+class _SegmentedLayers(torch.autograd.Function):
+    """:func:`sampled_layers` over a pass whose backward makes its activations again one segment
+    at a time (:func:`segmented_layers`)."""
+
+    @staticmethod
+    def forward(ctx, planes, expr, coords, dirs, w: FieldWeights, segment: int, backend, *layer_weights):
+        B, N = coords.shape[:2]
+        S = samples_per_direction(dirs, N)
+        # no gradient is recorded here: the inference form of the layers (products with the ReLU in
+        # place, blocks of rows), the tri-plane and PEF features written side by side
+        parts = [sampled_layers(planes, expr[:, i:i + segment], coords[:, i:i + segment],
+                                dirs[:, i // S:(i + segment) // S], w, backend=backend, kernel=False)
+                 for i in range(0, N, segment)]
+        ctx.save_for_backward(planes, expr, coords, dirs, *layer_weights)
+        ctx.w, ctx.segment, ctx.backend = w, segment, backend
+        device = coords.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        if len(parts) == 1:
+            return parts[0].alpha, parts[0].value
+        return torch.cat([a for a, _ in parts], dim=1), torch.cat([v for _, v in parts], dim=1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_alpha, grad_value):
+        planes, expr, coords, dirs, *layer_weights = ctx.saved_tensors
+        need_planes, need_expr, need_coords = ctx.needs_input_grad[:3]
+        need_weights = ctx.needs_input_grad[7:]
+        B, N = coords.shape[:2]
+        C, segment = planes.shape[-1], ctx.segment
+        S = samples_per_direction(dirs, N)
+        need_tri = need_planes or need_coords
+        grad_tri = coords.new_empty((B, N, C), dtype=torch.float32) if need_tri else None
+        grad_expr = torch.empty_like(expr) if need_expr else None
+        grad_weights: list[Optional[torch.Tensor]] = [None] * len(layer_weights)
+        device, enabled, dtype = ctx.autocast  # the forward's autocast state
+        for i in range(0, N, segment):
+            j = min(N, i + segment)
+            c, d = coords[:, i:j], dirs[:, i // S:j // S]
+            with torch.no_grad():  # [tri-plane, PEF] rows, one kernel
+                features = triplane_features(planes, c, expr[:, i:j], backend=ctx.backend, validate=False)
+            features.requires_grad_(need_tri or need_expr)
+            leaves = [t.detach().requires_grad_(need) for t, need in zip(layer_weights, need_weights)]
+            w = ctx.w._replace(**dict(zip(_LAYER_FIELDS, leaves)))
+            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+                alpha, value = _joined_layers(features, c, d, w)
+            inputs = [t for t in (features, *leaves) if t.requires_grad]
+            if not inputs:
+                continue
+            got = iter(torch.autograd.grad((alpha, value), inputs, (grad_alpha[:, i:j], grad_value[:, i:j]),
+                                           allow_unused=True))
+            if features.requires_grad:
+                g = next(got)
+                if grad_tri is not None:
+                    grad_tri[:, i:j] = g[..., :C]
+                if grad_expr is not None:
+                    grad_expr[:, i:j] = g[..., C:]
+            for k, leaf in enumerate(leaves):
+                if leaf.requires_grad:
+                    g = next(got)
+                    if g is not None:
+                        grad_weights[k] = g if grad_weights[k] is None else grad_weights[k].add_(g)
+        grad_planes, grad_coords = triplane_mean_grads(grad_tri, planes, coords, backend=ctx.backend,
+                                                       planes_grad=need_planes, coords_grad=need_coords) \
+            if need_tri else (None, None)
+        return (grad_planes, grad_expr, grad_coords, None, None, None, None, *grad_weights)
+
+
+def segmented_layers(planes: torch.Tensor, expr: torch.Tensor, coords: torch.Tensor, dirs: torch.Tensor,
+                     w: FieldWeights, segment: int, *, backend: Optional[str] = None) -> FieldResult:
+    """:func:`sampled_layers` (the default layers) over a whole pass whose backward keeps only the
+    inputs: it makes the tri-plane features and the layers' activations again ``segment`` samples
+    at a time (whole rays: ``segment`` a multiple of the samples per direction), and sends the
+    tri-plane gradient of the whole pass through one backward of the tri-plane op.
+
+    The same numbers as ``torch.utils.checkpoint`` of :func:`sampled_layers` per segment (the
+    decoder's other form), with less work: the forward records nothing and runs the layers'
+    inference form (no autograd graph, ReLUs in place); the backward's features are one kernel's
+    [tri-plane, PEF] rows (no concatenation) and its plane gradient is written once per pass
+    instead of a zero-filled (B, 3, H, W, C) gradient per segment summed by autograd.  The
+    gradients agree up to float summation order (weights summed over segments in forward order).
+    Where :func:`segments_apply` allows it; inputs are not validated."""
+    if expr.dim() != 3 or coords.dim() != 3:
+        raise ValueError(f"segmented_layers takes (B, N, .) expr and coords, got {tuple(expr.shape)} and "
+                         f"{tuple(coords.shape)}")
+    alpha, value = _SegmentedLayers.apply(planes, expr, coords, dirs, w, int(segment), backend, *_layer_weights(w))
+    return FieldResult(alpha, value)
+
+
 def layers_setting() -> str:
     """``$GPAVATAR_FIELD_LAYERS``: "torch" (the separate layers), "triton" (the fused layers kernel
     wherever it can run: see :func:`field_layers`), "triton-tf32x3" (the same, with its products in
@@ -468,10 +566,14 @@ def heads_padding(device: torch.device, width: int) -> int:
     return -width % 8 if device.type == "cuda" else 0
 
 
+# The FieldWeights of the decoder's layers (after the PEF).
+_LAYER_FIELDS = ("feature_w1", "feature_b1", "feature_w2", "feature_b2", "feature_w3", "feature_b3",
+                 "density_w", "density_b", "rgb_w1", "rgb_b1", "rgb_w2", "rgb_b2")
+
+
 def _layer_weights(w: FieldWeights) -> tuple[torch.Tensor, ...]:
     """The parameters of the decoder's layers (after the PEF)."""
-    return (w.feature_w1, w.feature_b1, w.feature_w2, w.feature_b2, w.feature_w3, w.feature_b3,
-            w.density_w, w.density_b, w.rgb_w1, w.rgb_b1, w.rgb_w2, w.rgb_b2)
+    return tuple(getattr(w, name) for name in _LAYER_FIELDS)
 
 
 # Rows of a CPU inference pass the torch layers compute at a time.  A whole paper pass wrote
@@ -534,8 +636,14 @@ def field_layers(tri: torch.Tensor, expr: torch.Tensor, coords: torch.Tensor, di
     features = _adjacent(tri, expr)  # (ops.triplane_features wrote them side by side)
     if features is None:
         features = torch.cat([tri, expr.to(tri.dtype)], dim=-1)
+    return _joined_layers(features, coords, dirs, w)
+
+
+def _joined_layers(features: torch.Tensor, coords: torch.Tensor, dirs: torch.Tensor, w: FieldWeights) -> FieldResult:
+    """The torch layers of :func:`field_layers` on the tri-plane and PEF features side by side
+    (..., C + E): the inference form without a gradient, else the training form."""
     lead = features.shape[:-1]
-    S = samples_per_direction(dirs, tri.shape[-2])
+    S = samples_per_direction(dirs, features.shape[-2])
     rows = features.reshape(-1, features.shape[-1])
     inside = ((coords > -1.0) & (coords < 1.0)).all(dim=-1).reshape(-1)  # renderer.inside_box
     directions = dirs.reshape(-1, 3)  # one per row, or per S consecutive rows

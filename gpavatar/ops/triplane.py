@@ -64,7 +64,7 @@ from gpavatar.ops.reference import triplane_sample_reference
 REDUCTIONS = ("mean", "concat")
 PLANE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # read natively by the fused kernels
 
-__all__ = ["triplane_sample", "triplane_features", "check_triplane_inputs", "REDUCTIONS"]
+__all__ = ["triplane_sample", "triplane_features", "triplane_mean_grads", "check_triplane_inputs", "REDUCTIONS"]
 
 
 def check_triplane_inputs(planes, coords, reduce, channels_last) -> None:
@@ -156,6 +156,36 @@ def triplane_features(planes: torch.Tensor, coords: torch.Tensor, extra: torch.T
         return torch.cat([tri, extra.to(tri.dtype)], dim=-1)
     return torch.ops.gpavatar.triplane_sample_forward_extra(planes.contiguous(), coords.to(torch.float32).contiguous(),
                                                             extra.contiguous())
+
+
+def triplane_mean_grads(grad: torch.Tensor, planes: torch.Tensor, coords: torch.Tensor, *, backend: Optional[str],
+                        planes_grad: bool, coords_grad: bool) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The gradients (planes, coords) of ``triplane_sample(planes, coords, "mean", channels_last=True,
+    backend=backend)`` for the output gradient ``grad`` (B, M, C), None where not asked: the backward
+    op alone, with no forward recorded (a caller that made the features itself, e.g. a
+    checkpointed field pass: one plane gradient for the whole pass).  The torch backend goes through
+    autograd of its reference.  Inputs are not validated."""
+    if not (planes_grad or coords_grad):
+        return None, None
+    name = _backend.resolve(backend, coords.device, "triplane_sample")
+    B, M, C = coords.shape[0], coords.shape[1], planes.shape[4]
+    if name == "torch" or B == 0 or M == 0 or C == 0:
+        p = planes.detach().requires_grad_(planes_grad)
+        c = coords.detach().requires_grad_(coords_grad)
+        with torch.enable_grad():
+            out = triplane_sample(p, c, "mean", channels_last=True, backend=name, validate=False)
+            inputs = [t for t in (p, c) if t.requires_grad]
+            got = iter(torch.autograd.grad(out, inputs, grad.to(out.dtype), allow_unused=True))
+        gp = next(got) if planes_grad else None
+        gc = next(got) if coords_grad else None
+        return (torch.zeros_like(planes) if planes_grad and gp is None else gp,
+                torch.zeros_like(coords) if coords_grad and gc is None else gc)
+    p = (planes if planes.dtype in PLANE_DTYPES else planes.to(torch.float32)).contiguous()
+    op = torch.ops.gpavatar.triplane_sample_backward if name in ("cpu", "cuda") else \
+        torch.ops.gpavatar.triplane_sample_backward_triton
+    gp, gc = op(grad.to(torch.float32).contiguous(), p, coords.to(torch.float32).contiguous(), False, False,
+                planes_grad, coords_grad)
+    return (gp.to(planes.dtype) if planes_grad else None), (gc.to(coords.dtype) if coords_grad else None)
 
 
 # --- torch.library registration ------------------------------------------------------------
