@@ -337,6 +337,100 @@ def segments_apply(planes, expr, coords, dirs, *, backend: Optional[str] = None)
             and not _compiling())
 
 
+class _LayersBackward:
+    """The backward of :func:`_joined_layers`' torch layers (float32, no autocast) written out, for
+    :func:`segmented_layers`: each segment's activations are made again into buffers that every
+    segment reuses (the same products as the inference form), then the chain rule's products; the
+    weight gradients are summed over the segments in place and the folded heads' gradient is
+    unfolded once at the end.  Autograd of the training form computes the same gradients (up to
+    summation order) but allocates every (n, width) activation and gradient anew, a segment at a
+    time."""
+
+    def __init__(self, w: FieldWeights, rows: int, width: int, device: torch.device, weights: bool):
+        self.w, self.weights = w, weights
+        self.VH, self.V = w.rgb_b1.shape[0], w.rgb_b2.shape[0]
+        self.pad = heads_padding(device, self.VH + 1)
+        self.heads = _folded_heads(w, rgb_first=True, pad=self.pad)  # (VH + 1 + pad, hidden)
+        f32 = dict(dtype=torch.float32, device=device)
+        H1, H2, O = w.feature_w1.shape[0], w.feature_w2.shape[0], self.heads[0].shape[0]
+        self.h1, self.h2, self.o = (torch.empty(rows, n, **f32) for n in (H1, H2, O))
+        self.v, self.dv, self.dr = (torch.empty(rows, n, **f32) for n in (self.V, self.V, self.VH))
+        self.do = torch.zeros(rows, O, **f32)  # (the padding's columns stay 0)
+        self.dh2, self.dh1, self.dx = (torch.empty(rows, n, **f32) for n in (H2, H1, width))
+        if weights:
+            self.grads = [torch.zeros_like(t, dtype=torch.float32) for t in
+                          (w.feature_w1, w.feature_b1, w.feature_w2, w.feature_b2, self.heads[0], self.heads[1],
+                           w.rgb_w2, w.rgb_b2)]
+            self.grad_dir = torch.zeros(self.VH, EMBED_DIM, **f32)
+
+    @staticmethod
+    def applies(features: torch.Tensor, w: FieldWeights) -> bool:
+        """float32 features and layer weights, autocast off on their device."""
+        return (features.dtype == torch.float32 and all(t.dtype == torch.float32 for t in _layer_weights(w))
+                and not torch.is_autocast_enabled(features.device.type))
+
+    def segment(self, x: torch.Tensor, inside: torch.Tensor, directions: torch.Tensor, S: int,
+                grad_alpha: torch.Tensor, grad_value: torch.Tensor, inputs: bool) -> Optional[torch.Tensor]:
+        """One segment: (n, C + E) feature rows ``x``, their box mask (n,), directions (n / S, 3) and
+        output gradients (n,), (n, V); returns the (n, C + E) gradient of ``x`` when ``inputs``."""
+        w, VH, n = self.w, self.VH, x.shape[0]
+        h1, h2, o, v = self.h1[:n], self.h2[:n], self.o[:n], self.v[:n]
+        torch.addmm(w.feature_b1, x, w.feature_w1.t(), out=h1).relu_()
+        torch.addmm(w.feature_b2, h1, w.feature_w2.t(), out=h2).relu_()
+        torch.addmm(self.heads[1], h2, self.heads[0].t(), out=o)
+        rgb = o[:, :VH]
+        gamma, w_dir = _direction_terms(directions, w, torch.float32)
+        if S > 1:
+            rgb.view(-1, S, VH).add_((gamma @ w_dir)[:, None, :])
+        else:
+            rgb.addmm_(gamma, w_dir)
+        r = rgb.relu_()
+        torch.addmm(w.rgb_b2, r, w.rgb_w2.t(), out=v)
+        # value = [sigmoid(v[:, :3]) * 1.002 - 0.001, v[:, 3:]]
+        dv = self.dv[:n]
+        dv.copy_(grad_value)
+        s = torch.sigmoid(v[:, :3])
+        dv[:, :3].mul_(1.002).mul_((1 - s) * s)
+        # alpha = -expm1(-softplus_10(density) * inside)
+        density = o[:, VH]
+        sigma = F.softplus(density, beta=10) * inside
+        grad_sigma = grad_alpha * (torch.expm1(-sigma) + 1)
+        do = self.do[:n]
+        do[:, VH] = torch.ops.aten.softplus_backward(grad_sigma * inside, density, 10, 20)
+        dp = do[:, :VH]
+        torch.ops.aten.threshold_backward.grad_input(torch.mm(dv, w.rgb_w2, out=self.dr[:n]), r, 0.0,
+                                                     grad_input=dp)
+        dh2 = torch.mm(do, self.heads[0], out=self.dh2[:n])
+        torch.ops.aten.threshold_backward.grad_input(dh2, h2, 0.0, grad_input=dh2)
+        dh1 = torch.mm(dh2, w.feature_w2, out=self.dh1[:n])
+        torch.ops.aten.threshold_backward.grad_input(dh1, h1, 0.0, grad_input=dh1)
+        if self.weights:
+            g_w1, g_b1, g_w2, g_b2, g_heads, g_heads_b, g_r2, g_rb2 = self.grads
+            g_r2.addmm_(dv.t(), r)
+            g_rb2.add_(dv.sum(0))
+            g_heads.addmm_(do.t(), h2)
+            g_heads_b.add_(do.sum(0))
+            self.grad_dir.addmm_((dp.view(-1, S, VH).sum(1) if S > 1 else dp).t(), gamma)
+            g_w2.addmm_(dh2.t(), h1)
+            g_b2.add_(dh2.sum(0))
+            g_w1.addmm_(dh1.t(), x)
+            g_b1.add_(dh1.sum(0))
+        return torch.mm(dh1, w.feature_w1, out=self.dx[:n]) if inputs else None
+
+    def weight_grads(self) -> tuple[torch.Tensor, ...]:
+        """The layer weights' gradients in :data:`_LAYER_FIELDS` order (their dtypes): the folded
+        heads' unfolded (W_out = [W_rf; w_d] W_3, b_out = [b_r1; b_d] + [W_rf; w_d] b_3)."""
+        w, VH = self.w, self.VH
+        g_w1, g_b1, g_w2, g_b2, g_heads, g_heads_b, g_r2, g_rb2 = self.grads
+        hidden = w.feature_w3.shape[0]
+        rows = torch.cat([w.rgb_w1[:, :hidden], w.density_w, w.density_w.new_zeros(self.pad, hidden)])
+        g_rows = g_heads @ w.feature_w3.t() + g_heads_b[:, None] * w.feature_b3[None, :]
+        grads = (g_w1, g_b1, g_w2, g_b2, rows.t() @ g_heads, rows.t() @ g_heads_b,
+                 g_rows[VH:VH + 1], g_heads_b[VH:VH + 1], torch.cat([g_rows[:VH], self.grad_dir], dim=1),
+                 g_heads_b[:VH], g_r2, g_rb2)
+        return tuple(g.to(t.dtype) for g, t in zip(grads, _layer_weights(w)))
+
+
 class _SegmentedLayers(torch.autograd.Function):
     """:func:`sampled_layers` over a pass whose backward makes its activations again one segment
     at a time (:func:`segmented_layers`)."""
@@ -372,11 +466,27 @@ class _SegmentedLayers(torch.autograd.Function):
         grad_expr = torch.empty_like(expr) if need_expr else None
         grad_weights: list[Optional[torch.Tensor]] = [None] * len(layer_weights)
         device, enabled, dtype = ctx.autocast  # the forward's autocast state
+        manual = None
         for i in range(0, N, segment):
             j = min(N, i + segment)
             c, d = coords[:, i:j], dirs[:, i // S:j // S]
             with torch.no_grad():  # [tri-plane, PEF] rows, one kernel
                 features = triplane_features(planes, c, expr[:, i:j], backend=ctx.backend, validate=False)
+            if i == 0 and not enabled and _LayersBackward.applies(features, ctx.w):
+                manual = _LayersBackward(ctx.w, features.shape[0] * features.shape[1], features.shape[-1],
+                                         features.device, any(need_weights))
+            if manual is not None:
+                rows = features.reshape(-1, features.shape[-1])
+                inside = ((c > -1.0) & (c < 1.0)).all(dim=-1).reshape(-1).to(torch.float32)  # renderer.inside_box
+                g = manual.segment(rows, inside, d.reshape(-1, 3), S, grad_alpha[:, i:j].reshape(-1),
+                                   grad_value[:, i:j].reshape(rows.shape[0], -1), need_tri or need_expr)
+                if g is not None:
+                    g = g.view(*features.shape)
+                    if grad_tri is not None:
+                        grad_tri[:, i:j] = g[..., :C]
+                    if grad_expr is not None:
+                        grad_expr[:, i:j] = g[..., C:]
+                continue
             features.requires_grad_(need_tri or need_expr)
             leaves = [t.detach().requires_grad_(need) for t, need in zip(layer_weights, need_weights)]
             w = ctx.w._replace(**dict(zip(_LAYER_FIELDS, leaves)))
@@ -398,6 +508,8 @@ class _SegmentedLayers(torch.autograd.Function):
                     g = next(got)
                     if g is not None:
                         grad_weights[k] = g if grad_weights[k] is None else grad_weights[k].add_(g)
+        if manual is not None and manual.weights:
+            grad_weights = [g if need else None for g, need in zip(manual.weight_grads(), need_weights)]
         grad_planes, grad_coords = triplane_mean_grads(grad_tri, planes, coords, backend=ctx.backend,
                                                        planes_grad=need_planes, coords_grad=need_coords) \
             if need_tri else (None, None)
@@ -411,13 +523,15 @@ def segmented_layers(planes: torch.Tensor, expr: torch.Tensor, coords: torch.Ten
     at a time (whole rays: ``segment`` a multiple of the samples per direction), and sends the
     tri-plane gradient of the whole pass through one backward of the tri-plane op.
 
-    The same numbers as ``torch.utils.checkpoint`` of :func:`sampled_layers` per segment (the
-    decoder's other form), with less work: the forward records nothing and runs the layers'
-    inference form (no autograd graph, ReLUs in place); the backward's features are one kernel's
-    [tri-plane, PEF] rows (no concatenation) and its plane gradient is written once per pass
-    instead of a zero-filled (B, 3, H, W, C) gradient per segment summed by autograd.  The
-    gradients agree up to float summation order (weights summed over segments in forward order).
-    Where :func:`segments_apply` allows it; inputs are not validated."""
+    The same outputs as ``torch.utils.checkpoint`` of :func:`sampled_layers` per segment (the
+    decoder's other form, bit for bit), with less work: the forward records nothing and runs the
+    layers' inference form (no autograd graph, ReLUs in place); the backward's features are one
+    kernel's [tri-plane, PEF] rows (no concatenation), a float32 pass without autocast runs the
+    chain rule written out in buffers every segment reuses (:class:`_LayersBackward`; under
+    autocast, autograd of the training form under the forward's autocast), and the plane gradient
+    is written once per pass instead of a zero-filled (B, 3, H, W, C) gradient per segment summed
+    by autograd.  The gradients agree up to float summation order.  Where
+    :func:`segments_apply` allows it; inputs are not validated."""
     if expr.dim() != 3 or coords.dim() != 3:
         raise ValueError(f"segmented_layers takes (B, N, .) expr and coords, got {tuple(expr.shape)} and "
                          f"{tuple(coords.shape)}")
