@@ -326,6 +326,24 @@ def test_segmented_backward_is_written_out_in_float32(monkeypatch):
     assert calls == []
 
 
+@pytest.mark.parametrize("pad", [0, 7])
+def test_written_out_backward_with_padded_heads(monkeypatch, pad):
+    """The padded heads product of CUDA (heads_padding forced on the CPU): the written-out backward
+    still gives the checkpoint form's gradients (the padding's zero columns get no gradient)."""
+    monkeypatch.setattr(field_query, "heads_padding", lambda device, width: pad)
+    results = []
+    for form in FORMS:
+        dec, planes, coords, dirs, points = make(N=300, form=form)
+        dec.checkpoint_layers, dec.checkpoint_segment = True, 100
+        alpha, value = dec(coords, dirs[:, ::5].contiguous(), planes, points)
+        (alpha.square().sum() + (value * torch.linspace(-1, 1, value.shape[-1])).sum()).backward()
+        results.append(((alpha.detach(), value.detach()),
+                        [p.grad.clone() for p in dec.parameters()] + [planes.grad.clone()]))
+    (out_s, grads_s), (out_c, grads_c) = results
+    assert torch.equal(out_s[0], out_c[0]) and torch.equal(out_s[1], out_c[1])
+    assert_grads_close(grads_s, grads_c)
+
+
 def test_segmented_under_bf16_autocast():
     """Under bf16 autocast (the trainer's --amp bf16) the backward recomputes under the forward's
     autocast: the gradients of the checkpoint form, up to summation order."""
