@@ -115,6 +115,42 @@ def test_cpu_scan_variants_match_the_reference(variant, kind, B, P, K, G, M, see
         check("cpu", "cpu", lat, q, min(K, P))
 
 
+def walk(B, M, g, start, step):
+    """Coherent queries: random walks from ``start`` (B, 3) with steps of about ``step``, some of them
+    repeating the previous query exactly (the renderer's samples along a ray, consecutive)."""
+    moves = torch.randn(B, M, 3, generator=g) * step
+    moves[:, torch.rand(M, generator=g) < 0.2] = 0.0
+    return start[:, None, :] + moves.cumsum(dim=1)
+
+
+@pytest.mark.parametrize("variant", _cpu_scan_variants())
+@pytest.mark.parametrize("hint", ["0", "1"])
+@given(kind=st.sampled_from(["lattice", "sphere", "uniform", "plane", "identical"]), B=st.integers(1, 2),
+       P=st.integers(1, 700), K=st.integers(1, 32), G=st.sampled_from([1, 3, 5, 8]),
+       step=st.sampled_from([0.0, 1e-3, 0.03, 0.3]), seed=st.integers(0, 2**16))
+def test_cpu_neighbour_hint_on_coherent_queries(variant, hint, kind, B, P, K, G, step, seed):
+    """GPAVATAR_KNN_CPU_HINT (default 1): a query next to the previous one starts from the bound of
+    that one's K neighbours (cells_cpu::points_bound) instead of its cell's seeds; the result stays
+    the reference's bit for bit on walks of small and large steps, repeated queries (the bound is
+    then d_K itself: ties at it still admitted) and lattice ties."""
+    g = torch.Generator().manual_seed(seed)
+    pts = cloud(kind, B, P, g)
+    with environment(GPAVATAR_KNN="cells", GPAVATAR_KNN_CELLS=G, GPAVATAR_KNN_CPU_VARIANT=variant,
+                     GPAVATAR_KNN_CPU_HINT=hint):
+        start = pts[:, torch.randint(0, P, (1,), generator=g)[0]]
+        check("cpu", "cpu", pts, walk(B, 300, g, start, step), min(K, P))
+        lat = lattice(B, P, g, step=0.0625)
+        q = (walk(B, 200, g, lat[:, 0], 0.05) / 0.03125).round() * 0.03125  # lattice sites, in steps
+        check("cpu", "cpu", lat, q, min(K, P))
+
+
+def test_bad_cpu_hint_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("GPAVATAR_KNN", "cells")
+    monkeypatch.setenv("GPAVATAR_KNN_CPU_HINT", "2")
+    with pytest.raises(ValueError, match="GPAVATAR_KNN_CPU_HINT must be an integer in \\[0, 1\\]"):
+        ops.knn(torch.rand(1, 8, 3), torch.rand(1, 30, 3), 2, backend="cpu")
+
+
 def test_bad_cpu_scan_variant_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("GPAVATAR_KNN", "cells")
     monkeypatch.setenv("GPAVATAR_KNN_CPU_VARIANT", "sse")

@@ -459,10 +459,26 @@ inline void scan_bands(const Lists& L, int cell, float qx, float qy, float qz, f
   }
 }
 
+// The largest squared distance from (qx, qy, qz) to K distinct points (their coordinates
+// in px, py, pz at indices idx): K points lie that close, so it bounds d_K^2 from above.
+inline float points_bound(const float* px, const float* py, const float* pz, const int64_t* idx, int K, float qx,
+                          float qy, float qz) {
+  float limit = 0.0f;
+  for (int j = 0; j < K; ++j) {
+    const int64_t i = idx[j];
+    const float d = squared_distance(qx, qy, qz, px[i], py[i], pz[i]);
+    limit = d > limit ? d : limit;
+  }
+  return limit;
+}
+
 // The K nearest points of query (qx, qy, qz) from its cell's list; false when
 // the query is outside the grid or its list overflowed (the caller falls back).
+// `hint`: another upper bound of d_K^2 (points_bound of a nearby query's K
+// neighbours: consecutive samples of a ray share most of them), +inf when none;
+// the scan admits only candidates within the smaller bound and stops sooner.
 inline bool search(const Lists& L, int K, float qx, float qy, float qz, TopK<int64_t, kMaxK>& best,
-                   bool avx2 = false) {
+                   bool avx2 = false, float hint = __builtin_huge_valf()) {
   const int cell = query_cell(L.geom, L.G, qx, qy, qz);
   if (cell < 0 || L.overflow[cell]) return false;
   const float* centre = L.centre.data() + 3 * cell;
@@ -472,6 +488,7 @@ inline bool search(const Lists& L, int K, float qx, float qy, float qz, TopK<int
     const float d = squared_distance(qx, qy, qz, seeds[3 * j], seeds[3 * j + 1], seeds[3 * j + 2]);
     limit = d > limit ? d : limit;
   }
+  limit = hint < limit ? hint : limit;
   const float reach = std::sqrt(squared_distance(qx, qy, qz, centre[0], centre[1], centre[2])) * (1.0f + 1e-5f);
 #if defined(GPA_KNN_CELLS_AVX2)
   if (avx2 && K <= 8) {  // the top-K in two vectors (Best8)

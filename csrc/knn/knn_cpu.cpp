@@ -374,17 +374,27 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
     const int G = cells_per_axis(M);
     const bool avx2 = use_avx2_scan();
     const int64_t cap = env_int("GPAVATAR_KNN_CELL_CAP", INT64_MAX, 0, INT64_MAX);
+    const bool use_hint = env_int("GPAVATAR_KNN_CPU_HINT", 1, 0, 1) == 1;
     std::vector<char> left(B * M, 0);
     for (int64_t b = 0; b < B; ++b) {
       const float* px = s + b * 3 * P;
       cells_cpu::Lists lists;
       cells_cpu::build(lists, px, px + P, px + 2 * P, P, q + b * M * 3, M, k, G, cap, avx2);
       at::parallel_for(0, M, 256, [&](int64_t begin, int64_t end) {
+        int64_t prev = -1;  // the last query of this range with its neighbours written
         for (int64_t m = begin; m < end; ++m) {
           const int64_t qi = b * M + m;
           TopK<int64_t, kMaxK> best(k);
-          if (cells_cpu::search(lists, k, q[qi * 3], q[qi * 3 + 1], q[qi * 3 + 2], best, avx2)) {
+          const float qx = q[qi * 3], qy = q[qi * 3 + 1], qz = q[qi * 3 + 2];
+          // The previous query's neighbours bound this one's d_K (the samples of a ray are consecutive):
+          // taken when it lies within its own d_K of this one (elsewhere the cell's seeds do as well).
+          float hint = __builtin_huge_valf();
+          if (prev >= 0 && use_hint &&
+              squared_distance(qx, qy, qz, q[prev * 3], q[prev * 3 + 1], q[prev * 3 + 2]) <= out_d[prev * k + k - 1])
+            hint = cells_cpu::points_bound(px, px + P, px + 2 * P, out_i + prev * k, k, qx, qy, qz);
+          if (cells_cpu::search(lists, k, qx, qy, qz, best, avx2, hint)) {
             write(qi, best);
+            prev = qi;
           } else {
             left[qi] = 1;
           }
