@@ -364,10 +364,10 @@ class _LayersBackward:
             self.grad_dir = torch.zeros(self.VH, EMBED_DIM, **f32)
 
     @staticmethod
-    def applies(features: torch.Tensor, w: FieldWeights) -> bool:
-        """float32 features and layer weights, autocast off on their device."""
-        return (features.dtype == torch.float32 and all(t.dtype == torch.float32 for t in _layer_weights(w))
-                and not torch.is_autocast_enabled(features.device.type))
+    def applies(w: FieldWeights, device: torch.device) -> bool:
+        """float32 layer weights (the features are float32), autocast off on ``device``."""
+        return (all(t.dtype == torch.float32 for t in _layer_weights(w))
+                and not torch.is_autocast_enabled(device.type))
 
     def segment(self, x: torch.Tensor, inside: torch.Tensor, directions: torch.Tensor, S: int,
                 grad_alpha: torch.Tensor, grad_value: torch.Tensor, inputs: bool) -> Optional[torch.Tensor]:
@@ -431,6 +431,29 @@ class _LayersBackward:
         return tuple(g.to(t.dtype) for g, t in zip(grads, _layer_weights(w)))
 
 
+def _autograd_segment(features, coords, dirs, w: FieldWeights, layer_weights, need_weights, grad_weights: list,
+                      autocast: tuple, grad_alpha, grad_value, inputs: bool) -> Optional[torch.Tensor]:
+    """One segment of :class:`_SegmentedLayers`' backward by autograd of the training form, under the
+    forward's ``autocast`` state: adds the weights' gradients to ``grad_weights`` and returns the
+    features' gradient when ``inputs``."""
+    features.requires_grad_(inputs)
+    leaves = [t.detach().requires_grad_(need) for t, need in zip(layer_weights, need_weights)]
+    device, enabled, dtype = autocast
+    with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+        alpha, value = _joined_layers(features, coords, dirs, w._replace(**dict(zip(_LAYER_FIELDS, leaves))))
+    wanted = [t for t in (features, *leaves) if t.requires_grad]
+    if not wanted:
+        return None
+    got = iter(torch.autograd.grad((alpha, value), wanted, (grad_alpha, grad_value), allow_unused=True))
+    g = next(got) if inputs else None
+    for k, leaf in enumerate(leaves):
+        if leaf.requires_grad:
+            gk = next(got)
+            if gk is not None:
+                grad_weights[k] = gk if grad_weights[k] is None else grad_weights[k].add_(gk)
+    return g
+
+
 class _SegmentedLayers(torch.autograd.Function):
     """:func:`sampled_layers` over a pass whose backward makes its activations again one segment
     at a time (:func:`segmented_layers`)."""
@@ -467,47 +490,28 @@ class _SegmentedLayers(torch.autograd.Function):
         grad_weights: list[Optional[torch.Tensor]] = [None] * len(layer_weights)
         device, enabled, dtype = ctx.autocast  # the forward's autocast state
         manual = None
+        if not enabled and _LayersBackward.applies(ctx.w, coords.device):
+            manual = _LayersBackward(ctx.w, B * min(N, segment), planes.shape[-1] + expr.shape[-1], coords.device,
+                                     any(need_weights))
         for i in range(0, N, segment):
             j = min(N, i + segment)
             c, d = coords[:, i:j], dirs[:, i // S:j // S]
             with torch.no_grad():  # [tri-plane, PEF] rows, one kernel
                 features = triplane_features(planes, c, expr[:, i:j], backend=ctx.backend, validate=False)
-            if i == 0 and not enabled and _LayersBackward.applies(features, ctx.w):
-                manual = _LayersBackward(ctx.w, features.shape[0] * features.shape[1], features.shape[-1],
-                                         features.device, any(need_weights))
             if manual is not None:
                 rows = features.reshape(-1, features.shape[-1])
                 inside = ((c > -1.0) & (c < 1.0)).all(dim=-1).reshape(-1).to(torch.float32)  # renderer.inside_box
                 g = manual.segment(rows, inside, d.reshape(-1, 3), S, grad_alpha[:, i:j].reshape(-1),
                                    grad_value[:, i:j].reshape(rows.shape[0], -1), need_tri or need_expr)
-                if g is not None:
-                    g = g.view(*features.shape)
-                    if grad_tri is not None:
-                        grad_tri[:, i:j] = g[..., :C]
-                    if grad_expr is not None:
-                        grad_expr[:, i:j] = g[..., C:]
-                continue
-            features.requires_grad_(need_tri or need_expr)
-            leaves = [t.detach().requires_grad_(need) for t, need in zip(layer_weights, need_weights)]
-            w = ctx.w._replace(**dict(zip(_LAYER_FIELDS, leaves)))
-            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-                alpha, value = _joined_layers(features, c, d, w)
-            inputs = [t for t in (features, *leaves) if t.requires_grad]
-            if not inputs:
-                continue
-            got = iter(torch.autograd.grad((alpha, value), inputs, (grad_alpha[:, i:j], grad_value[:, i:j]),
-                                           allow_unused=True))
-            if features.requires_grad:
-                g = next(got)
+            else:
+                g = _autograd_segment(features, c, d, ctx.w, layer_weights, need_weights, grad_weights, ctx.autocast,
+                                      grad_alpha[:, i:j], grad_value[:, i:j], need_tri or need_expr)
+            if g is not None:
+                g = g.view(*features.shape)
                 if grad_tri is not None:
                     grad_tri[:, i:j] = g[..., :C]
                 if grad_expr is not None:
                     grad_expr[:, i:j] = g[..., C:]
-            for k, leaf in enumerate(leaves):
-                if leaf.requires_grad:
-                    g = next(got)
-                    if g is not None:
-                        grad_weights[k] = g if grad_weights[k] is None else grad_weights[k].add_(g)
         if manual is not None and manual.weights:
             grad_weights = [g if need else None for g, need in zip(manual.weight_grads(), need_weights)]
         grad_planes, grad_coords = triplane_mean_grads(grad_tri, planes, coords, backend=ctx.backend,
