@@ -244,10 +244,11 @@ def test_segmented_form_by_device(monkeypatch):
     assert ran == [True]
 
 
-def test_forms_agree(monkeypatch):
+@pytest.mark.parametrize("B", [1, 2])
+def test_forms_agree(monkeypatch, B):
     """The two forms: the same outputs bit for bit (the segmented forward runs the inference
-    form of the layers), gradients up to summation order, with several segments and directions
-    per ray; one tri-plane backward per segmented pass."""
+    form of the layers), gradients up to summation order, with several segments, directions per
+    ray and B = 1 or 2; one tri-plane backward per segmented pass."""
     results = []
     calls = []
     original = field_query.triplane_mean_grads
@@ -259,8 +260,11 @@ def test_forms_agree(monkeypatch):
     monkeypatch.setattr(field_query, "triplane_mean_grads", spy)
     for form in FORMS:
         dec, planes, coords, dirs, points = make(N=300, form=form)
+        if B == 2:
+            planes = torch.cat([planes.detach(), planes.detach().flip(2)]).requires_grad_()
+            coords, dirs, points = (torch.cat([t, t.flip(1)]) for t in (coords, dirs, points))
         rays = dirs[:, ::5].contiguous()
-        dec.checkpoint_layers, dec.checkpoint_segment = True, 100
+        dec.checkpoint_layers, dec.checkpoint_segment = True, 100 * B
         alpha, value = dec(coords, rays, planes, points)
         (alpha.square().sum() + (value * torch.linspace(-1, 1, value.shape[-1])).sum()).backward()
         results.append(((alpha.detach(), value.detach()),

@@ -36,8 +36,9 @@ plain pass (the same arithmetic again; a pass of several segments sums its weigh
 segment by segment).  Two forms (``segmented``; None: the first on CPU tensors, the second
 elsewhere): :func:`gpavatar.ops.field_query.segmented_layers`, one autograd function for the
 pass whose forward records nothing and whose backward recomputes the segments and runs one
-tri-plane backward for the whole pass (on 2 CPU cores a paper-preset step's field passes in
-~0.35 s less), or ``torch.utils.checkpoint`` of each segment (the form measured on GPUs).
+tri-plane backward for the whole pass (a paper-preset step on 2 CPU cores: 7.3 s against 7.7 s,
+benchmarks/results/bench_train_cpu_paper.md), or ``torch.utils.checkpoint`` of each segment (the
+form measured on GPUs).
 ``checkpoint_layers`` (True / False; None: ``$GPAVATAR_FIELD_CHECKPOINT`` = 1 / 0, or unset /
 ``auto``: passes of at least 65536 samples) chooses.
 
