@@ -161,6 +161,27 @@ def test_knn_nonfinite_cpu_random(P, K, M, seed, what, n_points, n_queries, meth
     assert_same_knn(got, ref, P, str(method))
 
 
+@pytest.mark.parametrize("hint", ["0", "1"])
+@pytest.mark.parametrize("finite", [1, 3, 7, 8, 20])
+@pytest.mark.parametrize("what", ["nan", "inf"])
+def test_knn_nonfinite_points_coherent_queries(hint, finite, what):
+    """Consecutive queries a small step apart (the CPU lists then start from the previous query's
+    neighbours: GPAVATAR_KNN_CPU_HINT) among points of which only ``finite`` are finite, K = 8: a
+    list then holds fewer than K points and the result the reference's total order.  A previous
+    query whose K-th slot is empty must not lend its neighbours (it read index INT_MAX: a crash in
+    CI)."""
+    if "cpu" not in ops.available_backends("cpu"):
+        pytest.skip("no C++ extension")
+    g = torch.Generator().manual_seed(finite)
+    pts = torch.rand(1, 64, 3, generator=g) - 0.5
+    pts[0, finite:] = BAD_VALUES[what]  # (the first point finite: the grid's box stays finite for NaN)
+    q = (pts[0, 0] + (torch.randn(1, 600, 3, generator=g) * 0.01).cumsum(1)).contiguous()
+    ref = ops.knn(q, pts, 8, backend="torch", validate=False)
+    with environ(GPAVATAR_KNN="cells", GPAVATAR_KNN_CPU_HINT=hint):
+        got = ops.knn(q, pts, 8, backend="cpu", validate=False)
+    assert_same_knn(got, ref, pts.shape[1], f"hint {hint}")
+
+
 @pytest.mark.parametrize("case", ["nan_point", "most_points_nan", "nan_queries", "everything"])
 def test_knn_search_nonfinite_total_order(case, monkeypatch):
     """knn with a shared index (knn_index / knn_search: the CUDA layout's lists, on the CPU)."""

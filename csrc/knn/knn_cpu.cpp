@@ -387,10 +387,13 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
           TopK<int64_t, kMaxK> best(k);
           const float qx = q[qi * 3], qy = q[qi * 3 + 1], qz = q[qi * 3 + 2];
           // The previous query's neighbours bound this one's d_K (the samples of a ray are consecutive):
-          // taken when it lies within its own d_K of this one (elsewhere the cell's seeds do as well).
+          // taken when it lies within its own d_K of this one (elsewhere the cell's seeds do as well)
+          // and that d_K is finite (with non-finite points a list can hold fewer than K points: the
+          // empty slots, +inf and index INT_MAX, are left to total_order).
           float hint = __builtin_huge_valf();
-          if (prev >= 0 && use_hint &&
-              squared_distance(qx, qy, qz, q[prev * 3], q[prev * 3 + 1], q[prev * 3 + 2]) <= out_d[prev * k + k - 1])
+          const float prev_dk = prev < 0 ? __builtin_huge_valf() : out_d[prev * k + k - 1];
+          if (use_hint && prev_dk < __builtin_huge_valf() &&
+              squared_distance(qx, qy, qz, q[prev * 3], q[prev * 3 + 1], q[prev * 3 + 2]) <= prev_dk)
             hint = cells_cpu::points_bound(px, px + P, px + 2 * P, out_i + prev * k, k, qx, qy, qz);
           if (cells_cpu::search(lists, k, qx, qy, qz, best, avx2, hint)) {
             write(qi, best);
