@@ -187,9 +187,11 @@ int cuda_list_order() {
 namespace {
 
 // Cells per axis of the CPU lists: the build grows as G^3, the scan shrinks with G.
-// Measured on render and uniform samples of the procedural head (P = 5023, K = 8, 2
-// threads): the best G is 3 at 2048 queries, 4 at 4096-16384, 6-7 at 65536 (5-8 % faster
-// than 8), 10-12 at 2^18.
+// Measured on render, uniform and clustered samples of the procedural head (P = 5023,
+// K = 8, 2 Xeon threads, with the previous query's bound): the best G is 2 up to 2048
+// queries (render 1.20 ms against 1.45 at G = 3), 2-3 at 4096, 3 at 8192 (2.82 against
+// 3.04 ms at G = 4), 4 at 16384, 5 at 32768-65536 (render 7.9 against 9.1 ms at G = 6 at
+// 32768, 13.7 against 14.3 at 65536), 8-10 from 2^18.
 // GPAVATAR_KNN_CPU_VARIANT = auto (default: avx2 where the CPU has it) | avx2 | scalar:
 // which loop scans the cell lists (same results; the tests run both).
 bool use_avx2_scan() {
@@ -204,7 +206,8 @@ bool use_avx2_scan() {
 }
 
 int cells_per_axis(int64_t M) {
-  const int fallback = M < 3072 ? 3 : M < 16384 ? 4 : M < (int64_t{1} << 18) ? 6 : 10;
+  const int fallback = M < 3072 ? 2 : M < 12288 ? 3 : M < 24576 ? 4 : M < (int64_t{1} << 17) ? 5
+                     : M < (int64_t{1} << 18) ? 6 : 10;
   return static_cast<int>(env_int("GPAVATAR_KNN_CELLS", fallback, 1, 64));
 }
 
