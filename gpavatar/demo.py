@@ -15,7 +15,8 @@ frame (FLAME points and camera in, super-resolved image out) after warm-up: on a
 :meth:`GPAvatar.render`); the avatar is built once, before the timing.  A stage breakdown follows
 (rays, field pass 1, field pass 2, compositing, super-resolution: CUDA events around per-stage
 graphs on a GPU, ``perf_counter`` around eager stages on the CPU).  ``--fast``: the super-resolution
-in bf16 channels-last and TF32 in the field (fp32 otherwise, TF32 off).  ``--tune``: the real-time
+in bf16 channels-last (on a CPU with AMX from ``realtime.CPU_BF16_SR_MIN_PIXELS`` output pixels a call)
+and TF32 in the field (fp32 otherwise, TF32 off).  ``--tune``: the real-time
 renderer first times its kernel settings on this device and keeps the fastest that pass its image
 check (``RealtimeRenderer(tune=True)``; the chosen settings are printed).
 
@@ -284,7 +285,8 @@ def add_parser(sub) -> None:
                    help="kernel backend (default: $GPAVATAR_BACKEND, else auto)")
     p.add_argument("--batch", type=positive_int, default=1, help="frames rendered per call (throughput)")
     p.add_argument("--fast", action="store_true",
-                   help="fast mode: bf16 channels-last super-resolution, TF32 field (default: fp32, TF32 off)")
+                   help="fast mode: bf16 channels-last super-resolution (on a CPU with AMX only for large frames), "
+                        "TF32 field (default: fp32, TF32 off)")
     p.add_argument("--tune", action="store_true",
                    help="time the real-time path's kernel settings on this device first and keep the fastest "
                    "that pass the image check (gpavatar.realtime; seconds of warm-up, GPU settings only)")

@@ -12,7 +12,8 @@ noise or none) without either:
   cameras into the graph's static inputs and replays it.  No op inside a frame synchronises with
   the host (the ops run with ``validate=False``; the renderer's sampling is deterministic);
 * ``dtype=torch.bfloat16`` is the fast mode: the super-resolution StyleUNet runs on a bf16,
-  channels-last copy of ``up_renderer`` (cuDNN tensor cores) and the field's matmuls may use TF32
+  channels-last copy of ``up_renderer`` (cuDNN tensor cores; on a CPU with AMX only from
+  :data:`CPU_BF16_SR_MIN_PIXELS` output pixels a call, fp32 below) and the field's matmuls may use TF32
   (with ``$GPAVATAR_FIELD_FUSED=1`` each field pass on a GPU is the fused ``ops.field_query``,
   which then runs its products in tf32; ``model.nerf_mlp.field_precision = "bf16"`` asks for bf16);
   ``field_dtype=torch.bfloat16`` also runs the field passes' layers under bf16 autocast (opt-in, not
@@ -69,7 +70,7 @@ from gpavatar.ops import _backend
 
 __all__ = ["RealtimeRenderer", "STAGES", "REPORTED_STAGES", "MODE_DTYPES", "COMPILE_ENV", "COMPILE_PARTS",
            "compile_parts", "precision", "Setting", "SETTINGS", "SETTING_NAMES", "check_settings", "psnr",
-           "TUNE_MARGIN", "FP32_TUNE_PSNR", "CPU_BF16_MIN_SAMPLES", "cpu_native_bf16"]
+           "TUNE_MARGIN", "FP32_TUNE_PSNR", "CPU_BF16_MIN_SAMPLES", "CPU_BF16_SR_MIN_PIXELS", "cpu_native_bf16"]
 
 # The stages of one frame, in order; "importance" (coarse composite + importance depths) is
 # reported under "rays" (ray generation and both samplings) by :meth:`RealtimeRenderer.profile`.
@@ -150,6 +151,11 @@ TUNE_MARGIN = 0.02  # a tried value is kept when its frame is at least 2 % faste
 # samples per ray).  A paper-preset frame (2^19 samples a pass) took 0.96 s instead of 1.15 s on 2
 # Xeon cores with AMX; a tiny one (2048) 13.0 ms instead of 12.2 ms (alternating runs).
 CPU_BF16_MIN_SAMPLES = 1 << 16
+# The fast mode's super-resolution on a CPU with native bf16 products: bf16 channels-last from this
+# many output pixels a call (B x S^2), fp32 on the composited image below.  On 2 Xeon cores with AMX
+# the tiny preset's network (1 x 64^2) took 5.6 ms in bf16 against 4.7 ms in fp32, at B = 4 the two
+# were level, and the paper preset's (512^2) 188 ms against 510 ms.  CPUs without AMX keep bf16.
+CPU_BF16_SR_MIN_PIXELS = 1 << 14
 FP32_TUNE_PSNR = 60.0  # the fp32 mode's floor (dB against its untuned frame): rounding-level changes only
 
 
@@ -275,7 +281,8 @@ class RealtimeRenderer:
 
     Args:
         model: a :class:`GPAvatar` (its weights are used as they are at each call; the fast mode's
-            super-resolution is a bf16 copy made here)
+            super-resolution is a bf16 copy made here, except on a CPU with native bf16 products for
+            frames under :data:`CPU_BF16_SR_MIN_PIXELS` output pixels a call: fp32 is faster there)
         avatar: from ``model.build_avatar``, batch 1 (broadcast) or ``batch``
         batch: frames per call B
         dtype: ``torch.float32`` (TF32 off) or ``torch.bfloat16`` (fast mode)
@@ -350,6 +357,9 @@ class RealtimeRenderer:
         self._default_field_bf16 = (self.fast and self.device.type == "cpu" and cpu_native_bf16()
                                     and batch * config.render_size ** 2 * max(config.n_coarse, config.n_fine)
                                     >= CPU_BF16_MIN_SAMPLES)
+        # (the fast mode's super-resolution: see CPU_BF16_SR_MIN_PIXELS)
+        self._bf16_sr = self.fast and not (self.device.type == "cpu" and cpu_native_bf16()
+                                           and batch * model.up_renderer.out_size ** 2 < CPU_BF16_SR_MIN_PIXELS)
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the avatar on a CUDA device, it is on {self.device}")
@@ -384,12 +394,14 @@ class RealtimeRenderer:
         return self._default_field_bf16
 
     def _sr_layout(self) -> str:
-        """The super-resolution's activation layout: "bf16_channels_last" (fast mode), "channels_last"
-        (the fp32 setting), "nchw" (fp32 on a GPU: the fp32 weights' layout -- with the composited
-        image's channels-last strides cuDNN converted activations and weights ~190 times a frame) or
-        "as_composited" (fp32 on the CPU: model.render's frame; oneDNN runs it faster than NCHW)."""
+        """The super-resolution's activation layout: "bf16_channels_last" (fast mode; on a CPU with
+        native bf16 products only from CPU_BF16_SR_MIN_PIXELS output pixels a call, fp32 "as_composited"
+        below), "channels_last" (the fp32 setting), "nchw" (fp32 on a GPU: the fp32 weights' layout --
+        with the composited image's channels-last strides cuDNN converted activations and weights ~190
+        times a frame) or "as_composited" (fp32 on the CPU: model.render's frame; oneDNN runs it faster
+        than NCHW)."""
         if self.fast:
-            return "bf16_channels_last"
+            return "bf16_channels_last" if self._bf16_sr else "as_composited"
         if self.settings.get("sr_layout", "default") != "default":
             return self.settings["sr_layout"]
         return "nchw" if self.device.type == "cuda" else "as_composited"

@@ -103,9 +103,13 @@ def test_cpu_native_bf16_is_a_bool():
     assert isinstance(cpu_native_bf16(), bool)
 
 
-def test_cpu_fast_mode_close_to_fp32(tiny):
+def test_cpu_fast_mode_close_to_fp32(tiny, monkeypatch):
     """bf16 super-resolution: PSNR >= 35 dB against the fp32 frame (the paper preset's target; bf16
-    keeps ~3 significant digits, well above it); the feature images do not change (the field is fp32)."""
+    keeps ~3 significant digits, well above it); the feature images do not change (the field is fp32).
+    (A CPU without native bf16 products: the fast mode's super-resolution is bf16 at any size.)"""
+    from gpavatar import realtime
+
+    monkeypatch.setattr(realtime, "cpu_native_bf16", lambda: False)
     model, avatar = tiny
     points, transform = frame_inputs(2, seed=5)
     ref = model.realtime(avatar, batch=2)(points, transform)
@@ -490,6 +494,28 @@ def test_sr_layouts(tiny):
     composited = model.realtime(avatar, settings={"sr_layout": "as_composited"})
     composited.device = torch.device("cuda")
     assert composited._sr_layout() == "as_composited"
+
+
+def test_cpu_fast_mode_super_resolution_by_size(tiny, monkeypatch):
+    """The fast mode's super-resolution on a CPU with native bf16 products: fp32 on the composited
+    image below CPU_BF16_SR_MIN_PIXELS output pixels a call (the tiny preset: 64^2 a frame; that
+    frame is then the fp32 mode's, bit for bit: the field is fp32 too), bf16 channels-last from there
+    (B = 4 here); without native bf16 products bf16 at any size (GPUs: always)."""
+    from gpavatar import realtime
+
+    model, avatar = tiny
+    pixels = model.up_renderer.out_size ** 2
+    assert pixels < realtime.CPU_BF16_SR_MIN_PIXELS <= 4 * pixels
+    monkeypatch.setattr(realtime, "cpu_native_bf16", lambda: True)
+    small = model.realtime(avatar, dtype=torch.bfloat16)
+    assert small._sr_layout() == "as_composited" and small.super_resolution is model.up_renderer
+    points, transform = frame_inputs(1, seed=7)
+    out, ref = small(points, transform), model.realtime(avatar)(points, transform)
+    for key in OUTPUTS:
+        assert torch.equal(out[key], ref[key]), key
+    assert model.realtime(avatar, batch=4, dtype=torch.bfloat16)._sr_layout() == "bf16_channels_last"
+    assert model.realtime(avatar)._sr_layout() == "as_composited"  # the fp32 mode
+    monkeypatch.setattr(realtime, "cpu_native_bf16", lambda: False)
     assert model.realtime(avatar, dtype=torch.bfloat16)._sr_layout() == "bf16_channels_last"
 
 
