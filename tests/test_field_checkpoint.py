@@ -413,3 +413,18 @@ def test_forms_agree_on_cuda():
     torch.testing.assert_close(out_s, out_c, rtol=1e-4, atol=1e-5)
     for a, b in zip(grads_s, grads_c):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4 * max(1.0, b.abs().max().item()))
+
+
+@pytest.mark.parametrize("empty", ["samples", "batch"])
+def test_empty_pass_with_checkpointing_forced(form, empty):
+    """A pass of no samples (N = 0) or no batch elements (B = 0) with checkpointing forced: empty
+    outputs and a backward that runs (an empty pass keeps nothing; N = 0 divided by zero before)."""
+    dec, planes, coords, dirs, points = make(N=10, form=form)
+    dec.checkpoint_layers = True
+    if empty == "samples":
+        coords, dirs = coords[:, :0], dirs[:, :0]
+    else:
+        planes, coords, dirs, points = planes.detach()[:0].requires_grad_(), coords[:0], dirs[:0], points[:0]
+    alpha, value = dec(coords, dirs, planes, points)
+    assert alpha.shape == coords.shape[:2] and value.shape == (*coords.shape[:2], 8)
+    (alpha.sum() + value.sum()).backward()

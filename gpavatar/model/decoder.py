@@ -228,7 +228,7 @@ class PointsDecoder(nn.Module):
         else:
             expr = self.points_querier(coords, points, weight_sum, validate=validate, index=knn_index)
         B, N = coords.shape[:2]
-        if not self._checkpoints(planes, expr, B * N):
+        if B * N == 0 or not self._checkpoints(planes, expr, B * N):  # (an empty pass keeps nothing)
             return self._sample_layers(planes, expr, coords, dirs)
         # The tri-plane features are sampled again in the backward too (cheap, C floats a sample),
         # and the pass is checkpointed in segments: the backward holds one segment's recomputed
