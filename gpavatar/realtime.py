@@ -353,13 +353,12 @@ class RealtimeRenderer:
         self.noise = _frame_noise(model)
         self.device = avatar.planes.device
         config = model.config
+        native = self.fast and self.device.type == "cpu" and cpu_native_bf16()  # (the fast mode on an AMX CPU)
         # (field_bf16 not given: see CPU_BF16_MIN_SAMPLES)
-        self._default_field_bf16 = (self.fast and self.device.type == "cpu" and cpu_native_bf16()
-                                    and batch * config.render_size ** 2 * max(config.n_coarse, config.n_fine)
-                                    >= CPU_BF16_MIN_SAMPLES)
+        self._default_field_bf16 = native and (batch * config.render_size ** 2 * max(config.n_coarse, config.n_fine)
+                                               >= CPU_BF16_MIN_SAMPLES)
         # (the fast mode's super-resolution: see CPU_BF16_SR_MIN_PIXELS)
-        self._bf16_sr = self.fast and not (self.device.type == "cpu" and cpu_native_bf16()
-                                           and batch * model.up_renderer.out_size ** 2 < CPU_BF16_SR_MIN_PIXELS)
+        self._bf16_sr = self.fast and not (native and batch * model.up_renderer.out_size ** 2 < CPU_BF16_SR_MIN_PIXELS)
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the avatar on a CUDA device, it is on {self.device}")

@@ -422,8 +422,7 @@ class _LayersBackward:
         heads' unfolded (W_out = [W_rf; w_d] W_3, b_out = [b_r1; b_d] + [W_rf; w_d] b_3)."""
         w, VH = self.w, self.VH
         g_w1, g_b1, g_w2, g_b2, g_heads, g_heads_b, g_r2, g_rb2 = self.grads
-        hidden = w.feature_w3.shape[0]
-        rows = torch.cat([w.rgb_w1[:, :hidden], w.density_w, w.density_w.new_zeros(self.pad, hidden)])
+        rows, _ = _head_rows(w, rgb_first=True, pad=self.pad)
         g_rows = g_heads @ w.feature_w3.t() + g_heads_b[:, None] * w.feature_b3[None, :]
         grads = (g_w1, g_b1, g_w2, g_b2, rows.t() @ g_heads, rows.t() @ g_heads_b,
                  g_rows[VH:VH + 1], g_heads_b[VH:VH + 1], torch.cat([g_rows[:VH], self.grad_dir], dim=1),
@@ -500,7 +499,7 @@ class _SegmentedLayers(torch.autograd.Function):
                 features = triplane_features(planes, c, expr[:, i:j], backend=ctx.backend, validate=False)
             if manual is not None:
                 rows = features.reshape(-1, features.shape[-1])
-                inside = ((c > -1.0) & (c < 1.0)).all(dim=-1).reshape(-1).to(torch.float32)  # renderer.inside_box
+                inside = _inside_rows(c).to(torch.float32)
                 g = manual.segment(rows, inside, d.reshape(-1, 3), S, grad_alpha[:, i:j].reshape(-1),
                                    grad_value[:, i:j].reshape(rows.shape[0], -1), need_tri or need_expr)
             else:
@@ -636,6 +635,11 @@ def sample_directions(dirs: torch.Tensor, n: int) -> torch.Tensor:
     return dirs.unsqueeze(-2).expand(*dirs.shape[:-1], n // R, 3).reshape(*dirs.shape[:-2], n, 3)
 
 
+def _inside_rows(coords: torch.Tensor) -> torch.Tensor:
+    """(rows,) bool: each sample strictly inside (-1, 1)^3 (``renderer.inside_box``), flattened."""
+    return ((coords > -1.0) & (coords < 1.0)).all(dim=-1).reshape(-1)
+
+
 def _compiling() -> bool:
     """Whether torch.compile is tracing this call (dynamo)."""
     compiler = getattr(torch, "compiler", None)
@@ -666,13 +670,20 @@ def _folded_heads(w: FieldWeights, *, rgb_first: bool = False, pad: int = 0) -> 
     the VH rgb rows (the layers kernel's order), or with ``rgb_first`` the rgb rows then density (the
     torch layers' order: the rgb columns of the product are a view at offset 0); then ``pad`` zero
     rows (exact zeros in the product: zero weights and bias)."""
+    heads, bias = _head_rows(w, rgb_first=rgb_first, pad=pad)
+    return heads @ w.feature_w3, bias + heads @ w.feature_b3
+
+
+def _head_rows(w: FieldWeights, *, rgb_first: bool, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unfolded heads :func:`_folded_heads` multiplies by feature_layers.4: the (1 + VH + pad,
+    hidden) rows [w_d; W_rf] (or [W_rf; w_d] with ``rgb_first``) and their biases, ``pad`` zero rows
+    last."""
     hidden = w.feature_w3.shape[0]
     rgb_w, rgb_b = w.rgb_w1[:, :hidden], w.rgb_b1
     zeros = w.density_w.new_zeros(pad, hidden)
     rows = (rgb_w, w.density_w) if rgb_first else (w.density_w, rgb_w)
     biases = (rgb_b, w.density_b) if rgb_first else (w.density_b, rgb_b)
-    heads = torch.cat([*rows, zeros])  # (1 + VH + pad, hidden)
-    return heads @ w.feature_w3, torch.cat([*biases, zeros[:, 0]]) + heads @ w.feature_b3
+    return torch.cat([*rows, zeros]), torch.cat([*biases, zeros[:, 0]])
 
 
 def heads_padding(device: torch.device, width: int) -> int:
@@ -763,7 +774,7 @@ def _joined_layers(features: torch.Tensor, coords: torch.Tensor, dirs: torch.Ten
     lead = features.shape[:-1]
     S = samples_per_direction(dirs, features.shape[-2])
     rows = features.reshape(-1, features.shape[-1])
-    inside = ((coords > -1.0) & (coords < 1.0)).all(dim=-1).reshape(-1)  # renderer.inside_box
+    inside = _inside_rows(coords)
     directions = dirs.reshape(-1, 3)  # one per row, or per S consecutive rows
     VH = w.rgb_b1.shape[0]
     heads = _folded_heads(w, rgb_first=True, pad=heads_padding(rows.device, VH + 1))
