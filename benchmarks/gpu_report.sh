@@ -115,7 +115,7 @@ fi
 
 # --- (b) tests: CUDA-marked first, the whole suite at the end if time allows --
 read -r -a CUDA_TEST_FILES <<< "${CUDA_TESTS:-tests}"
-run_step tests_cuda "${CUDA_TESTS_CAP:-120}" "$OUTDIR/tests_cuda.log" "$PY" -m pytest "${CUDA_TEST_FILES[@]}" -q -m cuda -p no:cacheprovider
+run_step tests_cuda "${CUDA_TESTS_CAP:-120}" "$OUTDIR/tests_cuda.log" env GPAVATAR_INSTAFAIL=1 "$PY" -m pytest "${CUDA_TEST_FILES[@]}" -q -m cuda -p no:cacheprovider
 
 # --- (b') the exact-KNN probe: every method bit-identical to brute force, timed ------
 if [[ -n "${PROBE:-}" ]]; then

@@ -16,16 +16,19 @@ noise or none) without either:
   :data:`CPU_BF16_SR_MIN_PIXELS` output pixels a call, fp32 below) and the field's matmuls may use TF32
   (with ``$GPAVATAR_FIELD_FUSED=1`` each field pass on a GPU is the fused ``ops.field_query``,
   which then runs its products in tf32; ``model.nerf_mlp.field_precision = "bf16"`` asks for bf16);
-  ``field_dtype=torch.bfloat16`` also runs the field passes' layers under bf16 autocast (opt-in, not
-  yet timed on a GPU); ``compile`` (or ``$GPAVATAR_REALTIME_COMPILE``) runs the super-resolution
-  and/or the field's layers as ``torch.compile``'d functions (inductor fuses their element-wise
-  chains; opt-in, not yet timed on a GPU); ``torch.float32`` keeps TF32 off for matmuls and
-  convolutions (full fp32 arithmetic).
+  ``field_dtype=torch.bfloat16`` also runs the field passes' layers under bf16 autocast (opt-in: on
+  an H100 no faster than the Triton layers in tf32); ``compile`` (or ``$GPAVATAR_REALTIME_COMPILE``)
+  runs the super-resolution and/or the field's layers as ``torch.compile``'d functions (inductor
+  fuses their element-wise chains; opt-in: tens of seconds of first compile; on an H100 the fast
+  super-resolution 1.8 ms instead of 3.2, the fp32 frame 17.8 ms instead of 18.8);
+  ``torch.float32`` keeps TF32 off for matmuls and convolutions (full fp32 arithmetic).
 
 ``settings`` ({name: value} of :data:`SETTINGS`: the KNN's list sharing, grid and scan, the Triton
 layers / blend / upsampling kernels, bf16 field layers, the fp32 super-resolution's layout, cuDNN
-benchmarking) switch a renderer's kernels for its own frames only; ``tune=True`` times them on the
-device at the first call and keeps the faster values whose image passes a check (:meth:`RealtimeRenderer.tune`).
+benchmarking) switch a renderer's kernels for its own frames only; on a CUDA device those the
+caller and the environment leave out take :data:`CUDA_DEFAULTS` (the values an H100's tuning runs
+kept); ``tune=True`` times them on the device at the first call and keeps the faster values whose
+image passes a check (:meth:`RealtimeRenderer.tune`).
 The fp32 frame on a GPU hands the super-resolution an NCHW image (the fp32 weights' layout).
 
 On the CPU (or with ``cuda_graph=False``) a call runs the same stages eagerly: an fp32 frame is
@@ -70,7 +73,8 @@ from gpavatar.ops import _backend
 
 __all__ = ["RealtimeRenderer", "STAGES", "REPORTED_STAGES", "MODE_DTYPES", "COMPILE_ENV", "COMPILE_PARTS",
            "compile_parts", "precision", "Setting", "SETTINGS", "SETTING_NAMES", "check_settings", "psnr",
-           "TUNE_MARGIN", "FP32_TUNE_PSNR", "CPU_BF16_MIN_SAMPLES", "CPU_BF16_SR_MIN_PIXELS", "cpu_native_bf16"]
+           "TUNE_MARGIN", "FP32_TUNE_PSNR", "CPU_BF16_MIN_SAMPLES", "CPU_BF16_SR_MIN_PIXELS", "cpu_native_bf16",
+           "CUDA_DEFAULTS", "COMPILED_SETTINGS", "default_settings"]
 
 # The stages of one frame, in order; "importance" (coarse composite + importance depths) is
 # reported under "rays" (ray generation and both samplings) by :meth:`RealtimeRenderer.profile`.
@@ -145,6 +149,17 @@ SETTINGS = (
             help="cuDNN times its convolution algorithms for the super-resolution's shapes (in the warm-up)"),
 )
 SETTING_NAMES = tuple(s.name for s in SETTINGS)
+# What a renderer on a CUDA device runs when neither its ``settings`` nor the process's environment
+# name a setting: the values its tuning runs kept on an H100 (benchmarks/results/
+# bench_e2e_h100_realtime.md, paper preset, each trial its own CUDA graph).  The fast frame went
+# 10.3 -> 8.3 ms with the four (knn_share 9.9 ms, + knn_order 9.6, + field_layers 8.6, + upsample
+# 8.3; at B = 8 66.6 -> 54.5 ms); the fp32 frame 18.9 -> 18.5 / 18.7 ms with either KNN switch (the
+# Triton layers are slower in fp32: ieee products).  Every one gives the same neighbours or an image
+# within the mode's check; ``settings={name: its off value}`` turns one off.
+CUDA_DEFAULTS = {"fp32": {"knn_share": "1", "knn_order": "centre"},
+                 "fast": {"knn_share": "1", "knn_order": "centre", "field_layers": "triton", "upsample": "triton"}}
+# The settings a compiled part makes moot (a compiled function keeps the kernels it traced).
+COMPILED_SETTINGS = {"sr": ("sr_layout", "upsample"), "layers": ("field_layers",)}
 TUNE_MARGIN = 0.02  # a tried value is kept when its frame is at least 2 % faster
 # The fast mode's field layers on the CPU when ``field_bf16`` is not given: under bf16 autocast where
 # the CPU multiplies bf16 natively (AMX) and a field pass has at least this many samples (B x rays x
@@ -188,6 +203,24 @@ def check_settings(settings: Optional[dict], mode: str) -> dict:
                              f"got {value!r}")
         checked[name] = value
     return checked
+
+
+def default_settings(device_type: str, mode: str, compiled: frozenset = frozenset()) -> dict:
+    """The :data:`CUDA_DEFAULTS` of ``mode`` that apply on ``device_type`` ({} off CUDA): without the
+    settings of a compiled part, those whose environment variable the process sets (its choice) and
+    the Triton ones where Triton is missing."""
+    if device_type != "cuda":
+        return {}
+    by_name = {s.name: s for s in SETTINGS}
+    moot = {name for part in compiled for name in COMPILED_SETTINGS[part]}
+    chosen = {}
+    for name, value in CUDA_DEFAULTS[mode].items():
+        s = by_name.get(name)
+        if s is None or name in moot or (s.env is not None and os.environ.get(s.env, "") != "") \
+                or (s.triton and not _backend.triton_available()):
+            continue
+        chosen[name] = value
+    return chosen
 
 
 def cpu_native_bf16() -> bool:
@@ -297,16 +330,19 @@ class RealtimeRenderer:
         compile: parts run as ``torch.compile``'d functions (:func:`compile_parts`: "sr", "layers",
             both, none; None: ``$GPAVATAR_REALTIME_COMPILE``).  Compiled in the first frames (the
             warm-up before a capture; tens of seconds), with static shapes; the same function up to
-            float rounding.  Opt-in: not yet timed on a GPU (``bench_e2e.py`` rows ``+compile``)
+            float rounding.  Opt-in (``bench_e2e.py`` rows ``+compile``; see the module docstring)
         settings: {name: value} of :data:`SETTINGS`, the kernel switches of this renderer's frames
-            (none by default: the process's environment applies)
+            (:attr:`settings`); on a CUDA device the ones left out whose environment variable is not
+            set take :data:`CUDA_DEFAULTS` (:attr:`defaults`), elsewhere the process's environment applies
         tune: on the first call, time the :data:`SETTINGS` this device can run, one value at a time on
             top of the best so far (each a captured graph on a GPU, eager frames elsewhere), and keep
             a value when its frame is at least 2 % faster and its image passes the check: the fp32
             mode's PSNR against the untuned frame >= 60 dB (rounding only), the fast mode's against
-            the fp32 frame >= ``tune_psnr``.  Settings given in ``settings`` are not tuned.  The
-            trials are in :attr:`tuning`, the values kept in :attr:`settings`.  Seconds of warm-up
-            (Triton kernels compile on their first use).  Opt-in until a GPU run has timed it.
+            the fp32 frame >= ``tune_psnr``.  Settings given in ``settings`` are not tuned; the trials
+            start from the device defaults and try turning each off.  The trials are in :attr:`tuning`,
+            the values kept in :attr:`settings`.  Seconds of warm-up (Triton kernels compile on their
+            first use); on an H100 the paper preset's fast frame 8.35 ms tuned against 10.4 untuned
+            before the defaults.
         tune_psnr: the fast mode's PSNR floor in dB (images in [0, 1]; the issue's target is 35)
         tune_repeats: timed frames per trial (default 20 with a CUDA graph, 3 eager)
 
@@ -347,9 +383,9 @@ class RealtimeRenderer:
         self.model, self.batch, self.dtype = model, batch, dtype
         self.fast = dtype == torch.bfloat16
         self.mode = "fast" if self.fast else "fp32"
-        self.settings = check_settings(settings, self.mode)
+        given = check_settings(settings, self.mode)
         if field_dtype is not None and self.fast:
-            self.settings["field_bf16"] = field_dtype == torch.bfloat16
+            given["field_bf16"] = field_dtype == torch.bfloat16
         self.noise = _frame_noise(model)
         self.device = avatar.planes.device
         config = model.config
@@ -372,6 +408,10 @@ class RealtimeRenderer:
             planes = planes.expand(batch, *planes.shape[1:]).contiguous()
         self.avatar = Avatar(planes, None, avatar.num_sources)
         self.compiled = compile_parts(compile)
+        # the device's defaults for what ``settings`` leaves out (CUDA_DEFAULTS); a tuning run starts there
+        self.defaults = {k: v for k, v in default_settings(self.device.type, self.mode, self.compiled).items()
+                         if k not in given}
+        self.settings = {**self.defaults, **given}
         self._sr_modules: dict[str, Callable] = {}
         self._layers = None
         if "layers" in self.compiled:
@@ -379,7 +419,7 @@ class RealtimeRenderer:
 
             self._layers = torch.compile(field_layers, dynamic=False)
         self._super_resolution(self._sr_layout())  # the fast mode's bf16 copy is made now
-        self._fixed = dict(self.settings)  # the settings a tuning run leaves as given
+        self._fixed = given  # the settings a tuning run leaves as given
         self._graph: Optional[torch.cuda.CUDAGraph] = None
         self._static: dict[str, torch.Tensor] = {}
         self._outputs: dict[str, torch.Tensor] = {}
@@ -551,11 +591,18 @@ class RealtimeRenderer:
         Triton runs on it), not given in ``settings``, and not the parts ``compile`` compiles (a
         compiled function keeps what it traced: the layers kernel switch; another super-resolution
         layout would compile another network)."""
-        compiled = {"sr": "sr_layout", "layers": "field_layers"}
-        skip = set(self._fixed) | {compiled[part] for part in self.compiled}
+        skip = set(self._fixed) | {name for part in self.compiled for name in COMPILED_SETTINGS[part]}
         triton_here = _backend.triton_available() and self.device.type == "cuda"
         return [s for s in SETTINGS if self.mode in s.modes and self.device.type in s.devices
                 and s.name not in skip and (triton_here or not s.triton)]
+
+    def trial_values(self, setting: Setting) -> tuple:
+        """The values a tuning run tries for ``setting``: its choices in this mode, and for a setting at
+        its device default (:attr:`defaults`) the other choices and its off value."""
+        values = tuple(setting.choices[self.mode])
+        if setting.name in self.defaults:
+            values = tuple(v for v in values if v != self.defaults[setting.name]) + (setting.off,)
+        return values
 
     def _tune(self, points: torch.Tensor, transform: torch.Tensor) -> None:
         """Trials from the settings given at construction (a second run starts there again)."""
@@ -568,7 +615,7 @@ class RealtimeRenderer:
             with torch.no_grad(), precision(False):
                 reference = self.model.render(self.avatar, points, transform)["image"].float()
         rows: list[dict] = []
-        best_row, best = self._trial(dict(self._fixed), points, transform, required=True)
+        best_row, best = self._trial({**self.defaults, **self._fixed}, points, transform, required=True)
         best_row["status"] = "base"
         if reference is None:
             reference = best[2].clone()
@@ -576,7 +623,7 @@ class RealtimeRenderer:
         rows.append(best_row)
         floor = self.tune_psnr if self.fast else FP32_TUNE_PSNR
         for setting in self.tunable():
-            for value in setting.choices[self.mode]:
+            for value in self.trial_values(setting):
                 row, result = self._trial({**best_row["settings"], setting.name: value}, points, transform)
                 rows.append(row)
                 if result is None:
@@ -717,6 +764,8 @@ class RealtimeRenderer:
         settings = ", ".join(f"{k}={v!r}" for k, v in self.settings.items()) or "none"
         if "field_bf16" not in self.settings and self._default_field_bf16:
             settings += " (field_bf16 by default: this CPU's bf16 products)"
+        if self.defaults:
+            settings += f" ({', '.join(self.defaults)} by default on {self.device.type})"
         return (f"batch={self.batch}, dtype={self.dtype}, cuda_graph={self.cuda_graph}, device={self.device}, "
                 f"noise={self.noise!r}, compile={','.join(sorted(self.compiled)) or 'none'}, settings={settings}"
                 + (", tune=True" if self.tune_on else ""))

@@ -42,3 +42,13 @@ def backend_cases():
 
 
 BACKEND_CASES = backend_cases()
+
+
+def pytest_runtest_logreport(report):
+    """With ``$GPAVATAR_INSTAFAIL`` set, a failure's traceback is written as it happens (pytest writes
+    them at the end of the session, which a device run cut by its time limit never reaches)."""
+    if report.failed and os.environ.get("GPAVATAR_INSTAFAIL"):
+        import sys
+
+        sys.stderr.write(f"\n[instafail] {report.nodeid} ({report.when})\n{report.longreprtext[-6000:]}\n")
+        sys.stderr.flush()

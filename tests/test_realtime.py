@@ -595,6 +595,51 @@ def test_tuning_leaves_given_settings_and_a_failing_base_raises(fake_tuning):
         broken(*frame_inputs(1, seed=8))
 
 
+def test_cuda_defaults_by_mode_environment_triton_and_compile(monkeypatch):
+    """CUDA_DEFAULTS apply on CUDA only, give way to a variable the process sets and to a compiled
+    part, and keep the Triton switches to where Triton is."""
+    from gpavatar.realtime import CUDA_DEFAULTS, SETTINGS, check_settings, compile_parts, default_settings
+
+    for name in ("GPAVATAR_KNN_SHARE", "GPAVATAR_KNN_CUDA_ORDER", "GPAVATAR_FIELD_LAYERS", "GPAVATAR_UPSAMPLE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("gpavatar.ops._backend.triton_available", lambda: True)
+    for mode in ("fp32", "fast"):
+        assert check_settings(CUDA_DEFAULTS[mode], mode) == CUDA_DEFAULTS[mode]  # valid values of the mode
+        assert default_settings("cuda", mode) == CUDA_DEFAULTS[mode]
+        assert default_settings("cpu", mode) == {}
+    assert set(CUDA_DEFAULTS["fast"]) == {"knn_share", "knn_order", "field_layers", "upsample"}
+    assert set(CUDA_DEFAULTS["fp32"]) == {"knn_share", "knn_order"}
+    monkeypatch.setenv("GPAVATAR_KNN_SHARE", "0")  # the process's choice
+    assert "knn_share" not in default_settings("cuda", "fast") and "knn_order" in default_settings("cuda", "fast")
+    monkeypatch.setenv("GPAVATAR_KNN_SHARE", "")  # empty: unset
+    assert "knn_share" in default_settings("cuda", "fast")
+    assert set(default_settings("cuda", "fast", compile_parts("sr"))) == {"knn_share", "knn_order", "field_layers"}
+    assert set(default_settings("cuda", "fast", compile_parts("all"))) == {"knn_share", "knn_order"}
+    monkeypatch.setattr("gpavatar.ops._backend.triton_available", lambda: False)
+    assert set(default_settings("cuda", "fast")) == {"knn_share", "knn_order"}
+    assert all(not s.triton for s in SETTINGS if s.name in ("knn_share", "knn_order"))
+
+
+def test_device_defaults_start_the_tuning_and_give_way_to_given_settings(fake_tuning, monkeypatch):
+    """A renderer's defaults (here made up for the CPU) join its settings unless given; a tuning run
+    starts from them and tries turning each off (its off value); repr names them."""
+    from gpavatar import realtime
+
+    model, avatar = fake_tuning
+    monkeypatch.setattr(realtime, "default_settings", lambda device, mode, compiled=frozenset(): {"test2": "on"})
+    rt = model.realtime(avatar)
+    assert rt.defaults == {"test2": "on"} and rt.settings == {"test2": "on"} and "test2 by default on cpu" in repr(rt)
+    given = model.realtime(avatar, settings={"test2": None, "test": "fast"})  # None: not given
+    assert given.settings == {"test2": "on", "test": "fast"}
+    assert [s.name for s in given.tunable()] == ["test2"] and given.trial_values(given.tunable()[0]) == (None,)
+    rt = model.realtime(avatar, tune=True)
+    rows = rt.tune(*frame_inputs(1, seed=5))
+    assert rows[0]["settings"] == {"test2": "on"} and rows[0]["ms"] == pytest.approx(5.0)
+    assert [(r["settings"], r["status"].split(":")[0]) for r in rows[-2:]] == [
+        ({"test2": "on", "test": "barely"}, "within 2 %"), ({"test2": None, "test": "fast"}, "slower")]
+    assert rt.settings == {"test2": "on", "test": "fast"}
+
+
 def test_tuning_on_the_cpu_has_nothing_to_try_by_default(tiny):
     """Every built-in setting of the fp32 mode is a GPU kernel switch: on the CPU its tuning run is the
     base frame only (the fast mode's has the bf16 field layers to try)."""

@@ -38,6 +38,7 @@ was written): ``tests/test_graphed.py``'s CUDA cases and bench_train's ``+graph`
 from __future__ import annotations
 
 import contextlib
+import gc
 import traceback
 import warnings
 from typing import Any, Callable, Iterator, Optional
@@ -141,10 +142,19 @@ class CudaGraphs:
 
     def __init__(self):
         self.pool = None
+        self.stream: Optional[torch.cuda.Stream] = None  # the warm-ups' and the captures' stream
 
     @contextlib.contextmanager
     def warmup_stream(self, device: torch.device) -> Iterator[None]:
-        side = torch.cuda.Stream(device)
+        # Autograd runs each parameter's AccumulateGrad on the stream it was made on; one that outlives
+        # its step (the last H100 run's captures failed on such a node: "operation would make the legacy
+        # stream depend on a capturing blocking stream") must not tie another stream into the capture.
+        # So the garbage of earlier steps is collected first, and the warm-ups run on the stream the
+        # captures use.
+        gc.collect()
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device)
+        side = self.stream
         side.wait_stream(torch.cuda.current_stream(device))
         try:
             with torch.cuda.stream(side):
@@ -160,7 +170,7 @@ class CudaGraphs:
             self.pool = torch.cuda.graph_pool_handle()
         before = generator.get_state()
         # thread_local: a DataLoader's pin-memory thread may allocate pinned memory meanwhile
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
             out = fn()
         generator.set_state(before)  # a capture runs nothing: the first replay draws what eager would
 
