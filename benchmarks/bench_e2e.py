@@ -140,6 +140,11 @@ G24_SUFFIX = "+g24"
 # "+compile": the super-resolution and the field's layers as torch.compile'd functions
 # (RealtimeRenderer(compile="all"); compiled during the warm-up before the capture).
 COMPILE_SUFFIX = "+compile"
+# "+compilesr": the super-resolution alone compiled (compile="sr"; the field keeps its kernel settings).
+COMPILE_SR_SUFFIX = "+compilesr"
+# "+plain": the real-time path without its CUDA defaults (gpavatar.realtime.CUDA_DEFAULTS set to their off
+# values): the frame as it was before they were promoted, for a same-run comparison.
+PLAIN_SUFFIX = "+plain"
 # "+tune": RealtimeRenderer(tune=True) -- the renderer times its kernel settings (gpavatar.realtime.SETTINGS)
 # on this device, one value at a time, and keeps the faster ones that pass its image check; the row is the
 # tuned frame, the report lists every trial.
@@ -151,7 +156,7 @@ VARIANT_SETTINGS = {BF16_FIELD_SUFFIX: {"field_bf16": True}, UPSAMPLE_SUFFIX: {"
                     LAYERS_SUFFIX: {"field_layers": "triton"}, TC_SUFFIX: {"blend_tensor_cores": "1"},
                     SHARE_SUFFIX: {"knn_share": "1"}, G24_SUFFIX: {"knn_cells": "24"}}
 VARIANT_SUFFIXES = (FUSED_SUFFIX, BF16_FIELD_SUFFIX, UPSAMPLE_SUFFIX, LAYERS_SUFFIX, TC_SUFFIX, SHARE_SUFFIX,
-                    G24_SUFFIX, COMPILE_SUFFIX, TUNE_SUFFIX)
+                    G24_SUFFIX, COMPILE_SUFFIX, COMPILE_SR_SUFFIX, PLAIN_SUFFIX, TUNE_SUFFIX)
 
 
 def realtime_variants(text: str) -> list[str]:
@@ -373,12 +378,13 @@ def realtime_fn(model, inp: dict, backend: str, mode: str):
     """A zero-argument callable rendering ``inp``'s frame with a :class:`gpavatar.realtime.RealtimeRenderer`
     of ``backend`` (made and, on a GPU, captured here; ``fn.realtime`` is the renderer).  The
     renderer sets its own precision (no autocast around it)."""
-    from gpavatar.realtime import MODE_DTYPES
+    from gpavatar.realtime import CUDA_DEFAULTS, MODE_DTYPES, SETTINGS
 
     if backend in BASELINES or backend == "torch":
         raise ValueError(f"case 'realtime' runs the fused backends only, got {backend!r}")
     avatar, points, transform = inp["avatar"], inp["points"], inp["transform"]
-    settings = {}
+    off = {s.name: s.off for s in SETTINGS}
+    settings = {name: off[name] for name in CUDA_DEFAULTS[mode]} if has_variant(backend, PLAIN_SUFFIX) else {}
     for suffix, values in VARIANT_SETTINGS.items():
         # fast-mode options apply to the fast rows only (a variant's fp32 frame is the plain one: its PSNR reference)
         if has_variant(backend, suffix) and (mode == "fast" or suffix not in FAST_ONLY_SUFFIXES):
@@ -386,6 +392,8 @@ def realtime_fn(model, inp: dict, backend: str, mode: str):
     options = dict(settings=settings)
     if has_variant(backend, COMPILE_SUFFIX):
         options["compile"] = "all"
+    elif has_variant(backend, COMPILE_SR_SUFFIX):
+        options["compile"] = "sr"
     if has_variant(backend, TUNE_SUFFIX):
         options["tune"] = True
     with torch.no_grad(), use_backend(model, backend):

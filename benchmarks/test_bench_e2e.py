@@ -238,7 +238,7 @@ def test_realtime_variants_are_renderer_settings(cpu_setup):
     breakdown); fast-only ones stay off in the fp32 frame."""
     if "cpu" not in _backends(torch.device("cpu")):
         pytest.skip("the C++ extension is not built")
-    from bench_e2e import realtime_fn
+    from bench_e2e import realtime_fn, realtime_variants
 
     model, inp = cpu_setup["model"], cpu_setup["inp"]
     assert realtime_fn(model, inp, "cpu+share+g24+tc", "fp32").realtime.settings == {"knn_share": "1",
@@ -246,3 +246,8 @@ def test_realtime_variants_are_renderer_settings(cpu_setup):
     assert realtime_fn(model, inp, "cpu+tc+bf16field+upsample", "fast").realtime.settings == {
         "blend_tensor_cores": "1", "field_bf16": True, "upsample": "triton"}
     assert "GPAVATAR_KNN_SHARE" not in os.environ
+    # +plain: the device defaults turned off (their off values given); +compilesr: the network alone compiled
+    assert realtime_fn(model, inp, "cpu+plain", "fast").realtime.settings == {
+        "knn_share": "0", "knn_order": "box", "field_layers": "torch", "upsample": "torch"}
+    assert realtime_fn(model, inp, "cpu+plain", "fp32").realtime.settings == {"knn_share": "0", "knn_order": "box"}
+    assert realtime_variants("plain,compilesr+share") == ["+plain", "+compilesr+share"]
