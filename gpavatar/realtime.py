@@ -66,6 +66,7 @@ import time
 from typing import Any, Callable, Iterator, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpavatar.model.gpavatar import Avatar, GPAvatar
 from gpavatar.model.renderer import check_transform
@@ -74,7 +75,7 @@ from gpavatar.ops import _backend
 __all__ = ["RealtimeRenderer", "STAGES", "REPORTED_STAGES", "MODE_DTYPES", "COMPILE_ENV", "COMPILE_PARTS",
            "compile_parts", "precision", "Setting", "SETTINGS", "SETTING_NAMES", "check_settings", "psnr",
            "TUNE_MARGIN", "FP32_TUNE_PSNR", "CPU_BF16_MIN_SAMPLES", "CPU_BF16_SR_MIN_PIXELS", "cpu_native_bf16",
-           "CUDA_DEFAULTS", "COMPILED_SETTINGS", "default_settings"]
+           "CUDA_DEFAULTS", "COMPILED_SETTINGS", "default_settings", "split_tf32_convolutions"]
 
 # The stages of one frame, in order; "importance" (coarse composite + importance depths) is
 # reported under "rays" (ray generation and both samplings) by :meth:`RealtimeRenderer.profile`.
@@ -145,6 +146,10 @@ SETTINGS = (
             help="fp32 super-resolution on a channels-last copy, or on the composited image as it is (channels-"
                  "last strides, NCHW weights: model.render's frame); default on a GPU: NCHW (the fp32 weights' "
                  "layout), on the CPU: as composited"),
+    Setting("sr_precision", {"fp32": ("tf32x3",)}, off="fp32",
+            help="the fp32 super-resolution's convolutions as three TF32 convolutions of split operands "
+                 "(split_tf32_convolutions: about fp32's accuracy on the tensor cores; its 137 GFLOP in fp32 "
+                 "took 10.3 ms of the H100's fp32 frame, 5x the fp32 units' bound)"),
     Setting("cudnn_benchmark", _both(True), off=False,
             help="cuDNN times its convolution algorithms for the super-resolution's shapes (in the warm-up)"),
 )
@@ -159,7 +164,7 @@ SETTING_NAMES = tuple(s.name for s in SETTINGS)
 CUDA_DEFAULTS = {"fp32": {"knn_share": "1", "knn_order": "centre"},
                  "fast": {"knn_share": "1", "knn_order": "centre", "field_layers": "triton", "upsample": "triton"}}
 # The settings a compiled part makes moot (a compiled function keeps the kernels it traced).
-COMPILED_SETTINGS = {"sr": ("sr_layout", "upsample"), "layers": ("field_layers",)}
+COMPILED_SETTINGS = {"sr": ("sr_layout", "upsample", "sr_precision"), "layers": ("field_layers",)}
 TUNE_MARGIN = 0.02  # a tried value is kept when its frame is at least 2 % faster
 # The fast mode's field layers on the CPU when ``field_bf16`` is not given: under bf16 autocast where
 # the CPU multiplies bf16 natively (AMX) and a field pass has at least this many samples (B x rays x
@@ -273,6 +278,44 @@ def precision(fast: bool) -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _tf32_split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) with hi = t truncated to TF32's 10 mantissa bits and lo = t - hi (exact in fp32)."""
+    hi = (t.view(torch.int32) & -8192).view(torch.float32)  # -8192 = 0xFFFFE000: sign, exponent, 10 bits
+    return hi, t - hi
+
+
+class _SplitTF32Convolutions(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        x = args[0] if args else None
+        if func is not torch.ops.aten.convolution.default or x.dtype != torch.float32 or args[1].dtype != torch.float32:
+            return func(*args, **kwargs)
+        (x, w, bias), rest = args[:3], args[3:]
+        x_hi, x_lo = _tf32_split(x)
+        w_hi, w_lo = _tf32_split(w)
+        saved = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = True
+        try:  # the two small products first, then the large one and the bias
+            small = func(x_lo, w_hi, None, *rest, **kwargs)
+            small.add_(func(x_hi, w_lo, None, *rest, **kwargs))
+            return small.add_(func(x_hi, w_hi, bias, *rest, **kwargs))
+        finally:
+            torch.backends.cudnn.allow_tf32 = saved
+
+
+@contextlib.contextmanager
+def split_tf32_convolutions() -> Iterator[None]:
+    """Inside the block every float32 convolution (``aten.convolution``: ``nn.Conv2d``, ``F.conv2d``)
+    runs as three convolutions with TF32 on, of ``x = x_hi + x_lo`` and ``w = w_hi + w_lo`` split at
+    TF32's precision: ``conv(x_lo, w_hi) + conv(x_hi, w_lo) + conv(x_hi, w_hi)`` (the ``lo * lo`` term,
+    about 2^-22 of the product, is left out): about fp32's accuracy on the tensor cores ("3xTF32"),
+    for three times the tensor-core work and the splits' element-wise passes.  On a CPU (no TF32)
+    the three convolutions are fp32.  A non-finite input gives NaN where fp32 gives inf (inf - inf
+    in the split)."""
+    with _SplitTF32Convolutions():
+        yield
 
 
 def _frame_noise(model: GPAvatar) -> str:
@@ -504,7 +547,9 @@ class RealtimeRenderer:
                 fine = fine.to(model.query_style_tplane.dtype)
                 if layout == "nchw":
                     fine = fine.contiguous()
-            s["image"] = self._super_resolution(layout)(fine, noise=self.noise).float()
+            split = self.settings.get("sr_precision", "fp32") == "tf32x3" and "sr" not in self.compiled
+            with split_tf32_convolutions() if split else contextlib.nullcontext():
+                s["image"] = self._super_resolution(layout)(fine, noise=self.noise).float()
 
         return list(zip(STAGES, (rays, field_coarse, importance, field_fine, compositing, super_resolution)))
 

@@ -640,6 +640,72 @@ def test_device_defaults_start_the_tuning_and_give_way_to_given_settings(fake_tu
     assert rt.settings == {"test2": "on", "test": "fast"}
 
 
+def test_tf32_split_is_exact_and_keeps_fp32_accuracy_under_tf32_rounding():
+    """hi keeps TF32's bits only, hi + lo is t exactly, |lo| <= 2^-10 |t|; with every operand rounded
+    as TF32 hardware takes it (lo truncated again), the three products are within ~2^-20 of the exact
+    convolution, where one TF32 convolution is ~2^-10 off."""
+    import torch.nn.functional as F
+
+    from gpavatar.realtime import _tf32_split
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(4096, generator=g) * torch.logspace(-20, 20, 4096)
+    hi, lo = _tf32_split(t)
+    assert bool(((hi.view(torch.int32) & 0x1FFF) == 0).all()) and torch.equal(hi + lo, t)
+    assert bool((lo.abs() <= t.abs() * 2.0 ** -10).all())
+    x, w = torch.randn(2, 8, 12, 12, generator=g), torch.randn(6, 8, 3, 3, generator=g)
+    exact = F.conv2d(x.double(), w.double(), padding=1)
+    tf32 = lambda a: _tf32_split(a)[0].double()  # noqa: E731  (what a TF32 product reads of an operand)
+    (xh, xl), (wh, wl) = _tf32_split(x), _tf32_split(w)
+    three = (F.conv2d(tf32(xl), tf32(wh), padding=1) + F.conv2d(tf32(xh), tf32(wl), padding=1)
+             + F.conv2d(tf32(xh), tf32(wh), padding=1))
+    one = F.conv2d(tf32(x), tf32(w), padding=1)
+    scale = float(F.conv2d(x.double().abs(), w.double().abs(), padding=1).max())
+    assert float((three - exact).abs().max()) <= 2.0 ** -19 * scale
+    assert float((one - exact).abs().max()) >= 2.0 ** -13 * scale  # the gap the split closes
+
+
+def test_split_tf32_convolutions_mode():
+    """Inside the block an fp32 convolution is the three split convolutions (fp32 on the CPU: the same
+    result up to rounding), other ops and float64 convolutions are untouched, TF32's flag is restored;
+    a renderer's fp32 frame with sr_precision="tf32x3" stays the fp32 frame (the mode is used)."""
+    import torch.nn.functional as F
+
+    from gpavatar.realtime import split_tf32_convolutions
+
+    g = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(1, 4, 9, 9, generator=g), torch.randn(5, 4, 3, 3, generator=g), torch.randn(5, generator=g)
+    saved = torch.backends.cudnn.allow_tf32
+    with split_tf32_convolutions():
+        got = F.conv2d(x, w, b, padding=1, stride=2)
+        assert torch.equal(x.double() * 2, (x * 2).double())
+        assert torch.equal(F.conv2d(x.double(), w.double()), F.conv2d(x.double(), w.double()))
+    assert torch.backends.cudnn.allow_tf32 == saved
+    torch.testing.assert_close(got, F.conv2d(x, w, b, padding=1, stride=2), rtol=1e-5, atol=1e-5)
+
+
+def test_sr_precision_setting_runs_the_split_mode(tiny, monkeypatch):
+    from gpavatar import realtime
+
+    model, avatar = tiny
+    used = []
+    mode = realtime._SplitTF32Convolutions.__torch_dispatch__
+
+    def counting(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution.default:
+            used.append(func)
+        return mode(self, func, types, args, kwargs)
+
+    monkeypatch.setattr(realtime._SplitTF32Convolutions, "__torch_dispatch__", counting)
+    points, transform = frame_inputs(1, seed=4)
+    plain = model.realtime(avatar)(points, transform)["image"]
+    assert not used
+    split = model.realtime(avatar, settings={"sr_precision": "tf32x3"})(points, transform)["image"]
+    assert used and psnr(split, plain) > 100
+    with pytest.raises(ValueError, match="sr_precision"):
+        model.realtime(avatar, dtype=torch.bfloat16, settings={"sr_precision": "tf32x3"})
+
+
 def test_tuning_on_the_cpu_has_nothing_to_try_by_default(tiny):
     """Every built-in setting of the fp32 mode is a GPU kernel switch: on the CPU its tuning run is the
     base frame only (the fast mode's has the bf16 field layers to try)."""
@@ -694,7 +760,8 @@ def test_tunable_settings_by_mode_device_and_compile(tiny, monkeypatch):
     assert names() == fp32 and "sr_layout" in fp32 and "upsample" not in fp32
     assert names(dtype=torch.bfloat16) == fast and "field_bf16" in fast and "sr_layout" not in fast
     assert names(compile="layers") == [n for n in fp32 if n != "field_layers"]
-    assert names(compile="all") == [n for n in fp32 if n not in ("field_layers", "sr_layout")]
+    assert names(compile="all") == [n for n in fp32 if n not in ("field_layers", "sr_layout", "sr_precision")]
+    assert names(compile="sr") == [n for n in fp32 if n not in ("sr_layout", "sr_precision")]
     assert names(settings={"knn_cells": "20"}) == [n for n in fp32 if n != "knn_cells"]
     monkeypatch.setattr("gpavatar.ops._backend.triton_available", lambda: False)
     assert names(dtype=torch.bfloat16) == [s.name for s in SETTINGS if "fast" in s.choices and not s.triton]
