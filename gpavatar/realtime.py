@@ -248,7 +248,7 @@ def psnr(image: torch.Tensor, ref: torch.Tensor) -> float:
 
 def compile_parts(value: Any = None) -> frozenset:
     """The parts :class:`RealtimeRenderer` compiles: ``value`` (None: ``$GPAVATAR_REALTIME_COMPILE``)
-    is "" / "0" / False (none), "1" / "all" / True (both) or a comma list of :data:`COMPILE_PARTS`
+    is "" / "0" / "none" / False (none), "1" / "all" / True (both) or a comma list of :data:`COMPILE_PARTS`
     (also a list or tuple of them); a ValueError names anything else."""
     if value is None:
         value = os.environ.get(COMPILE_ENV, "")
@@ -257,14 +257,14 @@ def compile_parts(value: Any = None) -> frozenset:
         return frozenset(COMPILE_PARTS) if value else frozenset()
     if isinstance(value, str):
         value = value.strip()
-        if value in ("", "0"):
+        if value in ("", "0", "none"):
             return frozenset()
         if value in ("1", "all"):
             return frozenset(COMPILE_PARTS)
         value = [part.strip() for part in value.split(",")]
     parts = frozenset(value) if isinstance(value, (list, tuple, set, frozenset)) else None
     if parts is None or not parts <= set(COMPILE_PARTS):
-        raise ValueError(f"compile (or ${COMPILE_ENV}) must be 0, 1, all or a comma list of "
+        raise ValueError(f"compile (or ${COMPILE_ENV}) must be 0, none, 1, all or a comma list of "
                          f"{', '.join(COMPILE_PARTS)}, got {given!r}")
     return parts
 

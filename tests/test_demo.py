@@ -117,3 +117,21 @@ def test_demo_default_output_is_where_make_demo_writes():
     makefile = (pathlib.Path(__file__).parents[1] / "Makefile").read_text()
     demo_recipe = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
     assert "gpavatar.cli demo" in demo_recipe and ("--out" not in demo_recipe or DEFAULT_OUT in demo_recipe)
+
+
+def test_demo_compile_option_is_checked_first_and_reported(tmp_path, monkeypatch):
+    """--compile names the real-time path's compiled parts; a bad value fails before the model loads;
+    the result reports what was compiled and the device defaults (none on the CPU)."""
+    import gpavatar.demo as demo
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(demo, "load_model", refuse)
+        with pytest.raises(ValueError, match="compile"):
+            run_demo(str(tmp_path / "x.mp4"), frames=1, preset="tiny", device="cpu", compile="fast")
+    result = run_demo(str(tmp_path / "n.mp4"), frames=1, preset="tiny", device="cpu", compile="none")
+    assert result["compiled"] == [] and result["defaults"] == {}
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--compile", "everything"])
