@@ -118,6 +118,26 @@ def test_graphs_refused_without_cuda():
         TrainConfig(cuda_graph=1)
 
 
+def test_stale_stream_override_is_scoped(monkeypatch):
+    """The capture's override of stale autograd streams (where torch has it) is on inside the block
+    only and restores the process's setting; without the API the block does nothing."""
+    from gpavatar.train import graphed
+
+    getter = getattr(torch._C, "_override_stale_capture_stream", None)
+    if getter is not None and hasattr(torch.autograd.graph, "set_override_stale_capture_stream"):
+        for start in (False, True):
+            torch.autograd.graph.set_override_stale_capture_stream(start)
+            try:
+                with graphed._stale_streams_overridden():
+                    assert getter() is True
+                assert getter() is start
+            finally:
+                torch.autograd.graph.set_override_stale_capture_stream(False)
+    monkeypatch.delattr(torch.autograd.graph, "set_override_stale_capture_stream", raising=False)
+    with graphed._stale_streams_overridden():
+        pass
+
+
 def test_trainer_refuses_cuda_graph_on_the_cpu(tmp_path):
     from gpavatar.train.trainer import Trainer
 

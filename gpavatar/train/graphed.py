@@ -134,6 +134,25 @@ class _Captured:
         self.replay, self.inputs, self.grads = replay, inputs, grads
 
 
+@contextlib.contextmanager
+def _stale_streams_overridden() -> Iterator[None]:
+    """Where torch has it (``torch.autograd.graph.set_override_stale_capture_stream``, newer than
+    2.11), autograd nodes holding a non-capturing stream from before a capture run on the capture's
+    stream inside the block instead of failing it; elsewhere nothing.  The process's setting is
+    restored."""
+    setter = getattr(torch.autograd.graph, "set_override_stale_capture_stream", None)
+    getter = getattr(torch._C, "_override_stale_capture_stream", None)
+    if setter is None or getter is None:
+        yield
+        return
+    saved = bool(getter())
+    setter(True)
+    try:
+        yield
+    finally:
+        setter(saved)
+
+
 class CudaGraphs:
     """How :class:`GraphedTrainStep` warms up and captures on a GPU: warm-up steps on a side
     stream, then ``fn`` captured into a CUDA graph (one memory pool per instance, shared by its
@@ -169,8 +188,10 @@ class CudaGraphs:
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         before = generator.get_state()
+        gc.collect()  # the warm-ups' graphs caught in reference cycles (torch no longer collects here)
         # thread_local: a DataLoader's pin-memory thread may allocate pinned memory meanwhile
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+        with _stale_streams_overridden(), \
+                torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
             out = fn()
         generator.set_state(before)  # a capture runs nothing: the first replay draws what eager would
 
