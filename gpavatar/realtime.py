@@ -287,10 +287,11 @@ def _tf32_split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _SplitTF32Convolutions(TorchDispatchMode):
+    """The dispatch mode of :func:`split_tf32_convolutions`."""
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        x = args[0] if args else None
-        if func is not torch.ops.aten.convolution.default or x.dtype != torch.float32 or args[1].dtype != torch.float32:
+        if func is not torch.ops.aten.convolution.default or not (args[0].dtype == args[1].dtype == torch.float32):
             return func(*args, **kwargs)
         (x, w, bias), rest = args[:3], args[3:]
         x_hi, x_lo = _tf32_split(x)
