@@ -14,7 +14,7 @@
 #       the Triton layers, blend and upsampling, bf16 field, the fp32 super-resolution layouts, cuDNN
 #       benchmark -- its trials in the report) and +compile (fast and fp32); bench_train torch-fast,
 #       cuda, cuda+segmented (the decoder's checkpointed passes as one autograd function each, the CPU
-#       default: PointsDecoder.segmented), cuda+graph.  The 2026-12-05 run of this mode (fewer
+#       default: PointsDecoder.segmented), cuda+bf16 (--amp bf16), cuda+graph.  The 2026-12-05 run of this mode (fewer
 #       variants) took 381 s.
 #
 #   bash benchmarks/gpu_session.sh opt-ins OUTDIR   (about 9 minutes)
@@ -61,7 +61,7 @@ if [[ "$1" == key ]]; then
     KEY_VARIANTS="plain,compilesr,tune,compile"
     export ARGS_bench_e2e="${ARGS_bench_e2e:---batch 1 --cases render,realtime --backends torch-fast,cuda --realtime-batch 8 --max-seconds 3 --realtime-variants $KEY_VARIANTS}"
     export CAP_bench_e2e="${CAP_bench_e2e:-290}"
-    export ARGS_bench_train="${ARGS_bench_train:---backends torch-fast,cuda,cuda+segmented,cuda+graph --repeats 5}"
+    export ARGS_bench_train="${ARGS_bench_train:---backends torch-fast,cuda,cuda+segmented,cuda+bf16,cuda+graph --repeats 5}"
     export CAP_bench_train="${CAP_bench_train:-140}"
 elif [[ "$1" == opt-ins ]]; then
     export CUDA_TESTS="${CUDA_TESTS:-tests/test_field_layers.py tests/test_knn_index.py tests/test_knn_blend.py tests/test_realtime.py}"
