@@ -299,6 +299,35 @@ def test_cuda_graph_equals_render_at_paper_size(paper_cuda):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "fast"])
+def test_cuda_defaults_apply_and_keep_the_frame(dtype, monkeypatch):
+    """On a GPU a renderer takes CUDA_DEFAULTS for what it is not given; its frame is the frame without
+    them (their off values): fp32 within rounding (the same neighbours and layers), the fast mode's
+    Triton kernels >= 40 dB (the tuner's floor); sr_precision=tf32x3 keeps the fp32 frame (>= 80 dB)."""
+    from gpavatar.realtime import CUDA_DEFAULTS, SETTINGS
+
+    for s in SETTINGS:
+        if s.env is not None:
+            monkeypatch.delenv(s.env, raising=False)
+    model, avatar = _cuda_tiny()
+    points, transform = frame_inputs(2, seed=6, device="cuda")
+    mode = "fast" if dtype == torch.bfloat16 else "fp32"
+    rt = model.realtime(avatar, batch=2, dtype=dtype)
+    expected = {k: v for k, v in CUDA_DEFAULTS[mode].items()
+                if not next(s for s in SETTINGS if s.name == k).triton or triton_available()}
+    assert rt.defaults == expected and rt.settings == expected
+    off = {s.name: s.off for s in SETTINGS if s.name in CUDA_DEFAULTS[mode]}
+    got = rt(points, transform)["image"].clone()
+    plain = model.realtime(avatar, batch=2, dtype=dtype, settings=off)(points, transform)["image"]
+    if dtype == torch.bfloat16:  # the Triton layers' and upsampling's rounding through the bf16 network
+        assert psnr(got, plain) >= 40
+    else:  # the same neighbours, the same layers
+        torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
+        split = model.realtime(avatar, batch=2, settings={"sr_precision": "tf32x3"})(points, transform)["image"]
+        assert psnr(split, got) >= 80
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("switches", [dict(GPAVATAR_FIELD_LAYERS="triton"), dict(GPAVATAR_BLEND_TENSOR_CORES="1"),
                                       dict(GPAVATAR_UPSAMPLE="triton"), dict(GPAVATAR_KNN_SHARE="1"),
                                       dict(GPAVATAR_FIELD_LAYERS="triton", GPAVATAR_BLEND_TENSOR_CORES="1",
