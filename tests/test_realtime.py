@@ -764,7 +764,7 @@ def test_cuda_tuned_graph(dtype):
     out = rt(points, transform)["image"].clone()
     failed = [r for r in rt.tuning if r["status"].startswith("failed")]
     assert not failed, failed
-    assert len(rt.tuning) == 1 + sum(len(s.choices[rt.mode]) for s in rt.tunable())
+    assert len(rt.tuning) == 1 + sum(len(rt.trial_values(s)) for s in rt.tunable())
     assert psnr(out, ref) >= (35 if dtype == torch.bfloat16 else FP32_TUNE_PSNR - 10)
     eager = model.realtime(avatar, batch=2, dtype=dtype, cuda_graph=False, settings=rt.settings)
     tol = 2.0 ** -7 if dtype == torch.bfloat16 else 1e-4
