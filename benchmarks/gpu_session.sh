@@ -52,7 +52,9 @@ if [[ $# -ne 2 || ( "$1" != key && "$1" != opt-ins && "$1" != train ) ]]; then
 fi
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [[ "$1" == key ]]; then
-    export CUDA_TESTS="${CUDA_TESTS:-tests/test_graphed.py tests/test_field_layers.py::test_cuda_paper_size tests/test_realtime.py tests/test_field_layers.py tests/test_triplane.py tests/test_knn_index.py::test_one_pass_index_holds_the_two_level_lists tests/test_knn_index.py::test_index_keeps_its_order tests/test_knn_index.py::test_cuda_index_is_the_cpu_layout tests/test_ops_nan.py::test_knn_nonfinite_total_order tests/test_ops_nan.py::test_knn_blend_nonfinite_coordinates tests/test_ops_nan.py::test_triplane_nonfinite_coords tests/test_field_checkpoint.py::test_forms_agree_on_cuda}"
+    # the quick and the never-run-on-a-GPU ones first: the step is cut at its cap
+    # (pytest runs a file named twice at its first place)
+    export CUDA_TESTS="${CUDA_TESTS:-tests/test_graphed.py tests/test_field_layers.py tests/test_knn_index.py::test_one_pass_index_holds_the_two_level_lists tests/test_knn_index.py::test_index_keeps_its_order tests/test_knn_index.py::test_cuda_index_is_the_cpu_layout tests/test_ops_nan.py::test_knn_nonfinite_total_order tests/test_ops_nan.py::test_knn_blend_nonfinite_coordinates tests/test_ops_nan.py::test_triplane_nonfinite_coords tests/test_field_checkpoint.py::test_forms_agree_on_cuda tests/test_realtime.py tests/test_triplane.py}"
     export CUDA_TESTS_CAP="${CUDA_TESTS_CAP:-150}"
     export REPORT_BUDGET_S="${REPORT_BUDGET_S:-540}"
     export BENCHES_ONLY="${BENCHES_ONLY:-benchmarks/bench_knn_blend.py benchmarks/bench_e2e.py benchmarks/bench_train.py}"
