@@ -160,7 +160,8 @@ SETTING_NAMES = tuple(s.name for s in SETTINGS)
 # 10.3 -> 8.3 ms with the four (knn_share 9.9 ms, + knn_order 9.6, + field_layers 8.6, + upsample
 # 8.3; at B = 8 66.6 -> 54.5 ms); the fp32 frame 18.9 -> 18.5 / 18.7 ms with either KNN switch (the
 # Triton layers are slower in fp32: ieee products).  Every one gives the same neighbours or an image
-# within the mode's check; ``settings={name: its off value}`` turns one off.
+# within the mode's check; ``settings={name: its off value}`` turns one off.  The Triton ones apply
+# where Triton runs on a GPU with TF32 (default_settings).
 CUDA_DEFAULTS = {"fp32": {"knn_share": "1", "knn_order": "centre"},
                  "fast": {"knn_share": "1", "knn_order": "centre", "field_layers": "triton", "upsample": "triton"}}
 # The settings a compiled part makes moot (a compiled function keeps the kernels it traced).
@@ -210,20 +211,35 @@ def check_settings(settings: Optional[dict], mode: str) -> dict:
     return checked
 
 
-def default_settings(device_type: str, mode: str, compiled: frozenset = frozenset()) -> dict:
-    """The :data:`CUDA_DEFAULTS` of ``mode`` that apply on ``device_type`` ({} off CUDA): without the
+def _tf32_capable(device: torch.device) -> bool:
+    """Whether ``device`` (CUDA) multiplies TF32 on its tensor cores (compute capability 8.0 or more:
+    the Triton layers' products in the fast mode)."""
+    try:
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    except Exception:  # no such device
+        return False
+
+
+def default_settings(device: Any, mode: str, compiled: frozenset = frozenset()) -> dict:
+    """The :data:`CUDA_DEFAULTS` of ``mode`` that apply on ``device`` ({} off CUDA): without the
     settings of a compiled part, those whose environment variable the process sets (its choice) and
-    the Triton ones where Triton is missing."""
-    if device_type != "cuda":
+    the Triton ones where Triton is missing or the GPU predates TF32 (compute capability < 8.0)."""
+    device = torch.device(device)
+    if device.type != "cuda":
         return {}
     by_name = {s.name: s for s in SETTINGS}
     moot = {name for part in compiled for name in COMPILED_SETTINGS[part]}
+    triton_here = None  # asked once, when a Triton default is met
     chosen = {}
     for name, value in CUDA_DEFAULTS[mode].items():
         s = by_name.get(name)
-        if s is None or name in moot or (s.env is not None and os.environ.get(s.env, "") != "") \
-                or (s.triton and not _backend.triton_available()):
+        if s is None or name in moot or (s.env is not None and os.environ.get(s.env, "") != ""):
             continue
+        if s.triton:
+            if triton_here is None:
+                triton_here = _backend.triton_available() and _tf32_capable(device)
+            if not triton_here:
+                continue
         chosen[name] = value
     return chosen
 
@@ -453,7 +469,7 @@ class RealtimeRenderer:
         self.avatar = Avatar(planes, None, avatar.num_sources)
         self.compiled = compile_parts(compile)
         # the device's defaults for what ``settings`` leaves out (CUDA_DEFAULTS); a tuning run starts there
-        self.defaults = {k: v for k, v in default_settings(self.device.type, self.mode, self.compiled).items()
+        self.defaults = {k: v for k, v in default_settings(self.device, self.mode, self.compiled).items()
                          if k not in given}
         self.settings = {**self.defaults, **given}
         self._sr_modules: dict[str, Callable] = {}

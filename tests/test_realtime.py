@@ -313,8 +313,9 @@ def test_cuda_defaults_apply_and_keep_the_frame(dtype, monkeypatch):
     points, transform = frame_inputs(2, seed=6, device="cuda")
     mode = "fast" if dtype == torch.bfloat16 else "fp32"
     rt = model.realtime(avatar, batch=2, dtype=dtype)
+    tf32 = torch.cuda.get_device_capability() >= (8, 0)
     expected = {k: v for k, v in CUDA_DEFAULTS[mode].items()
-                if not next(s for s in SETTINGS if s.name == k).triton or triton_available()}
+                if not next(s for s in SETTINGS if s.name == k).triton or (triton_available() and tf32)}
     assert rt.defaults == expected and rt.settings == expected
     off = {s.name: s.off for s in SETTINGS if s.name in CUDA_DEFAULTS[mode]}
     got = rt(points, transform)["image"].clone()
@@ -632,6 +633,7 @@ def test_cuda_defaults_by_mode_environment_triton_and_compile(monkeypatch):
     for name in ("GPAVATAR_KNN_SHARE", "GPAVATAR_KNN_CUDA_ORDER", "GPAVATAR_FIELD_LAYERS", "GPAVATAR_UPSAMPLE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr("gpavatar.ops._backend.triton_available", lambda: True)
+    monkeypatch.setattr("gpavatar.realtime._tf32_capable", lambda device: True)
     for mode in ("fp32", "fast"):
         assert check_settings(CUDA_DEFAULTS[mode], mode) == CUDA_DEFAULTS[mode]  # valid values of the mode
         assert default_settings("cuda", mode) == CUDA_DEFAULTS[mode]
@@ -644,8 +646,11 @@ def test_cuda_defaults_by_mode_environment_triton_and_compile(monkeypatch):
     assert "knn_share" in default_settings("cuda", "fast")
     assert set(default_settings("cuda", "fast", compile_parts("sr"))) == {"knn_share", "knn_order", "field_layers"}
     assert set(default_settings("cuda", "fast", compile_parts("all"))) == {"knn_share", "knn_order"}
-    monkeypatch.setattr("gpavatar.ops._backend.triton_available", lambda: False)
+    monkeypatch.setattr("gpavatar.realtime._tf32_capable", lambda device: False)  # a GPU before Ampere
     assert set(default_settings("cuda", "fast")) == {"knn_share", "knn_order"}
+    monkeypatch.setattr("gpavatar.realtime._tf32_capable", lambda device: True)
+    monkeypatch.setattr("gpavatar.ops._backend.triton_available", lambda: False)
+    assert set(default_settings(torch.device("cuda", 0), "fast")) == {"knn_share", "knn_order"}
     assert all(not s.triton for s in SETTINGS if s.name in ("knn_share", "knn_order"))
 
 
