@@ -64,6 +64,8 @@ TORCH_LIBRARY(gpavatar, m) {
   // Whether knn on these points' device searches the cell lists an index holds (the knn policy,
   // GPAVATAR_KNN*, read here so that Python does not parse it again).
   m.def("knn_index_applies(Tensor points) -> bool");
+  // A block of calls whose CPU cell lists are kept for calls on the same points (see ops.h).
+  m.def("knn_cpu_list_cache(bool on) -> int", &gpavatar::knn::knn_cpu_list_cache);
   m.def(
       "knn_blend_forward(Tensor queries, Tensor points, Tensor dist2, Tensor idx, "
       "Tensor table, Tensor w1_dir, Tensor w2, Tensor b2, Tensor? weight_sum, float eps) "

@@ -56,6 +56,10 @@ void check_contiguous_float(const at::Tensor& t, const char* name, int64_t dim, 
 
 namespace knn {
 void check_inputs(const at::Tensor& queries, const at::Tensor& points, int64_t K);
+// knn_cpu_list_cache(on): enter (true) or leave (false) a block in which CPU knn calls on the same
+// points reuse their cell lists (knn_cpu.cpp); the lists are dropped when the last block is left.
+// Returns the number of point clouds whose lists were held before the call.
+int64_t knn_cpu_list_cache(bool on);
 // One knn / knn_search call after check_inputs: its inputs made contiguous, its outputs dist2
 // (B, M, K) float and idx (B, M, K) int64 allocated on their device (the caller sets the device
 // guard and returns the outputs as they are when B * M == 0).

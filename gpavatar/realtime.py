@@ -71,6 +71,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from gpavatar.model.gpavatar import Avatar, GPAvatar
 from gpavatar.model.renderer import check_transform
 from gpavatar.ops import _backend
+from gpavatar.ops.knn import cpu_list_cache
 
 __all__ = ["RealtimeRenderer", "STAGES", "REPORTED_STAGES", "MODE_DTYPES", "COMPILE_ENV", "COMPILE_PARTS",
            "compile_parts", "precision", "Setting", "SETTINGS", "SETTING_NAMES", "check_settings", "psnr",
@@ -573,8 +574,10 @@ class RealtimeRenderer:
     def _run(self, points: torch.Tensor, transform: torch.Tensor,
              stages: Optional[list] = None) -> dict[str, torch.Tensor]:
         state: dict[str, Any] = {"points": points, "transform": transform}
-        for _, fn in stages or self._stages():
-            fn(state)
+        # the two passes' CPU KNN on the same points: one list build
+        with cpu_list_cache() if self.device.type == "cpu" else contextlib.nullcontext():
+            for _, fn in stages or self._stages():
+                fn(state)
         return {"image": state["image"], **{k: state["out"][k] for k in OUTPUT_KEYS[1:]}}
 
     @contextlib.contextmanager

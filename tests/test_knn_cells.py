@@ -144,6 +144,83 @@ def test_cpu_neighbour_hint_on_coherent_queries(variant, hint, kind, B, P, K, G,
         check("cpu", "cpu", lat, q, min(K, P))
 
 
+@pytest.mark.parametrize("cache", ["0", "1"])
+def test_cpu_list_cache_keeps_the_reference(cache):
+    """GPAVATAR_KNN_CPU_CACHE (default 1): calls on the same points reuse the cell lists an earlier
+    call built (a frame's two field passes); every call stays the reference's bit for bit: other
+    queries inside and beyond the first grid, the points moved in place (the same tensor, the same
+    address), other K, G and caps, and more clouds than the cache holds."""
+    from gpavatar.ops.knn import cpu_list_cache
+
+    g = torch.Generator().manual_seed(5)
+    pts = cloud("sphere", 2, 500, g)
+    with environment(GPAVATAR_KNN="cells", GPAVATAR_KNN_CPU_CACHE=cache), cpu_list_cache():
+        for _ in range(2):
+            check("cpu", "cpu", pts, queries_for(pts, 3000, g), 8)
+        check("cpu", "cpu", pts, 3 * queries_for(pts, 3000, g), 8)  # beyond the grid: built again
+        pts[:, :250] = 0.5 * pts[:, :250].flip(-1)  # in place: the cached lists are of other points
+        check("cpu", "cpu", pts, queries_for(pts, 3000, g), 8)
+        for K, G, cap in ((5, None, None), (8, 3, None), (8, None, 40)):
+            settings = {k: v for k, v in (("GPAVATAR_KNN_CELLS", G), ("GPAVATAR_KNN_CELL_CAP", cap)) if v is not None}
+            with environment(**settings):
+                check("cpu", "cpu", pts, queries_for(pts, 3000, g), K)
+        clouds = [cloud(kind, 1, 200, g) for kind in ("sphere", "uniform", "plane", "lattice") * 5]  # > 16 held
+        for c in clouds + clouds[::-1]:
+            check("cpu", "cpu", c, queries_for(c, 600, g), 8)
+
+
+def test_cpu_list_cache_lives_in_its_blocks(monkeypatch):
+    """Lists are kept only inside cpu_list_cache blocks (nested blocks share them) and dropped when
+    the outermost block is left: calls outside a block, or in a later block, build their own."""
+    from gpavatar.ops.knn import cpu_list_cache
+
+    monkeypatch.setenv("GPAVATAR_KNN", "cells")
+    monkeypatch.delenv("GPAVATAR_KNN_CPU_CACHE", raising=False)
+    held = torch.ops.gpavatar.knn_cpu_list_cache  # (on) -> clouds held before the call
+    g = torch.Generator().manual_seed(3)
+    pts = cloud("uniform", 2, 300, g)
+    ops.knn(queries_for(pts, 500, g), pts, 4, backend="cpu")  # outside a block: nothing kept
+    assert held(True) == 0 and held(False) == 0
+    with cpu_list_cache():
+        ops.knn(queries_for(pts, 500, g), pts, 4, backend="cpu")
+        with cpu_list_cache():
+            ops.knn(queries_for(pts, 500, g), pts, 4, backend="cpu")  # the same two clouds: found
+            assert held(True) == 2 and held(False) == 2
+        assert held(True) == 2 and held(False) == 2  # the inner block left: still held
+    assert held(True) == 0 and held(False) == 0  # the outer one left: dropped
+    with cpu_list_cache():
+        with environment(GPAVATAR_KNN_CPU_CACHE="0"):
+            ops.knn(queries_for(pts, 500, g), pts, 4, backend="cpu")
+        assert held(True) == 0 and held(False) == 0
+    with pytest.raises(ValueError, match="without a block to leave"):
+        held(False)
+
+
+def test_render_is_the_same_with_the_cpu_list_cache():
+    """model.render's two passes share their CPU lists inside the renderer's block: the same image."""
+    from gpavatar.model import GPAvatar
+
+    torch.manual_seed(0)
+    model = GPAvatar("tiny").eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        avatar = model.build_avatar(torch.rand(1, 1, 3, 64, 64, generator=g))
+        points = (torch.rand(1, model.config.num_points, 3, generator=g) - 0.5) * 0.5
+        camera = torch.tensor([[[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 9]]])
+        images = []
+        for cache in ("0", "1"):
+            with environment(GPAVATAR_KNN="cells", GPAVATAR_KNN_CPU_CACHE=cache):
+                images.append(model.render(avatar, points, camera)["image"])
+    assert torch.equal(images[0], images[1])
+
+
+def test_bad_cpu_cache_switch_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("GPAVATAR_KNN", "cells")
+    monkeypatch.setenv("GPAVATAR_KNN_CPU_CACHE", "yes")
+    with pytest.raises(ValueError, match="GPAVATAR_KNN_CPU_CACHE must be an integer in \\[0, 1\\]"):
+        ops.knn(torch.rand(1, 8, 3), torch.rand(1, 30, 3), 2, backend="cpu")
+
+
 def test_bad_cpu_hint_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("GPAVATAR_KNN", "cells")
     monkeypatch.setenv("GPAVATAR_KNN_CPU_HINT", "2")

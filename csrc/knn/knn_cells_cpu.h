@@ -297,9 +297,9 @@ struct Lists {
   std::vector<char> overflow;       // [cells]
 };
 
-// px, py, pz: the points (P each); queries (M, 3) only set the grid's box.
-inline void build(Lists& L, const float* px, const float* py, const float* pz, int64_t P,
-                  const float* queries, int64_t M, int K, int G, int64_t cap, bool avx2 = false) {
+// The grid geometry (kCellGeomStride floats) of the points (P each) and the queries (M, 3).
+inline void grid_geometry(float* geom, const float* px, const float* py, const float* pz, int64_t P,
+                          const float* queries, int64_t M, int G) {
   float plo[3], phi[3], qlo[3], qhi[3];
   const float* axes[3] = {px, py, pz};
   for (int a = 0; a < 3; ++a) {
@@ -315,7 +315,13 @@ inline void build(Lists& L, const float* px, const float* py, const float* pz, i
       qhi[a] = v > qhi[a] ? v : qhi[a];
     }
   }
-  cell_grid_geometry(plo, phi, qlo, qhi, G, L.geom);
+  cell_grid_geometry(plo, phi, qlo, qhi, G, geom);
+}
+
+// px, py, pz: the points (P each); queries (M, 3) only set the grid's box.
+inline void build(Lists& L, const float* px, const float* py, const float* pz, int64_t P,
+                  const float* queries, int64_t M, int K, int G, int64_t cap, bool avx2 = false) {
+  grid_geometry(L.geom, px, py, pz, P, queries, M, G);
   L.G = G;
 
   // Levels coarse to fine: G, G/2, ... while even and > 4; the coarsest from all points.

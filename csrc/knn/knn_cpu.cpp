@@ -13,6 +13,9 @@
 #include <climits>
 #include <limits>
 #include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -329,6 +332,102 @@ std::tuple<at::Tensor, at::Tensor> knn_search_cpu(const at::Tensor& queries_in, 
   return total_order(c);
 }
 
+namespace {
+
+// Inside a knn_cpu_list_cache block (a frame's or a training step's field passes: gpavatar.ops.knn.
+// cpu_list_cache) the cell lists of the last few point clouds are kept, so that calls on the same
+// points build them once; leaving the last block drops them (a benchmark repeating one frame does not
+// reuse the last repeat's lists).  A cell's list depends on the points, K, the cap and the grid; the
+// queries only place the grid (their box), and a list holds the K nearest of any location in its
+// cell, while a query outside the grid takes the grid / brute-force scan: so lists built for other
+// queries give the same neighbours, bit for bit.  An entry is taken when the points are the same
+// bytes, K, G and the cap are the same and the grid a build would place for the new queries lies
+// inside its grid (else that grid would fit them badly); GPAVATAR_KNN_CPU_CACHE=0 turns it off.
+struct CachedLists {
+  std::vector<float> points;  // the (3, P) copy the lists were built from
+  int K = 0, G = 0;
+  int64_t cap = 0;
+  std::shared_ptr<const cells_cpu::Lists> lists;
+  size_t bytes = 0;  // held by the entry
+};
+// At most 16 clouds (a batch of 16 frames' points) and 128 MiB (a cloud of 5023 points at
+// G = 10 holds about 8 MiB of lists).
+constexpr size_t kListCacheSize = 16;
+constexpr size_t kListCacheBytes = size_t{128} << 20;
+std::mutex list_cache_mutex;
+std::vector<CachedLists> list_cache;  // least recently used first
+int64_t list_cache_blocks = 0;        // blocks entered and not yet left (under the mutex)
+
+bool list_cache_on() {
+  std::lock_guard<std::mutex> lock(list_cache_mutex);
+  return list_cache_blocks > 0;
+}
+
+size_t lists_bytes(const cells_cpu::Lists& L) {
+  return L.band_start.size() * sizeof(int64_t) + L.index.size() * sizeof(int) + L.overflow.size() +
+         (L.band_lo.size() + L.centre.size() + L.seeds.size() + L.x.size() + L.y.size() + L.z.size()) * sizeof(float);
+}
+
+// Whether the grid a build would place for these queries (geom_new) lies inside the grid of geom,
+// slivers included (a flat axis: only its one value).
+bool grid_inside_grid(const float* geom_new, const float* geom, int G) {
+  for (int a = 0; a < 3; ++a) {
+    const float lo = geom[a] - geom[9 + a], hi = add_rn(geom[a], mul_rn(static_cast<float>(G), geom[3 + a])) + geom[9 + a];
+    const float lo_new = geom_new[a], hi_new = add_rn(geom_new[a], mul_rn(static_cast<float>(G), geom_new[3 + a]));
+    if (!(lo_new >= lo && hi_new <= hi)) return false;
+  }
+  return true;
+}
+
+std::shared_ptr<const cells_cpu::Lists> cell_lists(const float* px, int64_t P, const float* q, int64_t M, int K,
+                                                   int G, int64_t cap, bool avx2) {
+  const bool use_cache = env_int("GPAVATAR_KNN_CPU_CACHE", 1, 0, 1) == 1 && list_cache_on();
+  if (use_cache) {
+    float geom[kCellGeomStride];
+    cells_cpu::grid_geometry(geom, px, px + P, px + 2 * P, P, q, M, G);
+    const size_t bytes = static_cast<size_t>(3 * P) * sizeof(float);
+    std::lock_guard<std::mutex> lock(list_cache_mutex);
+    for (auto it = list_cache.begin(); it != list_cache.end(); ++it) {
+      if (it->K == K && it->G == G && it->cap == cap && static_cast<int64_t>(it->points.size()) == 3 * P &&
+          std::memcmp(it->points.data(), px, bytes) == 0 && grid_inside_grid(geom, it->lists->geom, G)) {
+        CachedLists hit = std::move(*it);
+        list_cache.erase(it);
+        list_cache.push_back(std::move(hit));
+        return list_cache.back().lists;
+      }
+    }
+  }
+  auto lists = std::make_shared<cells_cpu::Lists>();
+  cells_cpu::build(*lists, px, px + P, px + 2 * P, P, q, M, K, G, cap, avx2);
+  const size_t bytes = lists_bytes(*lists) + static_cast<size_t>(3 * P) * sizeof(float);
+  if (use_cache && bytes <= kListCacheBytes) {
+    std::lock_guard<std::mutex> lock(list_cache_mutex);
+    if (list_cache_blocks == 0) return lists;  // the block was left meanwhile
+    size_t held = bytes;
+    for (const CachedLists& e : list_cache) held += e.bytes;
+    while (!list_cache.empty() && (list_cache.size() >= kListCacheSize || held > kListCacheBytes)) {
+      held -= list_cache.front().bytes;
+      list_cache.erase(list_cache.begin());
+    }
+    list_cache.push_back(CachedLists{std::vector<float>(px, px + 3 * P), K, G, cap, lists, bytes});
+  }
+  return lists;
+}
+
+}  // namespace
+
+int64_t knn_cpu_list_cache(bool on) {
+  std::lock_guard<std::mutex> lock(list_cache_mutex);
+  const int64_t held = static_cast<int64_t>(list_cache.size());
+  if (on) {
+    ++list_cache_blocks;
+  } else {
+    TORCH_CHECK_VALUE(list_cache_blocks > 0, "knn_cpu_list_cache(false) without a block to leave");
+    if (--list_cache_blocks == 0) list_cache.clear();
+  }
+  return held;
+}
+
 std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
                                            const at::Tensor& points_in, int64_t K) {
   check_inputs(queries_in, points_in, K);
@@ -381,8 +480,8 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
     std::vector<char> left(B * M, 0);
     for (int64_t b = 0; b < B; ++b) {
       const float* px = s + b * 3 * P;
-      cells_cpu::Lists lists;
-      cells_cpu::build(lists, px, px + P, px + 2 * P, P, q + b * M * 3, M, k, G, cap, avx2);
+      const std::shared_ptr<const cells_cpu::Lists> shared = cell_lists(px, P, q + b * M * 3, M, k, G, cap, avx2);
+      const cells_cpu::Lists& lists = *shared;
       at::parallel_for(0, M, 256, [&](int64_t begin, int64_t end) {
         int64_t prev = -1;  // the last query of this range with its neighbours written
         for (int64_t m = begin; m < end; ++m) {

@@ -62,6 +62,7 @@ uses the detached coarse weights.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
@@ -71,6 +72,7 @@ from gpavatar import ops
 from gpavatar.model.recompute import recomputed
 from gpavatar.ops import _validation as v
 from gpavatar.ops._backend import needs_grad
+from gpavatar.ops.knn import cpu_list_cache
 
 __all__ = ["VolumeRenderer", "RayBatch", "inside_box", "pixel_grid", "camera_rays"]
 
@@ -209,9 +211,12 @@ class VolumeRenderer(nn.Module):
         """
         rays, coarse_t = self.coarse_samples(transform, stratified=stratified, generator=generator,
                                              validate=validate)
-        alpha_c, value_c, extras_c = self.query(field, rays, coarse_t, "coarse")
-        coarse, fine_t = self.fine_samples(coarse_t, alpha_c, value_c, stratified=stratified, generator=generator)
-        alpha_f, value_f, extras_f = self.query(field, rays, fine_t, "fine")
+        with cpu_list_cache() if transform.device.type == "cpu" else contextlib.nullcontext():
+            # (the two passes' CPU KNN on the same points: one list build)
+            alpha_c, value_c, extras_c = self.query(field, rays, coarse_t, "coarse")
+            coarse, fine_t = self.fine_samples(coarse_t, alpha_c, value_c, stratified=stratified,
+                                               generator=generator)
+            alpha_f, value_f, extras_f = self.query(field, rays, fine_t, "fine")
         out = self.composite_samples(coarse_t, alpha_c, value_c, fine_t, alpha_f, value_f, coarse.color,
                                      rays.batch)
         out["extras"] = {"coarse": extras_c, "fine": extras_f}

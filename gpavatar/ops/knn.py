@@ -20,9 +20,10 @@ Gradients of ``dist2`` flow to queries and points on every backend.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import torch
 
@@ -52,6 +53,26 @@ SHARE_ENV = "GPAVATAR_KNN_SHARE"
 # per batch element (kCellsMinQueries; below, CUDA scans every point and an index would not pay for
 # its build).  Whether an index applies at all is the extension's answer (knn_index_applies).
 INDEX_MIN_QUERIES = 8192
+
+
+@contextlib.contextmanager
+def cpu_list_cache() -> Iterator[None]:
+    """Inside the block the C++ CPU knn keeps the cell lists it builds and reuses them for later calls
+    on the same points (the same bytes and K, a grid that covers the new queries): a frame's or a
+    training step's two field passes build them once (the tiny preset's CPU frame 9.8 -> 9.6 ms on
+    2 Xeon cores).  The neighbours are the same bit for bit: a cell's list holds the K nearest of any
+    location in its cell.  Leaving the outermost block drops the lists, so separate frames never share
+    them.  Nothing happens without the extension's op or with ``GPAVATAR_KNN_CPU_CACHE=0``."""
+    op = getattr(torch.ops.gpavatar, "knn_cpu_list_cache", None) if hasattr(torch.ops.gpavatar,
+                                                                            "knn_cpu_list_cache") else None
+    if op is None:
+        yield
+        return
+    op(True)
+    try:
+        yield
+    finally:
+        op(False)
 
 
 def share_setting() -> bool:
