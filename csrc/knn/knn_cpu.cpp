@@ -385,11 +385,11 @@ std::shared_ptr<const cells_cpu::Lists> cell_lists(const float* px, int64_t P, c
   if (use_cache) {
     float geom[kCellGeomStride];
     cells_cpu::grid_geometry(geom, px, px + P, px + 2 * P, P, q, M, G);
-    const size_t bytes = static_cast<size_t>(3 * P) * sizeof(float);
+    const size_t point_bytes = static_cast<size_t>(3 * P) * sizeof(float);
     std::lock_guard<std::mutex> lock(list_cache_mutex);
     for (auto it = list_cache.begin(); it != list_cache.end(); ++it) {
       if (it->K == K && it->G == G && it->cap == cap && static_cast<int64_t>(it->points.size()) == 3 * P &&
-          std::memcmp(it->points.data(), px, bytes) == 0 && grid_inside_grid(geom, it->lists->geom, G)) {
+          std::memcmp(it->points.data(), px, point_bytes) == 0 && grid_inside_grid(geom, it->lists->geom, G)) {
         CachedLists hit = std::move(*it);
         list_cache.erase(it);
         list_cache.push_back(std::move(hit));
