@@ -230,17 +230,13 @@ def default_settings(device: Any, mode: str, compiled: frozenset = frozenset()) 
         return {}
     by_name = {s.name: s for s in SETTINGS}
     moot = {name for part in compiled for name in COMPILED_SETTINGS[part]}
-    triton_here = None  # asked once, when a Triton default is met
+    triton_here = _backend.triton_available() and _tf32_capable(device)
     chosen = {}
     for name, value in CUDA_DEFAULTS[mode].items():
         s = by_name.get(name)
-        if s is None or name in moot or (s.env is not None and os.environ.get(s.env, "") != ""):
+        if s is None or name in moot or (s.env is not None and os.environ.get(s.env, "") != "") \
+                or (s.triton and not triton_here):
             continue
-        if s.triton:
-            if triton_here is None:
-                triton_here = _backend.triton_available() and _tf32_capable(device)
-            if not triton_here:
-                continue
         chosen[name] = value
     return chosen
 

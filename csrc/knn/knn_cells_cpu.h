@@ -318,10 +318,11 @@ inline void grid_geometry(float* geom, const float* px, const float* py, const f
   cell_grid_geometry(plo, phi, qlo, qhi, G, geom);
 }
 
-// px, py, pz: the points (P each); queries (M, 3) only set the grid's box.
+// px, py, pz: the points (P each); geom: the grid's geometry (grid_geometry of the points and the
+// queries: the queries only set the grid's box).
 inline void build(Lists& L, const float* px, const float* py, const float* pz, int64_t P,
-                  const float* queries, int64_t M, int K, int G, int64_t cap, bool avx2 = false) {
-  grid_geometry(L.geom, px, py, pz, P, queries, M, G);
+                  const float* geom, int K, int G, int64_t cap, bool avx2 = false) {
+  std::copy(geom, geom + kCellGeomStride, L.geom);
   L.G = G;
 
   // Levels coarse to fine: G, G/2, ... while even and > 4; the coarsest from all points.

@@ -382,9 +382,9 @@ bool grid_inside_grid(const float* geom_new, const float* geom, int G) {
 std::shared_ptr<const cells_cpu::Lists> cell_lists(const float* px, int64_t P, const float* q, int64_t M, int K,
                                                    int G, int64_t cap, bool avx2) {
   const bool use_cache = env_int("GPAVATAR_KNN_CPU_CACHE", 1, 0, 1) == 1 && list_cache_on();
+  float geom[kCellGeomStride];
+  cells_cpu::grid_geometry(geom, px, px + P, px + 2 * P, P, q, M, G);
   if (use_cache) {
-    float geom[kCellGeomStride];
-    cells_cpu::grid_geometry(geom, px, px + P, px + 2 * P, P, q, M, G);
     const size_t point_bytes = static_cast<size_t>(3 * P) * sizeof(float);
     std::lock_guard<std::mutex> lock(list_cache_mutex);
     for (auto it = list_cache.begin(); it != list_cache.end(); ++it) {
@@ -398,7 +398,7 @@ std::shared_ptr<const cells_cpu::Lists> cell_lists(const float* px, int64_t P, c
     }
   }
   auto lists = std::make_shared<cells_cpu::Lists>();
-  cells_cpu::build(*lists, px, px + P, px + 2 * P, P, q, M, K, G, cap, avx2);
+  cells_cpu::build(*lists, px, px + P, px + 2 * P, P, geom, K, G, cap, avx2);
   const size_t bytes = lists_bytes(*lists) + static_cast<size_t>(3 * P) * sizeof(float);
   if (use_cache && bytes <= kListCacheBytes) {
     std::lock_guard<std::mutex> lock(list_cache_mutex);

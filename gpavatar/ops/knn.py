@@ -63,8 +63,7 @@ def cpu_list_cache() -> Iterator[None]:
     2 Xeon cores).  The neighbours are the same bit for bit: a cell's list holds the K nearest of any
     location in its cell.  Leaving the outermost block drops the lists, so separate frames never share
     them.  Nothing happens without the extension's op or with ``GPAVATAR_KNN_CPU_CACHE=0``."""
-    op = getattr(torch.ops.gpavatar, "knn_cpu_list_cache", None) if hasattr(torch.ops.gpavatar,
-                                                                            "knn_cpu_list_cache") else None
+    op = getattr(torch.ops.gpavatar, "knn_cpu_list_cache", None)
     if op is None:
         yield
         return
