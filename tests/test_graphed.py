@@ -324,3 +324,53 @@ def test_a_resumed_trainer_keeps_its_own_adam(tmp_path):
     assert all(st["step"].device.type == "cpu" and float(st["step"]) == 1 for st in eager.optimizer.state.values())
     eager.fit(progress=False)
     assert eager.step == 2
+
+
+def test_held_accumulators_finds_the_nodes_someone_keeps():
+    """A parameter's AccumulateGrad node is reported while a tensor holding its graph lives, not
+    after a step (nothing of a step outlives it) nor once that tensor is gone; nodes tagged with an
+    owner by CudaGraphs.hold_accumulators are left out for that owner."""
+    from gpavatar.train.graphed import held_accumulators
+
+    model, loss, x = _setup("cpu")
+    named = list(model.named_parameters())
+    assert held_accumulators(named) == []
+    step = GraphedTrainStep(_TrainStep(model), loss, _adam(model), torch.Generator().manual_seed(0),
+                            graphs=EagerGraphs())
+    step(*(x[k] for k in ARGS), single_source=False)
+    assert held_accumulators(named) == []
+    name, p = next((n, p) for n, p in named if p.requires_grad)
+    kept = p * 2  # an output that was not detached
+    assert held_accumulators(named) == [name]
+    del kept
+    assert held_accumulators(named) == []
+    frozen = [("frozen", torch.zeros(3))]
+    assert held_accumulators(frozen) == []
+
+
+def test_cuda_graphs_hold_the_accumulators_and_refuse_stale_ones(monkeypatch):
+    """hold_accumulators (no GPU needed): without torch's stale-stream override, a node kept alive
+    from before is a RuntimeError naming the parameter (instead of the capture's CUDA error); with
+    it, the capture may go on.  The nodes it makes are held (for the warm-ups and captures) and are
+    its own at the next capture."""
+    from gpavatar.train import graphed
+
+    model, _, _ = _setup("cpu")
+    named = list(model.named_parameters())
+    trainable = [n for n, p in named if p.requires_grad]
+    graphs = graphed.CudaGraphs()
+    graphs.hold_accumulators(named)
+    assert len(graphs.accumulators) == len(trainable)
+    assert graphed.held_accumulators(named) == trainable  # held by graphs
+    assert graphed.held_accumulators(named, graphs.owner) == []
+    monkeypatch.delattr(torch.autograd.graph, "set_override_stale_capture_stream", raising=False)
+    graphs.hold_accumulators(named)  # its own nodes: fine
+    other = graphed.CudaGraphs()
+    with pytest.raises(RuntimeError, match=f"accumulators of {trainable[0]}, .* and {len(trainable) - 5} more"):
+        other.hold_accumulators(named)
+    del graphs
+    other.hold_accumulators(named)  # once the old holder is gone
+    assert graphed.held_accumulators(named, other.owner) == []
+    monkeypatch.setattr(torch.autograd.graph, "set_override_stale_capture_stream", lambda on: None, raising=False)
+    monkeypatch.setattr(torch._C, "_override_stale_capture_stream", lambda: False, raising=False)
+    graphed.CudaGraphs().hold_accumulators(named)  # torch redirects stale nodes: no error

@@ -30,9 +30,14 @@ shape get their own graph.  Single process only (DDP's hooks are not captured).
 :func:`host_syncs` lists the operations of a block that read device values on the host (what a
 capture refuses); the tests run it on the CPU over a whole step.
 
+Each parameter's AccumulateGrad node is made on the capture stream and held
+(:meth:`CudaGraphs.hold_accumulators`), after :func:`held_accumulators` checked that nothing else
+keeps an older one alive (it would run on its own stream and break the capture).
+
 Status: everything around the capture is tested on the CPU (:class:`EagerGraphs`: replayed steps
-equal eager steps bit for bit); the CUDA capture itself has not run yet (no GPU was lent since it
-was written): ``tests/test_graphed.py``'s CUDA cases and bench_train's ``+graph`` rows are the check.
+equal eager steps bit for bit).  The CUDA capture failed in its one GPU run so far (an H100, torch
+2.11: a stale AccumulateGrad node, see above); the changes since are untested on a GPU:
+``tests/test_graphed.py``'s CUDA cases and bench_train's ``+graph`` rows are the check.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ import contextlib
 import gc
 import traceback
 import warnings
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -49,7 +54,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from gpavatar.ops._validation import values_unchecked
 
-__all__ = ["GraphedTrainStep", "CudaGraphs", "EagerGraphs", "host_syncs", "graphs_supported"]
+__all__ = ["GraphedTrainStep", "CudaGraphs", "EagerGraphs", "host_syncs", "graphs_supported", "held_accumulators"]
 
 # Operators that read a tensor's values on the host (or whose output shape depends on them).
 SYNC_OPS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2",
@@ -153,6 +158,40 @@ def _stale_streams_overridden() -> Iterator[None]:
         setter(saved)
 
 
+def _accumulator(p: torch.Tensor):
+    """The AccumulateGrad node of leaf p (made now, on the current stream, if none is alive)."""
+    with torch.enable_grad():
+        return p.view_as(p).grad_fn.next_functions[0][0]
+
+
+_PROBE, _OWNER = "gpavatar_probe", "gpavatar_capture_owner"
+
+
+def held_accumulators(named: Iterable[tuple[str, torch.Tensor]], owner: Optional[object] = None) -> list[str]:
+    """The names of the parameters whose AccumulateGrad node something keeps alive (a tensor of an
+    earlier step still holding its autograd graph, a DDP reducer, ...), except nodes tagged with
+    ``owner`` by :meth:`CudaGraphs.hold_accumulators`.  Autograd runs such a node on the stream it
+    was made on, so one made outside the capture stream breaks a capture.  Found by tagging each
+    node, dropping this function's references and looking again: a node nobody else held is made
+    anew without the tag."""
+    params = [(name, p) for name, p in named if p.requires_grad and p.is_leaf]
+    token = object()
+    for _, p in params:
+        _accumulator(p).metadata[_PROBE] = token
+    gc.collect()
+    held = []
+    for name, p in params:
+        metadata = _accumulator(p).metadata
+        if metadata.pop(_PROBE, None) is token and (owner is None or metadata.get(_OWNER) is not owner):
+            held.append(name)
+    return held
+
+
+def _stale_override_available() -> bool:
+    return hasattr(torch.autograd.graph, "set_override_stale_capture_stream") and hasattr(
+        torch._C, "_override_stale_capture_stream")
+
+
 class CudaGraphs:
     """How :class:`GraphedTrainStep` warms up and captures on a GPU: warm-up steps on a side
     stream, then ``fn`` captured into a CUDA graph (one memory pool per instance, shared by its
@@ -162,14 +201,41 @@ class CudaGraphs:
     def __init__(self):
         self.pool = None
         self.stream: Optional[torch.cuda.Stream] = None  # the warm-ups' and the captures' stream
+        self.owner = object()  # the tag of the AccumulateGrad nodes this instance holds
+        self.accumulators: list = []
+
+    def hold_accumulators(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Called on the capture stream before the warm-ups: makes and holds each parameter's
+        AccumulateGrad node there (so the warm-ups and captures use nodes of this stream, as DDP's
+        reducer holds its own), after checking that no node made elsewhere is kept alive by someone
+        else.  Such a node would run on its own stream inside the capture and fail it ("operation
+        would make the legacy stream depend on a capturing blocking stream"); torch newer than 2.11
+        redirects it (``set_override_stale_capture_stream``, on during captures), older ones get a
+        RuntimeError naming the parameters instead of that CUDA error."""
+        named = list(named)
+        stale = held_accumulators(named, self.owner)
+        if stale and not _stale_override_available():
+            shown = ", ".join(stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
+            raise RuntimeError(
+                f"cannot capture the training step in a CUDA graph: the gradient accumulators of {shown} are "
+                "kept alive from before (most often by a tensor of an earlier step that still holds its autograd "
+                "graph: a loss or an output that was not detached; or by DDP), and autograd would run them on the "
+                f"stream they were made on (torch {torch.__version__} cannot redirect them into a capture).  Drop "
+                "those references (or detach them) before the first graphed step")
+        self.accumulators = []
+        for _, p in named:
+            if p.requires_grad and p.is_leaf:
+                node = _accumulator(p)
+                node.metadata[_OWNER] = self.owner
+                self.accumulators.append(node)
 
     @contextlib.contextmanager
     def warmup_stream(self, device: torch.device) -> Iterator[None]:
         # Autograd runs each parameter's AccumulateGrad on the stream it was made on; one that outlives
         # its step (the last H100 run's captures failed on such a node: "operation would make the legacy
         # stream depend on a capturing blocking stream") must not tie another stream into the capture.
-        # So the garbage of earlier steps is collected first, and the warm-ups run on the stream the
-        # captures use.
+        # So the garbage of earlier steps is collected first, the warm-ups run on the stream the
+        # captures use, and GraphedTrainStep has hold_accumulators make and hold the nodes there.
         gc.collect()
         if self.stream is None:
             self.stream = torch.cuda.Stream(device)
@@ -209,6 +275,9 @@ class EagerGraphs:
 
     def warmup_stream(self, device: torch.device):
         return contextlib.nullcontext()
+
+    def hold_accumulators(self, named) -> None:
+        pass
 
     def capture(self, fn, generator):
         return fn
@@ -322,6 +391,7 @@ class GraphedTrainStep:
         undo = self._snapshot()
         try:
             with self.graphs.warmup_stream(static["images"].device), warnings.catch_warnings():
+                self.graphs.hold_accumulators(self._named_parameters())
                 # a capturable optimizer warns once when it steps outside a capture: these steps are undone
                 warnings.filterwarnings("ignore", message=".*capturable=True.*")
                 for _ in range(self.warmup):
@@ -339,6 +409,16 @@ class GraphedTrainStep:
         self.captures += 1
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         return _Captured(replay, static, grads)
+
+    def _named_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        """The step module's and the loss's parameters (each once), by name."""
+        seen, named = set(), []
+        for prefix, module in (("", self.step_module), ("loss.", self.loss)):
+            for name, p in module.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    named.append((prefix + name, p))
+        return named
 
     def _snapshot(self):
         """A function that puts back what warm-up steps change: the parameters and buffers of the
