@@ -32,7 +32,9 @@ them (a contradiction is an error); what runs (preset, sizes, weights) is printe
 from __future__ import annotations
 
 import math
+import os
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -202,6 +204,44 @@ def _bar(iterable, progress: bool, **kwargs):
     return tqdm(iterable, leave=False, **kwargs)
 
 
+def demo_compile(value: Optional[str], device: torch.device) -> tuple[str, bool]:
+    """What the demo compiles, and whether that was the "auto" choice: ``value`` when given ("sr", "layers", "all", "none"), else
+    ``$GPAVATAR_REALTIME_COMPILE`` when set, else "auto": the super-resolution on a CUDA device where
+    Triton runs (on an H100 the compiled fast super-resolution took 1.8 ms instead of 2.9, the fp32
+    one 9.7 instead of 10.3: the largest stage after the two field passes), nothing on a CPU (a C++
+    toolchain and a minute of compilation for ~1.5 ms of a tiny frame)."""
+    from gpavatar.realtime import COMPILE_ENV, compile_parts
+
+    if value is None:
+        value = os.environ.get(COMPILE_ENV) or "auto"
+    if value == "auto":
+        from gpavatar.ops._backend import triton_available
+
+        return ("sr" if device.type == "cuda" and triton_available() else "none"), True
+    compile_parts(value)
+    return value, False
+
+
+def _first_frame(model, avatar, first, options: dict, compile: str, automatic: bool, warmup: int):
+    """The real-time renderer and its warm-up (+ the capture on a GPU); when the compile was the
+    demo's own choice ("auto") and compiling fails, a warning and the same renderer uncompiled."""
+    try:
+        realtime = model.realtime(avatar, compile=compile, **options)
+        for _ in range(warmup):
+            realtime(*first)
+        return realtime
+    except Exception as exc:  # noqa: BLE001  (torch.compile's failures have many types)
+        if not automatic or compile == "none":
+            raise
+        warnings.warn(f"gpavatar demo: compiling the super-resolution failed ({type(exc).__name__}: {exc}); "
+                      "rendering without torch.compile (--compile none skips the attempt)", RuntimeWarning,
+                      stacklevel=2)
+    realtime = model.realtime(avatar, compile="none", **options)
+    for _ in range(warmup):
+        realtime(*first)
+    return realtime
+
+
 def run_demo(out: str = DEFAULT_OUT, frames: int = 50, preset: Optional[str] = None,
              checkpoint: Optional[str] = None, pretrained: Optional[str] = None, device: Optional[str] = None,
              backend: Optional[str] = None, batch: int = 1, fast: bool = False, warmup: int = 2,
@@ -212,8 +252,9 @@ def run_demo(out: str = DEFAULT_OUT, frames: int = 50, preset: Optional[str] = N
     ``preset`` (None: paper on CUDA, tiny on CPU) picks the model without weights; with ``checkpoint``
     / ``pretrained`` the weights decide and ``preset`` may only repeat them.  Every argument and the
     output path are checked before the model is loaded.  ``compile``: the real-time path's parts run
-    as ``torch.compile``'d functions ("sr", "layers", "all", "none"; None: ``$GPAVATAR_REALTIME_COMPILE``;
-    compiled in the warm-up, tens of seconds)."""
+    as ``torch.compile``'d functions ("sr", "layers", "all", "none", "auto"; None:
+    ``$GPAVATAR_REALTIME_COMPILE``, else "auto": :func:`demo_compile`), compiled in the warm-up (tens
+    of seconds; "auto" falls back to no compilation with a warning if that fails)."""
     from gpavatar.cli import check_device, check_output_file
 
     path = check_output_file(out, "--out", VIDEO_SUFFIXES)
@@ -222,10 +263,8 @@ def run_demo(out: str = DEFAULT_OUT, frames: int = 50, preset: Optional[str] = N
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if preset not in (None, "paper", "tiny"):
         raise ValueError(f"preset must be 'paper' or 'tiny', got {preset!r}")
-    from gpavatar.realtime import compile_parts
-
-    compile_parts(compile)  # checked before the model is loaded
     dev = check_device(device)
+    compile, automatic = demo_compile(compile, dev)  # checked before the model is loaded
     if not (checkpoint or pretrained):
         preset = preset or ("paper" if dev.type == "cuda" else "tiny")
     model, weights = load_model(preset, checkpoint, pretrained, dev, backend)
@@ -239,11 +278,12 @@ def run_demo(out: str = DEFAULT_OUT, frames: int = 50, preset: Optional[str] = N
         avatar = model.build_avatar(source)
         _sync(dev)
         build_ms = 1000 * (time.perf_counter() - start)
-    realtime = model.realtime(avatar, batch=batch, dtype=torch.bfloat16 if fast else torch.float32,
-                              warmup=max(1, warmup), tune=bool(tune), compile=compile)
+    options = dict(batch=batch, dtype=torch.bfloat16 if fast else torch.float32, warmup=max(1, warmup),
+                   tune=bool(tune))
     first = frame_batch(points, cameras, 0, batch)[:2]
-    for _ in range(max(1, warmup if dev.type == "cpu" else 1)):  # warm-up (+ the capture on a GPU)
-        realtime(*first)
+    # warm-up (+ the capture on a GPU)
+    realtime = _first_frame(model, avatar, first, options, compile, automatic,
+                            max(1, warmup if dev.type == "cpu" else 1))
     images = []
     _sync(dev)
     start = time.perf_counter()
@@ -296,10 +336,11 @@ def add_parser(sub) -> None:
     p.add_argument("--tune", action="store_true",
                    help="time the real-time path's kernel settings on this device first and keep the fastest "
                    "that pass the image check (gpavatar.realtime; seconds of warm-up, GPU settings only)")
-    p.add_argument("--compile", default=None, choices=("sr", "layers", "all", "none"),
+    p.add_argument("--compile", default=None, choices=("auto", "sr", "layers", "all", "none"),
                    help="run the super-resolution and/or the field's layers as torch.compile'd functions (tens of "
                    "seconds of compilation in the warm-up; on an H100 the fast super-resolution 1.8 ms instead of "
-                   "2.9; default: $GPAVATAR_REALTIME_COMPILE, else none)")
+                   "2.9; default: $GPAVATAR_REALTIME_COMPILE, else auto: the super-resolution on a CUDA GPU, "
+                   "nothing on a CPU)")
     p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.set_defaults(run=_main)
 

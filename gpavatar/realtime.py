@@ -19,8 +19,9 @@ noise or none) without either:
   ``field_dtype=torch.bfloat16`` also runs the field passes' layers under bf16 autocast (opt-in: on
   an H100 no faster than the Triton layers in tf32); ``compile`` (or ``$GPAVATAR_REALTIME_COMPILE``)
   runs the super-resolution and/or the field's layers as ``torch.compile``'d functions (inductor
-  fuses their element-wise chains; opt-in: tens of seconds of first compile; on an H100 the fast
-  super-resolution 1.8 ms instead of 3.2, the fp32 frame 17.8 ms instead of 18.8);
+  fuses their element-wise chains; opt-in here: tens of seconds of first compile; on an H100 the fast
+  super-resolution 1.8 ms instead of 2.9, the fp32 frame 17.8 ms instead of 18.8; ``gpavatar demo``
+  compiles the super-resolution on a CUDA GPU by default);
   ``torch.float32`` keeps TF32 off for matmuls and convolutions (full fp32 arithmetic).
 
 ``settings`` ({name: value} of :data:`SETTINGS`: the KNN's list sharing, grid and scan, the Triton

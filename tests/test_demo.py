@@ -135,3 +135,58 @@ def test_demo_compile_option_is_checked_first_and_reported(tmp_path, monkeypatch
     assert result["compiled"] == [] and result["defaults"] == {}
     with pytest.raises(SystemExit):
         cli.main(["demo", "--compile", "everything"])
+
+
+def test_demo_compiles_the_super_resolution_on_a_gpu_by_default(monkeypatch):
+    """--compile's default "auto": the super-resolution on a CUDA device where Triton runs, nothing on
+    a CPU or without Triton; the environment's value or a given one wins (checked: a ValueError)."""
+    import gpavatar.demo as demo
+    from gpavatar.ops import _backend
+
+    monkeypatch.delenv("GPAVATAR_REALTIME_COMPILE", raising=False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(_backend, "triton_available", lambda: True)
+    assert demo.demo_compile(None, cuda) == ("sr", True)
+    assert demo.demo_compile("auto", cpu) == ("none", True)
+    assert demo.demo_compile("layers", cuda) == ("layers", False)
+    monkeypatch.setenv("GPAVATAR_REALTIME_COMPILE", "none")
+    assert demo.demo_compile(None, cuda) == ("none", False)
+    monkeypatch.setenv("GPAVATAR_REALTIME_COMPILE", "auto")
+    assert demo.demo_compile(None, cuda) == ("sr", True)
+    monkeypatch.setattr(_backend, "triton_available", lambda: False)
+    assert demo.demo_compile(None, cuda) == ("none", True)
+    with pytest.raises(ValueError, match="compile"):
+        demo.demo_compile("fast", cuda)
+    assert cli.build_parser().parse_args(["demo", "--compile", "auto"]).compile == "auto"
+
+
+def test_demo_falls_back_without_compile_only_when_it_chose_to_compile():
+    """A compile that fails in the warm-up: with "auto" a RuntimeWarning and the renderer uncompiled
+    (warmed up the same way); a compile the user asked for raises."""
+    import gpavatar.demo as demo
+
+    class Renderer:
+        def __init__(self, compile):
+            self.compile, self.calls = compile, 0
+
+        def __call__(self, *args):
+            if self.compile != "none":
+                raise RuntimeError("inductor failed")
+            self.calls += 1
+
+    class Model:
+        def __init__(self):
+            self.built = []
+
+        def realtime(self, avatar, compile, **options):
+            self.built.append((compile, options))
+            return Renderer(compile)
+
+    model = Model()
+    with pytest.warns(RuntimeWarning, match="compiling the super-resolution failed .*inductor failed"):
+        r = demo._first_frame(model, None, (1, 2), {"batch": 1}, "sr", True, 2)
+    assert r.compile == "none" and r.calls == 2 and model.built == [("sr", {"batch": 1}), ("none", {"batch": 1})]
+    with pytest.raises(RuntimeError, match="inductor"):
+        demo._first_frame(Model(), None, (1, 2), {}, "sr", False, 1)
+    r = demo._first_frame(Model(), None, (1, 2), {}, "none", True, 3)
+    assert r.calls == 3
