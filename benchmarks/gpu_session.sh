@@ -12,10 +12,11 @@
 #       compiled), +tune (RealtimeRenderer(tune=True): every kernel setting of gpavatar.realtime.SETTINGS
 #       timed one value at a time from the defaults -- the KNN share / cells / search / order / build,
 #       the Triton layers, blend and upsampling, bf16 field, the fp32 super-resolution layouts, cuDNN
-#       benchmark -- its trials in the report) and +compile (fast and fp32); bench_train torch-fast,
+#       benchmark -- its trials in the report); bench_train torch-fast,
 #       cuda, cuda+segmented (the decoder's checkpointed passes as one autograd function each, the CPU
-#       default: PointsDecoder.segmented), cuda+bf16 (--amp bf16), cuda+graph.  The 2026-12-05 run of this mode (fewer
-#       variants) took 381 s.
+#       default: PointsDecoder.segmented), cuda+bf16 (--amp bf16), cuda+graph; last, profile_frame of
+#       the fast frame with the defaults, kernel by kernel (where the next blind work should go).  The
+#       2026-12-05 run of this mode (with +compile, without +plain / +compilesr / the profile) took 381 s.
 #
 #   bash benchmarks/gpu_session.sh opt-ins OUTDIR   (about 9 minutes)
 #       times the fast mode's opt-in kernels against the defaults:
@@ -57,14 +58,15 @@ if [[ "$1" == key ]]; then
     export CUDA_TESTS="${CUDA_TESTS:-tests/test_graphed.py tests/test_field_layers.py tests/test_knn_index.py::test_one_pass_index_holds_the_two_level_lists tests/test_knn_index.py::test_index_keeps_its_order tests/test_knn_index.py::test_cuda_index_is_the_cpu_layout tests/test_ops_nan.py::test_knn_nonfinite_total_order tests/test_ops_nan.py::test_knn_blend_nonfinite_coordinates tests/test_ops_nan.py::test_triplane_nonfinite_coords tests/test_field_checkpoint.py::test_forms_agree_on_cuda tests/test_realtime.py tests/test_triplane.py}"
     export CUDA_TESTS_CAP="${CUDA_TESTS_CAP:-150}"
     export REPORT_BUDGET_S="${REPORT_BUDGET_S:-540}"
-    export BENCHES_ONLY="${BENCHES_ONLY:-benchmarks/bench_knn_blend.py benchmarks/bench_e2e.py benchmarks/bench_train.py}"
+    export BENCHES_ONLY="${BENCHES_ONLY:-benchmarks/bench_knn_blend.py benchmarks/bench_e2e.py benchmarks/bench_train.py benchmarks/profile_frame.py}"
     export ARGS_bench_knn_blend="${ARGS_bench_knn_blend:---dist render --backends torch-fast,cuda --max-seconds 2}"
     export CAP_bench_knn_blend="${CAP_bench_knn_blend:-60}"
-    KEY_VARIANTS="plain,compilesr,tune,compile"
+    KEY_VARIANTS="plain,compilesr,tune"
     export ARGS_bench_e2e="${ARGS_bench_e2e:---batch 1 --cases render,realtime --backends torch-fast,cuda --realtime-batch 8 --max-seconds 3 --realtime-variants $KEY_VARIANTS}"
     export CAP_bench_e2e="${CAP_bench_e2e:-290}"
     export ARGS_bench_train="${ARGS_bench_train:---backends torch-fast,cuda,cuda+segmented,cuda+bf16,cuda+graph --repeats 5}"
     export CAP_bench_train="${CAP_bench_train:-140}"
+    export ARGS_profile_frame="${ARGS_profile_frame:---modes fast}" CAP_profile_frame="${CAP_profile_frame:-45}"
 elif [[ "$1" == opt-ins ]]; then
     export CUDA_TESTS="${CUDA_TESTS:-tests/test_field_layers.py tests/test_knn_index.py tests/test_knn_blend.py tests/test_realtime.py}"
     export CUDA_TESTS_CAP="${CUDA_TESTS_CAP:-150}"
