@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpavatar.model.decoder import PointsDecoder
-from gpavatar.ops._backend import triton_available
+from gpavatar.ops._backend import triton_available, triton_interpreted
 from gpavatar.ops.field_query import LAYERS_ENV, field_layers, layers_precision, layers_setting
 
 requires_triton = pytest.mark.skipif(not triton_available(), reason="needs triton")
@@ -341,8 +341,8 @@ def test_rounding_budget_on_the_cpu(launches):
     """The budget at paper widths (Triton interpreter, whose bf16 conversion truncates): the bf16
     kernel lies within it; a dropped bias or two swapped input columns do not; TF32 rounding costs
     the layers more than fp32 reordering does (the budget is not empty)."""
-    if not triton_available():
-        pytest.skip("needs triton")
+    if not (triton_available() and triton_interpreted()):
+        pytest.skip("needs triton's interpreter (CPU tensors)")
     dec = make_decoder(**WIDTHS["paper"])
     args = make_inputs(dec, B=1, N=2048)
     w = dec.field_weights()
