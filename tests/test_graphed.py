@@ -374,3 +374,16 @@ def test_cuda_graphs_hold_the_accumulators_and_refuse_stale_ones(monkeypatch):
     monkeypatch.setattr(torch.autograd.graph, "set_override_stale_capture_stream", lambda on: None, raising=False)
     monkeypatch.setattr(torch._C, "_override_stale_capture_stream", lambda: False, raising=False)
     graphed.CudaGraphs().hold_accumulators(named)  # torch redirects stale nodes: no error
+
+
+def test_a_second_hold_keeps_the_held_nodes():
+    """A second capture's hold_accumulators reuses the nodes the first one made (they stay referenced
+    until the new list is made), so nothing is made again on another stream."""
+    from gpavatar.train import graphed
+
+    model, _, _ = _setup("cpu")
+    graphs = graphed.CudaGraphs()
+    graphs.hold_accumulators(model.named_parameters())
+    first = list(graphs.accumulators)
+    graphs.hold_accumulators(model.named_parameters())
+    assert len(first) > 0 and all(a is b for a, b in zip(first, graphs.accumulators))

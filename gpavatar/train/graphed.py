@@ -139,18 +139,23 @@ class _Captured:
         self.replay, self.inputs, self.grads = replay, inputs, grads
 
 
+def _stale_override_available() -> bool:
+    """Whether this torch can redirect stale autograd streams into a capture (newer than 2.11)."""
+    return hasattr(torch.autograd.graph, "set_override_stale_capture_stream") and hasattr(
+        torch._C, "_override_stale_capture_stream")
+
+
 @contextlib.contextmanager
 def _stale_streams_overridden() -> Iterator[None]:
     """Where torch has it (``torch.autograd.graph.set_override_stale_capture_stream``, newer than
     2.11), autograd nodes holding a non-capturing stream from before a capture run on the capture's
     stream inside the block instead of failing it; elsewhere nothing.  The process's setting is
     restored."""
-    setter = getattr(torch.autograd.graph, "set_override_stale_capture_stream", None)
-    getter = getattr(torch._C, "_override_stale_capture_stream", None)
-    if setter is None or getter is None:
+    if not _stale_override_available():
         yield
         return
-    saved = bool(getter())
+    setter = torch.autograd.graph.set_override_stale_capture_stream
+    saved = bool(torch._C._override_stale_capture_stream())
     setter(True)
     try:
         yield
@@ -187,11 +192,6 @@ def held_accumulators(named: Iterable[tuple[str, torch.Tensor]], owner: Optional
     return held
 
 
-def _stale_override_available() -> bool:
-    return hasattr(torch.autograd.graph, "set_override_stale_capture_stream") and hasattr(
-        torch._C, "_override_stale_capture_stream")
-
-
 class CudaGraphs:
     """How :class:`GraphedTrainStep` warms up and captures on a GPU: warm-up steps on a side
     stream, then ``fn`` captured into a CUDA graph (one memory pool per instance, shared by its
@@ -222,12 +222,11 @@ class CudaGraphs:
                 "graph: a loss or an output that was not detached; or by DDP), and autograd would run them on the "
                 f"stream they were made on (torch {torch.__version__} cannot redirect them into a capture).  Drop "
                 "those references (or detach them) before the first graphed step")
-        self.accumulators = []
-        for _, p in named:
-            if p.requires_grad and p.is_leaf:
-                node = _accumulator(p)
-                node.metadata[_OWNER] = self.owner
-                self.accumulators.append(node)
+        # the held nodes stay referenced until the new list is made: a second capture reuses them
+        nodes = [_accumulator(p) for _, p in named if p.requires_grad and p.is_leaf]
+        for node in nodes:
+            node.metadata[_OWNER] = self.owner
+        self.accumulators = nodes
 
     @contextlib.contextmanager
     def warmup_stream(self, device: torch.device) -> Iterator[None]:
