@@ -120,6 +120,19 @@ def graphed_variant(backend: str) -> bool:
     return "graph" in backend.split("+")[1:]
 
 
+def precision_of(backend: str) -> str:
+    """"bf16" for a row under bf16 autocast (``+bf16``), else "fp32"."""
+    return "bf16" if split_variant(backend)[2] else "fp32"
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Each row against the fastest baseline row of its precision: a ``+bf16`` row against
+    ``torch-fast+bf16`` (the official-style path under the same autocast), an fp32 row against
+    ``torch-fast``; a precision without a baseline row gets no ratio."""
+    H.add_baseline_ratios(rows, list(BASELINES) + [b + "+bf16" for b in BASELINES],
+                          key=lambda r: (r["case"], precision_of(r["backend"])))
+
+
 def make_step(setup: dict, backend: str, pack_hook=None):
     """A zero-argument training step with ``backend`` from the initial weights, a fresh Adam and a
     fresh generator (the same draws for every backend); returns the step's total loss (a tensor).
@@ -302,8 +315,9 @@ def render_markdown(payload: dict) -> str:
                "convolutions add im2col workspaces a GPU does not have).")
             + " Saved MiB: the activations the step keeps for its backward (distinct storages autograd saves "
             "in the forward and the loss, parameters excluded; the same on every device; by module in the JSON)."
-            + " vs best baseline: the fastest baseline row (torch-fast = the official-style path: pure-torch ops + "
-            "the PEF of benchmarks/_baselines.py; pytorch3d = the same with knn_points), its ms / this row's ms; "
+            + " vs best baseline: the fastest baseline row of the same precision (torch-fast = the official-style "
+            "path: pure-torch ops + the PEF of benchmarks/_baselines.py; pytorch3d = the same with knn_points; a +bf16 "
+            "row against the baselines' +bf16 rows, none when the run has none), its ms / this row's ms; "
             "mem vs best: this row's peak / that baseline's peak. loss (step 1): the first step's total loss from "
             "the same weights and draws (rows agree up to float rounding). Field passes of 65536 samples or more "
             "checkpoint the decoder's tri-plane sampling and layers on the gpavatar backends "
@@ -372,10 +386,10 @@ def main(argv=None) -> int:
         print(f"[bench_train] {CASE} / {backend} ...", file=sys.stderr, flush=True)
         payload["rows"].append(run_row(setup, backend, device, repeats=repeats, warmup=warmup,
                                        max_seconds=max_seconds, min_repeats=args.min_repeats))
-        H.add_baseline_ratios(payload["rows"], BASELINES)
+        add_ratios(payload["rows"])
         if args.json:  # partial results survive a timeout
             H.write_json(args.json, dict(payload, partial=True))
-    H.add_baseline_ratios(payload["rows"], BASELINES)
+    add_ratios(payload["rows"])
     return H.emit_report(payload, render_markdown(payload), args.json, args.markdown)
 
 

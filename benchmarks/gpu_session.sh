@@ -12,8 +12,8 @@
 #       compiled), +tune (RealtimeRenderer(tune=True): every kernel setting of gpavatar.realtime.SETTINGS
 #       timed one value at a time from the defaults -- the KNN share / cells / search / order / build,
 #       the Triton layers, blend and upsampling, bf16 field, the fp32 super-resolution layouts, cuDNN
-#       benchmark -- its trials in the report); bench_train torch-fast,
-#       cuda, cuda+segmented (the decoder's checkpointed passes as one autograd function each, the CPU
+#       benchmark -- its trials in the report); bench_train torch-fast, torch-fast+bf16 (the
+#       baseline of the bf16 rows), cuda, cuda+segmented (the decoder's checkpointed passes as one autograd function each, the CPU
 #       default: PointsDecoder.segmented), cuda+bf16 (--amp bf16), cuda+graph; last, profile_frame of
 #       the fast frame with the defaults, kernel by kernel (where the next blind work should go).  The
 #       2026-12-05 run of this mode (with +compile, without +plain / +compilesr / the profile) took 381 s.
@@ -64,8 +64,8 @@ if [[ "$1" == key ]]; then
     KEY_VARIANTS="plain,compilesr,tune"
     export ARGS_bench_e2e="${ARGS_bench_e2e:---batch 1 --cases render,realtime --backends torch-fast,cuda --realtime-batch 8 --max-seconds 3 --realtime-variants $KEY_VARIANTS}"
     export CAP_bench_e2e="${CAP_bench_e2e:-290}"
-    export ARGS_bench_train="${ARGS_bench_train:---backends torch-fast,cuda,cuda+segmented,cuda+bf16,cuda+graph --repeats 5}"
-    export CAP_bench_train="${CAP_bench_train:-140}"
+    export ARGS_bench_train="${ARGS_bench_train:---backends torch-fast,torch-fast+bf16,cuda,cuda+bf16,cuda+segmented,cuda+graph --repeats 5}"
+    export CAP_bench_train="${CAP_bench_train:-170}"
     export ARGS_profile_frame="${ARGS_profile_frame:---modes fast}" CAP_profile_frame="${CAP_profile_frame:-45}"
 elif [[ "$1" == opt-ins ]]; then
     export CUDA_TESTS="${CUDA_TESTS:-tests/test_field_layers.py tests/test_knn_index.py tests/test_knn_blend.py tests/test_realtime.py}"
@@ -81,7 +81,7 @@ else
     # the whole report within 450 s: call it with run(timeout_s=480) or more
     export REPORT_BUDGET_S="${REPORT_BUDGET_S:-450}"
     export BENCHES_ONLY="${BENCHES_ONLY:-benchmarks/bench_train.py benchmarks/profile_frame.py}"
-    export ARGS_bench_train="${ARGS_bench_train:---backends torch-fast,cuda,cuda+keep,cuda+segmented,cuda+bf16,cuda+graph,cuda+bf16+graph --repeats 5}"
+    export ARGS_bench_train="${ARGS_bench_train:---backends torch-fast,torch-fast+bf16,cuda,cuda+keep,cuda+segmented,cuda+bf16,cuda+graph,cuda+bf16+graph --repeats 5}"
     export CAP_bench_train="${CAP_bench_train:-210}"
     export ARGS_profile_frame="${ARGS_profile_frame:---train}" CAP_profile_frame="${CAP_profile_frame:-75}"
 fi

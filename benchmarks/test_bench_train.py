@@ -129,3 +129,20 @@ def test_pass_form_variants(cpu_setup, monkeypatch):
     for backend in ("cpu", "cpu+segmented", "cpu+checkpoint"):
         make_step(cpu_setup, backend)()
     assert seen == [None, True, False] and model.nerf_mlp.segmented is None
+
+
+def test_bf16_rows_are_compared_with_the_bf16_baseline():
+    """A +bf16 row's ratio is against the official-style path under the same autocast
+    (torch-fast+bf16), an fp32 row's against torch-fast; without a bf16 baseline row, no ratio."""
+    from bench_train import add_ratios
+
+    def row(backend, ms):
+        return dict(case="step", backend=backend, median_ms=ms, peak_mem_bytes=100, error=None)
+
+    rows = [row("torch-fast", 300.0), row("torch-fast+bf16", 150.0), row("cuda", 100.0), row("cuda+bf16", 50.0)]
+    add_ratios(rows)
+    assert [(r["best_baseline"], r["speedup_vs_best"]) for r in rows] == [
+        ("torch-fast", 1.0), ("torch-fast+bf16", 1.0), ("torch-fast", 3.0), ("torch-fast+bf16", 3.0)]
+    rows = [row("torch-fast", 300.0), row("cuda+bf16", 50.0)]
+    add_ratios(rows)
+    assert rows[1]["best_baseline"] is None and rows[1]["speedup_vs_best"] is None
