@@ -218,7 +218,10 @@ def demo_compile(value: Optional[str], device: torch.device) -> tuple[str, bool]
         from gpavatar.ops._backend import triton_available
 
         return ("sr" if device.type == "cuda" and triton_available() else "none"), True
-    compile_parts(value)
+    try:
+        compile_parts(value)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (or auto, the demo's default)") from None
     return value, False
 
 
