@@ -228,21 +228,21 @@ def demo_compile(value: Optional[str], device: torch.device) -> tuple[str, bool]
 def _first_frame(model, avatar, first, options: dict, compile: str, automatic: bool, warmup: int):
     """The real-time renderer and its warm-up (+ the capture on a GPU); when the compile was the
     demo's own choice ("auto") and compiling fails, a warning and the same renderer uncompiled."""
-    try:
-        realtime = model.realtime(avatar, compile=compile, **options)
+    def start(parts: str):
+        realtime = model.realtime(avatar, compile=parts, **options)
         for _ in range(warmup):
             realtime(*first)
         return realtime
+
+    try:
+        return start(compile)
     except Exception as exc:  # noqa: BLE001  (torch.compile's failures have many types)
         if not automatic or compile == "none":
             raise
         warnings.warn(f"gpavatar demo: compiling the super-resolution failed ({type(exc).__name__}: {exc}); "
                       "rendering without torch.compile (--compile none skips the attempt)", RuntimeWarning,
                       stacklevel=2)
-    realtime = model.realtime(avatar, compile="none", **options)
-    for _ in range(warmup):
-        realtime(*first)
-    return realtime
+    return start("none")
 
 
 def run_demo(out: str = DEFAULT_OUT, frames: int = 50, preset: Optional[str] = None,

@@ -212,7 +212,7 @@ class CudaGraphs:
         would make the legacy stream depend on a capturing blocking stream"); torch newer than 2.11
         redirects it (``set_override_stale_capture_stream``, on during captures), older ones get a
         RuntimeError naming the parameters instead of that CUDA error."""
-        named = list(named)
+        named = [(name, p) for name, p in named if p.requires_grad and p.is_leaf]
         stale = held_accumulators(named, self.owner)
         if stale and not _stale_override_available():
             shown = ", ".join(stale[:5]) + (f" and {len(stale) - 5} more" if len(stale) > 5 else "")
@@ -223,7 +223,7 @@ class CudaGraphs:
                 f"stream they were made on (torch {torch.__version__} cannot redirect them into a capture).  Drop "
                 "those references (or detach them) before the first graphed step")
         # the held nodes stay referenced until the new list is made: a second capture reuses them
-        nodes = [_accumulator(p) for _, p in named if p.requires_grad and p.is_leaf]
+        nodes = [_accumulator(p) for _, p in named]
         for node in nodes:
             node.metadata[_OWNER] = self.owner
         self.accumulators = nodes
