@@ -41,6 +41,7 @@ Usage::
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
@@ -67,9 +68,11 @@ RTOL_TC = 2e-2  # the "+tc" rows (tf32 products: 10-bit mantissas)
 TC_SUFFIX = "+tc"
 # The CUDA KNN's opt-in variants (csrc/knn/knn_cells.cu; exact, so checked like the default): a row
 # "cuda+centre" runs every case with the centre-ordered lists, "cuda+onepass" with the one-launch
-# list build; suffixes combine ("cuda+centre+onepass").
+# list build, "cuda+grouped" with the grouped list scan (knn_cells.h: scan_grouped); suffixes
+# combine in this order ("cuda+centre+grouped").
 KNN_VARIANTS = {"+centre": {"GPAVATAR_KNN_CUDA_ORDER": "centre"},
-                "+onepass": {"GPAVATAR_KNN_CUDA_BUILD": "one_pass"}}
+                "+onepass": {"GPAVATAR_KNN_CUDA_BUILD": "one_pass"},
+                "+grouped": {"GPAVATAR_KNN_CUDA_SEARCH": "grouped"}}
 CASES = ("knn", "knn_blend", "knn_blend+bwd")
 BASELINES = ("torch-fast", "pytorch3d")
 ORACLE = "torch"
@@ -100,6 +103,12 @@ def _with_grad(inp: dict) -> dict:
     for k in PARAMS:
         d[k] = inp[k].detach().clone().requires_grad_(True)
     return d
+
+
+def knn_variant_suffixes() -> list[str]:
+    """Every combination of KNN_VARIANTS' suffixes, in their order: "+centre", ..., "+centre+onepass", ..."""
+    names = list(KNN_VARIANTS)
+    return ["".join(c) for n in range(1, len(names) + 1) for c in itertools.combinations(names, n)]
 
 
 def kind_of(backend: str) -> str:
@@ -341,7 +350,7 @@ def choose_backends(device: torch.device, args, payload: dict) -> list[str]:
                      if b != ORACLE and not (b == "triton" and device.type != "cuda")]
         if device.type == "cuda" and "cuda" in backends:
             at = backends.index("cuda") + 1
-            backends[at:at] = ["cuda" + TC_SUFFIX] + ["cuda" + v for v in (*KNN_VARIANTS, "".join(KNN_VARIANTS))]
+            backends[at:at] = ["cuda" + TC_SUFFIX] + ["cuda" + v for v in knn_variant_suffixes()]
     except Exception as exc:
         payload["error"] = f"cannot import gpavatar.ops: {type(exc).__name__}: {exc}"
         return []

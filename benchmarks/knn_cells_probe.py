@@ -72,6 +72,7 @@ def run_once(args, device, backend):
     """knn (every scan, list build and band order) and knn_blend forward + backward, once each."""
     q, p = _distributions.make_queries("render", 1, args.M, args.P, device=device)
     for extra in (dict(), dict(GPAVATAR_KNN_CUDA_SEARCH="buffered"), dict(GPAVATAR_KNN_CUDA_SEARCH="unrolled"),
+                  dict(GPAVATAR_KNN_CUDA_SEARCH="grouped"),
                   dict(GPAVATAR_KNN_CUDA_BUILD="flat"), dict(GPAVATAR_KNN_CUDA_BUILD="one_pass"),
                   dict(GPAVATAR_KNN_CUDA_ORDER="centre")):
         with env(GPAVATAR_KNN="cells", **extra):
@@ -137,6 +138,10 @@ def main(argv=None):
             cases.append(("cells buffered", backend, dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_SEARCH="buffered")))
             # the prefetching scan (no faster on an H200), alone and with the two-level build at the larger grids
             cases.append(("cells unrolled", backend, dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_SEARCH="unrolled")))
+            # four entries compared with the K-th before any is offered (knn_cells.h: scan_grouped)
+            cases.append(("cells grouped", backend, dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_SEARCH="grouped")))
+            cases.append(("cells centre grouped", backend, dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_ORDER="centre",
+                                                                GPAVATAR_KNN_CUDA_SEARCH="grouped")))
             for G in [int(g) for g in args.grids.split(",") if int(g) >= 24]:
                 cases.append((f"cells two_level unrolled G={G}", backend,
                               dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CELLS=G, GPAVATAR_KNN_CUDA_BUILD="two_level",

@@ -75,6 +75,9 @@ def run_knn_methods(backend: str, device: torch.device, B=2, M=12000, P=500, K=8
 # The CUDA variants besides the defaults (environment switches) run_variants covers.
 VARIANTS = (
     ("knn search unrolled", dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_SEARCH="unrolled")),
+    ("knn search grouped", dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_SEARCH="grouped")),
+    ("knn order centre grouped", dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_ORDER="centre",
+                                      GPAVATAR_KNN_CUDA_SEARCH="grouped")),
     ("knn build flat", dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_BUILD="flat")),
     ("knn build two_level cap 40", dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_BUILD="two_level",
                                         GPAVATAR_KNN_PARENT_CAP="40")),

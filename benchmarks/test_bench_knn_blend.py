@@ -312,7 +312,7 @@ def test_kernel_resources_parses_ptxas():
 
 
 def test_knn_variant_rows_run_with_their_settings(monkeypatch):
-    """A "+centre" / "+onepass" row runs its case with the variant's switches set (and only during the
+    """A "+centre" / "+onepass" / "+grouped" row runs its case with the variant's switches set (and only during the
     call), and passes its check against the oracle (on the CPU layout of the CUDA lists, where the
     switches act)."""
     import gpavatar.ops as ops
@@ -325,13 +325,17 @@ def test_knn_variant_rows_run_with_their_settings(monkeypatch):
     real = ops.knn
 
     def spy(*args, **kwargs):
-        seen.append((os.environ.get("GPAVATAR_KNN_CUDA_ORDER"), os.environ.get("GPAVATAR_KNN_CUDA_BUILD")))
+        seen.append((os.environ.get("GPAVATAR_KNN_CUDA_ORDER"), os.environ.get("GPAVATAR_KNN_CUDA_BUILD"),
+                     os.environ.get("GPAVATAR_KNN_CUDA_SEARCH")))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ops, "knn", spy)
     inp = KB.make_inputs(1, 2048, 400, 8, 32, 64, 32, dist="render")
-    for backend, want in (("cpu+centre", ("centre", None)), ("cpu+onepass", (None, "one_pass")),
-                          ("cpu+centre+onepass", ("centre", "one_pass"))):
+    assert KB.knn_variant_suffixes() == ["+centre", "+onepass", "+grouped", "+centre+onepass", "+centre+grouped",
+                                         "+onepass+grouped", "+centre+onepass+grouped"]
+    for backend, want in (("cpu+centre", ("centre", None, None)), ("cpu+onepass", (None, "one_pass", None)),
+                          ("cpu+centre+onepass", ("centre", "one_pass", None)),
+                          ("cpu+grouped", (None, None, "grouped")), ("cpu+centre+grouped", ("centre", None, "grouped"))):
         seen.clear()
         row = KB.check_case("knn", backend, inp)
         assert row["correct"] and row["idx_mismatch"] == 0.0

@@ -95,10 +95,11 @@ Method choose_method(int64_t M, int64_t P, int64_t cells_min_queries = kCellsMin
                      Method small = Method::kGrid);
 // GPAVATAR_KNN_CUDA_SEARCH = banded (default: the faster on an H200) | unrolled (banded with
 // the next entry's load issued before the current entry is offered: 1.61 ms against 1.62 on an
-// H200, no gain) | buffered (the seed bound and per-query buffer of knn_cells.h; exact too): the CUDA cell scan, and the one the CPU's CUDA-layout path
-// (GPAVATAR_KNN_LAYOUT=cuda) runs.  A ValueError for other values.
-bool cuda_search_buffered();
-bool cuda_search_unrolled();
+// H200, no gain) | buffered (the seed bound and per-query buffer of knn_cells.h; exact too) |
+// grouped (scan_grouped of knn_cells.h: the entries' distances four at a time, offered only when
+// one can enter; not yet timed on a GPU): the CUDA cell scan (knn_cells.h's kSearch*), and the
+// one the CPU's CUDA-layout path (GPAVATAR_KNN_LAYOUT=cuda) runs.  A ValueError for other values.
+int cuda_search_mode();
 // GPAVATAR_KNN_CUDA_BUILD = two_level (default: the lists of 16^3 cells from their 8^3 parents'
 // lists; 1.48 ms against 1.62 for the flat build on an H200, render samples, M = 524288,
 // P = 5023) | flat | one_pass (two_level in one launch: each list reserves its room with an

@@ -123,8 +123,9 @@ SETTINGS = (
             help="one KNN index (cell lists) per frame for both field passes (same neighbours)"),
     Setting("knn_cells", _both("12", "20", "24"), env="GPAVATAR_KNN_CELLS", off="16",
             help="the CUDA KNN grid's cells per axis (default 16; same neighbours)"),
-    Setting("knn_search", _both("unrolled", "buffered"), env="GPAVATAR_KNN_CUDA_SEARCH", off="banded",
-            help="the CUDA KNN's list scan (default banded; same neighbours)"),
+    Setting("knn_search", _both("grouped", "unrolled", "buffered"), env="GPAVATAR_KNN_CUDA_SEARCH", off="banded",
+            help="the CUDA KNN's list scan (default banded; grouped: four entries' distances compared with the K-th "
+                 "before any is offered; same neighbours)"),
     Setting("knn_order", _both("centre"), env="GPAVATAR_KNN_CUDA_ORDER", off="box",
             help="the CUDA KNN lists' bands: by distance from the cell's centre (default box: by distance to "
                  "the cell's box; same neighbours)"),

@@ -301,10 +301,10 @@ def test_bad_environment_is_a_clear_error(monkeypatch):
 # --- the CUDA pipeline's lists and scans, run on the CPU (knn_cells_cuda_layout.h) -------------
 # GPAVATAR_KNN_LAYOUT=cuda makes the CPU kernel build the CUDA path's lists (seeds, bands,
 # packed entries, batch-wide offsets and budget) and scan them with the same header functions
-# the CUDA search kernels call (scan_banded; scan_buffered with GPAVATAR_KNN_CUDA_SEARCH=buffered),
+# the CUDA search kernels call (scan_banded; scan_buffered / scan_grouped with GPAVATAR_KNN_CUDA_SEARCH=buffered / grouped),
 # so their arithmetic and layout are tested here without a GPU.  GPAVATAR_KNN_BUFFER (> K) sets
 # the buffered scan's slots per query: K + 1 makes it flush after nearly every append.
-CUDA_SEARCHES = ["banded", "unrolled", "buffered"]
+CUDA_SEARCHES = ["banded", "unrolled", "buffered", "grouped"]
 # GPAVATAR_KNN_CUDA_BUILD=two_level builds each cell's list from its parent's (knn_cells.h);
 # GPAVATAR_KNN_PARENT_CAP forces parents past the cap to the every-point fallback (0: all of
 # them, 40: most), and GPAVATAR_KNN_VERIFY_LISTS=1 makes the CPU layout check that its lists
@@ -413,7 +413,7 @@ def test_bad_layout_environment_is_a_clear_error(monkeypatch):
         ops.knn(q, pts, 4, backend="cpu")
     monkeypatch.setenv("GPAVATAR_KNN_LAYOUT", "cuda")
     monkeypatch.setenv("GPAVATAR_KNN_CUDA_SEARCH", "fast")
-    with pytest.raises(ValueError, match="GPAVATAR_KNN_CUDA_SEARCH must be banded, unrolled or buffered"):
+    with pytest.raises(ValueError, match="GPAVATAR_KNN_CUDA_SEARCH must be banded, unrolled, buffered or grouped"):
         ops.knn(q, pts, 4, backend="cpu")
     monkeypatch.setenv("GPAVATAR_KNN_CUDA_SEARCH", "banded")
     monkeypatch.setenv("GPAVATAR_KNN_CUDA_BUILD", "tree")

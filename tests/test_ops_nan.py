@@ -125,6 +125,7 @@ def _nonfinite_inputs(case, B=2, M=60, P=40, device="cpu"):
 # The C++ knn's search methods and layouts (GPAVATAR_KNN, GPAVATAR_KNN_LAYOUT): each must reach
 # the same order (the cell lists send the queries they cannot order to the brute-force scan).
 CPU_METHODS = [("brute", "cpu"), ("grid", "cpu"), ("cells", "cpu"), ("cells", "cuda")]
+CUDA_SEARCHES = ["banded", "unrolled", "buffered", "grouped"]  # GPAVATAR_KNN_CUDA_SEARCH (test_knn_cells.py)
 
 
 @pytest.mark.parametrize("case", list(NONFINITE_CASES))
@@ -138,8 +139,11 @@ def test_knn_nonfinite_total_order(device, backend, case, monkeypatch):
     for method, layout in methods:
         monkeypatch.setenv("GPAVATAR_KNN", method)
         monkeypatch.setenv("GPAVATAR_KNN_LAYOUT", layout)
-        got = ops.knn(q, pts, 8, backend=backend, validate=False)
-        assert_same_knn(got, ref, pts.shape[1], f"{backend} {method} {layout}")
+        # (the CUDA layout: each of the CUDA kernel's list scans, which the CPU runs there too)
+        for search in CUDA_SEARCHES if (method, layout) == ("cells", "cuda") or device == "cuda" else ["banded"]:
+            monkeypatch.setenv("GPAVATAR_KNN_CUDA_SEARCH", search)
+            got = ops.knn(q, pts, 8, backend=backend, validate=False)
+            assert_same_knn(got, ref, pts.shape[1], f"{backend} {method} {layout} {search}")
 
 
 @given(P=st.integers(1, 50), K=st.integers(1, 32), M=st.integers(1, 40), seed=st.integers(0, 2**16),
@@ -190,8 +194,11 @@ def test_knn_search_nonfinite_total_order(case, monkeypatch):
     index = ops.knn_index(pts, 8, box=(-1.0, 1.0), backend="cpu", validate=False)
     if index is None:
         pytest.skip("no C++ extension")
-    got = ops.knn(q, pts, 8, backend="cpu", validate=False, index=index)
-    assert_same_knn(got, ops.knn(q, pts, 8, backend="torch", validate=False), pts.shape[1], "knn_search")
+    for search in CUDA_SEARCHES:
+        monkeypatch.setenv("GPAVATAR_KNN_CUDA_SEARCH", search)
+        got = ops.knn(q, pts, 8, backend="cpu", validate=False, index=index)
+        assert_same_knn(got, ops.knn(q, pts, 8, backend="torch", validate=False), pts.shape[1],
+                        f"knn_search {search}")
 
 
 @pytest.mark.parametrize("case", ["nan_point", "most_points_nan", "inf_queries"])

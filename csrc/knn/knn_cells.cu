@@ -30,7 +30,10 @@
 //           band that cannot improve its K neighbours (knn_cells.h).
 //           GPAVATAR_KNN_CUDA_SEARCH=unrolled loads the next entry before offering
 //           the current one (the plain loop waits on every load: one LDG.128 and
-//           its use per entry in the sm_90 code).
+//           its use per entry in the sm_90 code); =grouped (scan_grouped) compares
+//           four entries' distances with the K-th before offering any of them
+//           (sm_90: ~50 instructions for four refused entries, against ~35 an
+//           entry in the banded loop, a third of them register moves).
 #include <cuda_runtime.h>
 
 #include "knn/knn.h"
@@ -387,17 +390,24 @@ __global__ void bucket_scatter_kernel(const int* __restrict__ bucket_of,
   order[bucket_start[slot] + atomicAdd(bucket_fill + slot, 1)] = static_cast<int>(i);
 }
 
-// One thread per query in bucket order.  Buffered: scan_buffered with each
-// thread's buffer in shared memory (Cap slots, interleaved across the block's
-// threads: conflict-free); else scan_banded (Prefetch: the next entry loaded early).
-template <int Capacity, bool Buffered, int Cap, int Threads, bool Prefetch, int Order>
-__global__ void __launch_bounds__(Threads, Prefetch && Capacity <= 8 ? 3 : 1)
+// One thread per query in bucket order, scanning its list with the Search mode
+// (knn_cells.h's kSearch*).  kSearchBuffered: scan_buffered with each thread's
+// buffer in shared memory (Cap slots, interleaved across the block's threads:
+// conflict-free); kSearchUnrolled: scan_banded with the next entry loaded early;
+// kSearchGrouped: scan_grouped; kSearchBanded: scan_banded.  The unrolled and grouped
+// scans keep loads in flight across entries (grouped: the next group's four while the
+// current one is compared): at K <= 8 they are held to 80 registers (3 blocks, 24 warps
+// an SM; sm_90 grouped: 85 registers and 2 blocks without the bound, a few bytes spilled
+// outside the entry loop with it).
+template <int Capacity, int Search, int Cap, int Threads, int Order>
+__global__ void __launch_bounds__(Threads, (Search == kSearchUnrolled || Search == kSearchGrouped) && Capacity <= 8 ? 3 : 1)
     search_kernel(const float* __restrict__ queries, const float* __restrict__ points,
                   const int* __restrict__ order, const int* __restrict__ bucket_of,
                   const float* __restrict__ geom, const int64_t* __restrict__ offset, const float* __restrict__ cand,
                   const float* __restrict__ cell_bound, const int* __restrict__ band_count,
                   const float* __restrict__ seeds, float* __restrict__ dist2, int64_t* __restrict__ idx,
                   int64_t B, int64_t M, int64_t P, int G, int K) {
+  constexpr bool Buffered = Search == kSearchBuffered;
   __shared__ float buf_d[Buffered ? Cap * Threads : 1];
   __shared__ int buf_i[Buffered ? Cap * Threads : 1];
   const int64_t t = static_cast<int64_t>(blockIdx.x) * Threads + threadIdx.x;
@@ -423,9 +433,11 @@ __global__ void __launch_bounds__(Threads, Prefetch && Capacity <= 8 ? 3 : 1)
   if constexpr (Buffered) {
     scan_buffered(cand + 4 * offset[slot], band_count + slot * kCellBands, stop, seeds + 4 * slot * K, qx, qy,
                   qz, buf_d + threadIdx.x, buf_i + threadIdx.x, Threads, Cap, best);
+  } else if constexpr (Search == kSearchGrouped) {
+    scan_grouped(cand + 4 * offset[slot], band_count + slot * kCellBands, stop, qx, qy, qz, best);
   } else {
-    scan_banded<Capacity, Prefetch>(cand + 4 * offset[slot], band_count + slot * kCellBands, stop, qx, qy, qz,
-                                    best);
+    scan_banded<Capacity, Search == kSearchUnrolled>(cand + 4 * offset[slot], band_count + slot * kCellBands, stop,
+                                                     qx, qy, qz, best);
   }
 #pragma unroll
   for (int j = 0; j < Capacity; ++j) {
@@ -501,37 +513,54 @@ int launch_cell_bucket_cuda(const CellKnnCuda& a, bool scatter, void* stream) {
   return static_cast<int>(cudaGetLastError());
 }
 
-template <int Capacity, bool Buffered, int Cap, int Threads, bool Prefetch = false>
+namespace {
+
+template <int Capacity, int Search, int Cap, int Threads>
 void launch_search(const CellKnnCuda& a, cudaStream_t s) {
   const int64_t n = a.B * a.M;
   const unsigned blocks = static_cast<unsigned>((n + Threads - 1) / Threads);
   if (a.list_order == kOrderCentre) {
-    search_kernel<Capacity, Buffered, Cap, Threads, Prefetch, kOrderCentre><<<blocks, Threads, 0, s>>>(
+    search_kernel<Capacity, Search, Cap, Threads, kOrderCentre><<<blocks, Threads, 0, s>>>(
         a.queries, a.points, a.order, a.query_cell, a.geom, a.offset, a.cand, a.cell_bound, a.band_count, a.seeds,
         a.dist2, a.idx, a.B, a.M, a.P, a.G, a.K);
   } else {
-    search_kernel<Capacity, Buffered, Cap, Threads, Prefetch, kOrderBox><<<blocks, Threads, 0, s>>>(
+    search_kernel<Capacity, Search, Cap, Threads, kOrderBox><<<blocks, Threads, 0, s>>>(
         a.queries, a.points, a.order, a.query_cell, a.geom, a.offset, a.cand, a.cell_bound, a.band_count, a.seeds,
         a.dist2, a.idx, a.B, a.M, a.P, a.G, a.K);
   }
 }
+
+// The search of a.search for lists of up to Capacity neighbours (BufferedCap slots and
+// BufferedThreads threads a block for the buffered scan).
+template <int Capacity, int BufferedCap, int BufferedThreads>
+void launch_search_mode(const CellKnnCuda& a, cudaStream_t s) {
+  switch (a.search) {
+    case kSearchBuffered:
+      launch_search<Capacity, kSearchBuffered, BufferedCap, BufferedThreads>(a, s);
+      break;
+    case kSearchUnrolled:
+      launch_search<Capacity, kSearchUnrolled, 1, kThreads>(a, s);
+      break;
+    case kSearchGrouped:
+      launch_search<Capacity, kSearchGrouped, 1, kThreads>(a, s);
+      break;
+    default:
+      launch_search<Capacity, kSearchBanded, 1, kThreads>(a, s);
+  }
+}
+
+}  // namespace
 
 int launch_cell_search_cuda(const CellKnnCuda& a, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (a.B == 0 || a.M == 0) return 0;
   // Buffered: buffer_slots(Capacity) slots per thread, 32 KiB of shared memory or less per block.
   if (a.K <= 8) {
-    a.buffered   ? launch_search<8, true, 32, 128>(a, s)
-    : a.unrolled ? launch_search<8, false, 1, kThreads, true>(a, s)
-                 : launch_search<8, false, 1, kThreads>(a, s);
+    launch_search_mode<8, 32, 128>(a, s);
   } else if (a.K <= 16) {
-    a.buffered   ? launch_search<16, true, 48, 64>(a, s)
-    : a.unrolled ? launch_search<16, false, 1, kThreads, true>(a, s)
-                 : launch_search<16, false, 1, kThreads>(a, s);
+    launch_search_mode<16, 48, 64>(a, s);
   } else {
-    a.buffered   ? launch_search<kMaxK, true, 64, 64>(a, s)
-    : a.unrolled ? launch_search<kMaxK, false, 1, kThreads, true>(a, s)
-                 : launch_search<kMaxK, false, 1, kThreads>(a, s);
+    launch_search_mode<kMaxK, 64, 64>(a, s);
   }
   return static_cast<int>(cudaGetLastError());
 }

@@ -161,6 +161,13 @@ GPA_HD void scan_candidates(const float* x, const float* y, const float* z, cons
 constexpr int kCellBands = 16;
 constexpr int kOrderBox = 0;
 constexpr int kOrderCentre = 1;
+// The CUDA scan of a query's list (GPAVATAR_KNN_CUDA_SEARCH: banded, unrolled, buffered,
+// grouped): scan_banded, scan_banded with the next entry prefetched, scan_buffered,
+// scan_grouped (below).  The same neighbours from each.
+constexpr int kSearchBanded = 0;
+constexpr int kSearchUnrolled = 1;
+constexpr int kSearchBuffered = 2;
+constexpr int kSearchGrouped = 3;
 
 // bound * (j / kCellBands)^2 (0 for j = 0, also for an infinite bound).
 GPA_HD float band_floor(float bound, int j) {
@@ -379,6 +386,69 @@ GPA_HD void scan_banded(const float* entries, const int* band_count, const Stop&
   }
 }
 
+// --- Grouped scan (GPAVATAR_KNN_CUDA_SEARCH=grouped) ------------------------------
+// scan_banded takes a band's entries kScanGroup at a time: first their distances
+// (kScanGroup independent loads and sums, no branch between them), then, only when
+// one of them could enter (d <= worst; a NaN never can), the group is offered entry
+// by entry in list order (distances recomputed: the same arithmetic, the same
+// values).  An entry with d > worst at the group's start is refused by offer at
+// any later point of the group too (worst only decreases), so the offers that
+// change `best` are those of scan_banded, in the same order: the same K pairs.  On
+// the GPU the common step (nothing enters) is four loads in flight, arithmetic and
+// one compare and branch for the four (sm_90 SASS: ~50 instructions for four
+// entries against ~35 an entry in scan_banded's loop), and the offers' code exists
+// once.
+constexpr int kScanGroup = 4;
+
+// Whether one of the `left` (< kScanGroup when Partial) entries at e may enter `best`:
+// the smallest of their distances is <= worst (fminf passes over a NaN; only when every
+// distance is NaN is the smallest NaN, and then none may enter).
+template <bool Partial, int Capacity>
+GPA_HD bool group_may_enter(const float* e, int left, float qx, float qy, float qz, const TopKRegs<Capacity>& best) {
+  float m = __builtin_huge_valf();
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int u = 0; u < kScanGroup; ++u) {
+    if (!Partial || u < left) {
+      const ListEntry x = load_entry(e, u);
+      m = fminf(m, squared_distance(qx, qy, qz, x.x, x.y, x.z));
+    }
+  }
+  return m <= best.worst;
+}
+
+// The n entries at e offered in order (one copy of the offer's code on the GPU).
+template <int Capacity>
+GPA_HD void offer_entries(const float* e, int n, float qx, float qy, float qz, TopKRegs<Capacity>& best) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll 1
+#endif
+  for (int u = 0; u < n; ++u) {
+    int i;
+    const float d = entry_distance(e, u, qx, qy, qz, i);
+    best.offer(d, i);
+  }
+}
+
+template <int Capacity, typename Stop>
+GPA_HD void scan_grouped(const float* entries, const int* band_count, const Stop& stop, float qx, float qy,
+                         float qz, TopKRegs<Capacity>& best) {
+  const float* band = entries;
+  for (int j = 0; j < kCellBands; ++j) {
+    if (stop.stops(j, best.worst)) break;
+    const int n = band_count[j];
+    int s = 0;
+    for (; s + kScanGroup <= n; s += kScanGroup) {
+      if (group_may_enter<false>(band + 4 * s, kScanGroup, qx, qy, qz, best))
+        offer_entries(band + 4 * s, kScanGroup, qx, qy, qz, best);
+    }
+    if (s < n && group_may_enter<true>(band + 4 * s, n - s, qx, qy, qz, best))
+      offer_entries(band + 4 * s, n - s, qx, qy, qz, best);
+    band += 4 * static_cast<int64_t>(n);
+  }
+}
+
 // --- Seed bound and buffered scan (GPAVATAR_KNN_CUDA_SEARCH=buffered) ------------
 // The K points that define U_C (the seeds, stored with the list) are K distinct
 // points, so for a query x, limit = max_k |x - seed_k|^2 (float, the distance
@@ -511,8 +581,8 @@ struct CellKnnCuda {
   float* cand;             // [budget * 4] candidates (x, y, z, index bits), cell after cell, band after band
   float* cell_bound;       // [B * G^3] admission bound of each list
   float* seeds;            // [B * G^3 * K * 4] the K points that define U_C (x, y, z, index bits)
-  bool buffered;           // the search: scan_buffered (true) or scan_banded
-  bool unrolled;           // scan_banded with the next entry prefetched
+  int search;              // the scan: kSearchBanded, kSearchUnrolled (scan_banded with the next entry
+                           // prefetched), kSearchBuffered (scan_buffered) or kSearchGrouped (scan_grouped)
   int* band_count;         // [B * G^3 * kCellBands] entries per band
   int64_t budget;          // entries
   // Buckets: L = query_levels(list_order) per cell, bucket = cell * L + query level, and

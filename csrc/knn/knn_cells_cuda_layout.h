@@ -1,7 +1,7 @@
 // The CUDA cell-list pipeline (knn_cells.cu) run on the CPU: the same grid, the
 // same lists (U_C, admission bound, seeds, bands, packed entries in index order
 // within a band, offsets over the whole batch, the budget's overflow rule: offset
-// -1) and the same per-query scans of knn_cells.h (scan_banded, scan_buffered).  Only for
+// -1) and the same per-query scans of knn_cells.h (scan_banded, scan_buffered, scan_grouped).  Only for
 // tests and diagnostics (GPAVATAR_KNN=cells with GPAVATAR_KNN_LAYOUT=cuda): it
 // runs the CUDA kernels' arithmetic and list layout where there is no GPU.
 // Host only; included by knn_cpu.cpp.
@@ -224,18 +224,20 @@ inline View view(const Lists& L) {
 // The K nearest of query qi = b * M + m into (dist, idx); false when the CUDA
 // path would give it to the brute-force bucket (outside the grid, overflow).
 template <int Capacity, int Order>
-void scan(const View& L, int64_t slot, int c, const float* geom, float qx, float qy, float qz, bool buffered,
-          bool unrolled, int cap, TopKRegs<Capacity>& best) {
+void scan(const View& L, int64_t slot, int c, const float* geom, float qx, float qy, float qz, int search,
+          int cap, TopKRegs<Capacity>& best) {
   const float* entries = L.entries + 4 * L.offset[slot];
   const int* bc = L.band_count + slot * kCellBands;
   const BandStop<Order> stop = band_stop<Order>(geom, L.G, c, L.bound[slot], qx, qy, qz);
-  if (buffered) {
+  if (search == kSearchBuffered) {
     std::vector<float> buf_d(cap);
     std::vector<int> buf_i(cap);
     scan_buffered(entries, bc, stop, L.seeds + 4 * slot * L.K, qx, qy, qz, buf_d.data(), buf_i.data(), 1, cap,
                   best);
-  } else if (unrolled) {
+  } else if (search == kSearchUnrolled) {
     scan_banded<Capacity, true>(entries, bc, stop, qx, qy, qz, best);
+  } else if (search == kSearchGrouped) {
+    scan_grouped(entries, bc, stop, qx, qy, qz, best);
   } else {
     scan_banded<Capacity, false>(entries, bc, stop, qx, qy, qz, best);
   }
@@ -243,8 +245,8 @@ void scan(const View& L, int64_t slot, int c, const float* geom, float qx, float
 
 // order: the search's (GPAVATAR_KNN_CUDA_ORDER); lists built in another go to the brute force.
 template <int Capacity>
-bool search(const View& L, int64_t b, float qx, float qy, float qz, bool buffered, bool unrolled, int cap,
-            int order, float* dist, int64_t* idx) {
+bool search(const View& L, int64_t b, float qx, float qy, float qz, int search, int cap, int order, float* dist,
+            int64_t* idx) {
   const float* geom = L.geom + b * kCellGeomStride;
   const int c = query_cell(geom, L.G, qx, qy, qz);
   if (c < 0) return false;
@@ -252,9 +254,9 @@ bool search(const View& L, int64_t b, float qx, float qy, float qz, bool buffere
   if (L.offset[slot] < 0 || grid_order(geom) != order) return false;  // overflow, or another order
   TopKRegs<Capacity> best(L.K);
   if (order == kOrderCentre) {
-    scan<Capacity, kOrderCentre>(L, slot, c, geom, qx, qy, qz, buffered, unrolled, cap, best);
+    scan<Capacity, kOrderCentre>(L, slot, c, geom, qx, qy, qz, search, cap, best);
   } else {
-    scan<Capacity, kOrderBox>(L, slot, c, geom, qx, qy, qz, buffered, unrolled, cap, best);
+    scan<Capacity, kOrderBox>(L, slot, c, geom, qx, qy, qz, search, cap, best);
   }
   for (int j = 0; j < L.K; ++j) {
     dist[j] = best.dist[j];

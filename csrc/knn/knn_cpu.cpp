@@ -170,12 +170,14 @@ int64_t env_int(const char* name, int64_t fallback, int64_t lo, int64_t hi) {
   return v;
 }
 
-std::string cuda_search_name() {
-  return env_choice("GPAVATAR_KNN_CUDA_SEARCH", {"banded", "unrolled", "buffered"}, "banded");
+int cuda_search_mode() {
+  const std::string name =
+      env_choice("GPAVATAR_KNN_CUDA_SEARCH", {"banded", "unrolled", "buffered", "grouped"}, "banded");
+  return name == "unrolled" ? kSearchUnrolled
+         : name == "buffered" ? kSearchBuffered
+         : name == "grouped" ? kSearchGrouped
+                             : kSearchBanded;
 }
-
-bool cuda_search_buffered() { return cuda_search_name() == "buffered"; }
-bool cuda_search_unrolled() { return cuda_search_name() == "unrolled"; }
 
 Build cuda_build() {
   const std::string name = env_choice("GPAVATAR_KNN_CUDA_BUILD", {"flat", "two_level", "one_pass"}, "two_level");
@@ -236,7 +238,7 @@ void brute_force(const float* px, const float* py, const float* pz, int64_t P, f
 // the CUDA path gives to its brute-force bucket are appended to `rest` (in order).
 void search_view(const cuda_layout::View& lists, const float* q, int64_t B, int64_t M, int k, float* out_d,
                  int64_t* out_i, std::vector<int64_t>& rest) {
-  const bool buffered = cuda_search_buffered(), unrolled = cuda_search_unrolled();
+  const int search = cuda_search_mode();
   const int order = cuda_list_order();
   const int capacity = k <= 8 ? 8 : (k <= 16 ? 16 : kMaxK);
   const int cap = static_cast<int>(env_int("GPAVATAR_KNN_BUFFER", buffer_slots(capacity), k + 1, 1 << 16));
@@ -247,10 +249,9 @@ void search_view(const cuda_layout::View& lists, const float* q, int64_t B, int6
       float* d = out_d + qi * k;
       int64_t* i = out_i + qi * k;
       const bool ok =
-          capacity == 8 ? cuda_layout::search<8>(lists, qi / M, x, y, z, buffered, unrolled, cap, order, d, i)
-          : capacity == 16 ? cuda_layout::search<16>(lists, qi / M, x, y, z, buffered, unrolled, cap, order, d, i)
-                           : cuda_layout::search<kMaxK>(lists, qi / M, x, y, z, buffered, unrolled, cap, order, d,
-                                                        i);
+          capacity == 8 ? cuda_layout::search<8>(lists, qi / M, x, y, z, search, cap, order, d, i)
+          : capacity == 16 ? cuda_layout::search<16>(lists, qi / M, x, y, z, search, cap, order, d, i)
+                           : cuda_layout::search<kMaxK>(lists, qi / M, x, y, z, search, cap, order, d, i);
       if (!ok) left[qi] = 1;
     }
   });

@@ -100,8 +100,7 @@ void search_index(const at::Tensor& queries, const at::Tensor& points, int64_t K
   a.cell_bound = x.cell_bound.data_ptr<float>();
   a.band_count = x.band_count.data_ptr<int>();
   a.seeds = x.seeds.data_ptr<float>();
-  a.buffered = cuda_search_buffered();
-  a.unrolled = cuda_search_unrolled();
+  a.search = cuda_search_mode();
   a.list_order = list_order;
   a.budget = x.cand.size(0);
   a.query_cell = bucket_of.data_ptr<int>();
