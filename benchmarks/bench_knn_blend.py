@@ -66,6 +66,9 @@ N_CHECK = 512  # queries used for the correctness check
 ATOL, RTOL = 1e-4, 1e-3  # error is flagged when |a-b| > ATOL + RTOL * max|ref|
 RTOL_TC = 2e-2  # the "+tc" rows (tf32 products: 10-bit mantissas)
 TC_SUFFIX = "+tc"
+# "+tf32": the CUDA blend's tiled forward with the hidden layer's direction products on the tensor
+# cores (GPAVATAR_BLEND_FORWARD=tiles_tf32, knn_blend_tiles.h); checked with RTOL_TC, no knn row.
+TF32_SUFFIX = "+tf32"
 # The CUDA KNN's opt-in variants (csrc/knn/knn_cells.cu; exact, so checked like the default): a row
 # "cuda+centre" runs every case with the centre-ordered lists, "cuda+onepass" with the one-launch
 # list build, "cuda+grouped" with the grouped list scan (knn_cells.h: scan_grouped); suffixes
@@ -138,6 +141,9 @@ def _with_environment(fn, settings: dict):
 
 def _impl(backend: str, opts: dict | None):
     """(knn(q, p, K) -> (dist2, idx), knn_blend(q, p, *params, K, normalize) -> (feature, dist2, idx))."""
+    if backend.endswith(TF32_SUFFIX):
+        knn, blend = _impl(backend.removesuffix(TF32_SUFFIX), opts)
+        return knn, _with_environment(blend, {"GPAVATAR_BLEND_FORWARD": "tiles_tf32"})
     if backend.endswith(TC_SUFFIX):
         knn, blend = _impl(backend.removesuffix(TC_SUFFIX), opts)
         return _tensor_cores(knn), _tensor_cores(blend)
@@ -242,7 +248,7 @@ def check_case(case: str, backend: str, inp: dict, normalize: str = "neighbors",
         got_g = torch.autograd.grad(got, [g1[k] for k in PARAMS], grad_out)
         ref_g = torch.autograd.grad(ref, [g2[k] for k in PARAMS], grad_out)
         pairs += [(got.detach()[keep], ref.detach()[keep])] + list(zip(got_g, ref_g))
-    rtol = RTOL_TC if backend.endswith(TC_SUFFIX) else RTOL
+    rtol = RTOL_TC if backend.endswith((TC_SUFFIX, TF32_SUFFIX)) else RTOL
     errs = [_err(a, b, rtol) for a, b in pairs]
     ok = max(s for _, s in errs) <= 1.0 and (not bool(differ.any()) if exact_required else near_ties)
     return dict(max_abs_err=max(e for e, _ in errs), idx_mismatch=differ.double().mean().item(), correct=ok)
@@ -350,7 +356,7 @@ def choose_backends(device: torch.device, args, payload: dict) -> list[str]:
                      if b != ORACLE and not (b == "triton" and device.type != "cuda")]
         if device.type == "cuda" and "cuda" in backends:
             at = backends.index("cuda") + 1
-            backends[at:at] = ["cuda" + TC_SUFFIX] + ["cuda" + v for v in knn_variant_suffixes()]
+            backends[at:at] = ["cuda" + TC_SUFFIX, "cuda" + TF32_SUFFIX] + ["cuda" + v for v in knn_variant_suffixes()]
     except Exception as exc:
         payload["error"] = f"cannot import gpavatar.ops: {type(exc).__name__}: {exc}"
         return []
@@ -396,7 +402,7 @@ def main(argv=None) -> int:
                                                                              inp["K"], memory_budget=budget)
         for case in CASES:
             for b in backends:
-                if case == "knn" and b.endswith(TC_SUFFIX):
+                if case == "knn" and b.endswith((TC_SUFFIX, TF32_SUFFIX)):
                     continue  # the KNN has no products: the same row as without the suffix
                 print(f"[bench_knn_blend] {dist} {case} / {b} ...", file=sys.stderr, flush=True)
                 payload["rows"].append(run_row(case, b, inp, device, repeats=repeats, warmup=warmup,

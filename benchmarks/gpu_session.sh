@@ -6,8 +6,10 @@
 #       training graphs and the layers kernel at the paper size first (both failed on the H100 of
 #       2026-12-05; failures are written as they happen), the real-time path (compile included), the
 #       tri-plane features op, the one-pass KNN list build and the centre-ordered lists (and that the
-#       CUDA index is the CPU layout's bit for bit); bench_knn_blend's render rows (torch-fast, cuda,
-#       cuda+centre, and both with the grouped list scan: +grouped, knn_cells.h's scan_grouped, untimed);
+#       CUDA index is the CPU layout's bit for bit), the grouped KNN scan and the tensor-core blend
+#       forward (both new, never run on a GPU); bench_knn_blend's render rows (torch-fast, cuda,
+#       cuda+tf32 -- the blend forward's direction products in TF32 on the tensor cores --, cuda+centre,
+#       and both with the grouped list scan: +grouped, knn_cells.h's scan_grouped);
 #       bench_e2e B = 1 render rows (the baseline) and the realtime rows at B = 1 and 8: cuda (with
 #       gpavatar.realtime.CUDA_DEFAULTS), +plain (without them), +compilesr (the super-resolution
 #       compiled), +tune (RealtimeRenderer(tune=True): every kernel setting of gpavatar.realtime.SETTINGS
@@ -56,11 +58,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [[ "$1" == key ]]; then
     # the quick and the never-run-on-a-GPU ones first: the step is cut at its cap
     # (pytest runs a file named twice at its first place)
-    export CUDA_TESTS="${CUDA_TESTS:-tests/test_graphed.py tests/test_field_layers.py tests/test_knn_index.py::test_one_pass_index_holds_the_two_level_lists tests/test_knn_index.py::test_index_keeps_its_order tests/test_knn_index.py::test_cuda_index_is_the_cpu_layout tests/test_knn_cells.py::test_cuda_searches_match_the_reference[box-two_level-3-grouped] tests/test_knn_cells.py::test_cuda_searches_match_the_reference[centre-two_level-768-grouped] tests/test_ops_nan.py::test_knn_nonfinite_total_order tests/test_ops_nan.py::test_knn_blend_nonfinite_coordinates tests/test_ops_nan.py::test_triplane_nonfinite_coords tests/test_field_checkpoint.py::test_forms_agree_on_cuda tests/test_realtime.py tests/test_triplane.py}"
+    export CUDA_TESTS="${CUDA_TESTS:-tests/test_graphed.py tests/test_field_layers.py tests/test_knn_index.py::test_one_pass_index_holds_the_two_level_lists tests/test_knn_index.py::test_index_keeps_its_order tests/test_knn_index.py::test_cuda_index_is_the_cpu_layout tests/test_knn_cells.py::test_cuda_searches_match_the_reference[box-two_level-3-grouped] tests/test_knn_cells.py::test_cuda_searches_match_the_reference[centre-two_level-768-grouped] tests/test_knn_blend.py::test_tiles_tf32_forward_random_shapes tests/test_knn_blend.py::test_tiles_tf32_forward_propagates_nan_like_the_tiles tests/test_ops_nan.py::test_knn_nonfinite_total_order tests/test_ops_nan.py::test_knn_blend_nonfinite_coordinates tests/test_ops_nan.py::test_triplane_nonfinite_coords tests/test_field_checkpoint.py::test_forms_agree_on_cuda tests/test_realtime.py tests/test_triplane.py}"
     export CUDA_TESTS_CAP="${CUDA_TESTS_CAP:-150}"
     export REPORT_BUDGET_S="${REPORT_BUDGET_S:-540}"
     export BENCHES_ONLY="${BENCHES_ONLY:-benchmarks/bench_knn_blend.py benchmarks/bench_e2e.py benchmarks/bench_train.py benchmarks/profile_frame.py}"
-    export ARGS_bench_knn_blend="${ARGS_bench_knn_blend:---dist render --backends torch-fast,cuda,cuda+centre,cuda+grouped,cuda+centre+grouped --max-seconds 2}"
+    export ARGS_bench_knn_blend="${ARGS_bench_knn_blend:---dist render --backends torch-fast,cuda,cuda+tf32,cuda+centre,cuda+grouped,cuda+centre+grouped --max-seconds 2}"
     export CAP_bench_knn_blend="${CAP_bench_knn_blend:-90}"
     KEY_VARIANTS="plain,compilesr,tune"
     export ARGS_bench_e2e="${ARGS_bench_e2e:---batch 1 --cases render,realtime --backends torch-fast,cuda --realtime-batch 8 --max-seconds 3 --realtime-variants $KEY_VARIANTS}"

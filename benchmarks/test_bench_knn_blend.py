@@ -341,3 +341,27 @@ def test_knn_variant_rows_run_with_their_settings(monkeypatch):
         assert row["correct"] and row["idx_mismatch"] == 0.0
         assert seen and set(seen) == {want}
         assert os.environ.get("GPAVATAR_KNN_CUDA_ORDER") is None
+
+
+def test_tf32_rows_run_the_tensor_core_forward(monkeypatch):
+    """A "+tf32" row runs its blend with GPAVATAR_BLEND_FORWARD=tiles_tf32 (only during the call) and
+    passes its check (RTOL_TC) against the oracle: on the CPU the emulated tensor-core fragments."""
+    import gpavatar.ops as ops
+
+    import bench_knn_blend as KB
+
+    if "cpu" not in ops.available_backends("cpu"):
+        pytest.skip("extension not built")
+    seen = []
+    real = ops.knn_blend
+
+    def spy(*args, **kwargs):
+        seen.append(os.environ.get("GPAVATAR_BLEND_FORWARD"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ops, "knn_blend", spy)
+    inp = KB.make_inputs(1, 2048, 400, 8, 32, 64, 32, dist="render")
+    row = KB.check_case("knn_blend", "cpu+tf32", inp)
+    assert row["correct"] and row["idx_mismatch"] == 0.0
+    assert seen and set(seen) == {"tiles_tf32"}
+    assert os.environ.get("GPAVATAR_BLEND_FORWARD") is None

@@ -155,8 +155,11 @@ GatherPlan make_gather_plan(const Prepared& p, const at::Tensor& grad_out);
 enum class BackwardMethod { kBuffers, kGather, kTiles };
 // GPAVATAR_BLEND_FORWARD = auto (default: tiles on CUDA, queries on the CPU) | queries (one
 // thread per query) | tiles (knn_blend_tiles.h, where tiles_forward_supported; the same
-// numbers as queries, bit for bit on the CPU).
-bool use_tiles_forward(bool on_cuda);
+// numbers as queries, bit for bit on the CPU) | tiles_tf32 (the tiles with the hidden layer's
+// direction products on the tensor cores in TF32, knn_blend_tiles.h; on the CPU an emulation
+// of the same fragments; CUDA: compute capability 8.0 or more; not yet timed on a GPU).
+enum class ForwardMethod { kQueries, kTiles, kTilesTf32 };
+ForwardMethod blend_forward_method(bool on_cuda);
 BackwardMethod blend_backward_method(bool on_cuda);
 void check_inputs(const at::Tensor& queries, const at::Tensor& points, const at::Tensor& dist2,
                   const at::Tensor& idx, const at::Tensor& table, const at::Tensor& w1_dir,

@@ -133,6 +133,9 @@ SETTINGS = (
             help="the CUDA KNN's list build (default two_level: each cell's list from its parent cell's, a count "
                  "launch and a fill launch): one_pass (the same in one launch, room reserved with an atomic) or "
                  "flat (one warp per cell over all points); the same lists"),
+    Setting("blend_forward", {"fast": ("tiles_tf32",)}, env="GPAVATAR_BLEND_FORWARD", off="auto",
+            help="the PEF blend's CUDA forward with its hidden layer's direction products on the tensor cores "
+                 "(tiles_tf32: TF32 mma in the tiled kernel; default auto: the fp32 tiles)"),
     Setting("blend_tensor_cores", {"fp32": ("tf32x3",), "fast": ("1",)}, env="GPAVATAR_BLEND_TENSOR_CORES",
             off="0", triton=True, help="the PEF blend's forward as one tensor-core product (fast: tf32, bf16 with "
             "field_bf16; fp32: tf32x3, about fp32's accuracy)"),

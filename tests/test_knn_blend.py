@@ -467,16 +467,71 @@ def test_tiles_forward_random_shapes(device, B, M, P, K, per_batch, queries, on,
         torch.testing.assert_close(tiled, per_query, rtol=1e-6, atol=1e-6)
 
 
+# GPAVATAR_BLEND_FORWARD=tiles_tf32: the hidden layer's direction products in TF32 (10-bit
+# mantissas).  Over 200 random cases on the CPU the error against the float64 reference was at
+# most 2.8e-4 of the largest output (mean 4.4e-5); a fragment coordinate swapped (a1 <-> a2 of the
+# weights) moved outputs by 0.6 of it.
+TF32_MAX, TF32_MEAN = 2e-3, 2e-4
+
+
+@pytest.mark.parametrize("device", CPP_DEVICES)
+@given(B=st.integers(1, 3), M=st.integers(1, 70), P=st.integers(1, 40), K=st.integers(1, 8),
+       per_batch=st.booleans(), queries=st.booleans(), on=st.integers(0, 3), seed=st.integers(0, 2**16))
+def test_tiles_tf32_forward_random_shapes(device, B, M, P, K, per_batch, queries, on, seed):
+    """The tensor-core forward (knn_blend_tiles.h; on the CPU the same fragments through an
+    emulation of mma.m16n8k8) within TF32's rounding of the float64 reference: empty slots (K < 8,
+    P < 8), partial tiles, per-batch tables, both normalizations, queries on points."""
+    K = min(K, P)
+    normalize = "queries" if queries else "neighbors"
+    pts = make_points(B, P, seed=seed, device=device)
+    q = make_queries(B, M, pts, seed=seed + 1, on_points=on, device=device)
+    params = make_pef_params(P, 32, 64, 32, B=B if per_batch else None, seed=seed + 2, device=device)
+    with env("GPAVATAR_BLEND_FORWARD", "tiles_tf32"):
+        got, d, i, _ = run(device, q, pts, params, K, normalize)
+    ref, rd, ri, _ = run("reference", q.double().cpu(), pts.double().cpu(), [t.double().cpu() for t in params], K,
+                         normalize)
+    assert torch.equal(i.cpu(), ri)
+    assert got.dtype == torch.float32 and bool(got.isfinite().all())
+    scale = float(ref.abs().max()) + 1e-30
+    err = (got.double().cpu() - ref).abs()
+    assert float(err.max()) <= TF32_MAX * scale and float(err.mean()) <= TF32_MEAN * scale, (
+        f"tf32 forward: max error {float(err.max()) / scale:.2e}, mean {float(err.mean()) / scale:.2e} of the scale")
+
+
+@pytest.mark.parametrize("device", CPP_DEVICES)
+@pytest.mark.parametrize("where", ["point_features", "w1_direction", "b1", "w2"])
+def test_tiles_tf32_forward_propagates_nan_like_the_tiles(device, where):
+    """A NaN parameter reaches the same outputs through the tensor-core forward as through the fp32
+    tiles (a NaN weight of the direction half: every live slot's hidden unit; empty slots and the
+    zero padding of the embedding stay out)."""
+    B, M, P = 2, 70, 5  # P < 8: empty slots in every query
+    pts = make_points(B, P, seed=3, device=device)
+    q = make_queries(B, M, pts, seed=4, on_points=2, device=device)
+    params = make_pef_params(P, 32, 64, 32, seed=5, device=device)
+    which, flat = {"point_features": (0, 2 * 32 + 7), "w1_direction": (1, 9 * 59 + 32 + 20), "b1": (2, 11),
+                   "w2": (3, 3 * 64 + 40)}[where]
+    params[which].view(-1)[flat] = float("nan")
+    out = {}
+    for method in ("tiles", "tiles_tf32"):
+        with env("GPAVATAR_BLEND_FORWARD", method):
+            out[method] = run(device, q, pts, params, P)[0]
+    assert bool(out["tiles"].isnan().any())
+    assert torch.equal(out["tiles"].isnan(), out["tiles_tf32"].isnan())
+
+
 def test_tiles_forward_falls_back_and_checks_its_name(monkeypatch):
-    """Where the tiled forward does not apply (H != 64, C != 32, K > 8) the per-query kernel
+    """Where the tiled forwards do not apply (H != 64, C != 32, K > 8) the per-query kernel
     runs; a bad name is refused."""
     if "cpu" not in ops.available_backends("cpu"):
         pytest.skip("extension not built")
     monkeypatch.setenv("GPAVATAR_BLEND_FORWARD", "tiles")
     check_against_reference("cpu", "cpu", 2, 50, 30, 12, backward=False)
     check_against_reference("cpu", "cpu", 2, 50, 30, 8, H=32, C=16, backward=False)
+    monkeypatch.setenv("GPAVATAR_BLEND_FORWARD", "tiles_tf32")  # (and its tensor-core variant)
+    check_against_reference("cpu", "cpu", 2, 50, 30, 12, backward=False)
+    check_against_reference("cpu", "cpu", 2, 50, 30, 8, H=32, C=16, backward=False)
     monkeypatch.setenv("GPAVATAR_BLEND_FORWARD", "warps")
-    with pytest.raises(ValueError, match="GPAVATAR_BLEND_FORWARD must be auto, queries or tiles"):
+    with pytest.raises(ValueError, match="GPAVATAR_BLEND_FORWARD must be auto, queries, tiles or tiles_tf32"):
         check_against_reference("cpu", "cpu", 1, 5, 10, 4, backward=False)
 
 

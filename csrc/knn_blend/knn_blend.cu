@@ -255,6 +255,70 @@ __global__ void __launch_bounds__(kTileThreads, kTileForwardBlocksPerSM)
   }
 }
 
+// The forward with phase B on the tensor cores (knn_blend_tiles.h: GPAVATAR_BLEND_FORWARD=tiles_tf32).
+// One mma.m16n8k8 TF32 product (D += A B): a, the 16 x 8 weights fragment (TF32 bits), b the 8 x 8
+// gamma fragment (TF32-rounded floats).
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const unsigned (&a)[4], const float (&b)[2]) {
+#if __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(__float_as_uint(b[0])), "r"(__float_as_uint(b[1])));
+#else
+  __trap();  // never launched below compute capability 8.0 (knn_blend_cuda.cpp checks)
+#endif
+}
+
+// Phase B of the tensor-core forward for warp t / 32: g of the tile's 16 queries, 16 units.
+__device__ __forceinline__ void tile_hidden_forward_tc(const BlendArgs& a, int t, float* sh,
+                                                       const unsigned (&wa)[kTcSteps][4]) {
+  const int w = t >> 5, lane = t & 31;
+#pragma unroll 4
+  for (int n = 0; n < kTileQueries; ++n) {
+    float d[4];
+    tc_c_fragment(a, sh, w, lane, n, d);
+#pragma unroll
+    for (int s = 0; s < kTcSteps; ++s) {
+      float b[2];
+      tc_b_fragment(sh, lane, n, s, b);
+      mma_tf32(d, wa[s], b);
+    }
+    float lo, hi;
+    tc_lane_terms(sh, lane, n, d, lo, hi);
+    lo += __shfl_xor_sync(0xffffffffu, lo, 1);
+    hi += __shfl_xor_sync(0xffffffffu, hi, 1);
+    lo += __shfl_xor_sync(0xffffffffu, lo, 2);
+    hi += __shfl_xor_sync(0xffffffffu, hi, 2);
+    tc_store_g(sh, w, lane, n, lo, hi);
+  }
+}
+
+__global__ void __launch_bounds__(kTileThreads, kTileTcBlocksPerSM)
+    tiles_forward_tc_kernel(BlendArgs a, float* __restrict__ out) {
+  extern __shared__ __align__(16) float sh[];
+  const int t = threadIdx.x;
+  tile_stage_forward_weights(a, t, kTileThreads, sh, /*tf32=*/true);
+  __syncthreads();
+  unsigned wa[kTcSteps][4];  // this warp's weights fragments, for every tile
+#pragma unroll
+  for (int s = 0; s < kTcSteps; ++s) {
+    float f[4];
+    tc_a_fragment(sh, t >> 5, t & 31, s, f);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) wa[s][i] = __float_as_uint(f[i]);
+  }
+  const int64_t tiles = tile_count(a);
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    __syncthreads();  // the previous tile's output phase is done with g
+    tile_pair_terms(a, tile, t, sh, /*tf32=*/true);
+    __syncthreads();
+    tile_hidden_forward_tc(a, t, sh, wa);
+    __syncthreads();
+    tile_output(a, tile, t, sh, out);
+  }
+}
+
 __global__ void __launch_bounds__(kTileThreads, kTileBlocksPerSM)
     tiles_backward_kernel(BlendArgs a, const float* __restrict__ grad_out, float* __restrict__ hidden,
                           float* __restrict__ total, float* __restrict__ grad_table, float* __restrict__ part_w1) {
@@ -364,6 +428,18 @@ int launch_knn_blend_tiles_forward_cuda(const BlendArgs& a, int multiprocessors,
   if (attr != cudaSuccess) return static_cast<int>(attr);
   const int64_t blocks = tile_blocks(tile_count(a), multiprocessors, kTileForwardBlocksPerSM);
   tiles_forward_kernel<<<static_cast<unsigned>(blocks), kTileThreads, smem, static_cast<cudaStream_t>(stream)>>>(a, out);
+  return static_cast<int>(cudaGetLastError());
+}
+
+int launch_knn_blend_tiles_forward_tc_cuda(const BlendArgs& a, int multiprocessors, float* out, void* stream) {
+  if (!tiles_forward_supported(a)) return static_cast<int>(cudaErrorInvalidValue);
+  if (a.B * a.M == 0) return 0;
+  const size_t smem = sizeof(float) * kTileForwardFloats;
+  const cudaError_t attr = allow_shared(tiles_forward_tc_kernel, smem);
+  if (attr != cudaSuccess) return static_cast<int>(attr);
+  const int64_t blocks = tile_blocks(tile_count(a), multiprocessors, kTileTcBlocksPerSM);
+  tiles_forward_tc_kernel<<<static_cast<unsigned>(blocks), kTileThreads, smem, static_cast<cudaStream_t>(stream)>>>(a,
+                                                                                                                  out);
   return static_cast<int>(cudaGetLastError());
 }
 

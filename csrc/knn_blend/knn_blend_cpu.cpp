@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -123,9 +124,10 @@ GatherPlan make_gather_plan(const Prepared& p, const at::Tensor& grad_out) {
   return plan;
 }
 
-bool use_tiles_forward(bool on_cuda) {
-  const std::string name = env_choice("GPAVATAR_BLEND_FORWARD", {"auto", "queries", "tiles"}, "auto");
-  return name == "tiles" || (name == "auto" && on_cuda);
+ForwardMethod blend_forward_method(bool on_cuda) {
+  const std::string name = env_choice("GPAVATAR_BLEND_FORWARD", {"auto", "queries", "tiles", "tiles_tf32"}, "auto");
+  if (name == "tiles_tf32") return ForwardMethod::kTilesTf32;
+  return name == "tiles" || (name == "auto" && on_cuda) ? ForwardMethod::kTiles : ForwardMethod::kQueries;
 }
 
 BackwardMethod blend_backward_method(bool on_cuda) {
@@ -268,17 +270,87 @@ GPA_CPU_CLONES void backward_range(const BlendArgs& a, const float* grad_out, in
 // phases and shared-memory layout, each phase run for every thread in turn (tests of that
 // code without a GPU; GPAVATAR_BLEND_FORWARD / GPAVATAR_BLEND_BACKWARD=tiles).  Serial: a
 // test path.
-at::Tensor forward_tiles_cpu(const Prepared& p) {
+// mma.m16n8k8 (D = A B + D) on the 32 lanes' fragments, by the coordinates of PTX's
+// fragment layouts (knn_blend_tiles.h): the products of TF32 values are exact in float, the
+// sum runs over k in order (the hardware's order is its own: the GPU's sums may differ in
+// the last bits).
+void mma_tf32_emulated(float (&d)[32][4], const float (&a)[32][4], const float (&b)[32][2]) {
+  float A[16][8], Bm[8][8], D[16][8];
+  for (int lane = 0; lane < 32; ++lane) {
+    const int gid = lane >> 2, tid4 = lane & 3;
+    A[gid][tid4] = a[lane][0];
+    A[gid + 8][tid4] = a[lane][1];
+    A[gid][tid4 + 4] = a[lane][2];
+    A[gid + 8][tid4 + 4] = a[lane][3];
+    Bm[tid4][gid] = b[lane][0];
+    Bm[tid4 + 4][gid] = b[lane][1];
+    D[gid][2 * tid4] = d[lane][0];
+    D[gid][2 * tid4 + 1] = d[lane][1];
+    D[gid + 8][2 * tid4] = d[lane][2];
+    D[gid + 8][2 * tid4 + 1] = d[lane][3];
+  }
+  for (int m = 0; m < 16; ++m) {
+    for (int n = 0; n < 8; ++n) {
+      float acc = 0.0f;
+      for (int k = 0; k < 8; ++k) acc += A[m][k] * Bm[k][n];
+      D[m][n] += acc;
+    }
+  }
+  for (int lane = 0; lane < 32; ++lane) {
+    const int gid = lane >> 2, tid4 = lane & 3;
+    d[lane][0] = D[gid][2 * tid4];
+    d[lane][1] = D[gid][2 * tid4 + 1];
+    d[lane][2] = D[gid + 8][2 * tid4];
+    d[lane][3] = D[gid + 8][2 * tid4 + 1];
+  }
+}
+
+// Phase B of the tensor-core forward (knn_blend.cu's tile_hidden_forward_tc), warp by warp:
+// the same fragments, the emulated product, the same lane terms and butterfly sums.
+void tile_hidden_forward_tc_cpu(const BlendArgs& a, float* sh) {
+  for (int w = 0; w < kTcWarps; ++w) {
+    float wa[kTcSteps][32][4];
+    for (int s = 0; s < kTcSteps; ++s)
+      for (int lane = 0; lane < 32; ++lane) tc_a_fragment(sh, w, lane, s, wa[s][lane]);
+    for (int n = 0; n < kTileQueries; ++n) {
+      float d[32][4];
+      for (int lane = 0; lane < 32; ++lane) tc_c_fragment(a, sh, w, lane, n, d[lane]);
+      for (int s = 0; s < kTcSteps; ++s) {
+        float b[32][2];
+        for (int lane = 0; lane < 32; ++lane) tc_b_fragment(sh, lane, n, s, b[lane]);
+        mma_tf32_emulated(d, wa[s], b);
+      }
+      float lo[32], hi[32];
+      for (int lane = 0; lane < 32; ++lane) tc_lane_terms(sh, lane, n, d[lane], lo[lane], hi[lane]);
+      for (int x = 1; x <= 2; x <<= 1) {  // __shfl_xor_sync(.., 1), then (.., 2)
+        float lo2[32], hi2[32];
+        for (int lane = 0; lane < 32; ++lane) {
+          lo2[lane] = lo[lane] + lo[lane ^ x];
+          hi2[lane] = hi[lane] + hi[lane ^ x];
+        }
+        std::copy(lo2, lo2 + 32, lo);
+        std::copy(hi2, hi2 + 32, hi);
+      }
+      for (int lane = 0; lane < 32; ++lane) tc_store_g(sh, w, lane, n, lo[lane], hi[lane]);
+    }
+  }
+}
+
+at::Tensor forward_tiles_cpu(const Prepared& p, bool tf32) {
   const BlendArgs& a = p.args;
   const int64_t tiles = tile_count(a);
   const int64_t blocks = tile_blocks(tiles, /*multiprocessors=*/1, kTileForwardBlocksPerSM);
   at::Tensor out = at::empty({a.B, a.M, a.C}, p.queries.options());
   std::vector<float> sh(kTileForwardFloats);
   for (int64_t block = 0; block < blocks; ++block) {
-    for (int t = 0; t < kTileThreads; ++t) tile_stage_forward_weights(a, t, kTileThreads, sh.data());
+    for (int t = 0; t < kTileThreads; ++t) tile_stage_forward_weights(a, t, kTileThreads, sh.data(), tf32);
     for (int64_t tile = block; tile < tiles; tile += blocks) {
-      for (int t = 0; t < kTileThreads; ++t) tile_pair_terms(a, tile, t, sh.data());
-      for (int t = 0; t < kTileThreads; ++t) tile_hidden_forward(a, t, sh.data());
+      for (int t = 0; t < kTileThreads; ++t) tile_pair_terms(a, tile, t, sh.data(), tf32);
+      if (tf32) {
+        tile_hidden_forward_tc_cpu(a, sh.data());
+      } else {
+        for (int t = 0; t < kTileThreads; ++t) tile_hidden_forward(a, t, sh.data());
+      }
       for (int t = 0; t < kTileThreads; ++t) tile_output(a, tile, t, sh.data(), out.data_ptr<float>());
     }
   }
@@ -323,7 +395,9 @@ at::Tensor forward_cpu(const at::Tensor& queries, const at::Tensor& points,
                        const std::optional<at::Tensor>& weight_sum, double eps) {
   Prepared p = prepare(queries, points, dist2, idx, table, w1_dir, w2, b2, weight_sum, eps);
   check_indices(p.idx, p.args.P);
-  if (use_tiles_forward(false) && tiles_forward_supported(p.args)) return forward_tiles_cpu(p);
+  const ForwardMethod method = blend_forward_method(false);
+  if (method != ForwardMethod::kQueries && tiles_forward_supported(p.args))
+    return forward_tiles_cpu(p, method == ForwardMethod::kTilesTf32);
   p.w2_t = p.w2.t().contiguous();  // project_output_t reads (H, C)
   p.args.w2_t = p.w2_t.data_ptr<float>();
   const BlendArgs& a = p.args;

@@ -64,10 +64,20 @@ at::Tensor forward_cuda(const at::Tensor& queries, const at::Tensor& points,
   const c10::cuda::CUDAGuard guard(queries.device());
   Prepared p = prepare_cuda(queries, points, dist2, idx, table, w1_dir, w2, b2, weight_sum, eps);
   at::Tensor out = at::empty({p.args.B, p.args.M, p.args.C}, queries.options());
-  if (use_tiles_forward(true) && tiles_forward_supported(p.args)) {
+  const ForwardMethod method = blend_forward_method(true);
+  if (method != ForwardMethod::kQueries && tiles_forward_supported(p.args)) {
     align_table(p);
-    check_launch(launch_knn_blend_tiles_forward_cuda(p.args, at::cuda::getCurrentDeviceProperties()->multiProcessorCount,
-                                                     out.data_ptr<float>(), at::cuda::getCurrentCUDAStream().stream()),
+    const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+    if (method == ForwardMethod::kTilesTf32) {
+      TORCH_CHECK_VALUE(props->major >= 8, msg("GPAVATAR_BLEND_FORWARD=tiles_tf32 needs a GPU of compute capability 8.0 "
+                                               "or more, got ", props->major, ".", props->minor));
+      check_launch(launch_knn_blend_tiles_forward_tc_cuda(p.args, props->multiProcessorCount, out.data_ptr<float>(),
+                                                          at::cuda::getCurrentCUDAStream().stream()),
+                   "knn_blend forward (tiles, tf32)");
+      return out;
+    }
+    check_launch(launch_knn_blend_tiles_forward_cuda(p.args, props->multiProcessorCount, out.data_ptr<float>(),
+                                                     at::cuda::getCurrentCUDAStream().stream()),
                  "knn_blend forward (tiles)");
     return out;
   }

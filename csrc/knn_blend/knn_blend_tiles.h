@@ -44,11 +44,14 @@ constexpr int kTileGroups = kTileH / kTileUnits;          // 8
 constexpr int kTileThreads = kTileQueries * kTileGroups;  // 128 (= kTilePairs = 2 * kTileH)
 constexpr int kTileDeltaStride = kTilePairs + 4;          // delta row stride (no bank conflicts)
 constexpr int kTileHalf = kTilePairs / 2;                 // pairs per thread in C
+// gamma row stride: 8 floats of padding make the tensor-core forward's fragment loads
+// (lanes: 4 embedding rows x 8 pairs) hit 32 different banks.
+constexpr int kTileGammaStride = kTilePairs + 8;
 
 // Shared-memory layout, in floats (every region 16-byte aligned).
 constexpr int kTileW1 = 0;                                  // [27][64] w1_dir_t
-constexpr int kTileGamma = kTileW1 + kEmbedDim * kTileH;    // [27][kTilePairs]
-constexpr int kTileWeight = kTileGamma + kEmbedDim * kTilePairs;  // [kTilePairs]
+constexpr int kTileGamma = kTileW1 + kEmbedDim * kTileH;    // [27][kTileGammaStride]
+constexpr int kTileWeight = kTileGamma + kEmbedDim * kTileGammaStride;  // [kTilePairs]
 constexpr int kTileRow = kTileWeight + kTilePairs;          // [kTilePairs] table row bits (-1: none)
 constexpr int kTileTotal = kTileRow + kTilePairs;           // [kTileQueries] sum_k w_k
 constexpr int kTileDelta = kTileTotal + kTileQueries;       // backward: [64][kTileDeltaStride]
@@ -64,7 +67,7 @@ constexpr int kTileOutputs = kTileC / (kTileThreads / kTileQueries);  // outputs
 static_assert(kTileThreads == kTilePairs && kTileThreads == 2 * kTileH && kTileOutputs == 4 && 32 % kTileK == 0,
               "phase A takes one thread per pair (a query's slots: adjacent lanes of one warp), phase C two per unit, "
               "the output 4 floats per thread");
-static_assert(kTileGamma % 4 == 0 && kTileDelta % 4 == 0 && kTileW2t % 4 == 0 && kTileDeltaStride % 4 == 0 &&
+static_assert(kTileGamma % 4 == 0 && kTileGammaStride % 4 == 0 && kTileDelta % 4 == 0 && kTileW2t % 4 == 0 && kTileDeltaStride % 4 == 0 &&
                   kTileGStride % 4 == 0,
               "float4 accesses need 16-byte aligned regions and rows");
 
@@ -79,6 +82,9 @@ GPA_HD int64_t tile_count(const BlendArgs& a) { return (a.B * a.M + kTileQueries
 // writes 2 shares of grad_w1).
 constexpr int kTileBlocksPerSM = 3;
 constexpr int kTileForwardBlocksPerSM = 4;
+// The tensor-core forward (phase B: 16 TF32 weights fragments and 4 accumulators a thread):
+// 6 blocks of 35 KiB shared memory an SM.
+constexpr int kTileTcBlocksPerSM = 6;
 GPA_HD int64_t tile_blocks(int64_t tiles, int multiprocessors, int per_multiprocessor = kTileBlocksPerSM) {
   const int64_t most = static_cast<int64_t>(multiprocessors) * per_multiprocessor;
   return tiles < 1 ? 1 : (tiles < most ? tiles : most);
@@ -122,14 +128,25 @@ GPA_HD float weight_from_slots(const BlendArgs& a, const float (&u)[kTileK], flo
   return uk / sum;
 }
 
-// Once per block: w1_dir_t into shared memory (thread t of n).
-GPA_HD void tile_stage_weights(const BlendArgs& a, int t, int n, float* sh) {
-  for (int e = t; e < kEmbedDim * kTileH; e += n) sh[kTileW1 + e] = a.w1_dir_t[e];
+// x rounded to TF32 (10 mantissa bits) to nearest, ties away from zero: PTX's
+// cvt.rna.tf32.f32, in integer arithmetic (the same bits on the CPU and the GPU).
+// Infinities and NaN stay as they are; a magnitude that rounds past the largest
+// float becomes infinite.
+GPA_HD float round_tf32(float x) {
+  const unsigned u = static_cast<unsigned>(float_bits_to_int(x));
+  if ((u & 0x7f800000u) == 0x7f800000u) return x;
+  return int_bits_to_float(static_cast<int>((u + 0x1000u) & 0xffffe000u));
+}
+
+// Once per block: w1_dir_t into shared memory (thread t of n); rounded to TF32 for the
+// tensor-core forward (tf32).
+GPA_HD void tile_stage_weights(const BlendArgs& a, int t, int n, float* sh, bool tf32 = false) {
+  for (int e = t; e < kEmbedDim * kTileH; e += n) sh[kTileW1 + e] = tf32 ? round_tf32(a.w1_dir_t[e]) : a.w1_dir_t[e];
 }
 
 // Once per block of the forward: also w2^T and b2.
-GPA_HD void tile_stage_forward_weights(const BlendArgs& a, int t, int n, float* sh) {
-  tile_stage_weights(a, t, n, sh);
+GPA_HD void tile_stage_forward_weights(const BlendArgs& a, int t, int n, float* sh, bool tf32 = false) {
+  tile_stage_weights(a, t, n, sh, tf32);
   for (int e = t; e < kTileH * kTileC; e += n) {
     const int j = e / kTileC, o = e - j * kTileC;
     sh[kTileW2t + e] = a.w2[o * kTileH + j];
@@ -141,7 +158,8 @@ GPA_HD void tile_stage_forward_weights(const BlendArgs& a, int t, int n, float* 
 // its sum_k w_k.  Each thread computes its own slot's weight; the query's 8 threads are 8
 // adjacent lanes of one warp, which exchange them with shuffles on the GPU (every thread of
 // the block calls this: the shuffles need the whole warp), while the CPU recomputes them.
-GPA_HD void tile_pair_terms(const BlendArgs& a, int64_t tile, int t, float* sh) {
+// tf32: gamma is stored rounded to TF32 (the tensor-core forward).
+GPA_HD void tile_pair_terms(const BlendArgs& a, int64_t tile, int t, float* sh, bool tf32 = false) {
   const int q = t / kTileK, k = t - q * kTileK;
   const int64_t qi = tile * kTileQueries + q;
   float u[kTileK];
@@ -168,7 +186,7 @@ GPA_HD void tile_pair_terms(const BlendArgs& a, int64_t tile, int t, float* sh) 
     for (int c = 0; c < kEmbedDim; ++c) gamma[c] = 0.0f;
   }
   GPA_UNROLL
-  for (int c = 0; c < kEmbedDim; ++c) sh[kTileGamma + c * kTilePairs + t] = gamma[c];
+  for (int c = 0; c < kEmbedDim; ++c) sh[kTileGamma + c * kTileGammaStride + t] = tf32 ? round_tf32(gamma[c]) : gamma[c];
   sh[kTileWeight + t] = weight;
   sh[kTileRow + t] = int_bits_to_float(row);
 }
@@ -249,7 +267,7 @@ GPA_HD void tile_hidden(const BlendArgs& a, int t, const float* sh, float (&h)[k
   const float* w1 = sh + kTileW1 + u0;
   for (int c = 0; c < kEmbedDim; ++c) {
     float gc[kTileK], wc[kTileUnits];
-    load_floats(gam + c * kTilePairs, gc);
+    load_floats(gam + c * kTileGammaStride, gc);
     load_floats(w1 + c * kTileH, wc);
     GPA_UNROLL
     for (int k = 0; k < kTileK; ++k) {
@@ -372,7 +390,7 @@ GPA_HD void tile_w1_accumulate(int t, const float* sh, float (&acc)[kEmbedDim]) 
     GPA_UNROLL
     for (int c = 0; c < kEmbedDim; ++c) {
       float gc[4];
-      load_floats(gam + c * kTilePairs + p, gc);
+      load_floats(gam + c * kTileGammaStride + p, gc);
       GPA_UNROLL
       for (int e = 0; e < 4; ++e) acc[c] += d[e] * gc[e];
     }
@@ -386,9 +404,97 @@ GPA_HD void tile_w1_store(int t, const float (&acc)[kEmbedDim], float* part) {
   for (int c = 0; c < kEmbedDim; ++c) part[(half * kEmbedDim + c) * kTileH + j] = acc[c];
 }
 
+// --- Phase B on the tensor cores (GPAVATAR_BLEND_FORWARD=tiles_tf32) ----------------
+// The tile's hidden pre-activations as one TF32 product per warp, transposed:
+//   H^T (64 units x 128 pairs) = W (64 x 32) Gamma (32 x 128) + table rows^T,
+// W[u][c] = w1_dir_t[c][u] and Gamma[c][p] = gamma[c][p] (both rounded to TF32 in shared
+// memory; rows c >= 27 are zero), in mma.m16n8k8 steps: warp w takes the 16 units
+// 16 w .. 16 w + 15 (the M tile) and the tile's 16 queries one after the other (N tile n:
+// query n's 8 slots, pairs 8 n .. 8 n + 7), 4 k-steps of 8 embedding rows.  Then
+// g[n][u] = sum_k w_k relu(h) over the query's slots: each lane holds two slots of two
+// units, adds them, and the four lanes of a fragment row add theirs (xor 1, then xor 2).
+// The products are TF32 (10-bit mantissas, accumulated in fp32): the result differs from
+// the fp32 tiles' by TF32 rounding; the output layer is the same (tile_output, fp32).
+//
+// Fragment coordinates (PTX ISA, mma.m16n8k8 with .tf32 operands; lane = 4 gid + tid4):
+//   A (16 x 8, row): a0 (gid, tid4), a1 (gid + 8, tid4), a2 (gid, tid4 + 4), a3 (gid + 8, tid4 + 4)
+//   B (8 x 8, col):  b0 (tid4, gid), b1 (tid4 + 4, gid)
+//   C, D (16 x 8):   c0 (gid, 2 tid4), c1 (gid, 2 tid4 + 1), c2 (gid + 8, 2 tid4), c3 (gid + 8, 2 tid4 + 1)
+// The functions below give a lane its fragments; the CUDA kernel multiplies them with the
+// mma instruction, the CPU (knn_blend_cpu.cpp) with an emulation of these coordinates, so
+// the CPU tests check the mapping.
+constexpr int kTcSteps = 4;                  // k-steps of 8 embedding rows (27 -> 32)
+constexpr int kTcWarps = kTileThreads / 32;  // 4: one 16-unit M tile each
+static_assert(kTcWarps * 16 == kTileH && kTcSteps * 8 >= kEmbedDim, "4 warps x 16 units, 4 x 8 embedding rows");
+
+GPA_HD float tc_w(const float* sh, int c, int u) { return c < kEmbedDim ? sh[kTileW1 + c * kTileH + u] : 0.0f; }
+GPA_HD float tc_gamma(const float* sh, int c, int p) {
+  return c < kEmbedDim ? sh[kTileGamma + c * kTileGammaStride + p] : 0.0f;
+}
+
+// A fragment of k-step s for warp w (once per block: the weights are the block's).
+GPA_HD void tc_a_fragment(const float* sh, int w, int lane, int s, float (&a)[4]) {
+  const int gid = lane >> 2, tid4 = lane & 3, u = 16 * w + gid, c = 8 * s + tid4;
+  a[0] = tc_w(sh, c, u);
+  a[1] = tc_w(sh, c, u + 8);
+  a[2] = tc_w(sh, c + 4, u);
+  a[3] = tc_w(sh, c + 4, u + 8);
+}
+
+// B fragment of k-step s for query n of the tile.
+GPA_HD void tc_b_fragment(const float* sh, int lane, int n, int s, float (&b)[2]) {
+  const int gid = lane >> 2, tid4 = lane & 3, p = kTileK * n + gid, c = 8 * s + tid4;
+  b[0] = tc_gamma(sh, c, p);
+  b[1] = tc_gamma(sh, c + 4, p);
+}
+
+// The table row of pair p at unit u (0 for an empty slot).
+GPA_HD float tc_table(const BlendArgs& a, const float* sh, int p, int u) {
+  const int row = float_bits_to_int(sh[kTileRow + p]);
+  if (row < 0) return 0.0f;
+  const float* t = a.table + static_cast<int64_t>(row) * kTileH + u;
+#if defined(__CUDA_ARCH__)
+  return __ldg(t);
+#else
+  return *t;
+#endif
+}
+
+// The accumulator's start for query n: the table rows (C fragment).
+GPA_HD void tc_c_fragment(const BlendArgs& a, const float* sh, int w, int lane, int n, float (&d)[4]) {
+  const int gid = lane >> 2, tid4 = lane & 3, u = 16 * w + gid, p = kTileK * n + 2 * tid4;
+  d[0] = tc_table(a, sh, p, u);
+  d[1] = tc_table(a, sh, p + 1, u);
+  d[2] = tc_table(a, sh, p, u + 8);
+  d[3] = tc_table(a, sh, p + 1, u + 8);
+}
+
+// w_p relu(h) of a live slot, 0 for an empty one (tile_blend's terms).
+GPA_HD float tc_term(const float* sh, int p, float h) {
+  return float_bits_to_int(sh[kTileRow + p]) >= 0 ? sh[kTileWeight + p] * relu_f(h) : 0.0f;
+}
+
+// A lane's share of g for query n: its two slots' terms, for unit gid (lo) and gid + 8 (hi).
+GPA_HD void tc_lane_terms(const float* sh, int lane, int n, const float (&d)[4], float& lo, float& hi) {
+  const int p = kTileK * n + 2 * (lane & 3);
+  lo = tc_term(sh, p, d[0]) + tc_term(sh, p + 1, d[1]);
+  hi = tc_term(sh, p, d[2]) + tc_term(sh, p + 1, d[3]);
+}
+
+// g[n][u] from the lanes with tid4 = 0, once the four lanes' shares are summed.
+GPA_HD void tc_store_g(float* sh, int w, int lane, int n, float lo, float hi) {
+  if ((lane & 3) != 0) return;
+  const int u = 16 * w + (lane >> 2);
+  sh[kTileG + n * kTileGStride + u] = lo;
+  sh[kTileG + n * kTileGStride + u + 8] = hi;
+}
+
 #if defined(WITH_CUDA)
 // out (B, M, 32) (16-byte aligned).
 int launch_knn_blend_tiles_forward_cuda(const BlendArgs& args, int multiprocessors, float* out, void* stream);
+// The same with phase B on the tensor cores (TF32; compute capability 8.0 or more).
+int launch_knn_blend_tiles_forward_tc_cuda(const BlendArgs& args, int multiprocessors, float* out, void* stream);
+
 // grad_table (rows, H) zeroed by the caller; hidden (B*M, H), total (B*M);
 // part_w1 (2 * tile_blocks, 27, H).
 int launch_knn_blend_tiles_backward_cuda(const BlendArgs& args, const float* grad_out, int multiprocessors,
