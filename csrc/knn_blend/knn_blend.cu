@@ -274,16 +274,23 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const unsigned (&a)[4], 
 __device__ __forceinline__ void tile_hidden_forward_tc(const BlendArgs& a, int t, float* sh,
                                                        const unsigned (&wa)[kTcSteps][4]) {
   const int w = t >> 5, lane = t & 31;
+  float next[4];
+  tc_table_fragment(a, sh, w, lane, 0, next);
 #pragma unroll 4
   for (int n = 0; n < kTileQueries; ++n) {
-    float d[4];
-    tc_c_fragment(a, sh, w, lane, n, d);
+    float rows[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) rows[i] = next[i];
+    if (n + 1 < kTileQueries) tc_table_fragment(a, sh, w, lane, n + 1, next);  // in flight during the products
+    float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int s = 0; s < kTcSteps; ++s) {
       float b[2];
       tc_b_fragment(sh, lane, n, s, b);
       mma_tf32(d, wa[s], b);
     }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) d[i] += rows[i];
     float lo, hi;
     tc_lane_terms(sh, lane, n, d, lo, hi);
     lo += __shfl_xor_sync(0xffffffffu, lo, 1);

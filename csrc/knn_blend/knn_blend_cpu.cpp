@@ -313,12 +313,16 @@ void tile_hidden_forward_tc_cpu(const BlendArgs& a, float* sh) {
     for (int s = 0; s < kTcSteps; ++s)
       for (int lane = 0; lane < 32; ++lane) tc_a_fragment(sh, w, lane, s, wa[s][lane]);
     for (int n = 0; n < kTileQueries; ++n) {
-      float d[32][4];
-      for (int lane = 0; lane < 32; ++lane) tc_c_fragment(a, sh, w, lane, n, d[lane]);
+      float d[32][4] = {};
       for (int s = 0; s < kTcSteps; ++s) {
         float b[32][2];
         for (int lane = 0; lane < 32; ++lane) tc_b_fragment(sh, lane, n, s, b[lane]);
         mma_tf32_emulated(d, wa[s], b);
+      }
+      for (int lane = 0; lane < 32; ++lane) {
+        float rows[4];
+        tc_table_fragment(a, sh, w, lane, n, rows);
+        for (int i = 0; i < 4; ++i) d[lane][i] += rows[i];
       }
       float lo[32], hi[32];
       for (int lane = 0; lane < 32; ++lane) tc_lane_terms(sh, lane, n, d[lane], lo[lane], hi[lane]);

@@ -406,7 +406,7 @@ GPA_HD void tile_w1_store(int t, const float (&acc)[kEmbedDim], float* part) {
 
 // --- Phase B on the tensor cores (GPAVATAR_BLEND_FORWARD=tiles_tf32) ----------------
 // The tile's hidden pre-activations as one TF32 product per warp, transposed:
-//   H^T (64 units x 128 pairs) = W (64 x 32) Gamma (32 x 128) + table rows^T,
+//   H^T (64 units x 128 pairs) = W (64 x 32) Gamma (32 x 128), then + table rows^T,
 // W[u][c] = w1_dir_t[c][u] and Gamma[c][p] = gamma[c][p] (both rounded to TF32 in shared
 // memory; rows c >= 27 are zero), in mma.m16n8k8 steps: warp w takes the 16 units
 // 16 w .. 16 w + 15 (the M tile) and the tile's 16 queries one after the other (N tile n:
@@ -448,25 +448,26 @@ GPA_HD void tc_b_fragment(const float* sh, int lane, int n, int s, float (&b)[2]
   b[1] = tc_gamma(sh, c + 4, p);
 }
 
-// The table row of pair p at unit u (0 for an empty slot).
-GPA_HD float tc_table(const BlendArgs& a, const float* sh, int p, int u) {
+// Units u and u + 8 of pair p's table row (0 for an empty slot).
+GPA_HD void tc_table(const BlendArgs& a, const float* sh, int p, int u, float& lo, float& hi) {
   const int row = float_bits_to_int(sh[kTileRow + p]);
-  if (row < 0) return 0.0f;
-  const float* t = a.table + static_cast<int64_t>(row) * kTileH + u;
+  const float* t = a.table + static_cast<int64_t>(row < 0 ? 0 : row) * kTileH + u;
 #if defined(__CUDA_ARCH__)
-  return __ldg(t);
+  lo = row < 0 ? 0.0f : __ldg(t);
+  hi = row < 0 ? 0.0f : __ldg(t + 8);
 #else
-  return *t;
+  lo = row < 0 ? 0.0f : t[0];
+  hi = row < 0 ? 0.0f : t[8];
 #endif
 }
 
-// The accumulator's start for query n: the table rows (C fragment).
-GPA_HD void tc_c_fragment(const BlendArgs& a, const float* sh, int w, int lane, int n, float (&d)[4]) {
+// The table rows of query n at the accumulator's coordinates (C fragment), added to the
+// products after the k-steps (so that the products need not wait for these loads: the GPU
+// loads the next query's while it multiplies).
+GPA_HD void tc_table_fragment(const BlendArgs& a, const float* sh, int w, int lane, int n, float (&t)[4]) {
   const int gid = lane >> 2, tid4 = lane & 3, u = 16 * w + gid, p = kTileK * n + 2 * tid4;
-  d[0] = tc_table(a, sh, p, u);
-  d[1] = tc_table(a, sh, p + 1, u);
-  d[2] = tc_table(a, sh, p, u + 8);
-  d[3] = tc_table(a, sh, p + 1, u + 8);
+  tc_table(a, sh, p, u, t[0], t[2]);
+  tc_table(a, sh, p + 1, u, t[1], t[3]);
 }
 
 // w_p relu(h) of a live slot, 0 for an empty one (tile_blend's terms).
