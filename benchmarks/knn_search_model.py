@@ -1,7 +1,8 @@
 """A model of the CUDA cell search's work (no GPU needed): for warps of 32 queries in bucket
 order, how many list entries each lane scans before its band stop, how many it inserts into
 its top-K, how many steps the warp runs (its slowest lane) and in how many of them some lane
-inserts (the divergent path).
+inserts (the divergent path); the same for the grouped scan (GROUP entries a step), and both
+as warp instructions estimated from the sm_90 code's counts.
 
     python benchmarks/knn_search_model.py --dist render --grids 12,16,24 --warps 200
 
@@ -33,6 +34,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _distributions  # noqa: E402
 
 BANDS = int(os.environ.get("MODEL_BANDS", 16))
+# The grouped scan (GPAVATAR_KNN_CUDA_SEARCH=grouped, knn_cells.h's scan_grouped) takes GROUP entries
+# a step.  Instruction counts of the sm_90 code (nvcc 13.0, cuobjdump): a refused entry of the banded
+# loop ~35 (a third of them register moves), a refused group of the grouped loop ~50; an offer that
+# inserts ~40 more (the compare-and-swap pass), an entry offered in a grouped step ~15 before that.
+GROUP = 4
+INSTR_BANDED_STEP, INSTR_GROUP_STEP, INSTR_INSERT, INSTR_GROUP_OFFER = 35, 50, 40, 15
 
 
 def grid(q: np.ndarray, p: np.ndarray, G: int):
@@ -137,7 +144,7 @@ def model(q: np.ndarray, p: np.ndarray, G: int, K: int, warps: int, seed: int = 
         order = np.argsort(cid, kind="stable")
     lists: dict[int, tuple] = {}
     starts = np.random.default_rng(seed).integers(0, len(q) // pool, warps) * pool
-    scanned = inserts = steps = insert_steps = lanes = 0
+    scanned = inserts = steps = insert_steps = lanes = group_steps = group_offers = 0
     lengths = []
     for s0 in starts:
         runs: dict[int, list[int]] = {}
@@ -183,9 +190,21 @@ def model(q: np.ndarray, p: np.ndarray, G: int, K: int, warps: int, seed: int = 
         else:
             steps += longest
             insert_steps += int(insert_at.sum())
-    return dict(G=G, list=float(np.mean(lengths)), scanned=scanned / lanes,
-                inserts=inserts / lanes, warp_steps=steps / warps, insert_steps=insert_steps / warps,
-                lane_use=scanned / lanes / (steps / warps))
+            # the grouped scan: ceil(longest / GROUP) steps (band boundaries ignored), each offering its
+            # GROUP entries when some lane may insert one of them
+            padded = np.zeros(-(-longest // GROUP) * GROUP, bool)
+            padded[:len(insert_at)] = insert_at[:len(padded)]
+            group_steps += len(padded) // GROUP
+            group_offers += int(padded.reshape(-1, GROUP).any(1).sum())
+    out = dict(G=G, list=float(np.mean(lengths)), scanned=scanned / lanes,
+               inserts=inserts / lanes, warp_steps=steps / warps, insert_steps=insert_steps / warps,
+               lane_use=scanned / lanes / (steps / warps))
+    if pool <= 32:  # warp instructions estimated from the SASS counts above
+        out.update(group_steps=group_steps / warps, group_offers=group_offers / warps,
+                   instr_banded=(steps * INSTR_BANDED_STEP + insert_steps * INSTR_INSERT) / warps,
+                   instr_grouped=(group_steps * INSTR_GROUP_STEP
+                                  + group_offers * GROUP * INSTR_GROUP_OFFER + insert_steps * INSTR_INSERT) / warps)
+    return out
 
 
 def main(argv=None) -> int:
@@ -212,13 +231,16 @@ def main(argv=None) -> int:
     q, p = q[0].double().numpy(), p[0].double().numpy()
     print(f"{args.dist}: M={args.M} P={args.P} K={args.K}, {args.warps} warps of 32 queries in bucket order, "
           f"order {args.order}\n")
-    print("| G | mean list | scanned / lane | inserts / lane | warp steps | steps with an insert | lane use |")
-    print("|---|---|---|---|---|---|---|")
+    print("| G | mean list | scanned / lane | inserts / lane | warp steps | steps with an insert | lane use | "
+          f"grouped steps ({GROUP}) | with an offer | instructions banded | grouped |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for G in (int(g) for g in args.grids.split(",")):
         r = model(q, p, G, args.K, args.warps, list_order=args.order, bands=args.bands,
                   sub=args.sub, pool=args.pool, sub_levels=args.sub_levels)
+        grouped = (f"{r['group_steps']:.0f} | {r['group_offers']:.0f} | {r['instr_banded']:.0f} | "
+                   f"{r['instr_grouped']:.0f}" if "group_steps" in r else "- | - | - | -")
         print(f"| {G} | {r['list']:.0f} | {r['scanned']:.0f} | {r['inserts']:.1f} | {r['warp_steps']:.0f} | "
-              f"{r['insert_steps']:.0f} | {r['lane_use']:.0%} |")
+              f"{r['insert_steps']:.0f} | {r['lane_use']:.0%} | {grouped} |")
     return 0
 
 

@@ -289,6 +289,27 @@ def test_search_model_centre_order_stops_exactly():
         assert centre["scanned"] < box["scanned"] and 0 < centre["inserts"] < box["inserts"]
 
 
+def test_search_model_grouped_counts():
+    """knn_search_model's grouped columns: ceil(steps / 4) group steps, at most as many with an offer as
+    steps with an insert and at least a quarter of them, and the instruction estimates from those counts."""
+    import numpy as np
+
+    import knn_search_model as KM
+
+    rng = np.random.default_rng(1)
+    q, p = rng.uniform(-1, 1, (4096, 3)), rng.uniform(-0.5, 0.5, (500, 3))
+    r = KM.model(q, p, 8, 8, warps=4)
+    assert KM.GROUP == 4
+    assert r["warp_steps"] / 4 <= r["group_steps"] <= r["warp_steps"] / 4 + 1
+    assert r["insert_steps"] / 4 <= r["group_offers"] <= r["insert_steps"]
+    assert r["instr_banded"] == pytest.approx(r["warp_steps"] * KM.INSTR_BANDED_STEP
+                                              + r["insert_steps"] * KM.INSTR_INSERT)
+    assert r["instr_grouped"] == pytest.approx(r["group_steps"] * KM.INSTR_GROUP_STEP
+                                               + r["group_offers"] * 4 * KM.INSTR_GROUP_OFFER
+                                               + r["insert_steps"] * KM.INSTR_INSERT)
+    assert "group_steps" not in KM.model(q, p, 8, 8, warps=2, pool=64)
+
+
 def test_kernel_resources_parses_ptxas():
     """kernel_resources: ptxas -v lines to rows (registers, stack, shared memory, the warps an SM's
     registers allow), names shortened; with nvcc here, a real compile of one source."""
