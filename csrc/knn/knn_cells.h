@@ -387,7 +387,7 @@ GPA_HD void scan_banded(const float* entries, const int* band_count, const Stop&
 }
 
 // --- Grouped scan (GPAVATAR_KNN_CUDA_SEARCH=grouped) ------------------------------
-// scan_banded takes a band's entries kScanGroup at a time: first their distances
+// scan_banded with a band's entries taken kScanGroup at a time: first their distances
 // (kScanGroup independent loads and sums, no branch between them), then, only when
 // one of them could enter (d <= worst; a NaN never can), the group is offered entry
 // by entry in list order (distances recomputed: the same arithmetic, the same
