@@ -427,27 +427,26 @@ cudaError_t allow_shared(Kernel kernel, size_t bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
-int launch_knn_blend_tiles_forward_cuda(const BlendArgs& a, int multiprocessors, float* out, void* stream) {
+// A tiled forward kernel (fp32 or tensor cores) over every tile, per_multiprocessor blocks an SM.
+template <typename Kernel>
+int launch_tiles_forward(Kernel kernel, int per_multiprocessor, const BlendArgs& a, int multiprocessors, float* out,
+                         void* stream) {
   if (!tiles_forward_supported(a)) return static_cast<int>(cudaErrorInvalidValue);
   if (a.B * a.M == 0) return 0;
   const size_t smem = sizeof(float) * kTileForwardFloats;
-  const cudaError_t attr = allow_shared(tiles_forward_kernel, smem);
+  const cudaError_t attr = allow_shared(kernel, smem);
   if (attr != cudaSuccess) return static_cast<int>(attr);
-  const int64_t blocks = tile_blocks(tile_count(a), multiprocessors, kTileForwardBlocksPerSM);
-  tiles_forward_kernel<<<static_cast<unsigned>(blocks), kTileThreads, smem, static_cast<cudaStream_t>(stream)>>>(a, out);
+  const int64_t blocks = tile_blocks(tile_count(a), multiprocessors, per_multiprocessor);
+  kernel<<<static_cast<unsigned>(blocks), kTileThreads, smem, static_cast<cudaStream_t>(stream)>>>(a, out);
   return static_cast<int>(cudaGetLastError());
 }
 
+int launch_knn_blend_tiles_forward_cuda(const BlendArgs& a, int multiprocessors, float* out, void* stream) {
+  return launch_tiles_forward(tiles_forward_kernel, kTileForwardBlocksPerSM, a, multiprocessors, out, stream);
+}
+
 int launch_knn_blend_tiles_forward_tc_cuda(const BlendArgs& a, int multiprocessors, float* out, void* stream) {
-  if (!tiles_forward_supported(a)) return static_cast<int>(cudaErrorInvalidValue);
-  if (a.B * a.M == 0) return 0;
-  const size_t smem = sizeof(float) * kTileForwardFloats;
-  const cudaError_t attr = allow_shared(tiles_forward_tc_kernel, smem);
-  if (attr != cudaSuccess) return static_cast<int>(attr);
-  const int64_t blocks = tile_blocks(tile_count(a), multiprocessors, kTileTcBlocksPerSM);
-  tiles_forward_tc_kernel<<<static_cast<unsigned>(blocks), kTileThreads, smem, static_cast<cudaStream_t>(stream)>>>(a,
-                                                                                                                  out);
-  return static_cast<int>(cudaGetLastError());
+  return launch_tiles_forward(tiles_forward_tc_kernel, kTileTcBlocksPerSM, a, multiprocessors, out, stream);
 }
 
 int launch_knn_blend_tiles_backward_cuda(const BlendArgs& a, const float* grad_out, int multiprocessors,
