@@ -5,6 +5,8 @@
 * ``requires_cuda`` / the ``cuda`` marker: skipped without a GPU.
 * ``BACKEND_CASES``: every (device, backend) pair of fused kernels available
   on this machine, for parametrizing kernel-vs-reference tests.
+* ``CUDA_SEARCHES``: the CUDA KNN's list scans (GPAVATAR_KNN_CUDA_SEARCH), which the CPU
+  also runs on the CUDA layout of the lists (GPAVATAR_KNN_LAYOUT=cuda).
 """
 
 import os
@@ -42,6 +44,7 @@ def backend_cases():
 
 
 BACKEND_CASES = backend_cases()
+CUDA_SEARCHES = ["banded", "unrolled", "buffered", "grouped"]
 
 
 def pytest_runtest_logreport(report):

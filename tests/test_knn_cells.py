@@ -9,7 +9,7 @@ queries outside the grid and exact distance ties between points at different pla
 
 import pytest
 import torch
-from conftest import BACKEND_CASES
+from conftest import BACKEND_CASES, CUDA_SEARCHES
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -303,8 +303,8 @@ def test_bad_environment_is_a_clear_error(monkeypatch):
 # packed entries, batch-wide offsets and budget) and scan them with the same header functions
 # the CUDA search kernels call (scan_banded; scan_buffered / scan_grouped with GPAVATAR_KNN_CUDA_SEARCH=buffered / grouped),
 # so their arithmetic and layout are tested here without a GPU.  GPAVATAR_KNN_BUFFER (> K) sets
-# the buffered scan's slots per query: K + 1 makes it flush after nearly every append.
-CUDA_SEARCHES = ["banded", "unrolled", "buffered", "grouped"]
+# the buffered scan's slots per query: K + 1 makes it flush after nearly every append.  The scans:
+# CUDA_SEARCHES (conftest.py).
 # GPAVATAR_KNN_CUDA_BUILD=two_level builds each cell's list from its parent's (knn_cells.h);
 # GPAVATAR_KNN_PARENT_CAP forces parents past the cap to the every-point fallback (0: all of
 # them, 40: most), and GPAVATAR_KNN_VERIFY_LISTS=1 makes the CPU layout check that its lists

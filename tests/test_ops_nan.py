@@ -9,7 +9,7 @@ backend instead.
 
 import pytest
 import torch
-from conftest import BACKEND_CASES, HAS_CUDA
+from conftest import BACKEND_CASES, CUDA_SEARCHES, HAS_CUDA
 
 import gpavatar.ops as ops
 from gpavatar.ops._backend import environ
@@ -125,7 +125,6 @@ def _nonfinite_inputs(case, B=2, M=60, P=40, device="cpu"):
 # The C++ knn's search methods and layouts (GPAVATAR_KNN, GPAVATAR_KNN_LAYOUT): each must reach
 # the same order (the cell lists send the queries they cannot order to the brute-force scan).
 CPU_METHODS = [("brute", "cpu"), ("grid", "cpu"), ("cells", "cpu"), ("cells", "cuda")]
-CUDA_SEARCHES = ["banded", "unrolled", "buffered", "grouped"]  # GPAVATAR_KNN_CUDA_SEARCH (test_knn_cells.py)
 
 
 @pytest.mark.parametrize("case", list(NONFINITE_CASES))
@@ -194,11 +193,11 @@ def test_knn_search_nonfinite_total_order(case, monkeypatch):
     index = ops.knn_index(pts, 8, box=(-1.0, 1.0), backend="cpu", validate=False)
     if index is None:
         pytest.skip("no C++ extension")
+    ref = ops.knn(q, pts, 8, backend="torch", validate=False)
     for search in CUDA_SEARCHES:
         monkeypatch.setenv("GPAVATAR_KNN_CUDA_SEARCH", search)
         got = ops.knn(q, pts, 8, backend="cpu", validate=False, index=index)
-        assert_same_knn(got, ops.knn(q, pts, 8, backend="torch", validate=False), pts.shape[1],
-                        f"knn_search {search}")
+        assert_same_knn(got, ref, pts.shape[1], f"knn_search {search}")
 
 
 @pytest.mark.parametrize("case", ["nan_point", "most_points_nan", "inf_queries"])

@@ -266,10 +266,6 @@ GPA_CPU_CLONES void backward_range(const BlendArgs& a, const float* grad_out, in
   }
 }
 
-// The tiled kernels of knn_blend_tiles.h on the CPU: the CUDA kernels' blocks, tiles,
-// phases and shared-memory layout, each phase run for every thread in turn (tests of that
-// code without a GPU; GPAVATAR_BLEND_FORWARD / GPAVATAR_BLEND_BACKWARD=tiles).  Serial: a
-// test path.
 // mma.m16n8k8 (D = A B + D) on the 32 lanes' fragments, by the coordinates of PTX's
 // fragment layouts (knn_blend_tiles.h): the products of TF32 values are exact in float, the
 // sum runs over k in order (the hardware's order is its own: the GPU's sums may differ in
@@ -340,6 +336,10 @@ void tile_hidden_forward_tc_cpu(const BlendArgs& a, float* sh) {
   }
 }
 
+// The tiled kernels of knn_blend_tiles.h on the CPU: the CUDA kernels' blocks, tiles,
+// phases and shared-memory layout, each phase run for every thread in turn (tests of that
+// code without a GPU; GPAVATAR_BLEND_FORWARD / GPAVATAR_BLEND_BACKWARD=tiles; tf32: tiles_tf32).  Serial: a
+// test path.
 at::Tensor forward_tiles_cpu(const Prepared& p, bool tf32) {
   const BlendArgs& a = p.args;
   const int64_t tiles = tile_count(a);
