@@ -589,7 +589,7 @@ def fake_tuning(tiny, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "fast"])
 def test_tuning_keeps_what_is_faster_and_right(fake_tuning, dtype):
     """One value at a time on top of the best so far: a faster value is kept, a slower one, one within
-    the 2 % margin, one that raises and one whose image fails the PSNR check are not; the next setting is
+    the eager margin (2 %), one that raises and one whose image fails the PSNR check are not; the next setting is
     tried on top of the kept value; later frames run with the chosen settings."""
     model, avatar = fake_tuning
     rt = model.realtime(avatar, dtype=dtype, tune=True)
@@ -598,9 +598,10 @@ def test_tuning_keeps_what_is_faster_and_right(fake_tuning, dtype):
     rows = rt.tuning
     assert [(r["settings"], r["status"].split(":")[0]) for r in rows] == [
         ({}, "base"), ({"test": "slow"}, "slower"), ({"test": "broken"}, "failed"), ({"test": "wrong"}, "rejected"),
-        ({"test": "fast"}, "kept"), ({"test": "barely"}, "within 2 %"), ({"test": "fast", "test2": "on"}, "kept")]
+        ({"test": "fast"}, "kept"), ({"test": "barely"}, "within margin"), ({"test": "fast", "test2": "on"}, "kept")]
     assert [r["chosen"] for r in rows] == [False] * 6 + [True]
     assert rows[0]["ms"] == pytest.approx(10.0) and rows[-1]["ms"] == pytest.approx(2.5)
+    assert rows[0]["p20_ms"] == pytest.approx(10.0) and rows[0]["p80_ms"] == pytest.approx(10.0)
     assert "this kernel does not run here" in rows[2]["status"] and rows[3]["psnr"] < 10
     assert rt.settings == {"test": "fast", "test2": "on"} and TUNE_ENV not in os.environ
     # the reference: the untuned frame (fp32) or model.render's fp32 frame (fast); the chosen frame passes
@@ -609,6 +610,23 @@ def test_tuning_keeps_what_is_faster_and_right(fake_tuning, dtype):
     assert psnr(out["image"], ref) >= (60 if dtype == torch.float32 else 40)
     again = rt(points, transform)
     assert torch.equal(again["image"], out["image"]) and rt.tuning is rows  # tuned once
+
+
+def test_tune_keeps_needs_the_margin_and_apart_spreads():
+    """A trial is kept when its median beats the best's by the margin and the two p20-p80 spreads do
+    not overlap (the H100 trials of knn_cells=24: 1.9 % faster, under the eager 2 %, over the graph
+    replays' 0.5 %)."""
+    from gpavatar.realtime import GRAPH_TUNE_MARGIN, TUNE_MARGIN, _summary, tune_keeps
+
+    best = {"ms": 9.906, "p20_ms": 9.89, "p80_ms": 9.92}
+    faster = {"ms": 9.717, "p20_ms": 9.70, "p80_ms": 9.73}
+    assert tune_keeps(faster, best, GRAPH_TUNE_MARGIN) and not tune_keeps(faster, best, TUNE_MARGIN)
+    assert not tune_keeps({"ms": 9.80, "p20_ms": 9.60, "p80_ms": 9.95}, best, GRAPH_TUNE_MARGIN)  # overlap
+    assert not tune_keeps({"ms": 9.88, "p20_ms": 9.875, "p80_ms": 9.885}, best, GRAPH_TUNE_MARGIN)  # 0.26 %
+    assert not tune_keeps(best, best, 0.0)
+    assert tune_keeps({"ms": 5.0}, {"ms": 10.0}, TUNE_MARGIN) and not tune_keeps({"ms": 9.9}, {"ms": 10.0}, TUNE_MARGIN)
+    assert _summary([3.0]) == (3.0, 3.0, 3.0)
+    assert _summary([float(x) for x in range(20, 0, -1)]) == (10.5, pytest.approx(4.8), pytest.approx(16.2))
 
 
 def test_tuning_leaves_given_settings_and_a_failing_base_raises(fake_tuning):
@@ -670,7 +688,7 @@ def test_device_defaults_start_the_tuning_and_give_way_to_given_settings(fake_tu
     rows = rt.tune(*frame_inputs(1, seed=5))
     assert rows[0]["settings"] == {"test2": "on"} and rows[0]["ms"] == pytest.approx(5.0)
     assert [(r["settings"], r["status"].split(":")[0]) for r in rows[-2:]] == [
-        ({"test2": "on", "test": "barely"}, "within 2 %"), ({"test2": None, "test": "fast"}, "slower")]
+        ({"test2": "on", "test": "barely"}, "within margin"), ({"test2": None, "test": "fast"}, "slower")]
     assert rt.settings == {"test2": "on", "test": "fast"}
 
 

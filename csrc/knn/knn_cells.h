@@ -74,13 +74,16 @@ GPA_HD void cell_grid_geometry(const float plo[3], const float phi[3], const flo
   }
 }
 
+// The upper edge of the grid along axis a (without the sliver).
+GPA_HD float grid_top(const float* geom, int G, int a) { return add_rn(geom[a], mul_rn(static_cast<float>(G), geom[3 + a])); }
+
 // Cell (0 .. G^3 - 1) of a query, or -1 when it lies outside the grid.
 GPA_HD int query_cell(const float* geom, int G, float x, float y, float z) {
   const float v[3] = {x, y, z};
   int c[3];
   for (int a = 0; a < 3; ++a) {
-    const float lo = geom[a], cell = geom[3 + a], inv = geom[6 + a], sliver = geom[9 + a];
-    const float hi = add_rn(lo, mul_rn(static_cast<float>(G), cell));
+    const float lo = geom[a], inv = geom[6 + a], sliver = geom[9 + a];
+    const float hi = grid_top(geom, G, a);
     if (!(v[a] >= lo - sliver && v[a] <= hi + sliver)) return -1;  // NaN: outside
     const float t = (v[a] - lo) * inv;
     const int top = G - 1;

@@ -373,8 +373,8 @@ size_t lists_bytes(const cells_cpu::Lists& L) {
 // slivers included (a flat axis: only its one value).
 bool grid_inside_grid(const float* geom_new, const float* geom, int G) {
   for (int a = 0; a < 3; ++a) {
-    const float lo = geom[a] - geom[9 + a], hi = add_rn(geom[a], mul_rn(static_cast<float>(G), geom[3 + a])) + geom[9 + a];
-    const float lo_new = geom_new[a], hi_new = add_rn(geom_new[a], mul_rn(static_cast<float>(G), geom_new[3 + a]));
+    const float lo = geom[a] - geom[9 + a], hi = grid_top(geom, G, a) + geom[9 + a];
+    const float lo_new = geom_new[a], hi_new = grid_top(geom_new, G, a);
     if (!(lo_new >= lo && hi_new <= hi)) return false;
   }
   return true;
