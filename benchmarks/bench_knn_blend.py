@@ -71,11 +71,13 @@ TC_SUFFIX = "+tc"
 TF32_SUFFIX = "+tf32"
 # The CUDA KNN's opt-in variants (csrc/knn/knn_cells.cu; exact, so checked like the default): a row
 # "cuda+centre" runs every case with the centre-ordered lists, "cuda+onepass" with the one-launch
-# list build, "cuda+grouped" with the grouped list scan (knn_cells.h: scan_grouped); suffixes
-# combine in this order ("cuda+centre+grouped").
+# list build, "cuda+grouped" with the grouped list scan (knn_cells.h: scan_grouped), "cuda+match"
+# with the list build's match compaction (knn_cells.cu: band_place); suffixes combine in this order
+# ("cuda+centre+grouped").
 KNN_VARIANTS = {"+centre": {"GPAVATAR_KNN_CUDA_ORDER": "centre"},
                 "+onepass": {"GPAVATAR_KNN_CUDA_BUILD": "one_pass"},
-                "+grouped": {"GPAVATAR_KNN_CUDA_SEARCH": "grouped"}}
+                "+grouped": {"GPAVATAR_KNN_CUDA_SEARCH": "grouped"},
+                "+match": {"GPAVATAR_KNN_CUDA_COMPACT": "match"}}
 CASES = ("knn", "knn_blend", "knn_blend+bwd")
 BASELINES = ("torch-fast", "pytorch3d")
 ORACLE = "torch"

@@ -9,7 +9,8 @@
 #       CUDA index is the CPU layout's bit for bit), the grouped KNN scan and the tensor-core blend
 #       forward (both new, never run on a GPU); bench_knn_blend's render rows (torch-fast, cuda,
 #       cuda+tf32 -- the blend forward's direction products in TF32 on the tensor cores --, cuda+centre,
-#       and both with the grouped list scan: +grouped, knn_cells.h's scan_grouped);
+#       and both with the grouped list scan: +grouped, knn_cells.h's scan_grouped; +match: the list
+#       build's match compaction, knn_cells.cu's band_place, new too);
 #       bench_e2e B = 1 render rows (the baseline) and the realtime rows at B = 1 and 8: cuda (with
 #       gpavatar.realtime.CUDA_DEFAULTS), +plain (without them), +compilesr (the super-resolution
 #       compiled), +tune (RealtimeRenderer(tune=True): every kernel setting of gpavatar.realtime.SETTINGS
@@ -62,7 +63,7 @@ if [[ "$1" == key ]]; then
     export CUDA_TESTS_CAP="${CUDA_TESTS_CAP:-150}"
     export REPORT_BUDGET_S="${REPORT_BUDGET_S:-540}"
     export BENCHES_ONLY="${BENCHES_ONLY:-benchmarks/bench_knn_blend.py benchmarks/bench_e2e.py benchmarks/bench_train.py benchmarks/profile_frame.py}"
-    export ARGS_bench_knn_blend="${ARGS_bench_knn_blend:---dist render --backends torch-fast,cuda,cuda+tf32,cuda+centre,cuda+grouped,cuda+centre+grouped --max-seconds 2}"
+    export ARGS_bench_knn_blend="${ARGS_bench_knn_blend:---dist render --backends torch-fast,cuda,cuda+tf32,cuda+centre,cuda+grouped,cuda+centre+grouped,cuda+match,cuda+centre+grouped+match --max-seconds 2}"
     export CAP_bench_knn_blend="${CAP_bench_knn_blend:-90}"
     KEY_VARIANTS="plain,compilesr,tune"
     export ARGS_bench_e2e="${ARGS_bench_e2e:---batch 1 --cases render,realtime --backends torch-fast,cuda --realtime-batch 8 --max-seconds 3 --realtime-variants $KEY_VARIANTS}"

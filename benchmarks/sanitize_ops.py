@@ -87,6 +87,11 @@ VARIANTS = (
                                        GPAVATAR_KNN_CUDA_SEARCH="buffered")),
     ("knn build one_pass overflow", dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_BUILD="one_pass",
                                          GPAVATAR_KNN_CELL_BUDGET="3")),
+    ("knn compact match", dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_COMPACT="match")),
+    ("knn compact match one_pass overflow", dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_COMPACT="match",
+                                                 GPAVATAR_KNN_CUDA_BUILD="one_pass", GPAVATAR_KNN_CELL_BUDGET="3")),
+    ("knn compact match flat centre", dict(GPAVATAR_KNN="cells", GPAVATAR_KNN_CUDA_COMPACT="match",
+                                           GPAVATAR_KNN_CUDA_BUILD="flat", GPAVATAR_KNN_CUDA_ORDER="centre")),
     ("blend queries + buffers", dict(GPAVATAR_BLEND_FORWARD="queries", GPAVATAR_BLEND_BACKWARD="buffers")),
     ("blend gather", dict(GPAVATAR_BLEND_BACKWARD="gather")),
 )

@@ -347,16 +347,19 @@ def test_knn_variant_rows_run_with_their_settings(monkeypatch):
 
     def spy(*args, **kwargs):
         seen.append((os.environ.get("GPAVATAR_KNN_CUDA_ORDER"), os.environ.get("GPAVATAR_KNN_CUDA_BUILD"),
-                     os.environ.get("GPAVATAR_KNN_CUDA_SEARCH")))
+                     os.environ.get("GPAVATAR_KNN_CUDA_SEARCH"), os.environ.get("GPAVATAR_KNN_CUDA_COMPACT")))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ops, "knn", spy)
     inp = KB.make_inputs(1, 2048, 400, 8, 32, 64, 32, dist="render")
-    assert KB.knn_variant_suffixes() == ["+centre", "+onepass", "+grouped", "+centre+onepass", "+centre+grouped",
-                                         "+onepass+grouped", "+centre+onepass+grouped"]
-    for backend, want in (("cpu+centre", ("centre", None, None)), ("cpu+onepass", (None, "one_pass", None)),
-                          ("cpu+centre+onepass", ("centre", "one_pass", None)),
-                          ("cpu+grouped", (None, None, "grouped")), ("cpu+centre+grouped", ("centre", None, "grouped"))):
+    suffixes = KB.knn_variant_suffixes()
+    assert suffixes[:6] == ["+centre", "+onepass", "+grouped", "+match", "+centre+onepass", "+centre+grouped"]
+    assert len(suffixes) == len(set(suffixes)) == 15 and suffixes[-1] == "+centre+onepass+grouped+match"
+    for backend, want in (("cpu+centre", ("centre", None, None, None)), ("cpu+onepass", (None, "one_pass", None, None)),
+                          ("cpu+centre+onepass", ("centre", "one_pass", None, None)),
+                          ("cpu+grouped", (None, None, "grouped", None)),
+                          ("cpu+centre+grouped", ("centre", None, "grouped", None)),
+                          ("cpu+onepass+match", (None, "one_pass", None, "match"))):
         seen.clear()
         row = KB.check_case("knn", backend, inp)
         assert row["correct"] and row["idx_mismatch"] == 0.0

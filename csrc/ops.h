@@ -108,6 +108,11 @@ int cuda_search_mode();
 // GPAVATAR_KNN_LAYOUT=cuda (one_pass builds there as two_level: the same lists and offsets).
 enum class Build { kFlat, kTwoLevel, kOnePass };
 Build cuda_build();
+// GPAVATAR_KNN_CUDA_COMPACT = ballot (default) | match (not yet timed on a GPU): how a warp of the
+// CUDA list build places a step's 32 entries in their bands: a ballot per band (16 a step), or
+// one __match_any_sync and a counter per band in shared memory (knn_cells.cu: band_place).  The
+// same lists either way (a CUDA test checks them against the CPU layout); the CPU ignores it.
+bool cuda_match_compaction();
 // GPAVATAR_KNN_CUDA_ORDER = box (default: bands of mindist^2 to the cell's box) | centre (bands
 // of the distance from the cell's centre: knn_cells.h; not yet timed on a GPU, tried by the
 // real-time tuner): the band order of the lists the CUDA path (and GPAVATAR_KNN_LAYOUT=cuda)

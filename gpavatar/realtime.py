@@ -133,6 +133,9 @@ SETTINGS = (
             help="the CUDA KNN's list build (default two_level: each cell's list from its parent cell's, a count "
                  "launch and a fill launch): one_pass (the same in one launch, room reserved with an atomic) or "
                  "flat (one warp per cell over all points); the same lists"),
+    Setting("knn_compact", _both("match"), env="GPAVATAR_KNN_CUDA_COMPACT", off="ballot",
+            help="how the CUDA KNN's list build places entries in their bands (default ballot: a ballot per band "
+                 "a step; match: one match instruction a step and shared counters; the same lists)"),
     Setting("blend_forward", {"fast": ("tiles_tf32",)}, env="GPAVATAR_BLEND_FORWARD", off="auto",
             help="the PEF blend's CUDA forward with its hidden layer's direction products on the tensor cores "
                  "(tiles_tf32: TF32 mma in the tiled kernel; default auto: the fp32 tiles)"),

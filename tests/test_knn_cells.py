@@ -424,6 +424,10 @@ def test_bad_layout_environment_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="GPAVATAR_KNN_CUDA_ORDER must be box or centre"):
         ops.knn(q, pts, 4, backend="cpu")
     monkeypatch.setenv("GPAVATAR_KNN_CUDA_ORDER", "centre")
+    monkeypatch.setenv("GPAVATAR_KNN_CUDA_COMPACT", "sort")
+    with pytest.raises(ValueError, match="GPAVATAR_KNN_CUDA_COMPACT must be ballot or match"):
+        ops.knn(q, pts, 4, backend="cpu")
+    monkeypatch.setenv("GPAVATAR_KNN_CUDA_COMPACT", "match")
     monkeypatch.setenv("GPAVATAR_KNN_PARENT_CAP", "5000")
     with pytest.raises(ValueError, match="GPAVATAR_KNN_PARENT_CAP must be an integer"):
         ops.knn(q, pts, 4, backend="cpu")

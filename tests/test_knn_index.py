@@ -276,14 +276,16 @@ def _seeds_by_index(seeds: torch.Tensor, K: int) -> torch.Tensor:
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("order", ["box", "centre"])
-@pytest.mark.parametrize("build", ["two_level", "one_pass"])
-def test_cuda_index_is_the_cpu_layout(cuda_layout, order, build, monkeypatch):
+@pytest.mark.parametrize("build", ["two_level", "one_pass", "flat"])
+@pytest.mark.parametrize("compact", ["ballot", "match"])
+def test_cuda_index_is_the_cpu_layout(cuda_layout, order, build, compact, monkeypatch):
     """The CUDA build and the CPU layout (which every CPU test of this file runs) compute the same
     index bit for bit: geometry, bounds, band sizes, seeds (as a set: ties in a cell's farthest
     distance may pick them in another order) and every list; so the CPU tests cover the CUDA
     kernels' arithmetic (nvcc contracts a * b + c into an FMA unless written with mul_rn/add_rn)."""
     monkeypatch.setenv("GPAVATAR_KNN_CUDA_ORDER", order)
     monkeypatch.setenv("GPAVATAR_KNN_CUDA_BUILD", build)
+    monkeypatch.setenv("GPAVATAR_KNN_CUDA_COMPACT", compact)  # (the CPU layout has no such choice)
     pts = make_points(2, 700, seed=21, duplicates=3) * 1.7
     q = make_queries(2, 900, pts, seed=22, far=3) * 1.1
     cpu = _lists(ops.knn_index(pts, 8, queries=q, backend="cpu"))

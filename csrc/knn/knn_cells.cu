@@ -130,6 +130,37 @@ __device__ void keep_k_smallest(float (&own)[Capacity], int (&own_i)[Capacity], 
   }
 }
 
+// Match compaction (GPAVATAR_KNN_CUDA_COMPACT=match): the place of this lane's entry in
+// its band (band < 0: none) among the entries the warp's earlier steps and lower lanes
+// put there.  `run` (this warp's kCellBands counters in shared memory) holds each band's
+// next place and moves past this step's entries.  One match instruction a step instead of
+// a ballot per band (the ballot loops were ~150 (count) and ~330 (fill) instructions a
+// step at sm_90; the same places: source order within a band).
+__device__ int band_place(int* run, int band) {
+  const int lane = threadIdx.x & 31;
+  const unsigned same = __match_any_sync(kFull, band);
+  const int rank = __popc(same & ((1u << lane) - 1u));
+  const int place = band >= 0 ? run[band] + rank : -1;
+  __syncwarp();
+  if (band >= 0 && rank == 0) run[band] += __popc(same);
+  __syncwarp();
+  return place;
+}
+
+// Lanes j < kCellBands: run[j] = the sum of counts[0 .. j - 1] (the bands' starts), then the
+// warp synchronises.
+__device__ void band_starts(int* run, const int* counts) {
+  const int lane = threadIdx.x & 31;
+  int start = 0;
+  if (lane < kCellBands)
+    for (int j = 0; j < lane; ++j) start += counts[j];
+  __syncwarp();
+  if (lane < kCellBands) run[lane] = start;
+  __syncwarp();
+}
+
+constexpr int kMaxListWarps = 8;  // warps a block of any list kernel (kParentChunks, kWarpsPerBlock)
+
 // One warp builds the list of (cell, batch element) `slot` from `src`:
 // kListCount: U_C by a warp-wide K-th smallest, bound[cell], count[cell] = |L_C|
 //   and the entries per band;
@@ -137,7 +168,8 @@ __device__ void keep_k_smallest(float (&own)[Capacity], int (&own_i)[Capacity], 
 //   index order, within a band), when it fits in `budget` entries;
 // kListBoth: kListCount, then room for the list reserved on the counter offset[B * G^3]
 //   (offset[cell] = its start, or -1 when it does not fit), then kListFill.
-template <int Capacity, int Order, typename Source>
+// Match: band_place instead of the ballot per band (the same lists).
+template <int Capacity, int Order, bool Match, typename Source>
 __device__ void cell_list_warp(const Source& src, const float* __restrict__ pts, const float* __restrict__ g,
                                int G, int cell, int64_t slot, int* __restrict__ count,
                                float* __restrict__ cell_bound, int* __restrict__ band_count,
@@ -147,7 +179,12 @@ __device__ void cell_list_warp(const Source& src, const float* __restrict__ pts,
   float lo[3], hi[3];
   cell_box(g, G, cell, lo, hi);
   float bound;
+  // Where each band's next entry goes: run[] in registers (absolute places), or with Match this
+  // warp's counters in shared memory (places from the list's start, list_start).
   int64_t run[kCellBands];
+  __shared__ int match_run[kMaxListWarps][kCellBands];
+  int* const mrun = match_run[threadIdx.x >> 5];
+  int64_t list_start = 0;
   if (pass != kListFill) {
     // U_C: lane-local K smallest maxdist^2 (ascending), then the warp-wide K-th.
     float own[Capacity];
@@ -166,20 +203,38 @@ __device__ void cell_list_warp(const Source& src, const float* __restrict__ pts,
       reinterpret_cast<float4*>(seeds)[slot * K + lane] =
           make_float4(pts[3 * sp], pts[3 * sp + 1], pts[3 * sp + 2], __int_as_float(static_cast<int>(sp)));
     }
+    if constexpr (Match) {
+      if (lane < kCellBands) mrun[lane] = 0;
+      __syncwarp();
+    } else {
 #pragma unroll
-    for (int j = 0; j < kCellBands; ++j) run[j] = 0;
+      for (int j = 0; j < kCellBands; ++j) run[j] = 0;
+    }
   } else {
     const int64_t start = offset[slot];
     if (offset[slot + 1] > budget) return;  // overflow: its queries take the brute-force scan
     bound = cell_bound[slot];
     const int* bc = band_count + slot * kCellBands;
-    int64_t at = start;
+    if constexpr (Match) {
+      list_start = start;
+      band_starts(mrun, bc);
+    } else {
+      int64_t at = start;
 #pragma unroll
-    for (int j = 0; j < kCellBands; ++j) {
-      run[j] = at;
-      at += bc[j];
+      for (int j = 0; j < kCellBands; ++j) {
+        run[j] = at;
+        at += bc[j];
+      }
     }
   }
+  // The entries band j holds so far (after a count: the band's size).
+  auto band_total = [&](int j) -> int64_t {
+    if constexpr (Match) {
+      return mrun[j];
+    } else {
+      return run[j];
+    }
+  };
   // (Order: geom[kGeomOrder], which the geometry kernel wrote from the same setting; the box
   // order never reads the frame.)
   const CentreBands frame = Order == kOrderCentre ? centre_bands(lo, hi, bound) : CentreBands{};
@@ -194,12 +249,16 @@ __device__ void cell_list_warp(const Source& src, const float* __restrict__ pts,
         key = box_min_dist2(lo, hi, x, y, z);
       }
       const int band = s < src.n && key <= bound ? list_band(Order, frame, key, bound, x, y, z) : -1;
+      if constexpr (Match) {
+        band_place(mrun, band);
+      } else {
 #pragma unroll
-      for (int j = 0; j < kCellBands; ++j) run[j] += __popc(__ballot_sync(kFull, band == j));
+        for (int j = 0; j < kCellBands; ++j) run[j] += __popc(__ballot_sync(kFull, band == j));
+      }
     }
     int64_t total = 0;
 #pragma unroll
-    for (int j = 0; j < kCellBands; ++j) total += run[j];
+    for (int j = 0; j < kCellBands; ++j) total += band_total(j);
     unsigned long long start = 0;
     if (lane == 0) {
       start = atomicAdd(reinterpret_cast<unsigned long long*>(offset + counter),
@@ -208,16 +267,21 @@ __device__ void cell_list_warp(const Source& src, const float* __restrict__ pts,
       offset[slot] = fits ? static_cast<int64_t>(start) : -1;
       cell_bound[slot] = bound;
 #pragma unroll
-      for (int j = 0; j < kCellBands; ++j) band_count[slot * kCellBands + j] = static_cast<int>(run[j]);
+      for (int j = 0; j < kCellBands; ++j) band_count[slot * kCellBands + j] = static_cast<int>(band_total(j));
     }
     start = __shfl_sync(kFull, start, 0);
     if (static_cast<int64_t>(start) + total > budget) return;  // overflow: brute force (the whole warp)
-    int64_t at = static_cast<int64_t>(start);
+    if constexpr (Match) {
+      list_start = static_cast<int64_t>(start);
+      band_starts(mrun, mrun);  // (each lane reads the counts before any writes a start)
+    } else {
+      int64_t at = static_cast<int64_t>(start);
 #pragma unroll
-    for (int j = 0; j < kCellBands; ++j) {
-      const int64_t n = run[j];
-      run[j] = at;
-      at += n;
+      for (int j = 0; j < kCellBands; ++j) {
+        const int64_t n = run[j];
+        run[j] = at;
+        at += n;
+      }
     }
   }
   const bool fill = pass != kListCount;
@@ -231,22 +295,28 @@ __device__ void cell_list_warp(const Source& src, const float* __restrict__ pts,
     }
     const bool keep = s < src.n && key <= bound;
     const int band = keep ? list_band(Order, frame, key, bound, x, y, z) : -1;
+    if constexpr (Match) {
+      const int place = band_place(mrun, band);
+      if (fill && band >= 0)
+        reinterpret_cast<float4*>(cand + 4 * (list_start + place))[0] = make_float4(x, y, z, __int_as_float(p));
+    } else {
 #pragma unroll
-    for (int j = 0; j < kCellBands; ++j) {
-      const unsigned mask = __ballot_sync(kFull, band == j);
-      if (fill && band == j) {
-        float* e = cand + 4 * (run[j] + __popc(mask & ((1u << lane) - 1u)));
-        reinterpret_cast<float4*>(e)[0] = make_float4(x, y, z, __int_as_float(p));
+      for (int j = 0; j < kCellBands; ++j) {
+        const unsigned mask = __ballot_sync(kFull, band == j);
+        if (fill && band == j) {
+          float* e = cand + 4 * (run[j] + __popc(mask & ((1u << lane) - 1u)));
+          reinterpret_cast<float4*>(e)[0] = make_float4(x, y, z, __int_as_float(p));
+        }
+        run[j] += __popc(mask);
       }
-      run[j] += __popc(mask);
     }
   }
   if (pass == kListCount && lane == 0) {
     int64_t total = 0;
 #pragma unroll
     for (int j = 0; j < kCellBands; ++j) {
-      band_count[slot * kCellBands + j] = static_cast<int>(run[j]);
-      total += run[j];
+      band_count[slot * kCellBands + j] = static_cast<int>(band_total(j));
+      total += band_total(j);
     }
     count[slot] = static_cast<int>(total < 0x7fffffff ? total : 0x7fffffff);
     cell_bound[slot] = bound;
@@ -254,7 +324,7 @@ __device__ void cell_list_warp(const Source& src, const float* __restrict__ pts,
 }
 
 // One warp per (cell, batch element), every point a candidate.
-template <int Capacity, int Order>
+template <int Capacity, int Order, bool Match>
 __global__ void lists_kernel(const float* __restrict__ points,  // [B, P, 3]
                              const float* __restrict__ geom,    // [B, kCellGeomStride]
                              int* __restrict__ count,           // [B, G^3]
@@ -269,7 +339,7 @@ __global__ void lists_kernel(const float* __restrict__ points,  // [B, P, 3]
   const int64_t cell = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (cell >= cells) return;  // whole warps leave together
   const float* pts = points + b * P * 3;
-  cell_list_warp<Capacity, Order>(PointSource{pts, P}, pts, geom + kCellGeomStride * b, G, static_cast<int>(cell),
+  cell_list_warp<Capacity, Order, Match>(PointSource{pts, P}, pts, geom + kCellGeomStride * b, G, static_cast<int>(cell),
                                   b * cells + cell, count, cell_bound, band_count, seeds, offset, gridDim.y * cells,
                                   cand, budget, K, pass);
 }
@@ -285,7 +355,7 @@ __global__ void lists_kernel(const float* __restrict__ points,  // [B, P, 3]
 // (benchmarks/kernel_resources.py).
 constexpr int kParentThreads = 32 * kParentChunks;
 
-template <int Capacity, int Order, int MinBlocks>
+template <int Capacity, int Order, int MinBlocks, bool Match>
 __global__ void __launch_bounds__(kParentThreads, MinBlocks)
     lists_two_level_kernel(const float* __restrict__ points, const float* __restrict__ geom,
                            int* __restrict__ count, float* __restrict__ cell_bound,
@@ -348,10 +418,10 @@ __global__ void __launch_bounds__(kParentThreads, MinBlocks)
   if (child < 0) return;  // past the grid's edge (no block-wide synchronisation below)
   const int64_t slot = b * cells + child;
   if (total <= parent_cap) {
-    cell_list_warp<Capacity, Order>(EntrySource{parent, total}, pts, g, G, child, slot, count, cell_bound,
+    cell_list_warp<Capacity, Order, Match>(EntrySource{parent, total}, pts, g, G, child, slot, count, cell_bound,
                                     band_count, seeds, offset, gridDim.y * cells, cand, budget, K, pass);
   } else {
-    cell_list_warp<Capacity, Order>(PointSource{pts, P}, pts, g, G, child, slot, count, cell_bound, band_count,
+    cell_list_warp<Capacity, Order, Match>(PointSource{pts, P}, pts, g, G, child, slot, count, cell_bound, band_count,
                                     seeds, offset, gridDim.y * cells, cand, budget, K, pass);
   }
 }
@@ -450,18 +520,18 @@ __global__ void __launch_bounds__(Threads, (Search == kSearchUnrolled || Search 
 
 inline unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
 
-template <int Capacity, int Order>
+template <int Capacity, int Order, bool Match>
 void launch_lists(const CellKnnCuda& a, int pass, cudaStream_t s) {
   const int64_t cells = static_cast<int64_t>(a.G) * a.G * a.G;
   if (a.two_level) {
     const int Gp = parent_cells(a.G);
     const dim3 grid(static_cast<unsigned>(Gp * Gp * Gp), static_cast<unsigned>(a.B));
     if (pass == kListBoth) {
-      lists_two_level_kernel<Capacity, Order, 4><<<grid, kParentThreads, 0, s>>>(
+      lists_two_level_kernel<Capacity, Order, 4, Match><<<grid, kParentThreads, 0, s>>>(
           a.points, a.geom, a.count, a.cell_bound, a.band_count, a.seeds, a.offset, a.cand, a.budget, a.P, a.G,
           a.K, pass, a.parent_cap);
     } else {
-      lists_two_level_kernel<Capacity, Order, 0><<<grid, kParentThreads, 0, s>>>(
+      lists_two_level_kernel<Capacity, Order, 0, Match><<<grid, kParentThreads, 0, s>>>(
           a.points, a.geom, a.count, a.cell_bound, a.band_count, a.seeds, a.offset, a.cand, a.budget, a.P, a.G,
           a.K, pass, a.parent_cap);
     }
@@ -469,17 +539,26 @@ void launch_lists(const CellKnnCuda& a, int pass, cudaStream_t s) {
   }
   const dim3 grid(static_cast<unsigned>((cells + kWarpsPerBlock - 1) / kWarpsPerBlock),
                   static_cast<unsigned>(a.B));
-  lists_kernel<Capacity, Order><<<grid, 32 * kWarpsPerBlock, 0, s>>>(a.points, a.geom, a.count, a.cell_bound,
-                                                                     a.band_count, a.seeds, a.offset, a.cand,
-                                                                     a.budget, a.P, a.G, a.K, pass);
+  lists_kernel<Capacity, Order, Match><<<grid, 32 * kWarpsPerBlock, 0, s>>>(
+      a.points, a.geom, a.count, a.cell_bound, a.band_count, a.seeds, a.offset, a.cand, a.budget, a.P, a.G, a.K,
+      pass);
+}
+
+template <int Capacity, bool Match>
+void launch_lists(const CellKnnCuda& a, int pass, cudaStream_t s) {
+  if (a.list_order == kOrderCentre) {
+    launch_lists<Capacity, kOrderCentre, Match>(a, pass, s);
+  } else {
+    launch_lists<Capacity, kOrderBox, Match>(a, pass, s);
+  }
 }
 
 template <int Capacity>
 void launch_lists(const CellKnnCuda& a, int pass, cudaStream_t s) {
-  if (a.list_order == kOrderCentre) {
-    launch_lists<Capacity, kOrderCentre>(a, pass, s);
+  if (a.match) {
+    launch_lists<Capacity, true>(a, pass, s);
   } else {
-    launch_lists<Capacity, kOrderBox>(a, pass, s);
+    launch_lists<Capacity, false>(a, pass, s);
   }
 }
 

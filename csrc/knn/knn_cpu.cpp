@@ -184,6 +184,10 @@ Build cuda_build() {
   return name == "flat" ? Build::kFlat : (name == "one_pass" ? Build::kOnePass : Build::kTwoLevel);
 }
 
+bool cuda_match_compaction() {
+  return env_choice("GPAVATAR_KNN_CUDA_COMPACT", {"ballot", "match"}, "ballot") == "match";
+}
+
 int cuda_list_order() {
   const std::string name = env_choice("GPAVATAR_KNN_CUDA_ORDER", {"box", "centre"}, "box");
   return name == "centre" ? kOrderCentre : kOrderBox;
@@ -460,6 +464,7 @@ std::tuple<at::Tensor, at::Tensor> knn_cpu(const at::Tensor& queries_in,
     const int64_t per_cell = env_int("GPAVATAR_KNN_CELL_BUDGET", cuda_budget_per_cell(cuda_cells), 0, int64_t{1} << 20);
     const bool two_level = cuda_build() != Build::kFlat;
     const int order = cuda_list_order();
+    (void)cuda_match_compaction();  // checked like the other CUDA switches (the same lists either way)
     cuda_layout::build(lists, q, points.data_ptr<float>(), B, M, P, k, cuda_cells, per_cell, two_level,
                        static_cast<int>(env_int("GPAVATAR_KNN_PARENT_CAP", kParentCap, 0, kParentCap)), nullptr,
                        order);

@@ -60,6 +60,7 @@ Index build_index(const at::Tensor& points, const at::Tensor& query_box, int64_t
   a.G = G;
   const Build build = cuda_build();
   a.two_level = build != Build::kFlat;
+  a.match = cuda_match_compaction();
   a.list_order = cuda_list_order();
   a.parent_cap = static_cast<int>(env_int("GPAVATAR_KNN_PARENT_CAP", kParentCap, 0, kParentCap));
   if (build == Build::kOnePass) {  // offset[B * cells] is the reservation counter (zeroed)
