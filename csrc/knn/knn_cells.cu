@@ -138,7 +138,15 @@ __device__ void keep_k_smallest(float (&own)[Capacity], int (&own_i)[Capacity], 
 // step at sm_90; the same places: source order within a band).
 __device__ int band_place(int* run, int band) {
   const int lane = threadIdx.x & 31;
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 700
   const unsigned same = __match_any_sync(kFull, band);
+#else  // no match instruction before sm_70: the lanes of each band by a ballot per band
+  unsigned same = 0;
+  for (int j = -1; j < kCellBands; ++j) {
+    const unsigned m = __ballot_sync(kFull, band == j);
+    if (band == j) same = m;
+  }
+#endif
   const int rank = __popc(same & ((1u << lane) - 1u));
   const int place = band >= 0 ? run[band] + rank : -1;
   __syncwarp();
