@@ -198,22 +198,62 @@ def coarse(R, S, seed=0, device="cpu"):
     return depths.to(device), weights.to(device)
 
 
+def importance_tolerance(depths: torch.Tensor, weights: torch.Tensor, n: int, offset) -> torch.Tensor:
+    """(R, n) bounds on how far two float32 implementations of importance_depths may differ: their
+    CDFs (sums and prefix sums in another order) differ by rounding, at most about delta = (S + 2)
+    2^-24 (values <= 1), so a target u lands anywhere in the inverse CDF of [u - delta, u + delta]:
+    a wide interval where the bin's mass is small against its width.  The samples' intervals go
+    through the edges (midpoints; the outer ones 1.5 / 0.5) and the outputs (midpoints of edges);
+    plus 1e-6 of the depths for the final arithmetic.  In float64 from the reference's formulas."""
+    t, w = depths.double().cpu(), weights.double().cpu()
+    R, S = t.shape
+    pdf = (w + 1e-5) / (w + 1e-5).sum(-1, keepdim=True)
+    cdf = pdf.cumsum(-1)
+    b = torch.full((R, 1), 0.5, dtype=torch.float64) if offset is None else offset.double().cpu()[:, None]
+    u = cdf[:, :1] + (torch.arange(n, dtype=torch.float64) + b) * ((cdf[:, -1:] - cdf[:, :1]) / n)
+    delta = (S + 2) * 2.0 ** -24
+
+    def inverse(v):  # the piecewise-linear inverse of cdf over the knots t, clamped to [t_0, t_S-1]
+        v = torch.minimum(torch.maximum(v, cdf[:, :1]), cdf[:, -1:])
+        p = torch.searchsorted(cdf.contiguous(), v.contiguous(), right=True).clamp(1, S - 1)
+        c_lo, c_hi, t_lo, t_hi = cdf.gather(1, p - 1), cdf.gather(1, p), t.gather(1, p - 1), t.gather(1, p)
+        return t_lo + (v - c_lo).clamp_min(0) * (t_hi - t_lo) / (c_hi - c_lo).clamp_min(1e-300)
+
+    spread = inverse(u + delta) - inverse(u - delta)  # (R, n) per sample
+    edge = torch.cat([1.5 * spread[:, :1] + 0.5 * spread[:, 1:2], 0.5 * (spread[:, 1:] + spread[:, :-1]),
+                      1.5 * spread[:, -1:] + 0.5 * spread[:, -2:-1]], dim=1)
+    return (0.5 * (edge[:, 1:] + edge[:, :-1]) + 1e-6 * t.abs().amax(-1, keepdim=True)).float()
+
+
 @pytest.mark.parametrize("device,backend", CPP_CASES)
 @given(R=st.integers(1, 40), S=st.integers(2, 70), n=st.integers(2, 70), stratified=st.booleans(),
        zero=st.booleans(), seed=st.integers(0, 2**16))
 def test_importance_matches_reference(device, backend, R, S, n, stratified, zero, seed):
+    """The kernel against the reference up to the two CDFs' rounding, which moves a sample by up to
+    its bin's width times the rounding over the bin's mass (importance_tolerance): tight where a bin
+    holds much of the mass, loose only in the near-empty bins a target rarely lands in."""
     need_cpp(backend)
     depths, weights = coarse(R, S, seed, device)
     if zero:
         weights[: R // 2] = 0
-    gens = [torch.Generator(device=device).manual_seed(seed) for _ in range(2)]
+    gens = [torch.Generator(device=device).manual_seed(seed) for _ in range(3)]
     got = ops.importance_depths(depths, weights, n, stratified, gens[0], backend=backend)
     ref = ops.importance_depths(depths, weights, n, stratified, gens[1], backend="torch")
-    span = float((depths[:, -1] - depths[:, 0]).max())
-    # cumsum / sum rounding moves targets by ~1e-7 of the range
-    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5 * max(1.0, span))
+    offset = torch.rand(R, generator=gens[2], device=device) if stratified else None  # the ops' draw
+    tol = importance_tolerance(depths, weights, n, offset)
+    err = (got.cpu() - ref.cpu()).abs()
+    assert bool((err <= tol).all()), f"max excess {float((err - tol).max()):.3g} at {divmod(int((err - tol).argmax()), n)}"
     assert bool((got.diff(dim=1) >= -1e-5).all())
     assert bool((got >= depths[:, :1] - 1e-5).all() and (got <= depths[:, -1:] + 1e-5).all())
+
+
+def test_importance_tolerance_is_tight_where_bins_hold_mass():
+    """The bound of test_importance_matches_reference is loose only in near-empty bins: on the coarse
+    weights most samples get ~6e-6 of the depth range, on uniform weights every one under 2e-5."""
+    depths, weights = coarse(40, 64, seed=5)
+    span = float((depths[:, -1] - depths[:, 0]).max())
+    assert float(importance_tolerance(depths, weights, 64, None).median()) <= 1e-5 * span
+    assert float(importance_tolerance(depths, torch.ones_like(weights), 64, None).max()) <= 2e-5 * span
 
 
 @pytest.mark.parametrize("backend", ["torch"] + (["cpu"] if hasattr(torch.ops.gpavatar, "ray_box") else []))
