@@ -177,16 +177,21 @@ GPA_HD float band_floor(float bound, int j) {
   return j == 0 ? 0.0f : bound * static_cast<float>(j * j) * (1.0f / (kCellBands * kCellBands));
 }
 
-// The band of a key: the largest j with key >= band_floor(bound, j) (0 for NaN).  The
-// floors do not decrease with j (bound >= 0, every product rounded on its own), so
-// "key >= floor(j)" holds up to that j and not after: a binary search over the 16
-// bands (4 tests instead of 15) gives it.
-static_assert(kCellBands == 16, "band_of and list_band search 16 bands in four steps");
-GPA_HD int band_of(float key, float bound) {
+// The largest j in 1 .. kCellBands - 1 with reaches(j), else 0, for a test that holds up to
+// some j and not after (a key against edges that do not decrease with j): a binary search,
+// 4 tests instead of 15.
+static_assert(kCellBands == 16, "last_band searches 16 bands in four steps");
+template <typename Reaches>
+GPA_HD int last_band(const Reaches& reaches) {
   int band = 0;
-  for (int step = kCellBands / 2; step > 0; step >>= 1)
-    band = key >= band_floor(bound, band + step) ? band + step : band;
+  for (int step = kCellBands / 2; step > 0; step >>= 1) band = reaches(band + step) ? band + step : band;
   return band;
+}
+
+// The band of a key: the largest j with key >= band_floor(bound, j) (0 for NaN; the floors do
+// not decrease with j: bound >= 0, every product rounded on its own).
+GPA_HD int band_of(float key, float bound) {
+  return last_band([&](int j) { return key >= band_floor(bound, j); });
 }
 
 // The centre order's frame of a cell's box: its centre, and the first edge and
@@ -219,12 +224,7 @@ GPA_HD float centre_edge(const CentreBands& f, int j) { return f.first + mul_rn(
 GPA_HD int list_band(int order, const CentreBands& f, float key, float bound, float x, float y, float z) {
   if (order != kOrderCentre) return band_of(key, bound);
   const float r = sqrtf(squared_distance(f.c[0], f.c[1], f.c[2], x, y, z));
-  // The largest j >= 1 with r >= edge j, else 0: the edges do not decrease with j (step >= 0),
-  // so the binary search of band_of finds it.
-  int band = 0;
-  for (int step = kCellBands / 2; step > 0; step >>= 1)
-    band = r >= centre_edge(f, band + step) ? band + step : band;
-  return band;
+  return last_band([&](int j) { return r >= centre_edge(f, j); });  // (step >= 0: the edges do not decrease)
 }
 
 // Where a query stops scanning a list: before band j once stops(j, worst).  Box order:
